@@ -1,0 +1,87 @@
+"""The Quart-Trio application: routes of every dialect over one shared state.
+
+:func:`create_app` takes a :class:`ProxyState` (config, catalog, pool, HTTP
+client), all owned by the root nursery in :mod:`smart_proxy.server`; the app
+holds no long-lived work of its own. Errors are rendered in the dialect of the
+route that raised them: Ollama's ``{"error": "..."}`` under ``/api/``, the OpenAI
+error object everywhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import httpx
+from quart import Quart, Response, current_app, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .catalog import Catalog
+from .config import Config
+from .errors import PoolBusy, ProxyError
+from .pool import Pool
+
+__all__ = ["ProxyState", "create_app", "state"]
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class ProxyState:
+    config: Config
+    catalog: Catalog
+    pool: Pool
+    http: httpx.AsyncClient
+
+
+def state() -> ProxyState:
+    """The ProxyState of the app serving the current request."""
+    return current_app.extensions["smart_proxy"]
+
+
+def is_ollama_route(path: str) -> bool:
+    return path.startswith("/api/")
+
+
+def error_response(exc: ProxyError, path: str) -> Response:
+    """``exc`` in the dialect of ``path``, with Retry-After where it applies."""
+    from .api import ollama_errors, openai_errors
+
+    render = ollama_errors if is_ollama_route(path) else openai_errors
+    response = render(exc)
+    if isinstance(exc, PoolBusy):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def create_app(proxy_state: ProxyState) -> Quart:
+    from .api import admin, ollama, openai
+
+    app = QuartTrio("smart_proxy")
+    # Generations stream for minutes; bodies (embedding batches) can be large.
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = 300
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
+    app.extensions["smart_proxy"] = proxy_state
+    app.register_blueprint(openai.blueprint)
+    app.register_blueprint(ollama.blueprint)
+    app.register_blueprint(admin.blueprint)
+
+    @app.errorhandler(ProxyError)
+    async def _proxy_error(exc: ProxyError) -> Response:
+        return error_response(exc, request.path)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        error = ProxyError(exc.description or exc.name)
+        error.status = exc.code or 500
+        error.kind = "invalid_request_error" if error.status < 500 else "server_error"
+        return error_response(error, request.path)
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(ProxyError(f"internal error: {type(exc).__name__}: {exc}"), request.path)
+
+    return app

@@ -1,0 +1,40 @@
+"""The ``smart-proxy`` command: ``smart-proxy [--config proxy.ini] [--host H] [--port P]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import trio
+
+from .config import load_config
+from .errors import ConfigError
+from .server import serve
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smart-proxy", description="A Trio smart proxy for local LLMs.")
+    parser.add_argument("--config", default="proxy.ini", help="path to proxy.ini (default: ./proxy.ini)")
+    parser.add_argument("--host", help="address to listen on (default: [proxy] host)")
+    parser.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default: [proxy] port)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args.config)
+        trio.run(lambda: serve(config, host=args.host, port=args.port))
+    except ConfigError as exc:
+        print(f"smart-proxy: {exc}", file=sys.stderr)
+        return 2
+    return 0

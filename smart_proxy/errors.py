@@ -1,0 +1,76 @@
+"""The errors smart-proxy raises, each carrying the HTTP status it maps to.
+
+The API layer renders them in the caller's dialect (an OpenAI error object, or
+Ollama's ``{"error": ...}``); nothing else needs to know about HTTP.
+
+    ProxyError                      500  base class; never raised as such
+    ├── BadRequest                  400  malformed JSON, missing fields
+    ├── ModelNotFound               404  a name the catalog does not know
+    ├── PoolBusy                    503  queue full or queue timeout (has retry_after)
+    ├── UpstreamError               502  llama-server or an upstream unreachable / broke
+    │   └── ModelLoadFailed         502  llama-server exited or failed while loading
+    └── ModelLoadTimeout            504  llama-server not ready within load_timeout
+
+ConfigError is separate: it stops start-up and is never sent to a client.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequest",
+    "ConfigError",
+    "ModelLoadFailed",
+    "ModelLoadTimeout",
+    "ModelNotFound",
+    "PoolBusy",
+    "ProxyError",
+    "UpstreamError",
+]
+
+
+class ConfigError(Exception):
+    """proxy.ini (or the command line) is wrong; the message names section and key."""
+
+
+class ProxyError(Exception):
+    """An error a client sees: ``status`` is the HTTP status, ``kind`` a short type name."""
+
+    status = 500
+    kind = "server_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ProxyError):
+    status = 400
+    kind = "invalid_request_error"
+
+
+class ModelNotFound(ProxyError):
+    status = 404
+    kind = "model_not_found"
+
+
+class PoolBusy(ProxyError):
+    status = 503
+    kind = "server_busy"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    kind = "upstream_error"
+
+
+class ModelLoadFailed(UpstreamError):
+    kind = "model_load_failed"
+
+
+class ModelLoadTimeout(ProxyError):
+    status = 504
+    kind = "model_load_timeout"

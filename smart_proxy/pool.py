@@ -1,0 +1,502 @@
+"""The pool of llama-servers: at most ``[pool] size`` alive, started on demand.
+
+Theory of operation:
+
+* A :class:`Server` is one life of one llama-server, from STARTING to STOPPED or
+  FAILED; a restart is a new Server. Its states move only along ``TRANSITIONS``.
+* :meth:`Pool.acquire` turns a model name into a :class:`Lease` on a READY server.
+  Under the model's ``trio.Lock`` it either picks a live server (one with a free
+  slot first; a STARTING one is joined, not duplicated) or makes room and spawns
+  one, so N concurrent first requests start exactly one process. The lock is held
+  only for that decision; waiting for the load happens outside it.
+* Making room: with fewer than ``size`` live servers there is room. Otherwise the
+  least recently used server that is READY with nothing in flight and nobody
+  waiting is stopped; a loading or busy server is never evicted. When nothing can
+  be evicted the request queues, first come first served, at most ``max_queue``
+  deep and ``queue_timeout`` long; past either bound it gets PoolBusy (503).
+* Each server's life runs as a task in the pool's nursery (:meth:`_supervise`)
+  inside its own cancel scope; cancelling that scope stops the process. When
+  every request waiting on a load has left, the load is cancelled.
+* A READY server whose process exits on its own has crashed: it is marked FAILED,
+  its place is freed at once, and the next request starts it again, after a
+  back-off that grows with consecutive failures (no restart storm).
+* An idle server (nothing in flight) is stopped ``idle_ttl`` after its last use;
+  a request can override that with Ollama's ``keep_alive``.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import httpx
+import trio
+
+from .catalog import Catalog
+from .config import Config, ModelConfig
+from .errors import ModelLoadFailed, PoolBusy, ProxyError, UpstreamError
+from .process import ServerProcess, free_port
+
+__all__ = ["Lease", "Pool", "PoolSnapshot", "ServerSnapshot", "State"]
+
+log = logging.getLogger(__name__)
+
+#: A server that stayed up this long before crashing starts its failure count afresh.
+_STABLE_AFTER = 30.0
+_MAX_BACKOFF = 30.0
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STARTING: frozenset({State.READY, State.STOPPING, State.FAILED}),
+    State.READY: frozenset({State.STOPPING, State.FAILED}),
+    State.STOPPING: frozenset({State.STOPPED}),
+    State.STOPPED: frozenset(),
+    State.FAILED: frozenset(),
+}
+
+#: States that hold a place in the pool (a stopping process still holds its memory).
+_LIVE = frozenset({State.STARTING, State.READY, State.STOPPING})
+
+
+@attrs.frozen
+class ServerSnapshot:
+    model: str
+    state: str
+    port: int
+    pid: int | None
+    in_flight: int
+    waiting: int
+    slots: int
+    #: Seconds since the epoch.
+    last_used: float
+    #: When an idle server will be stopped (seconds since the epoch), or None for never.
+    expires_at: float | None
+
+
+@attrs.frozen
+class ModelSnapshot:
+    model: str
+    loads: int
+    crashes: int
+    failures: int
+    last_exit_code: int | None
+    last_error: str | None
+    #: Seconds until a restart is allowed after repeated failures (0 = now).
+    retry_in: float
+
+
+@attrs.frozen
+class PoolSnapshot:
+    capacity: int
+    queued: int
+    servers: tuple[ServerSnapshot, ...]
+    models: tuple[ModelSnapshot, ...]
+
+
+@attrs.define(eq=False)
+class _ModelStats:
+    loads: int = 0
+    crashes: int = 0
+    failures: int = 0
+    consecutive: int = 0
+    last_exit_code: int | None = None
+    last_error: ProxyError | None = None
+    retry_at: float = -math.inf
+
+
+class Server:
+    """One life of one llama-server in the pool."""
+
+    def __init__(self, model: ModelConfig, port: int, now: float) -> None:
+        self.model = model
+        self.name = model.name
+        self.port = port
+        self.state = State.STARTING
+        self.process: ServerProcess | None = None
+        self.in_flight = 0
+        self.waiters = 0
+        self.slots = 1
+        self.last_used = now
+        self.ready_at: float | None = None
+        #: Ollama keep_alive of the latest request: seconds, negative = forever, None = config.
+        self.keep_alive: float | None = None
+        self.error: ProxyError | None = None
+        self.cancel_scope = trio.CancelScope()
+        #: Set when the server leaves STARTING (READY, or gone).
+        self.settled = trio.Event()
+        self.gone = trio.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def idle(self) -> bool:
+        return self.state is State.READY and self.in_flight == 0 and self.waiters == 0
+
+    def __repr__(self) -> str:
+        return f"<Server {self.name} {self.state.value} port={self.port} in_flight={self.in_flight}>"
+
+
+class Lease:
+    """A claim on a READY server for one request; release it when the response is done."""
+
+    def __init__(self, pool: Pool, server: Server) -> None:
+        self._pool = pool
+        self.server = server
+        self.base_url = server.base_url
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._pool._release(self.server)
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.server!r}>"
+
+
+class Pool:
+    """At most ``config.pool.size`` llama-servers, started lazily and shared."""
+
+    def __init__(self, config: Config, catalog: Catalog, http: httpx.AsyncClient, binary: str) -> None:
+        self._config = config.pool
+        self._catalog = catalog
+        self._http = http
+        self._binary = binary
+        self._servers: list[Server] = []
+        self._locks: collections.defaultdict[str, trio.Lock] = collections.defaultdict(trio.Lock)
+        self._stats: collections.defaultdict[str, _ModelStats] = collections.defaultdict(_ModelStats)
+        self._queue: collections.deque[object] = collections.deque()
+        self._changed_lot = trio.lowlevel.ParkingLot()
+        self._nursery: trio.Nursery | None = None
+
+    # ---- life of the pool ------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Pool] = trio.TASK_STATUS_IGNORED) -> None:
+        """Supervise the servers until cancelled; cancelling stops every llama-server."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reap_idle)
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    async def stop_all(self) -> None:
+        """Stop every server and wait until their processes have exited."""
+        servers = [server for server in self._servers if server.state in _LIVE]
+        for server in servers:
+            self._stop(server, "proxy shutting down")
+        for server in servers:
+            await server.gone.wait()
+
+    # ---- acquiring and releasing -----------------------------------------------------
+
+    async def acquire(self, name: str, *, keep_alive: float | None = None) -> Lease:
+        """A lease on a READY server for model ``name``, starting one if needed.
+
+        Raises:
+            ModelNotFound: the catalog has no such model.
+            PoolBusy: no room in the pool within the queue's bounds.
+            ModelLoadFailed, ModelLoadTimeout: the load failed.
+        """
+        model = self._catalog.get(name)
+        while True:
+            async with self._locks[model.name]:
+                server = self._choose(model)
+                if server is None:
+                    self._check_backoff(model)
+                    await self._make_room()
+                    server = self._spawn(model)
+            if server.state is not State.READY:
+                await self._wait_settled(server)
+            if server.state is State.READY:
+                if keep_alive is not None:
+                    server.keep_alive = keep_alive
+                server.in_flight += 1
+                server.last_used = trio.current_time()
+                return Lease(self, server)
+            if server.state is State.FAILED and server.error is not None:
+                raise server.error
+            # stopped under us (evicted or unloaded before we got it): try again
+
+    @asynccontextmanager
+    async def lease(self, name: str, *, keep_alive: float | None = None) -> AsyncIterator[Lease]:
+        lease = await self.acquire(name, keep_alive=keep_alive)
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    def _release(self, server: Server) -> None:
+        server.in_flight -= 1
+        server.last_used = trio.current_time()
+        self._changed()
+
+    async def _wait_settled(self, server: Server) -> None:
+        server.waiters += 1
+        try:
+            await server.settled.wait()
+        finally:
+            server.waiters -= 1
+            if server.waiters == 0 and server.state is State.STARTING:
+                log.info("%s: every request waiting on the load has gone; cancelling it", server.name)
+                self._stop(server, "load abandoned")
+
+    def _choose(self, model: ModelConfig) -> Server | None:
+        """A live server to use for ``model``, or None to start one."""
+        live = [s for s in self._servers if s.name == model.name and s.state in (State.STARTING, State.READY)]
+        if not live:
+            return None
+        free = [s for s in live if s.state is State.READY and s.in_flight < s.slots]
+        if free:
+            return min(free, key=lambda s: s.in_flight)
+        starting = any(s.state is State.STARTING for s in live)
+        if len(live) < model.replicas and not starting and self._live_count() < self._config.size:
+            return None  # every slot busy and room for another replica
+        return min(live, key=lambda s: s.in_flight + s.waiters)
+
+    def _check_backoff(self, model: ModelConfig) -> None:
+        stats = self._stats[model.name]
+        wait = stats.retry_at - trio.current_time()
+        if wait > 0 and stats.last_error is not None:
+            raise ModelLoadFailed(
+                f"{stats.last_error.message}\n(failed {stats.consecutive} times in a row; next start allowed in {wait:.0f}s)"
+            )
+
+    # ---- room in the pool ------------------------------------------------------------
+
+    def _live_count(self) -> int:
+        return sum(1 for s in self._servers if s.state in _LIVE)
+
+    async def _make_room(self) -> None:
+        """Return when a new server may start: room, an eviction, or a turn in the queue."""
+        if not self._queue and await self._take_room():
+            return
+        if len(self._queue) >= self._config.max_queue:
+            raise PoolBusy(
+                f"the pool is full ({self._config.size} models busy) and {len(self._queue)} requests are queued",
+                retry_after=self._retry_after(),
+            )
+        ticket = object()
+        self._queue.append(ticket)
+        try:
+            with trio.move_on_after(self._config.queue_timeout):
+                while not (self._queue[0] is ticket and await self._take_room()):
+                    await self._changed_lot.park()
+                return
+            raise PoolBusy(
+                f"no room in the pool within queue_timeout ({self._config.queue_timeout:g}s): "
+                f"all {self._config.size} servers are busy or loading",
+                retry_after=self._retry_after(),
+            )
+        finally:
+            self._queue.remove(ticket)
+            self._changed()  # the next in line may go
+
+    async def _take_room(self) -> bool:
+        if self._live_count() < self._config.size:
+            return True
+        idle = [s for s in self._servers if s.idle]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda s: s.last_used)
+        log.info("%s: evicted (least recently used idle server) to make room", victim.name)
+        self._stop(victim, "evicted")
+        await victim.gone.wait()
+        return self._live_count() < self._config.size
+
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(self._config.queue_timeout / 4))
+
+    def _changed(self) -> None:
+        """Something that frees room or ends idleness happened: let waiters look again."""
+        self._changed_lot.unpark_all()
+
+    # ---- one server's life -----------------------------------------------------------
+
+    def _spawn(self, model: ModelConfig) -> Server:
+        assert self._nursery is not None, "Pool.run() is not running"
+        server = Server(model, free_port(), trio.current_time())
+        self._servers.append(server)
+        self._nursery.start_soon(self._supervise, server)
+        return server
+
+    def _argv(self, model: ModelConfig, path: str, port: int) -> list[str]:
+        argv = [self._binary, "-m", path, "--host", "127.0.0.1", "--port", str(port), "--alias", model.name]
+        argv += model.args
+        if model.embeddings:
+            argv.append("--embeddings")
+        return argv
+
+    async def _supervise(self, server: Server) -> None:
+        stats = self._stats[server.name]
+        try:
+            with server.cancel_scope:
+                try:
+                    path = await self._catalog.gguf_path(server.model)
+                except Exception as exc:
+                    server.error = ModelLoadFailed(f"model {server.name!r}: cannot get its GGUF file: {exc}")
+                else:
+                    process = ServerProcess(
+                        self._argv(server.model, path, server.port),
+                        name=server.name,
+                        port=server.port,
+                        http=self._http,
+                        stop_timeout=self._config.stop_timeout,
+                        on_ready=lambda: self._on_ready(server),
+                    )
+                    server.process = process
+                    stats.loads += 1
+                    await process.run(self._config.load_timeout)
+                    if process.failure is not None:
+                        server.error = process.failure
+                    elif server.state is State.READY:
+                        server.error = UpstreamError(
+                            f"llama-server for model {server.name!r} exited unexpectedly with code "
+                            f"{process.returncode}:\n{process.tail_text()}"
+                        )
+        finally:
+            self._on_gone(server, stats)
+
+    def _on_ready(self, server: Server) -> None:
+        assert server.process is not None
+        server.slots = server.process.slots
+        server.ready_at = server.last_used = trio.current_time()
+        self._set_state(server, State.READY)
+        server.settled.set()
+        self._changed()
+
+    def _on_gone(self, server: Server, stats: _ModelStats) -> None:
+        process = server.process
+        if process is not None:
+            stats.last_exit_code = process.returncode
+        if server.state is State.STOPPING:
+            self._set_state(server, State.STOPPED)
+        else:
+            crashed = server.state is State.READY
+            self._set_state(server, State.FAILED)
+            if server.error is None:  # cancelled from outside while starting: the pool is stopping
+                server.error = ModelLoadFailed(f"model {server.name!r}: load interrupted")
+            up_for = trio.current_time() - (server.ready_at or trio.current_time())
+            stats.consecutive = 1 if crashed and up_for > _STABLE_AFTER else stats.consecutive + 1
+            stats.crashes += crashed
+            stats.failures += not crashed
+            stats.last_error = server.error
+            backoff = 0.0 if stats.consecutive <= 1 else min(2.0 ** (stats.consecutive - 2), _MAX_BACKOFF)
+            stats.retry_at = trio.current_time() + backoff
+            log.error("%s: %s", server.name, server.error.message)
+        if server.state is State.STOPPED and server.ready_at is not None:
+            stats.consecutive = 0
+        self._servers.remove(server)
+        server.settled.set()
+        server.gone.set()
+        self._changed()
+
+    def _set_state(self, server: Server, state: State) -> None:
+        if state not in TRANSITIONS[server.state]:
+            raise RuntimeError(f"{server!r}: no transition {server.state.value} -> {state.value}")
+        log.debug("%s: %s -> %s", server.name, server.state.value, state.value)
+        server.state = state
+
+    def _stop(self, server: Server, why: str) -> None:
+        """Begin stopping ``server`` (its task ends the process); idempotent."""
+        if server.state in (State.STARTING, State.READY):
+            log.info("%s: stopping llama-server (%s)", server.name, why)
+            self._set_state(server, State.STOPPING)
+            server.cancel_scope.cancel()
+
+    async def unload(self, name: str) -> int:
+        """Stop every idle server of model ``name`` now; return how many were stopped."""
+        model = self._catalog.get(name)
+        servers = [s for s in self._servers if s.name == model.name and s.idle]
+        for server in servers:
+            self._stop(server, "unload requested")
+        for server in servers:
+            await server.gone.wait()
+        return len(servers)
+
+    # ---- idle unload -----------------------------------------------------------------
+
+    def _expiry(self, server: Server) -> float:
+        """When an idle server should stop (trio clock), or inf."""
+        ttl = server.keep_alive
+        if ttl is None:
+            ttl = server.model.idle_ttl if server.model.idle_ttl is not None else self._config.idle_ttl
+            if ttl <= 0:
+                return math.inf
+        elif ttl < 0:
+            return math.inf
+        return server.last_used + ttl
+
+    async def _reap_idle(self) -> None:
+        while True:
+            now = trio.current_time()
+            next_check = math.inf
+            for server in list(self._servers):
+                if not server.idle:
+                    continue
+                expiry = self._expiry(server)
+                if expiry <= now:
+                    self._stop(server, "idle")
+                else:
+                    next_check = min(next_check, expiry)
+            with trio.move_on_at(next_check):
+                await self._changed_lot.park()
+
+    # ---- looking in ------------------------------------------------------------------
+
+    def servers(self, name: str | None = None) -> list[Server]:
+        return [s for s in self._servers if name is None or s.name == name]
+
+    def snapshot(self) -> PoolSnapshot:
+        now, wall = trio.current_time(), time.time()
+
+        def to_wall(t: float) -> float:
+            return wall - (now - t)
+
+        servers = []
+        for s in self._servers:
+            expiry = self._expiry(s)
+            servers.append(
+                ServerSnapshot(
+                    model=s.name,
+                    state=s.state.value,
+                    port=s.port,
+                    pid=s.process.pid if s.process else None,
+                    in_flight=s.in_flight,
+                    waiting=s.waiters,
+                    slots=s.slots,
+                    last_used=to_wall(s.last_used),
+                    expires_at=None if math.isinf(expiry) else to_wall(expiry),
+                )
+            )
+        models = tuple(
+            ModelSnapshot(
+                model=name,
+                loads=st.loads,
+                crashes=st.crashes,
+                failures=st.failures,
+                last_exit_code=st.last_exit_code,
+                last_error=st.last_error.message if st.last_error else None,
+                retry_in=max(0.0, st.retry_at - now),
+            )
+            for name, st in self._stats.items()
+        )
+        return PoolSnapshot(capacity=self._config.size, queued=len(self._queue), servers=tuple(servers), models=models)

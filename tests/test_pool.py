@@ -1,0 +1,224 @@
+"""The pool against the fake llama-server: coalescing, eviction, queueing, failures, idle unload."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import trio
+
+from smart_proxy.errors import ModelLoadFailed, ModelLoadTimeout, ModelNotFound, PoolBusy
+from smart_proxy.pool import State
+
+from .conftest import pids_alive
+
+
+def _pids(pool) -> list[int]:
+    return [s.process.pid for s in pool.servers() if s.process and s.process.pid]
+
+
+async def test_lazy_start_and_reuse(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}}))
+    assert pool.servers() == []
+    async with pool.lease("a") as lease:
+        first = lease.server
+        assert first.state is State.READY
+    async with pool.lease("a") as lease:
+        assert lease.server is first
+    assert pool.snapshot().models[0].loads == 1
+
+
+async def test_unknown_model(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}}))
+    with pytest.raises(ModelNotFound, match="known models: a"):
+        await pool.acquire("nope")
+
+
+async def test_32_concurrent_cold_requests_start_one_process(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {"load_delay": 0.3}}))
+    servers = []
+
+    async def one() -> None:
+        async with pool.lease("a") as lease:
+            servers.append(lease.server)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(32):
+            nursery.start_soon(one)
+    assert len(servers) == 32
+    assert len({id(s) for s in servers}) == 1
+    assert pool.snapshot().models[0].loads == 1
+
+
+async def test_lru_idle_server_is_evicted(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}, "b": {}, "c": {}}, size=2))
+    for name in ("a", "b"):
+        async with pool.lease(name):
+            pass
+    async with pool.lease("a"):  # a is now the most recently used
+        pass
+    async with pool.lease("c"):
+        names = sorted(s.name for s in pool.servers())
+    assert names == ["a", "c"]
+
+
+async def test_busy_server_is_never_evicted_b_waits(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}, "b": {}}, size=1))
+    lease_a = await pool.acquire("a")
+    got_b = trio.Event()
+
+    async def want_b() -> None:
+        async with pool.lease("b"):
+            got_b.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(want_b)
+        await trio.sleep(0.5)
+        assert not got_b.is_set()
+        assert [s.name for s in pool.servers()] == ["a"]
+        assert pool.snapshot().queued == 1
+        lease_a.release()
+        with trio.fail_after(5):
+            await got_b.wait()
+    assert [s.name for s in pool.servers()] == ["b"]
+
+
+async def test_loading_server_is_never_evicted(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {"load_delay": 0.5}, "b": {}}, size=1, queue_timeout="200ms"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.acquire, "a")
+        await trio.sleep(0.1)
+        with pytest.raises(PoolBusy):
+            await pool.acquire("b")
+        assert pool.servers()[0].name == "a"
+
+
+async def test_queue_timeout_and_queue_full_give_pool_busy(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}, "b": {}, "c": {}}, size=1, max_queue=1, queue_timeout="300ms"))
+    lease = await pool.acquire("a")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_expect_busy, pool, "b")  # takes the one queue place, then times out
+        await trio.sleep(0.1)
+        with pytest.raises(PoolBusy, match="requests are queued") as info:
+            await pool.acquire("c")
+        assert info.value.retry_after >= 1
+    lease.release()
+    async with pool.lease("b"):  # and the pool still serves
+        pass
+
+
+async def _expect_busy(pool, name: str) -> None:
+    with pytest.raises(PoolBusy, match="queue_timeout"):
+        await pool.acquire(name)
+
+
+async def test_process_exiting_while_loading_fails_at_once(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"bad": {"exit_on_load": 3}}))
+    start = trio.current_time()
+    with pytest.raises(ModelLoadFailed, match="exited with code 3 while loading") as info:
+        await pool.acquire("bad")
+    assert trio.current_time() - start < 3  # load_timeout is 10 s
+    assert "invalid magic" in info.value.message  # the tail of its output
+    assert pool.servers() == []
+    snap = pool.snapshot().models[0]
+    assert snap.failures == 1 and snap.last_exit_code == 3
+
+
+async def test_load_timeout_kills_the_process(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"slow": {"load_delay": 30}}, load_timeout="500ms"))
+    with pytest.raises(ModelLoadTimeout, match="not ready within 0.5s"):
+        await pool.acquire("slow")
+    assert pool.servers() == []
+
+
+async def test_load_is_cancelled_when_every_waiter_leaves(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {"load_delay": 30}}))
+    with trio.move_on_after(0.5):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(pool.acquire, "a")
+    await trio.sleep(0)
+    server = pool.servers()[0] if pool.servers() else None
+    if server is not None:
+        assert server.state is State.STOPPING
+        pid = server.process.pid
+        with trio.fail_after(5):
+            await server.gone.wait()
+        assert pids_alive([pid]) == []
+    assert pool.servers() == []
+
+
+async def test_crash_is_recovered_by_the_next_request(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}}))
+    async with pool.lease("a") as lease:
+        server = lease.server
+    os.kill(server.process.pid, signal.SIGKILL)
+    with trio.fail_after(5):
+        await server.gone.wait()
+    assert server.state is State.FAILED
+    snap = pool.snapshot().models[0]
+    assert snap.crashes == 1 and snap.last_exit_code == -9
+    async with pool.lease("a") as lease:
+        assert lease.server is not server and lease.server.state is State.READY
+    assert pool.snapshot().models[0].loads == 2
+
+
+async def test_repeated_failures_back_off(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"bad": {"exit_on_load": 1, "load_delay": 0}}))
+    for _ in range(2):
+        with pytest.raises(ModelLoadFailed):
+            await pool.acquire("bad")
+    loads = pool.snapshot().models[0].loads
+    with pytest.raises(ModelLoadFailed, match="next start allowed in"):
+        await pool.acquire("bad")
+    assert pool.snapshot().models[0].loads == loads  # refused without starting a process
+    assert pool.snapshot().models[0].retry_in > 0
+
+
+async def test_idle_ttl_stops_an_idle_server(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}}, idle_ttl="300ms"))
+    async with pool.lease("a") as lease:
+        server = lease.server
+        await trio.sleep(0.6)  # in flight: not idle, however long
+        assert server.state is State.READY
+    snap = pool.snapshot().servers[0]
+    assert snap.expires_at is not None
+    with trio.fail_after(3):
+        await server.gone.wait()
+    assert server.state is State.STOPPED
+
+
+async def test_keep_alive_zero_unloads_after_the_request(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}}))
+    async with pool.lease("a", keep_alive=0) as lease:
+        server = lease.server
+    with trio.fail_after(3):
+        await server.gone.wait()
+
+
+async def test_slots_route_to_one_server_and_replicas_add_more(make_config, start_pool) -> None:
+    pool = await start_pool(
+        make_config({"a": {"slots": 2}, "b": {"slots": 1}}, model_options={"b": {"replicas": 2}}, size=3)
+    )
+    leases = [await pool.acquire("a") for _ in range(4)]
+    assert len({id(lease.server) for lease in leases}) == 1  # 4 requests share a's 2 slots, no second copy
+    b1 = await pool.acquire("b")
+    b2 = await pool.acquire("b")  # b's only slot is busy and replicas = 2: a second copy
+    assert b1.server is not b2.server
+    b3 = await pool.acquire("b")  # at replicas: share the least busy
+    assert b3.server in (b1.server, b2.server)
+    for lease in [*leases, b1, b2, b3]:
+        lease.release()
+
+
+async def test_stop_all_leaves_no_process(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}, "b": {"ignore_sigterm": True}}, size=2, stop_timeout="300ms"))
+    for name in ("a", "b"):
+        async with pool.lease(name):
+            pass
+    pids = _pids(pool)
+    assert len(pids) == 2
+    with trio.fail_after(5):
+        await pool.stop_all()
+    assert pids_alive(pids) == []
