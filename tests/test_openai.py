@@ -1,0 +1,117 @@
+"""The OpenAI dialect against the fake llama-server, through the whole in-process proxy."""
+
+from __future__ import annotations
+
+import json
+from contextlib import aclosing
+from functools import partial
+
+import httpx
+import trio
+
+
+async def test_chat_non_stream_and_stream(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    url = await start_proxy(make_config({"m": {"tokens": 4}}))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "x_unknown": {"kept": True}}
+    response = await http.post(f"{url}/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    data = response.json()
+    assert data["model"] == "m"
+    assert data["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 "
+
+    chunks = []
+    async with http.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        async for chunk in stream.aiter_text():
+            chunks.append(chunk)
+    events = [line for line in "".join(chunks).splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert len(events) == 4 + 2  # four tokens, the final chunk, [DONE]
+
+
+async def test_completions_and_embeddings(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    url = await start_proxy(make_config({"m": {"tokens": 2}}))
+    response = await http.post(f"{url}/v1/completions", json={"model": "m", "prompt": "Once"})
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == "tok0 tok1 "
+    response = await http.post(f"{url}/v1/embeddings", json={"model": "m", "input": ["a", "b"]})
+    assert response.status_code == 200 and len(response.json()["data"]) == 2
+
+
+async def test_models_lists_catalog_with_loaded_state(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    url = await start_proxy(make_config({"a": {}, "b": {}}))
+    await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x"})
+    data = (await http.get(f"{url}/v1/models")).json()["data"]
+    assert {m["id"]: m["loaded"] for m in data} == {"a": True, "b": False}
+
+
+async def test_health_shows_pool(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    url = await start_proxy(make_config({"a": {}}, size=3))
+    await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x"})
+    health = (await http.get(f"{url}/health")).json()
+    assert health["pool"]["capacity"] == 3
+    (server,) = health["pool"]["servers"]
+    assert server["model"] == "a" and server["state"] == "ready"
+    assert isinstance(server["pid"], int) and isinstance(server["port"], int)
+
+
+async def test_bad_input_gets_openai_errors(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    url = await start_proxy(make_config({"a": {}}))
+    cases = [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        (json.dumps({"messages": []}).encode(), 400, "missing 'model'"),
+        (json.dumps({"model": "a"}).encode(), 400, "missing 'messages'"),
+        (json.dumps({"model": "nope", "messages": []}).encode(), 404, "known models: a"),
+    ]
+    for raw, status, text in cases:
+        response = await http.post(f"{url}/v1/chat/completions", content=raw)
+        assert response.status_code == status, raw
+        error = response.json()["error"]
+        assert text in error["message"] and error["code"] == status and error["type"]
+    response = await http.get(f"{url}/v1/nothing-here")
+    assert response.status_code == 404 and "error" in response.json()
+    # and it still serves
+    response = await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x"})
+    assert response.status_code == 200
+
+
+async def test_load_failure_is_502_with_stderr_tail(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    url = await start_proxy(make_config({"bad": {"exit_on_load": 1}}))
+    with trio.fail_after(5):
+        response = await http.post(f"{url}/v1/completions", json={"model": "bad", "prompt": "x"})
+    assert response.status_code == 502
+    assert "invalid magic" in response.json()["error"]["message"]
+
+
+async def test_load_timeout_is_504(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    url = await start_proxy(make_config({"slow": {"load_delay": 30}}, load_timeout="300ms"))
+    response = await http.post(f"{url}/v1/completions", json={"model": "slow", "prompt": "x"})
+    assert response.status_code == 504
+    assert response.json()["error"]["type"] == "model_load_timeout"
+
+
+async def test_pool_busy_is_503_with_retry_after(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    url = await start_proxy(make_config({"a": {"token_delay": 0.2, "tokens": 5}, "b": {}}, size=1, queue_timeout="200ms"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(http.post, f"{url}/v1/completions", json={"model": "a", "prompt": "x"}))
+        await trio.sleep(0.5)  # a is now generating for ~1 s
+        response = await http.post(f"{url}/v1/completions", json={"model": "b", "prompt": "x"})
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) >= 1
+
+
+async def test_client_leaving_mid_stream_frees_the_slot(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    url = await start_proxy(make_config({"a": {"token_delay": 0.1, "tokens": 100}}))
+    async with http.stream("POST", f"{url}/v1/completions", json={"model": "a", "prompt": "x", "stream": True}) as s:
+        async with aclosing(s.aiter_raw()) as chunks:
+            async for _ in chunks:
+                break  # leave after the first chunk
+    health = (await http.get(f"{url}/health")).json()
+    port = health["pool"]["servers"][0]["port"]
+    with trio.fail_after(2):
+        while True:
+            slots = (await http.get(f"http://127.0.0.1:{port}/slots")).json()
+            in_flight = (await http.get(f"{url}/health")).json()["pool"]["servers"][0]["in_flight"]
+            if not any(slot["is_processing"] for slot in slots) and in_flight == 0:
+                break
+            await trio.sleep(0.05)
