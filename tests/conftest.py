@@ -77,13 +77,16 @@ def start_proxy(nursery: trio.Nursery):
 
 
 def pids_alive(pids: list[int]) -> list[int]:
+    """The pids that still run (a zombie waiting to be reaped has stopped running)."""
     alive = []
     for pid in pids:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat") as file:
+                state = file.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
             continue
-        alive.append(pid)
+        if state not in ("Z", "X"):
+            alive.append(pid)
     return alive
 
 
