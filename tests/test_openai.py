@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from contextlib import aclosing
 from functools import partial
 
@@ -115,3 +117,45 @@ async def test_client_leaving_mid_stream_frees_the_slot(make_config, start_proxy
             if not any(slot["is_processing"] for slot in slots) and in_flight == 0:
                 break
             await trio.sleep(0.05)
+
+
+async def test_kill_9_mid_stream_ends_that_stream_with_an_error_event(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"a": {"token_delay": 0.05, "tokens": 200}, "b": {"tokens": 3}}))
+    body = {"model": "a", "prompt": "x", "stream": True}
+    received = b""
+    async with http.stream("POST", f"{url}/v1/completions", json=body) as stream:
+        async with aclosing(stream.aiter_raw()) as chunks:
+            async for chunk in chunks:
+                received += chunk
+                if received.count(b"data: ") == 3:
+                    health = (await http.get(f"{url}/health")).json()
+                    pid = next(s["pid"] for s in health["pool"]["servers"] if s["model"] == "a")
+                    os.kill(pid, signal.SIGKILL)
+    last = received.strip().split(b"\n\n")[-1]
+    assert last.startswith(b"data: ")
+    error = json.loads(last[len(b"data: ") :])["error"]
+    assert error["code"] == 502 and "broke off" in error["message"]
+    # another model is unaffected, /health tells what happened, and the next request restarts a
+    assert (await http.post(f"{url}/v1/completions", json={"model": "b", "prompt": "x"})).status_code == 200
+    health = (await http.get(f"{url}/health")).json()
+    a_stats = next(m for m in health["pool"]["models"] if m["model"] == "a")
+    assert a_stats["crashes"] == 1 and a_stats["last_exit_code"] == -9
+    assert "exited unexpectedly" in a_stats["last_error"]
+    response = await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2})
+    assert response.status_code == 200
+
+
+async def test_kill_9_mid_request_non_stream_is_502(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"a": {"token_delay": 0.05, "tokens": 100}}))
+
+    async def kill_soon() -> None:
+        await trio.sleep(0.5)
+        health = (await http.get(f"{url}/health")).json()
+        os.kill(health["pool"]["servers"][0]["pid"], signal.SIGKILL)
+
+    async with trio.open_nursery() as nursery:
+        await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 1})  # load it
+        nursery.start_soon(kill_soon)
+        response = await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x"})
+    assert response.status_code == 502
+    assert response.json()["error"]["type"] == "upstream_error"
