@@ -90,6 +90,8 @@ class ServerSnapshot:
 @attrs.frozen
 class ModelSnapshot:
     model: str
+    #: The most advanced state of its live servers; else failed (last life failed) or stopped.
+    state: str
     loads: int
     crashes: int
     failures: int
@@ -217,13 +219,22 @@ class Pool:
             ModelLoadFailed, ModelLoadTimeout: the load failed.
         """
         model = self._catalog.get(name)
+        # One deadline for the whole wait for a place, however many turns it takes.
+        deadline = trio.current_time() + self._config.queue_timeout
         while True:
-            async with self._locks[model.name]:
+            lock = self._locks[model.name]
+            with trio.move_on_at(deadline) as waiting:
+                await lock.acquire()
+            if waiting.cancelled_caught:
+                raise self._busy(f"no room in the pool within queue_timeout ({self._config.queue_timeout:g}s)")
+            try:
                 server = self._choose(model)
                 if server is None:
                     self._check_backoff(model)
-                    await self._make_room()
+                    await self._make_room(deadline)
                     server = self._spawn(model)
+            finally:
+                lock.release()
             if server.state is not State.READY:
                 await self._wait_settled(server)
             if server.state is State.READY:
@@ -285,30 +296,29 @@ class Pool:
     def _live_count(self) -> int:
         return sum(1 for s in self._servers if s.state in _LIVE)
 
-    async def _make_room(self) -> None:
+    async def _make_room(self, deadline: float) -> None:
         """Return when a new server may start: room, an eviction, or a turn in the queue."""
         if not self._queue and await self._take_room():
             return
         if len(self._queue) >= self._config.max_queue:
-            raise PoolBusy(
-                f"the pool is full ({self._config.size} models busy) and {len(self._queue)} requests are queued",
-                retry_after=self._retry_after(),
-            )
+            raise self._busy(f"the pool is full and {len(self._queue)} requests are queued (max_queue)")
         ticket = object()
         self._queue.append(ticket)
         try:
-            with trio.move_on_after(self._config.queue_timeout):
+            with trio.move_on_at(deadline):
                 while not (self._queue[0] is ticket and await self._take_room()):
                     await self._changed_lot.park()
                 return
-            raise PoolBusy(
-                f"no room in the pool within queue_timeout ({self._config.queue_timeout:g}s): "
-                f"all {self._config.size} servers are busy or loading",
-                retry_after=self._retry_after(),
-            )
+            raise self._busy(f"no room in the pool within queue_timeout ({self._config.queue_timeout:g}s)")
         finally:
             self._queue.remove(ticket)
             self._changed()  # the next in line may go
+
+    def _busy(self, why: str) -> PoolBusy:
+        return PoolBusy(
+            f"{why}: all {self._config.size} llama-servers are busy or loading; retry later",
+            retry_after=self._retry_after(),
+        )
 
     async def _take_room(self) -> bool:
         if self._live_count() < self._config.size:
@@ -372,6 +382,9 @@ class Pool:
                             f"llama-server for model {server.name!r} exited unexpectedly with code "
                             f"{process.returncode}:\n{process.tail_text()}"
                         )
+        except trio.Cancelled:
+            self._stop(server, "pool shutting down")  # cancelled from outside: a stop, not a failure
+            raise
         finally:
             self._on_gone(server, stats)
 
@@ -392,8 +405,8 @@ class Pool:
         else:
             crashed = server.state is State.READY
             self._set_state(server, State.FAILED)
-            if server.error is None:  # cancelled from outside while starting: the pool is stopping
-                server.error = ModelLoadFailed(f"model {server.name!r}: load interrupted")
+            if server.error is None:
+                server.error = ModelLoadFailed(f"model {server.name!r}: llama-server ended with no reason given")
             up_for = trio.current_time() - (server.ready_at or trio.current_time())
             stats.consecutive = 1 if crashed and up_for > _STABLE_AFTER else stats.consecutive + 1
             stats.crashes += crashed
@@ -465,6 +478,15 @@ class Pool:
     def servers(self, name: str | None = None) -> list[Server]:
         return [s for s in self._servers if name is None or s.name == name]
 
+    def _model_state(self, name: str, stats: _ModelStats) -> str:
+        live = {s.state for s in self._servers if s.name == name}
+        for state in (State.READY, State.STARTING, State.STOPPING):
+            if state in live:
+                return state.value
+        if stats.last_error is not None and stats.consecutive > 0:
+            return State.FAILED.value
+        return State.STOPPED.value
+
     def snapshot(self) -> PoolSnapshot:
         now, wall = trio.current_time(), time.time()
 
@@ -490,6 +512,7 @@ class Pool:
         models = tuple(
             ModelSnapshot(
                 model=name,
+                state=self._model_state(name, st),
                 loads=st.loads,
                 crashes=st.crashes,
                 failures=st.failures,

@@ -222,3 +222,45 @@ async def test_stop_all_leaves_no_process(make_config, start_pool) -> None:
     with trio.fail_after(5):
         await pool.stop_all()
     assert pids_alive(pids) == []
+
+
+async def test_queue_timeout_is_one_deadline_for_every_waiter(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}, "b": {}}, size=1, queue_timeout="400ms"))
+    lease = await pool.acquire("a")
+    finished = []
+
+    async def want_b() -> None:
+        with pytest.raises(PoolBusy):
+            await pool.acquire("b")
+        finished.append(trio.current_time())
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):  # one queues for a place, two wait on b's lock behind it
+            nursery.start_soon(want_b)
+    assert len(finished) == 3
+    assert max(finished) - start < 0.4 + 0.3  # not three queue_timeouts one after another
+    lease.release()
+
+
+async def test_snapshot_shows_states_as_they_happen(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {"load_delay": 0.3}, "bad": {"exit_on_load": 2}}))
+
+    def state_of(name: str) -> str:
+        return next(m.state for m in pool.snapshot().models if m.model == name)
+
+    async def use_a() -> None:
+        async with pool.lease("a"):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(use_a)
+        await trio.sleep(0.1)
+        assert [s.state for s in pool.snapshot().servers] == ["starting"]
+        assert state_of("a") == "starting"
+    assert state_of("a") == "ready"
+    await pool.unload("a")
+    assert state_of("a") == "stopped" and pool.snapshot().servers == ()
+    with pytest.raises(ModelLoadFailed):
+        await pool.acquire("bad")
+    assert state_of("bad") == "failed"
