@@ -12,23 +12,25 @@ output; one that is not ready within ``load_timeout`` is killed. Either way the
 failure is left in :attr:`ServerProcess.failure` rather than raised, so the pool
 can hand it to every request that waited on this load.
 
-Every child gets ``PR_SET_PDEATHSIG = SIGKILL`` and a session of its own: if the
-proxy dies, even by SIGKILL, the kernel kills its llama-servers; a Ctrl-C in the
-terminal reaches only the proxy, which then stops them in order.
+llama-server is started through :mod:`smart_proxy.lifeline`, a tiny program that
+holds a pipe from the proxy: when the proxy dies, even by SIGKILL, the pipe closes
+and the lifeline kills llama-server (see that module for why a parent-death signal
+alone cannot work under ``trio.run_process``). Each lifeline has a session of its
+own, so a Ctrl-C in the terminal reaches only the proxy, which stops them in order.
 """
 
 from __future__ import annotations
 
 import collections
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import httpx
 import trio
@@ -39,22 +41,10 @@ __all__ = ["ServerProcess", "find_llama_server", "free_port"]
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _HEALTH_POLL = 0.05
 _TAIL_LINES = 40
-
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:  # not Linux: no parent-death signal, the session still keeps Ctrl-C off the children
-    _libc = None
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Runs in the child between fork and exec: die by SIGKILL when the proxy dies."""
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the proxy died before prctl took effect
-        os._exit(1)
+_LIFELINE = str(Path(__file__).with_name("lifeline.py"))
+_PID_LINE = "lifeline: pid "
 
 
 def find_llama_server(setting: str = "auto") -> str:
@@ -140,19 +130,16 @@ class ServerProcess:
                 process: trio.Process = await nursery.start(
                     partial(
                         trio.run_process,
-                        self.argv,
+                        [sys.executable, "-S", _LIFELINE, "--", *self.argv],
                         check=False,
-                        stdin=subprocess.DEVNULL,
+                        stdin=subprocess.PIPE,  # the lifeline: never written, closed when the proxy dies
                         stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
-                        preexec_fn=partial(_die_with_parent, os.getpid()),
                         deliver_cancel=self._terminate,
                     )
                 )
                 self._process = process
-                self.pid = process.pid
-                log.info("%s: started llama-server pid %d on port %d", self.name, process.pid, self.port)
                 assert process.stdout is not None
                 nursery.start_soon(self._read_output, process.stdout)
                 try:
@@ -220,7 +207,10 @@ class ServerProcess:
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
                     text = line.decode("utf-8", "replace").rstrip()
-                    if text:
+                    if self.pid is None and text.startswith(_PID_LINE):
+                        self.pid = int(text.removeprefix(_PID_LINE))
+                        log.info("%s: started llama-server pid %d on port %d", self.name, self.pid, self.port)
+                    elif text:
                         self.tail.append(text)
                         log.debug("[%s] %s", self.name, text)
         except (trio.ClosedResourceError, trio.BrokenResourceError):

@@ -1,0 +1,94 @@
+"""A lifeline between the proxy and one llama-server, run as ``python -S lifeline.py CMD ARGS...``.
+
+Why it exists: the kernel's parent-death signal (``PR_SET_PDEATHSIG``) fires when the
+*thread* that forked the child exits, and ``trio.run_process`` forks from a worker thread
+that retires after a few idle seconds. A llama-server tied to that thread would be killed
+for no reason; one tied to nothing outlives a proxy killed by SIGKILL.
+
+So the proxy starts this small program instead, with a pipe on its stdin that the proxy
+never writes. It forks llama-server from its own main thread, with the parent-death signal
+set (this program dies, llama-server dies), and then:
+
+* prints ``lifeline: pid N`` so the proxy knows llama-server's own pid;
+* forwards SIGTERM and SIGINT to llama-server (the proxy's graceful stop);
+* kills llama-server when its stdin reaches EOF: the proxy is gone, however it died;
+* exits the way llama-server exited (same code, or the same signal).
+
+It is a separate, synchronous program (standard library only, started with ``-S``): no
+Trio, no package imports, so it starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child(argv: list[str], parent: int, libc: ctypes.CDLL | None) -> None:
+    """In the forked child: die with this lifeline, stdin from /dev/null, exec llama-server."""
+    try:
+        if libc is not None:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        os.write(2, f"lifeline: cannot run {argv[0]}: {exc}\n".encode())
+    os._exit(127)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        print("usage: lifeline.py COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    try:
+        libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        libc = None
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        _child(argv, parent, libc)
+    print(f"lifeline: pid {pid}", flush=True)
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+
+    def watch_stdin() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        try:  # EOF: the proxy is gone
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:  # died by a signal: die by the same one, so the proxy sees what happened
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
