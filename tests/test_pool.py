@@ -138,7 +138,7 @@ async def test_load_is_cancelled_when_every_waiter_leaves(make_config, start_poo
         async with trio.open_nursery() as nursery:
             for _ in range(3):
                 nursery.start_soon(pool.acquire, "a")
-    await trio.sleep(0)
+    await trio.lowlevel.checkpoint()
     server = pool.servers()[0] if pool.servers() else None
     if server is not None:
         assert server.state is State.STOPPING
