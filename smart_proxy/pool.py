@@ -353,6 +353,10 @@ class Pool:
         argv += model.args
         if model.embeddings:
             argv.append("--embeddings")
+            # A chat model's GGUF says pooling "none", which /v1/embeddings refuses; mean is
+            # what a user asking a chat model for embeddings expects. An explicit --pooling wins.
+            if "--pooling" not in model.args:
+                argv += ["--pooling", "mean"]
         return argv
 
     async def _supervise(self, server: Server) -> None:

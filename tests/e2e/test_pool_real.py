@@ -82,8 +82,9 @@ def test_kill_9_mid_stream(proxy_process, llama_server_binary, gemma_path) -> No
         timeout=120,
     ) as stream:
         for line in stream.iter_lines():
-            if line.startswith("data: "):
-                events.append(line)
+            if not line.startswith("data: "):
+                continue
+            events.append(line)
             if len(events) == 3:
                 pid = next(s["pid"] for s in _health(proxy)["pool"]["servers"] if s["model"] == "a")
                 os.kill(pid, signal.SIGKILL)
