@@ -167,3 +167,19 @@ def test_proxy_killed_by_sigkill_leaves_no_llama_server(tmp_path: Path, llama_se
         assert pids_alive(pids) == []
     finally:
         proxy.stop()
+
+
+def test_shipped_proxy_ini_serves_the_embedded_default(tmp_path: Path, llama_server_binary: str) -> None:
+    shipped = Path(__file__).parents[2] / "proxy.ini"
+    proxy = ProxyProcess(shipped, tmp_path / "proxy.log")
+    try:
+        client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model="gemma3-270m", messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=16, temperature=0
+        )
+        text = reply.choices[0].message.content
+        assert text.strip()
+        assert "<|im_" not in text and "<start_of_turn>" not in text  # the gemma chat template is in use
+        assert client.embeddings.create(model="gemma3-270m-embed", input="hello").data[0].embedding
+    finally:
+        assert proxy.stop() == 0
