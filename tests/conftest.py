@@ -126,14 +126,15 @@ def gemma_path() -> str:
 class ProxyProcess:
     """``python -m smart_proxy`` as a real process, on a free port, with its log captured."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, args: tuple[str, ...] = ()) -> None:
         import subprocess
         import time
 
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "smart_proxy", "--config", str(config_path), "--port", "0", "--log-level", "debug"],
+            [sys.executable, "-m", "smart_proxy", "--config", str(config_path), "--port", "0", "--log-level", "debug"]
+            + list(args),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -170,13 +171,13 @@ class ProxyProcess:
 
 @pytest.fixture
 def proxy_process(tmp_path: Path):
-    """``proxy_process(ini_text)`` starts a real proxy process; all are stopped after the test."""
+    """``proxy_process(ini_text, *cli_args)`` starts a real proxy process; all are stopped after the test."""
     started: list[ProxyProcess] = []
 
-    def start(ini_text: str) -> ProxyProcess:
+    def start(ini_text: str, *args: str) -> ProxyProcess:
         config = tmp_path / f"proxy{len(started)}.ini"
         config.write_text(ini_text)
-        proxy = ProxyProcess(config, tmp_path / f"proxy{len(started)}.log")
+        proxy = ProxyProcess(config, tmp_path / f"proxy{len(started)}.log", args)
         started.append(proxy)
         return proxy
 
