@@ -87,6 +87,18 @@ def pids_alive(pids: list[int]) -> list[int]:
     return alive
 
 
+DEPLOY_DOC = Path(__file__).parent.parent / "docs" / "deploy.md"
+
+
+def deploy_doc_block(lang: str, containing: str) -> str:
+    """The fenced ``lang`` block of docs/deploy.md that contains ``containing``: tests run what the doc says."""
+    text = DEPLOY_DOC.read_text()
+    blocks = [block.split("\n```", 1)[0] for block in text.split(f"```{lang}\n")[1:]]
+    matching = [block for block in blocks if containing in block]
+    assert len(matching) == 1, f"docs/deploy.md: expected one ```{lang} block with {containing!r}"
+    return matching[0]
+
+
 # ---- real llama-server and model ---------------------------------------------------------
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

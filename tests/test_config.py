@@ -22,7 +22,8 @@ def test_durations(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("1024", 1024), ("512k", 512 * 1024), ("64m", 64 * 1024**2), ("64MB", 64 * 1024**2), ("1GiB", 1024**3), ("10b", 10)],
+    [("1024", 1024), ("512k", 512 * 1024), ("64m", 64 * 1024**2), ("64MB", 64 * 1024**2), ("1GiB", 1024**3),
+     ("10b", 10)],
 )
 def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size

