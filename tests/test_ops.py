@@ -481,30 +481,40 @@ async def test_drain_with_nothing_in_flight_is_immediate(make_config, run_proxy)
         await proxy.done.wait()
 
 
+def wait_not_ready(url: str, seconds: float = 5) -> bool:
+    """Poll readiness until it is 503 (True) or ``seconds`` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if httpx.get(url + "/health/ready", timeout=5).status_code == 503:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def test_sigterm_drains_a_real_process(proxy_process, fake_binary: str, tmp_path: Path) -> None:
     proxy = proxy_process(_ini(tmp_path, fake_binary, {"token_delay": 0.1}, "grace = 20s"))
-    result: dict[str, object] = {}
+    chunks: list[bytes] = []
+    streaming = threading.Event()
 
     def stream() -> None:
         with httpx.Client(timeout=30) as client:
             with client.stream("POST", proxy.url + CHAT, json=chat(stream=True, max_tokens=20)) as response:
-                result["body"] = b"".join(response.iter_bytes())
+                for chunk in response.iter_bytes():
+                    chunks.append(chunk)
+                    streaming.set()
 
     worker = threading.Thread(target=stream)
     worker.start()
     try:
-        deadline = time.monotonic() + 10
-        while "[a] main: server is listening" not in proxy.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # the stream is under way
+        assert streaming.wait(30)
         proxy.process.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        ready = httpx.get(proxy.url + "/health/ready", timeout=5)
-        assert ready.status_code == 503
+        assert wait_not_ready(proxy.url)
+        assert worker.is_alive()  # the stream is still running while draining
     finally:
         worker.join(30)
     assert proxy.process.wait(30) == 0
-    assert result["body"].endswith(b"data: [DONE]\n\n")  # type: ignore[union-attr]
+    body = b"".join(chunks)
+    assert body.count(b'"content"') == 20 and body.endswith(b"data: [DONE]\n\n")
     assert "received SIGTERM: draining" in proxy.log()
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from ..test_ops import wait_not_ready
 
 pytestmark = pytest.mark.real
 
@@ -64,19 +65,23 @@ def test_keys_metrics_and_drain_with_the_real_model(
 
     # drain: a generation in flight when SIGTERM comes is finished, then the proxy exits 0
     finished: list[str] = []
+    streaming = threading.Event()
 
     def generate() -> None:
         stream = client.chat.completions.create(
             model="gemma", messages=[{"role": "user", "content": "Write a short poem."}], max_tokens=96, stream=True
         )
-        finished.append("".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices))
+        text = []
+        for chunk in stream:
+            streaming.set()
+            text += [choice.delta.content or "" for choice in chunk.choices]
+        finished.append("".join(text))
 
     worker = threading.Thread(target=generate)
     worker.start()
-    time.sleep(0.3)
+    assert streaming.wait(60)
     proxy.process.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    assert httpx.get(f"{proxy.url}/health/ready", timeout=5).status_code == 503
+    assert wait_not_ready(proxy.url)
     worker.join(60)
     assert finished and finished[0].strip()
     assert proxy.process.wait(60) == 0
