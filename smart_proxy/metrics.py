@@ -186,7 +186,7 @@ class Metrics(PoolEvents):
             registry=r,
         )
         self.queue_wait = Histogram(
-            _PREFIX + "queue_wait_seconds", "Time requests spent queued for a place in the pool.", ["model"],
+            _PREFIX + "queue_wait_seconds", "Time requests spent queued for a place in the pool.",
             buckets=_WAIT_BUCKETS, registry=r,
         )
         self.agent_runs = Counter(
@@ -239,8 +239,8 @@ class Metrics(PoolEvents):
     def crashed(self, model: str) -> None:
         self.crashes.labels(model).inc()
 
-    def queued(self, model: str, seconds: float) -> None:
-        self.queue_wait.labels(model).observe(seconds)
+    def queued(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
 
     # ---- agents ------------------------------------------------------------------------
 

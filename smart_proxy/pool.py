@@ -136,8 +136,8 @@ class PoolEvents:
     def crashed(self, model: str) -> None:
         """A ready server's process exited on its own."""
 
-    def queued(self, model: str, seconds: float) -> None:
-        """A request waited ``seconds`` in the queue for room (and then got it, or PoolBusy)."""
+    def queued(self, seconds: float) -> None:
+        """A request waited ``seconds`` in the (pool-wide) queue for room, and then got it or PoolBusy."""
 
 
 class Server:
@@ -153,7 +153,6 @@ class Server:
         self.waiters = 0
         self.slots = 1
         self.last_used = now
-        self.started_at = now
         self.ready_at: float | None = None
         #: Ollama keep_alive of the latest request: seconds, negative = forever, None = config.
         self.keep_alive: float | None = None
@@ -162,6 +161,7 @@ class Server:
         #: Set when the server leaves STARTING (READY, or gone).
         self.settled = trio.Event()
         self.gone = trio.Event()
+        self.started_at = now
 
     @property
     def base_url(self) -> str:
@@ -248,7 +248,7 @@ class Pool:
                 server = self._choose(model)
                 if server is None:
                     self._check_backoff(model)
-                    await self._make_room(model.name)
+                    await self._make_room()
                     server = self._spawn(model)
             if server.state is not State.READY:
                 await self._wait_settled(server)
@@ -311,7 +311,7 @@ class Pool:
     def _live_count(self) -> int:
         return sum(1 for s in self._servers if s.state in _LIVE)
 
-    async def _make_room(self, name: str) -> None:
+    async def _make_room(self) -> None:
         """Return when a new server may start: room, an eviction, or a turn in the queue."""
         if not self._queue and await self._take_room():
             return
@@ -336,7 +336,7 @@ class Pool:
         finally:
             self._queue.remove(ticket)
             self._changed()  # the next in line may go
-            self._events.queued(name, trio.current_time() - queued_at)
+            self._events.queued(trio.current_time() - queued_at)
 
     async def _take_room(self) -> bool:
         if self._live_count() < self._config.size:
