@@ -1,10 +1,12 @@
 """The Quart-Trio application: routes of every dialect over one shared state.
 
 :func:`create_app` takes a :class:`ProxyState` (config, catalog, pool, HTTP
-client), all owned by the root nursery in :mod:`smart_proxy.server`; the app
-holds no long-lived work of its own. Errors are rendered in the dialect of the
-route that raised them: Ollama's ``{"error": "..."}`` under ``/api/``, the OpenAI
-error object everywhere else.
+client, lifecycle, metrics, API keys), all owned by the root nursery in
+:mod:`smart_proxy.server`; the app holds no long-lived work of its own. Errors are
+rendered in the dialect of the route that raised them: Ollama's
+``{"error": "..."}`` under ``/api/``, the OpenAI error object everywhere else.
+Every request first passes :class:`~smart_proxy.middleware.EdgeMiddleware`
+(request id, CORS, API keys, draining, body limit, metrics).
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import attrs
 import httpx
 from quart import Quart, Response, current_app, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from .auth import ApiKeys
 from .catalog import Catalog
 from .config import Config
-from .errors import PoolBusy, ProxyError
+from .errors import ProxyError
+from .lifecycle import Lifecycle
+from .metrics import Metrics
 from .pool import Pool
 
 __all__ = ["ProxyState", "create_app", "state"]
@@ -33,6 +38,9 @@ class ProxyState:
     catalog: Catalog
     pool: Pool
     http: httpx.AsyncClient
+    lifecycle: Lifecycle = attrs.Factory(Lifecycle)
+    metrics: Metrics = attrs.Factory(Metrics)
+    api_keys: ApiKeys = attrs.Factory(ApiKeys)
 
 
 def state() -> ProxyState:
@@ -50,19 +58,21 @@ def error_response(exc: ProxyError, path: str) -> Response:
 
     render = ollama_errors if is_ollama_route(path) else openai_errors
     response = render(exc)
-    if isinstance(exc, PoolBusy):
-        response.headers["Retry-After"] = str(exc.retry_after)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
     return response
 
 
 def create_app(proxy_state: ProxyState) -> Quart:
     from .api import admin, ollama, openai
+    from .middleware import EdgeMiddleware, too_large
 
     app = QuartTrio("smart_proxy")
     # Generations stream for minutes; bodies (embedding batches) can be large.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 300
-    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = proxy_state.config.proxy.max_body
     app.extensions["smart_proxy"] = proxy_state
     app.register_blueprint(openai.blueprint)
     app.register_blueprint(ollama.blueprint)
@@ -74,6 +84,8 @@ def create_app(proxy_state: ProxyState) -> Quart:
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
+        if isinstance(exc, RequestEntityTooLarge):  # a chunked body over the limit
+            return error_response(too_large(proxy_state.config.proxy.max_body), request.path)
         error = ProxyError(exc.description or exc.name)
         error.status = exc.code or 500
         error.kind = "invalid_request_error" if error.status < 500 else "server_error"
@@ -84,4 +96,5 @@ def create_app(proxy_state: ProxyState) -> Quart:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(ProxyError(f"internal error: {type(exc).__name__}: {exc}"), request.path)
 
+    app.asgi_app = EdgeMiddleware(app, proxy_state)  # type: ignore[method-assign]
     return app

@@ -1,15 +1,15 @@
-"""The ``smart-proxy`` command: ``smart-proxy [--config proxy.ini] [--host H] [--port P]``."""
+"""The ``smart-proxy`` command: ``smart-proxy [--config proxy.ini] [--host H] [--port P] [--log-format json]``."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import trio
 
 from .config import load_config
 from .errors import ConfigError
+from .logs import setup_logging
 from .server import serve
 
 __all__ = ["main"]
@@ -20,17 +20,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="proxy.ini", help="path to proxy.ini (default: ./proxy.ini)")
     parser.add_argument("--host", help="address to listen on (default: [proxy] host)")
     parser.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default: [proxy] port)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="debug adds every llama-server output line, as [MODEL] line (default: info)",
+    )
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="json: one JSON object a line (default: text)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level, args.log_format)
     try:
         config = load_config(args.config)
         trio.run(lambda: serve(config, host=args.host, port=args.port))

@@ -26,13 +26,26 @@ from cattrs.gen import make_dict_structure_fn
 
 from .errors import ConfigError
 
-__all__ = ["AgentsConfig", "Config", "ModelConfig", "PoolConfig", "ProxyConfig", "load_config", "parse_duration"]
+__all__ = [
+    "AgentsConfig",
+    "Config",
+    "ModelConfig",
+    "PoolConfig",
+    "ProxyConfig",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+]
 
 #: Seconds, written in proxy.ini as ``250ms``, ``30s``, ``5m``, ``1h`` or a bare number.
 Duration = NewType("Duration", float)
+#: Bytes, written in proxy.ini as ``512k``, ``64m``, ``1g`` (powers of 1024, as nginx reads them) or a bare number.
+Size = NewType("Size", int)
 
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(?:([kmg])(?:i?b)?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -48,6 +61,17 @@ def parse_duration(text: str | float | int) -> float:
     if match is None:
         raise ValueError(f"not a duration: {text!r} (use e.g. 250ms, 30s, 5m, 1h)")
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_size(text: str | int) -> int:
+    """``"64m"`` -> 67108864, ``"512KB"`` -> 524288; numbers are bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = _SIZE.match(str(text))
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512k, 64m, 1g, or bytes)")
+    unit = match.group(2).lower() if match.group(2) else None
+    return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
 def _parse_bool(text: str | bool) -> bool:
@@ -80,6 +104,16 @@ class ProxyConfig:
     port: int = 8080
     #: How long in-flight requests may run on after SIGTERM before they are cut.
     grace: Duration = Duration(10.0)
+    #: Accepted API keys (comma- or space-separated); none and no ``api_key_file`` = no auth.
+    api_keys: tuple[str, ...] = ()
+    #: A file of API keys, one per line (``#`` comments); adds to ``api_keys``.
+    api_key_file: str | None = None
+    #: Browser origins allowed by CORS (``*`` = any); none = no CORS headers.
+    cors_origins: tuple[str, ...] = ()
+    #: Largest request body accepted; larger ones get 413.
+    max_body: Size = Size(64 * 1024**2)
+    #: A Hypercorn TOML file for the settings proxy.ini does not own (TLS, timeouts, h2...).
+    hypercorn_config: str | None = None
 
 
 @attrs.frozen
@@ -136,17 +170,25 @@ class Config:
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True)
     converter.register_structure_hook(Duration, lambda value, _: Duration(parse_duration(value)))
+    converter.register_structure_hook(Size, lambda value, _: Size(parse_size(value)))
     converter.register_structure_hook(bool, lambda value, _: _parse_bool(value))
     converter.register_structure_hook(int, lambda value, _: int(str(value).strip()))
     converter.register_structure_hook_func(lambda cls: cls == tuple[str, ...], lambda value, _: _parse_args(value))
-    # agents.enabled is a list of names, not a shell line
+    # lists of names, not shell lines
+    names = cattrs.gen.override(struct_hook=lambda value, _: _parse_list(value))
+    converter.register_structure_hook(
+        ProxyConfig,
+        make_dict_structure_fn(
+            ProxyConfig, converter, _cattrs_forbid_extra_keys=True, api_keys=names, cors_origins=names
+        ),
+    )
     converter.register_structure_hook(
         AgentsConfig,
         make_dict_structure_fn(
             AgentsConfig,
             converter,
             _cattrs_forbid_extra_keys=True,
-            enabled=cattrs.gen.override(struct_hook=lambda value, _: _parse_list(value)),
+            enabled=names,
         ),
     )
     return converter
@@ -175,7 +217,8 @@ def _format_exception(exc: BaseException, type_: type | None) -> str:
     if isinstance(exc, ValueError) and str(exc) and not str(exc).startswith("invalid literal"):
         return str(exc)
     name = getattr(type_, "__name__", str(type_))
-    return f"invalid value, expected {'a duration' if name == 'Duration' else name}"
+    expected = {"Duration": "a duration", "Size": "a size"}.get(name, name)
+    return f"invalid value, expected {expected}"
 
 
 def _error_line(exc: Exception) -> str:
@@ -216,6 +259,8 @@ def structure(raw: dict[str, dict[str, str]], base_dir: str = ".") -> Config:
 
 
 def _check_ranges(config: Config) -> None:
+    if config.proxy.max_body < 1:
+        raise ConfigError("[proxy] max_body: must be at least 1 byte")
     if config.pool.size < 1:
         raise ConfigError("[pool] size: must be at least 1")
     if config.pool.max_queue < 0:

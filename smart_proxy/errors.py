@@ -5,8 +5,11 @@ Ollama's ``{"error": ...}``); nothing else needs to know about HTTP.
 
     ProxyError                      500  base class; never raised as such
     ├── BadRequest                  400  malformed JSON, missing fields
+    ├── Unauthorized                401  API keys are configured and none valid was sent
     ├── ModelNotFound               404  a name the catalog does not know
+    ├── PayloadTooLarge             413  a request body over [proxy] max_body
     ├── PoolBusy                    503  queue full or queue timeout (has retry_after)
+    ├── ShuttingDown                503  the proxy is draining after SIGTERM (has retry_after)
     ├── UpstreamError               502  llama-server or an upstream unreachable / broke
     │   └── ModelLoadFailed         502  llama-server exited or failed while loading
     └── ModelLoadTimeout            504  llama-server not ready within load_timeout
@@ -22,8 +25,11 @@ __all__ = [
     "ModelLoadFailed",
     "ModelLoadTimeout",
     "ModelNotFound",
+    "PayloadTooLarge",
     "PoolBusy",
     "ProxyError",
+    "ShuttingDown",
+    "Unauthorized",
     "UpstreamError",
 ]
 
@@ -48,9 +54,19 @@ class BadRequest(ProxyError):
     kind = "invalid_request_error"
 
 
+class Unauthorized(ProxyError):
+    status = 401
+    kind = "invalid_api_key"
+
+
 class ModelNotFound(ProxyError):
     status = 404
     kind = "model_not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    kind = "request_too_large"
 
 
 class PoolBusy(ProxyError):
@@ -58,6 +74,15 @@ class PoolBusy(ProxyError):
     kind = "server_busy"
 
     def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(ProxyError):
+    status = 503
+    kind = "shutting_down"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 

@@ -22,11 +22,14 @@ Theory of operation:
   back-off that grows with consecutive failures (no restart storm).
 * An idle server (nothing in flight) is stopped ``idle_ttl`` after its last use;
   a request can override that with Ollama's ``keep_alive``.
+* Loads, evictions, crashes and queue waits are told to an optional
+  :class:`PoolEvents` observer (the metrics); the pool never waits on it.
 """
 
 from __future__ import annotations
 
 import collections
+import contextvars
 import enum
 import logging
 import math
@@ -43,7 +46,7 @@ from .config import Config, ModelConfig
 from .errors import ModelLoadFailed, PoolBusy, ProxyError, UpstreamError
 from .process import ServerProcess, free_port
 
-__all__ = ["Lease", "Pool", "PoolSnapshot", "ServerSnapshot", "State"]
+__all__ = ["Lease", "Pool", "PoolEvents", "PoolSnapshot", "ServerSnapshot", "State"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,25 @@ class _ModelStats:
     retry_at: float = -math.inf
 
 
+class PoolEvents:
+    """What the pool tells an observer as it happens; subclass and override. Methods must not block."""
+
+    def load_started(self, model: str, restart: bool) -> None:
+        """A llama-server is starting; ``restart``: the model's previous server crashed or failed."""
+
+    def load_finished(self, model: str, seconds: float, ok: bool) -> None:
+        """A load ended: ready after ``seconds``, or failed (``ok`` False)."""
+
+    def evicted(self, model: str) -> None:
+        """An idle server was stopped to make room."""
+
+    def crashed(self, model: str) -> None:
+        """A ready server's process exited on its own."""
+
+    def queued(self, seconds: float) -> None:
+        """A request waited ``seconds`` in the (pool-wide) queue for room, and then got it or PoolBusy."""
+
+
 class Server:
     """One life of one llama-server in the pool."""
 
@@ -141,6 +163,7 @@ class Server:
         #: Set when the server leaves STARTING (READY, or gone).
         self.settled = trio.Event()
         self.gone = trio.Event()
+        self.started_at = now
 
     @property
     def base_url(self) -> str:
@@ -175,8 +198,11 @@ class Lease:
 class Pool:
     """At most ``config.pool.size`` llama-servers, started lazily and shared."""
 
-    def __init__(self, config: Config, catalog: Catalog, http: httpx.AsyncClient, binary: str) -> None:
+    def __init__(
+        self, config: Config, catalog: Catalog, http: httpx.AsyncClient, binary: str, events: PoolEvents | None = None
+    ) -> None:
         self._config = config.pool
+        self._events = events or PoolEvents()
         self._catalog = catalog
         self._http = http
         self._binary = binary
@@ -304,6 +330,7 @@ class Pool:
             raise self._busy(f"the pool is full and {len(self._queue)} requests are queued (max_queue)")
         ticket = object()
         self._queue.append(ticket)
+        queued_at = trio.current_time()
         try:
             with trio.move_on_at(deadline):
                 while not (self._queue[0] is ticket and await self._take_room()):
@@ -313,6 +340,7 @@ class Pool:
         finally:
             self._queue.remove(ticket)
             self._changed()  # the next in line may go
+            self._events.queued(trio.current_time() - queued_at)
 
     def _busy(self, why: str) -> PoolBusy:
         return PoolBusy(
@@ -329,6 +357,7 @@ class Pool:
         victim = min(idle, key=lambda s: s.last_used)
         log.info("%s: evicted (least recently used idle server) to make room", victim.name)
         self._stop(victim, "evicted")
+        self._events.evicted(victim.name)
         await victim.gone.wait()
         return self._live_count() < self._config.size
 
@@ -345,7 +374,9 @@ class Pool:
         assert self._nursery is not None, "Pool.run() is not running"
         server = Server(model, free_port(), trio.current_time())
         self._servers.append(server)
-        self._nursery.start_soon(self._supervise, server)
+        # the server outlives the request that started it: its task must not inherit that
+        # request's context (its id in every log line, its metrics exchange)
+        contextvars.Context().run(self._nursery.start_soon, self._supervise, server)
         return server
 
     def _argv(self, model: ModelConfig, path: str, port: int) -> list[str]:
@@ -378,6 +409,7 @@ class Pool:
                     )
                     server.process = process
                     stats.loads += 1
+                    self._events.load_started(server.name, restart=stats.consecutive > 0)
                     await process.run(self._config.load_timeout)
                     if process.failure is not None:
                         server.error = process.failure
@@ -397,6 +429,7 @@ class Pool:
         server.slots = server.process.slots
         server.ready_at = server.last_used = trio.current_time()
         self._set_state(server, State.READY)
+        self._events.load_finished(server.name, server.ready_at - server.started_at, ok=True)
         server.settled.set()
         self._changed()
 
@@ -415,6 +448,10 @@ class Pool:
             stats.consecutive = 1 if crashed and up_for > _STABLE_AFTER else stats.consecutive + 1
             stats.crashes += crashed
             stats.failures += not crashed
+            if crashed:
+                self._events.crashed(server.name)
+            else:
+                self._events.load_finished(server.name, trio.current_time() - server.started_at, ok=False)
             stats.last_error = server.error
             backoff = 0.0 if stats.consecutive <= 1 else min(2.0 ** (stats.consecutive - 2), _MAX_BACKOFF)
             stats.retry_at = trio.current_time() + backoff

@@ -1,17 +1,24 @@
 """The root nursery: Hypercorn serving the app, and the pool, side by side.
 
-:func:`serve` is the whole life of a proxy. It finds llama-server, opens the
-shared HTTP client, starts the pool and then Hypercorn in one nursery, and
-reports the bound addresses through ``task_status`` once the socket listens.
-When ``shutdown_trigger`` returns (SIGINT or SIGTERM from the CLI), Hypercorn
-stops accepting and lets in-flight requests finish within ``[proxy] grace``;
-then every llama-server is stopped and :func:`serve` returns.
+:func:`serve` is the whole life of a proxy. It finds llama-server, reads the API
+keys and the Hypercorn settings (so a mistake stops start-up with one line), opens
+the shared HTTP client, starts the pool and then Hypercorn in one nursery, marks
+the proxy ready and reports the bound addresses through ``task_status``.
+
+Draining: when ``shutdown_trigger`` returns (SIGINT or SIGTERM from the CLI) the
+lifecycle turns DRAINING at once: ``/health/ready`` answers 503 and so does every
+new request, while the listener stays open and requests in flight run on. When
+the last one is done, or ``[proxy] grace`` is over, Hypercorn is told to stop: it
+closes the listener and cuts what is left after a last second. Then every
+llama-server is stopped and :func:`serve` returns. A second SIGTERM meanwhile
+kills the proxy at once (its llama-servers die with it).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import tomllib
 from collections.abc import Awaitable, Callable
 
 import hypercorn.config
@@ -19,8 +26,12 @@ import hypercorn.trio
 import trio
 
 from .app import ProxyState, create_app
+from .auth import ApiKeys
 from .catalog import Catalog
-from .config import Config
+from .config import Config, resolve_path
+from .errors import ConfigError
+from .lifecycle import Lifecycle, Phase
+from .metrics import Metrics
 from .pool import Pool
 from .process import find_llama_server
 from .relay import make_client
@@ -38,14 +49,56 @@ async def wait_for_signal() -> None:
             return
 
 
+#: Hypercorn settings smart-proxy sets itself; a ``[proxy] hypercorn_config`` file may not.
+_OWNED_SETTINGS = frozenset(
+    {"bind", "insecure_bind", "quic_bind", "graceful_timeout", "accesslog", "errorlog", "logconfig", "logconfig_dict",
+     "workers", "worker_class", "application_path", "pid_path", "use_reloader", "debug"}
+)
+#: How long Hypercorn lets requests run on once the drain is over (they are either done or out of grace).
+_CUT_AFTER = 1.0
+
+
 def hypercorn_config(config: Config, host: str, port: int) -> hypercorn.config.Config:
+    """Hypercorn's settings: ``[proxy] hypercorn_config`` (TOML) if given, then ours.
+
+    Raises:
+        ConfigError: the TOML file is unreadable, or sets a setting Hypercorn lacks or we own.
+    """
     hc = hypercorn.config.Config()
-    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    hc.graceful_timeout = config.proxy.grace
     hc.keep_alive_timeout = 75  # longer than nginx's and most clients' idle pools
-    hc.accesslog = None
+    if config.proxy.hypercorn_config:
+        path = resolve_path(config.proxy.hypercorn_config, config.base_dir)
+        where = "[proxy] hypercorn_config"
+        try:
+            with open(path, "rb") as file:
+                settings = tomllib.load(file)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: {path} is not valid TOML: {exc}") from None
+        for key, value in settings.items():
+            if key in _OWNED_SETTINGS:
+                raise ConfigError(f"{where}: {key} is set by smart-proxy ([proxy] host, port, grace; --log-*)")
+            if not hasattr(hypercorn.config.Config, key):
+                raise ConfigError(f"{where}: {path} sets {key!r}, which is not a Hypercorn setting")
+            setattr(hc, key, value)
+    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    hc.graceful_timeout = _CUT_AFTER
+    hc.accesslog = None  # smart_proxy.access logs each request, with its id
     hc.errorlog = logging.getLogger("hypercorn.error")
     return hc
+
+
+async def drain(lifecycle: Lifecycle, grace: float) -> None:
+    """Turn DRAINING and return when no request is in flight, or ``grace`` seconds have passed."""
+    lifecycle.move(Phase.DRAINING)
+    log.info(
+        "draining: readiness is 503 and new requests get 503; %d in flight, %gs to finish", lifecycle.in_flight, grace
+    )
+    with trio.move_on_after(grace):
+        await lifecycle.idle()
+    if lifecycle.in_flight:
+        log.warning("grace period over: cutting %d requests still in flight", lifecycle.in_flight)
 
 
 async def serve(
@@ -59,28 +112,41 @@ async def serve(
     """Run the proxy until ``shutdown_trigger`` returns; then drain and stop every llama-server."""
     binary = find_llama_server(config.pool.llama_server)
     catalog = Catalog(config.models, config.base_dir)
+    api_keys = ApiKeys.from_config(config.proxy, config.base_dir)
     host = host or config.proxy.host
     port = config.proxy.port if port is None else port
+    hc = hypercorn_config(config, host, port)
+    lifecycle = Lifecycle()
+    metrics = Metrics()
     async with make_client() as http, trio.open_nursery() as nursery:
-        pool = Pool(config, catalog, http, binary)
+        pool = Pool(config, catalog, http, binary, events=metrics)
         await nursery.start(pool.run)
-        app = create_app(ProxyState(config=config, catalog=catalog, pool=pool, http=http))
-        drained = trio.Event()
+        metrics.track(pool, lifecycle)
+        app = create_app(
+            ProxyState(config, catalog, pool, http, lifecycle=lifecycle, metrics=metrics, api_keys=api_keys)
+        )
+        stopped = trio.Event()
+
+        async def trigger_then_drain() -> None:
+            await shutdown_trigger()
+            await drain(lifecycle, config.proxy.grace)
 
         async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:
             try:
-                await hypercorn.trio.serve(
-                    app, hypercorn_config(config, host, port), shutdown_trigger=shutdown_trigger, task_status=task_status
-                )
+                await hypercorn.trio.serve(app, hc, shutdown_trigger=trigger_then_drain, task_status=task_status)
             finally:
-                drained.set()
+                stopped.set()
 
         binds = await nursery.start(run_hypercorn)
+        lifecycle.move(Phase.READY)
         for bind in binds:
             log.info("smart-proxy listening on %s (llama-server: %s)", bind, binary)
+        if api_keys.required:
+            log.info("API keys are required (Authorization: Bearer or x-api-key)")
         task_status.started(binds)
-        await drained.wait()
+        await stopped.wait()
         log.info("no requests left in flight; stopping llama-servers")
         with trio.CancelScope(shield=True):
             await pool.stop_all()
+        lifecycle.move(Phase.STOPPED)
         nursery.cancel_scope.cancel()

@@ -90,6 +90,18 @@ def pids_alive(pids: list[int]) -> list[int]:
     return alive
 
 
+DEPLOY_DOC = Path(__file__).parent.parent / "docs" / "deploy.md"
+
+
+def deploy_doc_block(lang: str, containing: str) -> str:
+    """The fenced ``lang`` block of docs/deploy.md that contains ``containing``: tests run what the doc says."""
+    text = DEPLOY_DOC.read_text()
+    blocks = [block.split("\n```", 1)[0] for block in text.split(f"```{lang}\n")[1:]]
+    matching = [block for block in blocks if containing in block]
+    assert len(matching) == 1, f"docs/deploy.md: expected one ```{lang} block with {containing!r}"
+    return matching[0]
+
+
 # ---- real llama-server and model ---------------------------------------------------------
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -129,14 +141,15 @@ def gemma_path() -> str:
 class ProxyProcess:
     """``python -m smart_proxy`` as a real process, on a free port, with its log captured."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, args: tuple[str, ...] = ()) -> None:
         import subprocess
         import time
 
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "smart_proxy", "--config", str(config_path), "--port", "0", "--log-level", "debug"],
+            [sys.executable, "-m", "smart_proxy", "--config", str(config_path), "--port", "0", "--log-level", "debug"]
+            + list(args),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -173,13 +186,13 @@ class ProxyProcess:
 
 @pytest.fixture
 def proxy_process(tmp_path: Path):
-    """``proxy_process(ini_text)`` starts a real proxy process; all are stopped after the test."""
+    """``proxy_process(ini_text, *cli_args)`` starts a real proxy process; all are stopped after the test."""
     started: list[ProxyProcess] = []
 
-    def start(ini_text: str) -> ProxyProcess:
+    def start(ini_text: str, *args: str) -> ProxyProcess:
         config = tmp_path / f"proxy{len(started)}.ini"
         config.write_text(ini_text)
-        proxy = ProxyProcess(config, tmp_path / f"proxy{len(started)}.log")
+        proxy = ProxyProcess(config, tmp_path / f"proxy{len(started)}.log", args)
         started.append(proxy)
         return proxy
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from smart_proxy.config import load_config, parse_duration, structure
+from smart_proxy.config import load_config, parse_duration, parse_size, structure
 from smart_proxy.errors import ConfigError
 
 
@@ -18,6 +18,27 @@ from smart_proxy.errors import ConfigError
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1024", 1024), ("512k", 512 * 1024), ("64m", 64 * 1024**2), ("64MB", 64 * 1024**2), ("1GiB", 1024**3),
+     ("10b", 10)],
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_proxy_operations_keys() -> None:
+    proxy = structure(
+        {"proxy": {"api_keys": "sk-a, sk-b sk-c", "api_key_file": "keys.txt", "cors_origins": "*", "max_body": "1m"}}
+    ).proxy
+    assert proxy.api_keys == ("sk-a", "sk-b", "sk-c")
+    assert proxy.api_key_file == "keys.txt"
+    assert proxy.cors_origins == ("*",)
+    assert proxy.max_body == 1024**2
+    defaults = structure({}).proxy
+    assert (defaults.api_keys, defaults.cors_origins, defaults.max_body) == ((), (), 64 * 1024**2)
 
 
 def test_defaults_and_types(tmp_path: Path) -> None:
@@ -55,6 +76,9 @@ def test_defaults_and_types(tmp_path: Path) -> None:
         ({"model:a": {"path": "package:no_such_package_xyz"}}, "package 'no_such_package_xyz' is not installed"),
         ({"model:a": {"backend": "ollama"}}, "[model:a] url: backend = ollama needs url"),
         ({"bogus": {}}, "[bogus]: unknown section"),
+        ({"proxy": {"max_body": "lots"}}, "[proxy] max_body: not a size"),
+        ({"proxy": {"max_body": "0"}}, "[proxy] max_body: must be at least 1 byte"),
+        ({"proxy": {"api_kyes": "x"}}, "[proxy] api_kyes: unknown key"),
     ],
 )
 def test_errors_name_section_and_key(raw: dict, message: str) -> None:

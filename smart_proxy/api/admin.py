@@ -1,4 +1,10 @@
-"""The proxy's own routes: health and what the pool holds."""
+"""The proxy's own routes: the probes, the detailed health view, and the metrics.
+
+``/health`` is liveness: 200 whenever the process serves, with the in-memory
+view of the pool (no upstream call). ``/health/ready`` is readiness: 200 only
+while the proxy takes new requests, 503 while starting or draining. Both are
+public; ``/metrics`` is Prometheus text and needs a key when keys are set.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,30 @@ __all__ = ["blueprint"]
 blueprint = Blueprint("admin", __name__)
 
 
+def _json(body: object, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, content_type="application/json")
+
+
 @blueprint.get("/health")
 async def health() -> Response:
-    """200 while the proxy serves, with the pool's capacity and every server's state."""
-    snapshot = state().pool.snapshot()
-    body = {"status": "ok", "pool": attrs.asdict(snapshot)}
-    return Response(json.dumps(body), content_type="application/json")
+    """200 while the proxy serves, with its phase, the pool's capacity and every server's state."""
+    proxy = state()
+    snapshot = proxy.pool.snapshot()
+    return _json({"status": "ok", "phase": proxy.lifecycle.phase.value, "pool": attrs.asdict(snapshot)})
+
+
+@blueprint.get("/health/ready")
+async def ready() -> Response:
+    """200 when new requests are taken; 503 while starting or draining."""
+    lifecycle = state().lifecycle
+    if lifecycle.accepting:
+        return _json({"status": "ready"})
+    response = _json({"status": lifecycle.phase.value}, status=503)
+    response.headers["Retry-After"] = "5"
+    return response
+
+
+@blueprint.get("/metrics")
+async def metrics() -> Response:
+    body, content_type = state().metrics.render()
+    return Response(body, content_type=content_type)

@@ -13,6 +13,7 @@ from quart import Blueprint, Response, request
 
 from ..app import state
 from ..errors import BadRequest, ProxyError
+from ..metrics import note_model
 from ..relay import open_upstream, relay
 
 __all__ = ["blueprint", "error_response", "parse_body"]
@@ -54,6 +55,7 @@ async def forward(path: str, required: str) -> Response:
     if required not in payload:
         raise BadRequest(f"missing {required!r}")
     proxy = state()
+    note_model(proxy.catalog.get(model).name)
     lease = await proxy.pool.acquire(model)
     try:
         upstream = await open_upstream(

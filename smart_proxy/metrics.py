@@ -1,0 +1,298 @@
+"""Prometheus metrics for ``GET /metrics``: requests, tokens, the pool, agents.
+
+Theory of operation: each proxy owns one :class:`Metrics` with its own
+``CollectorRegistry`` (never the process-global one, so several proxies in one
+test process keep separate counts). Facts reach it three ways:
+
+* Requests. The edge middleware opens an :class:`Exchange` for every HTTP request
+  and makes it current (a context variable); it notes the status, the first body
+  byte of a streamed answer and the bytes that carry token usage, then hands the
+  finished exchange to :meth:`Metrics.observe`. A route that knows which model it
+  serves says so with :func:`note_model` (called with a catalog name, so the
+  label set stays bounded).
+* Pool events. :class:`Metrics` is the pool's :class:`~smart_proxy.pool.PoolEvents`:
+  loads, load durations, failures, evictions, crashes, restarts, queue waits.
+* Agents. ``state().metrics.agent_run(name, seconds, ok)``, or the
+  :meth:`Metrics.agent_timer` context manager around a run.
+
+What is true at scrape time (processes by state, queue depth, requests in flight,
+readiness) is read from the pool and the lifecycle when ``/metrics`` is asked,
+not kept in step by hand.
+
+Token usage is read from what upstream reports: the OpenAI ``usage`` object (in
+the JSON answer, or in the last chunk of a stream) and Ollama's
+``prompt_eval_count``/``eval_count``. Only the first 8 KiB and the last 16 KiB of
+an answer are kept for that, so a long stream costs no memory.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import attrs
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from .lifecycle import Lifecycle
+from .pool import Pool, PoolEvents, State
+
+__all__ = ["Exchange", "Metrics", "UsageScanner", "current_exchange", "note_model"]
+
+_PREFIX = "smart_proxy_"
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+_LOAD_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_AGENT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: Content types of streamed answers, whose first byte is the time to first token.
+STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
+_SCANNED_TYPES = (*STREAM_TYPES, "application/json")
+
+
+class UsageScanner:
+    """Keeps the head and tail of an answer and finds the token usage upstream reported in it."""
+
+    HEAD = 8 * 1024
+    TAIL = 16 * 1024
+    _OPENAI = re.compile(r'(?<!\\)"usage"\s*:\s*(?=\{)')
+    _OLLAMA = re.compile(r'(?<!\\)"(prompt_eval_count|eval_count)"\s*:\s*(\d+)')
+
+    def __init__(self) -> None:
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._cut = False
+
+    def feed(self, chunk: bytes) -> None:
+        room = self.HEAD - len(self._head)
+        if room > 0:
+            self._head += chunk[:room]
+            chunk = chunk[room:]
+        if chunk:
+            self._tail += chunk
+            if len(self._tail) > self.TAIL:
+                del self._tail[: len(self._tail) - self.TAIL]
+                self._cut = True
+
+    def tokens(self) -> tuple[int, int] | None:
+        """``(prompt, completion)`` from the last usage report in the answer, or None."""
+        texts = [self._tail, self._head] if self._cut else [self._head + self._tail]
+        for raw in texts:
+            found = self._find(raw.decode("utf-8", "replace"))
+            if found is not None:
+                return found
+        return None
+
+    def _find(self, text: str) -> tuple[int, int] | None:
+        decoder = json.JSONDecoder()
+        for match in reversed(list(self._OPENAI.finditer(text))):
+            try:
+                usage, _ = decoder.raw_decode(text, match.end())
+            except ValueError:
+                continue  # cut off by the head or the tail
+            if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+                completion = usage.get("completion_tokens")
+                return usage["prompt_tokens"], completion if isinstance(completion, int) else 0
+        counts = {key: int(value) for key, value in self._OLLAMA.findall(text)}  # the last of each wins
+        if "prompt_eval_count" in counts or "eval_count" in counts:
+            return counts.get("prompt_eval_count", 0), counts.get("eval_count", 0)
+        return None
+
+
+@attrs.define(eq=False)
+class Exchange:
+    """What is measured of one HTTP request while it is served."""
+
+    route: str
+    started: float
+    model: str = ""
+    status: int = 0
+    #: When the first body byte of a streamed answer was sent (trio clock).
+    first_byte: float | None = None
+    streaming: bool = False
+    usage: UsageScanner | None = None
+
+    def response_started(self, status: int, content_type: str) -> None:
+        self.status = status
+        media = content_type.split(";")[0].strip().lower()
+        self.streaming = media in STREAM_TYPES
+        if status == 200 and media in _SCANNED_TYPES:
+            self.usage = UsageScanner()
+
+    def body_sent(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        if self.streaming and self.first_byte is None:
+            self.first_byte = trio.current_time()
+        if self.usage is not None:
+            self.usage.feed(chunk)
+
+
+current_exchange: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar("exchange", default=None)
+
+
+def note_model(name: str) -> None:
+    """Label the current request's metrics with model ``name`` (a catalog name, not raw client input)."""
+    exchange = current_exchange.get()
+    if exchange is not None:
+        exchange.model = name
+
+
+class Metrics(PoolEvents):
+    """Every metric of one proxy, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            _PREFIX + "requests", "HTTP requests served, by route, model and status.", ["route", "model", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            _PREFIX + "request_duration_seconds", "Time from request to the last byte of the answer.",
+            ["route", "model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            _PREFIX + "time_to_first_token_seconds", "Time from request to the first byte of a streamed answer.",
+            ["route", "model"], buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            _PREFIX + "prompt_tokens", "Prompt tokens, as upstream reported them.", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            _PREFIX + "completion_tokens", "Completion tokens, as upstream reported them.", ["model"], registry=r
+        )
+        self.loads = Counter(_PREFIX + "model_loads", "llama-server loads started.", ["model"], registry=r)
+        self.load_failures = Counter(
+            _PREFIX + "model_load_failures", "Loads that failed (exit, timeout, missing file).", ["model"], registry=r
+        )
+        self.load_duration = Histogram(
+            _PREFIX + "model_load_duration_seconds", "Time from starting llama-server to ready.", ["model"],
+            buckets=_LOAD_BUCKETS, registry=r,
+        )
+        self.evictions = Counter(
+            _PREFIX + "model_evictions", "Idle servers stopped to make room for another model.", ["model"], registry=r
+        )
+        self.crashes = Counter(
+            _PREFIX + "model_crashes", "Ready llama-servers that exited on their own.", ["model"], registry=r
+        )
+        self.restarts = Counter(
+            _PREFIX + "model_restarts", "Loads of a model whose previous server crashed or failed.", ["model"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            _PREFIX + "queue_wait_seconds", "Time requests spent queued for a place in the pool.",
+            buckets=_WAIT_BUCKETS, registry=r,
+        )
+        self.agent_runs = Counter(
+            _PREFIX + "agent_runs", "Agent runs, by agent and result (ok, error, cancelled).", ["agent", "result"],
+            registry=r,
+        )
+        self.agent_duration = Histogram(
+            _PREFIX + "agent_run_duration_seconds", "How long agent runs took.", ["agent"], buckets=_AGENT_BUCKETS,
+            registry=r,
+        )
+
+    def track(self, pool: Pool, lifecycle: Lifecycle) -> None:
+        """Report the pool's and the lifecycle's present state at every scrape."""
+        self.registry.register(_LiveCollector(pool, lifecycle))
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def observe(self, exchange: Exchange) -> None:
+        """Count a finished request; call once, when its last byte has gone (or the client has)."""
+        route, model = exchange.route, exchange.model
+        self.requests.labels(route, model, str(exchange.status)).inc()
+        self.latency.labels(route, model).observe(trio.current_time() - exchange.started)
+        if exchange.first_byte is not None:
+            self.ttft.labels(route, model).observe(exchange.first_byte - exchange.started)
+        tokens = exchange.usage.tokens() if exchange.usage is not None else None
+        if tokens is not None:
+            self.prompt_tokens.labels(model).inc(tokens[0])
+            self.completion_tokens.labels(model).inc(tokens[1])
+
+    # ---- pool events -------------------------------------------------------------------
+
+    def load_started(self, model: str, restart: bool) -> None:
+        self.loads.labels(model).inc()
+        if restart:
+            self.restarts.labels(model).inc()
+
+    def load_finished(self, model: str, seconds: float, ok: bool) -> None:
+        if ok:
+            self.load_duration.labels(model).observe(seconds)
+        else:
+            self.load_failures.labels(model).inc()
+
+    def evicted(self, model: str) -> None:
+        self.evictions.labels(model).inc()
+
+    def crashed(self, model: str) -> None:
+        self.crashes.labels(model).inc()
+
+    def queued(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
+
+    # ---- agents ------------------------------------------------------------------------
+
+    def agent_run(self, name: str, seconds: float, ok: bool, *, result: str | None = None) -> None:
+        """Count one run of agent ``name`` that took ``seconds``; ``ok`` False counts an error."""
+        self.agent_runs.labels(name, result or ("ok" if ok else "error")).inc()
+        self.agent_duration.labels(name).observe(seconds)
+
+    @contextmanager
+    def agent_timer(self, name: str) -> Iterator[None]:
+        """Time the block as one run of agent ``name``: ok, error (an exception) or cancelled."""
+        started = trio.current_time()
+        result = "error"
+        try:
+            yield
+            result = "ok"
+        except trio.Cancelled:
+            result = "cancelled"
+            raise
+        finally:
+            self.agent_run(name, trio.current_time() - started, result == "ok", result=result)
+
+
+class _LiveCollector:
+    """Reads the pool and the lifecycle at scrape time."""
+
+    def __init__(self, pool: Pool, lifecycle: Lifecycle) -> None:
+        self._pool = pool
+        self._lifecycle = lifecycle
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._families()
+        servers, queued, capacity, in_flight, ready = families
+        snapshot = self._pool.snapshot()
+        for state in State:
+            count = sum(1 for server in snapshot.servers if server.state == state.value)
+            servers.add_metric([state.value], count)
+        queued.add_metric([], snapshot.queued)
+        capacity.add_metric([], snapshot.capacity)
+        in_flight.add_metric([], self._lifecycle.in_flight)
+        ready.add_metric([], 1 if self._lifecycle.accepting else 0)
+        return families
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(_PREFIX + "llama_servers", "llama-server processes by state.", labels=["state"]),
+            GaugeMetricFamily(_PREFIX + "queue_depth", "Requests queued for a place in the pool."),
+            GaugeMetricFamily(_PREFIX + "pool_capacity", "llama-servers the pool may run at once."),
+            GaugeMetricFamily(_PREFIX + "requests_in_flight", "Requests being served (probes left out)."),
+            GaugeMetricFamily(_PREFIX + "ready", "1 while the proxy takes new requests, 0 starting or draining."),
+        ]

