@@ -97,8 +97,9 @@ async def relay(
     ``on_error(reason)`` as a last chunk in the caller's dialect and stop. ``on_done``
     runs exactly once when relaying ends, whichever way.
     """
+    chunks = upstream.response.aiter_raw()
     try:
-        async for chunk in upstream.response.aiter_raw():
+        async for chunk in chunks:
             yield chunk
     except httpx.HTTPError as exc:
         reason = f"the upstream stream broke off: {describe(exc)}"
@@ -107,4 +108,6 @@ async def relay(
     finally:
         if on_done is not None:
             on_done()
+        with trio.CancelScope(shield=True):
+            await chunks.aclose()  # httpx's generators, closed now rather than by the GC
         await upstream.aclose()

@@ -12,6 +12,7 @@ import time
 from quart import Blueprint, Response, request
 
 from ..app import state
+from ..backends import ollama as ollama_backend
 from ..errors import BadRequest, ProxyError
 from ..relay import open_upstream, relay
 
@@ -54,6 +55,9 @@ async def forward(path: str, required: str) -> Response:
     if required not in payload:
         raise BadRequest(f"missing {required!r}")
     proxy = state()
+    target = proxy.catalog.get(model)
+    if target.backend == "ollama":  # served by an upstream Ollama through its /v1 routes, not the pool
+        return await ollama_backend.forward(proxy.http, target, "POST", path, payload=payload, raw=raw)
     lease = await proxy.pool.acquire(model)
     try:
         upstream = await open_upstream(
@@ -99,9 +103,9 @@ async def models() -> Response:
             "id": model.name,
             "object": "model",
             "created": int(time.time()),
-            "owned_by": "smart-proxy",
+            "owned_by": "ollama" if model.backend == "ollama" else "smart-proxy",
             "loaded": loaded.get(model.name) == "ready",
-            "state": loaded.get(model.name, "stopped"),
+            "state": "upstream" if model.backend == "ollama" else loaded.get(model.name, "stopped"),
         }
         for model in proxy.catalog
     ]
