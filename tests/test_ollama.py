@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import time
+from contextlib import aclosing
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -287,9 +288,8 @@ async def test_embed_and_legacy_embeddings(make_config, start_proxy) -> None:
     with pytest.raises(ollama.ResponseError) as info:
         await in_thread(with_client, url, lambda c: c.embed(model="chat", input="a"))
     assert info.value.status_code == 400 and "does not support embeddings" in info.value.error
-    with pytest.raises(ollama.ResponseError) as info:
-        await in_thread(with_client, url, lambda c: c.chat(model="e", messages=USER))
-    assert info.value.status_code == 400 and "embedding model" in info.value.error
+    # llama-server --embeddings still generates
+    assert (await in_thread(with_client, url, lambda c: c.chat(model="e", messages=USER))).done
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ async def test_tags_show_and_ps(make_config, start_proxy) -> None:
     assert [m.model for m in listed.models] == ["a:latest", "b:latest"]
     assert all(m.size > 0 and len(m.digest) == 64 and m.details.format == "gguf" for m in listed.models)
     shown = await in_thread(with_client, url, lambda c: c.show("a"))
-    assert shown.capabilities == ["completion"] and shown.parameters == "num_ctx 2048"
+    assert shown.capabilities == ["completion"] and shown.parameters == ""
     assert "llama-server args: --ctx-size 2048" in shown.modelfile and shown.modelinfo == {}
     await in_thread(with_client, url, lambda c: c.generate(model="b", prompt="x"))
     (running,) = (await _ps(url)).models
@@ -396,6 +396,22 @@ async def test_stream_breaking_off_ends_with_an_error_line(make_config, start_pr
     assert [line.get("response") for line in lines[:2]] == ["tok0 ", "tok1 "]
     assert "error" in lines[-1] and not any(line.get("done") for line in lines)
     assert (await http.get(f"{url}/health")).json()["pool"]["servers"][0]["in_flight"] == 0
+
+
+async def test_client_leaving_mid_stream_frees_the_server(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"m": {"token_delay": 0.1, "tokens": 100}}))
+    async with http.stream("POST", f"{url}/api/chat", json={"model": "m", "messages": USER}) as response:
+        async with aclosing(response.aiter_lines()) as lines:
+            async for _ in lines:
+                break  # leave after the first line
+    port = (await http.get(f"{url}/health")).json()["pool"]["servers"][0]["port"]
+    with trio.fail_after(3):
+        while True:
+            slots = (await http.get(f"http://127.0.0.1:{port}/slots")).json()
+            in_flight = (await http.get(f"{url}/health")).json()["pool"]["servers"][0]["in_flight"]
+            if not any(slot["is_processing"] for slot in slots) and in_flight == 0:
+                break
+            await trio.sleep(0.05)
 
 
 # ---- the asyncio client; and both dialects at once ----------------------------------------

@@ -95,7 +95,7 @@ async def _info(proxy: ProxyState, model: ModelConfig) -> ModelInfo | None:
 
 
 def _capabilities(model: ModelConfig, info: ModelInfo | None) -> list[str]:
-    caps = ["embedding"] if model.embeddings else ["completion"]
+    caps = ["completion", "embedding"] if model.embeddings else ["completion"]  # llama-server --embeddings still generates
     template = info.chat_template if info else ""
     if "tools" in template:
         caps.append("tools")
@@ -219,11 +219,6 @@ async def _unload(proxy: ProxyState, name: str) -> None:
             await server.gone.wait()
 
 
-def _check_generates(model: ModelConfig, name: str, what: str) -> None:
-    if model.embeddings:
-        raise BadRequest(f'"{name}" does not support {what}: it is an embedding model (embeddings = true)')
-
-
 @blueprint.post("/api/chat")
 async def chat() -> Response:
     started = time.perf_counter()
@@ -237,7 +232,6 @@ async def chat() -> Response:
     answer = translate.Answer(name, chat=True, started=started)
     if not payload.get("messages"):
         return await _load_or_unload(proxy, name, keep_alive, answer)
-    _check_generates(model, name, "chat")
     call = translate.chat_request(payload, model.name)
     await _check_think(proxy, model, name, payload.get("think"))
     return await _generate(proxy, name, call, keep_alive, answer)
@@ -256,7 +250,6 @@ async def generate() -> Response:
     answer = translate.Answer(name, chat=False, started=started)
     if not payload.get("prompt") and not payload.get("images"):
         return await _load_or_unload(proxy, name, keep_alive, answer)
-    _check_generates(model, name, "generate")
     call = translate.generate_request(payload, model.name)
     await _check_think(proxy, model, name, payload.get("think"))
     return await _generate(proxy, name, call, keep_alive, answer)
@@ -437,18 +430,15 @@ async def ps() -> Response:
     return _json({"models": listed})
 
 
-def _modelfile(model: ModelConfig, info: ModelInfo | None) -> tuple[str, str]:
-    """(modelfile, parameters) as Ollama's show writes them, from proxy.ini."""
+def _modelfile(model: ModelConfig, info: ModelInfo | None) -> str:
+    """A modelfile-like summary of the model's proxy.ini section (Ollama's show has one)."""
     lines = [f"# {model.name}: served by smart-proxy from proxy.ini [model:{model.name}]"]
     lines.append(f"FROM {info.path if info else model.path}")
     if model.args:
         lines.append("# llama-server args: " + " ".join(model.args))
-    parameters = []
-    for flag in ("--ctx-size", "-c"):
-        if flag in model.args[:-1]:
-            parameters.append(f"num_ctx {model.args[model.args.index(flag) + 1]}")
-    lines += [f"PARAMETER {p}" for p in parameters]
-    return "\n".join(lines) + "\n", "\n".join(parameters)
+    if model.embeddings:
+        lines.append("# llama-server --embeddings")
+    return "\n".join(lines) + "\n"
 
 
 @blueprint.post("/api/show")
@@ -460,10 +450,9 @@ async def show() -> Response:
     if model.backend == "ollama":
         return await upstreams.forward(proxy.http, model, "POST", "/api/show", payload=payload, raw=raw)
     info = await _info(proxy, model)
-    modelfile, parameters = _modelfile(model, info)
     body: dict[str, Any] = {
-        "modelfile": modelfile,
-        "parameters": parameters,
+        "modelfile": _modelfile(model, info),
+        "parameters": "",
         "template": info.chat_template if info else "",
         "details": _local_entry(model.name, info)["details"],
         "model_info": dict(info.metadata) if info else {},
