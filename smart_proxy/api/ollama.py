@@ -95,7 +95,8 @@ async def _info(proxy: ProxyState, model: ModelConfig) -> ModelInfo | None:
 
 
 def _capabilities(model: ModelConfig, info: ModelInfo | None) -> list[str]:
-    caps = ["completion", "embedding"] if model.embeddings else ["completion"]  # llama-server --embeddings still generates
+    # a llama-server started with --embeddings still generates
+    caps = ["completion", "embedding"] if model.embeddings else ["completion"]
     template = info.chat_template if info else ""
     if "tools" in template:
         caps.append("tools")
@@ -278,7 +279,10 @@ async def _embed(
     finally:
         lease.release()
     if upstream.status_code != 200:
-        raise translate.upstream_failure(upstream.status_code, raw, f"llama-server for {model.name!r}")
+        error = translate.upstream_failure(upstream.status_code, raw, f"llama-server for {model.name!r}")
+        if "pooling type 'none'" in error.message.lower():  # a GGUF with no pooling type of its own
+            error.message += f" (add --pooling mean to args in [model:{model.name}])"
+        raise error
     try:
         return json.loads(raw), load
     except ValueError as exc:

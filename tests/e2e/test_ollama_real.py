@@ -78,6 +78,15 @@ def test_chat_streamed_and_not(client: ollama.Client) -> None:
     assert len(parts) >= 3 and all(not p.done for p in parts[:-1]) and parts[-1].done
     text = "".join(p.message.content for p in parts)
     assert text.strip()
+
+    # what Gemma 3 270M cannot do is refused up front, as Ollama does
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model="gemma", messages=HI, think=True)
+    assert info.value.status_code == 400 and "does not support thinking" in info.value.error
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    with pytest.raises(ollama.ResponseError) as info:
+        client.generate(model="gemma", prompt="What is this?", images=[png])
+    assert info.value.status_code == 400 and "cannot take images" in info.value.error
     assert 0 < parts[-1].eval_count <= 8 and parts[-1].total_duration > 0
 
 
@@ -181,12 +190,12 @@ def test_openai_and_ollama_clients_share_the_loaded_model(client: ollama.Client,
     spans: dict[str, tuple[float, float]] = {}
     texts: dict[str, str] = {}
     errors: list[BaseException] = []
-    long = {"num_predict": 48, "temperature": 0}
+    long = {"num_predict": 24, "temperature": 0}
 
     def via_openai() -> None:
         try:
             with openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="none", timeout=120) as oa:
-                stream = oa.chat.completions.create(model="gemma", messages=HI, max_tokens=48, stream=True)
+                stream = oa.chat.completions.create(model="gemma", messages=HI, max_tokens=24, stream=True)
                 start, text = None, ""
                 for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content:
