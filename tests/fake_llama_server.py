@@ -111,7 +111,8 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 inputs = body.get("input")
                 inputs = inputs if isinstance(inputs, list) else [inputs]
                 data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))]
-                self._json(200, {"object": "list", "model": state.alias, "data": data, "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+                usage = {"prompt_tokens": 1, "total_tokens": 1}
+                self._json(200, {"object": "list", "model": state.alias, "data": data, "usage": usage})
                 return
             if self.path not in ("/v1/chat/completions", "/v1/completions"):
                 self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
