@@ -20,6 +20,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .auth import ApiKeys
+from .backends.ollama import UpstreamMonitor
 from .catalog import Catalog
 from .config import Config
 from .errors import ProxyError
@@ -41,6 +42,7 @@ class ProxyState:
     lifecycle: Lifecycle = attrs.Factory(Lifecycle)
     metrics: Metrics = attrs.Factory(Metrics)
     api_keys: ApiKeys = attrs.Factory(ApiKeys)
+    upstreams: UpstreamMonitor = attrs.Factory(lambda self: UpstreamMonitor(self.http, ()), takes_self=True)
 
 
 def state() -> ProxyState:

@@ -147,7 +147,10 @@ class ModelConfig:
     replicas: int = 1
     #: ``llama`` (a local llama-server) or ``ollama`` (an upstream Ollama at ``url``).
     backend: str = "llama"
+    #: With ``backend = ollama``: the Ollama server, e.g. ``http://host:11434``.
     url: str | None = None
+    #: With ``backend = ollama``: the model's name on that server, if not NAME.
+    upstream_model: str | None = None
 
 
 @attrs.frozen
@@ -277,6 +280,8 @@ def _check_model(model: ModelConfig, base_dir: str) -> None:
     if model.backend == "ollama":
         if not model.url:
             raise ConfigError(f"{where} url: backend = ollama needs url = http://host:11434")
+        if not re.match(r"^https?://[^/\s]+", model.url):
+            raise ConfigError(f"{where} url: {model.url!r} is not an http:// or https:// address")
         return
     if not model.path:
         raise ConfigError(f"{where} path: missing; give a GGUF file or package:NAME")

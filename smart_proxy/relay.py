@@ -15,14 +15,14 @@ upstream response in ``finally``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import httpx
 import trio
 
 from .errors import UpstreamError
 
-__all__ = ["Upstream", "open_upstream", "relay"]
+__all__ = ["StreamBody", "Upstream", "open_upstream", "relay"]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +111,47 @@ async def relay(
         with trio.CancelScope(shield=True):
             await chunks.aclose()  # httpx's generators, closed now rather than by the GC
         await upstream.aclose()
+
+
+class StreamBody:
+    """A streamed response body that always lets go of its upstream and lease.
+
+    Quart closes a body it has iterated; but a client can leave after the handler has
+    returned and before the first byte is sent, and then the body's generator never
+    starts, so its ``finally`` never runs. This wrapper runs ``on_done`` and closes the
+    upstream answer whichever way the body ends: exhausted, broken off, closed before it
+    started, or dropped unclosed (then from ``__del__``, closing the upstream in a system
+    task, since a finalizer cannot await).
+    """
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], *, upstream: Upstream, on_done: Callable[[], object]) -> None:
+        self._chunks = chunks
+        self._upstream = upstream
+        self._on_done = on_done
+        self._closed = False
+
+    def __aiter__(self) -> StreamBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with trio.CancelScope(shield=True):
+                await self._chunks.aclose()
+        finally:
+            self._on_done()
+            await self._upstream.aclose()
+
+    def __del__(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._on_done()
+            try:
+                trio.lowlevel.spawn_system_task(self._upstream.aclose)
+            except RuntimeError:  # not in Trio's thread, or the run is over: the GC closes the socket
+                pass

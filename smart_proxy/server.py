@@ -26,6 +26,7 @@ import hypercorn.trio
 import trio
 
 from .app import ProxyState, create_app
+from .backends.ollama import UpstreamMonitor
 from .auth import ApiKeys
 from .catalog import Catalog
 from .config import Config, resolve_path
@@ -122,8 +123,12 @@ async def serve(
         pool = Pool(config, catalog, http, binary, events=metrics)
         await nursery.start(pool.run)
         metrics.track(pool, lifecycle)
+        upstreams = UpstreamMonitor(http, catalog)
+        await nursery.start(upstreams.run)
         app = create_app(
-            ProxyState(config, catalog, pool, http, lifecycle=lifecycle, metrics=metrics, api_keys=api_keys)
+            ProxyState(
+                config, catalog, pool, http, lifecycle=lifecycle, metrics=metrics, api_keys=api_keys, upstreams=upstreams
+            )
         )
         stopped = trio.Event()
 

@@ -10,10 +10,18 @@ behave, so each catalog entry in a test can act differently::
      "token_delay": 0.01,     # seconds between streamed tokens
      "tokens": 5,             # tokens per answer
      "slots": 4,              # /props total_slots
-     "ignore_sigterm": false} # only SIGKILL stops it
+     "ignore_sigterm": false, # only SIGKILL stops it
+     "vision": false,         # /props modalities.vision
+     "n_ctx": 4096,           # /props default_generation_settings.n_ctx
+     "reasoning": "hmm",      # chat answers carry this reasoning_content first
+     "tool_call": {"name": "f", "arguments": {"x": 1}},  # chat with tools answers this call
+     "reject": {"status": 400, "message": "..."},       # completions answer this error
+     "break_after": 2}        # streams stop dead after this many tokens (a crash mid-answer)
 
-Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias.
-``GET /slots`` shows which slots are processing, like llama-server's.
+Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias, and
+llama-server's ``timings``. ``GET /slots`` shows which slots are processing, like
+llama-server's; ``GET /requests`` lists the bodies of the POSTs received so far
+(``[{"path": ..., "body": ...}]``), so tests can see what the proxy sent.
 Standard library only: it must start in milliseconds.
 """
 
@@ -49,6 +57,7 @@ class State:
         self.slots = args.parallel or int(behaviour.get("slots", 2))
         self.busy = 0
         self.lock = threading.Lock()
+        self.requests: list[dict] = []
 
 
 def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
@@ -73,7 +82,15 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 else:
                     self._json(200, {"status": "ok"})
             elif self.path == "/props":
-                self._json(200, {"total_slots": state.slots, "model_alias": state.alias})
+                self._json(200, {
+                    "total_slots": state.slots,
+                    "model_alias": state.alias,
+                    "modalities": {"vision": bool(state.behaviour.get("vision", False))},
+                    "default_generation_settings": {"n_ctx": int(state.behaviour.get("n_ctx", 4096))},
+                })
+            elif self.path == "/requests":
+                with state.lock:
+                    self._json(200, list(state.requests))
             elif self.path == "/slots":
                 with state.lock:
                     busy = state.busy
@@ -88,14 +105,23 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             except ValueError:
                 self._json(400, {"error": {"code": 400, "message": "bad json", "type": "invalid_request_error"}})
                 return
+            with state.lock:
+                state.requests.append({"path": self.path, "body": body})
             if self.path == "/v1/embeddings":
                 inputs = body.get("input")
                 inputs = inputs if isinstance(inputs, list) else [inputs]
                 data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))]
-                self._json(200, {"object": "list", "model": state.alias, "data": data, "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+                usage = {"prompt_tokens": 1, "total_tokens": 1}
+                self._json(200, {"object": "list", "model": state.alias, "data": data, "usage": usage})
                 return
             if self.path not in ("/v1/chat/completions", "/v1/completions"):
                 self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+                return
+            reject = state.behaviour.get("reject")
+            if reject:
+                status = int(reject.get("status", 400))
+                message = reject.get("message", "rejected")
+                self._json(status, {"error": {"code": status, "message": message, "type": "invalid_request_error"}})
                 return
             with state.lock:
                 state.busy += 1
@@ -112,30 +138,60 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             delay = float(state.behaviour.get("token_delay", 0.0))
             words = [f"tok{i} " for i in range(tokens)]
             created = int(time.time())
+            reasoning = state.behaviour.get("reasoning") if chat else None
+            tool_call = state.behaviour.get("tool_call") if chat and body.get("tools") else None
+            finish = "tool_calls" if tool_call else "length"
+            usage = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3}
+            timings = {"cache_n": 0, "prompt_n": 3, "prompt_ms": 1.5, "predicted_n": tokens,
+                       "predicted_ms": 1000.0 * delay * tokens + 0.25 * tokens}
             if not body.get("stream"):
                 time.sleep(delay * tokens)
                 text = "".join(words)
-                choice = {"index": 0, "finish_reason": "length"}
-                choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-                usage = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3}
+                choice = {"index": 0, "finish_reason": finish}
+                if chat:
+                    message = {"role": "assistant", "content": "" if tool_call else text}
+                    if reasoning:
+                        message["reasoning_content"] = reasoning
+                    if tool_call:
+                        message["tool_calls"] = [{"id": "call_fake", "type": "function", "function": {
+                            "name": tool_call["name"], "arguments": json.dumps(tool_call.get("arguments", {}))}}]
+                    choice["message"] = message
+                else:
+                    choice["text"] = text
                 kind = "chat.completion" if chat else "text_completion"
-                self._json(200, {"id": "fake-1", "object": kind, "created": created, "model": state.alias, "choices": [choice], "usage": usage})
+                self._json(200, {"id": "fake-1", "object": kind, "created": created, "model": state.alias,
+                                 "choices": [choice], "usage": usage, "timings": timings})
                 return
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            for word in words:
-                delta = {"delta": {"content": word}} if chat else {"text": word}
+
+            def event(delta: dict, finish_reason: str | None = None, **extra: object) -> None:
+                choice = {"index": 0, "finish_reason": finish_reason, **delta}
                 chunk = {"id": "fake-1", "object": "chat.completion.chunk", "created": created, "model": state.alias,
-                         "choices": [{"index": 0, "finish_reason": None, **delta}]}
+                         "choices": [choice], **extra}
                 self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+            if reasoning:
+                event({"delta": {"reasoning_content": reasoning}})
+            break_after = state.behaviour.get("break_after")
+            for i, word in enumerate(words if not tool_call else []):
+                if break_after is not None and i >= int(break_after):
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # die mid-answer: no terminating chunk
+                    return
+                event({"delta": {"content": word}} if chat else {"text": word})
                 if delay:
                     time.sleep(delay)
-            final = {"id": "fake-1", "object": "chat.completion.chunk", "created": created, "model": state.alias,
-                     "choices": [{"index": 0, "finish_reason": "length", "delta": {}}],
-                     "usage": {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3}}
-            self._chunk(b"data: " + json.dumps(final).encode() + b"\n\n")
+            if tool_call:
+                arguments = json.dumps(tool_call.get("arguments", {}))
+                half = len(arguments) // 2
+                first = {"name": tool_call["name"], "arguments": arguments[:half]}
+                call = {"index": 0, "id": "call_fake", "type": "function", "function": first}
+                event({"delta": {"tool_calls": [call]}})
+                event({"delta": {"tool_calls": [{"index": 0, "function": {"arguments": arguments[half:]}}]}})
+            event({"delta": {}}, finish, usage=usage, timings=timings)
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
 

@@ -75,6 +75,7 @@ def test_defaults_and_types(tmp_path: Path) -> None:
         ({"model:a": {}}, "[model:a] path: missing"),
         ({"model:a": {"path": "package:no_such_package_xyz"}}, "package 'no_such_package_xyz' is not installed"),
         ({"model:a": {"backend": "ollama"}}, "[model:a] url: backend = ollama needs url"),
+        ({"model:a": {"backend": "ollama", "url": "host:11434"}}, "[model:a] url: 'host:11434' is not an http://"),
         ({"bogus": {}}, "[bogus]: unknown section"),
         ({"proxy": {"max_body": "lots"}}, "[proxy] max_body: not a size"),
         ({"proxy": {"max_body": "0"}}, "[proxy] max_body: must be at least 1 byte"),
@@ -86,6 +87,20 @@ def test_errors_name_section_and_key(raw: dict, message: str) -> None:
         structure(raw)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_ollama_upstream_model() -> None:
+    config = structure(
+        {"model:up": {"backend": "ollama", "url": "http://gpu-box:11434", "upstream_model": "llama3.2:3b"}}
+    )
+    model = config.models["up"]
+    assert (model.backend, model.url, model.upstream_model, model.path) == (
+        "ollama",
+        "http://gpu-box:11434",
+        "llama3.2:3b",
+        None,
+    )
+    assert structure({"model:up": {"backend": "ollama", "url": "https://h"}}).models["up"].upstream_model is None
 
 
 def test_cli_config_error_is_one_line_and_exit_2(tmp_path: Path) -> None:

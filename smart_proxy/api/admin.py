@@ -14,6 +14,7 @@ import attrs
 from quart import Blueprint, Response
 
 from ..app import state
+from ..backends import ollama as ollama_backend
 
 __all__ = ["blueprint"]
 
@@ -26,10 +27,27 @@ def _json(body: object, status: int = 200) -> Response:
 
 @blueprint.get("/health")
 async def health() -> Response:
-    """200 while the proxy serves, with its phase, the pool's capacity and every server's state."""
+    """200 while the proxy serves, with its phase, the pool's capacity and every server's state.
+
+    Ollama upstreams are listed as the background monitor last saw them (no upstream call
+    here): one that is down makes the status ``degraded``; the HTTP code stays 200.
+    """
     proxy = state()
     snapshot = proxy.pool.snapshot()
-    return _json({"status": "ok", "phase": proxy.lifecycle.phase.value, "pool": attrs.asdict(snapshot)})
+    body = {"status": "ok", "phase": proxy.lifecycle.phase.value, "pool": attrs.asdict(snapshot)}
+    upstreams = proxy.upstreams.report
+    if upstreams:
+        body["upstreams"] = upstreams
+        if any(upstream["status"] != "ok" for upstream in upstreams):
+            body["status"] = "degraded"
+    return _json(body)
+
+
+@blueprint.get("/health/upstreams")
+async def upstreams() -> Response:
+    """Probe every Ollama upstream now (``/health`` shows the last background probe)."""
+    proxy = state()
+    return _json({"upstreams": await ollama_backend.health(proxy.http, proxy.catalog)})
 
 
 @blueprint.get("/health/ready")

@@ -1,17 +1,501 @@
-"""Ollama's API over the pool (the Ollama-dialect issue builds the routes)."""
+"""Ollama's API over the pool, and over Ollama upstreams.
+
+Theory of operation: every route resolves its ``model`` in the catalog first.
+A model with ``backend = ollama`` is passed to its Ollama server untouched
+(:mod:`smart_proxy.backends.ollama`). A local model is served by a llama-server
+from the pool: the request is translated by :mod:`smart_proxy.ollama`, sent to
+the server's OpenAI endpoint under a lease (acquired with the request's
+``keep_alive``), and the answer translated back, NDJSON line by line when
+streaming. The lease is released when the last upstream byte is read, or the
+client leaves.
+
+An empty ``/api/chat`` or ``/api/generate`` (no messages, no prompt) loads the
+model and answers ``done_reason: "load"``; with ``keep_alive: 0`` it unloads the
+model instead (``"unload"``) and answers once its idle servers have stopped.
+Errors are Ollama's ``{"error": "..."}`` with the status our error carries.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
 
-from quart import Blueprint, Response
+import httpx
+import trio
+from quart import Blueprint, Response, request
 
-from ..errors import ProxyError
+from .. import ollama as translate
+from ..app import ProxyState, state
+from ..backends import ollama as upstreams
+from ..config import ModelConfig
+from ..errors import BadRequest, ProxyError
+from ..modelinfo import ModelInfo, read_model_info
+from ..pool import Lease, Server, State
+from ..relay import StreamBody, Upstream, open_upstream, relay
+from .openai import parse_body, sse_error
 
 __all__ = ["blueprint", "error_response"]
 
+log = logging.getLogger(__name__)
+
 blueprint = Blueprint("ollama", __name__)
+
+_JSON = "application/json; charset=utf-8"
+_NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: llama-server's /props, read once per server life (modalities, n_ctx).
+_props: weakref.WeakKeyDictionary[Server, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def error_response(exc: ProxyError) -> Response:
     return Response(json.dumps({"error": exc.message}), status=exc.status, content_type="application/json")
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False), status=status, content_type=_JSON)
+
+
+class NotSupported(ProxyError):
+    status = 501
+    kind = "not_supported"
+
+
+# ---- the request --------------------------------------------------------------------------
+
+
+async def _payload() -> tuple[dict[str, Any], bytes]:
+    raw = await request.get_data(as_text=False)
+    return parse_body(raw or b"{}"), raw
+
+
+def _model_name(payload: dict[str, Any]) -> str:
+    name = payload.get("model") or payload.get("name")  # ``name``: Ollama's older spelling
+    if not isinstance(name, str) or not name:
+        raise BadRequest("model is required")
+    return name
+
+
+def _tagged(name: str) -> str:
+    """A catalog name as Ollama lists names: with a tag (``gemma`` -> ``gemma:latest``)."""
+    return name if ":" in name else f"{name}:latest"
+
+
+async def _info(proxy: ProxyState, model: ModelConfig) -> ModelInfo | None:
+    """The model file's description, or None if it cannot be read (yet)."""
+    try:
+        path = await proxy.catalog.gguf_path(model)
+        return await trio.to_thread.run_sync(read_model_info, path)
+    except (OSError, ImportError, AttributeError, ProxyError) as exc:
+        log.debug("%s: no model info: %s", model.name, exc)
+        return None
+
+
+def _capabilities(model: ModelConfig, info: ModelInfo | None) -> list[str]:
+    # a llama-server started with --embeddings still generates
+    caps = ["completion", "embedding"] if model.embeddings else ["completion"]
+    template = info.chat_template if info else ""
+    if "tools" in template:
+        caps.append("tools")
+    if any(marker in template for marker in ("enable_thinking", "<think>", "reasoning_content")):
+        caps.append("thinking")
+    if any(flag in model.args for flag in ("--mmproj", "-mm", "--mmproj-url", "-mmu")):
+        caps.append("vision")
+    return caps
+
+
+async def _check_think(proxy: ProxyState, model: ModelConfig, name: str, think: object) -> None:
+    """Ollama refuses ``think`` for a model whose template cannot think; so do we (when we can tell)."""
+    if think in (None, False):
+        return
+    info = await _info(proxy, model)
+    if info is not None and info.is_gguf and "thinking" not in _capabilities(model, info):
+        raise BadRequest(f'"{name}" does not support thinking')
+
+
+async def _server_props(http: httpx.AsyncClient, server: Server) -> dict[str, Any]:
+    props = _props.get(server)
+    if props is None:
+        try:
+            response = await http.get(server.base_url + "/props", timeout=5.0)
+            props = response.json() if response.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            props = {}
+        props = props if isinstance(props, dict) else {}
+        _props[server] = props
+    return props
+
+
+async def _check_images(http: httpx.AsyncClient, lease: Lease, name: str) -> None:
+    modalities = (await _server_props(http, lease.server)).get("modalities")
+    if isinstance(modalities, dict) and not modalities.get("vision"):
+        raise BadRequest(
+            f'"{name}" cannot take images: its llama-server has no vision support '
+            f"(give it a projector with args = --mmproj FILE in [model:{lease.server.name}])"
+        )
+
+
+# ---- generation ---------------------------------------------------------------------------
+
+
+async def _post(http: httpx.AsyncClient, lease: Lease, path: str, body: dict[str, Any]) -> Upstream:
+    content = json.dumps(body, ensure_ascii=False).encode()
+    return await open_upstream(
+        http, "POST", lease.base_url + path, content=content, headers={"Content-Type": "application/json"}
+    )
+
+
+async def _generate(
+    proxy: ProxyState, name: str, call: translate.Translated, keep_alive: float | None, answer: translate.Answer
+) -> Response:
+    lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
+    answer.loaded()
+    try:
+        if call.has_images:
+            await _check_images(proxy.http, lease, name)
+        upstream = await _post(proxy.http, lease, call.path, call.body)
+    except BaseException:
+        lease.release()
+        raise
+    if upstream.status_code != 200 or not call.stream:
+        try:
+            body = await upstream.read()
+        finally:
+            lease.release()
+        if upstream.status_code != 200:
+            raise translate.upstream_failure(upstream.status_code, body, f"llama-server for {lease.server.name!r}")
+        try:
+            return _json(answer.complete(json.loads(body)))
+        except ValueError as exc:
+            raise translate.upstream_failure(502, body, "llama-server answered something that is not JSON") from exc
+    body = StreamBody(_ndjson_stream(upstream, answer, lease), upstream=upstream, on_done=lease.release)
+    return Response(body, status=200, headers=_NDJSON_HEADERS)
+
+
+async def _ndjson_stream(upstream: Upstream, answer: translate.Answer, lease: Lease) -> AsyncIterator[bytes]:
+    """llama-server's SSE as Ollama's NDJSON, one line per piece, then the ``done`` line."""
+    parser = translate.SSEParser()
+    async with aclosing(relay(upstream, on_error=sse_error, on_done=lease.release)) as chunks:
+        async for chunk in chunks:
+            for event in parser.feed(chunk):
+                for obj in answer.feed(event):
+                    yield translate.ndjson(obj)
+                if answer.failed:
+                    return
+    for event in parser.close():
+        for obj in answer.feed(event):
+            yield translate.ndjson(obj)
+    if answer.failed:
+        return
+    try:
+        finals = answer.final()
+    except ProxyError as exc:
+        finals = [{"error": exc.message}]
+    for obj in finals:
+        yield translate.ndjson(obj)
+
+
+async def _load_or_unload(proxy: ProxyState, name: str, keep_alive: float | None, answer: translate.Answer) -> Response:
+    """An empty request: load the model (``load``), or with keep_alive 0 unload it (``unload``)."""
+    if keep_alive == 0:
+        await _unload(proxy, name)
+        return _json(answer.load_only("unload"))
+    lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
+    lease.release()
+    return _json(answer.load_only("load"))
+
+
+async def _unload(proxy: ProxyState, name: str) -> None:
+    """Unload ``name`` without loading it: idle servers stop now, busy ones when their requests end."""
+    pool = proxy.pool
+    model = proxy.catalog.get(name)
+    if any(s.state in (State.STARTING, State.READY) for s in pool.servers(model.name)):
+        lease = await pool.acquire(model.name, keep_alive=0)  # marks it: stop once idle
+        lease.release()
+    await pool.unload(model.name)
+    for server in pool.servers(model.name):
+        if server.state is State.STOPPING:
+            await server.gone.wait()
+
+
+@blueprint.post("/api/chat")
+async def chat() -> Response:
+    started = time.perf_counter()
+    payload, raw = await _payload()
+    name = _model_name(payload)
+    proxy = state()
+    model = proxy.catalog.get(name)
+    if model.backend == "ollama":
+        return await upstreams.forward(proxy.http, model, "POST", "/api/chat", payload=payload, raw=raw)
+    keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
+    answer = translate.Answer(name, chat=True, started=started)
+    if not payload.get("messages"):
+        return await _load_or_unload(proxy, name, keep_alive, answer)
+    call = translate.chat_request(payload, model.name)
+    await _check_think(proxy, model, name, payload.get("think"))
+    return await _generate(proxy, name, call, keep_alive, answer)
+
+
+@blueprint.post("/api/generate")
+async def generate() -> Response:
+    started = time.perf_counter()
+    payload, raw = await _payload()
+    name = _model_name(payload)
+    proxy = state()
+    model = proxy.catalog.get(name)
+    if model.backend == "ollama":
+        return await upstreams.forward(proxy.http, model, "POST", "/api/generate", payload=payload, raw=raw)
+    keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
+    answer = translate.Answer(name, chat=False, started=started)
+    if not payload.get("prompt") and not payload.get("images"):
+        return await _load_or_unload(proxy, name, keep_alive, answer)
+    call = translate.generate_request(payload, model.name)
+    await _check_think(proxy, model, name, payload.get("think"))
+    return await _generate(proxy, name, call, keep_alive, answer)
+
+
+# ---- embeddings ---------------------------------------------------------------------------
+
+
+def _check_embeds(model: ModelConfig, name: str) -> None:
+    if not model.embeddings:
+        raise BadRequest(f'"{name}" does not support embeddings (set embeddings = true in [model:{model.name}])')
+
+
+async def _embed(
+    proxy: ProxyState, model: ModelConfig, name: str, inputs: list[str], keep_alive: float | None
+) -> tuple[dict[str, Any], float]:
+    """(llama-server's ``/v1/embeddings`` answer, seconds spent getting the model loaded)."""
+    _check_embeds(model, name)
+    body = translate.embed_request(inputs, model.name)
+    before = time.perf_counter()
+    lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
+    load = time.perf_counter() - before
+    try:
+        upstream = await _post(proxy.http, lease, "/v1/embeddings", body)
+        raw = await upstream.read()
+    finally:
+        lease.release()
+    if upstream.status_code != 200:
+        error = translate.upstream_failure(upstream.status_code, raw, f"llama-server for {model.name!r}")
+        if "pooling type 'none'" in error.message.lower():  # a GGUF with no pooling type of its own
+            error.message += f" (add --pooling mean to args in [model:{model.name}])"
+        raise error
+    try:
+        return json.loads(raw), load
+    except ValueError as exc:
+        raise translate.upstream_failure(502, raw, "llama-server answered something that is not JSON") from exc
+
+
+@blueprint.post("/api/embed")
+async def embed() -> Response:
+    started = time.perf_counter()
+    payload, raw = await _payload()
+    name = _model_name(payload)
+    proxy = state()
+    model = proxy.catalog.get(name)
+    if model.backend == "ollama":
+        return await upstreams.forward(proxy.http, model, "POST", "/api/embed", payload=payload, raw=raw)
+    keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
+    inputs = payload.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs] if inputs else []
+    if inputs is None:
+        inputs = []
+    if not isinstance(inputs, list):
+        raise BadRequest("input must be a string or a list of strings")
+    if not inputs:  # Ollama loads the model and answers no embeddings
+        _check_embeds(model, name)
+        await _load_or_unload(proxy, name, keep_alive, translate.Answer(name, chat=False, started=started))
+        return _json({"model": name, "embeddings": []})
+    body, load = await _embed(proxy, model, name, inputs, keep_alive)
+    vectors, tokens = translate.embeddings_from(body, payload.get("dimensions"))
+    return _json(
+        {
+            "model": name,
+            "embeddings": vectors,
+            "total_duration": int((time.perf_counter() - started) * translate.NS_PER_S),
+            "load_duration": int(load * translate.NS_PER_S),
+            "prompt_eval_count": tokens,
+        }
+    )
+
+
+@blueprint.post("/api/embeddings")
+async def embeddings() -> Response:
+    """The legacy single-prompt route: ``{"prompt"}`` -> ``{"embedding": [...]}``."""
+    started = time.perf_counter()
+    payload, raw = await _payload()
+    name = _model_name(payload)
+    proxy = state()
+    model = proxy.catalog.get(name)
+    if model.backend == "ollama":
+        return await upstreams.forward(proxy.http, model, "POST", "/api/embeddings", payload=payload, raw=raw)
+    keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
+    prompt = payload.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise BadRequest("prompt must be a string")
+    if not prompt:
+        _check_embeds(model, name)
+        await _load_or_unload(proxy, name, keep_alive, translate.Answer(name, chat=False, started=started))
+        return _json({"embedding": []})
+    body, _load = await _embed(proxy, model, name, [prompt], keep_alive)
+    vectors, _tokens = translate.embeddings_from(body)
+    return _json({"embedding": vectors[0] if vectors else []})
+
+
+# ---- models -------------------------------------------------------------------------------
+
+
+@blueprint.get("/")
+async def root() -> Response:
+    """Ollama clients probe ``/`` (GET or HEAD) to see whether the server is up."""
+    return Response("Ollama is running", content_type="text/plain; charset=utf-8")
+
+
+@blueprint.get("/api/version")
+async def version() -> Response:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        ours = package_version("smart-proxy")
+    except PackageNotFoundError:
+        ours = "dev"
+    return _json({"version": translate.OLLAMA_VERSION, "smart_proxy": ours})
+
+
+def _local_entry(name: str, info: ModelInfo | None) -> dict[str, Any]:
+    tagged = _tagged(name)
+    entry: dict[str, Any] = {"name": tagged, "model": tagged}
+    if info is not None:
+        entry.update(modified_at=info.modified_at, size=info.size, digest=info.digest, details=info.details())
+    else:
+        entry.update(size=0, digest="", details={"format": "gguf", "family": "", "families": None})
+    return entry
+
+
+def _upstream_entry(model: ModelConfig, remote: dict[str, Any] | None) -> dict[str, Any]:
+    tagged = _tagged(model.name)
+    entry = dict(remote or {"size": 0, "digest": "", "details": {}})
+    entry.update(name=tagged, model=tagged)
+    return entry
+
+
+@blueprint.get("/api/tags")
+async def tags() -> Response:
+    """Every catalog model: local ones described from their GGUF, upstream ones as their Ollama lists them."""
+    proxy = state()
+    catalog = list(proxy.catalog)
+    remote = await upstreams.list_models(proxy.http, catalog, "/api/tags")
+    listed = []
+    for model in catalog:
+        if model.backend == "ollama":
+            listed.append(_upstream_entry(model, remote.get(model.name)))
+        else:
+            listed.append(_local_entry(model.name, await _info(proxy, model)))
+    return _json({"models": listed})
+
+
+@blueprint.get("/api/ps")
+async def ps() -> Response:
+    """Loaded models: ready llama-servers (with when they will be stopped), and upstream ones loaded there."""
+    proxy = state()
+    now = time.time()
+    newest: dict[str, tuple[float, int]] = {}
+    for snap in proxy.pool.snapshot().servers:
+        if snap.state != State.READY.value:
+            continue
+        if snap.in_flight == 0 and snap.waiting == 0 and snap.expires_at is not None and snap.expires_at <= now:
+            continue  # about to be stopped (keep_alive 0, or expired)
+        expires = snap.expires_at if snap.expires_at is not None else float("inf")
+        if snap.model not in newest or expires > newest[snap.model][0]:
+            newest[snap.model] = (expires, snap.port)
+    servers = {server.port: server for server in proxy.pool.servers()}
+    listed = []
+    for name, (expires, port) in newest.items():
+        model = proxy.catalog.get(name)
+        entry = _local_entry(name, await _info(proxy, model))
+        entry["expires_at"] = translate.far_future() if expires == float("inf") else translate.iso_time(expires)
+        entry["size_vram"] = 0
+        server = servers.get(port)
+        if server is not None:
+            n_ctx = ((await _server_props(proxy.http, server)).get("default_generation_settings") or {}).get("n_ctx")
+            if isinstance(n_ctx, int):
+                entry["context_length"] = n_ctx
+        listed.append(entry)
+    upstream_models = [m for m in proxy.catalog if m.backend == "ollama"]
+    remote = await upstreams.list_models(proxy.http, upstream_models, "/api/ps")
+    for model in upstream_models:
+        if model.name in remote:
+            listed.append(_upstream_entry(model, remote[model.name]))
+    return _json({"models": listed})
+
+
+def _modelfile(model: ModelConfig, info: ModelInfo | None) -> str:
+    """A modelfile-like summary of the model's proxy.ini section (Ollama's show has one)."""
+    lines = [f"# {model.name}: served by smart-proxy from proxy.ini [model:{model.name}]"]
+    lines.append(f"FROM {info.path if info else model.path}")
+    if model.args:
+        lines.append("# llama-server args: " + " ".join(model.args))
+    if model.embeddings:
+        lines.append("# llama-server --embeddings")
+    return "\n".join(lines) + "\n"
+
+
+@blueprint.post("/api/show")
+async def show() -> Response:
+    payload, raw = await _payload()
+    name = _model_name(payload)
+    proxy = state()
+    model = proxy.catalog.get(name)
+    if model.backend == "ollama":
+        return await upstreams.forward(proxy.http, model, "POST", "/api/show", payload=payload, raw=raw)
+    info = await _info(proxy, model)
+    body: dict[str, Any] = {
+        "modelfile": _modelfile(model, info),
+        "parameters": "",
+        "template": info.chat_template if info else "",
+        "details": _local_entry(model.name, info)["details"],
+        "model_info": dict(info.metadata) if info else {},
+        "capabilities": _capabilities(model, info),
+    }
+    if info is not None:
+        body["modified_at"] = info.modified_at
+    return _json(body)
+
+
+@blueprint.post("/api/pull")
+async def pull() -> Response:
+    """For an upstream model, its Ollama server pulls; a local model is already here (its file loads on use)."""
+    payload, raw = await _payload()
+    name = _model_name(payload)
+    proxy = state()
+    model = proxy.catalog.get(name)
+    if model.backend == "ollama":
+        return await upstreams.forward(proxy.http, model, "POST", "/api/pull", payload=payload, raw=raw)
+    if payload.get("stream", True) is False:
+        return _json({"status": "success"})
+    return Response(translate.ndjson({"status": "success"}), headers=_NDJSON_HEADERS)
+
+
+@blueprint.delete("/api/delete")
+async def delete() -> Response:
+    payload, raw = await _payload()
+    name = _model_name(payload)
+    proxy = state()
+    model = proxy.catalog.get(name)
+    if model.backend == "ollama":
+        return await upstreams.forward(proxy.http, model, "DELETE", "/api/delete", payload=payload, raw=raw)
+    raise BadRequest(f"{name!r} is configured in proxy.ini; remove its [model:{model.name}] section to delete it")
+
+
+@blueprint.route("/api/create", methods=["POST"])
+@blueprint.route("/api/copy", methods=["POST"])
+@blueprint.route("/api/push", methods=["POST"])
+@blueprint.route("/api/blobs/<path:digest>", methods=["HEAD", "POST"])
+async def not_supported(digest: str | None = None) -> Response:
+    raise NotSupported(f"{request.path} is not supported by smart-proxy: models are configured in proxy.ini")

@@ -12,9 +12,10 @@ import time
 from quart import Blueprint, Response, request
 
 from ..app import state
+from ..backends import ollama as ollama_backend
 from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
-from ..relay import open_upstream, relay
+from ..relay import StreamBody, open_upstream, relay
 
 __all__ = ["blueprint", "error_response", "parse_body"]
 
@@ -55,7 +56,10 @@ async def forward(path: str, required: str) -> Response:
     if required not in payload:
         raise BadRequest(f"missing {required!r}")
     proxy = state()
-    note_model(proxy.catalog.get(model).name)
+    target = proxy.catalog.get(model)
+    note_model(target.name)
+    if target.backend == "ollama":  # served by an upstream Ollama through its /v1 routes, not the pool
+        return await ollama_backend.forward(proxy.http, target, "POST", path, payload=payload, raw=raw)
     lease = await proxy.pool.acquire(model)
     try:
         upstream = await open_upstream(
@@ -66,7 +70,7 @@ async def forward(path: str, required: str) -> Response:
         raise
     if payload.get("stream") is True and upstream.status_code == 200:
         return Response(
-            relay(upstream, on_error=sse_error, on_done=lease.release),
+            StreamBody(relay(upstream, on_error=sse_error), upstream=upstream, on_done=lease.release),
             status=upstream.status_code,
             headers={**upstream.headers, **_SSE_HEADERS},
         )
@@ -101,9 +105,9 @@ async def models() -> Response:
             "id": model.name,
             "object": "model",
             "created": int(time.time()),
-            "owned_by": "smart-proxy",
+            "owned_by": "ollama" if model.backend == "ollama" else "smart-proxy",
             "loaded": loaded.get(model.name) == "ready",
-            "state": loaded.get(model.name, "stopped"),
+            "state": "upstream" if model.backend == "ollama" else loaded.get(model.name, "stopped"),
         }
         for model in proxy.catalog
     ]

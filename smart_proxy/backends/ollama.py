@@ -1,0 +1,178 @@
+"""An Ollama server as a backend: catalog models with ``backend = ollama`` are served there.
+
+Theory of operation: no pool and no process. A request for such a model goes to
+``url + path`` on that Ollama server: Ollama's own routes for Ollama clients, its
+``/v1`` routes for OpenAI clients. The body goes as the client sent it, except
+the ``model`` field when ``upstream_model`` names the model differently there.
+The answer comes back untouched, streams relayed chunk by chunk as they arrive
+(so its ``model`` is the upstream's name). An upstream that cannot be reached is
+a 502 naming the upstream and the reason; :func:`health` probes every upstream
+for ``/health``, and :func:`list_models` reads their ``/api/tags`` and
+``/api/ps`` concurrently, each within a short timeout.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import httpx
+import trio
+from quart import Response
+
+from ..config import ModelConfig
+from ..errors import UpstreamError
+from ..relay import StreamBody, describe, open_upstream, relay
+
+__all__ = ["forward", "health", "list_models", "remote_name"]
+
+#: How long a probe of an upstream (health, tags, ps) may take.
+PROBE_TIMEOUT = 3.0
+_STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+
+
+def remote_name(model: ModelConfig) -> str:
+    """The model's name on its Ollama server."""
+    return model.upstream_model or model.name
+
+
+def base_url(model: ModelConfig) -> str:
+    assert model.url is not None
+    return model.url.rstrip("/")
+
+
+def _ndjson_error(reason: str) -> bytes:
+    return json.dumps({"error": reason}).encode() + b"\n"
+
+
+def _sse_error(reason: str) -> bytes:
+    body = {"error": {"message": reason, "type": "upstream_error", "code": 502}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+async def forward(
+    http: httpx.AsyncClient,
+    model: ModelConfig,
+    method: str,
+    path: str,
+    *,
+    payload: dict[str, Any] | None = None,
+    raw: bytes | None = None,
+) -> Response:
+    """Send the current request for ``model`` to its Ollama server and relay the answer.
+
+    Raises:
+        UpstreamError: the Ollama server cannot be reached (502).
+    """
+    url = base_url(model) + path
+    content = raw
+    if payload is not None and payload.get("model") != remote_name(model):
+        content = json.dumps({**payload, "model": remote_name(model)}).encode()
+    try:
+        upstream = await open_upstream(http, method, url, content=content, headers={"Content-Type": "application/json"})
+    except UpstreamError as exc:
+        raise UpstreamError(f"the Ollama upstream of model {model.name!r} is unreachable: {exc.message}") from exc
+    content_type = upstream.headers.get("content-type", "")
+    if upstream.status_code == 200 and content_type.startswith(_STREAM_TYPES):
+        on_error = _sse_error if content_type.startswith("text/event-stream") else _ndjson_error
+        headers = {**upstream.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        body = StreamBody(relay(upstream, on_error=on_error), upstream=upstream, on_done=lambda: None)
+        return Response(body, status=200, headers=headers)
+    body = await upstream.read()
+    return Response(body, status=upstream.status_code, headers=upstream.headers)
+
+
+async def _get_json(http: httpx.AsyncClient, url: str) -> tuple[Any, str | None]:
+    """``GET url`` within PROBE_TIMEOUT: (the JSON, None) or (None, why not)."""
+    try:
+        response = await http.get(url, timeout=PROBE_TIMEOUT)
+    except httpx.HTTPError as exc:
+        return None, describe(exc)
+    if response.status_code != 200:
+        return None, f"HTTP {response.status_code} from {url}"
+    try:
+        return response.json(), None
+    except ValueError:
+        return None, f"{url} did not answer JSON"
+
+
+async def _gather(http: httpx.AsyncClient, urls: Iterable[str]) -> dict[str, tuple[Any, str | None]]:
+    results: dict[str, tuple[Any, str | None]] = {}
+
+    async def one(url: str) -> None:
+        results[url] = await _get_json(http, url)
+
+    async with trio.open_nursery() as nursery:
+        for url in set(urls):
+            nursery.start_soon(one, url)
+    return results
+
+
+def _upstreams(models: Iterable[ModelConfig]) -> dict[str, list[ModelConfig]]:
+    by_url: dict[str, list[ModelConfig]] = {}
+    for model in models:
+        if model.backend == "ollama":
+            by_url.setdefault(base_url(model), []).append(model)
+    return by_url
+
+
+async def health(http: httpx.AsyncClient, models: Iterable[ModelConfig]) -> list[dict[str, Any]]:
+    """Every Ollama upstream: ``{"url", "models", "status": "ok"|"down", "version" or "error"}``."""
+    by_url = _upstreams(models)
+    results = await _gather(http, [url + "/api/version" for url in by_url])
+    report = []
+    for url, served in sorted(by_url.items()):
+        body, error = results[url + "/api/version"]
+        entry: dict[str, Any] = {"url": url, "models": [m.name for m in served]}
+        if error is None:
+            entry.update(status="ok", version=(body or {}).get("version") if isinstance(body, dict) else None)
+        else:
+            entry.update(status="down", error=error)
+        report.append(entry)
+    return report
+
+
+class UpstreamMonitor:
+    """Probes every Ollama upstream now and then, so ``/health`` can say which are down
+    without calling them on the probe's own time."""
+
+    def __init__(self, http: httpx.AsyncClient, models: Iterable[ModelConfig], interval: float = 10.0) -> None:
+        self._http = http
+        self._models = list(models)
+        self._interval = interval
+        #: The last probe's report, as :func:`health` gives it; empty with no upstreams.
+        self.report: list[dict[str, Any]] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if not _upstreams(self._models):
+            task_status.started()
+            return
+        self.report = await health(self._http, self._models)
+        task_status.started()
+        while True:
+            await trio.sleep(self._interval)
+            self.report = await health(self._http, self._models)
+
+
+async def list_models(http: httpx.AsyncClient, models: Iterable[ModelConfig], route: str) -> dict[str, dict[str, Any]]:
+    """Our upstream models as their Ollama servers list them on ``route`` (``/api/tags`` or ``/api/ps``).
+
+    Returns ``{catalog name: the upstream's entry}`` for the models the upstream
+    has; upstreams that do not answer are left out (``/health`` says why).
+    """
+    by_url = _upstreams(models)
+    results = await _gather(http, [url + route for url in by_url])
+    found: dict[str, dict[str, Any]] = {}
+    for url, served in by_url.items():
+        body, _error = results[url + route]
+        entries = body.get("models") if isinstance(body, dict) else None
+        if not isinstance(entries, list):
+            continue
+        for model in served:
+            wanted = {remote_name(model), f"{remote_name(model)}:latest"}
+            for entry in entries:
+                if isinstance(entry, dict) and (entry.get("name") in wanted or entry.get("model") in wanted):
+                    found[model.name] = entry
+                    break
+    return found

@@ -1,0 +1,192 @@
+"""What a GGUF file says about its model: architecture, size, quantization, chat template.
+
+Ollama's ``/api/tags``, ``/api/show`` and ``/api/ps`` describe models with a
+``details`` object and a ``model_info`` map taken from the GGUF header. This
+module reads that header and nothing else: the key-value section at the start
+of the file, skipping array contents (the tokenizer's vocabulary) without
+decoding them, so a 250 MB model answers in milliseconds.
+
+GGUF layout (little-endian): ``b"GGUF"``, version (u32), tensor count (u64),
+key-value count (u64), then per pair a string key, a u32 value type and the
+value; strings are a u64 length and UTF-8 bytes; an array is an item type
+(u32), a count (u64) and the items. Version 1 used u32 counts; it is not read.
+
+Reading is blocking file I/O: call :func:`read_model_info` through
+``trio.to_thread.run_sync``. Results are cached per (path, size, mtime).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import struct
+from datetime import UTC, datetime
+from typing import BinaryIO
+
+import attrs
+
+__all__ = ["ModelInfo", "read_model_info"]
+
+_SCALARS: dict[int, struct.Struct] = {
+    0: struct.Struct("<B"),
+    1: struct.Struct("<b"),
+    2: struct.Struct("<H"),
+    3: struct.Struct("<h"),
+    4: struct.Struct("<I"),
+    5: struct.Struct("<i"),
+    6: struct.Struct("<f"),
+    7: struct.Struct("<?"),
+    10: struct.Struct("<Q"),
+    11: struct.Struct("<q"),
+    12: struct.Struct("<d"),
+}
+_STRING, _ARRAY = 8, 9
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+#: No header is this big; a file claiming more is not GGUF.
+_MAX_KEYS = 100_000
+
+#: llama.cpp's ``general.file_type`` (enum llama_ftype) as Ollama names quantization levels.
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4",
+}  # fmt: skip
+
+
+@attrs.frozen
+class ModelInfo:
+    """A model file as Ollama's API describes one."""
+
+    path: str
+    size: int
+    modified_at: str
+    #: Stable for an unchanged file (path, size, mtime); not a hash of the content.
+    digest: str
+    #: Scalar metadata from the GGUF header; arrays appear empty, as in Ollama's non-verbose show.
+    metadata: dict[str, object] = attrs.field(factory=dict)
+    is_gguf: bool = False
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    @property
+    def chat_template(self) -> str:
+        return str(self.metadata.get("tokenizer.chat_template", ""))
+
+    @property
+    def context_length(self) -> int | None:
+        value = self.metadata.get(f"{self.architecture}.context_length")
+        return value if isinstance(value, int) else None
+
+    def details(self) -> dict[str, object]:
+        """Ollama's ``details`` object."""
+        family = self.architecture
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": family,
+            "families": [family] if family else None,
+            "parameter_size": self._parameter_size(),
+            "quantization_level": FILE_TYPES.get(self.metadata.get("general.file_type"), ""),  # type: ignore[arg-type]
+        }
+
+    def _parameter_size(self) -> str:
+        label = self.metadata.get("general.size_label")
+        if isinstance(label, str) and label:
+            return label
+        count = self.metadata.get("general.parameter_count")
+        if not isinstance(count, int) or count <= 0:
+            return ""
+        for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if count >= scale:
+                return f"{count / scale:.2f}{unit}"
+        return str(count)
+
+
+def read_model_info(path: str) -> ModelInfo:
+    """Describe the model file at ``path`` (blocking; cached while the file is unchanged).
+
+    A file that is not GGUF (or is cut short) gives a ModelInfo with ``is_gguf = False``
+    and no metadata; a missing file raises OSError.
+    """
+    stat = os.stat(path)
+    return _read_cached(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_cached(path: str, size: int, mtime_ns: int) -> ModelInfo:
+    modified = datetime.fromtimestamp(mtime_ns / 1e9, UTC).isoformat().replace("+00:00", "Z")
+    digest = hashlib.sha256(f"{path}\0{size}\0{mtime_ns}".encode()).hexdigest()
+    metadata: dict[str, object] = {}
+    is_gguf = False
+    with open(path, "rb") as file:
+        try:
+            metadata = _read_header(file)
+            is_gguf = True
+        except (ValueError, struct.error, UnicodeDecodeError, MemoryError):
+            metadata = {}
+    return ModelInfo(path=path, size=size, modified_at=modified, digest=digest, metadata=metadata, is_gguf=is_gguf)
+
+
+def _read_header(file: BinaryIO) -> dict[str, object]:
+    if file.read(4) != b"GGUF":
+        raise ValueError("not a GGUF file")
+    (version,) = _U32.unpack(_exactly(file, 4))
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is not supported")
+    _tensors, count = struct.unpack("<QQ", _exactly(file, 16))
+    if count > _MAX_KEYS:
+        raise ValueError("implausible GGUF header")
+    metadata: dict[str, object] = {}
+    for _ in range(count):
+        key = _string(file)
+        (kind,) = _U32.unpack(_exactly(file, 4))
+        metadata[key] = _value(file, kind)
+    return metadata
+
+
+def _exactly(file: BinaryIO, n: int) -> bytes:
+    data = file.read(n)
+    if len(data) != n:
+        raise ValueError("GGUF header cut short")
+    return data
+
+
+def _string(file: BinaryIO) -> str:
+    (length,) = _U64.unpack(_exactly(file, 8))
+    return _exactly(file, length).decode("utf-8")
+
+
+def _value(file: BinaryIO, kind: int) -> object:
+    if kind == _STRING:
+        return _string(file)
+    if kind == _ARRAY:
+        (item_kind,) = _U32.unpack(_exactly(file, 4))
+        (count,) = _U64.unpack(_exactly(file, 8))
+        _skip_array(file, item_kind, count)
+        return []
+    scalar = _SCALARS.get(kind)
+    if scalar is None:
+        raise ValueError(f"unknown GGUF value type {kind}")
+    return scalar.unpack(_exactly(file, scalar.size))[0]
+
+
+def _skip_array(file: BinaryIO, kind: int, count: int) -> None:
+    scalar = _SCALARS.get(kind)
+    if scalar is not None:
+        file.seek(scalar.size * count, os.SEEK_CUR)
+    elif kind == _STRING:
+        for _ in range(count):
+            (length,) = _U64.unpack(_exactly(file, 8))
+            file.seek(length, os.SEEK_CUR)
+    elif kind == _ARRAY:
+        for _ in range(count):
+            (inner,) = _U32.unpack(_exactly(file, 4))
+            (inner_count,) = _U64.unpack(_exactly(file, 8))
+            _skip_array(file, inner, inner_count)
+    else:
+        raise ValueError(f"unknown GGUF array type {kind}")

@@ -1,0 +1,325 @@
+"""A small Ollama server on 127.0.0.1 for testing the Ollama upstream backend.
+
+It implements the documented shapes of Ollama's chat, generate, tags, show, ps,
+embed, embeddings, pull and delete routes, plus ``/v1/chat/completions``, with
+NDJSON streaming on by default. Each model answers ``tokens`` pieces
+(``piece0 piece1 ...``); a chat whose last message is ``"hold"`` sends its first
+piece and then waits for :meth:`FakeOllama.release` before the rest, so a test
+can see that the proxy relays bytes as they come. Every request is recorded in
+:attr:`FakeOllama.requests` as ``(method, path, body)``.
+
+Standard library only; it runs in a thread of the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MODELS = {
+    "remote-llm:latest": {"family": "llama", "parameter_size": "1B", "embedding": False},
+    "remote-embed:latest": {"family": "bert", "parameter_size": "22M", "embedding": True},
+}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+
+
+def _details(info: dict) -> dict:
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": info["family"],
+        "families": [info["family"]],
+        "parameter_size": info["parameter_size"],
+        "quantization_level": "Q4_0",
+    }
+
+
+class FakeOllama:
+    def __init__(self, tokens: int = 3) -> None:
+        self.tokens = tokens
+        self.requests: list[tuple[str, str, object]] = []
+        self.loaded: dict[str, float] = {}
+        self.gate = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> FakeOllama:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.gate.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def resolve(self, name: object) -> str | None:
+        if not isinstance(name, str):
+            return None
+        for candidate in (name, f"{name}:latest"):
+            if candidate in MODELS:
+                return candidate
+        return None
+
+
+def _make_handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+        def _send(self, status: int, body: object, content_type: str = "application/json; charset=utf-8") -> None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _start_chunked(self, content_type: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        def _body(self) -> dict:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw) if raw else {}
+            except ValueError:
+                body = {"_unparsed": raw.decode("utf-8", "replace")}
+            self.server_record(body)
+            return body
+
+        def server_record(self, body: object) -> None:
+            fake.requests.append((self.command, self.path, body))
+
+        def _model(self, body: dict) -> str | None:
+            name = fake.resolve(body.get("model") or body.get("name"))
+            if name is None:
+                self._send(404, {"error": f'model "{body.get("model")}" not found, try pulling it first'})
+            return name
+
+        # ---- GET ------------------------------------------------------------------------
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:  # noqa: N802
+            fake.requests.append(("GET", self.path, None))
+            if self.path == "/":
+                self._send(200, b"Ollama is running", "text/plain; charset=utf-8")
+            elif self.path == "/api/version":
+                self._send(200, {"version": "0.9.9-fake"})
+            elif self.path == "/api/tags":
+                models = [
+                    {
+                        "name": n,
+                        "model": n,
+                        "modified_at": "2025-01-01T00:00:00Z",
+                        "size": 1000 + i,
+                        "digest": f"{i:064x}",
+                        "details": _details(info),
+                    }
+                    for i, (n, info) in enumerate(MODELS.items())
+                ]
+                self._send(200, {"models": models})
+            elif self.path == "/api/ps":
+                models = [
+                    {
+                        "name": n,
+                        "model": n,
+                        "size": 1000,
+                        "digest": "0" * 64,
+                        "details": _details(MODELS[n]),
+                        "expires_at": "2099-01-01T00:00:00Z",
+                        "size_vram": 0,
+                    }
+                    for n in fake.loaded
+                ]
+                self._send(200, {"models": models})
+            else:
+                self._send(404, b"404 page not found", "text/plain")
+
+        # ---- POST / DELETE ---------------------------------------------------------------
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            body = self._body()
+            if self.path != "/api/delete":
+                self._send(404, b"404 page not found", "text/plain")
+            elif self._model(body) is not None:
+                self._send(200, b"", "text/plain")
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = self._body()
+            routes = {
+                "/api/chat": self._chat,
+                "/api/generate": self._generate,
+                "/api/embed": self._embed,
+                "/api/embeddings": self._embeddings,
+                "/api/show": self._show,
+                "/api/pull": self._pull,
+                "/v1/chat/completions": self._openai_chat,
+            }
+            route = routes.get(self.path)
+            if route is None:
+                self._send(404, b"404 page not found", "text/plain")
+                return
+            try:
+                route(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def _generation(self, body: dict, *, chat: bool) -> None:
+            name = self._model(body)
+            if name is None:
+                return
+            fake.loaded[name] = time.time()
+            hold = chat and (body.get("messages") or [{}])[-1].get("content") == "hold"
+            pieces = [f"piece{i} " for i in range(fake.tokens)]
+
+            def obj(text: str, done: bool) -> dict:
+                out: dict = {"model": name, "created_at": _now()}
+                if chat:
+                    out["message"] = {"role": "assistant", "content": text}
+                else:
+                    out["response"] = text
+                out["done"] = done
+                if done:
+                    out.update(
+                        done_reason="stop",
+                        total_duration=1000,
+                        load_duration=10,
+                        prompt_eval_count=2,
+                        prompt_eval_duration=100,
+                        eval_count=len(pieces),
+                        eval_duration=500,
+                    )
+                return out
+
+            if body.get("stream") is False:
+                self._send(200, obj("".join(pieces), True))
+                return
+            self._start_chunked("application/x-ndjson")
+            for i, piece in enumerate(pieces):
+                self._chunk(json.dumps(obj(piece, False)).encode() + b"\n")
+                if hold and i == 0:
+                    fake.gate.wait(10)
+            self._chunk(json.dumps(obj("", True)).encode() + b"\n")
+            self._chunk(b"")
+
+        def _chat(self, body: dict) -> None:
+            self._generation(body, chat=True)
+
+        def _generate(self, body: dict) -> None:
+            self._generation(body, chat=False)
+
+        def _embed(self, body: dict) -> None:
+            name = self._model(body)
+            if name is None:
+                return
+            inputs = body.get("input")
+            inputs = [inputs] if isinstance(inputs, str) else list(inputs or [])
+            vectors = [[0.5, 0.5, float(len(text))] for text in inputs]
+            self._send(
+                200,
+                {
+                    "model": name,
+                    "embeddings": vectors,
+                    "total_duration": 10,
+                    "load_duration": 1,
+                    "prompt_eval_count": len(inputs),
+                },
+            )
+
+        def _embeddings(self, body: dict) -> None:
+            if self._model(body) is not None:
+                self._send(200, {"embedding": [0.25, 0.75]})
+
+        def _show(self, body: dict) -> None:
+            name = self._model(body)
+            if name is not None:
+                self._send(
+                    200,
+                    {
+                        "modelfile": f"FROM {name}\n",
+                        "parameters": "",
+                        "template": "{{ .Prompt }}",
+                        "details": _details(MODELS[name]),
+                        "model_info": {"general.architecture": MODELS[name]["family"]},
+                        "capabilities": ["embedding"] if MODELS[name]["embedding"] else ["completion"],
+                        "modified_at": "2025-01-01T00:00:00Z",
+                    },
+                )
+
+        def _pull(self, body: dict) -> None:
+            if self._model(body) is None:
+                return
+            statuses = [{"status": "pulling manifest"}, {"status": "verifying sha256 digest"}, {"status": "success"}]
+            if body.get("stream") is False:
+                self._send(200, statuses[-1])
+                return
+            self._start_chunked("application/x-ndjson")
+            for status in statuses:
+                self._chunk(json.dumps(status).encode() + b"\n")
+            self._chunk(b"")
+
+        def _openai_chat(self, body: dict) -> None:
+            name = fake.resolve(body.get("model"))
+            if name is None:
+                self._send(404, {"error": {"message": f'model "{body.get("model")}" not found', "type": "api_error"}})
+                return
+            text = "".join(f"piece{i} " for i in range(fake.tokens))
+            if not body.get("stream"):
+                self._send(
+                    200,
+                    {
+                        "id": "chatcmpl-1",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": name,
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                        ],
+                        "usage": {
+                            "prompt_tokens": 2,
+                            "completion_tokens": fake.tokens,
+                            "total_tokens": 2 + fake.tokens,
+                        },
+                    },
+                )
+                return
+            self._start_chunked("text/event-stream")
+            for i in range(fake.tokens):
+                chunk = {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": name,
+                    "choices": [
+                        {"index": 0, "delta": {"role": "assistant", "content": f"piece{i} "}, "finish_reason": None}
+                    ],
+                }
+                self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")
+
+    return Handler
