@@ -4,12 +4,14 @@ The API layer renders them in the caller's dialect (an OpenAI error object, or
 Ollama's ``{"error": ...}``); nothing else needs to know about HTTP.
 
     ProxyError                      500  base class; never raised as such
-    ├── BadRequest                  400  malformed JSON, missing fields
-    ├── ModelNotFound               404  a name the catalog does not know
+    ├── BadRequest                  400  malformed JSON, missing fields, a model name that is a path
+    ├── ModelNotAllowed             403  an hf.co/... name outside [catalog] allow_hf / allow_repos
+    ├── ModelNotFound               404  a name the catalog does not know; no such repo or file on the hub
     ├── PoolBusy                    503  queue full or queue timeout (has retry_after)
     ├── UpstreamError               502  llama-server or an upstream unreachable / broke
     │   └── ModelLoadFailed         502  llama-server exited or failed while loading
-    └── ModelLoadTimeout            504  llama-server not ready within load_timeout
+    ├── ModelLoadTimeout            504  llama-server not ready within load_timeout
+    └── InsufficientStorage         507  no room on disk for a model download
 
 ConfigError is separate: it stops start-up and is never sent to a client.
 """
@@ -19,8 +21,10 @@ from __future__ import annotations
 __all__ = [
     "BadRequest",
     "ConfigError",
+    "InsufficientStorage",
     "ModelLoadFailed",
     "ModelLoadTimeout",
+    "ModelNotAllowed",
     "ModelNotFound",
     "PoolBusy",
     "ProxyError",
@@ -46,6 +50,11 @@ class ProxyError(Exception):
 class BadRequest(ProxyError):
     status = 400
     kind = "invalid_request_error"
+
+
+class ModelNotAllowed(ProxyError):
+    status = 403
+    kind = "model_not_allowed"
 
 
 class ModelNotFound(ProxyError):
@@ -74,3 +83,8 @@ class ModelLoadFailed(UpstreamError):
 class ModelLoadTimeout(ProxyError):
     status = 504
     kind = "model_load_timeout"
+
+
+class InsufficientStorage(ProxyError):
+    status = 507
+    kind = "insufficient_storage"
