@@ -22,6 +22,9 @@ Theory of operation:
   back-off that grows with consecutive failures (no restart storm).
 * An idle server (nothing in flight) is stopped ``idle_ttl`` after its last use;
   a request can override that with Ollama's ``keep_alive``.
+* A Hugging Face model is downloaded (:meth:`Catalog.download`) before the request
+  asks for a place: a download can take minutes and must neither hold a place nor
+  evict anyone. The snapshot shows downloads in flight beside the servers.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import trio
 
 from .catalog import Catalog
 from .config import Config, ModelConfig
+from .download import DownloadSnapshot
 from .errors import ModelLoadFailed, PoolBusy, ProxyError, UpstreamError
 from .process import ServerProcess, free_port
 
@@ -105,6 +109,8 @@ class PoolSnapshot:
     queued: int
     servers: tuple[ServerSnapshot, ...]
     models: tuple[ModelSnapshot, ...]
+    #: Hugging Face downloads in flight (state ``downloading``, bytes done / total).
+    downloads: tuple[DownloadSnapshot, ...] = ()
 
 
 @attrs.define(eq=False)
@@ -217,6 +223,7 @@ class Pool:
             ModelLoadFailed, ModelLoadTimeout: the load failed.
         """
         model = self._catalog.get(name)
+        await self._catalog.download(model)
         while True:
             async with self._locks[model.name]:
                 server = self._choose(model)
@@ -350,12 +357,14 @@ class Pool:
         try:
             with server.cancel_scope:
                 try:
-                    path = await self._catalog.gguf_path(server.model)
+                    files = await self._catalog.local_files(server.model)
+                except ProxyError as exc:
+                    server.error = exc
                 except Exception as exc:
                     server.error = ModelLoadFailed(f"model {server.name!r}: cannot get its GGUF file: {exc}")
                 else:
                     process = ServerProcess(
-                        self._argv(server.model, path, server.port),
+                        self._argv(server.model, files.model, server.port) + list(files.args()),
                         name=server.name,
                         port=server.port,
                         http=self._http,
@@ -499,4 +508,10 @@ class Pool:
             )
             for name, st in self._stats.items()
         )
-        return PoolSnapshot(capacity=self._config.size, queued=len(self._queue), servers=tuple(servers), models=models)
+        return PoolSnapshot(
+            capacity=self._config.size,
+            queued=len(self._queue),
+            servers=tuple(servers),
+            models=models,
+            downloads=self._catalog.downloading(),
+        )

@@ -1,8 +1,9 @@
-"""The root nursery: Hypercorn serving the app, and the pool, side by side.
+"""The root nursery: Hypercorn serving the app, the pool and the downloads, side by side.
 
 :func:`serve` is the whole life of a proxy. It finds llama-server, opens the
-shared HTTP client, starts the pool and then Hypercorn in one nursery, and
-reports the bound addresses through ``task_status`` once the socket listens.
+shared HTTP client, starts the Hugging Face downloads service, the pool and then
+Hypercorn in one nursery, and reports the bound addresses through ``task_status``
+once the socket listens.
 When ``shutdown_trigger`` returns (SIGINT or SIGTERM from the CLI), Hypercorn
 stops accepting and lets in-flight requests finish within ``[proxy] grace``;
 then every llama-server is stopped and :func:`serve` returns.
@@ -21,6 +22,7 @@ import trio
 from .app import ProxyState, create_app
 from .catalog import Catalog
 from .config import Config
+from .download import Downloads
 from .pool import Pool
 from .process import find_llama_server
 from .relay import make_client
@@ -58,10 +60,12 @@ async def serve(
 ) -> None:
     """Run the proxy until ``shutdown_trigger`` returns; then drain and stop every llama-server."""
     binary = find_llama_server(config.pool.llama_server)
-    catalog = Catalog(config.models, config.base_dir)
+    downloads = Downloads()
+    catalog = Catalog(config.models, config.base_dir, config.catalog, downloads)
     host = host or config.proxy.host
     port = config.proxy.port if port is None else port
     async with make_client() as http, trio.open_nursery() as nursery:
+        await nursery.start(downloads.run)
         pool = Pool(config, catalog, http, binary)
         await nursery.start(pool.run)
         app = create_app(ProxyState(config=config, catalog=catalog, pool=pool, http=http))

@@ -19,6 +19,8 @@ from smart_proxy.pool import Pool
 from smart_proxy.relay import make_client
 from smart_proxy.server import serve
 
+from .fake_hub import FakeHub
+
 FAKE_SERVER = Path(__file__).parent / "fake_llama_server.py"
 
 
@@ -85,6 +87,27 @@ def pids_alive(pids: list[int]) -> list[int]:
             continue
         alive.append(pid)
     return alive
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fake Hugging Face hub on 127.0.0.1 (``HF_ENDPOINT``) and an empty HF cache (``HF_HOME``)."""
+    for var in (
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "XDG_CACHE_HOME",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    fake = FakeHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", fake.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    yield fake
+    fake.stop()
 
 
 # ---- real llama-server and model ---------------------------------------------------------
