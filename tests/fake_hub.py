@@ -105,7 +105,7 @@ class Faults:
     file_status: dict[str, int] = field(default_factory=dict)
     #: File name -> (byte offset, times): close the connection once the body reaches the offset.
     drop_at: dict[str, tuple[int, int]] = field(default_factory=dict)
-    #: Files whose content comes down with bytes flipped (same size).
+    #: Files whose content comes down with one byte flipped, halfway through (same size).
     corrupt: set[str] = field(default_factory=set)
     #: File name -> seconds per MiB sent.
     slow: dict[str, float] = field(default_factory=dict)
@@ -385,8 +385,9 @@ class FakeHub:
                 position = start
                 while position < stop_at:
                     chunk = f.read(position, min(stop_at, position + _CHUNK))
-                    if f.name in faults.corrupt:
-                        chunk = bytes(b ^ 0x5A for b in chunk)
+                    middle = size // 2 - position
+                    if f.name in faults.corrupt and 0 <= middle < len(chunk):
+                        chunk = chunk[:middle] + bytes([chunk[middle] ^ 0x01]) + chunk[middle + 1 :]
                     self.wfile.write(chunk)
                     position += len(chunk)
                     self.record.sent += len(chunk)
