@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import os
 import re
 
 import trio
 
 from .config import PACKAGE_PREFIX, QUANT, CatalogConfig, ModelConfig, is_repo_id, resolve_path
-from .download import Downloads, DownloadSnapshot, LocalFiles
+from .download import Downloads, DownloadSnapshot, Hub, LocalFiles, plan_from_cache
 from .errors import BadRequest, ModelNotAllowed, ModelNotFound
 
 __all__ = ["HF_PREFIXES", "Catalog", "LocalFiles", "parse_hf_name"]
@@ -157,8 +158,22 @@ class Catalog:
         return LocalFiles(model=path, mmproj=mmproj, parts=(path,) + ((mmproj,) if mmproj else ()))
 
     async def gguf_path(self, model: ModelConfig) -> str:
-        """The GGUF file a model loads from (the first part of a split one)."""
-        return (await self.local_files(model)).model
+        """The GGUF file a model loads from (the first part of a split one), to read it, never to fetch it.
+
+        Raises:
+            ModelNotFound: a Hugging Face model that is not in the cache yet (looking must not
+                download gigabytes; the first request or ``smart-proxy pull`` does that).
+        """
+        if model.repo is None:
+            return (await self.local_files(model)).model
+        files = self._downloads.local(model) if self._downloads is not None else None
+        if files is not None:
+            return files.model
+        hub = self._downloads.hub if self._downloads is not None else Hub.from_env()
+        plan = await trio.to_thread.run_sync(plan_from_cache, model, hub)
+        if plan is None or plan.snapshot is None:
+            raise ModelNotFound(f"model {model.name!r}: {model.repo} is not downloaded yet")
+        return os.path.join(plan.snapshot, plan.model[0].name)
 
     def downloading(self) -> tuple[DownloadSnapshot, ...]:
         """Downloads in flight, for the pool's snapshot and /health."""

@@ -52,6 +52,7 @@ from .errors import InsufficientStorage, ModelNotFound, ProxyError, UpstreamErro
 
 __all__ = [
     "DEFAULT_QUANTS",
+    "DownloadCancelled",
     "DownloadSnapshot",
     "Downloads",
     "Hub",
@@ -63,6 +64,7 @@ __all__ = [
     "plan_from_cache",
     "resolve",
     "select",
+    "translate",
 ]
 
 log = logging.getLogger(__name__)
@@ -390,17 +392,36 @@ class Progress:
         self._logged_tenth = 0
 
     def bar_class(self, file: RepoFile) -> type:
-        """A ``tqdm_class`` for hf_hub_download that counts into this Progress."""
+        """A ``tqdm_class`` for hf_hub_download that counts bytes written into this Progress.
+
+        huggingface_hub makes one per file (plain HTTP and Xet alike: having ``update_transfer``
+        makes its Xet reporter use a single bar), and calls only what is defined here.
+        """
         progress = self
 
         class Bar:
             def __init__(self, *args: object, total: int | None = None, initial: int = 0, **kwargs: object) -> None:
+                self.total = total
+                self.n = 0
+                self.format_dict: dict[str, object] = {}
                 progress.fetched.add(file.name)
                 progress.file = file.name
-                progress.add(initial)
+                self.update(initial)
 
             def update(self, n: int | float | None = 1) -> None:
+                self.n += int(n or 0)
                 progress.add(int(n or 0))
+
+            def update_transfer(self, n: int | float | None = 1) -> None:
+                pass  # network bytes; progress counts bytes on disk
+
+            def set_postfix_str(self, *args: object, **kwargs: object) -> None:
+                pass
+
+            set_transfer_postfix_str = set_description = set_postfix_str
+
+            def refresh(self, *args: object, **kwargs: object) -> None:
+                pass
 
             def close(self) -> None:
                 pass

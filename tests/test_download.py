@@ -18,8 +18,19 @@ import httpx
 import pytest
 import trio
 
+from smart_proxy.catalog import Catalog
 from smart_proxy.config import ModelConfig, structure
-from smart_proxy.download import Downloads, Hub, RepoFile, fetch, resolve, select, translate
+from smart_proxy.download import (
+    DownloadCancelled,
+    Downloads,
+    Hub,
+    Progress,
+    RepoFile,
+    fetch,
+    resolve,
+    select,
+    translate,
+)
 from smart_proxy.errors import InsufficientStorage, ModelNotFound, UpstreamError
 
 from .fake_hub import FakeHub, HubFile, environ_for, split_bytes
@@ -133,6 +144,34 @@ def test_select_mmproj_and_failures() -> None:
     # names from the hub that would climb out of the cache folder are never chosen
     with pytest.raises(ModelNotFound):
         select(_files("../evil-Q4_K_M.gguf", "/abs-Q4_K_M.gguf"), ModelConfig(name="m", repo="o/r"))
+
+
+def test_progress_bars_count_each_byte_once_for_plain_and_xet_downloads() -> None:
+    """huggingface_hub's own Xet reporter drives our bar class without double counting."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
+
+    progress = Progress("m")
+    progress.total = 300
+    with progress.bar_class(RepoFile("a.gguf", size=100))(total=100, initial=0, unit="B") as bar:
+        bar.update(60)
+        bar.update_transfer(60)
+        bar.update(40)
+    assert progress.done == 100
+    report = SimpleNamespace(total_bytes=200, total_bytes_completion_rate=1.0, total_transfer_bytes_completion_rate=1.0)
+    with XetDownloadProgressReporter(
+        reconstruction_desc="b.gguf", total=200, log_level=30, tqdm_class=progress.bar_class(RepoFile("b.gguf"))
+    ) as reporter:
+        for written, received in ((50, 80), (200, 150)):
+            reporter.update_progress(
+                SimpleNamespace(**vars(report), total_bytes_completed=written, total_transfer_bytes_completed=received)
+            )
+    assert progress.done == 300
+    assert progress.fetched == {"a.gguf", "b.gguf"}
+    progress.cancelled = True
+    with pytest.raises(DownloadCancelled):
+        progress.add(1)
 
 
 def test_hub_settings_follow_the_environment(tmp_path: Path) -> None:
@@ -530,6 +569,20 @@ async def test_downloads_service_shutdown_drops_the_transfer(hub, tmp_path) -> N
             await trio.sleep(0.02)
     assert content.sent < len(gguf(4, 40 * 1024 * 1024))
     assert blobs(tmp_path) == []
+
+
+async def test_gguf_path_of_a_repo_model_looks_but_never_downloads(hub, tmp_path) -> None:
+    tiny_repo(hub)
+    model = ModelConfig(name="tiny", repo=REPO, quant="Q8_0")
+    downloads = Downloads()
+    catalog = Catalog({"tiny": model}, str(tmp_path), downloads=downloads)
+    with pytest.raises(ModelNotFound, match="is not downloaded yet"):
+        await catalog.gguf_path(model)
+    assert hub.requests == []
+    await trio.to_thread.run_sync(lambda: fetch(resolve(model, downloads.hub), downloads.hub))  # e.g. smart-proxy pull
+    path = await catalog.gguf_path(model)
+    assert path.endswith(f"/snapshots/{hub.repos[REPO].commit}/tiny-Q8_0.gguf")
+    assert json.loads(await trio.Path(path).read_bytes())["tokens"] == TOKENS["Q8_0"]
 
 
 # ---- the command line ----------------------------------------------------------------------
