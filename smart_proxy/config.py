@@ -28,10 +28,13 @@ from .errors import ConfigError
 
 __all__ = [
     "AgentsConfig",
+    "CatalogConfig",
     "Config",
     "ModelConfig",
     "PoolConfig",
     "ProxyConfig",
+    "is_repo_id",
+    "is_repo_pattern",
     "load_config",
     "parse_duration",
     "parse_size",
@@ -51,6 +54,23 @@ _FALSE = {"0", "false", "no", "off"}
 
 #: ``path = package:NAME`` names a Python package whose ``assemble()`` returns a GGUF path.
 PACKAGE_PREFIX = "package:"
+
+# A Hugging Face repo id as llama.cpp accepts one: ORG/NAME of [A-Za-z0-9_], with . and -
+# only between such characters (so never "..", never a leading or trailing dot or dash).
+_REPO_ID = re.compile(r"^[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*/[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*$")
+#: A quantization tag such as Q4_K_M, IQ2_XS, F16 or UD-Q4_K_XL.
+QUANT = re.compile(r"^[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*$")
+
+
+def is_repo_id(text: str) -> bool:
+    """``ORG/NAME`` with nothing that could climb out of a folder (no ``..``, no leading ``/``)."""
+    return len(text) <= 200 and _REPO_ID.match(text) is not None
+
+
+def is_repo_pattern(text: str) -> bool:
+    """A file name or glob inside a repo: relative, ``/``-separated, no ``..`` or empty parts."""
+    parts = text.split("/")
+    return bool(text) and "\\" not in text and "\0" not in text and all(part not in ("", ".", "..") for part in parts)
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -138,6 +158,16 @@ class ModelConfig:
     name: str
     #: A GGUF file, or ``package:NAME`` for a package whose ``assemble()`` gives one.
     path: str | None = None
+    #: A Hugging Face repo (``ORG/NAME``) to fetch the GGUF from, instead of ``path``.
+    repo: str | None = None
+    #: The GGUF in ``repo``: a name or a glob such as ``*Q4_K_M.gguf`` (split files: any part).
+    file: str | None = None
+    #: Or a quantization tag, picked from the repo's files as ``llama-server -hf repo:quant`` does.
+    quant: str | None = None
+    #: Branch, tag or commit of ``repo``; None means ``main``.
+    revision: str | None = None
+    #: A multimodal projector passed as ``--mmproj``: a file in ``repo`` (name or glob), else a local path.
+    mmproj: str | None = None
     #: Extra llama-server arguments, split like a shell line.
     args: tuple[str, ...] = ()
     embeddings: bool = False
@@ -161,10 +191,19 @@ class AgentsConfig:
 
 
 @attrs.frozen
+class CatalogConfig:
+    #: Let requests name models proxy.ini does not list, as ``hf.co/ORG/REPO:QUANT`` (Ollama's form).
+    allow_hf: bool = False
+    #: Repos such names may come from: globs matched case-insensitively, e.g. ``ggml-org/* unsloth/*``.
+    allow_repos: tuple[str, ...] = ("*",)
+
+
+@attrs.frozen
 class Config:
     proxy: ProxyConfig = ProxyConfig()
     pool: PoolConfig = PoolConfig()
     agents: AgentsConfig = AgentsConfig()
+    catalog: CatalogConfig = CatalogConfig()
     models: dict[str, ModelConfig] = attrs.Factory(dict)
     #: The folder proxy.ini is in; relative paths in it are relative to this.
     base_dir: str = "."
@@ -192,6 +231,15 @@ def _make_converter() -> cattrs.Converter:
             converter,
             _cattrs_forbid_extra_keys=True,
             enabled=names,
+        ),
+    )
+    converter.register_structure_hook(
+        CatalogConfig,
+        make_dict_structure_fn(
+            CatalogConfig,
+            converter,
+            _cattrs_forbid_extra_keys=True,
+            allow_repos=cattrs.gen.override(struct_hook=lambda value, _: _parse_list(value)),
         ),
     )
     return converter
@@ -247,10 +295,10 @@ def structure(raw: dict[str, dict[str, str]], base_dir: str = ".") -> Config:
             if not name:
                 raise ConfigError(f"[{section}]: a model section needs a name, e.g. [model:gemma3-270m]")
             data["models"][name] = {"name": name, **values}  # type: ignore[index]
-        elif section in ("proxy", "pool", "agents"):
+        elif section in ("proxy", "pool", "agents", "catalog"):
             data[section] = dict(values)
         else:
-            raise ConfigError(f"[{section}]: unknown section (known: proxy, pool, agents, model:NAME)")
+            raise ConfigError(f"[{section}]: unknown section (known: proxy, pool, agents, catalog, model:NAME)")
     try:
         config = _converter.structure(data, Config)
     except Exception as exc:  # cattrs raises ClassValidationError/ValueError/TypeError
@@ -268,6 +316,12 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError("[pool] size: must be at least 1")
     if config.pool.max_queue < 0:
         raise ConfigError("[pool] max_queue: must be 0 or more")
+    for pattern in config.catalog.allow_repos:
+        parts = pattern.split("/")
+        if pattern != "*" and not (
+            len(parts) == 2 and all(re.fullmatch(r"[A-Za-z0-9_.*?\[\]!-]+", p) and p not in (".", "..") for p in parts)
+        ):
+            raise ConfigError(f"[catalog] allow_repos: not a repo pattern: {pattern!r} (use e.g. ggml-org/*)")
     for model in config.models.values():
         if model.replicas < 1:
             raise ConfigError(f"[model:{model.name}] replicas: must be at least 1")
@@ -282,9 +336,19 @@ def _check_model(model: ModelConfig, base_dir: str) -> None:
             raise ConfigError(f"{where} url: backend = ollama needs url = http://host:11434")
         if not re.match(r"^https?://[^/\s]+", model.url):
             raise ConfigError(f"{where} url: {model.url!r} is not an http:// or https:// address")
+        if model.repo:
+            raise ConfigError(f"{where} repo: only for backend = llama")
         return
+    if model.repo is not None:
+        _check_repo_model(model, where)
+        return
+    for key in ("file", "quant", "revision"):
+        if getattr(model, key) is not None:
+            raise ConfigError(f"{where} {key}: needs repo = ORG/NAME (a Hugging Face repo)")
+    if model.mmproj is not None and not resolve_path(model.mmproj, base_dir).is_file():
+        raise ConfigError(f"{where} mmproj: no such file: {resolve_path(model.mmproj, base_dir)}")
     if not model.path:
-        raise ConfigError(f"{where} path: missing; give a GGUF file or package:NAME")
+        raise ConfigError(f"{where} path: missing; give a GGUF file, package:NAME, or repo = ORG/NAME")
     if model.path.startswith(PACKAGE_PREFIX):
         package = model.path.removeprefix(PACKAGE_PREFIX)
         if importlib.util.find_spec(package) is None:
@@ -293,6 +357,25 @@ def _check_model(model: ModelConfig, base_dir: str) -> None:
     path = resolve_path(model.path, base_dir)
     if not path.is_file():
         raise ConfigError(f"{where} path: no such file: {path}")
+
+
+def _check_repo_model(model: ModelConfig, where: str) -> None:
+    assert model.repo is not None
+    if model.path is not None:
+        raise ConfigError(f"{where} repo: give path or repo, not both")
+    if not is_repo_id(model.repo):
+        raise ConfigError(f"{where} repo: not a Hugging Face repo id: {model.repo!r} (use ORG/NAME)")
+    if model.file is not None and model.quant is not None:
+        raise ConfigError(f"{where} quant: give file or quant, not both")
+    for key in ("file", "mmproj"):
+        value = getattr(model, key)
+        if value is not None and not is_repo_pattern(value):
+            raise ConfigError(f"{where} {key}: must be a file name or glob inside the repo, not {value!r}")
+    if model.quant is not None and not QUANT.match(model.quant):
+        raise ConfigError(f"{where} quant: not a quantization tag: {model.quant!r} (e.g. Q4_K_M)")
+    revision = model.revision
+    if revision is not None and not (re.fullmatch(r"[\w./-]+", revision) and is_repo_pattern(revision)):
+        raise ConfigError(f"{where} revision: not a branch, tag or commit: {model.revision!r}")
 
 
 def resolve_path(path: str, base_dir: str) -> Path:

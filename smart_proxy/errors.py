@@ -4,15 +4,17 @@ The API layer renders them in the caller's dialect (an OpenAI error object, or
 Ollama's ``{"error": ...}``); nothing else needs to know about HTTP.
 
     ProxyError                      500  base class; never raised as such
-    ├── BadRequest                  400  malformed JSON, missing fields
+    ├── BadRequest                  400  malformed JSON, missing fields, a model name that is a path
     ├── Unauthorized                401  API keys are configured and none valid was sent
-    ├── ModelNotFound               404  a name the catalog does not know
+    ├── ModelNotAllowed             403  an hf.co/... name outside [catalog] allow_hf / allow_repos
+    ├── ModelNotFound               404  a name the catalog does not know; no such repo or file on the hub
     ├── PayloadTooLarge             413  a request body over [proxy] max_body
     ├── PoolBusy                    503  queue full or queue timeout (has retry_after)
     ├── ShuttingDown                503  the proxy is draining after SIGTERM (has retry_after)
     ├── UpstreamError               502  llama-server or an upstream unreachable / broke
     │   └── ModelLoadFailed         502  llama-server exited or failed while loading
-    └── ModelLoadTimeout            504  llama-server not ready within load_timeout
+    ├── ModelLoadTimeout            504  llama-server not ready within load_timeout
+    └── InsufficientStorage         507  no room on disk for a model download
 
 ConfigError is separate: it stops start-up and is never sent to a client.
 """
@@ -22,8 +24,10 @@ from __future__ import annotations
 __all__ = [
     "BadRequest",
     "ConfigError",
+    "InsufficientStorage",
     "ModelLoadFailed",
     "ModelLoadTimeout",
+    "ModelNotAllowed",
     "ModelNotFound",
     "PayloadTooLarge",
     "PoolBusy",
@@ -57,6 +61,11 @@ class BadRequest(ProxyError):
 class Unauthorized(ProxyError):
     status = 401
     kind = "invalid_api_key"
+
+
+class ModelNotAllowed(ProxyError):
+    status = 403
+    kind = "model_not_allowed"
 
 
 class ModelNotFound(ProxyError):
@@ -99,3 +108,8 @@ class ModelLoadFailed(UpstreamError):
 class ModelLoadTimeout(ProxyError):
     status = 504
     kind = "model_load_timeout"
+
+
+class InsufficientStorage(ProxyError):
+    status = 507
+    kind = "insufficient_storage"

@@ -22,6 +22,9 @@ Theory of operation:
   back-off that grows with consecutive failures (no restart storm).
 * An idle server (nothing in flight) is stopped ``idle_ttl`` after its last use;
   a request can override that with Ollama's ``keep_alive``.
+* A Hugging Face model is downloaded (:meth:`Catalog.download`) before the request
+  asks for a place: a download can take minutes and must neither hold a place nor
+  evict anyone. The snapshot shows downloads in flight beside the servers.
 * Loads, evictions, crashes and queue waits are told to an optional
   :class:`PoolEvents` observer (the metrics); the pool never waits on it.
 """
@@ -43,6 +46,7 @@ import trio
 
 from .catalog import Catalog
 from .config import Config, ModelConfig
+from .download import DownloadSnapshot
 from .errors import ModelLoadFailed, PoolBusy, ProxyError, UpstreamError
 from .process import ServerProcess, free_port
 
@@ -110,6 +114,8 @@ class PoolSnapshot:
     queued: int
     servers: tuple[ServerSnapshot, ...]
     models: tuple[ModelSnapshot, ...]
+    #: Hugging Face downloads in flight (state ``downloading``, bytes done / total).
+    downloads: tuple[DownloadSnapshot, ...] = ()
 
 
 @attrs.define(eq=False)
@@ -245,6 +251,7 @@ class Pool:
             ModelLoadFailed, ModelLoadTimeout: the load failed.
         """
         model = self._catalog.get(name)
+        await self._catalog.download(model)
         # One deadline for the whole wait for a place, however many turns it takes.
         deadline = trio.current_time() + self._config.queue_timeout
         while True:
@@ -395,12 +402,14 @@ class Pool:
         try:
             with server.cancel_scope:
                 try:
-                    path = await self._catalog.gguf_path(server.model)
+                    files = await self._catalog.local_files(server.model)
+                except ProxyError as exc:
+                    server.error = exc
                 except Exception as exc:
                     server.error = ModelLoadFailed(f"model {server.name!r}: cannot get its GGUF file: {exc}")
                 else:
                     process = ServerProcess(
-                        self._argv(server.model, path, server.port),
+                        self._argv(server.model, files.model, server.port) + list(files.args()),
                         name=server.name,
                         port=server.port,
                         http=self._http,
@@ -563,4 +572,10 @@ class Pool:
             )
             for name, st in self._stats.items()
         )
-        return PoolSnapshot(capacity=self._config.size, queued=len(self._queue), servers=tuple(servers), models=models)
+        return PoolSnapshot(
+            capacity=self._config.size,
+            queued=len(self._queue),
+            servers=tuple(servers),
+            models=models,
+            downloads=self._catalog.downloading(),
+        )

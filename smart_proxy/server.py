@@ -1,8 +1,8 @@
-"""The root nursery: Hypercorn serving the app, and the pool, side by side.
+"""The root nursery: Hypercorn serving the app, the pool and the downloads, side by side.
 
 :func:`serve` is the whole life of a proxy. It finds llama-server, reads the API
 keys and the Hypercorn settings (so a mistake stops start-up with one line), opens
-the shared HTTP client, starts the pool and then Hypercorn in one nursery, marks
+the shared HTTP client, starts the Hugging Face downloads service, the pool and then Hypercorn in one nursery, marks
 the proxy ready and reports the bound addresses through ``task_status``.
 
 Draining: when ``shutdown_trigger`` returns (SIGINT or SIGTERM from the CLI) the
@@ -26,10 +26,11 @@ import hypercorn.trio
 import trio
 
 from .app import ProxyState, create_app
-from .backends.ollama import UpstreamMonitor
 from .auth import ApiKeys
+from .backends.ollama import UpstreamMonitor
 from .catalog import Catalog
 from .config import Config, resolve_path
+from .download import Downloads
 from .errors import ConfigError
 from .lifecycle import Lifecycle, Phase
 from .metrics import Metrics
@@ -112,7 +113,8 @@ async def serve(
 ) -> None:
     """Run the proxy until ``shutdown_trigger`` returns; then drain and stop every llama-server."""
     binary = find_llama_server(config.pool.llama_server)
-    catalog = Catalog(config.models, config.base_dir)
+    downloads = Downloads()
+    catalog = Catalog(config.models, config.base_dir, config.catalog, downloads)
     api_keys = ApiKeys.from_config(config.proxy, config.base_dir)
     host = host or config.proxy.host
     port = config.proxy.port if port is None else port
@@ -120,6 +122,7 @@ async def serve(
     lifecycle = Lifecycle()
     metrics = Metrics()
     async with make_client() as http, trio.open_nursery() as nursery:
+        await nursery.start(downloads.run)
         pool = Pool(config, catalog, http, binary, events=metrics)
         await nursery.start(pool.run)
         metrics.track(pool, lifecycle)

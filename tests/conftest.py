@@ -19,6 +19,8 @@ from smart_proxy.pool import Pool
 from smart_proxy.relay import make_client
 from smart_proxy.server import serve
 
+from .fake_hub import FakeHub
+
 FAKE_SERVER = Path(__file__).parent / "fake_llama_server.py"
 
 
@@ -100,6 +102,27 @@ def deploy_doc_block(lang: str, containing: str) -> str:
     matching = [block for block in blocks if containing in block]
     assert len(matching) == 1, f"docs/deploy.md: expected one ```{lang} block with {containing!r}"
     return matching[0]
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fake Hugging Face hub on 127.0.0.1 (``HF_ENDPOINT``) and an empty HF cache (``HF_HOME``)."""
+    for var in (
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "XDG_CACHE_HOME",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    fake = FakeHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", fake.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    yield fake
+    fake.stop()
 
 
 # ---- real llama-server and model ---------------------------------------------------------

@@ -22,6 +22,12 @@ Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias, and
 llama-server's ``timings``. ``GET /slots`` shows which slots are processing, like
 llama-server's; ``GET /requests`` lists the bodies of the POSTs received so far
 (``[{"path": ..., "body": ...}]``), so tests can see what the proxy sent.
+
+Like llama-server, it loads a split model (``x-00001-of-00003.gguf``) from its first
+part and finds the others beside it: the JSON is the parts' bytes joined in order. A
+missing part, a missing ``--mmproj`` file, or bytes that are not JSON (a corrupt or
+truncated download) make it exit while loading, as llama-server would.
+``GET /props`` shows ``model_path`` and ``mmproj`` too.
 Standard library only: it must start in milliseconds.
 """
 
@@ -29,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import signal
 import sys
 import threading
@@ -43,15 +51,32 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--alias", default="fake")
     parser.add_argument("--parallel", "-np", type=int, default=None)
+    parser.add_argument("--mmproj", default=None)
     args, _unknown = parser.parse_known_args(argv)
-    with open(args.model, encoding="utf-8") as file:
-        behaviour = json.load(file)
-    return args, behaviour
+    if args.mmproj is not None and not os.path.isfile(args.mmproj):
+        raise SystemExit(f"clip_model_load: failed to open mmproj {args.mmproj}")
+    return args, json.loads(read_model(args.model))
+
+
+def read_model(path: str) -> bytes:
+    """The model's bytes; a split model's parts joined in order, found by name beside the first."""
+    match = re.match(r"^(.*)-00001-of-(\d{5})\.gguf$", path)
+    if match is None:
+        with open(path, "rb") as file:
+            return file.read()
+    data = b""
+    for index in range(1, int(match.group(2)) + 1):
+        part = f"{match.group(1)}-{index:05d}-of-{match.group(2)}.gguf"
+        with open(part, "rb") as file:  # a missing part fails the load, as in llama.cpp
+            data += file.read()
+    return data
 
 
 class State:
     def __init__(self, args: argparse.Namespace, behaviour: dict) -> None:
         self.alias = args.alias
+        self.model_path = args.model
+        self.mmproj = args.mmproj
         self.behaviour = behaviour
         self.ready_at = time.monotonic() + float(behaviour.get("load_delay", 0.05))
         self.slots = args.parallel or int(behaviour.get("slots", 2))
@@ -85,6 +110,8 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 self._json(200, {
                     "total_slots": state.slots,
                     "model_alias": state.alias,
+                    "model_path": state.model_path,
+                    "mmproj": state.mmproj,
                     "modalities": {"vision": bool(state.behaviour.get("vision", False))},
                     "default_generation_settings": {"n_ctx": int(state.behaviour.get("n_ctx", 4096))},
                 })

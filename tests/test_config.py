@@ -77,6 +77,20 @@ def test_defaults_and_types(tmp_path: Path) -> None:
         ({"model:a": {"backend": "ollama"}}, "[model:a] url: backend = ollama needs url"),
         ({"model:a": {"backend": "ollama", "url": "host:11434"}}, "[model:a] url: 'host:11434' is not an http://"),
         ({"bogus": {}}, "[bogus]: unknown section"),
+        ({"model:a": {"repo": "no-slash"}}, "[model:a] repo: not a Hugging Face repo id: 'no-slash' (use ORG/NAME)"),
+        ({"model:a": {"repo": "org/../etc"}}, "[model:a] repo: not a Hugging Face repo id"),
+        ({"model:a": {"repo": "o/r", "path": "/etc/hostname"}}, "[model:a] repo: give path or repo, not both"),
+        ({"model:a": {"repo": "o/r", "file": "a", "quant": "Q4_K_M"}}, "[model:a] quant: give file or quant, not both"),
+        ({"model:a": {"repo": "o/r", "file": "../a.gguf"}}, "[model:a] file: must be a file name or glob inside the"),
+        ({"model:a": {"repo": "o/r", "mmproj": "/abs/p.gguf"}}, "[model:a] mmproj: must be a file name or glob inside"),
+        ({"model:a": {"repo": "o/r", "quant": "Q4 K"}}, "[model:a] quant: not a quantization tag: 'Q4 K'"),
+        ({"model:a": {"repo": "o/r", "revision": "../../x"}}, "[model:a] revision: not a branch, tag or commit"),
+        ({"model:a": {"path": "/etc/hostname", "quant": "Q4_K_M"}}, "[model:a] quant: needs repo = ORG/NAME"),
+        ({"model:a": {"path": "/etc/hostname", "mmproj": "/no/such.gguf"}}, "[model:a] mmproj: no such file: /no/such"),
+        ({"model:a": {"backend": "ollama", "url": "http://x", "repo": "o/r"}}, "[model:a] repo: only for backend"),
+        ({"catalog": {"allow_hf": "perhaps"}}, "[catalog] allow_hf: not a boolean"),
+        ({"catalog": {"allow_repos": "org/* ../x"}}, "[catalog] allow_repos: not a repo pattern: '../x'"),
+        ({"catalog": {"allow": "true"}}, "[catalog] allow: unknown key"),
         ({"proxy": {"max_body": "lots"}}, "[proxy] max_body: not a size"),
         ({"proxy": {"max_body": "0"}}, "[proxy] max_body: must be at least 1 byte"),
         ({"proxy": {"api_kyes": "x"}}, "[proxy] api_kyes: unknown key"),
@@ -89,6 +103,24 @@ def test_errors_name_section_and_key(raw: dict, message: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_hugging_face_models_and_catalog() -> None:
+    config = structure(
+        {
+            "model:g": {"repo": "ggml-org/gemma-3-270m-GGUF", "quant": "Q8_0", "revision": "v1", "mmproj": "mmproj-*"},
+            "model:s": {"repo": "unsloth/Qwen3-0.6B-GGUF", "file": "*UD-Q4_K_XL*.gguf"},
+            "catalog": {"allow_hf": "yes", "allow_repos": "ggml-org/*, unsloth/*"},
+        }
+    )
+    g = config.models["g"]
+    assert (g.repo, g.quant, g.revision, g.mmproj, g.path, g.file) == (
+        "ggml-org/gemma-3-270m-GGUF", "Q8_0", "v1", "mmproj-*", None, None
+    )
+    assert config.models["s"].file == "*UD-Q4_K_XL*.gguf"
+    assert config.catalog.allow_hf is True
+    assert config.catalog.allow_repos == ("ggml-org/*", "unsloth/*")
+    defaults = structure({})
+    assert defaults.catalog.allow_hf is False
+    assert defaults.catalog.allow_repos == ("*",)
 def test_ollama_upstream_model() -> None:
     config = structure(
         {"model:up": {"backend": "ollama", "url": "http://gpu-box:11434", "upstream_model": "llama3.2:3b"}}
