@@ -1,8 +1,8 @@
 """The Quart-Trio application: routes of every dialect over one shared state.
 
 :func:`create_app` takes a :class:`ProxyState` (config, catalog, pool, HTTP
-client), all owned by the root nursery in :mod:`smart_proxy.server`; the app
-holds no long-lived work of its own. Errors are rendered in the dialect of the
+client, agents), all owned by the root nursery in :mod:`smart_proxy.server`; the
+app holds no long-lived work of its own. Errors are rendered in the dialect of the
 route that raised them: Ollama's ``{"error": "..."}`` under ``/api/``, the OpenAI
 error object everywhere else.
 """
@@ -17,6 +17,7 @@ from quart import Quart, Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .agents import AgentRegistry
 from .catalog import Catalog
 from .config import Config
 from .errors import PoolBusy, ProxyError
@@ -33,6 +34,8 @@ class ProxyState:
     catalog: Catalog
     pool: Pool
     http: httpx.AsyncClient
+    #: The slash-command agents loaded at start-up (none unless [agents] enables some).
+    agents: AgentRegistry = attrs.Factory(AgentRegistry)
 
 
 def state() -> ProxyState:

@@ -1,8 +1,9 @@
 """The root nursery: Hypercorn serving the app, and the pool, side by side.
 
-:func:`serve` is the whole life of a proxy. It finds llama-server, opens the
-shared HTTP client, starts the pool and then Hypercorn in one nursery, and
-reports the bound addresses through ``task_status`` once the socket listens.
+:func:`serve` is the whole life of a proxy. It finds llama-server, loads the
+agents, opens the shared HTTP client, starts the pool and then Hypercorn in one
+nursery, and reports the bound addresses through ``task_status`` once the socket
+listens.
 When ``shutdown_trigger`` returns (SIGINT or SIGTERM from the CLI), Hypercorn
 stops accepting and lets in-flight requests finish within ``[proxy] grace``;
 then every llama-server is stopped and :func:`serve` returns.
@@ -18,6 +19,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from .agents import AgentRegistry
 from .app import ProxyState, create_app
 from .catalog import Catalog
 from .config import Config
@@ -59,12 +61,13 @@ async def serve(
     """Run the proxy until ``shutdown_trigger`` returns; then drain and stop every llama-server."""
     binary = find_llama_server(config.pool.llama_server)
     catalog = Catalog(config.models, config.base_dir)
+    agents = AgentRegistry.load(config.agents, config.base_dir)
     host = host or config.proxy.host
     port = config.proxy.port if port is None else port
     async with make_client() as http, trio.open_nursery() as nursery:
         pool = Pool(config, catalog, http, binary)
         await nursery.start(pool.run)
-        app = create_app(ProxyState(config=config, catalog=catalog, pool=pool, http=http))
+        app = create_app(ProxyState(config=config, catalog=catalog, pool=pool, http=http, agents=agents))
         drained = trio.Event()
 
         async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:

@@ -10,7 +10,11 @@ behave, so each catalog entry in a test can act differently::
      "token_delay": 0.01,     # seconds between streamed tokens
      "tokens": 5,             # tokens per answer
      "slots": 4,              # /props total_slots
-     "ignore_sigterm": false} # only SIGKILL stops it
+     "ignore_sigterm": false, # only SIGKILL stops it
+     "content": "text",       # answer with this text instead of "tok0 tok1 ..."
+     "echo": false,           # answer with the request body, exactly as received
+     "status": 500,           # answer chat/completions with this error status
+     "logprob": -0.5}         # with "logprobs" in the request: every token's logprob
 
 Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias.
 ``GET /slots`` shows which slots are processing, like llama-server's.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
@@ -83,8 +88,9 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
+            self.raw_body = self.rfile.read(length)
             try:
-                body = json.loads(self.rfile.read(length) or b"{}")
+                body = json.loads(self.raw_body or b"{}")
             except ValueError:
                 self._json(400, {"error": {"code": 400, "message": "bad json", "type": "invalid_request_error"}})
                 return
@@ -96,6 +102,10 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 return
             if self.path not in ("/v1/chat/completions", "/v1/completions"):
                 self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+                return
+            if "status" in state.behaviour:
+                status = int(state.behaviour["status"])
+                self._json(status, {"error": {"code": status, "message": "fake failure", "type": "server_error"}})
                 return
             with state.lock:
                 state.busy += 1
@@ -111,11 +121,22 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             tokens = int(body.get("max_tokens") or state.behaviour.get("tokens", 5))
             delay = float(state.behaviour.get("token_delay", 0.0))
             words = [f"tok{i} " for i in range(tokens)]
+            if state.behaviour.get("echo"):
+                words = self._pieces(self.raw_body.decode())
+            elif "content" in state.behaviour:
+                words = self._pieces(str(state.behaviour["content"]))
+            tokens = len(words)
+            logprobs = None
+            if body.get("logprobs") and "logprob" in state.behaviour:
+                value = float(state.behaviour["logprob"])
+                logprobs = {"content": [{"token": w, "logprob": value, "top_logprobs": []} for w in words]}
             created = int(time.time())
             if not body.get("stream"):
                 time.sleep(delay * tokens)
                 text = "".join(words)
                 choice = {"index": 0, "finish_reason": "length"}
+                if logprobs is not None:
+                    choice["logprobs"] = logprobs
                 choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
                 usage = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3}
                 kind = "chat.completion" if chat else "text_completion"
@@ -138,6 +159,12 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             self._chunk(b"data: " + json.dumps(final).encode() + b"\n\n")
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
+
+        @staticmethod
+        def _pieces(text: str) -> list[str]:
+            """``text`` in pieces that join back to it exactly, a word (and its space) each."""
+            pieces = re.findall(r"\S+\s*|\s+", text)
+            return pieces or [""]
 
         def _chunk(self, data: bytes) -> None:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
