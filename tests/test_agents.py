@@ -824,3 +824,26 @@ async def test_json_through_the_proxy(make_config, start_proxy, agent_dir: Path,
     assert own["response_format"] == {"type": "text"}  # the client's own choice wins
     streamed = await ask("fenced", stream=True)
     assert streamed_text(sse_events(streamed.content)) == '{"answer": 42, "ok": true}'
+
+
+# ---- the worked example in docs/agents.md ---------------------------------------------------
+
+
+def doc_block(language: str, after: str) -> str:
+    text = (REPO / "docs" / "agents.md").read_text()
+    section = text[text.index(after) :]
+    start = section.index(f"```{language}\n") + len(f"```{language}\n")
+    return section[start : section.index("```", start)]
+
+
+async def test_the_documented_example_works(make_config, start_proxy, agent_dir: Path, http) -> None:
+    write_agent(
+        agent_dir, "shout", doc_block("python", "## A worked example"), config=doc_block("toml", "## A worked example")
+    )
+    url = await start_proxy(with_agents(make_config({"m": {"content": "hi there"}}), agent_dir, "shout"))
+    response = await http.post(url + "/v1/chat/completions", json=chat("/shout say hi", model="m"))
+    assert response.json()["choices"][0]["message"]["content"] == "HI THERE!!!"
+    streamed = await http.post(url + "/v1/chat/completions", json=chat("/shout say hi", model="m", stream=True))
+    assert streamed_text(sse_events(streamed.content)) == "HI THERE!!!"
+    plugins = (await http.get(url + "/plugins")).json()["agents"]
+    assert plugins[0]["description"] == "Answers in capital letters" and plugins[0]["loaded"] is True

@@ -1,0 +1,143 @@
+"""/rag and /parallel end to end: the proxy as a process, the real llama-server and gemma, the openai client.
+
+The agents are the bundled ones (their agent.py copied next to a config of the
+test's making). The Ollama-client half of the acceptance test waits for the
+Ollama dialect's routes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.real
+
+REPO = Path(__file__).resolve().parent.parent.parent
+SECRET = "4417"
+DOC = f"""# The Zorblax vault
+
+The Zorblax vault is in the basement of the old mill. The access code for the Zorblax vault is {SECRET}.
+Only the night guard, Mira Okafor, may open it.
+
+# Opening hours
+
+The mill museum opens at nine in the morning and closes at five.
+"""
+
+
+def agent_folder(root: Path, name: str, source: str, config: str) -> None:
+    folder = root / name
+    folder.mkdir(parents=True)
+    shutil.copy(REPO / "agents" / source / "agent.py", folder / "agent.py")
+    (folder / "config.toml").write_text(config)
+
+
+@pytest.fixture
+def proxy(tmp_path: Path, proxy_process, llama_server_binary: str, gemma_path: str):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "vault.md").write_text(DOC)
+    (docs / "unrelated.txt").write_text("Bananas are berries, botanically speaking.\n\nStrawberries are not.\n")
+    agents = tmp_path / "agents"
+    agent_folder(agents, "rag", "rag", f'docs = "{docs}"\ntop_k = 1\n')
+    agent_folder(agents, "parallel", "parallel", 'samples = 2\nmode = "best"\npick = "logprob"\n')
+    agent_folder(agents, "pall", "parallel", 'samples = 2\nmode = "all"\n')
+    ini = f"""
+[pool]
+llama_server = {llama_server_binary}
+size = 1
+load_timeout = 120s
+
+[model:gemma]
+path = {gemma_path}
+args = --ctx-size 4096 --parallel 2
+
+[agents]
+dir = {agents}
+enabled = rag, parallel, pall
+timeout = 60s
+"""
+    return proxy_process(ini)
+
+
+def client(proxy) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_rag_with_the_openai_client(proxy) -> None:
+    ai = client(proxy)
+    question = "What is the access code for the Zorblax vault? Answer with the code only."
+    plain = ai.chat.completions.create(
+        model="gemma", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=16
+    )
+    raw = ai.chat.completions.with_raw_response.create(
+        model="gemma", messages=[{"role": "user", "content": "/rag " + question}], temperature=0, max_tokens=16
+    )
+    assert "X-Smart-Proxy-Agent-Errors" not in raw.headers
+    answer = raw.parse()
+    # the retrieved passage (with its source) went to the model: the prompt grew by it
+    assert answer.usage.prompt_tokens > plain.usage.prompt_tokens + 30
+    # and the model, which cannot know the code otherwise, read it from there
+    assert SECRET in answer.choices[0].message.content, answer.choices[0].message.content
+    assert SECRET not in (plain.choices[0].message.content or "")
+    # /rag only rewrites the request: its answer streams live, piece by piece
+    stream = ai.chat.completions.create(
+        model="gemma",
+        messages=[{"role": "user", "content": "/rag " + question}],
+        temperature=0,
+        max_tokens=16,
+        stream=True,
+    )
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len([p for p in pieces if p]) > 1
+    assert SECRET in "".join(pieces)
+    plugins = httpx.get(proxy.url + "/plugins").json()["agents"]
+    assert {(a["name"], a["loaded"]) for a in plugins} == {("rag", True), ("parallel", True), ("pall", True)}
+
+
+def test_parallel_with_the_openai_client(proxy) -> None:
+    ai = client(proxy)
+    messages = [{"role": "user", "content": "/parallel Name a colour of the rainbow."}]
+    best = ai.chat.completions.create(model="gemma", messages=messages, temperature=1.0, max_tokens=12)
+    assert len(best.choices) == 1 and best.choices[0].message.content
+    assert best.choices[0].logprobs is None  # asked for scoring only; the client did not want them
+    report = best.model_extra["smart_proxy"]["parallel"]
+    assert report["mode"] == "best" and report["pick"] == "logprob"
+    rows = report["candidates"]
+    assert [(r["model"], r["sample"], r["status"]) for r in rows] == [("gemma", 0, "ok"), ("gemma", 1, "ok")]
+    # real logprobs from llama-server scored the candidates; the best one was returned
+    scores = [r["score"] for r in rows]
+    assert all(isinstance(s, float) and math.isfinite(s) and s <= 0 for s in scores), scores
+    assert report["chosen"] == max(range(2), key=lambda i: (scores[i], -i))
+    assert all(r["seconds"] > 0 for r in rows)
+
+    every = ai.chat.completions.create(
+        model="gemma", messages=[{"role": "user", "content": "/pall Name a fruit."}], temperature=1.0, max_tokens=12
+    )
+    assert [c.index for c in every.choices] == [0, 1]
+    assert all(c.message.content for c in every.choices)
+    rows = every.model_extra["smart_proxy"]["parallel"]["candidates"]
+    assert every.usage.completion_tokens == sum(r["completion_tokens"] for r in rows)
+
+    # a buffered chain still answers a streaming client, replayed as SSE
+    stream = ai.chat.completions.create(model="gemma", messages=messages, temperature=1.0, max_tokens=12, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text
+
+
+def test_parallel_completions_and_raw_sse(proxy) -> None:
+    body = {"model": "gemma", "prompt": "/pall The sky is", "max_tokens": 8, "temperature": 1.0, "stream": True}
+    response = httpx.post(proxy.url + "/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert {choice["index"] for c in chunks for choice in c["choices"]} == {0, 1}
+    assert "parallel" in chunks[-1]["smart_proxy"]
