@@ -564,16 +564,18 @@ class Chain:
     async def _run_hook(self, ctx: AgentContext, agent: LoadedAgent, hook: str, target: str) -> None:
         # A skipped hook must leave no trace: keep what it may change, put it back if it fails.
         saved = _copy_json(getattr(ctx, target))
-        failure = await _guarded(ctx, agent, hook)
-        if failure is not None:
+        ok, _ = await _guarded(ctx, agent, hook)
+        if not ok:
             setattr(ctx, target, saved)
 
     async def _run_call(self, ctx: AgentContext, agent: LoadedAgent) -> dict[str, Any] | None:
-        result: list[dict[str, Any]] = []
-        failure = await _guarded(ctx, agent, "call", result.append)
-        if failure is None and not (result and isinstance(result[0], dict)):
-            failure = _fail(ctx, agent, "call", "error", "call() did not return a response object")
-        return None if failure is not None else result[0]
+        ok, response = await _guarded(ctx, agent, "call")
+        if not ok:
+            return None
+        if not isinstance(response, dict):
+            _fail(ctx, agent, "call", "error", f"call() returned {type(response).__name__}, not a response object")
+            return None
+        return response
 
 
 def _copy_json(value: Any) -> Any:
@@ -586,19 +588,18 @@ def _copy_json(value: Any) -> Any:
     return value
 
 
-async def _guarded(ctx: AgentContext, agent: LoadedAgent, hook: str, on_result: Any = None) -> AgentFailure | None:
-    """Run one hook within the agent's timeout; a raise or a timeout becomes an AgentFailure."""
+async def _guarded(ctx: AgentContext, agent: LoadedAgent, hook: str) -> tuple[bool, Any]:
+    """Run one hook within the agent's timeout: ``(True, result)``, or ``(False, None)`` once recorded as failed."""
     with trio.move_on_after(agent.timeout) as scope:
         try:
-            result = await getattr(agent.agent, hook)(ctx)
+            return True, await getattr(agent.agent, hook)(ctx)
         except Exception as exc:
-            return _fail(ctx, agent, hook, "error", _describe_error(exc), exc)
-        if on_result is not None:
-            on_result(result)
-        return None
+            _fail(ctx, agent, hook, "error", _describe_error(exc), exc)
+            return False, None
     # only our own deadline lands here; a cancel from outside propagates past the scope
     assert scope.cancelled_caught
-    return _fail(ctx, agent, hook, "timeout", f"no result within {agent.timeout:g}s")
+    _fail(ctx, agent, hook, "timeout", f"no result within {agent.timeout:g}s")
+    return False, None
 
 
 def _fail(

@@ -405,6 +405,24 @@ async def test_raising_hooks_are_skipped_and_named(caplog: pytest.LogCaptureFixt
     assert "request req-r: agent /raiser on_request failed, skipped: ValueError: bad request hook" in caplog.text
 
 
+async def test_a_call_that_returns_no_response_object_falls_back() -> None:
+    class Wrong(Agent):
+        description = "returns text from call"
+        name = "wrong"
+
+        async def call(self, ctx: AgentContext) -> dict:
+            return "just text"  # type: ignore[return-value]
+
+    log: list[str] = []
+    chain = Chain((*loaded(Wrong({}, Path("."))), *loaded(Answerer("b", log))), chat("x", model="m"), "chat")
+    ctx = await chain.prepare(None, None)
+    response = await chain.respond(ctx)
+    assert response["choices"][0]["message"]["content"] == "from b:<b>"
+    assert [(f.agent, f.hook, f.detail) for f in ctx.failures] == [
+        ("wrong", "call", "call() returned str, not a response object")
+    ]
+
+
 # ---- whole requests through the proxy ---------------------------------------------------
 
 
