@@ -72,31 +72,27 @@ def client(proxy) -> openai.OpenAI:
 
 def test_rag_with_the_openai_client(proxy) -> None:
     ai = client(proxy)
-    question = "What is the access code for the Zorblax vault? Answer with the code only."
-    plain = ai.chat.completions.create(
-        model="gemma", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=16
-    )
-    raw = ai.chat.completions.with_raw_response.create(
-        model="gemma", messages=[{"role": "user", "content": "/rag " + question}], temperature=0, max_tokens=16
-    )
+    # gemma-3-270m here is a base model with no chat template: a completion is the fair test
+    # of whether it read the retrieved passage. Without /rag it can only make a code up.
+    prompt = "The access code for the Zorblax vault is"
+    plain = ai.completions.create(model="gemma", prompt=prompt, temperature=0, max_tokens=8)
+    assert SECRET not in plain.choices[0].text
+    raw = ai.completions.with_raw_response.create(model="gemma", prompt="/rag " + prompt, temperature=0, max_tokens=8)
     assert "X-Smart-Proxy-Agent-Errors" not in raw.headers
     answer = raw.parse()
-    # the retrieved passage (with its source) went to the model: the prompt grew by it
-    assert answer.usage.prompt_tokens > plain.usage.prompt_tokens + 30
-    # and the model, which cannot know the code otherwise, read it from there
-    assert SECRET in answer.choices[0].message.content, answer.choices[0].message.content
-    assert SECRET not in (plain.choices[0].message.content or "")
-    # /rag only rewrites the request: its answer streams live, piece by piece
-    stream = ai.chat.completions.create(
-        model="gemma",
-        messages=[{"role": "user", "content": "/rag " + question}],
-        temperature=0,
-        max_tokens=16,
-        stream=True,
-    )
-    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
-    assert len([p for p in pieces if p]) > 1
-    assert SECRET in "".join(pieces)
+    assert SECRET in answer.choices[0].text, answer.choices[0].text
+    assert answer.usage.prompt_tokens > plain.usage.prompt_tokens + 30  # the passage and its source went in
+
+    # chat: the passage goes in as a system message, and the answer streams live, piece by piece
+    question = [{"role": "user", "content": "What is the access code for the Zorblax vault?"}]
+    asked = [{"role": "user", "content": "/rag What is the access code for the Zorblax vault?"}]
+    plain_chat = ai.chat.completions.create(model="gemma", messages=question, temperature=0, max_tokens=8)
+    rag_chat = ai.chat.completions.create(model="gemma", messages=asked, temperature=0, max_tokens=8)
+    assert rag_chat.usage.prompt_tokens > plain_chat.usage.prompt_tokens + 30
+    stream = ai.chat.completions.create(model="gemma", messages=asked, temperature=0, max_tokens=8, stream=True)
+    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    assert len(pieces) > 1
+    assert "".join(pieces) == rag_chat.choices[0].message.content  # same prompt, temperature 0
     plugins = httpx.get(proxy.url + "/plugins").json()["agents"]
     assert {(a["name"], a["loaded"]) for a in plugins} == {("rag", True), ("parallel", True), ("pall", True)}
 
