@@ -13,7 +13,7 @@ behave, so each catalog entry in a test can act differently::
      "ignore_sigterm": false, # only SIGKILL stops it
      "content": "text",       # answer with this text instead of "tok0 tok1 ..."
      "echo": false,           # answer with the request body, exactly as received
-     "status": 500,           # answer chat/completions with this error status
+     "reject": {"status": 400, "message": "..."},       # completions answer this error
      "logprob": -0.5}         # with "logprobs" in the request: every token's logprob
 
 Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias.
@@ -27,6 +27,7 @@ import argparse
 import json
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -59,6 +60,12 @@ class State:
 def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            # headers and body go out in two writes; without this, Nagle holds the body back
+            # until the client's delayed ACK (~40 ms per non-streamed answer)
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             pass
@@ -103,9 +110,11 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             if self.path not in ("/v1/chat/completions", "/v1/completions"):
                 self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
                 return
-            if "status" in state.behaviour:
-                status = int(state.behaviour["status"])
-                self._json(status, {"error": {"code": status, "message": "fake failure", "type": "server_error"}})
+            reject = state.behaviour.get("reject")
+            if reject:
+                status = int(reject.get("status", 400))
+                message = reject.get("message", "rejected")
+                self._json(status, {"error": {"code": status, "message": message, "type": "invalid_request_error"}})
                 return
             with state.lock:
                 state.busy += 1
