@@ -534,7 +534,9 @@ async def test_upstream_error_in_a_buffered_chain_keeps_its_status(
     make_config, start_proxy, agent_dir: Path, http
 ) -> None:
     write_agent(agent_dir, "a", marker("a"))
-    url = await start_proxy(with_agents(make_config({"bad": {"reject": {"status": 400, "message": "fake failure"}}}), agent_dir, "a"))
+    url = await start_proxy(
+        with_agents(make_config({"bad": {"reject": {"status": 400, "message": "fake failure"}}}), agent_dir, "a")
+    )
     response = await http.post(url + "/v1/chat/completions", json=chat("/a hi", model="bad"))
     assert response.status_code == 400
     assert "fake failure" in response.json()["error"]["message"]
