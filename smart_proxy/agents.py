@@ -183,12 +183,14 @@ class AgentContext:
         self.payload = _with_text(self.payload, self.kind, value)
 
     def headers(self) -> dict[str, str]:
-        """Response headers: the request id, and the failed agents when there are any."""
-        headers = {"X-Request-Id": self.request_id}
-        if self.failures:
-            seen = dict.fromkeys(f"{f.agent}:{f.reason}" for f in self.failures)
-            headers[ERRORS_HEADER] = ", ".join(seen)
-        return headers
+        """Response headers: the failed agents, when there are any.
+
+        (The request id is the edge's to echo, like every response's; the agents only log it.)
+        """
+        if not self.failures:
+            return {}
+        seen = dict.fromkeys(f"{f.agent}:{f.reason}" for f in self.failures)
+        return {ERRORS_HEADER: ", ".join(seen)}
 
     async def complete(self, payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Ask a model, through the proxy's pool, without streaming; return its response.
