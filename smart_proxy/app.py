@@ -1,7 +1,7 @@
 """The Quart-Trio application: routes of every dialect over one shared state.
 
 :func:`create_app` takes a :class:`ProxyState` (config, catalog, pool, HTTP
-client, lifecycle, metrics, API keys), all owned by the root nursery in
+client, lifecycle, metrics, API keys, agents), all owned by the root nursery in
 :mod:`smart_proxy.server`; the app holds no long-lived work of its own. Errors are
 rendered in the dialect of the route that raised them: Ollama's
 ``{"error": "..."}`` under ``/api/``, the OpenAI error object everywhere else.
@@ -19,6 +19,7 @@ from quart import Quart, Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from .agents import AgentRegistry
 from .auth import ApiKeys
 from .backends.ollama import UpstreamMonitor
 from .catalog import Catalog
@@ -43,6 +44,8 @@ class ProxyState:
     metrics: Metrics = attrs.Factory(Metrics)
     api_keys: ApiKeys = attrs.Factory(ApiKeys)
     upstreams: UpstreamMonitor = attrs.Factory(lambda self: UpstreamMonitor(self.http, ()), takes_self=True)
+    #: The slash-command agents loaded at start-up (none unless [agents] enables some).
+    agents: AgentRegistry = attrs.Factory(AgentRegistry)
 
 
 def state() -> ProxyState:

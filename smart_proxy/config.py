@@ -27,6 +27,7 @@ from cattrs.gen import make_dict_structure_fn
 from .errors import ConfigError
 
 __all__ = [
+    "AGENT_NAME",
     "AgentsConfig",
     "CatalogConfig",
     "Config",
@@ -71,6 +72,10 @@ def is_repo_pattern(text: str) -> bool:
     """A file name or glob inside a repo: relative, ``/``-separated, no ``..`` or empty parts."""
     parts = text.split("/")
     return bool(text) and "\\" not in text and "\0" not in text and all(part not in ("", ".", "..") for part in parts)
+#: What an agent (a folder under ``[agents] dir``, typed as ``/NAME``) may be called.
+AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: ``[agents] timeout.NAME = 2m`` overrides ``timeout`` for one agent.
+_AGENT_TIMEOUT_PREFIX = "timeout."
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -185,9 +190,17 @@ class ModelConfig:
 
 @attrs.frozen
 class AgentsConfig:
+    #: The folder holding one folder per agent; relative to proxy.ini's folder.
     dir: str = "agents"
+    #: The agents whose slash commands are taken, e.g. ``rag, parallel``.
     enabled: tuple[str, ...] = ()
+    #: How long one hook of an agent may run before it is skipped.
     timeout: Duration = Duration(30.0)
+    #: Per-agent overrides of ``timeout``, written ``timeout.NAME = 2m`` in ``[agents]``.
+    timeouts: dict[str, Duration] = attrs.Factory(dict)
+
+    def timeout_for(self, name: str) -> float:
+        return self.timeouts.get(name, self.timeout)
 
 
 @attrs.frozen
@@ -253,6 +266,8 @@ def _where(path: str) -> str:
     parts = [part.strip("[]'\"") for part in re.split(r"\.|(?=\[)", path.removeprefix("$").lstrip(".")) if part]
     if parts[:1] == ["models"] and len(parts) >= 2:
         section, rest = f"model:{parts[1]}", parts[2:]
+    elif parts[:2] == ["agents", "timeouts"] and len(parts) >= 3:
+        section, rest = "agents", [_AGENT_TIMEOUT_PREFIX + parts[2]]
     elif parts:
         section, rest = parts[0], parts[1:]
     else:
@@ -295,7 +310,9 @@ def structure(raw: dict[str, dict[str, str]], base_dir: str = ".") -> Config:
             if not name:
                 raise ConfigError(f"[{section}]: a model section needs a name, e.g. [model:gemma3-270m]")
             data["models"][name] = {"name": name, **values}  # type: ignore[index]
-        elif section in ("proxy", "pool", "agents", "catalog"):
+        elif section == "agents":
+            data[section] = _gather_agent_timeouts(values)
+        elif section in ("proxy", "pool", "catalog"):
             data[section] = dict(values)
         else:
             raise ConfigError(f"[{section}]: unknown section (known: proxy, pool, agents, catalog, model:NAME)")
@@ -307,6 +324,20 @@ def structure(raw: dict[str, dict[str, str]], base_dir: str = ".") -> Config:
     for model in config.models.values():
         _check_model(model, base_dir)
     return config
+
+
+def _gather_agent_timeouts(values: dict[str, str]) -> dict[str, object]:
+    """``timeout.rag = 5s`` keys of ``[agents]`` -> ``{"timeouts": {"rag": "5s"}}``."""
+    section: dict[str, object] = {}
+    timeouts: dict[str, str] = {}
+    for key, value in values.items():
+        if key.startswith(_AGENT_TIMEOUT_PREFIX):
+            timeouts[key.removeprefix(_AGENT_TIMEOUT_PREFIX)] = value
+        else:
+            section[key] = value
+    if timeouts:
+        section["timeouts"] = timeouts
+    return section
 
 
 def _check_ranges(config: Config) -> None:
@@ -327,6 +358,16 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(f"[model:{model.name}] replicas: must be at least 1")
         if model.backend not in ("llama", "ollama"):
             raise ConfigError(f"[model:{model.name}] backend: must be llama or ollama, not {model.backend!r}")
+    agents = config.agents
+    for name in agents.enabled:
+        if not AGENT_NAME.match(name):
+            raise ConfigError(f"[agents] enabled: {name!r} is not an agent name (the name of a folder in [agents] dir)")
+    for name, seconds in {"": agents.timeout, **agents.timeouts}.items():
+        key = f"{_AGENT_TIMEOUT_PREFIX}{name}" if name else "timeout"
+        if name and not AGENT_NAME.match(name):
+            raise ConfigError(f"[agents] {key}: {name!r} is not an agent name")
+        if seconds <= 0:
+            raise ConfigError(f"[agents] {key}: must be more than 0")
 
 
 def _check_model(model: ModelConfig, base_dir: str) -> None:

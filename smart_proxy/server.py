@@ -1,9 +1,10 @@
 """The root nursery: Hypercorn serving the app, the pool and the downloads, side by side.
 
 :func:`serve` is the whole life of a proxy. It finds llama-server, reads the API
-keys and the Hypercorn settings (so a mistake stops start-up with one line), opens
-the shared HTTP client, starts the Hugging Face downloads service, the pool and then Hypercorn in one nursery, marks
-the proxy ready and reports the bound addresses through ``task_status``.
+keys and the Hypercorn settings (so a mistake stops start-up with one line), loads
+the agents, opens the shared HTTP client, starts the Hugging Face downloads service,
+the pool and then Hypercorn in one nursery, marks the proxy ready and reports the
+bound addresses through ``task_status``.
 
 Draining: when ``shutdown_trigger`` returns (SIGINT or SIGTERM from the CLI) the
 lifecycle turns DRAINING at once: ``/health/ready`` answers 503 and so does every
@@ -25,6 +26,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from .agents import AgentRegistry
 from .app import ProxyState, create_app
 from .auth import ApiKeys
 from .backends.ollama import UpstreamMonitor
@@ -116,6 +118,7 @@ async def serve(
     downloads = Downloads()
     catalog = Catalog(config.models, config.base_dir, config.catalog, downloads)
     api_keys = ApiKeys.from_config(config.proxy, config.base_dir)
+    agents = AgentRegistry.load(config.agents, config.base_dir)
     host = host or config.proxy.host
     port = config.proxy.port if port is None else port
     hc = hypercorn_config(config, host, port)
@@ -128,11 +131,18 @@ async def serve(
         metrics.track(pool, lifecycle)
         upstreams = UpstreamMonitor(http, catalog)
         await nursery.start(upstreams.run)
-        app = create_app(
-            ProxyState(
-                config, catalog, pool, http, lifecycle=lifecycle, metrics=metrics, api_keys=api_keys, upstreams=upstreams
-            )
+        proxy_state = ProxyState(
+            config,
+            catalog,
+            pool,
+            http,
+            lifecycle=lifecycle,
+            metrics=metrics,
+            api_keys=api_keys,
+            upstreams=upstreams,
+            agents=agents,
         )
+        app = create_app(proxy_state)
         stopped = trio.Event()
 
         async def trigger_then_drain() -> None:

@@ -16,6 +16,9 @@ behave, so each catalog entry in a test can act differently::
      "reasoning": "hmm",      # chat answers carry this reasoning_content first
      "tool_call": {"name": "f", "arguments": {"x": 1}},  # chat with tools answers this call
      "reject": {"status": 400, "message": "..."},       # completions answer this error
+     "content": "text",       # answer with this text instead of "tok0 tok1 ..."
+     "echo": false,           # answer with the request body, exactly as received
+     "logprob": -0.5,         # with "logprobs" in the request: every token's logprob
      "break_after": 2}        # streams stop dead after this many tokens (a crash mid-answer)
 
 Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias, and
@@ -38,6 +41,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -89,6 +93,12 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def setup(self) -> None:
+            super().setup()
+            # headers and body go out in two writes; without this, Nagle holds the body back
+            # until the client's delayed ACK (~40 ms per non-streamed answer)
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             pass
 
@@ -127,8 +137,9 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
+            self.raw_body = self.rfile.read(length)
             try:
-                body = json.loads(self.rfile.read(length) or b"{}")
+                body = json.loads(self.raw_body or b"{}")
             except ValueError:
                 self._json(400, {"error": {"code": 400, "message": "bad json", "type": "invalid_request_error"}})
                 return
@@ -164,6 +175,15 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             tokens = int(body.get("max_tokens") or state.behaviour.get("tokens", 5))
             delay = float(state.behaviour.get("token_delay", 0.0))
             words = [f"tok{i} " for i in range(tokens)]
+            if state.behaviour.get("echo"):
+                words = self._pieces(self.raw_body.decode())
+            elif "content" in state.behaviour:
+                words = self._pieces(str(state.behaviour["content"]))
+            tokens = len(words)
+            logprobs = None
+            if body.get("logprobs") and "logprob" in state.behaviour:
+                value = float(state.behaviour["logprob"])
+                logprobs = {"content": [{"token": w, "logprob": value, "top_logprobs": []} for w in words]}
             created = int(time.time())
             reasoning = state.behaviour.get("reasoning") if chat else None
             tool_call = state.behaviour.get("tool_call") if chat and body.get("tools") else None
@@ -175,6 +195,8 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 time.sleep(delay * tokens)
                 text = "".join(words)
                 choice = {"index": 0, "finish_reason": finish}
+                if logprobs is not None:
+                    choice["logprobs"] = logprobs
                 if chat:
                     message = {"role": "assistant", "content": "" if tool_call else text}
                     if reasoning:
@@ -221,6 +243,12 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             event({"delta": {}}, finish, usage=usage, timings=timings)
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
+
+        @staticmethod
+        def _pieces(text: str) -> list[str]:
+            """``text`` in pieces that join back to it exactly, a word (and its space) each."""
+            pieces = re.findall(r"\S+\s*|\s+", text)
+            return pieces or [""]
 
         def _chunk(self, data: bytes) -> None:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

@@ -62,6 +62,23 @@ def test_defaults_and_types(tmp_path: Path) -> None:
     assert config.base_dir == str(tmp_path.resolve())
 
 
+def test_agents_section(tmp_path: Path) -> None:
+    ini = tmp_path / "proxy.ini"
+    ini.write_text("[agents]\ndir = plugins\nenabled = rag, parallel json\ntimeout = 5s\ntimeout.parallel = 2m\n")
+    agents = load_config(ini).agents
+    assert agents.dir == "plugins"
+    assert agents.enabled == ("rag", "parallel", "json")
+    assert agents.timeout == 5.0
+    assert agents.timeouts == {"parallel": 120.0}
+    assert agents.timeout_for("parallel") == 120.0
+    assert agents.timeout_for("rag") == 5.0
+
+
+def test_agents_defaults() -> None:
+    agents = structure({}).agents
+    assert (agents.dir, agents.enabled, agents.timeout, agents.timeouts) == ("agents", (), 30.0, {})
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -94,6 +111,12 @@ def test_defaults_and_types(tmp_path: Path) -> None:
         ({"proxy": {"max_body": "lots"}}, "[proxy] max_body: not a size"),
         ({"proxy": {"max_body": "0"}}, "[proxy] max_body: must be at least 1 byte"),
         ({"proxy": {"api_kyes": "x"}}, "[proxy] api_kyes: unknown key"),
+        ({"agents": {"timeout.parallel": "soon"}}, "[agents] timeout.parallel: not a duration"),
+        ({"agents": {"timeout.rag": "0s"}}, "[agents] timeout.rag: must be more than 0"),
+        ({"agents": {"timeout": "-1s"}}, "[agents] timeout: must be more than 0"),
+        ({"agents": {"timeout./x": "1s"}}, "[agents] timeout./x: '/x' is not an agent name"),
+        ({"agents": {"enabled": "rag, /parallel"}}, "[agents] enabled: '/parallel' is not an agent name"),
+        ({"agents": {"enable": "rag"}}, "[agents] enable: unknown key"),
     ],
 )
 def test_errors_name_section_and_key(raw: dict, message: str) -> None:

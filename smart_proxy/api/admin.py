@@ -1,9 +1,10 @@
-"""The proxy's own routes: the probes, the detailed health view, and the metrics.
+"""The proxy's own routes: the probes, the detailed health view, the metrics, and the agents.
 
 ``/health`` is liveness: 200 whenever the process serves, with the in-memory
 view of the pool (no upstream call). ``/health/ready`` is readiness: 200 only
 while the proxy takes new requests, 503 while starting or draining. Both are
 public; ``/metrics`` is Prometheus text and needs a key when keys are set.
+``/plugins`` lists the agents found at start-up.
 """
 
 from __future__ import annotations
@@ -65,3 +66,9 @@ async def ready() -> Response:
 async def metrics() -> Response:
     body, content_type = state().metrics.render()
     return Response(body, content_type=content_type)
+
+
+@blueprint.get("/plugins")
+async def plugins() -> Response:
+    """Every discovered agent: name, description, enabled, loaded, or the error that stopped it."""
+    return _json({"agents": state().agents.describe()})

@@ -1,7 +1,9 @@
 """OpenAI's API over the pool: chat and text completions, embeddings, models.
 
 Bodies are forwarded unchanged; llama-server is started with ``--alias NAME``
-so the ``model`` it reports is already the name the client asked for.
+so the ``model`` it reports is already the name the client asked for. A chat or
+completion whose user text starts with agent commands (``/rag ...``) goes through
+the agent chain instead (the section at the end; see :mod:`smart_proxy.agents`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import time
 
 from quart import Blueprint, Response, request
 
-from ..app import state
+from .. import logs
+from ..agents import Chain
+from ..app import ProxyState, state
 from ..backends import ollama as ollama_backend
 from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
@@ -60,25 +64,35 @@ async def forward(path: str, required: str) -> Response:
     note_model(target.name)
     if target.backend == "ollama":  # served by an upstream Ollama through its /v1 routes, not the pool
         return await ollama_backend.forward(proxy.http, target, "POST", path, payload=payload, raw=raw)
+    chain = proxy.agents.activate(payload, _AGENT_KINDS[path]) if path in _AGENT_KINDS else None
+    if chain is not None:
+        return await forward_with_agents(proxy, path, chain)
+    return await send(proxy, path, model, raw, stream=payload.get("stream") is True)
+
+
+async def send(
+    proxy: ProxyState, path: str, model: str, body: bytes, *, stream: bool, headers: dict[str, str] | None = None
+) -> Response:
+    """POST ``body`` to a llama-server for ``model`` and relay its answer (a stream as it arrives)."""
     lease = await proxy.pool.acquire(model)
     try:
         upstream = await open_upstream(
-            proxy.http, "POST", lease.base_url + path, content=raw, headers={"Content-Type": "application/json"}
+            proxy.http, "POST", lease.base_url + path, content=body, headers={"Content-Type": "application/json"}
         )
     except BaseException:
         lease.release()
         raise
-    if payload.get("stream") is True and upstream.status_code == 200:
+    if stream and upstream.status_code == 200:
         return Response(
             StreamBody(relay(upstream, on_error=sse_error), upstream=upstream, on_done=lease.release),
             status=upstream.status_code,
-            headers={**upstream.headers, **_SSE_HEADERS},
+            headers={**upstream.headers, **_SSE_HEADERS, **(headers or {})},
         )
     try:
-        body = await upstream.read()
+        answer = await upstream.read()
     finally:
         lease.release()
-    return Response(body, status=upstream.status_code, headers=upstream.headers)
+    return Response(answer, status=upstream.status_code, headers={**upstream.headers, **(headers or {})})
 
 
 @blueprint.post("/v1/chat/completions")
@@ -112,3 +126,58 @@ async def models() -> Response:
         for model in proxy.catalog
     ]
     return Response(json.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+# ---- agents: a request that starts with /commands ----------------------------------------
+
+_AGENT_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+async def forward_with_agents(proxy: ProxyState, path: str, chain: Chain) -> Response:
+    """Run the chain's hooks around the upstream call; a buffered stream is replayed as SSE."""
+    ctx = await chain.prepare(proxy.pool, proxy.http, logs.request_id.get())
+    if chain.live:
+        body = json.dumps(ctx.payload).encode()
+        stream = ctx.payload.get("stream") is True
+        return await send(proxy, path, ctx.model, body, stream=stream, headers=ctx.headers())
+    response = await chain.respond(ctx)
+    if ctx.stream:
+        return Response(
+            replay_sse(response, ctx.kind),
+            headers={"Content-Type": "text/event-stream", **_SSE_HEADERS, **ctx.headers()},
+        )
+    return Response(json.dumps(response), content_type="application/json", headers=ctx.headers())
+
+
+def replay_sse(response: dict, kind: str) -> bytes:
+    """A complete chat.completion or text_completion as the SSE stream that would have carried it.
+
+    Per choice, one chunk with all its text and one with its finish_reason; the last
+    chunk carries ``usage`` and any extra top-level fields (as llama-server's does),
+    then ``data: [DONE]``.
+    """
+    known = {"id", "object", "created", "model", "choices", "usage", "system_fingerprint"}
+    base = {key: response[key] for key in ("id", "created", "model", "system_fingerprint") if key in response}
+    base["object"] = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    chunks: list[dict] = []
+    for choice in response.get("choices") or []:
+        index = choice.get("index", 0)
+        if kind == "chat":
+            message = dict(choice.get("message") or {})
+            message.setdefault("role", "assistant")
+            if message.get("tool_calls"):
+                message["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+            first = {"index": index, "delta": message, "logprobs": choice.get("logprobs"), "finish_reason": None}
+            last = {"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}
+        else:
+            text = choice.get("text", "")
+            first = {"index": index, "text": text, "logprobs": choice.get("logprobs"), "finish_reason": None}
+            last = {"index": index, "text": "", "finish_reason": choice.get("finish_reason")}
+        chunks += [{**base, "choices": [first]}, {**base, "choices": [last]}]
+    if not chunks:
+        chunks.append({**base, "choices": []})
+    chunks[-1].update({key: value for key, value in response.items() if key not in known})
+    if "usage" in response:
+        chunks[-1]["usage"] = response["usage"]
+    events = [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks]
+    return b"".join(events) + b"data: [DONE]\n\n"
