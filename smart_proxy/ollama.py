@@ -19,7 +19,9 @@ in :mod:`smart_proxy.api.ollama` hold the lease and move the bytes.
   partial objects as they come, gathers tool-call fragments, ``usage`` and
   llama-server's ``timings``, and ends with the ``done`` object and its durations
   (nanoseconds, like Ollama's). Where llama-server gave no timings, the durations
-  are measured here instead.
+  are measured here instead. An agent chain's answer (:mod:`smart_proxy.agents`)
+  is translated the same way; what it adds beyond one choice (an agent's report,
+  more choices) comes from :meth:`Answer.extras`.
 """
 
 from __future__ import annotations
