@@ -151,6 +151,8 @@ class AgentContext:
     the OpenAI response once there is one. ``state`` is scratch space the hooks of
     one request share (key it by your agent's name). ``stream`` says whether the
     client asked for a stream; how upstream is called is the chain's business.
+    ``keep_alive`` is an Ollama client's ``keep_alive`` in seconds (None from OpenAI
+    clients): every model the request reaches through ``complete`` gets it.
     """
 
     request_id: str
@@ -161,6 +163,7 @@ class AgentContext:
     response: dict[str, Any] | None = None
     state: dict[str, Any] = attrs.Factory(dict)
     failures: list[AgentFailure] = attrs.Factory(list)
+    keep_alive: float | None = None
     pool: Pool | None = attrs.field(default=None, repr=False)
     http: httpx.AsyncClient | None = attrs.field(default=None, repr=False)
 
@@ -221,7 +224,7 @@ class AgentContext:
             raise BadRequest("missing 'model': name the model to use")
         body = {key: value for key, value in payload.items() if key != "stream_options"}
         body["stream"] = False
-        lease = await self.pool.acquire(model)
+        lease = await self.pool.acquire(model, keep_alive=self.keep_alive)
         try:
             upstream = await open_upstream(
                 self.http,
@@ -521,15 +524,24 @@ class Chain:
         return tuple(agent.name for agent in self.agents)
 
     async def prepare(
-        self, pool: Pool | None, http: httpx.AsyncClient | None, request_id: str | None = None
+        self,
+        pool: Pool | None,
+        http: httpx.AsyncClient | None,
+        request_id: str | None = None,
+        *,
+        keep_alive: float | None = None,
     ) -> AgentContext:
-        """Make the request's context and run every request hook, in the order written."""
+        """Make the request's context and run every request hook, in the order written.
+
+        ``keep_alive`` (seconds; an Ollama client's) applies to every lease ``ctx.complete`` takes.
+        """
         ctx = AgentContext(
             request_id=request_id or new_request_id(),
             kind=self.kind,
             payload=self.payload,
             stream=self.payload.get("stream") is True,
             agents=self.names,
+            keep_alive=keep_alive,
             pool=pool,
             http=http,
         )

@@ -19,7 +19,9 @@ in :mod:`smart_proxy.api.ollama` hold the lease and move the bytes.
   partial objects as they come, gathers tool-call fragments, ``usage`` and
   llama-server's ``timings``, and ends with the ``done`` object and its durations
   (nanoseconds, like Ollama's). Where llama-server gave no timings, the durations
-  are measured here instead.
+  are measured here instead. An agent chain's answer (:mod:`smart_proxy.agents`)
+  is translated the same way; what it adds beyond one choice (an agent's report,
+  more choices) comes from :meth:`Answer.extras`.
 """
 
 from __future__ import annotations
@@ -165,6 +167,11 @@ class Translated:
     stream: bool
     #: The request has images (the model must take them).
     has_images: bool = False
+
+    @property
+    def kind(self) -> str:
+        """``chat`` or ``completion``: which OpenAI shape ``body`` has (what agents see)."""
+        return "chat" if self.path == "/v1/chat/completions" else "completion"
 
 
 def _sampling(options: object) -> dict[str, Any]:
@@ -443,6 +450,10 @@ class SSEParser:
 
 
 _DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop", "function_call": "stop"}
+#: The top-level fields of an OpenAI answer that :class:`Answer` translates (or drops); see :meth:`Answer.extras`.
+_OPENAI_ANSWER_FIELDS = frozenset(
+    {"id", "object", "created", "model", "choices", "usage", "timings", "system_fingerprint"}
+)
 
 
 class Answer:
@@ -519,16 +530,44 @@ class Answer:
         choices = body.get("choices") or [{}]
         choice = choices[0]
         self._finish = choice.get("finish_reason")
-        if self.chat_source(choice):
-            message = choice.get("message") or {}
-            text, thinking = message.get("content") or "", message.get("reasoning_content")
-            calls = [_ollama_tool_call(call, i) for i, call in enumerate(message.get("tool_calls") or [])]
-        else:
-            text, thinking, calls = choice.get("text") or "", None, []
+        text, thinking, calls = self._parts(choice)
         if text and self._first is None:
             self._first = self._loaded
         piece = self._piece(text, thinking, calls or None, _logprobs(choice.get("logprobs")), done=True)
         return {**piece, **self._stats()}
+
+    def extras(self, body: dict[str, Any]) -> dict[str, Any]:
+        """What an agent's OpenAI answer holds beyond what :meth:`complete` translates.
+
+        Its extra top-level fields (an agent's report, such as ``smart_proxy``), and, when
+        it has several choices (``/parallel`` with ``mode = "all"``; Ollama has no ``n``),
+        every choice in Ollama's shape under ``smart_proxy.choices``. The routes add
+        these to the last object they send.
+        """
+        out = {key: value for key, value in body.items() if key not in _OPENAI_ANSWER_FIELDS}
+        choices = body.get("choices") or []
+        if len(choices) > 1:
+            report = out.get("smart_proxy")
+            report = dict(report) if isinstance(report, dict) else {}
+            report["choices"] = [self._alternative(choice) for choice in choices]
+            out["smart_proxy"] = report
+        return out
+
+    def _parts(self, choice: dict[str, Any]) -> tuple[str, str | None, list[dict[str, Any]]]:
+        """A whole choice's text, thinking and (Ollama-shaped) tool calls."""
+        if self.chat_source(choice):
+            message = choice.get("message") or {}
+            calls = [_ollama_tool_call(call, i) for i, call in enumerate(message.get("tool_calls") or [])]
+            return message.get("content") or "", message.get("reasoning_content"), calls
+        return choice.get("text") or "", None, []
+
+    def _alternative(self, choice: dict[str, Any]) -> dict[str, Any]:
+        text, thinking, calls = self._parts(choice)
+        piece = self._piece(text, thinking, calls or None, _logprobs(choice.get("logprobs")), done=True)
+        view = {key: value for key, value in piece.items() if key not in ("model", "created_at", "done")}
+        finish = choice.get("finish_reason") or "stop"
+        view["done_reason"] = _DONE_REASONS.get(finish, finish)
+        return view
 
     @staticmethod
     def chat_source(choice: dict[str, Any]) -> bool:

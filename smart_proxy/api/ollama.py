@@ -13,6 +13,12 @@ An empty ``/api/chat`` or ``/api/generate`` (no messages, no prompt) loads the
 model and answers ``done_reason: "load"``; with ``keep_alive: 0`` it unloads the
 model instead (``"unload"``) and answers once its idle servers have stopped.
 Errors are Ollama's ``{"error": "..."}`` with the status our error carries.
+
+Agents: a chat or generate whose user text starts with agent commands
+(``/rag ...``) runs the agent chain (:mod:`smart_proxy.agents`) on the OpenAI body
+the translation made, exactly as the OpenAI routes do; only the answer is
+translated back (a buffered chain's final answer is replayed through the same SSE
+-> NDJSON translation a live stream takes). Without a command nothing changes.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+import attrs
 import httpx
 import trio
 from quart import Blueprint, Response, request
 
+from .. import logs
 from .. import ollama as translate
+from ..agents import Chain
 from ..app import ProxyState, state
 from ..backends import ollama as upstreams
 from ..config import ModelConfig
@@ -37,7 +46,7 @@ from ..errors import BadRequest, ProxyError
 from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
 from ..relay import StreamBody, Upstream, open_upstream, relay
-from .openai import parse_body, sse_error
+from .openai import parse_body, replay_sse, sse_error
 
 __all__ = ["blueprint", "error_response"]
 
@@ -149,7 +158,12 @@ async def _post(http: httpx.AsyncClient, lease: Lease, path: str, body: dict[str
 
 
 async def _generate(
-    proxy: ProxyState, name: str, call: translate.Translated, keep_alive: float | None, answer: translate.Answer
+    proxy: ProxyState,
+    name: str,
+    call: translate.Translated,
+    keep_alive: float | None,
+    answer: translate.Answer,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
     answer.loaded()
@@ -168,11 +182,13 @@ async def _generate(
         if upstream.status_code != 200:
             raise translate.upstream_failure(upstream.status_code, body, f"llama-server for {lease.server.name!r}")
         try:
-            return _json(answer.complete(json.loads(body)))
+            reply = _json(answer.complete(json.loads(body)))
         except ValueError as exc:
             raise translate.upstream_failure(502, body, "llama-server answered something that is not JSON") from exc
+        reply.headers.update(headers or {})
+        return reply
     body = StreamBody(_ndjson_stream(upstream, answer, lease), upstream=upstream, on_done=lease.release)
-    return Response(body, status=200, headers=_NDJSON_HEADERS)
+    return Response(body, status=200, headers={**_NDJSON_HEADERS, **(headers or {})})
 
 
 async def _ndjson_stream(upstream: Upstream, answer: translate.Answer, lease: Lease) -> AsyncIterator[bytes]:
@@ -236,6 +252,9 @@ async def chat() -> Response:
         return await _load_or_unload(proxy, name, keep_alive, answer)
     call = translate.chat_request(payload, model.name)
     await _check_think(proxy, model, name, payload.get("think"))
+    chain = proxy.agents.activate(call.body, call.kind)
+    if chain is not None:
+        return await _generate_with_agents(proxy, name, model, payload, call, keep_alive, answer, chain)
     return await _generate(proxy, name, call, keep_alive, answer)
 
 
@@ -254,7 +273,63 @@ async def generate() -> Response:
         return await _load_or_unload(proxy, name, keep_alive, answer)
     call = translate.generate_request(payload, model.name)
     await _check_think(proxy, model, name, payload.get("think"))
+    chain = proxy.agents.activate(call.body, call.kind)
+    if chain is not None:
+        return await _generate_with_agents(proxy, name, model, payload, call, keep_alive, answer, chain)
     return await _generate(proxy, name, call, keep_alive, answer)
+
+
+# ---- agents: a chat or generate that starts with /commands ---------------------------------
+
+
+async def _generate_with_agents(
+    proxy: ProxyState,
+    name: str,
+    model: ModelConfig,
+    payload: dict[str, Any],
+    call: translate.Translated,
+    keep_alive: float | None,
+    answer: translate.Answer,
+    chain: Chain,
+) -> Response:
+    """Run the chain over ``call``'s OpenAI body, and answer in Ollama's shape.
+
+    A live chain's rewritten body goes upstream the ordinary way (:func:`_generate`),
+    to the model the request hooks chose. A buffered chain's final OpenAI answer is
+    translated like llama-server's; for a stream it is replayed as the SSE a live
+    answer would have been (:func:`~smart_proxy.api.openai.replay_sse`) and that is
+    translated into NDJSON, line by line, by the same code as a live stream.
+    The answer names the model the client asked for, unless an agent sent the
+    request to another one; then it names that one.
+    """
+    ctx = await chain.prepare(proxy.pool, proxy.http, logs.request_id.get(), keep_alive=keep_alive)
+    if chain.live:
+        target = name
+        if proxy.catalog.find(ctx.model) is not model:  # a request hook chose another model
+            other = proxy.catalog.get(ctx.model)
+            if other.backend == "ollama":
+                raise BadRequest(f"an agent sent the request to {ctx.model!r}, an Ollama upstream, which agents cannot reach")
+            await _check_think(proxy, other, ctx.model, payload.get("think"))
+            target = answer.model = ctx.model
+        rewritten = attrs.evolve(call, body=ctx.payload)
+        return await _generate(proxy, target, rewritten, keep_alive, answer, headers=ctx.headers())
+    response = await chain.respond(ctx)
+    answered = response.get("model")
+    if isinstance(answered, str) and proxy.catalog.find(answered) not in (None, model):
+        answer.model = answered
+    extras = answer.extras(response)
+    if not ctx.stream:
+        reply = answer.complete(response)
+        reply.update({key: value for key, value in extras.items() if key not in reply})
+        result = _json(reply)
+        result.headers.update(ctx.headers())
+        return result
+    first = {**response, "choices": (response.get("choices") or [])[:1]}  # Ollama has no n
+    objects = [obj for event in translate.SSEParser().feed(replay_sse(first, ctx.kind)) for obj in answer.feed(event)]
+    objects += answer.final()
+    objects[-1].update({key: value for key, value in extras.items() if key not in objects[-1]})
+    body = b"".join(translate.ndjson(obj) for obj in objects)
+    return Response(body, status=200, headers={**_NDJSON_HEADERS, **ctx.headers()})
 
 
 # ---- embeddings ---------------------------------------------------------------------------

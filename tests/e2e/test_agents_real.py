@@ -1,8 +1,8 @@
-"""/rag and /parallel end to end: the proxy as a process, the real llama-server and gemma, the openai client.
+"""/rag and /parallel end to end: the proxy as a process, the real llama-server and gemma,
+the openai client and the official ollama client.
 
 The agents are the bundled ones (their agent.py copied next to a config of the
-test's making). The Ollama-client half of the acceptance test waits for the
-Ollama dialect's routes.
+test's making). Generations are kept to a few tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import ollama
 import openai
 import pytest
 
@@ -74,6 +75,12 @@ def problems(proxy) -> str:
 @pytest.fixture
 def ai(proxy) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture
+def ol(proxy) -> Iterator[ollama.Client]:
+    with ollama.Client(host=proxy.url, timeout=120) as client:
         yield client
 
 
@@ -145,3 +152,63 @@ def test_parallel_completions_and_raw_sse(proxy) -> None:
     assert {c["object"] for c in chunks} == {"text_completion"}
     assert {choice["index"] for c in chunks for choice in c["choices"]} == {0, 1}
     assert "parallel" in chunks[-1]["smart_proxy"]
+
+
+# ---- the same agents through the Ollama dialect ------------------------------------------
+
+
+def test_rag_with_the_ollama_client(proxy, ol: ollama.Client) -> None:
+    prompt = "The access code for the Zorblax vault is"
+    few = {"temperature": 0, "num_predict": 8}
+    plain = ol.generate(model="gemma", prompt=prompt, raw=True, options=few)
+    assert SECRET not in plain.response
+    answer = ol.generate(model="gemma", prompt="/rag " + prompt, raw=True, options=few)
+    assert SECRET in answer.response, answer.response
+    assert answer.prompt_eval_count > plain.prompt_eval_count + 30  # the passage and its source went in
+
+    # chat: the passage goes in as a system message; a live chain streams NDJSON piece by piece
+    asked = [{"role": "user", "content": "/rag What is the access code for the Zorblax vault?"}]
+    question = [{"role": "user", "content": "What is the access code for the Zorblax vault?"}]
+    plain_chat = ol.chat(model="gemma", messages=question, options=few)
+    rag_chat = ol.chat(model="gemma", messages=asked, options=few)
+    assert rag_chat.prompt_eval_count > plain_chat.prompt_eval_count + 30
+    parts = list(ol.chat(model="gemma:latest", messages=asked, options=few, stream=True))
+    assert len(parts) > 2 and parts[-1].done and parts[-1].model == "gemma:latest"
+    assert "".join(p.message.content for p in parts) == rag_chat.message.content  # same prompt, temperature 0
+    seen = httpx.post(proxy.url + "/api/chat", json={"model": "gemma", "messages": asked, "options": few}, timeout=120)
+    assert seen.status_code == 200 and "X-Smart-Proxy-Agent-Errors" not in seen.headers
+    assert seen.headers["content-type"] == "application/x-ndjson"
+
+
+def test_parallel_with_the_ollama_client(proxy, ol: ollama.Client) -> None:
+    messages = [{"role": "user", "content": "/parallel Name a colour of the rainbow."}]
+    few = {"temperature": 1.0, "num_predict": 12}
+    best = ol.chat(model="gemma", messages=messages, options=few)
+    assert best.done and best.message.content and best.model == "gemma"
+    assert best.logprobs is None  # asked for scoring only
+    assert 0 < best.eval_count <= 12
+
+    # the report rides on the last object (the ollama client drops fields it does not know)
+    body = {"model": "gemma", "messages": messages, "options": few, "stream": False}
+    raw = httpx.post(proxy.url + "/api/chat", json=body, timeout=120).json()
+    assert "smart_proxy" in raw, problems(proxy)  # else every candidate failed: say why
+    report = raw["smart_proxy"]["parallel"]
+    rows = report["candidates"]
+    assert [(r["model"], r["sample"], r["status"]) for r in rows] == [("gemma", 0, "ok"), ("gemma", 1, "ok")]
+    scores = [r["score"] for r in rows]
+    assert all(isinstance(s, float) and math.isfinite(s) and s <= 0 for s in scores), scores
+    assert report["chosen"] == max(range(2), key=lambda i: (scores[i], -i))
+
+    # a buffered chain answers a streaming Ollama client with the final answer replayed as NDJSON
+    parts = list(ol.generate(model="gemma", prompt="/parallel The sky is", options=few, stream=True))
+    assert [p.done for p in parts] == [False, True] and parts[0].response
+    assert parts[-1].done_reason in ("stop", "length") and 0 < parts[-1].eval_count <= 12
+
+    # mode = all: every answer is listed, the first is the message
+    every = {"model": "gemma", "messages": [{"role": "user", "content": "/pall Name a fruit."}], "options": few}
+    raw = httpx.post(proxy.url + "/api/chat", json={**every, "stream": False}, timeout=120).json()
+    choices = raw["smart_proxy"]["choices"]
+    assert len(choices) == 2 and all(c["message"]["content"] for c in choices)
+    assert raw["message"] == choices[0]["message"]
+    rows = raw["smart_proxy"]["parallel"]["candidates"]
+    assert raw["eval_count"] == sum(r["completion_tokens"] for r in rows)
