@@ -181,5 +181,12 @@ def test_shipped_proxy_ini_serves_the_embedded_default(tmp_path: Path, llama_ser
         assert text.strip()
         assert "<|im_" not in text and "<start_of_turn>" not in text  # the gemma chat template is in use
         assert client.embeddings.create(model="gemma3-270m-embed", input="hello").data[0].embedding
+        plugins = httpx.get(f"{proxy.url}/plugins").json()
+        listed = plugins["agents"]
+        assert {p["name"]: (p["enabled"], p["loaded"]) for p in listed} == {
+            "rag": (True, True),
+            "parallel": (True, True),
+            "json": (True, True),
+        }
     finally:
         assert proxy.stop() == 0
