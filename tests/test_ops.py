@@ -518,6 +518,113 @@ def test_sigterm_drains_a_real_process(proxy_process, fake_binary: str, tmp_path
     assert "received SIGTERM: draining" in proxy.log()
 
 
+def _stream_in_thread(url: str, max_tokens: int) -> tuple[threading.Thread, threading.Event, list]:
+    """A streamed chat in a thread: (thread, set at the first chunk, [chunks..., and the error that ended it])."""
+    received: list = []
+    streaming = threading.Event()
+
+    def stream() -> None:
+        try:
+            with httpx.Client(timeout=30) as client:
+                with client.stream("POST", url + CHAT, json=chat(stream=True, max_tokens=max_tokens)) as response:
+                    for chunk in response.iter_bytes():
+                        received.append(chunk)
+                        streaming.set()
+        except httpx.HTTPError as exc:
+            received.append(exc)
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    return worker, streaming, received
+
+
+def test_a_second_sigint_while_draining_stops_at_once_and_exits_130(proxy_process, fake_binary: str, tmp_path: Path) -> None:
+    """Ctrl-C twice: the drain is cut short, llama-servers are stopped, no traceback, exit status 130."""
+    proxy = proxy_process(_ini(tmp_path, fake_binary, {"token_delay": 0.1}, "grace = 60s"))
+    worker, streaming, received = _stream_in_thread(proxy.url, 200)  # 20 s of tokens
+    try:
+        assert streaming.wait(30)
+        pid = httpx.get(proxy.url + "/health", timeout=5).json()["pool"]["servers"][0]["pid"]
+        proxy.process.send_signal(signal.SIGINT)
+        assert wait_not_ready(proxy.url)
+        assert proxy.process.poll() is None  # the first one drains: the stream runs on
+        proxy.process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert proxy.process.wait(15) == 130
+        stopped_after = time.monotonic() - started
+    finally:
+        worker.join(30)
+    assert stopped_after < 5  # not the 60 s grace, nor the 20 s stream
+    assert isinstance(received[-1], httpx.HTTPError)  # the stream was cut
+    assert sum(chunk.count(b'"content"') for chunk in received[:-1]) < 200
+    assert pids_alive([pid]) == []  # its llama-server was stopped
+    log = proxy.log()
+    assert "received SIGINT: draining" in log and "received SIGINT again: stopping now" in log
+    assert "stopping now: cutting 1 requests still in flight" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log and " ERROR " not in log, log
+
+
+def test_two_sigints_back_to_back_exit_cleanly(proxy_process, fake_binary: str, tmp_path: Path) -> None:
+    """A quick double Ctrl-C finds no gap between two signal handlers to fall into.
+
+    Two SIGINTs that arrive before the first is read count as one (the kernel and Trio's
+    receiver both merge a pending signal), which is a drain and exit 0; read apart, 130.
+    """
+    proxy = proxy_process(_ini(tmp_path, fake_binary, {}, "grace = 60s"))
+    assert httpx.post(proxy.url + CHAT, json=chat(), timeout=30).status_code == 200  # a llama-server to stop
+    proxy.process.send_signal(signal.SIGINT)
+    proxy.process.send_signal(signal.SIGINT)
+    assert proxy.process.wait(15) in (0, 130)
+    assert "Traceback" not in proxy.log() and " ERROR " not in proxy.log(), proxy.log()
+
+
+def test_a_second_sigterm_kills_at_once(proxy_process, fake_binary: str, tmp_path: Path) -> None:
+    proxy = proxy_process(_ini(tmp_path, fake_binary, {"token_delay": 0.1}, "grace = 60s"))
+    worker, streaming, received = _stream_in_thread(proxy.url, 200)
+    try:
+        assert streaming.wait(30)
+        pid = httpx.get(proxy.url + "/health", timeout=5).json()["pool"]["servers"][0]["pid"]
+        proxy.process.send_signal(signal.SIGTERM)
+        assert wait_not_ready(proxy.url)
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(5) == -signal.SIGTERM
+    finally:
+        worker.join(30)
+    assert isinstance(received[-1], httpx.HTTPError)
+    deadline = time.monotonic() + 5  # the lifeline sees its pipe close and kills llama-server
+    while pids_alive([pid]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids_alive([pid]) == []
+
+
+def test_cli_exits_130_on_a_keyboard_interrupt_that_trio_wrapped(monkeypatch, tmp_path: Path) -> None:
+    """A third Ctrl-C (after the receiver let go) is Trio's KeyboardInterrupt inside a nursery: 130, not a traceback."""
+    from smart_proxy import cli
+
+    config = tmp_path / "proxy.ini"
+    (tmp_path / "a.gguf").write_bytes(b"")
+    config.write_text("[model:a]\npath = a.gguf\n")
+
+    def serving(error: BaseException):
+        async def serve(*args: object, **kwargs: object) -> None:
+            async def fail() -> None:
+                raise error
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fail)
+                await trio.sleep_forever()
+
+        return serve
+
+    monkeypatch.setattr(cli, "setup_logging", lambda *args: None)
+    monkeypatch.setattr(cli, "serve", serving(KeyboardInterrupt()))
+    assert cli.main(["--config", str(config)]) == 130
+    monkeypatch.setattr(cli, "serve", serving(ValueError("a real bug")))
+    with pytest.raises(BaseExceptionGroup) as raised:  # anything else still shows
+        cli.main(["--config", str(config)])
+    assert raised.group_contains(ValueError)
+
+
 # ---- hypercorn settings ---------------------------------------------------------------------
 
 
