@@ -33,6 +33,7 @@ from .. import ollama as translate
 from ..app import ProxyState, state
 from ..backends import ollama as upstreams
 from ..config import ModelConfig
+from ..download import Download
 from ..errors import BadRequest, ProxyError
 from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
@@ -47,6 +48,8 @@ blueprint = Blueprint("ollama", __name__)
 
 _JSON = "application/json; charset=utf-8"
 _NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: How often a streamed /api/pull reports a download's progress (seconds).
+_PULL_EVERY = 0.25
 #: llama-server's /props, read once per server life (modalities, n_ctx).
 _props: weakref.WeakKeyDictionary[Server, dict[str, Any]] = weakref.WeakKeyDictionary()
 
@@ -470,16 +473,48 @@ async def show() -> Response:
 
 @blueprint.post("/api/pull")
 async def pull() -> Response:
-    """For an upstream model, its Ollama server pulls; a local model is already here (its file loads on use)."""
+    """Make a model ready to load: an upstream's Ollama server pulls it; a Hugging Face model is
+    downloaded into the HF cache, with Ollama's progress objects; a local file is already here."""
     payload, raw = await _payload()
     name = _model_name(payload)
     proxy = state()
     model = proxy.catalog.get(name)
     if model.backend == "ollama":
         return await upstreams.forward(proxy.http, model, "POST", "/api/pull", payload=payload, raw=raw)
-    if payload.get("stream", True) is False:
+    stream = payload.get("stream", True) is not False
+    if model.repo is None:
+        if not stream:
+            return _json({"status": "success"})
+        return Response(translate.ndjson({"status": "success"}), headers=_NDJSON_HEADERS)
+    download = proxy.catalog.start_download(model)
+    if not stream:
+        await download.wait()
         return _json({"status": "success"})
-    return Response(translate.ndjson({"status": "success"}), headers=_NDJSON_HEADERS)
+    return Response(_pull_stream(download), headers=_NDJSON_HEADERS)
+
+
+async def _pull_stream(download: Download) -> AsyncIterator[bytes]:
+    """The download's progress every ``_PULL_EVERY`` seconds while it runs, then success or the error.
+
+    The client counts among the download's waiters while it watches; leaving stops the
+    watching, never the download (see :mod:`smart_proxy.download`).
+    """
+    report = translate.PullReport()
+    yield translate.ndjson(report.FIRST)
+    with download.waiting():
+        while True:
+            finished = download.done.is_set()
+            for obj in report.update(download.status()):
+                yield translate.ndjson(obj)
+            if finished:
+                break
+            with trio.move_on_after(_PULL_EVERY):
+                await download.done.wait()
+    if download.error is not None:
+        yield translate.ndjson({"error": download.error.message})
+        return
+    for obj in report.LAST:
+        yield translate.ndjson(obj)
 
 
 @blueprint.delete("/api/delete")
