@@ -223,6 +223,37 @@ async def test_images_need_a_vision_model(make_config, start_proxy, http) -> Non
     ]
 
 
+async def test_a_projector_makes_a_vision_model(make_config, start_proxy, http, tmp_path: Path) -> None:
+    """``mmproj`` in the section (the usual way) shows ``vision`` like ``--mmproj`` in ``args``, and takes images."""
+    projector = tmp_path / "mmproj-eyes.gguf"
+    projector.write_bytes(b"a projector")
+    models = {"eyes": {"vision": True}, "flagged": {"vision": True}, "text": {}}
+    options = {"eyes": {"mmproj": projector.name}, "flagged": {"args": f"--mmproj {projector}"}}
+    url = await start_proxy(make_config(models, model_options=options))
+    shown = {name: await in_thread(with_client, url, lambda c, name=name: c.show(name)) for name in models}
+    assert {name: reply.capabilities for name, reply in shown.items()} == {
+        "eyes": ["completion", "vision"],
+        "flagged": ["completion", "vision"],
+        "text": ["completion"],
+    }
+    assert "# projector (--mmproj): mmproj-eyes.gguf" in shown["eyes"].modelfile
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    reply = await in_thread(with_client, url, lambda c: c.generate(model="eyes", prompt="what?", images=[png]))
+    assert reply.done
+    (server,) = (await http.get(f"{url}/health")).json()["pool"]["servers"]
+    props = (await http.get(f"http://127.0.0.1:{server['port']}/props")).json()
+    assert props["mmproj"] == str(projector)  # llama-server was given the projector
+
+
+def test_capabilities_of_a_hugging_face_model_with_an_mmproj() -> None:
+    from smart_proxy.api.ollama import _capabilities
+    from smart_proxy.config import ModelConfig
+
+    with_projector = ModelConfig(name="v", repo="org/vision-GGUF", mmproj="mmproj-*.gguf")
+    assert "vision" in _capabilities(with_projector, None)  # known from the section, before any download
+    assert "vision" not in _capabilities(ModelConfig(name="t", repo="org/text-GGUF"), None)
+
+
 # ---- keep_alive, preload, ps ----------------------------------------------------------------
 
 

@@ -105,7 +105,8 @@ def _capabilities(model: ModelConfig, info: ModelInfo | None) -> list[str]:
         caps.append("tools")
     if any(marker in template for marker in ("enable_thinking", "<think>", "reasoning_content")):
         caps.append("thinking")
-    if any(flag in model.args for flag in ("--mmproj", "-mm", "--mmproj-url", "-mmu")):
+    # a projector from the model's own mmproj setting (a local file, or one in its repo), or from args
+    if model.mmproj or any(flag in model.args for flag in ("--mmproj", "-mm", "--mmproj-url", "-mmu")):
         caps.append("vision")
     return caps
 
@@ -137,7 +138,7 @@ async def _check_images(http: httpx.AsyncClient, lease: Lease, name: str) -> Non
     if isinstance(modalities, dict) and not modalities.get("vision"):
         raise BadRequest(
             f'"{name}" cannot take images: its llama-server has no vision support '
-            f"(give it a projector with args = --mmproj FILE in [model:{lease.server.name}])"
+            f"(give it a projector: mmproj = FILE in [model:{lease.server.name}])"
         )
 
 
@@ -444,6 +445,8 @@ def _modelfile(model: ModelConfig, info: ModelInfo | None) -> str:
     lines.append(f"FROM {info.path if info else model.path}")
     if model.args:
         lines.append("# llama-server args: " + " ".join(model.args))
+    if model.mmproj:
+        lines.append(f"# projector (--mmproj): {model.mmproj}")
     if model.embeddings:
         lines.append("# llama-server --embeddings")
     return "\n".join(lines) + "\n"
