@@ -137,6 +137,32 @@ async def test_metrics_of_a_stream_count_its_tokens_and_time_to_first_token(make
     assert value(found, "smart_proxy_time_to_first_token_seconds_bucket", route=CHAT, model="a", le="0.5") == 1
 
 
+async def test_openai_streams_are_counted_from_timings_without_touching_the_request(
+    make_config, start_proxy, http
+) -> None:
+    """llama-server gives a chat stream ``usage`` only if the client asks; its ``timings`` are always there."""
+    url = await start_proxy(make_config({"a": {"cached": 2}}))
+    sent = json.dumps(chat(stream=True, max_tokens=5)).encode()
+    async with http.stream("POST", url + CHAT, content=sent, headers={"Content-Type": "application/json"}) as response:
+        body = b"".join([chunk async for chunk in response.aiter_bytes()])
+    assert b'"usage"' not in body and b'"timings"' in body  # the client gets llama-server's answer as it was
+    found = samples((await http.get(url + "/metrics")).text)
+    assert value(found, "smart_proxy_prompt_tokens_total", model="a") == 3  # prompt_n 1 + cache_n 2
+    assert value(found, "smart_proxy_completion_tokens_total", model="a") == 5
+    # what llama-server got is what the client sent: no stream_options added
+    port = (await http.get(url + "/health")).json()["pool"]["servers"][0]["port"]
+    [received] = (await http.get(f"http://127.0.0.1:{port}/requests")).json()
+    assert received["body"] == json.loads(sent)
+    # a client that asks for usage gets its usage chunk, and the tokens are counted once
+    asked = {**chat(stream=True, max_tokens=4), "stream_options": {"include_usage": True}}
+    async with http.stream("POST", url + CHAT, json=asked) as response:
+        body = b"".join([chunk async for chunk in response.aiter_bytes()])
+    assert b'"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4' in body
+    found = samples((await http.get(url + "/metrics")).text)
+    assert value(found, "smart_proxy_prompt_tokens_total", model="a") == 3 + 3
+    assert value(found, "smart_proxy_completion_tokens_total", model="a") == 5 + 4
+
+
 async def test_metrics_count_errors_by_status_and_unknown_models_get_no_label(make_config, start_proxy, http) -> None:
     url = await start_proxy(make_config({"a": {}}))
     assert (await http.post(url + CHAT, json=chat(model="no-such"))).status_code == 404
@@ -233,6 +259,16 @@ def test_each_metrics_has_its_own_registry() -> None:
          b' "prompt_tokens_details": {"cached_tokens": 0}}}\n\ndata: [DONE]\n\n', (1, 2)),
         (b'{"done": false}\n{"done": true, "prompt_eval_count": 12, "eval_count": 30}\n', (12, 30)),
         (b'{"content": "say \\"usage\\": {\\"prompt_tokens\\": 99}"}', None),  # inside a string: not usage
+        # llama-server's chat stream without include_usage: no usage, but timings (cache_n: prompt tokens reused)
+        (b'data: {"choices": [{"delta": {"content": "x"}}]}\n\ndata: {"choices": [{"finish_reason": "length",'
+         b' "delta": {}}], "timings": {"cache_n": 20, "prompt_n": 5, "prompt_ms": 9.5, "predicted_n": 4}}\n\n'
+         b"data: [DONE]\n\n", (25, 4)),
+        (b'{"timings": {"prompt_n": 3, "predicted_n": 1}}', (3, 1)),  # no cache_n (older builds): none reused
+        # usage, where there is one, is what counts
+        (b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2},'
+         b' "timings": {"cache_n": 0, "prompt_n": 1, "predicted_n": 1}}\n\n', (7, 2)),
+        (b'{"content": "\\"timings\\": {\\"prompt_n\\": 3, \\"predicted_n\\": 1}"}', None),
+        (b'{"timings": {"prompt_ms": 1.5}}', None),
         (b'{"choices": []}', None),
     ],
 )
