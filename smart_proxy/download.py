@@ -641,7 +641,7 @@ class FileStatus:
     """One file of a download: its name, content hash, size and bytes on disk so far."""
 
     name: str
-    #: The hub's sha256 of the content; None for a file whose hash is not known (a plan from the cache).
+    #: The hub's sha256 of the content; None for a small non-LFS file, or a plan made from the cache.
     sha256: str | None
     total: int
     completed: int

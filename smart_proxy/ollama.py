@@ -659,8 +659,8 @@ class PullReport:
 
     Ollama names a layer by its digest (``sha256:HEX``) and its status by the first 12 hex
     digits (``pulling 8934d96d3f08``); a GGUF from Hugging Face has the same kind of digest,
-    the sha256 the hub lists for it. A file whose hash is not known (a plan made from the
-    cache while offline) is reported by name, without a digest.
+    the sha256 the hub lists for it. A file without one (a small non-LFS file, or a plan
+    made from the cache while offline) is reported by name, without a digest.
     """
 
     FIRST = {"status": "pulling manifest"}
