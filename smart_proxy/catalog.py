@@ -11,7 +11,8 @@ A model's files (:meth:`Catalog.local_files`) are a local GGUF (``path``), a pac
 (``path = package:NAME``: the package's ``assemble()`` gives it; assembling may write a file, so it
 runs in a thread), or a Hugging Face repo's, which :class:`~smart_proxy.download.Downloads`
 fetches into the HF cache. :meth:`Catalog.download` is the wait for that download; it returns at
-once for local models and for files this process already has.
+once for local models and for files this process already has. :meth:`Catalog.start_download`
+gives the same download to watch (``/api/pull`` streams its progress).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import re
 import trio
 
 from .config import PACKAGE_PREFIX, QUANT, CatalogConfig, ModelConfig, is_repo_id, resolve_path
-from .download import Downloads, DownloadSnapshot, Hub, LocalFiles, plan_from_cache
+from .download import Download, Downloads, DownloadSnapshot, Hub, LocalFiles, plan_from_cache
 from .errors import BadRequest, ModelNotAllowed, ModelNotFound
 
 __all__ = ["HF_PREFIXES", "Catalog", "LocalFiles", "parse_hf_name"]
@@ -143,6 +144,12 @@ class Catalog:
         """
         if model.repo is not None and (self._downloads is None or self._downloads.local(model) is None):
             await self._require_downloads().fetch(model)
+
+    def start_download(self, model: ModelConfig) -> Download:
+        """The download :meth:`download` would wait for, started if need be, to watch as it runs."""
+        if model.repo is None:
+            raise ValueError(f"model {model.name!r} is a local file: there is nothing to download")
+        return self._require_downloads().start(model)
 
     async def local_files(self, model: ModelConfig) -> LocalFiles:
         """What llama-server loads for ``model``: its GGUF, and ``--mmproj`` if it has one."""

@@ -5,7 +5,8 @@
     smart-proxy models [--config proxy.ini] [--json]         list the catalog: source, size, local?
 
 Options may come before or after the subcommand. A config error is one line and exit status 2;
-a failed pull is one line and exit status 1.
+a failed pull is one line and exit status 1. Serving: the first SIGINT or SIGTERM drains and
+exits 0; a second SIGINT stops at once and exits 130 (see :mod:`smart_proxy.server`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from .server import serve
 __all__ = ["main"]
 
 _LEVELS = ["debug", "info", "warning", "error"]
+#: Exit status after Ctrl-C (a second SIGINT while draining): 128 + SIGINT, as a shell reports a
+#: program that SIGINT ended, so scripts and supervisors see "interrupted", not success or a crash.
+INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smart-proxy: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
+    except BaseExceptionGroup as group:
+        # Trio wraps a KeyboardInterrupt that surfaces inside a nursery (a Ctrl-C after the
+        # signal receiver let go): still the user's interrupt, not a crash to print
+        if group.split(KeyboardInterrupt)[1] is not None:
+            raise
+        return INTERRUPTED
     return 0
 
 

@@ -19,7 +19,9 @@ Theory of operation:
   calls them directly.
 * :class:`Downloads` is the async side, a service in the root nursery. :meth:`Downloads.fetch`
   coalesces per model spec (repo, revision, file/quant, mmproj): however many requests want it, one
-  job in the service's nursery resolves and downloads it, and the requests wait for the outcome.
+  :class:`Download` in the service's nursery resolves and downloads it, and the requests wait for
+  the outcome. :meth:`Downloads.start` hands out that :class:`Download` itself, for a caller that
+  wants to watch it (``/api/pull`` streams its :meth:`Download.status` as Ollama's progress).
   huggingface_hub's per-blob file lock keeps two specs that share a file from fetching it twice.
   A request that leaves only stops waiting. When every request has left, the download still runs
   to the end: the file is what the next request will want, and stopping a transfer that is half
@@ -41,7 +43,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
@@ -52,9 +55,12 @@ from .errors import InsufficientStorage, ModelNotFound, ProxyError, UpstreamErro
 
 __all__ = [
     "DEFAULT_QUANTS",
+    "Download",
     "DownloadCancelled",
     "DownloadSnapshot",
+    "DownloadStatus",
     "Downloads",
+    "FileStatus",
     "Hub",
     "LocalFiles",
     "Plan",
@@ -384,6 +390,8 @@ class Progress:
         self.total = 0
         self.done = 0
         self.file: str | None = None
+        #: Bytes on disk per file of the plan (every key is set before the first byte comes).
+        self.per_file: dict[str, int] = {}
         self.cancelled = False
         self.fetched: set[str] = set()
         self._on_update = on_update
@@ -410,7 +418,7 @@ class Progress:
 
             def update(self, n: int | float | None = 1) -> None:
                 self.n += int(n or 0)
-                progress.add(int(n or 0))
+                progress.add(int(n or 0), file.name)
 
             def update_transfer(self, n: int | float | None = 1) -> None:
                 pass  # network bytes; progress counts bytes on disk
@@ -434,10 +442,12 @@ class Progress:
 
         return Bar
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, file: str | None = None) -> None:
         if self.cancelled:
             raise DownloadCancelled(f"{self.label}: download cancelled")
         self.done += n
+        if file is not None:
+            self.per_file[file] = self.per_file.get(file, 0) + n
         if self._on_update is not None:
             self._on_update(self)
         now = time.monotonic()
@@ -464,11 +474,13 @@ def fetch(plan: Plan, hub: Hub, progress: Progress | None = None) -> LocalFiles:
     """
     progress = progress or Progress(plan.repo)
     progress.total = plan.size
+    progress.per_file = {f.name: f.size or 0 for f in plan.files}
     if plan.from_cache:
         assert plan.snapshot is not None
         progress.done, progress.state = plan.size, "done"
         return _local_files(plan, {f.name: os.path.join(plan.snapshot, f.name) for f in plan.files})
     missing = [f for f in plan.files if not hub.has(plan.repo, f)]
+    progress.per_file.update({f.name: 0 for f in missing})
     need = sum(f.size or 0 for f in missing)
     progress.done = plan.size - need
     progress.state = "downloading"
@@ -508,6 +520,7 @@ def fetch(plan: Plan, hub: Hub, progress: Progress | None = None) -> LocalFiles:
             progress.state = "downloading"
             # the hub's size is the truth; a resumed or restarted transfer may have counted twice
             progress.done = done_before + (file.size or 0) if file.size else progress.done
+        progress.per_file[file.name] = file.size or 0
     progress.done, progress.state = progress.total, "done"
     if missing:
         log.info("%s: downloaded %s in %.1fs", progress.label, _mb(need), progress.elapsed())
@@ -623,16 +636,74 @@ def _key(model: ModelConfig) -> tuple[str | None, ...]:
     return (model.repo.lower(), model.revision or "main", model.file, model.quant and model.quant.upper(), model.mmproj)
 
 
-class _Job:
+@attrs.frozen
+class FileStatus:
+    """One file of a download: its name, content hash, size and bytes on disk so far."""
+
+    name: str
+    #: The hub's sha256 of the content; None for a small non-LFS file, or a plan made from the cache.
+    sha256: str | None
+    total: int
+    completed: int
+
+
+@attrs.frozen
+class DownloadStatus:
+    """Where one download is, file by file, for a client that watches it."""
+
+    #: resolving, downloading, verifying, done, or failed
+    state: str
+    #: The plan's files in download order; empty while resolving.
+    files: tuple[FileStatus, ...]
+
+
+class Download:
+    """The download of one model spec, in the Downloads service's nursery: wait on it, or watch it."""
+
     def __init__(self, key: tuple[str | None, ...], model: ModelConfig) -> None:
         self.key = key
         self.model = model
         self.progress = Progress(model.name)
         self.plan: Plan | None = None
+        #: Requests waiting for it (shown in /health).
         self.waiters = 0
         self.done = trio.Event()
         self.files: LocalFiles | None = None
         self.error: ProxyError | None = None
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Count the caller among the requests waiting for this download while the block runs."""
+        self.waiters += 1
+        try:
+            yield
+        finally:
+            self.waiters -= 1
+            if self.waiters == 0 and not self.done.is_set():
+                log.info("%s: every request waiting for the download has gone; it carries on for the next", self.model.name)
+
+    async def wait(self) -> LocalFiles:
+        """The files, once downloaded.
+
+        Raises:
+            ModelNotFound, UpstreamError, InsufficientStorage: see the module docstring.
+        """
+        with self.waiting():
+            await self.done.wait()
+        if self.error is not None:
+            raise copy.copy(self.error)
+        assert self.files is not None
+        return self.files
+
+    def status(self) -> DownloadStatus:
+        progress = self.progress
+        state = "failed" if self.error is not None else ("done" if self.done.is_set() else progress.state)
+        per_file = dict(progress.per_file)  # the worker thread writes it; copying a dict holds the GIL
+        files = tuple(
+            FileStatus(f.name, f.sha256, f.size or 0, min(per_file.get(f.name, 0), f.size or 0))
+            for f in (self.plan.files if self.plan is not None else ())
+        )
+        return DownloadStatus(state, files)
 
 
 def _call(done: Callable[[], object], fn: Callable[..., object], *args: object) -> object:
@@ -672,8 +743,9 @@ class Downloads:
 
     def __init__(self, hub: Hub | None = None) -> None:
         self.hub = hub or Hub.from_env()
-        self._jobs: dict[tuple[str | None, ...], _Job] = {}
-        self._ready: dict[tuple[str | None, ...], LocalFiles] = {}
+        self._jobs: dict[tuple[str | None, ...], Download] = {}
+        #: Finished downloads, by spec: their files are in the cache.
+        self._ready: dict[tuple[str | None, ...], Download] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[Downloads] = trio.TASK_STATUS_IGNORED) -> None:
@@ -688,8 +760,26 @@ class Downloads:
 
     def local(self, model: ModelConfig) -> LocalFiles | None:
         """The files of ``model`` if this process has already fetched them and they are still there."""
-        files = self._ready.get(_key(model))
-        return files if files is not None and files.exist() else None
+        download = self._finished(_key(model))
+        return download.files if download is not None else None
+
+    def _finished(self, key: tuple[str | None, ...]) -> Download | None:
+        download = self._ready.get(key)
+        return download if download is not None and download.files is not None and download.files.exist() else None
+
+    def start(self, model: ModelConfig) -> Download:
+        """The download of repo model ``model``: the one in flight, a finished one whose files are
+        still there, or a new one started now. Never waits."""
+        key = _key(model)
+        download = self._jobs.get(key) or self._finished(key)
+        if download is not None:
+            return download
+        if self._nursery is None:
+            raise RuntimeError("Downloads.run() is not running")
+        download = Download(key, model)
+        self._jobs[key] = download
+        self._nursery.start_soon(self._run, download)
+        return download
 
     async def fetch(self, model: ModelConfig) -> LocalFiles:
         """The local files of repo model ``model``, downloading what is missing (once, however many ask).
@@ -700,31 +790,13 @@ class Downloads:
         files = self.local(model)
         if files is not None:
             return files
-        if self._nursery is None:
-            raise RuntimeError("Downloads.run() is not running")
-        key = _key(model)
-        job = self._jobs.get(key)
-        if job is None:
-            job = _Job(key, model)
-            self._jobs[key] = job
-            self._nursery.start_soon(self._run, job)
-        job.waiters += 1
-        try:
-            await job.done.wait()
-        finally:
-            job.waiters -= 1
-            if job.waiters == 0 and not job.done.is_set():
-                log.info("%s: every request waiting for the download has gone; it carries on for the next", model.name)
-        if job.error is not None:
-            raise copy.copy(job.error)
-        assert job.files is not None
-        return job.files
+        return await self.start(model).wait()
 
-    async def _run(self, job: _Job) -> None:
+    async def _run(self, job: Download) -> None:
         try:
             job.plan = await _in_thread(job.progress, resolve, job.model, self.hub)
             job.files = await _in_thread(job.progress, fetch, job.plan, self.hub, job.progress)
-            self._ready[job.key] = job.files
+            self._ready[job.key] = job
         except ProxyError as exc:
             job.error = exc
             log.error("%s: %s", job.model.name, exc.message)

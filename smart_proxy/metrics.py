@@ -20,9 +20,15 @@ readiness) is read from the pool and the lifecycle when ``/metrics`` is asked,
 not kept in step by hand.
 
 Token usage is read from what upstream reports: the OpenAI ``usage`` object (in
-the JSON answer, or in the last chunk of a stream) and Ollama's
-``prompt_eval_count``/``eval_count``. Only the first 8 KiB and the last 16 KiB of
-an answer are kept for that, so a long stream costs no memory.
+the JSON answer, or in the last chunk of a stream), else llama-server's
+``timings`` (prompt = ``prompt_n`` + ``cache_n``, completion = ``predicted_n``),
+else Ollama's ``prompt_eval_count``/``eval_count``. ``timings`` matter for OpenAI
+chat streams: llama-server sends ``usage`` in one only when the client asked for
+it (``stream_options.include_usage``), but ends every stream with ``timings``;
+the proxy never adds that option to a client's request, since it would change
+the answer the client gets (an extra chunk with no choices). Only the first 8 KiB
+and the last 16 KiB of an answer are kept for that, so a long stream costs no
+memory.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class UsageScanner:
     HEAD = 8 * 1024
     TAIL = 16 * 1024
     _OPENAI = re.compile(r'(?<!\\)"usage"\s*:\s*(?=\{)')
+    _TIMINGS = re.compile(r'(?<!\\)"timings"\s*:\s*(?=\{)')
     _OLLAMA = re.compile(r'(?<!\\)"(prompt_eval_count|eval_count)"\s*:\s*(\d+)')
 
     def __init__(self) -> None:
@@ -89,19 +96,30 @@ class UsageScanner:
         return None
 
     def _find(self, text: str) -> tuple[int, int] | None:
-        decoder = json.JSONDecoder()
-        for match in reversed(list(self._OPENAI.finditer(text))):
-            try:
-                usage, _ = decoder.raw_decode(text, match.end())
-            except ValueError:
-                continue  # cut off by the head or the tail
-            if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        for usage in self._objects(self._OPENAI, text):
+            if isinstance(usage.get("prompt_tokens"), int):
                 completion = usage.get("completion_tokens")
                 return usage["prompt_tokens"], completion if isinstance(completion, int) else 0
+        for timings in self._objects(self._TIMINGS, text):
+            counts = [timings.get(key, 0) for key in ("prompt_n", "cache_n", "predicted_n")]
+            if "prompt_n" in timings and all(isinstance(n, int) and n >= 0 for n in counts):
+                return counts[0] + counts[1], counts[2]  # tokens evaluated plus those reused from the cache
         counts = {key: int(value) for key, value in self._OLLAMA.findall(text)}  # the last of each wins
         if "prompt_eval_count" in counts or "eval_count" in counts:
             return counts.get("prompt_eval_count", 0), counts.get("eval_count", 0)
         return None
+
+    @staticmethod
+    def _objects(key: re.Pattern[str], text: str) -> Iterator[dict]:
+        """The JSON objects that follow ``key`` in ``text``, last first (skipping any the head or tail cut)."""
+        decoder = json.JSONDecoder()
+        for match in reversed(list(key.finditer(text))):
+            try:
+                found, _ = decoder.raw_decode(text, match.end())
+            except ValueError:
+                continue
+            if isinstance(found, dict):
+                yield found
 
 
 @attrs.define(eq=False)

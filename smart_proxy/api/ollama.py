@@ -42,6 +42,7 @@ from ..agents import Chain
 from ..app import ProxyState, state
 from ..backends import ollama as upstreams
 from ..config import ModelConfig
+from ..download import Download
 from ..errors import BadRequest, ProxyError
 from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
@@ -56,6 +57,8 @@ blueprint = Blueprint("ollama", __name__)
 
 _JSON = "application/json; charset=utf-8"
 _NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: How often a streamed /api/pull reports a download's progress (seconds).
+_PULL_EVERY = 0.25
 #: llama-server's /props, read once per server life (modalities, n_ctx).
 _props: weakref.WeakKeyDictionary[Server, dict[str, Any]] = weakref.WeakKeyDictionary()
 
@@ -111,7 +114,8 @@ def _capabilities(model: ModelConfig, info: ModelInfo | None) -> list[str]:
         caps.append("tools")
     if any(marker in template for marker in ("enable_thinking", "<think>", "reasoning_content")):
         caps.append("thinking")
-    if any(flag in model.args for flag in ("--mmproj", "-mm", "--mmproj-url", "-mmu")):
+    # a projector from the model's own mmproj setting (a local file, or one in its repo), or from args
+    if model.mmproj or any(flag in model.args for flag in ("--mmproj", "-mm", "--mmproj-url", "-mmu")):
         caps.append("vision")
     return caps
 
@@ -143,7 +147,7 @@ async def _check_images(http: httpx.AsyncClient, lease: Lease, name: str) -> Non
     if isinstance(modalities, dict) and not modalities.get("vision"):
         raise BadRequest(
             f'"{name}" cannot take images: its llama-server has no vision support '
-            f"(give it a projector with args = --mmproj FILE in [model:{lease.server.name}])"
+            f"(give it a projector: mmproj = FILE in [model:{lease.server.name}])"
         )
 
 
@@ -516,6 +520,8 @@ def _modelfile(model: ModelConfig, info: ModelInfo | None) -> str:
     lines.append(f"FROM {info.path if info else model.path}")
     if model.args:
         lines.append("# llama-server args: " + " ".join(model.args))
+    if model.mmproj:
+        lines.append(f"# projector (--mmproj): {model.mmproj}")
     if model.embeddings:
         lines.append("# llama-server --embeddings")
     return "\n".join(lines) + "\n"
@@ -545,16 +551,48 @@ async def show() -> Response:
 
 @blueprint.post("/api/pull")
 async def pull() -> Response:
-    """For an upstream model, its Ollama server pulls; a local model is already here (its file loads on use)."""
+    """Make a model ready to load: an upstream's Ollama server pulls it; a Hugging Face model is
+    downloaded into the HF cache, with Ollama's progress objects; a local file is already here."""
     payload, raw = await _payload()
     name = _model_name(payload)
     proxy = state()
     model = proxy.catalog.get(name)
     if model.backend == "ollama":
         return await upstreams.forward(proxy.http, model, "POST", "/api/pull", payload=payload, raw=raw)
-    if payload.get("stream", True) is False:
+    stream = payload.get("stream", True) is not False
+    if model.repo is None:
+        if not stream:
+            return _json({"status": "success"})
+        return Response(translate.ndjson({"status": "success"}), headers=_NDJSON_HEADERS)
+    download = proxy.catalog.start_download(model)
+    if not stream:
+        await download.wait()
         return _json({"status": "success"})
-    return Response(translate.ndjson({"status": "success"}), headers=_NDJSON_HEADERS)
+    return Response(_pull_stream(download), headers=_NDJSON_HEADERS)
+
+
+async def _pull_stream(download: Download) -> AsyncIterator[bytes]:
+    """The download's progress every ``_PULL_EVERY`` seconds while it runs, then success or the error.
+
+    The client counts among the download's waiters while it watches; leaving stops the
+    watching, never the download (see :mod:`smart_proxy.download`).
+    """
+    report = translate.PullReport()
+    yield translate.ndjson(report.FIRST)
+    with download.waiting():
+        while True:
+            finished = download.done.is_set()
+            for obj in report.update(download.status()):
+                yield translate.ndjson(obj)
+            if finished:
+                break
+            with trio.move_on_after(_PULL_EVERY):
+                await download.done.wait()
+    if download.error is not None:
+        yield translate.ndjson({"error": download.error.message})
+        return
+    for obj in report.LAST:
+        yield translate.ndjson(obj)
 
 
 @blueprint.delete("/api/delete")

@@ -4,7 +4,9 @@ nginx runs in the foreground with its own prefix, pid and logs in tmp_path, on
 127.0.0.1; the site is the documented one with only its two ports changed, inside
 an ``http`` block that compresses event streams, as a busy server's might. The
 fake llama-server writes a token every 0.25 s, so "streamed through nginx" is a
-question of timing that cannot pass by luck: the chunks must arrive apart. A
+question of timing that cannot pass by luck: the chunks must arrive apart. Both
+dialects are measured: OpenAI's SSE (``/v1/chat/completions``) and Ollama's NDJSON
+(``/api/chat``, which the proxy translates from llama-server's SSE line by line). A
 control run with the site's streaming lines undone shows the same measurement
 catching a buffered stream.
 """
@@ -17,9 +19,10 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import attrs
 import httpx
 import pytest
 
@@ -139,24 +142,58 @@ def chat(stream: bool, max_tokens: int) -> dict:
     return {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "stream": stream}
 
 
-def stream_arrivals(url: str) -> tuple[list[float], bytes]:
+def ollama_chat(stream: bool, num_predict: int) -> dict:
+    return {
+        "model": "a",
+        "messages": [{"role": "user", "content": "hi"}],
+        "options": {"num_predict": num_predict},
+        "stream": stream,
+    }
+
+
+@attrs.frozen
+class Dialect:
+    """How one API streams: where to post, what to post, what the stream is and how to read it."""
+
+    path: str
+    body: Callable[[bool, int], dict]
+    content_type: str
+
+    def check(self, body: bytes) -> None:
+        """``body`` is a whole streamed answer of TOKENS tokens, properly ended."""
+        if self.content_type == "text/event-stream":
+            assert body.count(b'"content"') == TOKENS and body.endswith(b"data: [DONE]\n\n"), body
+            return
+        lines = [json.loads(line) for line in body.decode().splitlines() if line]
+        assert [line["done"] for line in lines] == [False] * TOKENS + [True], lines
+        assert "".join(line["message"]["content"] for line in lines) == "".join(f"tok{i} " for i in range(TOKENS))
+        assert lines[-1]["eval_count"] == TOKENS
+
+
+OPENAI = Dialect("/v1/chat/completions", chat, "text/event-stream")
+OLLAMA = Dialect("/api/chat", ollama_chat, "application/x-ndjson")
+DIALECTS = pytest.mark.parametrize("dialect", [OPENAI, OLLAMA], ids=["openai-sse", "ollama-ndjson"])
+
+
+def stream_arrivals(url: str, dialect: Dialect) -> tuple[list[float], bytes]:
     """Seconds after the request at which each piece of a streamed answer arrived, and the whole answer."""
     with httpx.Client(base_url=url, timeout=30) as client:  # it asks for gzip, as browsers and SDKs do
-        assert client.post("/v1/chat/completions", json=chat(False, 1)).status_code == 200  # load the model
+        assert client.post(dialect.path, json=dialect.body(False, 1)).status_code == 200  # load the model
         arrivals: list[tuple[float, bytes]] = []
         start = time.monotonic()
-        with client.stream("POST", "/v1/chat/completions", json=chat(True, TOKENS)) as response:
+        with client.stream("POST", dialect.path, json=dialect.body(True, TOKENS)) as response:
             assert response.status_code == 200
-            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["content-type"].startswith(dialect.content_type)
             for chunk in response.iter_bytes():
                 arrivals.append((time.monotonic() - start, chunk))
     return [at for at, _ in arrivals], b"".join(chunk for _, chunk in arrivals)
 
 
-def test_a_streamed_answer_comes_through_nginx_chunk_by_chunk(nginx_in_front) -> None:
+@DIALECTS
+def test_a_streamed_answer_comes_through_nginx_chunk_by_chunk(nginx_in_front, dialect: Dialect) -> None:
     nginx, _proxy = nginx_in_front()
-    times, body = stream_arrivals(nginx.url)
-    assert body.count(b'"content"') == TOKENS and body.endswith(b"data: [DONE]\n\n")
+    times, body = stream_arrivals(nginx.url, dialect)
+    dialect.check(body)
     assert len(times) >= TOKENS // 2, f"nginx delivered the stream in {len(times)} pieces: {times}"
     generation = TOKENS * TOKEN_DELAY  # 2 s
     assert times[0] < generation / 3, f"the first token came after {times[0]:.2f}s: {times}"
@@ -165,7 +202,8 @@ def test_a_streamed_answer_comes_through_nginx_chunk_by_chunk(nginx_in_front) ->
     assert sum(1 for at in times if generation * 0.25 < at < generation * 0.85) >= 2, times
 
 
-def test_control_without_the_sites_streaming_lines_the_answer_arrives_at_once(nginx_in_front) -> None:
+@DIALECTS
+def test_control_without_the_sites_streaming_lines_the_answer_arrives_at_once(nginx_in_front, dialect) -> None:
     """The measurement above can fail: undo ``proxy_buffering off`` and ``gzip off`` and it does."""
     nginx, _proxy = nginx_in_front(
         {
@@ -174,8 +212,8 @@ def test_control_without_the_sites_streaming_lines_the_answer_arrives_at_once(ng
             "gzip off;": "gzip on;",
         }
     )
-    times, body = stream_arrivals(nginx.url)
-    assert body.count(b'"content"') == TOKENS
+    times, body = stream_arrivals(nginx.url, dialect)
+    dialect.check(body)
     assert times[0] > TOKENS * TOKEN_DELAY * 0.8, f"a buffered stream came in pieces after all: {times}"
 
 

@@ -48,19 +48,23 @@ def test_keys_metrics_and_drain_with_the_real_model(
         )
     )
     usage = [chunk.usage for chunk in chunks if chunk.usage is not None][-1]
+    # a stream whose client did not ask for usage: llama-server reports none, the proxy counts its timings
+    plain = list(client.chat.completions.create(model="gemma", messages=messages, max_tokens=8, temperature=0, stream=True))
+    assert all(chunk.usage is None for chunk in plain)  # the client's answer is llama-server's, untouched
 
     text = httpx.get(f"{proxy.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
     chat = {"route": "/v1/chat/completions", "model": "gemma"}
-    assert metric(text, "smart_proxy_requests_total", **chat, status="200") == 2
+    assert metric(text, "smart_proxy_requests_total", **chat, status="200") == 3
     assert metric(text, "smart_proxy_model_loads_total", model="gemma") == 1
     assert metric(text, "smart_proxy_model_load_duration_seconds_count", model="gemma") == 1
-    prompt = reply.usage.prompt_tokens + usage.prompt_tokens
+    # the same prompt greedily: the third answer has the same counts as the first
+    prompt = reply.usage.prompt_tokens + usage.prompt_tokens + reply.usage.prompt_tokens
     assert metric(text, "smart_proxy_prompt_tokens_total", model="gemma") == prompt
     assert (
         metric(text, "smart_proxy_completion_tokens_total", model="gemma")
-        == reply.usage.completion_tokens + usage.completion_tokens
+        == reply.usage.completion_tokens + usage.completion_tokens + reply.usage.completion_tokens
     )
-    assert metric(text, "smart_proxy_time_to_first_token_seconds_count", **chat) == 1
+    assert metric(text, "smart_proxy_time_to_first_token_seconds_count", **chat) == 2
     assert metric(text, "smart_proxy_llama_servers", state="ready") == 1
 
     # drain: a generation in flight when SIGTERM comes is finished, then the proxy exits 0
