@@ -59,6 +59,13 @@ _STABLE_AFTER = 30.0
 _MAX_BACKOFF = 30.0
 
 
+def _only_cancelled(exc: BaseException) -> bool:
+    """``exc`` is trio.Cancelled, or a group (a nursery's) holding nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(inner) for inner in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
 class State(enum.Enum):
     STARTING = "starting"
     READY = "ready"
@@ -427,8 +434,9 @@ class Pool:
                             f"llama-server for model {server.name!r} exited unexpectedly with code "
                             f"{process.returncode}:\n{process.tail_text()}"
                         )
-        except trio.Cancelled:
-            self._stop(server, "pool shutting down")  # cancelled from outside: a stop, not a failure
+        except BaseException as exc:
+            if _only_cancelled(exc):  # cancelled from outside: the pool is stopping, not a failure
+                self._stop(server, "pool shutting down")
             raise
         finally:
             self._on_gone(server, stats)

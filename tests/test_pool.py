@@ -280,3 +280,19 @@ async def test_servers_outlive_the_thread_that_spawned_them(make_config, start_p
     await trio.sleep(1.5)
     assert server.state is State.READY
     assert pids_alive([server.process.pid]) == [server.process.pid]
+
+
+async def test_cancelling_the_pool_is_a_stop_not_a_failure(make_config, http, caplog) -> None:
+    from smart_proxy.catalog import Catalog
+    from smart_proxy.pool import Pool
+
+    config = make_config({"a": {}})
+    pool = Pool(config, Catalog(config.models, config.base_dir), http, config.pool.llama_server)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        async with pool.lease("a") as lease:
+            server = lease.server
+        nursery.cancel_scope.cancel()  # no stop_all(): a hard cancel of the whole pool
+    assert server.state is State.STOPPED
+    assert pids_alive([server.process.pid]) == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
