@@ -7,6 +7,15 @@ server is held until the last byte is relayed (or the client has gone), then
 released; closing the upstream response on a client disconnect makes
 llama-server free the slot.
 
+At most ``slots`` requests are in flight to one llama-server (its ``/props``
+``total_slots``): :func:`open_upstream` takes a place in the server's
+``trio.CapacityLimiter`` before it sends, and the place is given back when the
+answer is closed. llama-server would queue the excess itself; queueing it here
+keeps httpx's connection pool as small as the server's slots, and httpcore
+rescans every pooled connection on each request and release (encode/httpx#3215),
+so a pool of 256 connections for 4 slots made the proxy slower the more clients
+it had.
+
 Relaying is a plain async generator with no nursery or cancel scope around its
 ``yield`` (PEP 789); the only cancel scope is the shielded one that closes the
 upstream response in ``finally``.
@@ -41,12 +50,29 @@ def make_client() -> httpx.AsyncClient:
     )
 
 
+class _Slot:
+    """One place in a server's limiter, taken by one task and given back by whichever closes the answer."""
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self._limiter = limiter
+
+    @classmethod
+    async def take(cls, limiter: trio.CapacityLimiter) -> _Slot:
+        slot = cls(limiter)
+        await limiter.acquire_on_behalf_of(slot)
+        return slot
+
+    def release(self) -> None:
+        self._limiter.release_on_behalf_of(self)
+
+
 class Upstream:
     """An upstream answer whose headers have arrived and whose body is still to come."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, slot: _Slot | None = None) -> None:
         self.response = response
         self.status_code = response.status_code
+        self._slot = slot
 
     @property
     def headers(self) -> dict[str, str]:
@@ -61,8 +87,13 @@ class Upstream:
             await self.aclose()
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await self.response.aclose()
+        try:
+            with trio.CancelScope(shield=True):
+                await self.response.aclose()
+        finally:
+            if self._slot is not None:
+                self._slot.release()
+                self._slot = None
 
 
 def describe(exc: httpx.HTTPError) -> str:
@@ -70,19 +101,33 @@ def describe(exc: httpx.HTTPError) -> str:
 
 
 async def open_upstream(
-    http: httpx.AsyncClient, method: str, url: str, *, content: bytes | None = None, headers: dict[str, str] | None = None
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    content: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    slots: trio.CapacityLimiter | None = None,
 ) -> Upstream:
     """Send the request and return once the answer's headers are in.
+
+    With ``slots`` (the server's limiter), first wait for a free slot; the answer
+    holds it until :meth:`Upstream.aclose`.
 
     Raises:
         UpstreamError: the upstream could not be reached or broke before answering.
     """
     request = http.build_request(method, url, content=content, headers=headers)
+    slot = await _Slot.take(slots) if slots is not None else None
     try:
         response = await http.send(request, stream=True)
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"cannot reach {url}: {describe(exc)}") from exc
-    return Upstream(response)
+    except BaseException as exc:
+        if slot is not None:
+            slot.release()
+        if isinstance(exc, httpx.HTTPError):
+            raise UpstreamError(f"cannot reach {url}: {describe(exc)}") from exc
+        raise
+    return Upstream(response, slot)
 
 
 async def relay(

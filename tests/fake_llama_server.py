@@ -73,7 +73,11 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 else:
                     self._json(200, {"status": "ok"})
             elif self.path == "/props":
-                self._json(200, {"total_slots": state.slots, "model_alias": state.alias})
+                with state.lock:
+                    busy = state.busy
+                # fake_busy is ours (llama-server has no such field): requests being answered now,
+                # which may exceed total_slots when a client sends more than it should
+                self._json(200, {"total_slots": state.slots, "model_alias": state.alias, "fake_busy": busy})
             elif self.path == "/slots":
                 with state.lock:
                     busy = state.busy

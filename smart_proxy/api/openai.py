@@ -57,7 +57,12 @@ async def forward(path: str, required: str) -> Response:
     lease = await proxy.pool.acquire(model)
     try:
         upstream = await open_upstream(
-            proxy.http, "POST", lease.base_url + path, content=raw, headers={"Content-Type": "application/json"}
+            proxy.http,
+            "POST",
+            lease.base_url + path,
+            content=raw,
+            headers={"Content-Type": "application/json"},
+            slots=lease.server.limiter,
         )
     except BaseException:
         lease.release()
