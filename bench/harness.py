@@ -183,6 +183,17 @@ def cpu_times() -> dict[int, tuple[int, int]]:
     return times
 
 
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen backlog was full (TcpExt ListenOverflows)."""
+    with open("/proc/net/netstat") as file:
+        lines = file.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(table.get("ListenOverflows", 0))
+    return 0
+
+
 class CpuMeter:
     """Busy share of each core, and of some processes, between enter and exit."""
 
@@ -196,10 +207,12 @@ class CpuMeter:
         self._cores = cpu_times()
         self._procs = {name: process_cpu(pid) for name, pid in self.pids.items()}
         self._t = time.monotonic()
+        self._overflows = listen_overflows()
         return self
 
     def __exit__(self, *exc: object) -> None:
         after = cpu_times()
+        self.overflows = listen_overflows() - self._overflows
         elapsed = time.monotonic() - self._t
         for core, (busy, total) in after.items():
             busy0, total0 = self._cores.get(core, (0, 0))
@@ -212,6 +225,7 @@ class CpuMeter:
     def summary(self) -> dict:
         return {"cpu_load_core": round(self.cores.get(LOAD_CPU, 0), 1),
                 "cpu_proxy_core": round(self.cores.get(PROXY_CPU, 0), 1),
+                "listen_overflows": self.overflows,
                 **{f"cpu_{name}": round(value, 1) for name, value in self.processes.items()}}
 
 

@@ -171,7 +171,8 @@ def fanout(ctx: Context) -> dict:
     lost = sum(r["lost"] for r in sp.values())
     return {"title": "2. Streaming fan-out (100 chunks every 20 ms per stream)", "rows": rows,
             "columns": ["target", "streams", "chunks_per_s", "vs_direct", "ttfc_p50_ms", "added_ttfc_p50_ms",
-                        "ttfc_p99_ms", "gap_p99_ms", "added_gap_p99_ms", "lost", "errors", "cpu_us_per_chunk", "cpu_load_core",
+                        "ttfc_p99_ms", "gap_p99_ms", "added_gap_p99_ms", "lost", "errors", "cpu_us_per_chunk", "listen_overflows",
+                        "cpu_load_core",
                         "cpu_proxy_core", "cpu_target"],
             "targets": [
                 target("chunks/s vs direct at 256", ">= 0.98x", f"{sp[256]['vs_direct']:.3f}x", sp[256]["vs_direct"] >= 0.98),
