@@ -16,24 +16,39 @@ rescans every pooled connection on each request and release (encode/httpx#3215),
 so a pool of 256 connections for 4 slots made the proxy slower the more clients
 it had.
 
-Relaying is a plain async generator with no nursery or cancel scope around its
-``yield`` (PEP 789); the only cancel scope is the shielded one that closes the
-upstream response in ``finally``.
+A streamed answer is relayed by :class:`RelayBody`, a Quart response body. Its
+pump task reads the upstream body and puts each piece in a bounded channel
+*without waiting* while there is room, so it goes on reading for as long as httpx
+has bytes already received and parses them without I/O; the response side takes
+everything that has piled up and sends it as one write. A model's tokens (one
+event per network read) still go out one by one as they come, but a burst that
+arrived in one read (a fast upstream, or a proxy that fell behind) costs one
+write through Quart, Hypercorn and h11 instead of one per event. The pump's
+nursery is opened in the body's ``__aenter__``, which Quart enters around its
+``async for``: no ``yield`` happens inside a nursery (PEP 789).
+
+:func:`relay` is the same as a plain async generator, one write per piece, for
+callers that transform the stream.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from types import TracebackType
 
 import httpx
 import trio
+from quart.wrappers.response import ResponseBody
 
 from .errors import UpstreamError
 
-__all__ = ["Upstream", "open_upstream", "relay"]
+__all__ = ["RelayBody", "Upstream", "open_upstream", "relay"]
 
 log = logging.getLogger(__name__)
+
+#: Pieces the pump may read ahead of the client (each at most one network read, 64 KiB).
+_READ_AHEAD = 64
 
 #: Headers of the upstream answer that describe the connection, not the content.
 _HOP_BY_HOP = frozenset(
@@ -156,3 +171,80 @@ async def relay(
         with trio.CancelScope(shield=True):
             await chunks.aclose()  # httpx's generators, closed now rather than by the GC
         await upstream.aclose()
+
+
+class RelayBody(ResponseBody):
+    """A streamed upstream answer as a Quart response body; see the module docstring.
+
+    If the upstream breaks off mid-stream (llama-server crashed), the last piece is
+    ``on_error(reason)`` in the caller's dialect. ``on_done`` runs exactly once when
+    relaying ends, whichever way, after the upstream answer is closed.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        on_error: Callable[[str], bytes],
+        on_done: Callable[[], object] | None = None,
+    ) -> None:
+        self._upstream = upstream
+        self._on_error = on_error
+        self._on_done = on_done
+        self._send, self._receive = trio.open_memory_channel[bytes](_READ_AHEAD)
+        self._nursery_manager = trio.open_nursery()
+        self._nursery: trio.Nursery | None = None
+
+    async def __aenter__(self) -> RelayBody:
+        self._nursery = await self._nursery_manager.__aenter__()
+        self._nursery.start_soon(self._pump)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._nursery is not None
+        try:
+            self._nursery.cancel_scope.cancel()  # done, or the client left: stop reading
+            # the pump closes the upstream answer (shielded) before the nursery exits; the
+            # body's own exception (Cancelled when the client left) goes on unwrapped
+            await self._nursery_manager.__aexit__(None, None, None)
+        finally:
+            self._receive.close()
+            if self._on_done is not None:
+                self._on_done()
+
+    def __aiter__(self) -> RelayBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            piece = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        more = []
+        while True:
+            try:
+                more.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return b"".join([piece, *more]) if more else piece
+
+    async def _pump(self) -> None:
+        chunks = self._upstream.response.aiter_raw()
+        try:
+            with self._send:
+                try:
+                    async for chunk in chunks:
+                        try:
+                            self._send.send_nowait(chunk)  # no checkpoint: keep parsing what is buffered
+                        except trio.WouldBlock:
+                            await self._send.send(chunk)
+                except httpx.HTTPError as exc:
+                    reason = f"the upstream stream broke off: {describe(exc)}"
+                    log.warning("%s", reason)
+                    await self._send.send(self._on_error(reason))
+        finally:
+            with trio.CancelScope(shield=True):
+                await chunks.aclose()  # httpx's generators, closed now rather than by the GC
+            await self._upstream.aclose()

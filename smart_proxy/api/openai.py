@@ -13,7 +13,7 @@ from quart import Blueprint, Response, request
 
 from ..app import state
 from ..errors import BadRequest, ProxyError
-from ..relay import open_upstream, relay
+from ..relay import RelayBody, open_upstream
 
 __all__ = ["blueprint", "error_response", "parse_body"]
 
@@ -69,7 +69,7 @@ async def forward(path: str, required: str) -> Response:
         raise
     if payload.get("stream") is True and upstream.status_code == 200:
         return Response(
-            relay(upstream, on_error=sse_error, on_done=lease.release),
+            RelayBody(upstream, on_error=sse_error, on_done=lease.release),
             status=upstream.status_code,
             headers={**upstream.headers, **_SSE_HEADERS},
         )
