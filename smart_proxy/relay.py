@@ -194,8 +194,10 @@ class RelayBody(ResponseBody):
         self._send, self._receive = trio.open_memory_channel[bytes](_READ_AHEAD)
         self._nursery_manager = trio.open_nursery()
         self._nursery: trio.Nursery | None = None
+        self._entered = False
 
     async def __aenter__(self) -> RelayBody:
+        self._entered = True
         self._nursery = await self._nursery_manager.__aenter__()
         self._nursery.start_soon(self._pump)
         return self
@@ -213,6 +215,19 @@ class RelayBody(ResponseBody):
             self._receive.close()
             if self._on_done is not None:
                 self._on_done()
+
+    def __del__(self) -> None:
+        # A client that leaves after the handler returned and before Quart starts the
+        # body: Quart never enters it, so let go of the lease and the upstream here
+        # (in a system task, since a finalizer cannot await).
+        if not self._entered:
+            self._entered = True
+            if self._on_done is not None:
+                self._on_done()
+            try:
+                trio.lowlevel.spawn_system_task(self._upstream.aclose)
+            except RuntimeError:  # not in Trio's thread, or the run is over: the GC closes the socket
+                pass
 
     def __aiter__(self) -> RelayBody:
         return self
