@@ -36,6 +36,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+#: The checkout whose smart_proxy is measured (``--proxy-repo``); the report goes to REPO's docs/.
+PROXY_REPO = REPO
 PROXY_CPU = 1
 LOAD_CPU = 0
 BENCH_VENV = Path(os.environ.get("BENCH_VENV", "/work/bench-venv"))
@@ -362,8 +364,8 @@ class SmartProxy:
         self.process = start(
             pinned(PROXY_CPU, [project_python(), "-m", "smart_proxy", "--config", str(self.config), "--port",
                                str(self.port), "--log-level", os.environ.get("BENCH_PROXY_LOG", "warning")]),
-            log_path=workdir / f"{name}.log", cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            log_path=workdir / f"{name}.log", cwd=PROXY_REPO,
+            env={**os.environ, "PYTHONPATH": str(PROXY_REPO)},
         )
         wait_http(f"{self.url}/health", timeout=60, process=self.process)
 

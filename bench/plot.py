@@ -103,10 +103,11 @@ def main() -> int:
         "realmodel": lambda r, o: bars(r, o, "tokens_per_s", "tokens/s (one stream)", key="target"),
     }
     for name in names:
-        if name in results and name in plotters:
-            plotters[name](results[name], out_dir / f"{name}.png")
+        kind = name.split("@")[0]
+        if name in results and kind in plotters:
+            plotters[kind](results[name], out_dir / f"{name.replace('@', '-')}.png")
             plt.close("all")
-            print(f"plot: {out_dir / f'{name}.png'}", file=sys.stderr)
+            print(f"plot: {out_dir / name.replace('@', '-')}.png", file=sys.stderr)
     return 0
 
 

@@ -51,14 +51,27 @@ def machine() -> dict:
             "kernel": platform.release(), "go": h.go_version(),
             "python": python[0] if python else "?", "trio": python[1] if len(python) > 1 else "?",
             "httpx": python[-2] if len(python) > 2 else "?", "h11": python[-1] if len(python) > 2 else "?",
-            "load_avg_at_start": os.getloadavg()[0]}
+            "load_avg_at_start": os.getloadavg()[0], "python_loop_ms": python_loop_ms()}
+
+
+def python_loop_ms() -> float:
+    """A speed index of the proxy's core right now: ms for 3 million iterations of a Python loop.
+
+    About 150-200 ms on an idle modern core; several times that when the machine is shared.
+    """
+    code = "import time\nt = time.perf_counter()\ns = 0\nfor i in range(3_000_000): s += i\nprint((time.perf_counter() - t) * 1000)"
+    done = subprocess.run(h.pinned(h.PROXY_CPU, [sys.executable, "-c", code]), capture_output=True, text=True)
+    return round(float(done.stdout.strip() or "nan"))
 
 
 def commit() -> str:
-    done = subprocess.run(["git", "-C", str(h.REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(h.REPO), "status", "--porcelain", "--untracked-files=no", "smart_proxy"],
+    """The measured checkout's commit (and branch), +dirty if smart_proxy/ has uncommitted changes."""
+    repo = str(h.PROXY_REPO)
+    done = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    branch = subprocess.run(["git", "-C", repo, "branch", "--show-current"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no", "smart_proxy"],
                            capture_output=True, text=True).stdout.strip()
-    return done.stdout.strip() + ("+dirty" if dirty else "")
+    return f"{done.stdout.strip()}{'+dirty' if dirty else ''} ({branch.stdout.strip() or 'detached'})"
 
 
 def fmt(value: object) -> str:
@@ -119,16 +132,19 @@ def write_report(all_results: dict) -> None:
     for name, result in all_results.items():
         meta = result["meta"]
         m = meta["machine"]
-        lines += [f"## {result['title']}", "",
-                  f"_{meta['date']}, commit `{meta['commit']}`{' (quick run)' if meta.get('quick') else ''}; "
+        tag = f" [{name.split('@', 1)[1]}]" if "@" in name else ""
+        lines += [f"## {result['title']}{tag}", "",
+                  f"_{meta['date']}, commit `{meta['commit']}`{' (quick run)' if meta.get('quick') else ''}"
+                  f"{', niceness ' + str(meta['nice']) if meta.get('nice') else ''}; "
                   f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Linux {m['kernel']}, Python {m['python']} "
                   f"(trio {m['trio']}, httpx {m['httpx']}, h11 {m['h11']}), {m['go']}; "
-                  f"load average {m['load_avg_at_start']:.2f} at start._", ""]
+                  f"load average {m['load_avg_at_start']:.2f} at start; Python speed index "
+                  f"{m.get('python_loop_ms', '?')} ms (3M-iteration loop on the proxy core; ~150-200 ms when idle)._", ""]
         lines += table(result) + [""] + targets(result) + [""]
         lines += [f"- {note}" for note in result["notes"]]
-        plot = DOCS / "bench" / f"{name}.png"
-        if plot.exists():
-            lines += ["", f"![{name}](bench/{name}.png)"]
+        png = name.replace("@", "-") + ".png"
+        if (DOCS / "bench" / png).exists():
+            lines += ["", f"![{name}](bench/{png})"]
         lines.append("")
     extra = DOCS / "bench" / "findings.md"
     if extra.exists():
@@ -154,8 +170,12 @@ def main() -> int:
     parser.add_argument("--no-report", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument("--nice", type=int, default=0,
                         help="run every benchmark process at this niceness (e.g. -5 on a busy machine; needs root)")
+    parser.add_argument("--proxy-repo", type=Path, default=h.REPO,
+                        help="measure the smart_proxy of another checkout (default: this one)")
+    parser.add_argument("--tag", default="", help="store results under SCENARIO@TAG (e.g. to keep a main-branch run)")
     args = parser.parse_args()
     h.NICE = args.nice
+    h.PROXY_REPO = args.proxy_repo.resolve()
     names = args.scenario or list(scenarios.SCENARIOS)
     unknown = [n for n in names if n not in scenarios.SCENARIOS]
     if unknown:
@@ -166,8 +186,6 @@ def main() -> int:
     if not wants_litellm:
         status = "--no-litellm" if args.no_litellm else status
     work = h.Workdir()
-    stamp = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": commit(),
-             "machine": machine(), "quick": args.quick}
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() and not args.no_report else {}
     try:
         h.log(f"building the Go programs in {work.path}")
@@ -176,10 +194,12 @@ def main() -> int:
         for name in names:
             h.log(f"scenario {name}")
             began = time.monotonic()
+            stamp = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": commit(),
+                     "machine": machine(), "quick": args.quick, "nice": args.nice}
             result = scenarios.SCENARIOS[name](ctx)
             result["meta"] = {**stamp, "seconds": round(time.monotonic() - began, 1)}
             print_result(result)
-            results[name] = result
+            results[f"{name}@{args.tag}" if args.tag else name] = result
             if not args.no_report:
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
                 RESULTS.write_text(json.dumps(results, indent=1))
@@ -191,9 +211,9 @@ def main() -> int:
         h.stop_all()
         work.cleanup()
     if not args.no_report:
-        ordered = {n: results[n] for n in scenarios.SCENARIOS if n in results}
+        ordered = {key: results[key] for n in scenarios.SCENARIOS for key in results if key.split("@")[0] == n}
         RESULTS.write_text(json.dumps(ordered, indent=1))
-        plot(names)
+        plot([f"{n}@{args.tag}" if args.tag else n for n in names])
         write_report(ordered)
         h.log(f"wrote {DOCS / 'benchmarks.md'}")
     return 0

@@ -196,22 +196,23 @@ def throughput(ctx: Context) -> dict:
     assert h.post_json(f"{proxy.url}/v1/chat/completions", CHAT)[0] == 200
     upstream = f"http://127.0.0.1:{proxy.upstream_port('bench')}"
     _, go_url = h.start_goproxy(ctx.work, ctx.go, upstream)
-    runs = {"direct": (f"{upstream}/v1/chat/completions", "sse", None),
-            "go-httputil": (f"{go_url}/v1/chat/completions", "sse", None),
-            "smart-proxy": (f"{proxy.url}/v1/chat/completions", "sse", proxy.pid)}
+    runs = {"direct": (f"{upstream}/v1/chat/completions", "sse", None, body),
+            "go-httputil": (f"{go_url}/v1/chat/completions", "sse", None, body),
+            "smart-proxy": (f"{proxy.url}/v1/chat/completions", "sse", proxy.pid, body)}
     notes = []
-    status, _ = h.post_json(f"{proxy.url}/api/chat", {**body, "max_tokens": 2, "stream": False})
+    ollama = {"model": "bench", "messages": body["messages"], "stream": True, "options": {"num_predict": chunks}}
+    status, _ = h.post_json(f"{proxy.url}/api/chat", {**ollama, "stream": False, "options": {"num_predict": 2}})
     if status == 404:
         notes.append("Ollama routes (/api/chat) are not on this commit: the NDJSON translation was not measured")
     else:
-        runs["smart-proxy ollama"] = (f"{proxy.url}/api/chat", "ndjson", proxy.pid)
+        runs["smart-proxy ollama"] = (f"{proxy.url}/api/chat", "ndjson", proxy.pid, ollama)
     rows = []
     repeats = 1 if ctx.quick else 3
-    for name, (url, sep, pid) in runs.items():
+    for name, (url, sep, pid, run_body) in runs.items():
         best = None
         for _ in range(repeats):
             with h.CpuMeter({"target": pid} if pid else {}) as cpu:
-                result = h.streamclient(ctx.go.streamclient, url, streams=1, body=body, sep=sep)
+                result = h.streamclient(ctx.go.streamclient, url, streams=1, body=run_body, sep=sep)
             if best is None or result["events_per_s"] > best[0]["events_per_s"]:
                 best = (result, cpu.summary())
         result, cpu_summary = best
