@@ -160,8 +160,9 @@ def get_json(url: str, timeout: float = 10.0) -> dict:
         return json.loads(response.read())
 
 
-def post_json(url: str, body: dict, timeout: float = 60.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def post_json(url: str, body: dict, timeout: float = 60.0, auth: str = "") -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
@@ -280,11 +281,11 @@ def children(pid: int) -> list[int]:
 # ---- load generators -------------------------------------------------------------------
 
 
-def wrk(url: str, *, connections: int, duration: float, body: str, timeout: float = 5.0) -> dict:
+def wrk(url: str, *, connections: int, duration: float, body: str, timeout: float = 5.0, auth: str = "") -> dict:
     """wrk on the load core; returns requests/s, latency percentiles (ms) and errors."""
     argv = pinned(LOAD_CPU, ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", f"--timeout={max(1, round(timeout))}s",
                              "-s", str(BENCH_DIR / "post.lua"), url])
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "BENCH_BODY": body},
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "BENCH_BODY": body, "BENCH_AUTH": auth},
                           timeout=duration + 60)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCHJSON ")), None)
     if line is None:
@@ -467,8 +468,10 @@ class LiteLLM:
         )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # LiteLLM refuses to start without a master key; clients then send it as a bearer token
+        self.auth = "Bearer sk-smart-proxy-bench"
         env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
-               "LITELLM_TELEMETRY": "False", "NO_PROXY": "*"}
+               "LITELLM_TELEMETRY": "False", "NO_PROXY": "*", "LITELLM_MASTER_KEY": self.auth.split()[1]}
         binary = litellm_binary()
         assert binary is not None
         self.process = start(pinned(PROXY_CPU, [binary, "--config", str(config), "--host", "127.0.0.1", "--port",

@@ -2,6 +2,9 @@
 wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY") or '{"model":"bench","messages":[{"role":"user","content":"Hello"}]}'
 wrk.headers["Content-Type"] = "application/json"
+if os.getenv("BENCH_AUTH") then
+  wrk.headers["Authorization"] = os.getenv("BENCH_AUTH")
+end
 
 function done(summary, latency, requests)
   local e = summary.errors

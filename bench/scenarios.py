@@ -51,13 +51,15 @@ def overhead(ctx: Context) -> dict:
     targets = {"direct": (upstream, None), "go-httputil": (go_url, None), "smart-proxy": (proxy.url, proxy.pid)}
     notes = []
     litellm = None
+    auth = {"litellm": ""}
     if ctx.litellm_status == "ok" and h.litellm_binary():
         try:
             litellm = h.LiteLLM(ctx.work, upstream)
-            status, answer = h.post_json(f"{litellm.url}/v1/chat/completions", CHAT)
+            status, answer = h.post_json(f"{litellm.url}/v1/chat/completions", CHAT, auth=litellm.auth)
             if status != 200:
                 raise RuntimeError(f"LiteLLM answered {status}: {answer[:200]!r}")
             targets["litellm"] = (litellm.url, litellm.pid)
+            auth["litellm"] = litellm.auth
         except Exception as exc:  # noqa: BLE001  # a peer that does not start is reported, not fatal
             notes.append(f"LiteLLM did not run: {exc}")
             if litellm is not None:
@@ -71,9 +73,11 @@ def overhead(ctx: Context) -> dict:
         for name, (url, pid) in targets.items():
             if name == "litellm" and clients == 256 and ctx.quick:
                 continue
-            h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=min(1.0, duration), body=body)
+            key = auth.get(name, "")
+            h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=min(1.0, duration), body=body, auth=key)
             with h.CpuMeter({"target": pid} if pid else {}) as cpu:
-                result = h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=duration, body=body)
+                result = h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=duration, body=body,
+                               auth=key)
             cpu_ms = cpu.cpu_seconds.get("target", 0) * 1000 / max(1, result["requests"]) if pid else None
             rows.append({"target": name, "clients": clients, "rps": round(result["rps"]),
                          "cpu_ms_per_req": round(cpu_ms, 3) if cpu_ms is not None else None,
@@ -275,7 +279,8 @@ def aborts(ctx: Context) -> dict:
     """Clients hanging up while a model loads, before the first token and mid-stream; RSS over 10,000 requests."""
     clients = 250 if ctx.quick else 1000
     models = {"bench": {"slots": 1024}, "slowload": {"slots": 1024, "load_delay_ms": 3000}}
-    proxy = h.SmartProxy(ctx.work, "s6", h.fake_model_ini(ctx.work, ctx.go, models, size=2))
+    # size 3: a late request for the abandoned load must not evict "bench" while "slowload" is still stopping
+    proxy = h.SmartProxy(ctx.work, "s6", h.fake_model_ini(ctx.work, ctx.go, models, size=3))
     rss_idle_start = h.rss_mb(proxy.pid)
     assert h.post_json(f"{proxy.url}/v1/chat/completions", CHAT)[0] == 200
     port = proxy.upstream_port("bench")
@@ -308,7 +313,18 @@ def aborts(ctx: Context) -> dict:
     phase("before first token", {**stream, "max_tokens": 100, "x_first_ms": 10_000, "x_id": "{ID}"}, "headers")
     phase("mid-stream", {**stream, "max_tokens": 100, "x_interval_ms": 20, "x_id": "{ID}"}, "chunks:5")
 
-    # while loading: no upstream request exists yet; the load must be abandoned and the process stopped
+    # RSS over 10,000 more requests
+    rss_before = h.rss_mb(proxy.pid)
+    done = 0
+    while done < 10_000:
+        done += h.wrk(url, connections=64, duration=ctx.seconds(4), body=json.dumps(CHAT))["requests"]
+        if ctx.quick:
+            break
+    _settle(proxy, upstream)
+    rss_after = h.rss_mb(proxy.pid)
+    # while loading (last: clients still arriving after the abandoned load start it again, and
+    # with the pool full that evicts the idle "bench"): no upstream request exists yet; the
+    # load must be abandoned and its process stopped
     started = time.monotonic()
     result = h.streamclient(ctx.go.streamclient, url, streams=clients, abort="ms:300", timeout=30,
                             body={**stream, "model": "slowload", "max_tokens": 10})
@@ -328,17 +344,11 @@ def aborts(ctx: Context) -> dict:
     notes.append("while loading: close_max_ms is the time from the last hang-up to the abandoned load's process "
                  "being gone from the pool (the load is cancelled when its last waiter leaves)")
     h.log(f"  6: while loading      {rows[-1]}")
-    _settle(proxy, upstream)
+    stats = {m["model"]: m for m in proxy.health()["pool"]["models"]}
+    notes.append(f"while loading: slowload was started {stats.get('slowload', {}).get('loads', '?')} times "
+                 "(clients still arriving after an abandoned load start it again); 'bench' was "
+                 f"{'still loaded' if any(m == 'bench' for m, _ in _hygiene(proxy, port)['servers']) else 'evicted'}")
 
-    # RSS over 10,000 more requests
-    rss_before = h.rss_mb(proxy.pid)
-    done = 0
-    while done < 10_000:
-        done += h.wrk(url, connections=64, duration=ctx.seconds(4), body=json.dumps(CHAT))["requests"]
-        if ctx.quick:
-            break
-    _settle(proxy, upstream)
-    rss_after = h.rss_mb(proxy.pid)
     final = _hygiene(proxy, port)
     notes.append(f"RSS: {rss_idle_start:.1f} MB at start, {rss_idle:.1f} MB idle after warm-up, "
                  f"{rss_before:.1f} MB after the abort phases, {rss_after:.1f} MB after {done:,} more requests")
