@@ -349,6 +349,7 @@ def aborts(ctx: Context) -> dict:
                  "(clients still arriving after an abandoned load start it again); 'bench' was "
                  f"{'still loaded' if any(m == 'bench' for m, _ in _hygiene(proxy, port)['servers']) else 'evicted'}")
 
+    time.sleep(2)  # let the last hung-up connections finish closing
     final = _hygiene(proxy, port)
     notes.append(f"RSS: {rss_idle_start:.1f} MB at start, {rss_idle:.1f} MB idle after warm-up, "
                  f"{rss_before:.1f} MB after the abort phases, {rss_after:.1f} MB after {done:,} more requests")
