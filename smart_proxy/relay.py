@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 #: Pieces the pump may read ahead of the client (each at most one network read, 64 KiB).
 _READ_AHEAD = 64
 
+#: How long an idle upstream connection is kept for reuse. llama-server (cpp-httplib)
+#: answers ``Keep-Alive: timeout=5, max=100`` and closes a connection idle for 5 s; a
+#: connection taken from the pool just as the server closes it fails the request with
+#: "Server disconnected without sending a response". Letting go sooner avoids the race.
+_KEEPALIVE_EXPIRY = 4.0
+
 #: Headers of the upstream answer that describe the connection, not the content.
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "date", "server"}
@@ -60,7 +66,7 @@ def make_client() -> httpx.AsyncClient:
     """The proxy's one HTTP client: no read timeout (generations are long), pooled connections."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=_KEEPALIVE_EXPIRY),
         trust_env=False,
     )
 

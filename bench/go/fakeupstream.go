@@ -124,7 +124,9 @@ func main() {
 		os.Exit(1)
 	}
 	fmt.Printf("main: server is listening on http://%s:%s (fake, %d slots)\n", host, port, slots)
-	server := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	// Like llama-server (cpp-httplib: "Keep-Alive: timeout=5, max=100"), close a
+	// connection that has been idle for 5 s.
+	server := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 5 * time.Second}
 	if err := server.Serve(listener); err != nil {
 		fmt.Fprintln(os.Stderr, "serve:", err)
 		os.Exit(1)
