@@ -33,7 +33,9 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=4, help="total_slots the fake upstream reports")
     parser.add_argument("--svg", help="also write a flame graph here")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--proxy-repo", type=Path, default=h.REPO, help="profile another checkout's smart_proxy")
     args = parser.parse_args()
+    h.PROXY_REPO = args.proxy_repo.resolve()
     h.require_tools()
     py_spy = h.BENCH_VENV / "bin" / "py-spy"
     if not py_spy.exists():

@@ -173,7 +173,15 @@ def main() -> int:
     parser.add_argument("--proxy-repo", type=Path, default=h.REPO,
                         help="measure the smart_proxy of another checkout (default: this one)")
     parser.add_argument("--tag", default="", help="store results under SCENARIO@TAG (e.g. to keep a main-branch run)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: redraw every plot and rewrite docs/benchmarks.md from results.json")
     args = parser.parse_args()
+    if args.report_only:
+        results = json.loads(RESULTS.read_text())
+        plot(list(results))
+        write_report(results)
+        h.log(f"wrote {DOCS / 'benchmarks.md'}")
+        return 0
     h.NICE = args.nice
     h.PROXY_REPO = args.proxy_repo.resolve()
     names = args.scenario or list(scenarios.SCENARIOS)

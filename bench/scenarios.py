@@ -121,7 +121,8 @@ def overhead(ctx: Context) -> dict:
     go_peak = max(row("go-httputil", c)["rps"] for c in (1, 64, 256))
     notes.append(f"smart-proxy peak = {ratio(peak, go_peak):.2f}x the Go httputil proxy's ({go_peak:,} req/s)")
     return {"title": "1. Request overhead (non-streamed chat, wrk, keep-alive clients)", "rows": rows,
-            "columns": ["target", "clients", "rps", "p50_ms", "added_p50_ms", "p99_ms", "errors", "vs_go_rps", "cpu_ms_per_req",
+            "columns": ["target", "clients", "rps", "p50_ms", "added_p50_ms", "p99_ms", "errors", "listen_overflows", "vs_go_rps",
+                        "cpu_ms_per_req",
                         "cpu_load_core", "cpu_proxy_core", "cpu_target"],
             "targets": targets_out, "notes": notes, "plot": {"kind": "overhead", "rows": rows}}
 
