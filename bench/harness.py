@@ -190,9 +190,9 @@ def listen_overflows() -> int:
     """The kernel's count of connections dropped because a listen backlog was full (TcpExt ListenOverflows)."""
     with open("/proc/net/netstat") as file:
         lines = file.read().splitlines()
-    for names, values in zip(lines[::2], lines[1::2]):
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
         if names.startswith("TcpExt:"):
-            table = dict(zip(names.split()[1:], values.split()[1:]))
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=True))
             return int(table.get("ListenOverflows", 0))
     return 0
 
@@ -283,7 +283,8 @@ def children(pid: int) -> list[int]:
 
 def wrk(url: str, *, connections: int, duration: float, body: str, timeout: float = 5.0, auth: str = "") -> dict:
     """wrk on the load core; returns requests/s, latency percentiles (ms) and errors."""
-    argv = pinned(LOAD_CPU, ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", f"--timeout={max(1, round(timeout))}s",
+    seconds, limit = max(1, round(duration)), max(1, round(timeout))  # wrk takes whole seconds
+    argv = pinned(LOAD_CPU, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"--timeout={limit}s",
                              "-s", str(BENCH_DIR / "post.lua"), url])
     done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "BENCH_BODY": body, "BENCH_AUTH": auth},
                           timeout=duration + 60)

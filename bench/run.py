@@ -59,7 +59,10 @@ def python_loop_ms() -> float:
 
     About 150-200 ms on an idle modern core; several times that when the machine is shared.
     """
-    code = "import time\nt = time.perf_counter()\ns = 0\nfor i in range(3_000_000): s += i\nprint((time.perf_counter() - t) * 1000)"
+    code = (
+        "import time\nt = time.perf_counter()\ns = 0\nfor i in range(3_000_000): s += i\n"
+        "print((time.perf_counter() - t) * 1000)"
+    )
     done = subprocess.run(h.pinned(h.PROXY_CPU, [sys.executable, "-c", code]), capture_output=True, text=True)
     return round(float(done.stdout.strip() or "nan"))
 

@@ -208,9 +208,7 @@ class RelayBody(ResponseBody):
         self._nursery.start_soon(self._pump)
         return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         assert self._nursery is not None
         try:
             self._nursery.cancel_scope.cancel()  # done, or the client left: stop reading

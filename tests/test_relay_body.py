@@ -15,9 +15,7 @@ async def _body(make_config, start_pool, http: httpx.AsyncClient, **behaviour):
     pool = await start_pool(make_config({"a": {"tokens": 50, "token_delay": 0.01, **behaviour}}))
     lease = await pool.acquire("a")
     request = json.dumps({"prompt": "x", "stream": True}).encode()
-    upstream = await open_upstream(
-        http, "POST", lease.base_url + "/v1/completions", content=request, slots=lease.server.limiter
-    )
+    upstream = await open_upstream(http, "POST", lease.base_url + "/v1/completions", content=request, slots=lease.server.limiter)
     released = []
 
     def release() -> None:
