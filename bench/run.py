@@ -132,6 +132,14 @@ def write_report(all_results: dict) -> None:
         "same time; treat differences of a few percent as noise, and compare targets within one run.",
         "",
     ]
+    lines += ["## Targets at a glance", "", "| scenario | target | goal | measured | met |", "|---|---|---|---|---|"]
+    for name, result in all_results.items():
+        if "@" in name:
+            continue  # tagged runs (another checkout) are shown below, not summarised
+        for t in result["targets"]:
+            met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+            lines.append(f"| {result['title'].split(' (')[0]} | {t['what']} | {t['goal']} | {t['measured']} | {met} |")
+    lines.append("")
     for name, result in all_results.items():
         meta = result["meta"]
         m = meta["machine"]
