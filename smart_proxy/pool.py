@@ -167,6 +167,8 @@ class Server:
         self.in_flight = 0
         self.waiters = 0
         self.slots = 1
+        #: At most ``slots`` upstream requests at once (see relay.open_upstream); sized when READY.
+        self.limiter = trio.CapacityLimiter(1)
         self.last_used = now
         self.ready_at: float | None = None
         #: Ollama keep_alive of the latest request: seconds, negative = forever, None = config.
@@ -444,6 +446,7 @@ class Pool:
     def _on_ready(self, server: Server) -> None:
         assert server.process is not None
         server.slots = server.process.slots
+        server.limiter.total_tokens = server.slots
         server.ready_at = server.last_used = trio.current_time()
         self._set_state(server, State.READY)
         self._events.load_finished(server.name, server.ready_at - server.started_at, ok=True)

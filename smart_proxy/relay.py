@@ -7,24 +7,54 @@ server is held until the last byte is relayed (or the client has gone), then
 released; closing the upstream response on a client disconnect makes
 llama-server free the slot.
 
-Relaying is a plain async generator with no nursery or cancel scope around its
-``yield`` (PEP 789); the only cancel scope is the shielded one that closes the
-upstream response in ``finally``.
+At most ``slots`` requests are in flight to one llama-server (its ``/props``
+``total_slots``): :func:`open_upstream` takes a place in the server's
+``trio.CapacityLimiter`` before it sends, and the place is given back when the
+answer is closed. llama-server would queue the excess itself; queueing it here
+keeps httpx's connection pool as small as the server's slots, and httpcore
+rescans every pooled connection on each request and release (encode/httpx#3215),
+so a pool of 256 connections for 4 slots made the proxy slower the more clients
+it had.
+
+A streamed answer is relayed by :class:`RelayBody`, a Quart response body. Its
+pump task reads the upstream body and puts each piece in a bounded channel
+*without waiting* while there is room, so it goes on reading for as long as httpx
+has bytes already received and parses them without I/O; the response side takes
+everything that has piled up and sends it as one write. A model's tokens (one
+event per network read) still go out one by one as they come, but a burst that
+arrived in one read (a fast upstream, or a proxy that fell behind) costs one
+write through Quart, Hypercorn and h11 instead of one per event. The pump's
+nursery is opened in the body's ``__aenter__``, which Quart enters around its
+``async for``: no ``yield`` happens inside a nursery (PEP 789).
+
+:func:`relay` is the same as a plain async generator, one write per piece, for
+callers that transform the stream.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from types import TracebackType
 
 import httpx
 import trio
+from quart.wrappers.response import ResponseBody
 
 from .errors import UpstreamError
 
-__all__ = ["StreamBody", "Upstream", "open_upstream", "relay"]
+__all__ = ["RelayBody", "StreamBody", "Upstream", "open_upstream", "relay"]
 
 log = logging.getLogger(__name__)
+
+#: Pieces the pump may read ahead of the client (each at most one network read, 64 KiB).
+_READ_AHEAD = 64
+
+#: How long an idle upstream connection is kept for reuse. llama-server (cpp-httplib)
+#: answers ``Keep-Alive: timeout=5, max=100`` and closes a connection idle for 5 s; a
+#: connection taken from the pool just as the server closes it fails the request with
+#: "Server disconnected without sending a response". Letting go sooner avoids the race.
+_KEEPALIVE_EXPIRY = 4.0
 
 #: Headers of the upstream answer that describe the connection, not the content.
 _HOP_BY_HOP = frozenset(
@@ -36,17 +66,34 @@ def make_client() -> httpx.AsyncClient:
     """The proxy's one HTTP client: no read timeout (generations are long), pooled connections."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=_KEEPALIVE_EXPIRY),
         trust_env=False,
     )
+
+
+class _Slot:
+    """One place in a server's limiter, taken by one task and given back by whichever closes the answer."""
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self._limiter = limiter
+
+    @classmethod
+    async def take(cls, limiter: trio.CapacityLimiter) -> _Slot:
+        slot = cls(limiter)
+        await limiter.acquire_on_behalf_of(slot)
+        return slot
+
+    def release(self) -> None:
+        self._limiter.release_on_behalf_of(self)
 
 
 class Upstream:
     """An upstream answer whose headers have arrived and whose body is still to come."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, slot: _Slot | None = None) -> None:
         self.response = response
         self.status_code = response.status_code
+        self._slot = slot
 
     @property
     def headers(self) -> dict[str, str]:
@@ -61,8 +108,13 @@ class Upstream:
             await self.aclose()
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await self.response.aclose()
+        try:
+            with trio.CancelScope(shield=True):
+                await self.response.aclose()
+        finally:
+            if self._slot is not None:
+                self._slot.release()
+                self._slot = None
 
 
 def describe(exc: httpx.HTTPError) -> str:
@@ -70,19 +122,33 @@ def describe(exc: httpx.HTTPError) -> str:
 
 
 async def open_upstream(
-    http: httpx.AsyncClient, method: str, url: str, *, content: bytes | None = None, headers: dict[str, str] | None = None
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    content: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    slots: trio.CapacityLimiter | None = None,
 ) -> Upstream:
     """Send the request and return once the answer's headers are in.
+
+    With ``slots`` (the server's limiter), first wait for a free slot; the answer
+    holds it until :meth:`Upstream.aclose`.
 
     Raises:
         UpstreamError: the upstream could not be reached or broke before answering.
     """
     request = http.build_request(method, url, content=content, headers=headers)
+    slot = await _Slot.take(slots) if slots is not None else None
     try:
         response = await http.send(request, stream=True)
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"cannot reach {url}: {describe(exc)}") from exc
-    return Upstream(response)
+    except BaseException as exc:
+        if slot is not None:
+            slot.release()
+        if isinstance(exc, httpx.HTTPError):
+            raise UpstreamError(f"cannot reach {url}: {describe(exc)}") from exc
+        raise
+    return Upstream(response, slot)
 
 
 async def relay(
@@ -155,3 +221,93 @@ class StreamBody:
                 trio.lowlevel.spawn_system_task(self._upstream.aclose)
             except RuntimeError:  # not in Trio's thread, or the run is over: the GC closes the socket
                 pass
+
+
+class RelayBody(ResponseBody):
+    """A streamed upstream answer as a Quart response body; see the module docstring.
+
+    If the upstream breaks off mid-stream (llama-server crashed), the last piece is
+    ``on_error(reason)`` in the caller's dialect. ``on_done`` runs exactly once when
+    relaying ends, whichever way, after the upstream answer is closed.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        on_error: Callable[[str], bytes],
+        on_done: Callable[[], object] | None = None,
+    ) -> None:
+        self._upstream = upstream
+        self._on_error = on_error
+        self._on_done = on_done
+        self._send, self._receive = trio.open_memory_channel[bytes](_READ_AHEAD)
+        self._nursery_manager = trio.open_nursery()
+        self._nursery: trio.Nursery | None = None
+        self._entered = False
+
+    async def __aenter__(self) -> RelayBody:
+        self._entered = True
+        self._nursery = await self._nursery_manager.__aenter__()
+        self._nursery.start_soon(self._pump)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        assert self._nursery is not None
+        try:
+            self._nursery.cancel_scope.cancel()  # done, or the client left: stop reading
+            # the pump closes the upstream answer (shielded) before the nursery exits; the
+            # body's own exception (Cancelled when the client left) goes on unwrapped
+            await self._nursery_manager.__aexit__(None, None, None)
+        finally:
+            self._receive.close()
+            if self._on_done is not None:
+                self._on_done()
+
+    def __del__(self) -> None:
+        # A client that leaves after the handler returned and before Quart starts the
+        # body: Quart never enters it, so let go of the lease and the upstream here
+        # (in a system task, since a finalizer cannot await).
+        if not self._entered:
+            self._entered = True
+            if self._on_done is not None:
+                self._on_done()
+            try:
+                trio.lowlevel.spawn_system_task(self._upstream.aclose)
+            except RuntimeError:  # not in Trio's thread, or the run is over: the GC closes the socket
+                pass
+
+    def __aiter__(self) -> RelayBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            piece = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        more = []
+        while True:
+            try:
+                more.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return b"".join([piece, *more]) if more else piece
+
+    async def _pump(self) -> None:
+        chunks = self._upstream.response.aiter_raw()
+        try:
+            with self._send:
+                try:
+                    async for chunk in chunks:
+                        try:
+                            self._send.send_nowait(chunk)  # no checkpoint: keep parsing what is buffered
+                        except trio.WouldBlock:
+                            await self._send.send(chunk)
+                except httpx.HTTPError as exc:
+                    reason = f"the upstream stream broke off: {describe(exc)}"
+                    log.warning("%s", reason)
+                    await self._send.send(self._on_error(reason))
+        finally:
+            with trio.CancelScope(shield=True):
+                await chunks.aclose()  # httpx's generators, closed now rather than by the GC
+            await self._upstream.aclose()

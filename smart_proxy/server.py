@@ -103,6 +103,13 @@ def hypercorn_config(config: Config, host: str, port: int) -> hypercorn.config.C
     """
     hc = hypercorn.config.Config()
     hc.keep_alive_timeout = 75  # longer than nginx's and most clients' idle pools
+    # Hypercorn closes a keep-alive connection after 1,000 requests by default; a busy
+    # client then pays a new TCP handshake every thousand requests for nothing.
+    hc.keep_alive_max_requests = 1_000_000_000
+    # A burst of clients (hundreds of streams opened at once) overflows Hypercorn's
+    # default listen backlog of 100; dropped SYNs are retried after 1 s, 3 s, ...,
+    # which showed up as seconds of time-to-first-chunk. The kernel caps it at somaxconn.
+    hc.backlog = 4096
     if config.proxy.hypercorn_config:
         path = resolve_path(config.proxy.hypercorn_config, config.base_dir)
         where = "[proxy] hypercorn_config"

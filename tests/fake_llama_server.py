@@ -122,6 +122,10 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 else:
                     self._json(200, {"status": "ok"})
             elif self.path == "/props":
+                with state.lock:
+                    busy = state.busy
+                # fake_busy is ours (llama-server has no such field): requests being answered now,
+                # which may exceed total_slots when a client sends more than it should
                 self._json(200, {
                     "total_slots": state.slots,
                     "model_alias": state.alias,
@@ -129,6 +133,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                     "mmproj": state.mmproj,
                     "modalities": {"vision": bool(state.behaviour.get("vision", False))},
                     "default_generation_settings": {"n_ctx": int(state.behaviour.get("n_ctx", 4096))},
+                    "fake_busy": busy,
                 })
             elif self.path == "/requests":
                 with state.lock:

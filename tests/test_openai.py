@@ -159,3 +159,35 @@ async def test_kill_9_mid_request_non_stream_is_502(make_config, start_proxy, ht
         response = await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x"})
     assert response.status_code == 502
     assert response.json()["error"]["type"] == "upstream_error"
+
+
+async def test_in_flight_requests_bounded_by_server_slots(make_config, start_proxy, http) -> None:
+    """The proxy sends a llama-server at most total_slots requests at once and queues the rest itself."""
+    url = await start_proxy(make_config({"a": {"slots": 2, "token_delay": 0.05, "tokens": 6}}))
+    await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 1})  # load it
+    port = (await http.get(f"{url}/health")).json()["pool"]["servers"][0]["port"]
+    busiest = 0
+    statuses = []
+
+    async def ask() -> None:
+        async with http.stream("POST", f"{url}/v1/completions", json={"model": "a", "prompt": "x", "stream": True}) as s:
+            statuses.append(s.status_code)
+            async for _ in s.aiter_raw():
+                pass
+
+    async def watch() -> None:
+        nonlocal busiest
+        while True:
+            props = (await http.get(f"http://127.0.0.1:{port}/props")).json()
+            busiest = max(busiest, props["fake_busy"])
+            await trio.sleep(0.01)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as watcher:
+            watcher.start_soon(watch)
+            async with trio.open_nursery() as clients:
+                for _ in range(5):
+                    clients.start_soon(ask)
+            watcher.cancel_scope.cancel()
+    assert statuses == [200] * 5
+    assert busiest == 2  # both slots were used, never more

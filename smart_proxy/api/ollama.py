@@ -157,7 +157,12 @@ async def _check_images(http: httpx.AsyncClient, lease: Lease, name: str) -> Non
 async def _post(http: httpx.AsyncClient, lease: Lease, path: str, body: dict[str, Any]) -> Upstream:
     content = json.dumps(body, ensure_ascii=False).encode()
     return await open_upstream(
-        http, "POST", lease.base_url + path, content=content, headers={"Content-Type": "application/json"}
+        http,
+        "POST",
+        lease.base_url + path,
+        content=content,
+        headers={"Content-Type": "application/json"},
+        slots=lease.server.limiter,  # the same bound on in-flight requests as the OpenAI routes
     )
 
 

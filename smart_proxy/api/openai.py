@@ -19,7 +19,7 @@ from ..app import ProxyState, state
 from ..backends import ollama as ollama_backend
 from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
-from ..relay import StreamBody, open_upstream, relay
+from ..relay import RelayBody, open_upstream
 
 __all__ = ["blueprint", "error_response", "parse_body"]
 
@@ -77,14 +77,19 @@ async def send(
     lease = await proxy.pool.acquire(model)
     try:
         upstream = await open_upstream(
-            proxy.http, "POST", lease.base_url + path, content=body, headers={"Content-Type": "application/json"}
+            proxy.http,
+            "POST",
+            lease.base_url + path,
+            content=body,
+            headers={"Content-Type": "application/json"},
+            slots=lease.server.limiter,
         )
     except BaseException:
         lease.release()
         raise
     if stream and upstream.status_code == 200:
         return Response(
-            StreamBody(relay(upstream, on_error=sse_error), upstream=upstream, on_done=lease.release),
+            RelayBody(upstream, on_error=sse_error, on_done=lease.release),
             status=upstream.status_code,
             headers={**upstream.headers, **_SSE_HEADERS, **(headers or {})},
         )

@@ -1,0 +1,488 @@
+"""The benchmark harness: tools, pinned processes, load generators and probes.
+
+Theory of operation: every scenario runs three kinds of target side by side in one
+run: the upstream **direct**, the **Go** ``httputil`` reverse proxy, **smart-proxy**
+(and LiteLLM where a scenario names it). The machine has two cores: the proxy under
+test runs alone on core :data:`PROXY_CPU`; the load generator (wrk, the Go stream
+client) and the fake upstream share :data:`LOAD_CPU`. Core utilisation is sampled
+from ``/proc/stat`` around every measurement, so a report can show which core was
+saturated (if the proxy's core is at 100 % and the load core is not, the load
+generator was not the bottleneck).
+
+The Go programs in ``bench/go/`` are copied into a temporary directory and built
+with the standard library only. smart-proxy is started as a real process
+(``python -m smart_proxy``) with a ``proxy.ini`` whose "llama-server" is a shell
+script that execs the Go fake upstream pinned to the load core: the proxy spawns
+and supervises it like a real llama-server.
+
+Standard library only: this runs under the project's venv; plotting runs in the
+bench venv (``bench/plot.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+#: The checkout whose smart_proxy is measured (``--proxy-repo``); the report goes to REPO's docs/.
+PROXY_REPO = REPO
+PROXY_CPU = 1
+LOAD_CPU = 0
+BENCH_VENV = Path(os.environ.get("BENCH_VENV", "/work/bench-venv"))
+
+_started: list[subprocess.Popen] = []
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- tools -----------------------------------------------------------------------------
+
+
+def require_tools() -> None:
+    """go, wrk and taskset, installed from Debian if missing and we are root."""
+    missing = [tool for tool in ("go", "wrk", "taskset") if shutil.which(tool) is None]
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        packages = {"go": "golang-go", "wrk": "wrk", "taskset": "util-linux"}
+        log(f"installing {', '.join(missing)} from Debian")
+        subprocess.run(["apt-get", "install", "-y", "-q", *(packages[t] for t in missing)], check=False,
+                       stdout=subprocess.DEVNULL)
+        missing = [tool for tool in missing if shutil.which(tool) is None]
+    if missing:
+        sys.exit(f"bench: missing {', '.join(missing)} (apt-get install golang-go wrk util-linux)")
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("bench: needs two cores to pin the proxy apart from the load generator")
+
+
+class GoBinaries:
+    """The Go programs of bench/go/, built into a temporary directory."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir / "go"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(workdir / "gocache"), "GOFLAGS": ""}
+        for source in sorted((BENCH_DIR / "go").glob("*.go")):
+            package = self.dir / source.stem
+            package.mkdir(exist_ok=True)
+            shutil.copy(source, package / "main.go")
+            subprocess.run(["go", "build", "-o", str(self.dir / f"{source.stem}-bin"), "."], cwd=package, env=env,
+                           check=True)
+        self.fakeupstream = str(self.dir / "fakeupstream-bin")
+        self.goproxy = str(self.dir / "goproxy-bin")
+        self.streamclient = str(self.dir / "streamclient-bin")
+
+
+def go_version() -> str:
+    return subprocess.run(["go", "version"], capture_output=True, text=True).stdout.strip()
+
+
+# ---- processes -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+#: Niceness for every benchmark process (``--nice``); negative needs root.
+NICE = 0
+
+
+def pinned(cpu: int, argv: list[str]) -> list[str]:
+    nice = ["nice", "-n", str(NICE)] if NICE else []
+    return [*nice, "taskset", "-c", str(cpu), *argv]
+
+
+def start(argv: list[str], *, log_path: Path, cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    """Start a process in its own session, output to ``log_path``; stopped by :func:`stop_all`."""
+    out = open(log_path, "wb")  # noqa: SIM115  # closed with the process
+    process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+    process.log_path = log_path  # type: ignore[attr-defined]
+    _started.append(process)
+    return process
+
+
+def stop(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    if process in _started:
+        _started.remove(process)
+
+
+def stop_all() -> None:
+    for process in list(reversed(_started)):
+        stop(process)
+
+
+def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{tail(process)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout}s")
+
+
+def tail(process: subprocess.Popen, lines: int = 20) -> str:
+    path = getattr(process, "log_path", None)
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:]) if path else ""
+
+
+def get_json(url: str, timeout: float = 10.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def post_json(url: str, body: dict, timeout: float = 60.0, auth: str = "") -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+# ---- probes ----------------------------------------------------------------------------
+
+
+def cpu_times() -> dict[int, tuple[int, int]]:
+    """Per core: (busy, total) jiffies since boot."""
+    times = {}
+    with open("/proc/stat") as file:
+        for line in file:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *values = line.split()
+                numbers = [int(v) for v in values]
+                idle = numbers[3] + numbers[4]
+                times[int(name[3:])] = (sum(numbers[:8]) - idle, sum(numbers[:8]))
+    return times
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen backlog was full (TcpExt ListenOverflows)."""
+    with open("/proc/net/netstat") as file:
+        lines = file.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=True))
+            return int(table.get("ListenOverflows", 0))
+    return 0
+
+
+class CpuMeter:
+    """Busy share of each core, and of some processes, between enter and exit."""
+
+    def __init__(self, pids: dict[str, int] | None = None) -> None:
+        self.pids = pids or {}
+        self.cores: dict[int, float] = {}
+        self.processes: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self._cores = cpu_times()
+        self._procs = {name: process_cpu(pid) for name, pid in self.pids.items()}
+        self._t = time.monotonic()
+        self._overflows = listen_overflows()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        after = cpu_times()
+        self.overflows = listen_overflows() - self._overflows
+        elapsed = time.monotonic() - self._t
+        for core, (busy, total) in after.items():
+            busy0, total0 = self._cores.get(core, (0, 0))
+            self.cores[core] = 100.0 * (busy - busy0) / max(1, total - total0)
+        tick = os.sysconf("SC_CLK_TCK")
+        for name, pid in self.pids.items():
+            self.cpu_seconds[name] = (process_cpu(pid) - self._procs[name]) / tick
+            self.processes[name] = 100.0 * self.cpu_seconds[name] / max(elapsed, 1e-9)
+
+    def summary(self) -> dict:
+        return {"cpu_load_core": round(self.cores.get(LOAD_CPU, 0), 1),
+                "cpu_proxy_core": round(self.cores.get(PROXY_CPU, 0), 1),
+                "listen_overflows": self.overflows,
+                **{f"cpu_{name}": round(value, 1) for name, value in self.processes.items()}}
+
+
+def process_cpu(pid: int) -> int:
+    """utime + stime of one process, in clock ticks (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return 0
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as file:
+        for line in file:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def tcp_connections(port: int) -> dict[str, int]:
+    """Established TCP connections to or from ``port`` on loopback, by state name."""
+    states = {"01": "established", "06": "time_wait", "08": "close_wait", "04": "fin_wait1", "05": "fin_wait2"}
+    counts: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as file:
+            next(file)
+            for line in file:
+                fields = line.split()
+                local, remote, state = fields[1], fields[2], fields[3]
+                if int(local.rsplit(":", 1)[1], 16) == port or int(remote.rsplit(":", 1)[1], 16) == port:
+                    key = states.get(state, state)
+                    counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as file:
+            return [int(p) for p in file.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+# ---- load generators -------------------------------------------------------------------
+
+
+def wrk(url: str, *, connections: int, duration: float, body: str, timeout: float = 5.0, auth: str = "") -> dict:
+    """wrk on the load core; returns requests/s, latency percentiles (ms) and errors."""
+    seconds, limit = max(1, round(duration)), max(1, round(timeout))  # wrk takes whole seconds
+    argv = pinned(LOAD_CPU, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"--timeout={limit}s",
+                             "-s", str(BENCH_DIR / "post.lua"), url])
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "BENCH_BODY": body, "BENCH_AUTH": auth},
+                          timeout=duration + 60)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCHJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed:\n{done.stdout}\n{done.stderr}")
+    raw = json.loads(line.removeprefix("BENCHJSON "))
+    seconds = raw["duration_us"] / 1e6
+    return {
+        "requests": raw["requests"],
+        "rps": raw["requests"] / seconds,
+        "errors": sum(raw["errors"].values()),
+        "error_kinds": {k: v for k, v in raw["errors"].items() if v},
+        "p50_ms": raw["lat_us"]["p50"] / 1000,
+        "p90_ms": raw["lat_us"]["p90"] / 1000,
+        "p99_ms": raw["lat_us"]["p99"] / 1000,
+        "max_ms": raw["lat_us"]["max"] / 1000,
+    }
+
+
+def streamclient(binary: str, url: str, *, streams: int, body: dict, expect: int = 0, sep: str = "sse",
+                 abort: str = "", timeout: float = 120.0, id_prefix: str = "s", stagger_ms: float = 0) -> dict:
+    """The Go stream client on the load core; see bench/go/streamclient.go for the fields."""
+    argv = pinned(LOAD_CPU, [binary, "-url", url, "-n", str(streams), "-body", json.dumps(body), "-expect", str(expect),
+                             "-sep", sep, "-timeout", str(timeout), "-id-prefix", id_prefix,
+                             "-stagger-ms", str(stagger_ms)])
+    if abort:
+        argv += ["-abort", abort]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"streamclient failed ({done.returncode}):\n{done.stderr}")
+    return json.loads(done.stdout)
+
+
+# ---- the targets -----------------------------------------------------------------------
+
+
+class Workdir:
+    """A temporary directory for one run's configs, logs and binaries."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="smart-proxy-bench-"))
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def fake_llama_script(workdir: Path, go: GoBinaries) -> str:
+    """A "llama-server" for proxy.ini: execs the Go fake upstream pinned to the load core."""
+    script = workdir / "fake-llama-server"
+    script.write_text(f'#!/bin/sh\nexec {" ".join(pinned(LOAD_CPU, [go.fakeupstream]))} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def project_python() -> str:
+    """The interpreter that runs smart-proxy: this one if it can import the proxy's dependencies."""
+    override = os.environ.get("SMART_PROXY_PYTHON")
+    if override:
+        return override
+    probe = subprocess.run([sys.executable, "-c", "import trio, hypercorn, quart_trio, httpx, attrs, cattrs"],
+                           capture_output=True)
+    if probe.returncode == 0:
+        return sys.executable
+    for candidate in (REPO / ".venv/bin/python", Path("/work/main/.venv/bin/python")):
+        if candidate.exists():
+            return str(candidate)
+    sys.exit("bench: run with the project's venv (python -m pip install -e .), or set SMART_PROXY_PYTHON")
+
+
+class SmartProxy:
+    """smart-proxy as a process pinned to the proxy core, with models served by the fake upstream."""
+
+    def __init__(self, workdir: Path, name: str, ini: str) -> None:
+        self.config = workdir / f"{name}.ini"
+        self.config.write_text(ini)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = start(
+            pinned(PROXY_CPU, [project_python(), "-m", "smart_proxy", "--config", str(self.config), "--port",
+                               str(self.port), "--log-level", os.environ.get("BENCH_PROXY_LOG", "warning")]),
+            log_path=workdir / f"{name}.log", cwd=PROXY_REPO,
+            env={**os.environ, "PYTHONPATH": str(PROXY_REPO)},
+        )
+        wait_http(f"{self.url}/health", timeout=60, process=self.process)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def health(self) -> dict:
+        return get_json(f"{self.url}/health")
+
+    def upstream_port(self, model: str) -> int:
+        for server in self.health()["pool"]["servers"]:
+            if server["model"] == model and server["state"] == "ready":
+                return server["port"]
+        raise RuntimeError(f"no ready server for {model}: {self.health()}")
+
+    def stop(self) -> None:
+        stop(self.process)
+
+
+def fake_model_ini(workdir: Path, go: GoBinaries, models: dict[str, dict], **pool: object) -> str:
+    """proxy.ini text for models served by the fake upstream; ``models`` maps name -> behaviour JSON."""
+    lines = ["[proxy]", "host = 127.0.0.1", "grace = 2s", "[pool]", f"llama_server = {fake_llama_script(workdir, go)}",
+             "load_timeout = 30s", "stop_timeout = 2s", "max_queue = 4096"]
+    lines += [f"{key} = {value}" for key, value in pool.items()]
+    for name, behaviour in models.items():
+        path = workdir / f"model-{name}.json"
+        path.write_text(json.dumps(behaviour))
+        lines += [f"[model:{name}]", f"path = {path}"]
+    return "\n".join(lines) + "\n"
+
+
+def start_goproxy(workdir: Path, go: GoBinaries, target: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = start(pinned(PROXY_CPU, [go.goproxy, "-listen", f"127.0.0.1:{port}", "-target", target]),
+                    log_path=workdir / f"goproxy-{port}.log")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return process, url
+        time.sleep(0.02)
+    raise RuntimeError(f"goproxy did not listen:\n{tail(process)}")
+
+
+def start_fakeupstream(workdir: Path, go: GoBinaries, behaviour: dict | None = None,
+                       alias: str = "bench") -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    model = workdir / f"direct-{port}.json"
+    model.write_text(json.dumps(behaviour or {}))
+    process = start(pinned(LOAD_CPU, [go.fakeupstream, "-m", str(model), "--port", str(port), "--alias", alias]),
+                    log_path=workdir / f"fakeupstream-{port}.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", timeout=10, process=process)
+    return process, url
+
+
+# ---- LiteLLM ---------------------------------------------------------------------------
+
+
+def litellm_binary() -> str | None:
+    path = BENCH_VENV / "bin" / "litellm"
+    return str(path) if path.exists() else None
+
+
+def ensure_bench_venv(with_litellm: bool) -> str:
+    """Create the bench venv (matplotlib, py-spy, pyinstrument, LiteLLM) if missing; return a status line."""
+    python = BENCH_VENV / "bin" / "python"
+    if not python.exists():
+        log(f"creating the bench venv {BENCH_VENV} (matplotlib, py-spy, pyinstrument)")
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    have = subprocess.run([str(python), "-c", "import matplotlib"], capture_output=True).returncode == 0
+    if not have:
+        subprocess.run([*pip, "matplotlib", "py-spy", "pyinstrument"], check=False)
+    if with_litellm and litellm_binary() is None:
+        log("installing litellm[proxy] into the bench venv")
+        done = subprocess.run([*pip, "litellm[proxy]"], capture_output=True, text=True)
+        if done.returncode != 0:
+            return "litellm[proxy] did not install: " + (done.stderr.strip().splitlines() or ["?"])[-1]
+    return "ok"
+
+
+class LiteLLM:
+    """LiteLLM's proxy pinned to the proxy core, one model routed to an OpenAI-compatible upstream."""
+
+    def __init__(self, workdir: Path, upstream: str, model: str = "bench") -> None:
+        config = workdir / "litellm.yaml"
+        config.write_text(
+            "model_list:\n"
+            f"  - model_name: {model}\n"
+            "    litellm_params:\n"
+            f"      model: openai/{model}\n"
+            f"      api_base: {upstream}/v1\n"
+            "      api_key: unused\n"
+            "litellm_settings:\n"
+            "  telemetry: false\n"
+            "  drop_params: true\n"
+        )
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # LiteLLM refuses to start without a master key; clients then send it as a bearer token
+        self.auth = "Bearer sk-smart-proxy-bench"
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+               "LITELLM_TELEMETRY": "False", "NO_PROXY": "*", "LITELLM_MASTER_KEY": self.auth.split()[1]}
+        binary = litellm_binary()
+        assert binary is not None
+        self.process = start(pinned(PROXY_CPU, [binary, "--config", str(config), "--host", "127.0.0.1", "--port",
+                                                str(self.port), "--num_workers", "1"]),
+                             log_path=workdir / "litellm.log", env=env)
+        wait_http(f"{self.url}/health/liveliness", timeout=120, process=self.process)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        stop(self.process)
