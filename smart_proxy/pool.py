@@ -367,6 +367,10 @@ class Pool:
     async def _take_room(self) -> bool:
         if self._live_count() < self._config.size:
             return True
+        stopping = [s for s in self._servers if s.state is State.STOPPING]
+        if stopping:  # a place is about to free itself (abandoned load, idle ttl): take it, evict no one
+            await stopping[0].gone.wait()
+            return self._live_count() < self._config.size
         idle = [s for s in self._servers if s.idle]
         if not idle:
             return False

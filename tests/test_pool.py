@@ -296,3 +296,14 @@ async def test_cancelling_the_pool_is_a_stop_not_a_failure(make_config, http, ca
     assert server.state is State.STOPPED
     assert pids_alive([server.process.pid]) == []
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_stopping_server_frees_the_place_no_idle_one_is_evicted(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}, "b": {"load_delay": 30}, "c": {}}, size=2))
+    async with pool.lease("a"):
+        pass
+    with trio.move_on_after(0.3):  # b's only caller leaves while it loads: its load is cancelled
+        await pool.acquire("b")
+    assert [s.state for s in pool.servers("b")] in ([State.STOPPING], [])
+    async with pool.lease("c"):  # takes b's place, not idle a's
+        assert sorted(s.name for s in pool.servers()) == ["a", "c"]
