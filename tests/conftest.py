@@ -72,7 +72,9 @@ def start_proxy(nursery: trio.Nursery):
 
     async def start(config: Config) -> str:
         stop = trio.Event()
-        binds = await nursery.start(lambda task_status: serve(config, port=0, shutdown_trigger=stop.wait, task_status=task_status))
+        binds = await nursery.start(
+            lambda task_status: serve(config, port=0, shutdown_trigger=stop.wait, task_status=task_status)
+        )
         return binds[0]
 
     return start
