@@ -22,6 +22,9 @@ in :mod:`smart_proxy.api.ollama` hold the lease and move the bytes.
   are measured here instead. An agent chain's answer (:mod:`smart_proxy.agents`)
   is translated the same way; what it adds beyond one choice (an agent's report,
   more choices) comes from :meth:`Answer.extras`.
+* :class:`NDJSONStream` is that translation on bytes: whatever SSE bytes have
+  arrived in, the NDJSON lines they make out, as one piece, so a burst of events
+  costs one write (:class:`smart_proxy.relay.RelayBody` feeds it).
 * :class:`PullReport` turns a Hugging Face download's status, file by file, into
   ``/api/pull``'s progress objects: ``pulling manifest``, one ``pulling DIGEST``
   object per file (its ``digest``, ``total``, ``completed``) each time it moves,
@@ -47,6 +50,7 @@ __all__ = [
     "LOAD_TIME",
     "SAMPLING",
     "Answer",
+    "NDJSONStream",
     "PullReport",
     "SSEParser",
     "Translated",
@@ -112,8 +116,12 @@ def far_future() -> str:
     return (datetime.now(UTC) + timedelta(seconds=(2**63 - 1) / NS_PER_S)).isoformat().replace("+00:00", "Z")
 
 
+#: One encoder for every line: ``json.dumps`` with options builds a new one per call.
+_NDJSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def ndjson(obj: object) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return _NDJSON_ENCODER.encode(obj).encode() + b"\n"
 
 
 def parse_keep_alive(value: object) -> float | None:
@@ -439,6 +447,19 @@ class SSEParser:
 
     @staticmethod
     def _event(line: bytes) -> dict[str, Any] | str | None:
+        if line.startswith(b"data:"):
+            # the common case, parsed from the bytes; anything unusual (not UTF-8, not
+            # JSON, odd whitespace) takes the general way below and ends the same
+            value = line[5:].strip()
+            if not value:
+                return None
+            if value != b"[DONE]":
+                try:
+                    event = json.loads(value.decode())  # strict UTF-8: bytes would let json guess
+                except ValueError:
+                    pass
+                else:
+                    return event if isinstance(event, dict) else None
         text = line.decode("utf-8", "replace").strip()
         field, _, value = text.partition(":")
         value = value.strip()
@@ -657,6 +678,50 @@ class Answer:
             "eval_count": int(eval_count),
             "eval_duration": max(0, eval_ns),
         }
+
+
+class NDJSONStream:
+    """llama-server's SSE stream as Ollama's NDJSON: bytes in, the lines they complete out.
+
+    :meth:`feed` takes any piece of the upstream body (events may be split across
+    pieces, or many in one) and returns every line those events make, joined; after
+    the upstream ends, :meth:`close` returns what is left: the last unterminated
+    event's lines, the gathered tool calls and the ``done`` object (or an error line
+    if the tool calls cannot be read). Once an event is an error (llama-server
+    reported one, or the relay fed its ``on_error`` event), its error line is the
+    last: :attr:`finished` turns true and later input makes nothing.
+    """
+
+    def __init__(self, answer: Answer) -> None:
+        self._answer = answer
+        self._parser = SSEParser()
+
+    @property
+    def finished(self) -> bool:
+        """An error line has been made: nothing more will be, so stop reading."""
+        return self._answer.failed
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._answer.failed:
+            return b""
+        lines = []
+        for event in self._parser.feed(chunk):
+            lines.extend(ndjson(obj) for obj in self._answer.feed(event))
+            if self._answer.failed:
+                break
+        return b"".join(lines)
+
+    def close(self) -> bytes:
+        if self._answer.failed:
+            return b""
+        lines = [ndjson(obj) for event in self._parser.close() for obj in self._answer.feed(event)]
+        if self._answer.failed:
+            return b"".join(lines)
+        try:
+            finals = self._answer.final()
+        except ProxyError as exc:
+            finals = [{"error": exc.message}]
+        return b"".join(lines + [ndjson(obj) for obj in finals])
 
 
 def _ollama_tool_call(call: dict[str, Any], index: int) -> dict[str, Any]:

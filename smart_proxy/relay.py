@@ -27,6 +27,13 @@ write through Quart, Hypercorn and h11 instead of one per event. The pump's
 nursery is opened in the body's ``__aenter__``, which Quart enters around its
 ``async for``: no ``yield`` happens inside a nursery (PEP 789).
 
+A body given a ``translation`` (Ollama's NDJSON made from llama-server's SSE,
+:class:`smart_proxy.ollama.NDJSONStream`) translates each piece in the pump and
+puts the lines it makes in the channel instead, so a burst is still one write;
+once the upstream has ended, the translation's closing lines (Ollama's ``done``
+object) follow. ``on_done`` runs as soon as the upstream answer is closed, before
+those last lines go out, so a client that has the last line knows the lease is gone.
+
 :func:`relay` is the same as a plain async generator, one write per piece, for
 callers that transform the stream.
 """
@@ -36,6 +43,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import TracebackType
+from typing import Protocol
 
 import httpx
 import trio
@@ -43,7 +51,7 @@ from quart.wrappers.response import ResponseBody
 
 from .errors import UpstreamError
 
-__all__ = ["RelayBody", "StreamBody", "Upstream", "open_upstream", "relay"]
+__all__ = ["RelayBody", "StreamBody", "Translation", "Upstream", "open_upstream", "relay"]
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +231,30 @@ class StreamBody:
                 pass
 
 
+class Translation(Protocol):
+    """What a :class:`RelayBody` may send instead of the upstream's bytes (no I/O; see the module docstring)."""
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more will come out: stop reading the upstream."""
+        ...
+
+    def feed(self, chunk: bytes) -> bytes:
+        """A piece of the upstream body -> what to send for it now (maybe nothing)."""
+        ...
+
+    def close(self) -> bytes:
+        """The upstream has ended (or broke off): what to send last."""
+        ...
+
+
 class RelayBody(ResponseBody):
     """A streamed upstream answer as a Quart response body; see the module docstring.
 
     If the upstream breaks off mid-stream (llama-server crashed), the last piece is
-    ``on_error(reason)`` in the caller's dialect. ``on_done`` runs exactly once when
-    relaying ends, whichever way, after the upstream answer is closed.
+    ``on_error(reason)`` in the caller's dialect (fed through ``translation``, if
+    given, like any other piece). ``on_done`` runs exactly once when relaying ends,
+    whichever way, after the upstream answer is closed.
     """
 
     def __init__(
@@ -237,10 +263,12 @@ class RelayBody(ResponseBody):
         *,
         on_error: Callable[[str], bytes],
         on_done: Callable[[], object] | None = None,
+        translation: Translation | None = None,
     ) -> None:
         self._upstream = upstream
         self._on_error = on_error
         self._on_done = on_done
+        self._translation = translation
         self._send, self._receive = trio.open_memory_channel[bytes](_READ_AHEAD)
         self._nursery_manager = trio.open_nursery()
         self._nursery: trio.Nursery | None = None
@@ -261,8 +289,7 @@ class RelayBody(ResponseBody):
             await self._nursery_manager.__aexit__(None, None, None)
         finally:
             self._receive.close()
-            if self._on_done is not None:
-                self._on_done()
+            self._done()
 
     def __del__(self) -> None:
         # A client that leaves after the handler returned and before Quart starts the
@@ -270,12 +297,16 @@ class RelayBody(ResponseBody):
         # (in a system task, since a finalizer cannot await).
         if not self._entered:
             self._entered = True
-            if self._on_done is not None:
-                self._on_done()
+            self._done()
             try:
                 trio.lowlevel.spawn_system_task(self._upstream.aclose)
             except RuntimeError:  # not in Trio's thread, or the run is over: the GC closes the socket
                 pass
+
+    def _done(self) -> None:
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done()
 
     def __aiter__(self) -> RelayBody:
         return self
@@ -293,21 +324,36 @@ class RelayBody(ResponseBody):
                 break
         return b"".join([piece, *more]) if more else piece
 
-    async def _pump(self) -> None:
-        chunks = self._upstream.response.aiter_raw()
+    async def _put(self, piece: bytes) -> None:
+        if not piece:
+            return
         try:
-            with self._send:
+            self._send.send_nowait(piece)  # no checkpoint: keep parsing what is buffered
+        except trio.WouldBlock:
+            await self._send.send(piece)
+
+    async def _pump(self) -> None:
+        translation = self._translation
+        with self._send:
+            chunks = self._upstream.response.aiter_raw()
+            try:
                 try:
                     async for chunk in chunks:
-                        try:
-                            self._send.send_nowait(chunk)  # no checkpoint: keep parsing what is buffered
-                        except trio.WouldBlock:
-                            await self._send.send(chunk)
+                        if translation is None:
+                            await self._put(chunk)
+                            continue
+                        await self._put(translation.feed(chunk))
+                        if translation.finished:
+                            break
                 except httpx.HTTPError as exc:
                     reason = f"the upstream stream broke off: {describe(exc)}"
                     log.warning("%s", reason)
-                    await self._send.send(self._on_error(reason))
-        finally:
-            with trio.CancelScope(shield=True):
-                await chunks.aclose()  # httpx's generators, closed now rather than by the GC
-            await self._upstream.aclose()
+                    error = self._on_error(reason)
+                    await self._put(error if translation is None else translation.feed(error))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await chunks.aclose()  # httpx's generators, closed now rather than by the GC
+                await self._upstream.aclose()
+                self._done()
+            if translation is not None:
+                await self._put(translation.close())

@@ -88,6 +88,58 @@ def test_sse_parser_splits_events_across_chunks() -> None:
     assert parser.close() == [{"error": {"message": "boom"}}]
 
 
+@pytest.mark.parametrize(
+    ("line", "event"),
+    [(b'data: {"a": 1}', {"a": 1}), (b'data:{"a":1}  ', {"a": 1}), (b"data: [DONE]", "[DONE]"), (b"data:", None),
+     (b"data: [1, 2]", None), (b'  data: {"a": 1}', {"a": 1}), (b'data: {"s": "\xff"}', {"s": "\ufffd"}),
+     (b"data: {nope", {"error": {"message": "llama-server sent an unreadable event: {nope"}}),
+     (b'data: {"a": 1}\x1c', {"a": 1}), (b'event: x', None), (b": ping", None)],
+)  # fmt: skip
+def test_sse_parser_reads_each_kind_of_line(line: bytes, event: object) -> None:
+    parser = translate.SSEParser()
+    assert parser.feed(line + b"\n") == ([] if event is None else [event])
+
+
+def _sse(*events: dict) -> bytes:
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+def _lines(data: bytes) -> list[dict]:
+    measured = ("created_at", "total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
+    return [{k: v for k, v in json.loads(line).items() if k not in measured} for line in data.splitlines()]
+
+
+def test_ndjson_stream_makes_the_same_lines_however_the_bytes_come() -> None:
+    call = {"index": 0, "id": "c1", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    sse = _sse(
+        {"choices": [{"delta": {"reasoning_content": "hm"}}]},
+        *[{"choices": [{"delta": {"content": f"t{i} é"}}]} for i in range(5)],
+        {"choices": [{"delta": {"tool_calls": [call]}, "finish_reason": "tool_calls"}]},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}},
+    )
+    outputs = []
+    for size in (1, 7, 64, len(sse)):
+        stream = translate.NDJSONStream(translate.Answer("m", chat=True, started=time.perf_counter()))
+        data = b"".join(stream.feed(sse[i : i + size]) for i in range(0, len(sse), size)) + stream.close()
+        assert not stream.finished
+        outputs.append(_lines(data))
+    assert all(output == outputs[0] for output in outputs)
+    lines = outputs[0]
+    assert lines[0]["message"] == {"role": "assistant", "content": "", "thinking": "hm"}
+    assert [line["message"]["content"] for line in lines[1:6]] == [f"t{i} é" for i in range(5)]
+    assert lines[6]["message"]["tool_calls"] == [{"id": "c1", "function": {"index": 0, "name": "f", "arguments": {"x": 1}}}]
+    assert lines[7]["done"] is True and lines[7]["eval_count"] == 5 and len(lines) == 8
+
+
+def test_ndjson_stream_ends_at_an_error_event() -> None:
+    stream = translate.NDJSONStream(translate.Answer("m", chat=False, started=time.perf_counter()))
+    burst = b'data: {"choices": [{"text": "a"}]}\n\nerror: {"message": "boom"}\n\ndata: {"choices": [{"text": "b"}]}\n'
+    data = stream.feed(burst)
+    assert stream.finished
+    data += stream.feed(b'data: {"choices": [{"text": "c"}]}\n') + stream.close()
+    assert [line.get("response", line.get("error")) for line in _lines(data)] == ["a", "boom"]
+
+
 # ---- basics --------------------------------------------------------------------------------
 
 

@@ -1,13 +1,16 @@
-"""RelayBody: coalesced relaying, and letting go of the lease and upstream however the response ends."""
+"""RelayBody: coalesced relaying (raw, or as NDJSON), and letting go of the lease and upstream however it ends."""
 
 from __future__ import annotations
 
 import gc
 import json
+import time
 
 import httpx
 import trio
 
+from smart_proxy import ollama as translate
+from smart_proxy.api.openai import sse_error
 from smart_proxy.relay import RelayBody, open_upstream
 
 
@@ -64,4 +67,80 @@ async def test_dropped_before_it_started(make_config, start_pool, http) -> None:
     with trio.fail_after(2):
         while not upstream.response.is_closed:
             await trio.sleep(0.01)
+    assert lease.server.limiter.borrowed_tokens == 0
+
+
+# ---- with a translation: llama-server's SSE relayed as Ollama's NDJSON ----------------------
+
+_MEASURED_HERE = ("created_at", "total_duration", "load_duration")  # wall-clock values, not the translation's
+
+
+def _masked(data: bytes) -> list[dict]:
+    lines = [json.loads(line) for line in data.splitlines()]
+    return [{k: v for k, v in line.items() if k not in _MEASURED_HERE} for line in lines]
+
+
+def _one_line_per_event(sse: bytes) -> bytes:
+    """What the proxy sent before the NDJSON relay coalesced: each event translated and written alone."""
+    parser, answer = translate.SSEParser(), translate.Answer("a", chat=True, started=time.perf_counter())
+    lines = [translate.ndjson(obj) for event in parser.feed(sse) + parser.close() for obj in answer.feed(event)]
+    return b"".join(lines + [translate.ndjson(obj) for obj in answer.final()])
+
+
+async def _ndjson_body(make_config, start_pool, http: httpx.AsyncClient, **behaviour):
+    pool = await start_pool(make_config({"a": {"token_delay": 0, **behaviour}}))
+    lease = await pool.acquire("a")
+    call = translate.chat_request({"messages": [{"role": "user", "content": "x"}]}, "a")
+    request = json.dumps(call.body).encode()
+    url = lease.base_url + call.path
+    # the same answer, unrelayed, to compare with (a stream that breaks off has none)
+    sse = (await http.post(url, content=request)).content if "break_after" not in behaviour else b""
+    upstream = await open_upstream(http, "POST", url, content=request, slots=lease.server.limiter)
+    released = []
+
+    def release() -> None:
+        released.append(True)
+        lease.release()
+
+    stream = translate.NDJSONStream(translate.Answer("a", chat=True, started=time.perf_counter()))
+    body = RelayBody(upstream, on_error=sse_error, on_done=release, translation=stream)
+    return lease, upstream, body, released, sse
+
+
+async def test_an_ndjson_burst_goes_out_in_fewer_pieces(make_config, start_pool, http) -> None:
+    lease, upstream, body, released, sse = await _ndjson_body(make_config, start_pool, http, tokens=2000)
+    pieces = []
+    async with body:
+        await trio.sleep(0.3)  # let the burst arrive while nobody reads
+        async for piece in body:
+            pieces.append(piece)
+    data = b"".join(pieces)
+    assert sse.count(b"data: ") > 2000  # the fake writes one chunk per event
+    assert len(pieces) < 2000 / 4
+    lines = _masked(data)
+    assert [line["message"]["content"] for line in lines[:-1]] == [f"tok{i} " for i in range(2000)]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 2000
+    assert lines == _masked(_one_line_per_event(sse))  # the same lines, in the same order
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
+    assert lease.server.limiter.borrowed_tokens == 0
+
+
+async def test_an_ndjson_stream_breaking_off_ends_with_its_error_line(make_config, start_pool, http) -> None:
+    lease, upstream, body, released, _ = await _ndjson_body(make_config, start_pool, http, tokens=50, break_after=5)
+    async with body:
+        data = b"".join([piece async for piece in body])
+    lines = _masked(data)
+    assert [line["message"]["content"] for line in lines[:5]] == [f"tok{i} " for i in range(5)]
+    assert len(lines) == 6 and "broke off" in lines[-1]["error"] and not any(line.get("done") for line in lines)
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
+    assert lease.server.limiter.borrowed_tokens == 0
+
+
+async def test_client_leaving_an_ndjson_stream_closes_the_upstream(make_config, start_pool, http) -> None:
+    lease, upstream, body, released, _ = await _ndjson_body(make_config, start_pool, http, tokens=1000, token_delay=0.01)
+    with trio.move_on_after(0.2):
+        async with body:
+            async for _ in body:
+                pass
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
     assert lease.server.limiter.borrowed_tokens == 0

@@ -6,8 +6,8 @@ A model with ``backend = ollama`` is passed to its Ollama server untouched
 from the pool: the request is translated by :mod:`smart_proxy.ollama`, sent to
 the server's OpenAI endpoint under a lease (acquired with the request's
 ``keep_alive``), and the answer translated back, NDJSON line by line when
-streaming. The lease is released when the last upstream byte is read, or the
-client leaves.
+streaming (coalesced: whatever events have arrived go out as one write). The
+lease is released when the last upstream byte is read, or the client leaves.
 
 An empty ``/api/chat`` or ``/api/generate`` (no messages, no prompt) loads the
 model and answers ``done_reason: "load"``; with ``keep_alive: 0`` it unloads the
@@ -28,7 +28,6 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import attrs
@@ -46,7 +45,7 @@ from ..download import Download
 from ..errors import BadRequest, ProxyError
 from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
-from ..relay import StreamBody, Upstream, open_upstream, relay
+from ..relay import RelayBody, Upstream, open_upstream
 from .openai import parse_body, replay_sse, sse_error
 
 __all__ = ["blueprint", "error_response"]
@@ -196,31 +195,9 @@ async def _generate(
             raise translate.upstream_failure(502, body, "llama-server answered something that is not JSON") from exc
         reply.headers.update(headers or {})
         return reply
-    body = StreamBody(_ndjson_stream(upstream, answer, lease), upstream=upstream, on_done=lease.release)
+    # one write per burst of events, not one per line (see smart_proxy.relay)
+    body = RelayBody(upstream, on_error=sse_error, on_done=lease.release, translation=translate.NDJSONStream(answer))
     return Response(body, status=200, headers={**_NDJSON_HEADERS, **(headers or {})})
-
-
-async def _ndjson_stream(upstream: Upstream, answer: translate.Answer, lease: Lease) -> AsyncIterator[bytes]:
-    """llama-server's SSE as Ollama's NDJSON, one line per piece, then the ``done`` line."""
-    parser = translate.SSEParser()
-    async with aclosing(relay(upstream, on_error=sse_error, on_done=lease.release)) as chunks:
-        async for chunk in chunks:
-            for event in parser.feed(chunk):
-                for obj in answer.feed(event):
-                    yield translate.ndjson(obj)
-                if answer.failed:
-                    return
-    for event in parser.close():
-        for obj in answer.feed(event):
-            yield translate.ndjson(obj)
-    if answer.failed:
-        return
-    try:
-        finals = answer.final()
-    except ProxyError as exc:
-        finals = [{"error": exc.message}]
-    for obj in finals:
-        yield translate.ndjson(obj)
 
 
 async def _load_or_unload(proxy: ProxyState, name: str, keep_alive: float | None, answer: translate.Answer) -> Response:
