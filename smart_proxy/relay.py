@@ -149,7 +149,16 @@ async def open_upstream(
     request = http.build_request(method, url, content=content, headers=headers)
     slot = await _Slot.take(slots) if slots is not None else None
     try:
-        response = await http.send(request, stream=True)
+        try:
+            response = await http.send(request, stream=True)
+        except httpx.RemoteProtocolError as exc:
+            if "without sending a response" not in str(exc):
+                raise
+            # A pooled keep-alive connection the server closed just as we reused it (it
+            # closes idle ones after 5 s): nothing was answered, so send once more on a
+            # fresh connection.
+            log.debug("%s: %s; retrying once", url, exc)
+            response = await http.send(http.build_request(method, url, content=content, headers=headers), stream=True)
     except BaseException as exc:
         if slot is not None:
             slot.release()
