@@ -179,7 +179,14 @@ def test_shipped_proxy_ini_serves_the_embedded_default(tmp_path: Path, llama_ser
         )
         text = reply.choices[0].message.content
         assert text.strip()
-        assert "<|im_" not in text and "<start_of_turn>" not in text  # the gemma chat template is in use
+        assert "<|im_" not in text and "<start_of_turn>" not in text
+        # the gemma chat template is what llama-server applies (not ChatML, not a literal string)
+        port = next(s["port"] for s in httpx.get(f"{proxy.url}/health").json()["pool"]["servers"] if s["model"] == "gemma3-270m")
+        applied = httpx.post(
+            f"http://127.0.0.1:{port}/apply-template", json={"messages": [{"role": "user", "content": "What is 2+2?"}]}
+        ).json()["prompt"]
+        assert applied == "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
+        assert reply.usage.prompt_tokens >= 10
         assert client.embeddings.create(model="gemma3-270m-embed", input="hello").data[0].embedding
         plugins = httpx.get(f"{proxy.url}/plugins").json()
         listed = plugins["agents"]
