@@ -33,15 +33,12 @@ puts the lines it makes in the channel instead, so a burst is still one write;
 once the upstream has ended, the translation's closing lines (Ollama's ``done``
 object) follow. ``on_done`` runs as soon as the upstream answer is closed, before
 those last lines go out, so a client that has the last line knows the lease is gone.
-
-:func:`relay` is the same as a plain async generator, one write per piece, for
-callers that transform the stream.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -51,7 +48,7 @@ from quart.wrappers.response import ResponseBody
 
 from .errors import UpstreamError
 
-__all__ = ["RelayBody", "StreamBody", "Translation", "Upstream", "open_upstream", "relay"]
+__all__ = ["RelayBody", "Translation", "Upstream", "open_upstream"]
 
 log = logging.getLogger(__name__)
 
@@ -166,78 +163,6 @@ async def open_upstream(
             raise UpstreamError(f"cannot reach {url}: {describe(exc)}") from exc
         raise
     return Upstream(response, slot)
-
-
-async def relay(
-    upstream: Upstream,
-    *,
-    on_error: Callable[[str], bytes],
-    on_done: Callable[[], object] | None = None,
-) -> AsyncIterator[bytes]:
-    """Yield the upstream body as it arrives.
-
-    If the upstream breaks off mid-stream (llama-server crashed), yield
-    ``on_error(reason)`` as a last chunk in the caller's dialect and stop. ``on_done``
-    runs exactly once when relaying ends, whichever way.
-    """
-    chunks = upstream.response.aiter_raw()
-    try:
-        async for chunk in chunks:
-            yield chunk
-    except httpx.HTTPError as exc:
-        reason = f"the upstream stream broke off: {describe(exc)}"
-        log.warning("%s", reason)
-        yield on_error(reason)
-    finally:
-        if on_done is not None:
-            on_done()
-        with trio.CancelScope(shield=True):
-            await chunks.aclose()  # httpx's generators, closed now rather than by the GC
-        await upstream.aclose()
-
-
-class StreamBody:
-    """A streamed response body that always lets go of its upstream and lease.
-
-    Quart closes a body it has iterated; but a client can leave after the handler has
-    returned and before the first byte is sent, and then the body's generator never
-    starts, so its ``finally`` never runs. This wrapper runs ``on_done`` and closes the
-    upstream answer whichever way the body ends: exhausted, broken off, closed before it
-    started, or dropped unclosed (then from ``__del__``, closing the upstream in a system
-    task, since a finalizer cannot await).
-    """
-
-    def __init__(self, chunks: AsyncGenerator[bytes, None], *, upstream: Upstream, on_done: Callable[[], object]) -> None:
-        self._chunks = chunks
-        self._upstream = upstream
-        self._on_done = on_done
-        self._closed = False
-
-    def __aiter__(self) -> StreamBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        return await self._chunks.__anext__()
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            with trio.CancelScope(shield=True):
-                await self._chunks.aclose()
-        finally:
-            self._on_done()
-            await self._upstream.aclose()
-
-    def __del__(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._on_done()
-            try:
-                trio.lowlevel.spawn_system_task(self._upstream.aclose)
-            except RuntimeError:  # not in Trio's thread, or the run is over: the GC closes the socket
-                pass
 
 
 class Translation(Protocol):

@@ -1,55 +1,159 @@
-"""The streamed body lets go of its lease and upstream however the response ends."""
+"""relay.py: coalesced relaying (raw, or as NDJSON), letting go of the lease and upstream
+however a body ends, and the retry of a keep-alive connection closed under us."""
 
 from __future__ import annotations
 
 import gc
+import json
+import time
 from functools import partial
 
 import httpx
 import trio
 
-from smart_proxy.relay import StreamBody, open_upstream, relay
+from smart_proxy import ollama as translate
+from smart_proxy.api.openai import sse_error
+from smart_proxy.relay import RelayBody, open_upstream
 
 
-async def _stream(make_config, start_pool, http: httpx.AsyncClient):
-    pool = await start_pool(make_config({"a": {"tokens": 50, "token_delay": 0.01}}))
+async def _body(make_config, start_pool, http: httpx.AsyncClient, **behaviour):
+    pool = await start_pool(make_config({"a": {"tokens": 50, "token_delay": 0.01, **behaviour}}))
     lease = await pool.acquire("a")
-    upstream = await open_upstream(
-        http, "POST", lease.base_url + "/v1/completions", content=b'{"prompt": "x", "stream": true}'
-    )
+    request = json.dumps({"prompt": "x", "stream": True}).encode()
+    upstream = await open_upstream(http, "POST", lease.base_url + "/v1/completions", content=request, slots=lease.server.limiter)
     released = []
 
     def release() -> None:
         released.append(True)
         lease.release()
 
-    body = StreamBody(relay(upstream, on_error=lambda reason: b""), upstream=upstream, on_done=release)
-    return lease, upstream, body, released
+    return lease, upstream, RelayBody(upstream, on_error=lambda reason: b"", on_done=release), released
 
 
-async def test_closed_before_it_started(make_config, start_pool, http) -> None:
-    lease, upstream, body, released = await _stream(make_config, start_pool, http)
-    await body.aclose()
-    assert released == [True] and lease.server.in_flight == 0
-    assert upstream.response.is_closed
+async def test_relayed_to_the_end(make_config, start_pool, http) -> None:
+    lease, upstream, body, released = await _body(make_config, start_pool, http)
+    async with body:
+        data = b"".join([piece async for piece in body])
+    assert data.count(b"data: ") == 50 + 2 and data.endswith(b"data: [DONE]\n\n")
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
+    assert lease.server.limiter.borrowed_tokens == 0
 
 
-async def test_dropped_unclosed(make_config, start_pool, http) -> None:
-    lease, upstream, body, released = await _stream(make_config, start_pool, http)
+async def test_a_burst_goes_out_in_fewer_pieces(make_config, start_pool, http) -> None:
+    lease, upstream, body, released = await _body(make_config, start_pool, http, tokens=2000, token_delay=0)
+    pieces = []
+    async with body:
+        await trio.sleep(0.3)  # let the burst arrive while nobody reads
+        async for piece in body:
+            pieces.append(piece)
+    data = b"".join(pieces)
+    assert data.count(b"data: ") == 2000 + 2
+    assert len(pieces) < 2000 / 4  # the fake writes one chunk per event; they went out together
+
+
+async def test_client_leaving_closes_the_upstream(make_config, start_pool, http) -> None:
+    lease, upstream, body, released = await _body(make_config, start_pool, http, tokens=1000, token_delay=0.01)
+    with trio.move_on_after(0.2):
+        async with body:
+            async for _ in body:
+                pass
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
+    assert lease.server.limiter.borrowed_tokens == 0
+
+
+async def test_dropped_before_it_started(make_config, start_pool, http) -> None:
+    lease, upstream, body, released = await _body(make_config, start_pool, http)
     del body
     gc.collect()
     assert released == [True] and lease.server.in_flight == 0
     with trio.fail_after(2):
         while not upstream.response.is_closed:
             await trio.sleep(0.01)
+    assert lease.server.limiter.borrowed_tokens == 0
 
 
-async def test_iterated_to_the_end(make_config, start_pool, http) -> None:
-    lease, upstream, body, released = await _stream(make_config, start_pool, http)
-    data = b"".join([chunk async for chunk in body])
-    await body.aclose()
-    assert data.endswith(b"data: [DONE]\n\n")
+# ---- with a translation: llama-server's SSE relayed as Ollama's NDJSON ----------------------
+
+_MEASURED_HERE = ("created_at", "total_duration", "load_duration")  # wall-clock values, not the translation's
+
+
+def _masked(data: bytes) -> list[dict]:
+    lines = [json.loads(line) for line in data.splitlines()]
+    return [{k: v for k, v in line.items() if k not in _MEASURED_HERE} for line in lines]
+
+
+def _one_line_per_event(sse: bytes) -> bytes:
+    """What the proxy sent before the NDJSON relay coalesced: each event translated and written alone."""
+    parser, answer = translate.SSEParser(), translate.Answer("a", chat=True, started=time.perf_counter())
+    lines = [translate.ndjson(obj) for event in parser.feed(sse) + parser.close() for obj in answer.feed(event)]
+    return b"".join(lines + [translate.ndjson(obj) for obj in answer.final()])
+
+
+async def _ndjson_body(make_config, start_pool, http: httpx.AsyncClient, **behaviour):
+    pool = await start_pool(make_config({"a": {"token_delay": 0, **behaviour}}))
+    lease = await pool.acquire("a")
+    call = translate.chat_request({"messages": [{"role": "user", "content": "x"}]}, "a")
+    request = json.dumps(call.body).encode()
+    url = lease.base_url + call.path
+    # the same answer, unrelayed, to compare with (a stream that breaks off has none)
+    sse = (await http.post(url, content=request)).content if "break_after" not in behaviour else b""
+    upstream = await open_upstream(http, "POST", url, content=request, slots=lease.server.limiter)
+    released = []
+
+    def release() -> None:
+        released.append(True)
+        lease.release()
+
+    stream = translate.NDJSONStream(translate.Answer("a", chat=True, started=time.perf_counter()))
+    body = RelayBody(upstream, on_error=sse_error, on_done=release, translation=stream)
+    return lease, upstream, body, released, sse
+
+
+async def test_an_ndjson_burst_goes_out_in_fewer_pieces(make_config, start_pool, http) -> None:
+    lease, upstream, body, released, sse = await _ndjson_body(make_config, start_pool, http, tokens=2000)
+    pieces = []
+    async with body:
+        await trio.sleep(0.3)  # let the burst arrive while nobody reads
+        async for piece in body:
+            pieces.append(piece)
+    data = b"".join(pieces)
+    assert sse.count(b"data: ") > 2000  # the fake writes one chunk per event
+    assert len(pieces) < 2000 / 4
+    lines = _masked(data)
+    assert [line["message"]["content"] for line in lines[:-1]] == [f"tok{i} " for i in range(2000)]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 2000
+    assert lines == _masked(_one_line_per_event(sse))  # the same lines, in the same order
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
+    assert lease.server.limiter.borrowed_tokens == 0
+
+
+async def test_an_ndjson_stream_breaking_off_ends_with_its_error_line(make_config, start_pool, http) -> None:
+    lease, upstream, body, released, _ = await _ndjson_body(make_config, start_pool, http, tokens=50, break_after=5)
+    async with body:
+        data = b"".join([piece async for piece in body])
+    lines = _masked(data)
+    assert [line["message"]["content"] for line in lines[:5]] == [f"tok{i} " for i in range(5)]
+    assert len(lines) == 6 and "broke off" in lines[-1]["error"] and not any(line.get("done") for line in lines)
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
+    assert lease.server.limiter.borrowed_tokens == 0
+
+
+async def test_client_leaving_an_ndjson_stream_closes_the_upstream(make_config, start_pool, http) -> None:
+    lease, upstream, body, released, _ = await _ndjson_body(make_config, start_pool, http, tokens=1000, token_delay=0.01)
+    with trio.move_on_after(0.2):
+        async with body:
+            async for _ in body:
+                pass
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
+    assert lease.server.limiter.borrowed_tokens == 0
+
+
+async def test_entered_and_left_before_reading(make_config, start_pool, http) -> None:
+    lease, upstream, body, released = await _body(make_config, start_pool, http)
+    async with body:
+        pass
     assert released == [True] and lease.server.in_flight == 0
+    assert upstream.response.is_closed
 
 
 async def test_a_keep_alive_connection_closed_under_us_is_retried_once() -> None:

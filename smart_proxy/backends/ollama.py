@@ -23,7 +23,7 @@ from quart import Response
 
 from ..config import ModelConfig
 from ..errors import UpstreamError
-from ..relay import StreamBody, describe, open_upstream, relay
+from ..relay import RelayBody, describe, open_upstream
 
 __all__ = ["forward", "health", "list_models", "remote_name"]
 
@@ -77,8 +77,7 @@ async def forward(
     if upstream.status_code == 200 and content_type.startswith(_STREAM_TYPES):
         on_error = _sse_error if content_type.startswith("text/event-stream") else _ndjson_error
         headers = {**upstream.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        body = StreamBody(relay(upstream, on_error=on_error), upstream=upstream, on_done=lambda: None)
-        return Response(body, status=200, headers=headers)
+        return Response(RelayBody(upstream, on_error=on_error), status=200, headers=headers)
     body = await upstream.read()
     return Response(body, status=upstream.status_code, headers=upstream.headers)
 
