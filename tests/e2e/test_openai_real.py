@@ -130,7 +130,10 @@ def test_client_leaving_mid_stream_frees_the_slot(client: openai.OpenAI, proxy: 
         slots = httpx.get(f"http://127.0.0.1:{port}/slots").json()
         if not any(slot["is_processing"] for slot in slots):
             break
-        assert time.monotonic() - left < 1.0, slots
+        # 1000 tokens take over 15 s here (~60 tokens/s), so a slot idle within 5 s was freed
+        # by the hang-up, not by the end of the generation. (The abort latency itself is
+        # measured by bench/run.py aborts; a tighter bound here failed under load.)
+        assert time.monotonic() - left < 5.0, slots
         time.sleep(0.05)
 
 
