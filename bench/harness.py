@@ -413,6 +413,23 @@ def start_goproxy(workdir: Path, go: GoBinaries, target: str) -> tuple[subproces
     raise RuntimeError(f"goproxy did not listen:\n{tail(process)}")
 
 
+def start_floor(workdir: Path, target: str) -> tuple[subprocess.Popen, str]:
+    """bench/floor.py (the cheapest proxy on Hypercorn + Trio) on the proxy core, in front of ``target``."""
+    port = free_port()
+    process = start(pinned(PROXY_CPU, [project_python(), str(BENCH_DIR / "floor.py"), "--port", str(port),
+                                       "--target", target]),
+                    log_path=workdir / f"floor-{port}.log")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return process, url
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"bench/floor.py did not listen:\n{tail(process)}")
+
+
 def start_fakeupstream(workdir: Path, go: GoBinaries, behaviour: dict | None = None,
                        alias: str = "bench") -> tuple[subprocess.Popen, str]:
     port = free_port()

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""The floor: the cheapest reverse proxy one can write on Hypercorn + Trio.
+
+``python bench/floor.py --port P --target http://127.0.0.1:U``
+
+smart-proxy's design card fixes Hypercorn (on Trio) as its HTTP server. This
+program shows what that server costs by itself, so the benchmark can tell the
+proxy's own overhead from the stack's: a raw ASGI callable (no Quart, no routing,
+no JSON, no pool, no metrics, no logging) served by ``hypercorn.trio.serve`` with
+the same settings smart-proxy uses, forwarding every request to one upstream over
+hand-written keep-alive HTTP/1.1 (no httpx, no h11 on the upstream side) and
+relaying each network read of the answer as one ASGI body message. It handles
+only what the benchmark's fake upstream sends (Content-Length or chunked bodies)
+and is not a proxy anyone should deploy; it is a lower bound on the CPU a proxy
+built on this stack spends per request and per streamed chunk.
+
+Theory of operation: each request takes an idle upstream connection (LIFO) or
+opens one, writes the request head and body in one ``send_all``, reads the
+answer head, then relays the body as it arrives, de-chunking a chunked answer.
+A connection whose answer was read to the end goes back to the idle list;
+anything else (the client left, a parse surprise) closes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from urllib.parse import urlsplit
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+
+class Upstream:
+    """Keep-alive connections to one host:port, and one exchange at a time on each."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.idle: list[tuple[trio.SocketStream, bytearray]] = []
+
+    async def exchange(self, head: bytes, body: bytes, send) -> None:
+        if self.idle:
+            stream, buffer = self.idle.pop()
+        else:
+            stream, buffer = await trio.open_tcp_stream(self.host, self.port), bytearray()
+        reusable = False
+        try:
+            await stream.send_all(head + body)
+            while (end := buffer.find(b"\r\n\r\n")) < 0:
+                buffer += await _read(stream)
+            lines = bytes(buffer[:end]).split(b"\r\n")
+            del buffer[: end + 4]
+            status = int(lines[0].split(b" ", 2)[1])
+            headers, length, chunked = [], -1, False
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name, value = name.strip().lower(), value.strip()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"transfer-encoding":
+                    chunked = value.lower() == b"chunked"
+                elif name not in (b"connection", b"keep-alive", b"date"):
+                    headers.append((name, value))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            if chunked:
+                await _relay_chunked(stream, buffer, send)
+            else:
+                while len(buffer) < length:
+                    buffer += await _read(stream)
+                await send({"type": "http.response.body", "body": bytes(buffer[:length])})
+                del buffer[:length]
+            reusable = True
+        finally:
+            if reusable:
+                self.idle.append((stream, buffer))
+            else:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+
+
+async def _read(stream: trio.SocketStream) -> bytes:
+    data = await stream.receive_some(65536)
+    if not data:
+        raise ConnectionError("upstream closed the connection")
+    return data
+
+
+async def _relay_chunked(stream: trio.SocketStream, buffer: bytearray, send) -> None:
+    """De-chunk as bytes arrive; whatever one read completes goes out as one body message."""
+    out = bytearray()
+    while True:
+        while (eol := buffer.find(b"\r\n")) < 0:
+            if out:
+                await send({"type": "http.response.body", "body": bytes(out), "more_body": True})
+                out.clear()
+            buffer += await _read(stream)
+        size = int(bytes(buffer[:eol]).split(b";")[0], 16)
+        while len(buffer) < eol + 2 + size + 2:
+            if out:
+                await send({"type": "http.response.body", "body": bytes(out), "more_body": True})
+                out.clear()
+            buffer += await _read(stream)
+        if size == 0:
+            del buffer[: eol + 4]  # no trailers from the fake upstream
+            await send({"type": "http.response.body", "body": bytes(out)})
+            return
+        out += buffer[eol + 2 : eol + 2 + size]
+        del buffer[: eol + 2 + size + 2]
+
+
+def make_app(upstream: Upstream):
+    host = f"{upstream.host}:{upstream.port}".encode()
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (
+            scope["method"].encode(), path, host, len(body))
+        await upstream.exchange(head, bytes(body), send)
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--target", required=True, help="the upstream, http://HOST:PORT")
+    args = parser.parse_args()
+    target = urlsplit(args.target)
+    config = Config()
+    # the settings smart-proxy's server.py gives Hypercorn
+    config.bind = [f"127.0.0.1:{args.port}"]
+    config.accesslog = None
+    config.keep_alive_timeout = 75
+    config.keep_alive_max_requests = 1_000_000_000
+    config.backlog = 4096
+    trio.run(serve, make_app(Upstream(target.hostname, target.port)), config)
+
+
+if __name__ == "__main__":
+    main()
