@@ -7,19 +7,28 @@ server is held until the last byte is relayed (or the client has gone), then
 released; closing the upstream response on a client disconnect makes
 llama-server free the slot.
 
+Requests to llama-servers go through :class:`~smart_proxy.upstream.UpstreamTransport`
+(``ProxyState.llama``, made by :func:`make_transport`), an httpx transport with
+its own keep-alive pool and a minimal HTTP/1.1 parser, called directly rather
+than through ``httpx.AsyncClient``: the client, httpcore and h11 together cost
+more CPU per request than the rest of the proxy. Everything else (an upstream
+Ollama, health probes, downloads) uses the ordinary client of :func:`make_client`.
+:func:`open_upstream` takes either.
+
 At most ``slots`` requests are in flight to one llama-server (its ``/props``
 ``total_slots``): :func:`open_upstream` takes a place in the server's
 ``trio.CapacityLimiter`` before it sends, and the place is given back when the
 answer is closed. llama-server would queue the excess itself; queueing it here
-keeps httpx's connection pool as small as the server's slots, and httpcore
-rescans every pooled connection on each request and release (encode/httpx#3215),
-so a pool of 256 connections for 4 slots made the proxy slower the more clients
-it had.
+keeps the connection pool as small as the server's slots (with httpx's own
+transport that mattered more: httpcore rescans every pooled connection on each
+request and release, encode/httpx#3215).
 
 A streamed answer is relayed by :class:`RelayBody`, a Quart response body. Its
 pump task reads the upstream body and puts each piece in a bounded channel
-*without waiting* while there is room, so it goes on reading for as long as httpx
-has bytes already received and parses them without I/O; the response side takes
+*without waiting* while there is room, so it goes on reading for as long as the
+transport has bytes already received and parses them without I/O (the upstream
+transport hands over all the chunks of one network read as one piece; the pump
+iterates ``response.stream`` itself, skipping ``aiter_raw``'s layers); the response side takes
 everything that has piled up and sends it as one write. A model's tokens (one
 event per network read) still go out one by one as they come, but a burst that
 arrived in one read (a fast upstream, or a proxy that fell behind) costs one
