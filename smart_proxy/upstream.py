@@ -307,7 +307,7 @@ def body_reader(method: bytes, head: Head) -> _Reader:
 class _Connection:
     """One keep-alive TCP connection to an upstream."""
 
-    __slots__ = ("stream", "key", "idle_since", "reused")
+    __slots__ = ("stream", "key", "idle_since", "reused", "_poller")
 
     def __init__(self, stream: trio.SocketStream, key: tuple[str, int]) -> None:
         self.stream = stream
@@ -315,13 +315,13 @@ class _Connection:
         self.idle_since = 0.0
         #: Has carried a request before: a close without an answer means it went stale.
         self.reused = False
+        self._poller = select.poll()
+        self._poller.register(stream.socket.fileno(), select.POLLIN)
 
     def readable(self) -> bool:
         """Whether the idle socket has something to read: the server closed it, or sent something unasked."""
         try:
-            poller = select.poll()
-            poller.register(self.stream.socket.fileno(), select.POLLIN)
-            return bool(poller.poll(0))
+            return bool(self._poller.poll(0))
         except (OSError, ValueError):
             return True
 
@@ -405,8 +405,11 @@ class _Body(httpx.AsyncByteStream):
             except BaseException:
                 self._finish(False)
                 raise
-            if reader.done:
+            if reader.done:  # the connection may be back in the pool now: do not read it again
                 self._finish(not reader.extra)
+                if out:
+                    return out
+                break
             if out:
                 return out
         raise StopAsyncIteration

@@ -360,6 +360,35 @@ async def test_a_chunked_body_in_odd_pieces_is_relayed_byte_for_byte(nursery) ->
     assert peer.connections == 1
 
 
+async def test_a_last_chunk_that_arrives_alone_ends_the_body(nursery) -> None:
+    """The terminating chunk in a read of its own: the body ends there, the connection is pooled."""
+
+    async def answer(head: bytes, body: bytes) -> bytes:
+        await streams[-1].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await trio.sleep(0.05)
+        await streams[-1].send_all(b"0\r\n")
+        await trio.sleep(0.05)
+        return b"\r\n"
+
+    streams: list[trio.SocketStream] = []
+    peer = Peer(answer)
+    serve = peer._serve
+
+    async def remember(stream: trio.SocketStream) -> None:
+        streams.append(stream)
+        await serve(stream)
+
+    peer._serve = remember  # type: ignore[method-assign]
+    await peer.start(nursery)
+    async with UpstreamTransport() as transport:
+        for _ in range(2):
+            with trio.fail_after(2):
+                response = await transport.handle_async_request(httpx.Request("GET", peer.url()))
+                assert [piece async for piece in response.stream] == [b"hello"]
+            assert transport.idle == 1
+    assert peer.connections == 1
+
+
 async def test_a_burst_in_one_read_is_one_piece(nursery) -> None:
     events = [b"data: %d\n\n" % n for n in range(200)]
     wire = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
