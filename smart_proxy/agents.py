@@ -165,7 +165,8 @@ class AgentContext:
     failures: list[AgentFailure] = attrs.Factory(list)
     keep_alive: float | None = None
     pool: Pool | None = attrs.field(default=None, repr=False)
-    http: httpx.AsyncClient | None = attrs.field(default=None, repr=False)
+    #: What requests to llama-servers go through (a client, or the proxy's UpstreamTransport).
+    http: httpx.AsyncClient | httpx.AsyncBaseTransport | None = attrs.field(default=None, repr=False)
 
     @property
     def model(self) -> str:
@@ -526,7 +527,7 @@ class Chain:
     async def prepare(
         self,
         pool: Pool | None,
-        http: httpx.AsyncClient | None,
+        http: httpx.AsyncClient | httpx.AsyncBaseTransport | None,
         request_id: str | None = None,
         *,
         keep_alive: float | None = None,

@@ -1,7 +1,7 @@
 """The Quart-Trio application: routes of every dialect over one shared state.
 
 :func:`create_app` takes a :class:`ProxyState` (config, catalog, pool, HTTP
-client, lifecycle, metrics, API keys, agents), all owned by the root nursery in
+client, llama-server transport, lifecycle, metrics, API keys, agents), all owned by the root nursery in
 :mod:`smart_proxy.server`; the app holds no long-lived work of its own. Errors are
 rendered in the dialect of the route that raised them: Ollama's
 ``{"error": "..."}`` under ``/api/``, the OpenAI error object everywhere else.
@@ -28,6 +28,7 @@ from .errors import ProxyError
 from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .pool import Pool
+from .upstream import UpstreamTransport
 
 __all__ = ["ProxyState", "create_app", "state"]
 
@@ -40,6 +41,8 @@ class ProxyState:
     catalog: Catalog
     pool: Pool
     http: httpx.AsyncClient
+    #: The transport for requests relayed to llama-servers (smart_proxy.upstream); ``http`` for everything else.
+    llama: httpx.AsyncBaseTransport = attrs.Factory(UpstreamTransport)
     lifecycle: Lifecycle = attrs.Factory(Lifecycle)
     metrics: Metrics = attrs.Factory(Metrics)
     api_keys: ApiKeys = attrs.Factory(ApiKeys)

@@ -47,7 +47,7 @@ from .lifecycle import Lifecycle, Phase
 from .metrics import Metrics
 from .pool import Pool
 from .process import find_llama_server
-from .relay import make_client
+from .relay import make_client, make_transport
 
 __all__ = ["StopSignals", "serve"]
 
@@ -183,7 +183,7 @@ async def serve(
     lifecycle = Lifecycle()
     metrics = Metrics()
     signals: StopSignals | None = None
-    async with make_client() as http, trio.open_nursery() as nursery:
+    async with make_client() as http, make_transport() as llama, trio.open_nursery() as nursery:
         trigger = shutdown_trigger
         if trigger is None:
             signals = await nursery.start(StopSignals().run)
@@ -199,6 +199,7 @@ async def serve(
             catalog,
             pool,
             http,
+            llama=llama,
             lifecycle=lifecycle,
             metrics=metrics,
             api_keys=api_keys,

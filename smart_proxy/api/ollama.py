@@ -153,7 +153,7 @@ async def _check_images(http: httpx.AsyncClient, lease: Lease, name: str) -> Non
 # ---- generation ---------------------------------------------------------------------------
 
 
-async def _post(http: httpx.AsyncClient, lease: Lease, path: str, body: dict[str, Any]) -> Upstream:
+async def _post(http: httpx.AsyncBaseTransport, lease: Lease, path: str, body: dict[str, Any]) -> Upstream:
     content = json.dumps(body, ensure_ascii=False).encode()
     return await open_upstream(
         http,
@@ -178,7 +178,7 @@ async def _generate(
     try:
         if call.has_images:
             await _check_images(proxy.http, lease, name)
-        upstream = await _post(proxy.http, lease, call.path, call.body)
+        upstream = await _post(proxy.llama, lease, call.path, call.body)
     except BaseException:
         lease.release()
         raise
@@ -288,7 +288,7 @@ async def _generate_with_agents(
     The answer names the model the client asked for, unless an agent sent the
     request to another one; then it names that one.
     """
-    ctx = await chain.prepare(proxy.pool, proxy.http, logs.request_id.get(), keep_alive=keep_alive)
+    ctx = await chain.prepare(proxy.pool, proxy.llama, logs.request_id.get(), keep_alive=keep_alive)
     if chain.live:
         target = name
         if proxy.catalog.find(ctx.model) is not model:  # a request hook chose another model
@@ -336,7 +336,7 @@ async def _embed(
     lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
     load = time.perf_counter() - before
     try:
-        upstream = await _post(proxy.http, lease, "/v1/embeddings", body)
+        upstream = await _post(proxy.llama, lease, "/v1/embeddings", body)
         raw = await upstream.read()
     finally:
         lease.release()

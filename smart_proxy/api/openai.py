@@ -77,7 +77,7 @@ async def send(
     lease = await proxy.pool.acquire(model)
     try:
         upstream = await open_upstream(
-            proxy.http,
+            proxy.llama,
             "POST",
             lease.base_url + path,
             content=body,
@@ -140,7 +140,7 @@ _AGENT_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 async def forward_with_agents(proxy: ProxyState, path: str, chain: Chain) -> Response:
     """Run the chain's hooks around the upstream call; a buffered stream is replayed as SSE."""
-    ctx = await chain.prepare(proxy.pool, proxy.http, logs.request_id.get())
+    ctx = await chain.prepare(proxy.pool, proxy.llama, logs.request_id.get())
     if chain.live:
         body = json.dumps(ctx.payload).encode()
         stream = ctx.payload.get("stream") is True
