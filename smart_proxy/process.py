@@ -11,7 +11,11 @@ Readiness is noticed promptly, since a model swap waits on it: the polls start
 costs next to nothing), and a line of output that says llama-server has finished
 loading or is listening (:data:`_READY_HINTS`) triggers a poll at once. The poll
 stays the judge: a hint only says when to look.
-Cancelling the task stops the process: SIGTERM, ``stop_timeout``, SIGKILL.
+Cancelling the task stops the process: SIGTERM, ``stop_timeout``, SIGKILL; or,
+when :attr:`ServerProcess.kill_on_stop` is set (an idle server evicted to make
+room, whose place a request is waiting for), SIGKILL to llama-server at once:
+the kernel frees it in about 20 ms, where llama-server's graceful shutdown takes
+60-110 ms, and an idle server has nothing to finish.
 
 A process that exits while loading fails the load at once, with the tail of its
 output; one that is not ready within ``load_timeout`` is killed. Either way the
@@ -31,6 +35,7 @@ import collections
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -133,6 +138,8 @@ class ServerProcess:
         self._on_ready = on_ready
         #: Requests llama-server decodes at once (its /props total_slots).
         self.slots = 1
+        #: Stop by SIGKILL rather than SIGTERM (set before cancelling run()).
+        self.kill_on_stop = False
 
     def tail_text(self, lines: int = 12) -> str:
         return "\n".join(list(self.tail)[-lines:])
@@ -242,9 +249,14 @@ class ServerProcess:
             self._output_done.set()
 
     async def _terminate(self, process: trio.Process) -> None:
-        """deliver_cancel for run_process: SIGTERM, a grace period, SIGKILL."""
+        """deliver_cancel for run_process: SIGTERM, a grace period, SIGKILL (or SIGKILL at once)."""
         try:
-            process.terminate()
+            if self.kill_on_stop and self.pid is not None:
+                # llama-server itself, not the lifeline: the lifeline reaps it and exits the same
+                # way, so process.wait() returns when llama-server is gone and its memory free
+                os.kill(self.pid, signal.SIGKILL)
+            else:
+                process.terminate()
             with trio.move_on_after(self._stop_timeout):
                 await process.wait()
                 return
