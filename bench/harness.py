@@ -242,6 +242,11 @@ def process_cpu(pid: int) -> int:
         return 0
 
 
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of one process, in seconds (0 if it is gone)."""
+    return process_cpu(pid) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as file:
         for line in file:
