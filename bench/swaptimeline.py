@@ -59,7 +59,8 @@ def split(seg: list[tuple[float, str]], sent: float, first_byte: float) -> dict[
     out = {"stop": at("stopping -> stopped") - at("ready -> stopping"),
            "spawn": (listening[0] - child) - at("stopping -> stopped"),
            "notice": ready - listening[0], "ttfb": first_byte - sent}
-    out["proxy_part"] = out["ttfb"] - child - (first_byte - ready)
+    out["after_ready"] = first_byte - ready  # llama-server answering, and the relay
+    out["proxy_part"] = out["ttfb"] - child - out["after_ready"]
     return out
 
 
