@@ -15,16 +15,19 @@ set (this program dies, llama-server dies), and then:
 * exits the way llama-server exited (same code, or the same signal).
 
 It is a separate, synchronous program (standard library only, started with ``-S``): no
-Trio, no package imports, so it starts in milliseconds.
+Trio, no package imports, so it starts in milliseconds. Its start-up lies on the path
+of every model load (a swap waits on it), so it takes the C modules ``_signal`` and
+``_thread`` rather than ``signal`` and ``threading``, whose enum and class machinery
+cost about 10 ms more at each start.
 """
 
 from __future__ import annotations
 
+import _signal as signal
+import _thread
 import ctypes
 import os
-import signal
 import sys
-import threading
 
 _PR_SET_PDEATHSIG = 1
 
@@ -80,7 +83,7 @@ def main(argv: list[str]) -> int:
         except ProcessLookupError:
             pass
 
-    threading.Thread(target=watch_stdin, daemon=True).start()
+    _thread.start_new_thread(watch_stdin, ())  # dies with the process, like a daemon thread
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code < 0:  # died by a signal: die by the same one, so the proxy sees what happened

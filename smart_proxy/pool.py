@@ -11,7 +11,8 @@ Theory of operation:
   only for that decision; waiting for the load happens outside it.
 * Making room: with fewer than ``size`` live servers there is room. Otherwise the
   least recently used server that is READY with nothing in flight and nobody
-  waiting is stopped; a loading or busy server is never evicted. When nothing can
+  waiting is stopped, by SIGKILL since it has nothing to finish and a request waits
+  for its place; a loading or busy server is never evicted. When nothing can
   be evicted the request queues, first come first served, at most ``max_queue``
   deep and ``queue_timeout`` long; past either bound it gets PoolBusy (503).
 * Each server's life runs as a task in the pool's nursery (:meth:`_supervise`)
@@ -376,7 +377,7 @@ class Pool:
             return False
         victim = min(idle, key=lambda s: s.last_used)
         log.info("%s: evicted (least recently used idle server) to make room", victim.name)
-        self._stop(victim, "evicted")
+        self._stop(victim, "evicted", kill=True)
         self._events.evicted(victim.name)
         await victim.gone.wait()
         return self._live_count() < self._config.size
@@ -493,10 +494,15 @@ class Pool:
         log.debug("%s: %s -> %s", server.name, server.state.value, state.value)
         server.state = state
 
-    def _stop(self, server: Server, why: str) -> None:
-        """Begin stopping ``server`` (its task ends the process); idempotent."""
+    def _stop(self, server: Server, why: str, *, kill: bool = False) -> None:
+        """Begin stopping ``server`` (its task ends the process); idempotent.
+
+        ``kill``: SIGKILL rather than a graceful stop, for an idle server whose place is wanted now.
+        """
         if server.state in (State.STARTING, State.READY):
             log.info("%s: stopping llama-server (%s)", server.name, why)
+            if kill and server.process is not None:
+                server.process.kill_on_stop = True
             self._set_state(server, State.STOPPING)
             server.cancel_scope.cancel()
 

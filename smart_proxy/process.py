@@ -5,7 +5,17 @@ and it runs as a task in the pool's nursery (so, in the end, in the root nursery
 beside Hypercorn). It starts llama-server through :func:`trio.run_process`, reads
 its output into a short tail (and the debug log), polls ``/health`` until it
 answers 200, sets :attr:`ServerProcess.ready`, then waits for the process to exit.
-Cancelling the task stops the process: SIGTERM, ``stop_timeout``, SIGKILL.
+
+Readiness is noticed promptly, since a model swap waits on it: the polls start
+5 ms apart and back off to 50 ms (a load takes seconds; a refused connection
+costs next to nothing), and a line of output that says llama-server has finished
+loading or is listening (:data:`_READY_HINTS`) triggers a poll at once. The poll
+stays the judge: a hint only says when to look.
+Cancelling the task stops the process: SIGTERM, ``stop_timeout``, SIGKILL; or,
+when :attr:`ServerProcess.kill_on_stop` is set (an idle server evicted to make
+room, whose place a request is waiting for), SIGKILL to llama-server at once:
+the kernel frees it in about 20 ms, where llama-server's graceful shutdown takes
+60-110 ms, and an idle server has nothing to finish.
 
 A process that exits while loading fails the load at once, with the tail of its
 output; one that is not ready within ``load_timeout`` is killed. Either way the
@@ -25,6 +35,7 @@ import collections
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +52,13 @@ __all__ = ["ServerProcess", "find_llama_server", "free_port"]
 
 log = logging.getLogger(__name__)
 
-_HEALTH_POLL = 0.05
+#: Delay between /health polls: the first, and the most it backs off to (doubling).
+_POLL_FIRST = 0.005
+_POLL_MAX = 0.05
+#: Output of llama-server that says /health may answer 200 now: poll at once. This build
+#: prints "llama_server: model loaded" then "listening on http://..."; older ones print
+#: "server is listening" (before loading) and "all slots are idle".
+_READY_HINTS = ("model loaded", "listening on", "server is listening", "all slots are idle")
 _TAIL_LINES = 40
 _LIFELINE = str(Path(__file__).with_name("lifeline.py"))
 _PID_LINE = "lifeline: pid "
@@ -115,10 +132,14 @@ class ServerProcess:
         self.exited = trio.Event()
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         self._output_done = trio.Event()
+        #: Set by a line in _READY_HINTS; _wait_healthy polls at once and replaces it.
+        self._hint = trio.Event()
         self._process: trio.Process | None = None
         self._on_ready = on_ready
         #: Requests llama-server decodes at once (its /props total_slots).
         self.slots = 1
+        #: Stop by SIGKILL rather than SIGTERM (set before cancelling run()).
+        self.kill_on_stop = False
 
     def tail_text(self, lines: int = 12) -> str:
         return "\n".join(list(self.tail)[-lines:])
@@ -166,6 +187,7 @@ class ServerProcess:
 
     async def _wait_healthy(self, process: trio.Process) -> None:
         url = f"{self.base_url}/health"
+        delay = _POLL_FIRST
         while True:
             if process.returncode is not None:
                 with trio.move_on_after(1):  # let the last lines of output arrive
@@ -180,7 +202,11 @@ class ServerProcess:
                     return
             except httpx.HTTPError:
                 pass  # not listening yet
-            await trio.sleep(_HEALTH_POLL)
+            with trio.move_on_after(delay):
+                await self._hint.wait()
+            if self._hint.is_set():
+                self._hint = trio.Event()
+            delay = min(delay * 2, _POLL_MAX)
 
     async def _read_slots(self) -> int:
         """llama-server's ``total_slots``; else ``--parallel`` from the command line; else 1."""
@@ -213,6 +239,8 @@ class ServerProcess:
                     elif text:
                         self.tail.append(text)
                         log.debug("[%s] %s", self.name, text)
+                        if any(hint in text for hint in _READY_HINTS):
+                            self._hint.set()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
         finally:
@@ -221,9 +249,14 @@ class ServerProcess:
             self._output_done.set()
 
     async def _terminate(self, process: trio.Process) -> None:
-        """deliver_cancel for run_process: SIGTERM, a grace period, SIGKILL."""
+        """deliver_cancel for run_process: SIGTERM, a grace period, SIGKILL (or SIGKILL at once)."""
         try:
-            process.terminate()
+            if self.kill_on_stop and self.pid is not None:
+                # llama-server itself, not the lifeline: the lifeline reaps it and exits the same
+                # way, so process.wait() returns when llama-server is gone and its memory free
+                os.kill(self.pid, signal.SIGKILL)
+            else:
+                process.terminate()
             with trio.move_on_after(self._stop_timeout):
                 await process.wait()
                 return

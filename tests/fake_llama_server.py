@@ -5,7 +5,9 @@ It takes llama-server's command line (``-m FILE --host H --port P --alias NAME .
 and ignores the flags it does not know. The "model file" is JSON that says how to
 behave, so each catalog entry in a test can act differently::
 
-    {"load_delay": 0.2,       # seconds /health answers 503 before 200
+    {"load_delay": 0.2,       # seconds /health answers 503 before 200; then it prints
+                              # "llama_server: model loaded", as llama-server does
+     "silent_load": false,    # print nothing when loaded: only /health tells
      "exit_on_load": 3,       # exit with this code while loading (a corrupt model)
      "token_delay": 0.01,     # seconds between streamed tokens
      "tokens": 5,             # tokens per answer
@@ -87,7 +89,8 @@ class State:
         self.model_path = args.model
         self.mmproj = args.mmproj
         self.behaviour = behaviour
-        self.ready_at = time.monotonic() + float(behaviour.get("load_delay", 0.05))
+        #: Set when the "model" has loaded: /health answers 200 from then on.
+        self.loaded = threading.Event()
         self.slots = args.parallel or int(behaviour.get("slots", 2))
         self.busy = 0
         self.lock = threading.Lock()
@@ -117,7 +120,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802
             if self.path == "/health":
-                if time.monotonic() < state.ready_at:
+                if not state.loaded.is_set():
                     self._json(503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
                 else:
                     self._json(200, {"status": "ok"})
@@ -291,6 +294,15 @@ def main(argv: list[str]) -> int:
     server = ThreadingHTTPServer((args.host, args.port), make_handler(state))
     server.daemon_threads = True
     print(f"main: server is listening on http://{args.host}:{args.port}", flush=True)
+
+    def finish_load() -> None:
+        state.loaded.set()  # before the line: whoever reads it finds /health at 200
+        if not behaviour.get("silent_load"):
+            print("llama_server: model loaded", flush=True)
+
+    timer = threading.Timer(float(behaviour.get("load_delay", 0.05)), finish_load)
+    timer.daemon = True
+    timer.start()
     try:
         server.serve_forever(poll_interval=0.05)
     except KeyboardInterrupt:

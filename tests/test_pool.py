@@ -307,3 +307,26 @@ async def test_a_stopping_server_frees_the_place_no_idle_one_is_evicted(make_con
     assert [s.state for s in pool.servers("b")] in ([State.STOPPING], [])
     async with pool.lease("c"):  # takes b's place, not idle a's
         assert sorted(s.name for s in pool.servers()) == ["a", "c"]
+
+
+async def test_an_evicted_idle_server_is_killed_not_waited_for(make_config, start_pool) -> None:
+    # a ignores SIGTERM, and stop_timeout is long: only a SIGKILL lets b start in time
+    pool = await start_pool(make_config({"a": {"ignore_sigterm": True}, "b": {}}, size=1, stop_timeout="20s"))
+    async with pool.lease("a") as lease:
+        a_pid = lease.server.process.pid
+    with trio.fail_after(5):
+        async with pool.lease("b"):
+            pass
+    assert pids_alive([a_pid]) == []
+    snap = next(m for m in pool.snapshot().models if m.model == "a")
+    assert snap.state == "stopped" and snap.last_exit_code == -signal.SIGKILL
+    assert snap.crashes == 0 and snap.failures == 0  # a stop, not a failure
+
+
+async def test_an_idle_unload_is_still_graceful(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}}))
+    async with pool.lease("a"):
+        pass
+    assert await pool.unload("a") == 1
+    snap = pool.snapshot().models[0]
+    assert snap.last_exit_code == -signal.SIGTERM  # the fake dies by SIGTERM's default action

@@ -1,4 +1,5 @@
-"""The proxy as a process with the fake llama-server: signals, and no orphan llama-server ever."""
+"""The proxy as a process with the fake llama-server: signals, and no orphan llama-server ever;
+and one ServerProcess noticing that its llama-server is ready."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
+
+from smart_proxy import process
+from smart_proxy.process import ServerProcess, free_port
 
 from .conftest import ProxyProcess, pids_alive
 
@@ -74,3 +79,51 @@ def test_sigint_exits_0(fake_ini: Path, tmp_path: Path) -> None:
         assert "Traceback" not in proxy.log()
     finally:
         proxy.stop()
+
+
+# ---- ServerProcess: readiness ------------------------------------------------------------
+
+
+async def _run_until_ready(
+    fake_binary: str, tmp_path: Path, http: httpx.AsyncClient, behaviour: dict, within: float = 8.0
+) -> ServerProcess:
+    """Start the fake, wait at most ``within`` seconds for ready, stop it."""
+    model = tmp_path / "m.json"
+    model.write_text(json.dumps(behaviour))
+    port = free_port()
+    server = ServerProcess([fake_binary, "-m", str(model), "--port", str(port)], name="m", port=port, http=http)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run, 30.0)
+        with trio.move_on_after(within):
+            await server.ready.wait()
+        nursery.cancel_scope.cancel()
+    return server
+
+
+async def test_a_loaded_line_triggers_the_health_check(
+    fake_binary: str, tmp_path: Path, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # polls a minute apart: only llama-server's "model loaded" line can make it ready in time
+    monkeypatch.setattr(process, "_POLL_FIRST", 60.0)
+    monkeypatch.setattr(process, "_POLL_MAX", 60.0)
+    server = await _run_until_ready(fake_binary, tmp_path, http, {"load_delay": 0.5})
+    assert server.ready.is_set()
+    assert "llama_server: model loaded" in server.tail_text()
+
+
+async def test_a_silent_load_is_found_by_polling(fake_binary: str, tmp_path: Path, http: httpx.AsyncClient) -> None:
+    server = await _run_until_ready(fake_binary, tmp_path, http, {"load_delay": 0.5, "silent_load": True})
+    assert server.ready.is_set()
+    assert "model loaded" not in server.tail_text()
+    assert server.slots == 2  # /props was read after /health said 200
+
+
+async def test_a_silent_load_is_not_taken_for_ready_by_the_hint_alone(
+    fake_binary: str, tmp_path: Path, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the "server is listening" line comes before the load ends: it triggers a poll, which says 503
+    monkeypatch.setattr(process, "_POLL_FIRST", 60.0)
+    monkeypatch.setattr(process, "_POLL_MAX", 60.0)
+    server = await _run_until_ready(fake_binary, tmp_path, http, {"load_delay": 0.3, "silent_load": True}, within=1.5)
+    assert "server is listening" in server.tail_text()
+    assert not server.ready.is_set()
