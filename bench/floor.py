@@ -18,12 +18,15 @@ Theory of operation: each request takes an idle upstream connection (LIFO) or
 opens one, writes the request head and body in one ``send_all``, reads the
 answer head, then relays the body as it arrives, de-chunking a chunked answer.
 A connection whose answer was read to the end goes back to the idle list;
-anything else (the client left, a parse surprise) closes it.
+anything else (the client left, a parse surprise) closes it. An idle connection
+is reused for at most 4 s and only if the upstream has not closed it (the fake
+upstream closes idle ones after 5 s, like llama-server).
 """
 
 from __future__ import annotations
 
 import argparse
+import select
 from urllib.parse import urlsplit
 
 import trio
@@ -36,12 +39,18 @@ class Upstream:
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self.idle: list[tuple[trio.SocketStream, bytearray]] = []
+        self.idle: list[tuple[trio.SocketStream, bytearray, float]] = []
 
     async def exchange(self, head: bytes, body: bytes, send) -> None:
-        if self.idle:
-            stream, buffer = self.idle.pop()
-        else:
+        stream = None
+        while self.idle:
+            stream, buffer, since = self.idle.pop()
+            # the fake upstream, like llama-server, closes a connection idle for 5 s
+            if trio.current_time() - since < _KEEPALIVE and not _readable(stream):
+                break
+            stream.socket.close()
+            stream = None
+        if stream is None:
             stream, buffer = await trio.open_tcp_stream(self.host, self.port), bytearray()
         reusable = False
         try:
@@ -72,10 +81,19 @@ class Upstream:
             reusable = True
         finally:
             if reusable:
-                self.idle.append((stream, buffer))
+                self.idle.append((stream, buffer, trio.current_time()))
             else:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
+
+
+#: Seconds an idle upstream connection is reused for (smart-proxy's own choice, under the upstream's 5 s).
+_KEEPALIVE = 4.0
+
+
+def _readable(stream: trio.SocketStream) -> bool:
+    """An idle connection with something to read has been closed by the upstream."""
+    return bool(select.select([stream.socket.fileno()], [], [], 0)[0])
 
 
 async def _read(stream: trio.SocketStream) -> bytes:
