@@ -22,6 +22,7 @@ phase; ``/metrics`` is answered while draining but needs a key like the API.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import uuid
@@ -55,6 +56,8 @@ _UNCOUNTED = PUBLIC_PATHS | {"/metrics"}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 _CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 _CORS_HEADERS = "authorization, content-type, x-api-key, x-request-id"
+#: (path, method) pairs whose route is remembered; paths are the client's, so the cache is bounded.
+_ROUTE_CACHE = 1024
 #: The status counted for a request whose client left before any answer was sent (nginx's choice).
 _CLIENT_GONE = 499
 
@@ -68,6 +71,9 @@ class EdgeMiddleware:
         self._app = app.asgi_app
         self._proxy = proxy
         self._routes = app.url_map.bind("localhost")
+        # werkzeug's matcher leaves a reference cycle (a recursive closure) behind on every
+        # call, which the cyclic GC must then collect; the routes are fixed, so remember them.
+        self._route = functools.lru_cache(maxsize=_ROUTE_CACHE)(self._match_route)
         self._origins = frozenset(proxy.config.proxy.cors_origins)
         self._max_body = proxy.config.proxy.max_body
 
@@ -124,7 +130,7 @@ class EdgeMiddleware:
             current_exchange.reset(exchange_token)
             logs.request_id.reset(id_token)
 
-    def _route(self, path: str, method: str) -> str:
+    def _match_route(self, path: str, method: str) -> str:
         """The URL rule ``path`` matches (``/v1/chat/completions``), or ``other``."""
         try:
             rule, _ = self._routes.match(path, method, return_rule=True)
