@@ -416,13 +416,8 @@ def start_goproxy(workdir: Path, go: GoBinaries, target: str) -> tuple[subproces
     port = free_port()
     process = start(pinned(PROXY_CPU, [go.goproxy, "-listen", f"127.0.0.1:{port}", "-target", target]),
                     log_path=workdir / f"goproxy-{port}.log")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return process, url
-        time.sleep(0.02)
-    raise RuntimeError(f"goproxy did not listen:\n{tail(process)}")
+    wait_listening(port, process, "goproxy", timeout=10)
+    return process, f"http://127.0.0.1:{port}"
 
 
 def start_floor(workdir: Path, target: str) -> tuple[subprocess.Popen, str]:
@@ -431,15 +426,20 @@ def start_floor(workdir: Path, target: str) -> tuple[subprocess.Popen, str]:
     process = start(pinned(PROXY_CPU, [project_python(), str(BENCH_DIR / "floor.py"), "--port", str(port),
                                        "--target", target]),
                     log_path=workdir / f"floor-{port}.log")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    wait_listening(port, process, "bench/floor.py", timeout=30)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_listening(port: int, process: subprocess.Popen, name: str, *, timeout: float) -> None:
+    """Return once something accepts connections on 127.0.0.1:``port``; fail early if ``process`` exits."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return process, url
+            return
         if process.poll() is not None:
             break
-        time.sleep(0.05)
-    raise RuntimeError(f"bench/floor.py did not listen:\n{tail(process)}")
+        time.sleep(0.02)
+    raise RuntimeError(f"{name} did not listen:\n{tail(process)}")
 
 
 def start_fakeupstream(workdir: Path, go: GoBinaries, behaviour: dict | None = None,
