@@ -653,12 +653,28 @@ def test_cli_exits_130_on_a_keyboard_interrupt_that_trio_wrapped(monkeypatch, tm
         return serve
 
     monkeypatch.setattr(cli, "setup_logging", lambda *args: None)
+    monkeypatch.setattr(cli, "tune_gc", lambda: None)  # leave this process's collector alone
     monkeypatch.setattr(cli, "serve", serving(KeyboardInterrupt()))
     assert cli.main(["--config", str(config)]) == 130
     monkeypatch.setattr(cli, "serve", serving(ValueError("a real bug")))
     with pytest.raises(BaseExceptionGroup) as raised:  # anything else still shows
         cli.main(["--config", str(config)])
     assert raised.group_contains(ValueError)
+
+
+def test_serving_raises_the_young_threshold_and_freezes_what_start_up_made() -> None:
+    import gc
+
+    from smart_proxy import cli
+
+    threshold = gc.get_threshold()
+    try:
+        cli.tune_gc()
+        assert gc.get_threshold() == (cli.GC_YOUNG_THRESHOLD, *threshold[1:])
+        assert gc.get_freeze_count() > 1000  # the imported modules, at least
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 # ---- hypercorn settings ---------------------------------------------------------------------
