@@ -318,11 +318,15 @@ def wrk(url: str, *, connections: int, duration: float, body: str, timeout: floa
 
 
 def streamclient(binary: str, url: str, *, streams: int, body: dict, expect: int = 0, sep: str = "sse",
-                 abort: str = "", timeout: float = 120.0, id_prefix: str = "s", stagger_ms: float = 0) -> dict:
-    """The Go stream client on the load core; see bench/go/streamclient.go for the fields."""
+                 abort: str = "", timeout: float = 120.0, id_prefix: str = "s", stagger_ms: float = 0,
+                 tail: int = 0) -> dict:
+    """The Go stream client on the load core; see bench/go/streamclient.go for the fields.
+
+    ``tail`` > 0 adds ``"tail"``: the text of the first stream's last ``tail`` events.
+    """
     argv = pinned(LOAD_CPU, [binary, "-url", url, "-n", str(streams), "-body", json.dumps(body), "-expect", str(expect),
                              "-sep", sep, "-timeout", str(timeout), "-id-prefix", id_prefix,
-                             "-stagger-ms", str(stagger_ms)])
+                             "-stagger-ms", str(stagger_ms), "-tail", str(tail)])
     if abort:
         argv += ["-abort", abort]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 60)

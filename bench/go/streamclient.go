@@ -39,6 +39,7 @@ type result struct {
 	last     time.Time
 	abortNs  int64
 	complete bool
+	tail     []string
 }
 
 func main() {
@@ -51,6 +52,7 @@ func main() {
 	abort := flag.String("abort", "", "hang up: headers | chunks:K | ms:T")
 	timeout := flag.Float64("timeout", 60, "seconds a stream may take")
 	stagger := flag.Float64("stagger-ms", 0, "pause between opening connections")
+	keep := flag.Int("tail", 0, "report the last K events of the first stream (their text)")
 	flag.Parse()
 	u, err := url.Parse(*target)
 	if err != nil || u.Host == "" {
@@ -70,7 +72,7 @@ func main() {
 		payload := strings.ReplaceAll(*body, "{ID}", id)
 		go func(i int) {
 			defer wg.Done()
-			results[i] = stream(u, id, payload, separator, *abort, time.Duration(*timeout*float64(time.Second)))
+			results[i] = stream(u, id, payload, separator, *abort, time.Duration(*timeout*float64(time.Second)), *keep)
 		}(i)
 		if *stagger > 0 {
 			time.Sleep(time.Duration(*stagger * float64(time.Millisecond)))
@@ -80,7 +82,7 @@ func main() {
 	report(results, start, *expect)
 }
 
-func stream(u *url.URL, id, payload string, separator []byte, abort string, timeout time.Duration) (r result) {
+func stream(u *url.URL, id, payload string, separator []byte, abort string, timeout time.Duration, keep int) (r result) {
 	r.id = id
 	began := time.Now()
 	conn, err := net.DialTimeout("tcp", u.Host, 10*time.Second)
@@ -139,6 +141,12 @@ func stream(u *url.URL, id, payload string, separator []byte, abort string, time
 				at := bytes.Index(pending, separator)
 				if at < 0 {
 					break
+				}
+				if keep > 0 {
+					r.tail = append(r.tail, string(pending[:at]))
+					if len(r.tail) > keep {
+						r.tail = r.tail[1:]
+					}
 				}
 				pending = pending[at+len(separator):]
 				r.events++
@@ -236,6 +244,9 @@ func report(results []result, start time.Time, expect int) {
 		"streams": len(results), "complete": ok, "events": events, "lost": lost, "errors": errors,
 		"duration_s": duration, "events_per_s": rate, "ttfc_ms": ttfcStats, "gap_ms": gapStats,
 		"ttfc_cdf_ms": ttfcCdf, "gap_cdf_ms": gapCdf, "aborts": aborts,
+	}
+	if len(results) > 0 && results[0].tail != nil {
+		out["tail"] = results[0].tail
 	}
 	encoded, _ := json.Marshal(out)
 	fmt.Println(string(encoded))
