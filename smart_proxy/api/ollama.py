@@ -161,7 +161,7 @@ async def _post(http: httpx.AsyncBaseTransport, lease: Lease, path: str, body: d
         lease.base_url + path,
         content=content,
         headers={"Content-Type": "application/json"},
-        slots=lease.server.limiter,  # the same bound on in-flight requests as the OpenAI routes
+        lease=lease,  # the same bound on in-flight requests (and on the wait) as the OpenAI routes
     )
 
 

@@ -82,7 +82,7 @@ async def send(
             lease.base_url + path,
             content=body,
             headers={"Content-Type": "application/json"},
-            slots=lease.server.limiter,
+            lease=lease,
         )
     except BaseException:
         lease.release()
