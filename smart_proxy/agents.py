@@ -233,6 +233,7 @@ class AgentContext:
                 lease.base_url + UPSTREAM_PATHS[self.kind],
                 content=json.dumps(body).encode(),
                 headers={"Content-Type": "application/json"},
+                lease=lease,  # a slot, within queue_timeout, like every request to a llama-server
             )
             return upstream.status_code, await upstream.read()
         finally:

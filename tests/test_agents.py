@@ -726,6 +726,32 @@ async def test_parallel_all_samples_run_at_once(make_config, start_proxy, agent_
     assert body["usage"]["completion_tokens"] == sum(row["completion_tokens"] for row in report["candidates"])
 
 
+async def test_agent_calls_keep_to_the_server_slots(make_config, start_proxy, agent_dir: Path, http) -> None:
+    """ctx.complete takes a slot like any request: three samples on a 1-slot server go one at a time."""
+    copy_bundled(agent_dir, "parallel", parallel_config([], samples=3, mode="all"))
+    url = await start_proxy(
+        with_agents(make_config({"m": {"slots": 1, "tokens": 4, "token_delay": 0.1}}), agent_dir, "parallel")
+    )
+    await http.post(url + "/v1/chat/completions", json=chat("warm up", model="m", max_tokens=1))  # load it
+    port = (await http.get(url + "/health")).json()["pool"]["servers"][0]["port"]
+    busiest = 0
+
+    async def watch() -> None:
+        nonlocal busiest
+        while True:
+            busiest = max(busiest, (await http.get(f"http://127.0.0.1:{port}/props")).json()["fake_busy"])
+            await trio.sleep(0.01)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            response = await http.post(url + "/v1/chat/completions", json=chat("/parallel hi", model="m"))
+            nursery.cancel_scope.cancel()
+    assert response.status_code == 200, response.text
+    assert [row["status"] for row in response.json()["smart_proxy"]["parallel"]["candidates"]] == ["ok"] * 3
+    assert busiest == 1  # the one slot was used, never more
+
+
 async def test_parallel_candidate_timeout_and_all_failed_fallback(
     make_config, start_proxy, agent_dir: Path, http
 ) -> None:
