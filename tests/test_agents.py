@@ -100,6 +100,18 @@ class Slow(Agent):
 """
 
 
+SWAP = """
+from smart_proxy.agents import Agent
+
+
+class Swap(Agent):
+    description = "sends the request to the model its config names"
+
+    async def on_request(self, ctx):
+        ctx.model = self.config["to"]
+"""
+
+
 def write_agent(root: Path, name: str, source: str, config: str | None = None) -> Path:
     folder = root / name
     folder.mkdir(parents=True)
@@ -543,6 +555,28 @@ async def test_upstream_error_in_a_buffered_chain_keeps_its_status(
     assert "fake failure" in response.json()["error"]["message"]
     missing = await http.post(url + "/v1/chat/completions", json=chat("/a hi", model="nope"))
     assert missing.status_code == 404
+
+
+async def test_an_error_answer_still_names_the_failed_agents(make_config, start_proxy, agent_dir: Path, http) -> None:
+    """The errors header is on every answer whose chain recorded failures, error answers included."""
+    write_agent(agent_dir, "boom", BOOM)
+    write_agent(agent_dir, "a", marker("a"))
+    write_agent(agent_dir, "lost", SWAP, config='to = "nowhere"\n')
+    models = {"bad": {"reject": {"status": 400, "message": "fake failure"}}, "m": {}}
+    url = await start_proxy(with_agents(make_config(models, size=2), agent_dir, "boom", "a", "lost", "gone"))
+    for command, stream in (("/boom /a hi", False), ("/boom /a hi", True), ("/boom hi", False), ("/gone /a hi", False)):
+        response = await http.post(url + "/v1/chat/completions", json=chat(command, model="bad", stream=stream))
+        assert response.status_code == 400, (command, response.text)
+        assert "fake failure" in response.json()["error"]["message"]
+        assert response.headers[ERRORS_HEADER] == ("gone:not-loaded" if "gone" in command else "boom:error"), command
+    # an error the proxy raises itself (the model a hook chose does not exist), buffered and live
+    for command in ("/boom /lost /a hi", "/boom /lost hi"):
+        response = await http.post(url + "/v1/chat/completions", json=chat(command, model="m"))
+        assert response.status_code == 404 and response.json()["error"]["type"] == "model_not_found", command
+        assert response.headers[ERRORS_HEADER] == "boom:error", command
+    # no failure, no header, on an error answer as on any other
+    response = await http.post(url + "/v1/chat/completions", json=chat("/a hi", model="bad"))
+    assert response.status_code == 400 and ERRORS_HEADER not in response.headers
 
 
 async def test_plugins_route(make_config, start_proxy, agent_dir: Path, http) -> None:

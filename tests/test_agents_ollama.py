@@ -26,6 +26,7 @@ from .test_agents import (
     BOOM,
     DOCS,
     SLOW,
+    SWAP,
     TAG,
     copy_bundled,
     marker,
@@ -35,17 +36,6 @@ from .test_agents import (
     write_docs,
 )
 from .test_ollama import backend_requests, in_thread
-
-SWAP = """
-from smart_proxy.agents import Agent
-
-
-class Swap(Agent):
-    description = "sends the request to the model its config names"
-
-    async def on_request(self, ctx):
-        ctx.model = self.config["to"]
-"""
 
 SWAP_AND_MARK = SWAP.replace("class Swap", "class SwapMark").replace(
     'self.config["to"]\n',
@@ -372,3 +362,24 @@ async def test_upstream_errors_keep_their_status(make_config, start_proxy, agent
     with pytest.raises(ollama.ResponseError) as info:
         await in_thread(ask, url, lambda c: c.generate(model="nope", prompt="/a hi"))
     assert info.value.status_code == 404
+
+
+async def test_an_error_answer_still_names_the_failed_agents(make_config, start_proxy, agent_dir: Path, http) -> None:
+    write_agent(agent_dir, "boom", BOOM)
+    write_agent(agent_dir, "a", marker("a"))
+    write_agent(agent_dir, "lost", SWAP, config='to = "nowhere"\n')
+    models = {"bad": {"reject": {"status": 400, "message": "fake failure"}}, "m": {}}
+    url = await start_proxy(with_agents(make_config(models, size=2), agent_dir, "boom", "a", "lost"))
+    for command in ("/boom /a hi", "/boom hi"):  # buffered and live
+        for stream in (False, True):
+            body = {"model": "bad", "messages": user(command), "stream": stream}
+            response = await http.post(url + "/api/chat", json=body)
+            assert response.status_code == 400, (command, stream, response.text)
+            assert "fake failure" in response.json()["error"]
+            assert response.headers[ERRORS_HEADER] == "boom:error", (command, stream)
+    for command in ("/boom /lost /a hi", "/boom /lost hi"):
+        response = await http.post(url + "/api/chat", json={"model": "m", "messages": user(command), "stream": False})
+        assert response.status_code == 404 and "'nowhere' not found" in response.json()["error"], command
+        assert response.headers[ERRORS_HEADER] == "boom:error", command
+    response = await http.post(url + "/api/generate", json={"model": "bad", "prompt": "/a hi", "stream": False})
+    assert response.status_code == 400 and ERRORS_HEADER not in response.headers

@@ -46,7 +46,7 @@ from ..errors import BadRequest, ProxyError
 from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
 from ..relay import RelayBody, Upstream, open_upstream
-from .openai import parse_body, replay_sse, sse_error
+from .openai import chain_error, parse_body, replay_sse, sse_error
 
 __all__ = ["blueprint", "error_response"]
 
@@ -286,36 +286,42 @@ async def _generate_with_agents(
     answer would have been (:func:`~smart_proxy.api.openai.replay_sse`) and that is
     translated into NDJSON, line by line, by the same code as a live stream.
     The answer names the model the client asked for, unless an agent sent the
-    request to another one; then it names that one.
+    request to another one; then it names that one. Every answer carries the
+    chain's failures (``ctx.headers()``), an error answer too.
     """
     ctx = await chain.prepare(proxy.pool, proxy.llama, logs.request_id.get(), keep_alive=keep_alive)
-    if chain.live:
-        target = name
-        if proxy.catalog.find(ctx.model) is not model:  # a request hook chose another model
-            other = proxy.catalog.get(ctx.model)
-            if other.backend == "ollama":
-                raise BadRequest(f"an agent sent the request to {ctx.model!r}, an Ollama upstream, which agents cannot reach")
-            await _check_think(proxy, other, ctx.model, payload.get("think"))
-            target = answer.model = ctx.model
-        rewritten = attrs.evolve(call, body=ctx.payload)
-        return await _generate(proxy, target, rewritten, keep_alive, answer, headers=ctx.headers())
-    response = await chain.respond(ctx)
-    answered = response.get("model")
-    if isinstance(answered, str) and proxy.catalog.find(answered) not in (None, model):
-        answer.model = answered
-    extras = answer.extras(response)
-    if not ctx.stream:
-        reply = answer.complete(response)
-        reply.update({key: value for key, value in extras.items() if key not in reply})
-        result = _json(reply)
-        result.headers.update(ctx.headers())
-        return result
-    first = {**response, "choices": (response.get("choices") or [])[:1]}  # Ollama has no n
-    objects = [obj for event in translate.SSEParser().feed(replay_sse(first, ctx.kind)) for obj in answer.feed(event)]
-    objects += answer.final()
-    objects[-1].update({key: value for key, value in extras.items() if key not in objects[-1]})
-    body = b"".join(translate.ndjson(obj) for obj in objects)
-    return Response(body, status=200, headers={**_NDJSON_HEADERS, **ctx.headers()})
+    try:
+        if chain.live:
+            target = name
+            if proxy.catalog.find(ctx.model) is not model:  # a request hook chose another model
+                other = proxy.catalog.get(ctx.model)
+                if other.backend == "ollama":
+                    raise BadRequest(f"an agent sent the request to {ctx.model!r}, an Ollama upstream, which agents cannot reach")
+                await _check_think(proxy, other, ctx.model, payload.get("think"))
+                target = answer.model = ctx.model
+            rewritten = attrs.evolve(call, body=ctx.payload)
+            return await _generate(proxy, target, rewritten, keep_alive, answer, headers=ctx.headers())
+        response = await chain.respond(ctx)
+        answered = response.get("model")
+        if isinstance(answered, str) and proxy.catalog.find(answered) not in (None, model):
+            answer.model = answered
+        extras = answer.extras(response)
+        if not ctx.stream:
+            reply = answer.complete(response)
+            reply.update({key: value for key, value in extras.items() if key not in reply})
+            result = _json(reply)
+            result.headers.update(ctx.headers())
+            return result
+        first = {**response, "choices": (response.get("choices") or [])[:1]}  # Ollama has no n
+        objects = [obj for event in translate.SSEParser().feed(replay_sse(first, ctx.kind)) for obj in answer.feed(event)]
+        objects += answer.final()
+        objects[-1].update({key: value for key, value in extras.items() if key not in objects[-1]})
+        body = b"".join(translate.ndjson(obj) for obj in objects)
+        return Response(body, status=200, headers={**_NDJSON_HEADERS, **ctx.headers()})
+    except ProxyError as exc:
+        if not ctx.failures:
+            raise
+        return chain_error(exc, ctx)
 
 
 # ---- embeddings ---------------------------------------------------------------------------

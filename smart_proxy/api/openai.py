@@ -14,14 +14,15 @@ import time
 from quart import Blueprint, Response, request
 
 from .. import logs
-from ..agents import Chain
+from ..agents import AgentContext, Chain
 from ..app import ProxyState, state
+from ..app import error_response as dialect_error
 from ..backends import ollama as ollama_backend
 from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
 from ..relay import RelayBody, open_upstream
 
-__all__ = ["blueprint", "error_response", "parse_body"]
+__all__ = ["blueprint", "chain_error", "error_response", "parse_body"]
 
 blueprint = Blueprint("openai", __name__)
 
@@ -139,19 +140,34 @@ _AGENT_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 
 async def forward_with_agents(proxy: ProxyState, path: str, chain: Chain) -> Response:
-    """Run the chain's hooks around the upstream call; a buffered stream is replayed as SSE."""
+    """Run the chain's hooks around the upstream call; a buffered stream is replayed as SSE.
+
+    Every answer carries the chain's failures (``ctx.headers()``), an error answer too.
+    """
     ctx = await chain.prepare(proxy.pool, proxy.llama, logs.request_id.get())
-    if chain.live:
-        body = json.dumps(ctx.payload).encode()
-        stream = ctx.payload.get("stream") is True
-        return await send(proxy, path, ctx.model, body, stream=stream, headers=ctx.headers())
-    response = await chain.respond(ctx)
+    try:
+        if chain.live:
+            body = json.dumps(ctx.payload).encode()
+            stream = ctx.payload.get("stream") is True
+            return await send(proxy, path, ctx.model, body, stream=stream, headers=ctx.headers())
+        response = await chain.respond(ctx)
+    except ProxyError as exc:
+        if not ctx.failures:
+            raise
+        return chain_error(exc, ctx)
     if ctx.stream:
         return Response(
             replay_sse(response, ctx.kind),
             headers={"Content-Type": "text/event-stream", **_SSE_HEADERS, **ctx.headers()},
         )
     return Response(json.dumps(response), content_type="application/json", headers=ctx.headers())
+
+
+def chain_error(exc: ProxyError, ctx: AgentContext) -> Response:
+    """``exc`` in the caller's dialect, with the chain's failures: they belong on an error answer too."""
+    reply = dialect_error(exc, request.path)
+    reply.headers.update(ctx.headers())
+    return reply
 
 
 def replay_sse(response: dict, kind: str) -> bytes:
