@@ -697,6 +697,62 @@ def test_rag_config_is_checked(tmp_path: Path) -> None:
     assert registry.describe()[0]["error"] == "ValueError: top_k must be at least 1 and passage_chars at least 50"
 
 
+# ---- models of an Ollama upstream ---------------------------------------------------------
+
+
+async def test_agents_run_on_models_of_an_ollama_upstream(
+    tmp_path: Path, fake_binary: str, start_proxy, fake_ollama, agent_dir: Path, http
+) -> None:
+    """The chain runs for a ``backend = ollama`` model too; it is reached through its Ollama's /v1 routes."""
+    from .test_ollama import upstream_config
+
+    write_agent(agent_dir, "a", marker("a"))
+    write_agent(agent_dir, "tag", TAG)
+    write_agent(agent_dir, "boom", BOOM)
+    write_agent(agent_dir, "swap", SWAP, config='to = "up"\n')
+    copy_bundled(agent_dir, "parallel", parallel_config(["up", "local"], samples=1, mode="all"))
+    config = upstream_config(tmp_path, fake_binary, fake_ollama.url)
+    url = await start_proxy(with_agents(config, agent_dir, "a", "tag", "boom", "swap", "parallel"))
+    pieces = "piece0 piece1 piece2 "
+
+    # buffered: the rewritten body goes to the upstream's /v1 route, the answer back through the response hook
+    response = await http.post(url + "/v1/chat/completions", json=chat("/a hi", model="up", temperature=0.5))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == pieces + "<a>"
+    method, path, sent = fake_ollama.requests[-1]
+    assert (method, path, sent["model"]) == ("POST", "/v1/chat/completions", "remote-llm")
+    assert sent["messages"] == [{"role": "user", "content": "hi [a]"}]
+    assert sent["stream"] is False and sent["temperature"] == 0.5
+    # live: the rewritten request is relayed, its stream as it comes
+    streamed = await http.post(url + "/v1/chat/completions", json=chat("/tag hi", model="up", stream=True))
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(streamed.content)
+    assert streamed_text(events) == pieces and events[-1] == "[DONE]"
+    sent = fake_ollama.requests[-1][2]
+    assert sent["messages"] == [{"role": "system", "content": "tagged"}, {"role": "user", "content": "hi"}]
+    assert sent["stream"] is True and sent["model"] == "remote-llm"
+    # a completion goes to /v1/completions
+    completion = await http.post(url + "/v1/completions", json={"model": "up", "prompt": "/a Once upon"})
+    assert completion.json()["choices"][0]["text"] == pieces + "<a>"
+    sent = {"model": "remote-llm", "prompt": "Once upon [a]", "stream": False}
+    assert fake_ollama.requests[-1][1:] == ("/v1/completions", sent)
+    # failures are named, as for any model
+    failed = await http.post(url + "/v1/chat/completions", json=chat("/boom hi", model="up"))
+    assert failed.status_code == 200 and failed.headers[ERRORS_HEADER] == "boom:error"
+    # a hook may send a local model's request there, and ctx.complete reaches both kinds
+    swapped = await http.post(url + "/v1/chat/completions", json=chat("/swap hi", model="local"))
+    assert swapped.json()["choices"][0]["message"]["content"] == pieces
+    both = (await http.post(url + "/v1/chat/completions", json=chat("/parallel hi", model="local"))).json()
+    assert [c["message"]["content"] for c in both["choices"]] == [pieces, "tok0 tok1 tok2 tok3 tok4 "]
+    assert [row["status"] for row in both["smart_proxy"]["parallel"]["candidates"]] == ["ok", "ok"]
+    assert [s["model"] for s in (await http.get(url + "/health")).json()["pool"]["servers"]] == ["local"]
+    # no command: passed through untouched, as without agents
+    raw = b'{"model": "up", "messages": [{"role": "user", "content": "/usr/bin is a folder"}], "x": 2.50}'
+    plain = await http.post(url + "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert plain.status_code == 200 and ERRORS_HEADER not in plain.headers
+    assert fake_ollama.requests[-1][2]["messages"] == [{"role": "user", "content": "/usr/bin is a folder"}]
+
+
 # ---- parallel ---------------------------------------------------------------------------
 
 

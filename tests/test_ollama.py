@@ -28,8 +28,6 @@ from smart_proxy import ollama as translate
 from smart_proxy.config import structure
 from smart_proxy.errors import BadRequest
 
-from .fake_ollama import FakeOllama
-
 
 async def in_thread(fn, *args, **kwargs):
     return await trio.to_thread.run_sync(partial(fn, *args, **kwargs))
@@ -577,13 +575,6 @@ async def test_openai_and_ollama_clients_share_one_loaded_model(make_config, sta
 
 
 # ---- the Ollama upstream backend ------------------------------------------------------------
-
-
-@pytest.fixture
-def fake_ollama():
-    server = FakeOllama(tokens=3).start()
-    yield server
-    server.stop()
 
 
 def upstream_config(tmp_path: Path, fake_binary: str, upstream_url: str):
