@@ -43,6 +43,9 @@ Theory of operation:
 Agents see OpenAI shapes (a chat's ``messages`` or a completion's ``prompt``, and
 ``chat.completion`` or ``text_completion`` responses) whatever the client's
 dialect; the dialect modules translate at their edges (see docs/agents.md).
+Models are reached through the pool, a lease and a slot per call; a model with
+``backend = ollama`` through its Ollama server's OpenAI-compatible ``/v1`` routes
+(:func:`smart_proxy.backends.ollama.send`), which take the same shapes.
 """
 
 from __future__ import annotations
@@ -63,11 +66,13 @@ import attrs
 import httpx
 import trio
 
+from .backends import ollama as ollama_backend
 from .config import AGENT_NAME, AgentsConfig, resolve_path
 from .errors import BadRequest, ProxyError, UpstreamError
 from .relay import open_upstream
 
 if TYPE_CHECKING:
+    from .catalog import Catalog
     from .pool import Pool
 
 __all__ = [
@@ -167,6 +172,10 @@ class AgentContext:
     pool: Pool | None = attrs.field(default=None, repr=False)
     #: What requests to llama-servers go through (a client, or the proxy's UpstreamTransport).
     http: httpx.AsyncClient | httpx.AsyncBaseTransport | None = attrs.field(default=None, repr=False)
+    #: Which models an Ollama upstream serves (without one, every model is the pool's).
+    catalog: Catalog | None = attrs.field(default=None, repr=False)
+    #: The proxy's HTTP client, for those upstreams.
+    client: httpx.AsyncClient | None = attrs.field(default=None, repr=False)
 
     @property
     def model(self) -> str:
@@ -197,7 +206,7 @@ class AgentContext:
         return {ERRORS_HEADER: ", ".join(seen)}
 
     async def complete(self, payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Ask a model, through the proxy's pool, without streaming; return its response.
+        """Ask a model, through the proxy's pool (or its Ollama upstream), without streaming; return its response.
 
         ``payload`` defaults to ``ctx.payload``; its ``model`` names the model. This is
         how an agent's ``call`` reaches models (``/parallel`` calls it once per candidate).
@@ -218,13 +227,19 @@ class AgentContext:
         return response
 
     async def _post(self, payload: Mapping[str, Any]) -> tuple[int, bytes]:
-        if self.pool is None or self.http is None:
-            raise RuntimeError("this AgentContext has no pool to call models with")
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("missing 'model': name the model to use")
         body = {key: value for key, value in payload.items() if key != "stream_options"}
         body["stream"] = False
+        target = self.catalog.get(model) if self.catalog is not None else None
+        if target is not None and target.backend == "ollama":
+            if self.client is None:
+                raise RuntimeError("this AgentContext has no client to call Ollama upstreams with")
+            upstream = await ollama_backend.send(self.client, target, "POST", UPSTREAM_PATHS[self.kind], payload=body)
+            return upstream.status_code, await upstream.read()
+        if self.pool is None or self.http is None:
+            raise RuntimeError("this AgentContext has no pool to call models with")
         lease = await self.pool.acquire(model, keep_alive=self.keep_alive)
         try:
             upstream = await open_upstream(
@@ -233,6 +248,7 @@ class AgentContext:
                 lease.base_url + UPSTREAM_PATHS[self.kind],
                 content=json.dumps(body).encode(),
                 headers={"Content-Type": "application/json"},
+                lease=lease,  # a slot, within queue_timeout, like every request to a llama-server
             )
             return upstream.status_code, await upstream.read()
         finally:
@@ -531,10 +547,13 @@ class Chain:
         request_id: str | None = None,
         *,
         keep_alive: float | None = None,
+        catalog: Catalog | None = None,
+        client: httpx.AsyncClient | None = None,
     ) -> AgentContext:
         """Make the request's context and run every request hook, in the order written.
 
         ``keep_alive`` (seconds; an Ollama client's) applies to every lease ``ctx.complete`` takes.
+        With ``catalog`` and ``client``, ``ctx.complete`` reaches models of Ollama upstreams too.
         """
         ctx = AgentContext(
             request_id=request_id or new_request_id(),
@@ -545,6 +564,8 @@ class Chain:
             keep_alive=keep_alive,
             pool=pool,
             http=http,
+            catalog=catalog,
+            client=client,
         )
         for name in self.missing:
             log.warning("request %s: /%s is enabled but not loaded; skipped", ctx.request_id, name)

@@ -152,7 +152,7 @@ class PoolConfig:
     stop_timeout: Duration = Duration(5.0)
     #: Requests that may wait for a place in the pool at once; more get 503.
     max_queue: int = 64
-    #: How long a request may wait for a place before it gets 503.
+    #: How long a request may wait for a place in the pool and then a free slot before it gets 503.
     queue_timeout: Duration = Duration(60.0)
     #: An idle server is stopped after this long; 0 keeps it.
     idle_ttl: Duration = Duration(0.0)

@@ -15,6 +15,13 @@ Theory of operation:
   for its place; a loading or busy server is never evicted. When nothing can
   be evicted the request queues, first come first served, at most ``max_queue``
   deep and ``queue_timeout`` long; past either bound it gets PoolBusy (503).
+* A lease is a place on a server, not yet a slot in it: at most ``slots``
+  requests are in flight to one llama-server (its ``/props`` total_slots, the
+  server's ``trio.CapacityLimiter``), and :meth:`Lease.take_slot` waits for one
+  before the request goes upstream, first come first served. That wait and the
+  wait for room share one deadline: ``queue_timeout`` bounds the whole wait for a
+  model (the load itself is ``load_timeout``'s to bound), and past it the request
+  gets the same PoolBusy.
 * Each server's life runs as a task in the pool's nursery (:meth:`_supervise`)
   inside its own cancel scope; cancelling that scope stops the process. When
   every request waiting on a load has left, the load is cancelled.
@@ -51,7 +58,7 @@ from .download import DownloadSnapshot
 from .errors import ModelLoadFailed, PoolBusy, ProxyError, UpstreamError
 from .process import ServerProcess, free_port
 
-__all__ = ["Lease", "Pool", "PoolEvents", "PoolSnapshot", "ServerSnapshot", "State"]
+__all__ = ["Lease", "Pool", "PoolEvents", "PoolSnapshot", "ServerSnapshot", "Slot", "State"]
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +175,7 @@ class Server:
         self.in_flight = 0
         self.waiters = 0
         self.slots = 1
-        #: At most ``slots`` upstream requests at once (see relay.open_upstream); sized when READY.
+        #: At most ``slots`` upstream requests at once (see Lease.take_slot); sized when READY.
         self.limiter = trio.CapacityLimiter(1)
         self.last_used = now
         self.ready_at: float | None = None
@@ -193,14 +200,51 @@ class Server:
         return f"<Server {self.name} {self.state.value} port={self.port} in_flight={self.in_flight}>"
 
 
+class Slot:
+    """One of a server's slots, held by one upstream request; released by whoever closes the answer."""
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self._limiter: trio.CapacityLimiter | None = limiter
+
+    def release(self) -> None:
+        """Give the slot back; idempotent."""
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            limiter.release_on_behalf_of(self)
+
+
 class Lease:
     """A claim on a READY server for one request; release it when the response is done."""
 
-    def __init__(self, pool: Pool, server: Server) -> None:
+    def __init__(self, pool: Pool, server: Server, deadline: float) -> None:
         self._pool = pool
         self.server = server
         self.base_url = server.base_url
+        #: When the request's wait for its model ends (trio clock): what is left of queue_timeout.
+        self.deadline = deadline
         self._released = False
+
+    async def take_slot(self) -> Slot:
+        """A free slot on the server, for one upstream request (see the module docstring).
+
+        A free slot is taken at once, even past the deadline; else the request waits,
+        behind the ones that came first, until the lease's deadline. Cancelled (the
+        client left), it takes nothing.
+
+        Raises:
+            PoolBusy: every slot stayed busy until the deadline.
+        """
+        limiter = self.server.limiter
+        slot = Slot(limiter)
+        try:
+            limiter.acquire_on_behalf_of_nowait(slot)  # free, and nobody waiting before us
+        except trio.WouldBlock:
+            with trio.move_on_at(self.deadline):
+                await limiter.acquire_on_behalf_of(slot)
+                return slot
+            raise self._pool._busy_slots(self.server) from None
+        await trio.lowlevel.cancel_shielded_checkpoint()  # as acquire_on_behalf_of does
+        return slot
 
     def release(self) -> None:
         if not self._released:
@@ -279,13 +323,15 @@ class Pool:
             finally:
                 lock.release()
             if server.state is not State.READY:
+                settling = trio.current_time()
                 await self._wait_settled(server)
+                deadline += trio.current_time() - settling  # the load is load_timeout's to bound
             if server.state is State.READY:
                 if keep_alive is not None:
                     server.keep_alive = keep_alive
                 server.in_flight += 1
                 server.last_used = trio.current_time()
-                return Lease(self, server)
+                return Lease(self, server, deadline)
             if server.state is State.FAILED and server.error is not None:
                 raise server.error
             # stopped under us (evicted or unloaded before we got it): try again
@@ -381,6 +427,13 @@ class Pool:
         self._events.evicted(victim.name)
         await victim.gone.wait()
         return self._live_count() < self._config.size
+
+    def _busy_slots(self, server: Server) -> PoolBusy:
+        return PoolBusy(
+            f"no free slot on the llama-server of model {server.name!r} within queue_timeout "
+            f"({self._config.queue_timeout:g}s): its slots ({server.slots}) are all busy; retry later",
+            retry_after=self._retry_after(),
+        )
 
     def _retry_after(self) -> int:
         return max(1, math.ceil(self._config.queue_timeout / 4))

@@ -16,12 +16,13 @@ Ollama, health probes, downloads) uses the ordinary client of :func:`make_client
 :func:`open_upstream` takes either.
 
 At most ``slots`` requests are in flight to one llama-server (its ``/props``
-``total_slots``): :func:`open_upstream` takes a place in the server's
-``trio.CapacityLimiter`` before it sends, and the place is given back when the
-answer is closed. llama-server would queue the excess itself; queueing it here
-keeps the connection pool as small as the server's slots (with httpx's own
-transport that mattered more: httpcore rescans every pooled connection on each
-request and release, encode/httpx#3215).
+``total_slots``): given the request's lease, :func:`open_upstream` takes one of
+its server's slots (:meth:`~smart_proxy.pool.Lease.take_slot`, waiting at most
+what is left of ``queue_timeout``) before it sends, and the slot is given back
+when the answer is closed. llama-server would queue the excess itself; queueing
+it here bounds the wait and keeps the connection pool as small as the server's
+slots (with httpx's own transport that mattered more: httpcore rescans every
+pooled connection on each request and release, encode/httpx#3215).
 
 A streamed answer is relayed by :class:`RelayBody`, a Quart response body. Its
 pump task reads the upstream body and puts each piece in a bounded channel
@@ -49,7 +50,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 import trio
@@ -57,6 +58,9 @@ from quart.wrappers.response import ResponseBody
 
 from .errors import UpstreamError
 from .upstream import UpstreamTransport
+
+if TYPE_CHECKING:
+    from .pool import Lease, Slot
 
 __all__ = ["RelayBody", "Translation", "Upstream", "make_client", "make_transport", "open_upstream"]
 
@@ -91,26 +95,10 @@ def make_transport() -> UpstreamTransport:
     return UpstreamTransport(connect_timeout=10.0, write_timeout=60.0, keepalive_expiry=_KEEPALIVE_EXPIRY)
 
 
-class _Slot:
-    """One place in a server's limiter, taken by one task and given back by whichever closes the answer."""
-
-    def __init__(self, limiter: trio.CapacityLimiter) -> None:
-        self._limiter = limiter
-
-    @classmethod
-    async def take(cls, limiter: trio.CapacityLimiter) -> _Slot:
-        slot = cls(limiter)
-        await limiter.acquire_on_behalf_of(slot)
-        return slot
-
-    def release(self) -> None:
-        self._limiter.release_on_behalf_of(self)
-
-
 class Upstream:
     """An upstream answer whose headers have arrived and whose body is still to come."""
 
-    def __init__(self, response: httpx.Response, slot: _Slot | None = None) -> None:
+    def __init__(self, response: httpx.Response, slot: Slot | None = None) -> None:
         self.response = response
         self.status_code = response.status_code
         self._slot = slot
@@ -148,17 +136,18 @@ async def open_upstream(
     *,
     content: bytes | None = None,
     headers: dict[str, str] | None = None,
-    slots: trio.CapacityLimiter | None = None,
+    lease: Lease | None = None,
 ) -> Upstream:
     """Send the request and return once the answer's headers are in.
 
-    With ``slots`` (the server's limiter), first wait for a free slot; the answer
+    With ``lease`` (on a llama-server), first take a slot of its server; the answer
     holds it until :meth:`Upstream.aclose`. ``http`` is a client, or a transport
     (the llama-server hop's :class:`~smart_proxy.upstream.UpstreamTransport`) that
     is called directly: ``httpx.AsyncClient``'s own layer (request merging, auth,
     redirects, cookies) cost ~0.4 ms of CPU per request, more than that transport.
 
     Raises:
+        PoolBusy: no slot of the lease's server came free within its queue_timeout.
         UpstreamError: the upstream could not be reached or broke before answering.
     """
     if isinstance(http, httpx.AsyncClient):
@@ -172,7 +161,7 @@ async def open_upstream(
         async def send() -> httpx.Response:
             return await transport.handle_async_request(httpx.Request(method, url, content=content, headers=headers))
 
-    slot = await _Slot.take(slots) if slots is not None else None
+    slot = await lease.take_slot() if lease is not None else None
     try:
         try:
             response = await send()

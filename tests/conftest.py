@@ -20,6 +20,7 @@ from smart_proxy.relay import make_client
 from smart_proxy.server import serve
 
 from .fake_hub import FakeHub
+from .fake_ollama import FakeOllama
 
 FAKE_SERVER = Path(__file__).parent / "fake_llama_server.py"
 
@@ -104,6 +105,14 @@ def deploy_doc_block(lang: str, containing: str) -> str:
     matching = [block for block in blocks if containing in block]
     assert len(matching) == 1, f"docs/deploy.md: expected one ```{lang} block with {containing!r}"
     return matching[0]
+
+
+@pytest.fixture
+def fake_ollama():
+    """A small Ollama server on 127.0.0.1 (tests/fake_ollama.py), for the Ollama upstream backend."""
+    server = FakeOllama(tokens=3).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

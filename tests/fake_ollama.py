@@ -1,8 +1,8 @@
 """A small Ollama server on 127.0.0.1 for testing the Ollama upstream backend.
 
 It implements the documented shapes of Ollama's chat, generate, tags, show, ps,
-embed, embeddings, pull and delete routes, plus ``/v1/chat/completions``, with
-NDJSON streaming on by default. Each model answers ``tokens`` pieces
+embed, embeddings, pull and delete routes, plus ``/v1/chat/completions`` and
+``/v1/completions`` (its OpenAI-compatible routes), with NDJSON streaming on by default. Each model answers ``tokens`` pieces
 (``piece0 piece1 ...``); a chat whose last message is ``"hold"`` sends its first
 piece and then waits for :meth:`FakeOllama.release` before the rest, so a test
 can see that the proxy relays bytes as they come. Every request is recorded in
@@ -178,6 +178,7 @@ def _make_handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
                 "/api/show": self._show,
                 "/api/pull": self._pull,
                 "/v1/chat/completions": self._openai_chat,
+                "/v1/completions": self._openai_completion,
             }
             route = routes.get(self.path)
             if route is None:
@@ -319,6 +320,29 @@ def _make_handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
                     ],
                 }
                 self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")
+
+        def _openai_completion(self, body: dict) -> None:
+            name = fake.resolve(body.get("model"))
+            if name is None:
+                self._send(404, {"error": {"message": f'model "{body.get("model")}" not found', "type": "api_error"}})
+                return
+            pieces = [f"piece{i} " for i in range(fake.tokens)]
+            usage = {"prompt_tokens": 2, "completion_tokens": fake.tokens, "total_tokens": 2 + fake.tokens}
+
+            def answer(text: str, finish: str | None, **extra: object) -> dict:
+                choice = {"index": 0, "text": text, "finish_reason": finish}
+                return {"id": "cmpl-1", "object": "text_completion", "created": int(time.time()), "model": name,
+                        "choices": [choice], **extra}
+
+            if not body.get("stream"):
+                self._send(200, answer("".join(pieces), "stop", usage=usage))
+                return
+            self._start_chunked("text/event-stream")
+            for piece in pieces:
+                self._chunk(b"data: " + json.dumps(answer(piece, None)).encode() + b"\n\n")
+            self._chunk(b"data: " + json.dumps(answer("", "stop", usage=usage)).encode() + b"\n\n")
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
 

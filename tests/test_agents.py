@@ -100,6 +100,18 @@ class Slow(Agent):
 """
 
 
+SWAP = """
+from smart_proxy.agents import Agent
+
+
+class Swap(Agent):
+    description = "sends the request to the model its config names"
+
+    async def on_request(self, ctx):
+        ctx.model = self.config["to"]
+"""
+
+
 def write_agent(root: Path, name: str, source: str, config: str | None = None) -> Path:
     folder = root / name
     folder.mkdir(parents=True)
@@ -545,6 +557,28 @@ async def test_upstream_error_in_a_buffered_chain_keeps_its_status(
     assert missing.status_code == 404
 
 
+async def test_an_error_answer_still_names_the_failed_agents(make_config, start_proxy, agent_dir: Path, http) -> None:
+    """The errors header is on every answer whose chain recorded failures, error answers included."""
+    write_agent(agent_dir, "boom", BOOM)
+    write_agent(agent_dir, "a", marker("a"))
+    write_agent(agent_dir, "lost", SWAP, config='to = "nowhere"\n')
+    models = {"bad": {"reject": {"status": 400, "message": "fake failure"}}, "m": {}}
+    url = await start_proxy(with_agents(make_config(models, size=2), agent_dir, "boom", "a", "lost", "gone"))
+    for command, stream in (("/boom /a hi", False), ("/boom /a hi", True), ("/boom hi", False), ("/gone /a hi", False)):
+        response = await http.post(url + "/v1/chat/completions", json=chat(command, model="bad", stream=stream))
+        assert response.status_code == 400, (command, response.text)
+        assert "fake failure" in response.json()["error"]["message"]
+        assert response.headers[ERRORS_HEADER] == ("gone:not-loaded" if "gone" in command else "boom:error"), command
+    # an error the proxy raises itself (the model a hook chose does not exist), buffered and live
+    for command in ("/boom /lost /a hi", "/boom /lost hi"):
+        response = await http.post(url + "/v1/chat/completions", json=chat(command, model="m"))
+        assert response.status_code == 404 and response.json()["error"]["type"] == "model_not_found", command
+        assert response.headers[ERRORS_HEADER] == "boom:error", command
+    # no failure, no header, on an error answer as on any other
+    response = await http.post(url + "/v1/chat/completions", json=chat("/a hi", model="bad"))
+    assert response.status_code == 400 and ERRORS_HEADER not in response.headers
+
+
 async def test_plugins_route(make_config, start_proxy, agent_dir: Path, http) -> None:
     write_agent(agent_dir, "a", marker("a"))
     write_agent(agent_dir, "broken", "raise ImportError('missing dependency: frobnicate')\n")
@@ -663,6 +697,62 @@ def test_rag_config_is_checked(tmp_path: Path) -> None:
     assert registry.describe()[0]["error"] == "ValueError: top_k must be at least 1 and passage_chars at least 50"
 
 
+# ---- models of an Ollama upstream ---------------------------------------------------------
+
+
+async def test_agents_run_on_models_of_an_ollama_upstream(
+    tmp_path: Path, fake_binary: str, start_proxy, fake_ollama, agent_dir: Path, http
+) -> None:
+    """The chain runs for a ``backend = ollama`` model too; it is reached through its Ollama's /v1 routes."""
+    from .test_ollama import upstream_config
+
+    write_agent(agent_dir, "a", marker("a"))
+    write_agent(agent_dir, "tag", TAG)
+    write_agent(agent_dir, "boom", BOOM)
+    write_agent(agent_dir, "swap", SWAP, config='to = "up"\n')
+    copy_bundled(agent_dir, "parallel", parallel_config(["up", "local"], samples=1, mode="all"))
+    config = upstream_config(tmp_path, fake_binary, fake_ollama.url)
+    url = await start_proxy(with_agents(config, agent_dir, "a", "tag", "boom", "swap", "parallel"))
+    pieces = "piece0 piece1 piece2 "
+
+    # buffered: the rewritten body goes to the upstream's /v1 route, the answer back through the response hook
+    response = await http.post(url + "/v1/chat/completions", json=chat("/a hi", model="up", temperature=0.5))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == pieces + "<a>"
+    method, path, sent = fake_ollama.requests[-1]
+    assert (method, path, sent["model"]) == ("POST", "/v1/chat/completions", "remote-llm")
+    assert sent["messages"] == [{"role": "user", "content": "hi [a]"}]
+    assert sent["stream"] is False and sent["temperature"] == 0.5
+    # live: the rewritten request is relayed, its stream as it comes
+    streamed = await http.post(url + "/v1/chat/completions", json=chat("/tag hi", model="up", stream=True))
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(streamed.content)
+    assert streamed_text(events) == pieces and events[-1] == "[DONE]"
+    sent = fake_ollama.requests[-1][2]
+    assert sent["messages"] == [{"role": "system", "content": "tagged"}, {"role": "user", "content": "hi"}]
+    assert sent["stream"] is True and sent["model"] == "remote-llm"
+    # a completion goes to /v1/completions
+    completion = await http.post(url + "/v1/completions", json={"model": "up", "prompt": "/a Once upon"})
+    assert completion.json()["choices"][0]["text"] == pieces + "<a>"
+    sent = {"model": "remote-llm", "prompt": "Once upon [a]", "stream": False}
+    assert fake_ollama.requests[-1][1:] == ("/v1/completions", sent)
+    # failures are named, as for any model
+    failed = await http.post(url + "/v1/chat/completions", json=chat("/boom hi", model="up"))
+    assert failed.status_code == 200 and failed.headers[ERRORS_HEADER] == "boom:error"
+    # a hook may send a local model's request there, and ctx.complete reaches both kinds
+    swapped = await http.post(url + "/v1/chat/completions", json=chat("/swap hi", model="local"))
+    assert swapped.json()["choices"][0]["message"]["content"] == pieces
+    both = (await http.post(url + "/v1/chat/completions", json=chat("/parallel hi", model="local"))).json()
+    assert [c["message"]["content"] for c in both["choices"]] == [pieces, "tok0 tok1 tok2 tok3 tok4 "]
+    assert [row["status"] for row in both["smart_proxy"]["parallel"]["candidates"]] == ["ok", "ok"]
+    assert [s["model"] for s in (await http.get(url + "/health")).json()["pool"]["servers"]] == ["local"]
+    # no command: passed through untouched, as without agents
+    raw = b'{"model": "up", "messages": [{"role": "user", "content": "/usr/bin is a folder"}], "x": 2.50}'
+    plain = await http.post(url + "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert plain.status_code == 200 and ERRORS_HEADER not in plain.headers
+    assert fake_ollama.requests[-1][2]["messages"] == [{"role": "user", "content": "/usr/bin is a folder"}]
+
+
 # ---- parallel ---------------------------------------------------------------------------
 
 
@@ -724,6 +814,32 @@ async def test_parallel_all_samples_run_at_once(make_config, start_proxy, agent_
     assert elapsed < total  # concurrent, not one after the other
     assert slowest > 0.25  # each echo answer takes many tokens * 0.05s
     assert body["usage"]["completion_tokens"] == sum(row["completion_tokens"] for row in report["candidates"])
+
+
+async def test_agent_calls_keep_to_the_server_slots(make_config, start_proxy, agent_dir: Path, http) -> None:
+    """ctx.complete takes a slot like any request: three samples on a 1-slot server go one at a time."""
+    copy_bundled(agent_dir, "parallel", parallel_config([], samples=3, mode="all"))
+    url = await start_proxy(
+        with_agents(make_config({"m": {"slots": 1, "tokens": 4, "token_delay": 0.1}}), agent_dir, "parallel")
+    )
+    await http.post(url + "/v1/chat/completions", json=chat("warm up", model="m", max_tokens=1))  # load it
+    port = (await http.get(url + "/health")).json()["pool"]["servers"][0]["port"]
+    busiest = 0
+
+    async def watch() -> None:
+        nonlocal busiest
+        while True:
+            busiest = max(busiest, (await http.get(f"http://127.0.0.1:{port}/props")).json()["fake_busy"])
+            await trio.sleep(0.01)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            response = await http.post(url + "/v1/chat/completions", json=chat("/parallel hi", model="m"))
+            nursery.cancel_scope.cancel()
+    assert response.status_code == 200, response.text
+    assert [row["status"] for row in response.json()["smart_proxy"]["parallel"]["candidates"]] == ["ok"] * 3
+    assert busiest == 1  # the one slot was used, never more
 
 
 async def test_parallel_candidate_timeout_and_all_failed_fallback(

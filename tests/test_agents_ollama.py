@@ -26,6 +26,7 @@ from .test_agents import (
     BOOM,
     DOCS,
     SLOW,
+    SWAP,
     TAG,
     copy_bundled,
     marker,
@@ -35,17 +36,6 @@ from .test_agents import (
     write_docs,
 )
 from .test_ollama import backend_requests, in_thread
-
-SWAP = """
-from smart_proxy.agents import Agent
-
-
-class Swap(Agent):
-    description = "sends the request to the model its config names"
-
-    async def on_request(self, ctx):
-        ctx.model = self.config["to"]
-"""
 
 SWAP_AND_MARK = SWAP.replace("class Swap", "class SwapMark").replace(
     'self.config["to"]\n',
@@ -372,3 +362,71 @@ async def test_upstream_errors_keep_their_status(make_config, start_proxy, agent
     with pytest.raises(ollama.ResponseError) as info:
         await in_thread(ask, url, lambda c: c.generate(model="nope", prompt="/a hi"))
     assert info.value.status_code == 404
+
+
+async def test_an_error_answer_still_names_the_failed_agents(make_config, start_proxy, agent_dir: Path, http) -> None:
+    write_agent(agent_dir, "boom", BOOM)
+    write_agent(agent_dir, "a", marker("a"))
+    write_agent(agent_dir, "lost", SWAP, config='to = "nowhere"\n')
+    models = {"bad": {"reject": {"status": 400, "message": "fake failure"}}, "m": {}}
+    url = await start_proxy(with_agents(make_config(models, size=2), agent_dir, "boom", "a", "lost"))
+    for command in ("/boom /a hi", "/boom hi"):  # buffered and live
+        for stream in (False, True):
+            body = {"model": "bad", "messages": user(command), "stream": stream}
+            response = await http.post(url + "/api/chat", json=body)
+            assert response.status_code == 400, (command, stream, response.text)
+            assert "fake failure" in response.json()["error"]
+            assert response.headers[ERRORS_HEADER] == "boom:error", (command, stream)
+    for command in ("/boom /lost /a hi", "/boom /lost hi"):
+        response = await http.post(url + "/api/chat", json={"model": "m", "messages": user(command), "stream": False})
+        assert response.status_code == 404 and "'nowhere' not found" in response.json()["error"], command
+        assert response.headers[ERRORS_HEADER] == "boom:error", command
+    response = await http.post(url + "/api/generate", json={"model": "bad", "prompt": "/a hi", "stream": False})
+    assert response.status_code == 400 and ERRORS_HEADER not in response.headers
+
+
+# ---- models of an Ollama upstream -------------------------------------------------------------
+
+
+async def test_agents_run_on_models_of_an_ollama_upstream(
+    tmp_path: Path, fake_binary: str, start_proxy, fake_ollama, agent_dir: Path
+) -> None:
+    """/api/chat and /api/generate run the chain for a ``backend = ollama`` model, through its /v1 routes."""
+    from .test_ollama import upstream_config
+
+    write_agent(agent_dir, "a", marker("a"))
+    write_agent(agent_dir, "tag", TAG)
+    write_agent(agent_dir, "boom", BOOM)
+    write_agent(agent_dir, "swap", SWAP, config='to = "up"\n')
+    config = upstream_config(tmp_path, fake_binary, fake_ollama.url)
+    url = await start_proxy(with_agents(config, agent_dir, "a", "tag", "boom", "swap"))
+    pieces = ["piece0 ", "piece1 ", "piece2 "]
+
+    reply = await in_thread(ask, url, lambda c: c.chat(model="up", messages=user("/a hi"), options={"temperature": 0.5}))
+    assert reply.message.content == "".join(pieces) + "<a>" and reply.model == "up" and reply.done
+    assert reply.eval_count == 3 and reply.prompt_eval_count == 2
+    method, path, sent = fake_ollama.requests[-1]
+    assert (method, path, sent["model"]) == ("POST", "/v1/chat/completions", "remote-llm")
+    assert sent["messages"] == user("hi [a]") and sent["stream"] is False and sent["temperature"] == 0.5
+    # live: the upstream's SSE is translated into NDJSON as it comes
+    parts = await in_thread(ask, url, lambda c: c.chat(model="up", messages=user("/tag hi"), stream=True))
+    assert [p.message.content for p in parts[:-1]] == pieces and parts[-1].done and parts[-1].model == "up"
+    sent = fake_ollama.requests[-1][2]
+    assert sent["messages"] == [{"role": "system", "content": "tagged"}, *user("hi")] and sent["stream"] is True
+    # generate: templated (chat) and raw (/v1/completions), streamed and not
+    generated = await in_thread(ask, url, lambda c: c.generate(model="up", prompt="/a Once upon", stream=True))
+    assert "".join(p.response for p in generated) == "".join(pieces) + "<a>" and generated[-1].done
+    raw = await in_thread(ask, url, lambda c: c.generate(model="up", prompt="/tag Once upon", raw=True))
+    assert raw.response == "".join(pieces) and raw.done
+    assert fake_ollama.requests[-1][1] == "/v1/completions" and fake_ollama.requests[-1][2]["prompt"] == "tagged Once upon"
+    # failures are named; a hook may send a local model's request there
+    seen: list[httpx.Response] = []
+    await in_thread(ask, url, lambda c: c.chat(model="up", messages=user("/boom hi")), None, seen)
+    assert seen[-1].headers[ERRORS_HEADER] == "boom:error"
+    swapped = await in_thread(ask, url, lambda c: c.chat(model="local", messages=user("/swap hi")))
+    assert swapped.message.content == "".join(pieces) and swapped.model == "up"
+    # no command: Ollama's own route, untouched
+    plain = await in_thread(ask, url, lambda c: c.chat(model="up", messages=user("/usr/bin is a folder")))
+    assert plain.message.content == "".join(pieces)
+    assert fake_ollama.requests[-1][:2] == ("POST", "/api/chat")
+    assert fake_ollama.requests[-1][2]["messages"] == user("/usr/bin is a folder")

@@ -28,8 +28,6 @@ from smart_proxy import ollama as translate
 from smart_proxy.config import structure
 from smart_proxy.errors import BadRequest
 
-from .fake_ollama import FakeOllama
-
 
 async def in_thread(fn, *args, **kwargs):
     return await trio.to_thread.run_sync(partial(fn, *args, **kwargs))
@@ -471,6 +469,36 @@ async def test_pool_busy_is_503(make_config, start_proxy, http) -> None:
     assert int(response.headers["retry-after"]) >= 1
 
 
+async def test_waiting_for_a_slot_is_bounded_by_queue_timeout(make_config, start_proxy, http) -> None:
+    """A READY server whose slots are all busy: the wait ends at queue_timeout with Ollama's 503 error."""
+    url = await start_proxy(make_config({"a": {"slots": 1, "tokens": 10, "token_delay": 0.15}}, queue_timeout="300ms"))
+    await http.post(f"{url}/api/generate", json={"model": "a"})  # load it
+    first: list[dict] = []
+    streaming = trio.Event()
+
+    async def hold_the_slot() -> None:
+        async with http.stream("POST", f"{url}/api/chat", json={"model": "a", "messages": USER}) as response:
+            async for line in response.aiter_lines():
+                if line:
+                    first.append(json.loads(line))
+                    streaming.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold_the_slot)
+            await streaming.wait()
+            for route, body in (("/api/generate", {"prompt": "y"}), ("/api/chat", {"messages": USER, "stream": False})):
+                response = await http.post(f"{url}{route}", json={"model": "a", **body})
+                assert response.status_code == 503, response.text
+                assert "queue_timeout (0.3s)" in response.json()["error"]
+                assert int(response.headers["retry-after"]) >= 1
+            assert not any(line.get("done") for line in first)  # answered while the slot was still held
+    assert "".join(line["message"]["content"] for line in first) == "".join(f"tok{i} " for i in range(10))
+    assert first[-1]["done"] is True
+    reply = await in_thread(with_client, url, lambda c: c.generate(model="a", prompt="x", options={"num_predict": 1}))
+    assert reply.done and reply.response == "tok0 "
+
+
 async def test_stream_breaking_off_ends_with_an_error_line(make_config, start_proxy, http) -> None:
     url = await start_proxy(make_config({"m": {"tokens": 10, "break_after": 2, "token_delay": 0.01}}))
     with pytest.raises(ollama.ResponseError, match="broke off"):
@@ -547,13 +575,6 @@ async def test_openai_and_ollama_clients_share_one_loaded_model(make_config, sta
 
 
 # ---- the Ollama upstream backend ------------------------------------------------------------
-
-
-@pytest.fixture
-def fake_ollama():
-    server = FakeOllama(tokens=3).start()
-    yield server
-    server.stop()
 
 
 def upstream_config(tmp_path: Path, fake_binary: str, upstream_url: str):

@@ -191,3 +191,53 @@ async def test_in_flight_requests_bounded_by_server_slots(make_config, start_pro
             watcher.cancel_scope.cancel()
     assert statuses == [200] * 5
     assert busiest == 2  # both slots were used, never more
+
+
+async def _hold_the_slot(http: httpx.AsyncClient, url: str, streaming: trio.Event, received: list[bytes]) -> None:
+    """A stream that holds model a's one slot until it ends; ``streaming`` is set at its first chunk."""
+    async with http.stream("POST", f"{url}/v1/completions", json={"model": "a", "prompt": "x", "stream": True}) as s:
+        assert s.status_code == 200
+        async for chunk in s.aiter_raw():
+            received.append(chunk)
+            streaming.set()
+
+
+async def test_waiting_for_a_slot_is_bounded_by_queue_timeout(make_config, start_proxy, http) -> None:
+    """A READY server whose slots are all busy: the wait for one ends at queue_timeout with the pool's 503."""
+    url = await start_proxy(make_config({"a": {"slots": 1, "tokens": 10, "token_delay": 0.15}}, queue_timeout="300ms"))
+    await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 1})  # load it
+    streaming, received = trio.Event(), []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_hold_the_slot, http, url, streaming, received)
+            await streaming.wait()
+            for body in ({"model": "a", "prompt": "y"}, {"model": "a", "prompt": "y", "stream": True}):
+                response = await http.post(f"{url}/v1/completions", json=body)
+                assert response.status_code == 503, response.text
+                error = response.json()["error"]
+                assert error["type"] == "server_busy" and "queue_timeout (0.3s)" in error["message"], error
+                assert int(response.headers["retry-after"]) >= 1
+            assert b"data: [DONE]" not in b"".join(received)  # answered while the slot was still held
+    # the stream that held the slot was not disturbed, and nothing was leaked: the one slot serves again
+    text = b"".join(received)
+    assert text.count(b'"text": "tok') == 10 and text.endswith(b"data: [DONE]\n\n")
+    again = await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 1})
+    assert again.status_code == 200
+    assert (await http.get(f"{url}/health")).json()["pool"]["servers"][0]["in_flight"] == 0
+
+
+async def test_a_client_leaving_while_it_waits_for_a_slot_leaks_nothing(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"a": {"slots": 1, "tokens": 6, "token_delay": 0.1}}, queue_timeout="30s"))
+    await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 1})  # load it
+    streaming, received = trio.Event(), []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_hold_the_slot, http, url, streaming, received)
+            await streaming.wait()
+            with trio.move_on_after(0.2) as waited:  # hangs up while it waits for the slot
+                await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "y"})
+            assert waited.cancelled_caught
+    with trio.fail_after(5):  # the one slot and the lease are free: the next request is served at once
+        again = await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 1})
+    assert again.status_code == 200
+    assert (await http.get(f"{url}/health")).json()["pool"]["servers"][0]["in_flight"] == 0

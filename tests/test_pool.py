@@ -330,3 +330,85 @@ async def test_an_idle_unload_is_still_graceful(make_config, start_pool) -> None
     assert await pool.unload("a") == 1
     snap = pool.snapshot().models[0]
     assert snap.last_exit_code == -signal.SIGTERM  # the fake dies by SIGTERM's default action
+
+
+# ---- slots: the wait for one shares queue_timeout ----------------------------------------------
+
+
+async def test_a_slot_wait_ends_at_queue_timeout_and_takes_nothing(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {"slots": 1}}, queue_timeout="300ms"))
+    first = await pool.acquire("a")
+    slot = await first.take_slot()
+    second = await pool.acquire("a")  # a lease on the same server: a place, not yet a slot
+    assert second.server is first.server
+    limiter = first.server.limiter
+    with trio.fail_after(3), pytest.raises(PoolBusy, match=r"no free slot .* 'a' within queue_timeout \(0.3s\)") as info:
+        await second.take_slot()
+    assert info.value.retry_after >= 1
+    assert limiter.borrowed_tokens == 1 and limiter.statistics().tasks_waiting == 0
+    # cancelled while it waits (the client left): it takes nothing either
+    third = await pool.acquire("a")
+    with trio.move_on_after(0.1) as scope:
+        await third.take_slot()
+    assert scope.cancelled_caught
+    assert limiter.borrowed_tokens == 1 and limiter.statistics().tasks_waiting == 0
+    third.release()
+    slot.release()
+    slot.release()  # idempotent
+    first.release()
+    assert limiter.borrowed_tokens == 0
+    # a free slot is taken even once the lease's wait is over
+    late = await second.take_slot()
+    assert limiter.borrowed_tokens == 1
+    late.release()
+    second.release()
+    assert limiter.borrowed_tokens == 0 and first.server.in_flight == 0
+
+
+async def test_a_slot_freed_in_time_goes_to_the_waiter(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {"slots": 1}}, queue_timeout="2s"))
+    first = await pool.acquire("a")
+    slot = await first.take_slot()
+    second = await pool.acquire("a")
+    got = []
+
+    async def wait_for_it() -> None:
+        got.append(await second.take_slot())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for_it)
+        await trio.sleep(0.2)
+        assert got == [] and first.server.limiter.statistics().tasks_waiting == 1
+        slot.release()
+    assert len(got) == 1 and first.server.limiter.borrowed_tokens == 1
+    got[0].release()
+    first.release()
+    second.release()
+
+
+async def test_the_load_does_not_count_against_the_wait_for_a_slot(make_config, start_pool) -> None:
+    """queue_timeout bounds the waits for room and for a slot; a load longer than it is load_timeout's business."""
+    pool = await start_pool(make_config({"a": {"slots": 1, "load_delay": 0.6}}, queue_timeout="400ms"))
+    leases = []
+
+    async def one() -> None:
+        leases.append(await pool.acquire("a"))
+
+    async with trio.open_nursery() as nursery:  # both join the one load, which outlasts queue_timeout
+        nursery.start_soon(one)
+        nursery.start_soon(one)
+    first, second = leases
+    slot = await first.take_slot()
+    got = []
+
+    async def wait_for_it() -> None:
+        got.append(await second.take_slot())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for_it)
+        await trio.sleep(0.1)  # well within what is left of queue_timeout after the load
+        slot.release()
+    assert len(got) == 1
+    got[0].release()
+    first.release()
+    second.release()

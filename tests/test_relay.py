@@ -20,7 +20,7 @@ async def _body(make_config, start_pool, http: httpx.AsyncClient, **behaviour):
     pool = await start_pool(make_config({"a": {"tokens": 50, "token_delay": 0.01, **behaviour}}))
     lease = await pool.acquire("a")
     request = json.dumps({"prompt": "x", "stream": True}).encode()
-    upstream = await open_upstream(http, "POST", lease.base_url + "/v1/completions", content=request, slots=lease.server.limiter)
+    upstream = await open_upstream(http, "POST", lease.base_url + "/v1/completions", content=request, lease=lease)
     released = []
 
     def release() -> None:
@@ -97,7 +97,7 @@ async def _ndjson_body(make_config, start_pool, http: httpx.AsyncClient, **behav
     url = lease.base_url + call.path
     # the same answer, unrelayed, to compare with (a stream that breaks off has none)
     sse = (await http.post(url, content=request)).content if "break_after" not in behaviour else b""
-    upstream = await open_upstream(http, "POST", url, content=request, slots=lease.server.limiter)
+    upstream = await open_upstream(http, "POST", url, content=request, lease=lease)
     released = []
 
     def release() -> None:

@@ -19,6 +19,10 @@ Agents: a chat or generate whose user text starts with agent commands
 the translation made, exactly as the OpenAI routes do; only the answer is
 translated back (a buffered chain's final answer is replayed through the same SSE
 -> NDJSON translation a live stream takes). Without a command nothing changes.
+So does a request with commands for a model of an Ollama upstream: agents speak
+OpenAI, so it is translated like a local model's and goes to that Ollama's
+OpenAI-compatible ``/v1`` routes, and the answer comes back the same way
+(without a command, such a request still goes to Ollama's own route untouched).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -46,7 +50,7 @@ from ..errors import BadRequest, ProxyError
 from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
 from ..relay import RelayBody, Upstream, open_upstream
-from .openai import parse_body, replay_sse, sse_error
+from .openai import chain_error, parse_body, replay_sse, sse_error
 
 __all__ = ["blueprint", "error_response"]
 
@@ -121,7 +125,7 @@ def _capabilities(model: ModelConfig, info: ModelInfo | None) -> list[str]:
 
 async def _check_think(proxy: ProxyState, model: ModelConfig, name: str, think: object) -> None:
     """Ollama refuses ``think`` for a model whose template cannot think; so do we (when we can tell)."""
-    if think in (None, False):
+    if think in (None, False) or model.backend == "ollama":  # an upstream Ollama judges its own models
         return
     info = await _info(proxy, model)
     if info is not None and info.is_gguf and "thinking" not in _capabilities(model, info):
@@ -161,7 +165,7 @@ async def _post(http: httpx.AsyncBaseTransport, lease: Lease, path: str, body: d
         lease.base_url + path,
         content=content,
         headers={"Content-Type": "application/json"},
-        slots=lease.server.limiter,  # the same bound on in-flight requests as the OpenAI routes
+        lease=lease,  # the same bound on in-flight requests (and on the wait) as the OpenAI routes
     )
 
 
@@ -182,21 +186,43 @@ async def _generate(
     except BaseException:
         lease.release()
         raise
+    return await _answered(upstream, call, answer, f"llama-server for {lease.server.name!r}", lease.release, headers)
+
+
+async def _generate_upstream(
+    proxy: ProxyState, model: ModelConfig, call: translate.Translated, answer: translate.Answer, headers: dict[str, str]
+) -> Response:
+    """``call`` to a model of an Ollama upstream, through its OpenAI-compatible /v1 route (an agent chain's)."""
+    answer.loaded()  # nothing to load here; the upstream's own load counts as prompt time
+    upstream = await upstreams.send(proxy.http, model, "POST", call.path, payload=call.body)
+    return await _answered(upstream, call, answer, f"the Ollama upstream of model {model.name!r}", None, headers)
+
+
+async def _answered(
+    upstream: Upstream,
+    call: translate.Translated,
+    answer: translate.Answer,
+    who: str,
+    on_done: Callable[[], object] | None,
+    headers: dict[str, str] | None,
+) -> Response:
+    """An OpenAI answer (``who``'s) in Ollama's shape: one object, or NDJSON as it streams."""
     if upstream.status_code != 200 or not call.stream:
         try:
             body = await upstream.read()
         finally:
-            lease.release()
+            if on_done is not None:
+                on_done()
         if upstream.status_code != 200:
-            raise translate.upstream_failure(upstream.status_code, body, f"llama-server for {lease.server.name!r}")
+            raise translate.upstream_failure(upstream.status_code, body, who)
         try:
             reply = _json(answer.complete(json.loads(body)))
         except ValueError as exc:
-            raise translate.upstream_failure(502, body, "llama-server answered something that is not JSON") from exc
+            raise translate.upstream_failure(502, body, f"{who} answered something that is not JSON") from exc
         reply.headers.update(headers or {})
         return reply
     # one write per burst of events, not one per line (see smart_proxy.relay)
-    body = RelayBody(upstream, on_error=sse_error, on_done=lease.release, translation=translate.NDJSONStream(answer))
+    body = RelayBody(upstream, on_error=sse_error, on_done=on_done, translation=translate.NDJSONStream(answer))
     return Response(body, status=200, headers={**_NDJSON_HEADERS, **(headers or {})})
 
 
@@ -230,7 +256,8 @@ async def chat() -> Response:
     name = _model_name(payload)
     proxy = state()
     model = proxy.catalog.get(name)
-    if model.backend == "ollama":
+    if model.backend == "ollama" and proxy.agents.activate(payload, "chat") is None:
+        # no agent command (read from the Ollama body as from the OpenAI one): untouched, to Ollama's route
         return await upstreams.forward(proxy.http, model, "POST", "/api/chat", payload=payload, raw=raw)
     keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
     answer = translate.Answer(name, chat=True, started=started)
@@ -251,7 +278,8 @@ async def generate() -> Response:
     name = _model_name(payload)
     proxy = state()
     model = proxy.catalog.get(name)
-    if model.backend == "ollama":
+    if model.backend == "ollama" and proxy.agents.activate(payload, "completion") is None:
+        # no agent command (read from the Ollama body as from the OpenAI one): untouched, to Ollama's route
         return await upstreams.forward(proxy.http, model, "POST", "/api/generate", payload=payload, raw=raw)
     keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
     answer = translate.Answer(name, chat=False, started=started)
@@ -281,41 +309,50 @@ async def _generate_with_agents(
     """Run the chain over ``call``'s OpenAI body, and answer in Ollama's shape.
 
     A live chain's rewritten body goes upstream the ordinary way (:func:`_generate`),
-    to the model the request hooks chose. A buffered chain's final OpenAI answer is
+    to the model the request hooks chose (an Ollama upstream's: :func:`_generate_upstream`).
+    A buffered chain's final OpenAI answer is
     translated like llama-server's; for a stream it is replayed as the SSE a live
     answer would have been (:func:`~smart_proxy.api.openai.replay_sse`) and that is
     translated into NDJSON, line by line, by the same code as a live stream.
     The answer names the model the client asked for, unless an agent sent the
-    request to another one; then it names that one.
+    request to another one; then it names that one. Every answer carries the
+    chain's failures (``ctx.headers()``), an error answer too.
     """
-    ctx = await chain.prepare(proxy.pool, proxy.llama, logs.request_id.get(), keep_alive=keep_alive)
-    if chain.live:
-        target = name
-        if proxy.catalog.find(ctx.model) is not model:  # a request hook chose another model
-            other = proxy.catalog.get(ctx.model)
-            if other.backend == "ollama":
-                raise BadRequest(f"an agent sent the request to {ctx.model!r}, an Ollama upstream, which agents cannot reach")
-            await _check_think(proxy, other, ctx.model, payload.get("think"))
-            target = answer.model = ctx.model
-        rewritten = attrs.evolve(call, body=ctx.payload)
-        return await _generate(proxy, target, rewritten, keep_alive, answer, headers=ctx.headers())
-    response = await chain.respond(ctx)
-    answered = response.get("model")
-    if isinstance(answered, str) and proxy.catalog.find(answered) not in (None, model):
-        answer.model = answered
-    extras = answer.extras(response)
-    if not ctx.stream:
-        reply = answer.complete(response)
-        reply.update({key: value for key, value in extras.items() if key not in reply})
-        result = _json(reply)
-        result.headers.update(ctx.headers())
-        return result
-    first = {**response, "choices": (response.get("choices") or [])[:1]}  # Ollama has no n
-    objects = [obj for event in translate.SSEParser().feed(replay_sse(first, ctx.kind)) for obj in answer.feed(event)]
-    objects += answer.final()
-    objects[-1].update({key: value for key, value in extras.items() if key not in objects[-1]})
-    body = b"".join(translate.ndjson(obj) for obj in objects)
-    return Response(body, status=200, headers={**_NDJSON_HEADERS, **ctx.headers()})
+    ctx = await chain.prepare(
+        proxy.pool, proxy.llama, logs.request_id.get(), keep_alive=keep_alive, catalog=proxy.catalog, client=proxy.http
+    )
+    try:
+        if chain.live:
+            target, target_model = name, model
+            if proxy.catalog.find(ctx.model) is not model:  # a request hook chose another model
+                target_model = proxy.catalog.get(ctx.model)
+                await _check_think(proxy, target_model, ctx.model, payload.get("think"))
+                target = answer.model = ctx.model
+            rewritten = attrs.evolve(call, body=ctx.payload)
+            if target_model.backend == "ollama":
+                return await _generate_upstream(proxy, target_model, rewritten, answer, ctx.headers())
+            return await _generate(proxy, target, rewritten, keep_alive, answer, headers=ctx.headers())
+        response = await chain.respond(ctx)
+        answered = response.get("model")
+        if isinstance(answered, str) and proxy.catalog.find(answered) not in (None, model):
+            answer.model = answered
+        extras = answer.extras(response)
+        if not ctx.stream:
+            reply = answer.complete(response)
+            reply.update({key: value for key, value in extras.items() if key not in reply})
+            result = _json(reply)
+            result.headers.update(ctx.headers())
+            return result
+        first = {**response, "choices": (response.get("choices") or [])[:1]}  # Ollama has no n
+        objects = [obj for event in translate.SSEParser().feed(replay_sse(first, ctx.kind)) for obj in answer.feed(event)]
+        objects += answer.final()
+        objects[-1].update({key: value for key, value in extras.items() if key not in objects[-1]})
+        body = b"".join(translate.ndjson(obj) for obj in objects)
+        return Response(body, status=200, headers={**_NDJSON_HEADERS, **ctx.headers()})
+    except ProxyError as exc:
+        if not ctx.failures:
+            raise
+        return chain_error(exc, ctx)
 
 
 # ---- embeddings ---------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """OpenAI's API over the pool: chat and text completions, embeddings, models.
 
 Bodies are forwarded unchanged; llama-server is started with ``--alias NAME``
-so the ``model`` it reports is already the name the client asked for. A chat or
-completion whose user text starts with agent commands (``/rag ...``) goes through
-the agent chain instead (the section at the end; see :mod:`smart_proxy.agents`).
+so the ``model`` it reports is already the name the client asked for. A model
+with ``backend = ollama`` is forwarded to its Ollama server's ``/v1`` routes
+(:mod:`smart_proxy.backends.ollama`). A chat or completion whose user text starts
+with agent commands (``/rag ...``) goes through the agent chain instead, for
+either kind of model (the section at the end; see :mod:`smart_proxy.agents`).
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import time
 from quart import Blueprint, Response, request
 
 from .. import logs
-from ..agents import Chain
+from ..agents import AgentContext, Chain
 from ..app import ProxyState, state
+from ..app import error_response as dialect_error
 from ..backends import ollama as ollama_backend
 from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
 from ..relay import RelayBody, open_upstream
 
-__all__ = ["blueprint", "error_response", "parse_body"]
+__all__ = ["blueprint", "chain_error", "error_response", "parse_body"]
 
 blueprint = Blueprint("openai", __name__)
 
@@ -62,11 +65,11 @@ async def forward(path: str, required: str) -> Response:
     proxy = state()
     target = proxy.catalog.get(model)
     note_model(target.name)
-    if target.backend == "ollama":  # served by an upstream Ollama through its /v1 routes, not the pool
-        return await ollama_backend.forward(proxy.http, target, "POST", path, payload=payload, raw=raw)
     chain = proxy.agents.activate(payload, _AGENT_KINDS[path]) if path in _AGENT_KINDS else None
     if chain is not None:
         return await forward_with_agents(proxy, path, chain)
+    if target.backend == "ollama":  # served by an upstream Ollama through its /v1 routes, not the pool
+        return await ollama_backend.forward(proxy.http, target, "POST", path, payload=payload, raw=raw)
     return await send(proxy, path, model, raw, stream=payload.get("stream") is True)
 
 
@@ -82,7 +85,7 @@ async def send(
             lease.base_url + path,
             content=body,
             headers={"Content-Type": "application/json"},
-            slots=lease.server.limiter,
+            lease=lease,
         )
     except BaseException:
         lease.release()
@@ -139,19 +142,43 @@ _AGENT_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 
 async def forward_with_agents(proxy: ProxyState, path: str, chain: Chain) -> Response:
-    """Run the chain's hooks around the upstream call; a buffered stream is replayed as SSE."""
-    ctx = await chain.prepare(proxy.pool, proxy.llama, logs.request_id.get())
-    if chain.live:
-        body = json.dumps(ctx.payload).encode()
-        stream = ctx.payload.get("stream") is True
-        return await send(proxy, path, ctx.model, body, stream=stream, headers=ctx.headers())
-    response = await chain.respond(ctx)
+    """Run the chain's hooks around the upstream call; a buffered stream is replayed as SSE.
+
+    A live chain's request goes to the model the hooks left in it, a llama-server or
+    an Ollama upstream. Every answer carries the chain's failures (``ctx.headers()``),
+    an error answer too.
+    """
+    ctx = await chain.prepare(
+        proxy.pool, proxy.llama, logs.request_id.get(), catalog=proxy.catalog, client=proxy.http
+    )
+    try:
+        if chain.live:
+            target = proxy.catalog.get(ctx.model)
+            if target.backend == "ollama":
+                return await ollama_backend.forward(
+                    proxy.http, target, "POST", path, payload=ctx.payload, headers=ctx.headers()
+                )
+            body = json.dumps(ctx.payload).encode()
+            stream = ctx.payload.get("stream") is True
+            return await send(proxy, path, ctx.model, body, stream=stream, headers=ctx.headers())
+        response = await chain.respond(ctx)
+    except ProxyError as exc:
+        if not ctx.failures:
+            raise
+        return chain_error(exc, ctx)
     if ctx.stream:
         return Response(
             replay_sse(response, ctx.kind),
             headers={"Content-Type": "text/event-stream", **_SSE_HEADERS, **ctx.headers()},
         )
     return Response(json.dumps(response), content_type="application/json", headers=ctx.headers())
+
+
+def chain_error(exc: ProxyError, ctx: AgentContext) -> Response:
+    """``exc`` in the caller's dialect, with the chain's failures: they belong on an error answer too."""
+    reply = dialect_error(exc, request.path)
+    reply.headers.update(ctx.headers())
+    return reply
 
 
 def replay_sse(response: dict, kind: str) -> bytes:

@@ -9,6 +9,12 @@ The answer comes back untouched, streams relayed chunk by chunk as they arrive
 a 502 naming the upstream and the reason; :func:`health` probes every upstream
 for ``/health``, and :func:`list_models` reads their ``/api/tags`` and
 ``/api/ps`` concurrently, each within a short timeout.
+
+Agents (:mod:`smart_proxy.agents`) speak OpenAI; a request with agent commands
+for such a model reaches it through the same ``/v1`` routes, by :func:`send`
+(the agents' model calls, and the Ollama dialect's, which translates the answer
+back as it does llama-server's) or :func:`forward` (a live chain from an OpenAI
+client).
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ from quart import Response
 
 from ..config import ModelConfig
 from ..errors import UpstreamError
-from ..relay import RelayBody, describe, open_upstream
+from ..relay import RelayBody, Upstream, describe, open_upstream
 
-__all__ = ["forward", "health", "list_models", "remote_name"]
+__all__ = ["forward", "health", "list_models", "remote_name", "send"]
 
 #: How long a probe of an upstream (health, tags, ps) may take.
 PROBE_TIMEOUT = 3.0
@@ -51,6 +57,34 @@ def _sse_error(reason: str) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+async def send(
+    http: httpx.AsyncClient,
+    model: ModelConfig,
+    method: str,
+    path: str,
+    *,
+    payload: dict[str, Any] | None = None,
+    raw: bytes | None = None,
+) -> Upstream:
+    """Send a request for ``model`` to its Ollama server; return once the answer's headers are in.
+
+    The body is ``raw`` as the client sent it, unless its ``model`` must be renamed
+    (``upstream_model``) or there is no ``raw``: then ``payload``, with the upstream's name.
+
+    Raises:
+        UpstreamError: the Ollama server cannot be reached (502).
+    """
+    content = raw
+    if payload is not None and (raw is None or payload.get("model") != remote_name(model)):
+        content = json.dumps({**payload, "model": remote_name(model)}).encode()
+    try:
+        return await open_upstream(
+            http, method, base_url(model) + path, content=content, headers={"Content-Type": "application/json"}
+        )
+    except UpstreamError as exc:
+        raise UpstreamError(f"the Ollama upstream of model {model.name!r} is unreachable: {exc.message}") from exc
+
+
 async def forward(
     http: httpx.AsyncClient,
     model: ModelConfig,
@@ -59,27 +93,23 @@ async def forward(
     *,
     payload: dict[str, Any] | None = None,
     raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response:
-    """Send the current request for ``model`` to its Ollama server and relay the answer.
+    """Send the current request for ``model`` to its Ollama server (:func:`send`) and relay the answer.
+
+    ``headers`` are added to the answer's own.
 
     Raises:
         UpstreamError: the Ollama server cannot be reached (502).
     """
-    url = base_url(model) + path
-    content = raw
-    if payload is not None and payload.get("model") != remote_name(model):
-        content = json.dumps({**payload, "model": remote_name(model)}).encode()
-    try:
-        upstream = await open_upstream(http, method, url, content=content, headers={"Content-Type": "application/json"})
-    except UpstreamError as exc:
-        raise UpstreamError(f"the Ollama upstream of model {model.name!r} is unreachable: {exc.message}") from exc
+    upstream = await send(http, model, method, path, payload=payload, raw=raw)
     content_type = upstream.headers.get("content-type", "")
     if upstream.status_code == 200 and content_type.startswith(_STREAM_TYPES):
         on_error = _sse_error if content_type.startswith("text/event-stream") else _ndjson_error
-        headers = {**upstream.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return Response(RelayBody(upstream, on_error=on_error), status=200, headers=headers)
+        relayed = {**upstream.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
+        return Response(RelayBody(upstream, on_error=on_error), status=200, headers=relayed)
     body = await upstream.read()
-    return Response(body, status=upstream.status_code, headers=upstream.headers)
+    return Response(body, status=upstream.status_code, headers={**upstream.headers, **(headers or {})})
 
 
 async def _get_json(http: httpx.AsyncClient, url: str) -> tuple[Any, str | None]:
