@@ -249,43 +249,53 @@ async def _unload(proxy: ProxyState, name: str) -> None:
             await server.gone.wait()
 
 
+@attrs.frozen
+class _Asked:
+    """What every model route reads first: the body, its model, and when it came."""
+
+    started: float
+    payload: dict[str, Any]
+    raw: bytes
+    name: str
+    proxy: ProxyState
+    model: ModelConfig
+
+    @classmethod
+    async def read(cls) -> _Asked:
+        started = time.perf_counter()
+        payload, raw = await _payload()
+        name = _model_name(payload)
+        proxy = state()
+        return cls(started, payload, raw, name, proxy, proxy.catalog.get(name))
+
+    async def to_upstream(self, path: str, method: str = "POST") -> Response:
+        """Send the request untouched to the Ollama upstream that serves its model, at ``path``."""
+        return await upstreams.forward(self.proxy.http, self.model, method, path, payload=self.payload, raw=self.raw)
+
+
 @blueprint.post("/api/chat")
 async def chat() -> Response:
-    started = time.perf_counter()
-    payload, raw = await _payload()
-    name = _model_name(payload)
-    proxy = state()
-    model = proxy.catalog.get(name)
-    if model.backend == "ollama" and proxy.agents.activate(payload, "chat") is None:
-        # no agent command (read from the Ollama body as from the OpenAI one): untouched, to Ollama's route
-        return await upstreams.forward(proxy.http, model, "POST", "/api/chat", payload=payload, raw=raw)
-    keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
-    answer = translate.Answer(name, chat=True, started=started)
-    if not payload.get("messages"):
-        return await _load_or_unload(proxy, name, keep_alive, answer)
-    call = translate.chat_request(payload, model.name)
-    await _check_think(proxy, model, name, payload.get("think"))
-    chain = proxy.agents.activate(call.body, call.kind)
-    if chain is not None:
-        return await _generate_with_agents(proxy, name, model, payload, call, keep_alive, answer, chain)
-    return await _generate(proxy, name, call, keep_alive, answer)
+    return await _complete("/api/chat", chat=True)
 
 
 @blueprint.post("/api/generate")
 async def generate() -> Response:
-    started = time.perf_counter()
-    payload, raw = await _payload()
-    name = _model_name(payload)
-    proxy = state()
-    model = proxy.catalog.get(name)
-    if model.backend == "ollama" and proxy.agents.activate(payload, "completion") is None:
+    return await _complete("/api/generate", chat=False)
+
+
+async def _complete(path: str, *, chat: bool) -> Response:
+    """``/api/chat`` (``chat``) or ``/api/generate``: translated to llama-server's OpenAI routes."""
+    asked = await _Asked.read()
+    proxy, payload, name, model = asked.proxy, asked.payload, asked.name, asked.model
+    if model.backend == "ollama" and proxy.agents.activate(payload, "chat" if chat else "completion") is None:
         # no agent command (read from the Ollama body as from the OpenAI one): untouched, to Ollama's route
-        return await upstreams.forward(proxy.http, model, "POST", "/api/generate", payload=payload, raw=raw)
+        return await asked.to_upstream(path)
     keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
-    answer = translate.Answer(name, chat=False, started=started)
-    if not payload.get("prompt") and not payload.get("images"):
+    answer = translate.Answer(name, chat=chat, started=asked.started)
+    empty = not payload.get("messages") if chat else not (payload.get("prompt") or payload.get("images"))
+    if empty:
         return await _load_or_unload(proxy, name, keep_alive, answer)
-    call = translate.generate_request(payload, model.name)
+    call = (translate.chat_request if chat else translate.generate_request)(payload, model.name)
     await _check_think(proxy, model, name, payload.get("think"))
     chain = proxy.agents.activate(call.body, call.kind)
     if chain is not None:
@@ -390,13 +400,10 @@ async def _embed(
 
 @blueprint.post("/api/embed")
 async def embed() -> Response:
-    started = time.perf_counter()
-    payload, raw = await _payload()
-    name = _model_name(payload)
-    proxy = state()
-    model = proxy.catalog.get(name)
+    asked = await _Asked.read()
+    started, payload, name, proxy, model = asked.started, asked.payload, asked.name, asked.proxy, asked.model
     if model.backend == "ollama":
-        return await upstreams.forward(proxy.http, model, "POST", "/api/embed", payload=payload, raw=raw)
+        return await asked.to_upstream("/api/embed")
     keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
     inputs = payload.get("input")
     if isinstance(inputs, str):
@@ -425,13 +432,10 @@ async def embed() -> Response:
 @blueprint.post("/api/embeddings")
 async def embeddings() -> Response:
     """The legacy single-prompt route: ``{"prompt"}`` -> ``{"embedding": [...]}``."""
-    started = time.perf_counter()
-    payload, raw = await _payload()
-    name = _model_name(payload)
-    proxy = state()
-    model = proxy.catalog.get(name)
+    asked = await _Asked.read()
+    started, payload, name, proxy, model = asked.started, asked.payload, asked.name, asked.proxy, asked.model
     if model.backend == "ollama":
-        return await upstreams.forward(proxy.http, model, "POST", "/api/embeddings", payload=payload, raw=raw)
+        return await asked.to_upstream("/api/embeddings")
     keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
     prompt = payload.get("prompt") or ""
     if not isinstance(prompt, str):
@@ -548,12 +552,10 @@ def _modelfile(model: ModelConfig, info: ModelInfo | None) -> str:
 
 @blueprint.post("/api/show")
 async def show() -> Response:
-    payload, raw = await _payload()
-    name = _model_name(payload)
-    proxy = state()
-    model = proxy.catalog.get(name)
+    asked = await _Asked.read()
+    proxy, model = asked.proxy, asked.model
     if model.backend == "ollama":
-        return await upstreams.forward(proxy.http, model, "POST", "/api/show", payload=payload, raw=raw)
+        return await asked.to_upstream("/api/show")
     info = await _info(proxy, model)
     body: dict[str, Any] = {
         "modelfile": _modelfile(model, info),
@@ -616,13 +618,11 @@ async def _pull_stream(download: Download) -> AsyncIterator[bytes]:
 
 @blueprint.delete("/api/delete")
 async def delete() -> Response:
-    payload, raw = await _payload()
-    name = _model_name(payload)
-    proxy = state()
-    model = proxy.catalog.get(name)
+    asked = await _Asked.read()
+    model = asked.model
     if model.backend == "ollama":
-        return await upstreams.forward(proxy.http, model, "DELETE", "/api/delete", payload=payload, raw=raw)
-    raise BadRequest(f"{name!r} is configured in proxy.ini; remove its [model:{model.name}] section to delete it")
+        return await asked.to_upstream("/api/delete", "DELETE")
+    raise BadRequest(f"{asked.name!r} is configured in proxy.ini; remove its [model:{model.name}] section to delete it")
 
 
 @blueprint.route("/api/create", methods=["POST"])
