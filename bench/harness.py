@@ -266,6 +266,20 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """``pid``'s open descriptors by kind: socket, pipe, anon_inode:[eventpoll], file, ..."""
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        kind = target.split(":[")[0] if not target.startswith("anon_inode:") else target
+        kind = "file" if kind.startswith("/") else kind
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items()))
+
+
 def tcp_connections(port: int) -> dict[str, int]:
     """Established TCP connections to or from ``port`` on loopback, by state name."""
     states = {"01": "established", "06": "time_wait", "08": "close_wait", "04": "fin_wait1", "05": "fin_wait2"}

@@ -183,6 +183,12 @@ class ServerProcess:
         finally:
             if self._process is not None:
                 self.returncode = self._process.returncode
+                # run_process leaves pipes it was handed as options open: close ours now,
+                # not whenever the collector gets to this object (2 descriptors a start)
+                with trio.CancelScope(shield=True):
+                    for pipe in (self._process.stdin, self._process.stdout):
+                        if pipe is not None:
+                            await pipe.aclose()
             self.exited.set()
 
     async def _wait_healthy(self, process: trio.Process) -> None:

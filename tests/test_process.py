@@ -100,6 +100,25 @@ async def _run_until_ready(
     return server
 
 
+def _pipes() -> set[str]:
+    found = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if target.startswith("pipe:"):
+            found.add(target)
+    return found
+
+
+async def test_a_finished_server_holds_no_pipe(fake_binary: str, tmp_path: Path, http: httpx.AsyncClient) -> None:
+    before = _pipes()
+    servers = [await _run_until_ready(fake_binary, tmp_path, http, {}) for _ in range(3)]
+    assert all(server.exited.is_set() for server in servers)
+    assert _pipes() - before == set()  # while the ServerProcess objects are still alive
+
+
 async def test_a_loaded_line_triggers_the_health_check(
     fake_binary: str, tmp_path: Path, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
