@@ -347,7 +347,8 @@ class Pool:
     def _release(self, server: Server) -> None:
         server.in_flight -= 1
         server.last_used = trio.current_time()
-        self._changed()
+        if server.in_flight == 0:  # idle now (evictable, reapable); before, nothing a waiter needs changed
+            self._changed()
 
     async def _wait_settled(self, server: Server) -> None:
         server.waiters += 1
