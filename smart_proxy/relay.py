@@ -17,11 +17,12 @@ Ollama, health probes, downloads) uses the ordinary client of :func:`make_client
 
 At most ``slots`` requests are in flight to one llama-server (its ``/props``
 ``total_slots``): :func:`open_upstream` takes a place in the server's
-``trio.CapacityLimiter`` before it sends, and the place is given back when the
-answer is closed. llama-server would queue the excess itself; queueing it here
-keeps the connection pool as small as the server's slots (with httpx's own
-transport that mattered more: httpcore rescans every pooled connection on each
-request and release, encode/httpx#3215).
+``trio.CapacityLimiter`` before it sends (a free one without a checkpoint, so the
+requests released together by a finished load go out together), and the place
+is given back when the answer is closed. llama-server would queue the excess
+itself; queueing it here keeps the connection pool as small as the server's
+slots (with httpx's own transport that mattered more: httpcore rescans every
+pooled connection on each request and release, encode/httpx#3215).
 
 A streamed answer is relayed by :class:`RelayBody`, a Quart response body. Its
 pump task reads the upstream body and puts each piece in a bounded channel
@@ -100,7 +101,13 @@ class _Slot:
     @classmethod
     async def take(cls, limiter: trio.CapacityLimiter) -> _Slot:
         slot = cls(limiter)
-        await limiter.acquire_on_behalf_of(slot)
+        try:
+            # a free slot (and nobody queued for one): no checkpoint, straight on to the send.
+            # After a cold load all the waiting requests wake in one pass of the scheduler;
+            # a yield here would cost each of them one more pass before its request goes out.
+            limiter.acquire_on_behalf_of_nowait(slot)
+        except trio.WouldBlock:
+            await limiter.acquire_on_behalf_of(slot)
         return slot
 
     def release(self) -> None:

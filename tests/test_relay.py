@@ -10,10 +10,11 @@ from functools import partial
 
 import httpx
 import trio
+import trio.testing
 
 from smart_proxy import ollama as translate
 from smart_proxy.api.openai import sse_error
-from smart_proxy.relay import RelayBody, open_upstream
+from smart_proxy.relay import RelayBody, _Slot, open_upstream
 
 
 async def _body(make_config, start_pool, http: httpx.AsyncClient, **behaviour):
@@ -182,3 +183,35 @@ async def test_a_keep_alive_connection_closed_under_us_is_retried_once() -> None
             assert upstream.status_code == 200 and await upstream.read() == b"ok"
         nursery.cancel_scope.cancel()
     assert len(answered) == 2
+
+
+async def test_a_free_slot_is_taken_without_a_pass_of_the_scheduler() -> None:
+    """After a load every waiting request takes its slot at once: none waits a scheduler pass for it."""
+    limiter = trio.CapacityLimiter(2)
+    with trio.testing.assert_no_checkpoints():
+        first = await _Slot.take(limiter)
+        second = await _Slot.take(limiter)
+    assert limiter.borrowed_tokens == 2
+    first.release()
+    second.release()
+
+
+async def test_slots_are_given_in_arrival_order(nursery) -> None:
+    """A request that finds no free slot waits its turn; a newcomer does not take the slot it is owed."""
+    limiter = trio.CapacityLimiter(1)
+    held = await _Slot.take(limiter)
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        slot = await _Slot.take(limiter)
+        order.append(name)
+        await trio.sleep(0.01)
+        slot.release()
+
+    nursery.start_soon(take, "waiting")
+    await trio.testing.wait_all_tasks_blocked()
+    held.release()  # the slot is the waiting request's now, though it has not run yet
+    nursery.start_soon(take, "newcomer")
+    await trio.testing.wait_all_tasks_blocked()
+    await trio.sleep(0.05)
+    assert order == ["waiting", "newcomer"]
