@@ -573,8 +573,8 @@ def coldload(ctx: Context) -> dict:
     diffs = sorted(p["last_first_token_s"] - a["last_first_token_s"] for a, p in pairs)
     diff = median(diffs)
     timed = [(a, p) for a, p in pairs if a["outside_ms"] is not None and p["outside_ms"] is not None]
-    # a run where llama-server split the prompts over two batches moves ~1.5 s between outside_ms and
-    # prompt_s: compare only pairs where it took all 64 at once on both sides, if there are enough
+    # a run where llama-server split the prompts over two batches moves time (up to ~2 s) between
+    # outside_ms and prompt_s: compare only pairs where it took all 64 at once on both sides, if enough
     clean = [(a, p) for a, p in timed if a["first_batch"] == clients and p["first_batch"] == clients]
     judged = clean if len(clean) >= 3 else timed
     outside = sorted(p["outside_ms"] - a["outside_ms"] for a, p in judged)
@@ -612,7 +612,7 @@ def coldload(ctx: Context) -> dict:
              "the first tokens back. The same 64 prompts take llama-server 8-11 s on this shared core (its CPU "
              "time per run varies as much), so the raw paired difference swings by +-1 s; outside_ms takes "
              "llama-server's own work out of both sides of each pair",
-             f"runs where llama-server split the 64 prompts over two batches (first_batch < 64; it costs ~1.5-2 s, "
+             f"runs where llama-server split the 64 prompts over two batches (first_batch < 64; it costs up to ~2 s, "
              f"a race between its HTTP threads and its main loop, seen with either client): alone {split['alone']}, "
              f"proxied {split['proxied']} of {len(pairs)}; such pairs are left out of the judged median" if timed else
              "llama-server's log had no slot timings: outside_ms not measured"]
