@@ -237,13 +237,15 @@ class Lease:
         limiter = self.server.limiter
         slot = Slot(limiter)
         try:
-            limiter.acquire_on_behalf_of_nowait(slot)  # free, and nobody waiting before us
+            # free, and nobody queued before us: no checkpoint, straight on to the send. After a
+            # cold load every waiting request wakes in one pass of the scheduler; a yield here
+            # would cost each of them one more pass before its request goes out
+            limiter.acquire_on_behalf_of_nowait(slot)
         except trio.WouldBlock:
             with trio.move_on_at(self.deadline):
                 await limiter.acquire_on_behalf_of(slot)
                 return slot
             raise self._pool._busy_slots(self.server) from None
-        await trio.lowlevel.cancel_shielded_checkpoint()  # as acquire_on_behalf_of does
         return slot
 
     def release(self) -> None:

@@ -17,8 +17,9 @@ Ollama, health probes, downloads) uses the ordinary client of :func:`make_client
 
 At most ``slots`` requests are in flight to one llama-server (its ``/props``
 ``total_slots``): given the request's lease, :func:`open_upstream` takes one of
-its server's slots (:meth:`~smart_proxy.pool.Lease.take_slot`, waiting at most
-what is left of ``queue_timeout``) before it sends, and the slot is given back
+its server's slots (:meth:`~smart_proxy.pool.Lease.take_slot`: a free one without a
+checkpoint, so the requests a finished load releases go out together; else waiting at
+most what is left of ``queue_timeout``) before it sends, and the slot is given back
 when the answer is closed. llama-server would queue the excess itself; queueing
 it here bounds the wait and keeps the connection pool as small as the server's
 slots (with httpx's own transport that mattered more: httpcore rescans every

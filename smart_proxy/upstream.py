@@ -13,7 +13,9 @@ Theory of operation:
 - One :class:`UpstreamTransport` holds, per ``(host, port)``, a LIFO list of
   idle connections. A request takes the most recently used idle one (dropping
   any idle for longer than ``keepalive_expiry``, or that has become readable:
-  the server closed it or sent something unasked), else opens a new one. No
+  the server closed it or sent something unasked), else opens a new one (an IP
+  address directly, with one non-blocking connect; a name through
+  ``trio.open_tcp_stream``). No
   limit on connections: the per-server ``trio.CapacityLimiter`` in
   :mod:`smart_proxy.relay` already bounds requests in flight.
 - The request goes out in one write. The answer's head is parsed by
@@ -48,8 +50,10 @@ chunk of a chunked body as its own event. What this parser accepts is bounded
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import select
+import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -67,6 +71,28 @@ _DISCONNECTED = "Server disconnected without sending a response."
 
 
 # ---- connections and the pool -------------------------------------------------------------
+
+
+async def _open_stream(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to ``host``; an IP address (a llama-server's 127.0.0.1) is connected directly.
+
+    ``trio.open_tcp_stream`` resolves the name and races its addresses (happy eyeballs):
+    a nursery and a task per attempt, three more passes of the scheduler and twice the CPU
+    of a plain non-blocking connect (64 connections on one core: ~13 ms against ~6.5).
+    After a cold load every waiting request opens its connection at once, so that is paid
+    64 times over before the first request goes out. A name still goes through it.
+    """
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 class _Connection:
@@ -288,10 +314,10 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
     async def _connect(self, key: tuple[str, int], within: float | None) -> _Connection:
         try:
             if within is None:
-                stream = await trio.open_tcp_stream(*key)
+                stream = await _open_stream(*key)
             else:
                 with trio.move_on_after(within) as scope:
-                    stream = await trio.open_tcp_stream(*key)
+                    stream = await _open_stream(*key)
                 if scope.cancelled_caught:
                     raise httpx.ConnectTimeout(f"timed out connecting to {key[0]}:{key[1]}")
         except OSError as exc:

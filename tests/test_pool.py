@@ -365,6 +365,42 @@ async def test_a_slot_wait_ends_at_queue_timeout_and_takes_nothing(make_config, 
     assert limiter.borrowed_tokens == 0 and first.server.in_flight == 0
 
 
+async def test_a_free_slot_is_taken_without_a_pass_of_the_scheduler(make_config, start_pool) -> None:
+    """After a load every waiting request takes its slot at once: none waits a scheduler pass for it."""
+    pool = await start_pool(make_config({"a": {"slots": 2}}))
+    first, second = await pool.acquire("a"), await pool.acquire("a")
+    with trio.testing.assert_no_checkpoints():
+        slots = [await first.take_slot(), await second.take_slot()]
+    assert first.server.limiter.borrowed_tokens == 2
+    for slot in slots:
+        slot.release()
+    first.release()
+    second.release()
+
+
+async def test_slots_are_given_in_arrival_order(make_config, start_pool, nursery) -> None:
+    """A request that finds no free slot waits its turn; a newcomer does not take the slot it is owed."""
+    pool = await start_pool(make_config({"a": {"slots": 1}}))
+    held = await (await pool.acquire("a")).take_slot()
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        lease = await pool.acquire("a")
+        slot = await lease.take_slot()
+        order.append(name)
+        await trio.sleep(0.01)
+        slot.release()
+        lease.release()
+
+    nursery.start_soon(take, "waiting")
+    await trio.testing.wait_all_tasks_blocked()
+    held.release()  # the slot is the waiting request's now, though it has not run yet
+    nursery.start_soon(take, "newcomer")
+    await trio.testing.wait_all_tasks_blocked()
+    await trio.sleep(0.05)
+    assert order == ["waiting", "newcomer"]
+
+
 async def test_a_slot_freed_in_time_goes_to_the_waiter(make_config, start_pool) -> None:
     pool = await start_pool(make_config({"a": {"slots": 1}}, queue_timeout="2s"))
     first = await pool.acquire("a")

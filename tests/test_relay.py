@@ -10,6 +10,7 @@ from functools import partial
 
 import httpx
 import trio
+import trio.testing
 
 from smart_proxy import ollama as translate
 from smart_proxy.api.openai import sse_error

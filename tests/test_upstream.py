@@ -4,6 +4,7 @@ idle connections, errors, closing; and with the fake llama-server through the re
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -327,6 +328,50 @@ async def test_errors_are_httpx_errors(nursery) -> None:
             await response.aread()
         await response.aclose()
         assert transport.connections == 0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+async def test_an_address_or_a_name_is_reached(nursery, host: str) -> None:
+    """An IP address (a llama-server's 127.0.0.1) is connected directly, a name through trio's resolver."""
+    bind = "::1" if host == "::1" else "127.0.0.1"
+    try:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, _answer_ok, 0, host=bind))
+    except OSError:
+        pytest.skip(f"cannot listen on {bind}")
+    port = listener.socket.getsockname()[1]
+    url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    async with UpstreamTransport() as transport:
+        for _ in range(2):
+            response = await _get(transport, url)
+            assert response.status_code == 200 and response.content == b"ok"
+        assert transport.connections == 1  # kept and reused, whichever way it was opened
+
+
+async def _answer_ok(stream: trio.SocketStream) -> None:
+    data = b""
+    async with stream:
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    return
+                data += chunk
+            data = data.partition(b"\r\n\r\n")[2]
+            await stream.send_all(_ok())
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+async def test_a_refused_connection_leaves_no_socket_open() -> None:
+    async with UpstreamTransport() as transport:
+        before = _open_fds()
+        for _ in range(5):
+            with pytest.raises(httpx.ConnectError):
+                await _get(transport, "http://127.0.0.1:1/")
+        assert _open_fds() == before and transport.connections == 0
 
 
 async def test_a_header_with_a_line_break_is_refused(nursery) -> None:
