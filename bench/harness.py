@@ -267,15 +267,31 @@ def open_fds(pid: int) -> int:
 
 
 def fd_kinds(pid: int) -> dict[str, int]:
-    """``pid``'s open descriptors by kind: socket, pipe, anon_inode:[eventpoll], file, ..."""
+    """``pid``'s open descriptors by kind: file, pipe, anon_inode:[eventpoll], TCP sockets by state, ..."""
+    states = {"01": "established", "02": "syn_sent", "06": "time_wait", "07": "close", "08": "close_wait",
+              "04": "fin_wait1", "05": "fin_wait2", "09": "last_ack", "0A": "listen", "0B": "closing"}
+    tcp: dict[str, str] = {}  # socket inode -> state
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    tcp[fields[9]] = states.get(fields[3], fields[3])
+        except OSError:
+            pass
     kinds: dict[str, int] = {}
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:  # closed meanwhile
             continue
-        kind = target.split(":[")[0] if not target.startswith("anon_inode:") else target
-        kind = "file" if kind.startswith("/") else kind
+        if target.startswith("socket:["):
+            state = tcp.get(target[len("socket:["):-1])
+            kind = f"tcp {state}" if state else "socket"
+        elif target.startswith("anon_inode:"):
+            kind = target
+        else:
+            kind = "file" if target.startswith("/") else target.split(":[")[0]
         kinds[kind] = kinds.get(kind, 0) + 1
     return dict(sorted(kinds.items()))
 
