@@ -207,6 +207,10 @@ class Metrics(PoolEvents):
             _PREFIX + "queue_wait_seconds", "Time requests spent queued for a place in the pool.",
             buckets=_WAIT_BUCKETS, registry=r,
         )
+        self.slot_wait = Histogram(
+            _PREFIX + "slot_wait_seconds", "Time requests waited for a free slot of their model's llama-server.",
+            ["model"], buckets=_WAIT_BUCKETS, registry=r,
+        )
         self.agent_runs = Counter(
             _PREFIX + "agent_runs", "Agent runs, by agent and result (ok, error, cancelled).", ["agent", "result"],
             registry=r,
@@ -259,6 +263,9 @@ class Metrics(PoolEvents):
 
     def queued(self, seconds: float) -> None:
         self.queue_wait.observe(seconds)
+
+    def slot_waited(self, model: str, seconds: float) -> None:
+        self.slot_wait.labels(model).observe(seconds)
 
     # ---- agents ------------------------------------------------------------------------
 

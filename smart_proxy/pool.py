@@ -162,6 +162,9 @@ class PoolEvents:
     def queued(self, seconds: float) -> None:
         """A request waited ``seconds`` in the (pool-wide) queue for room, and then got it or PoolBusy."""
 
+    def slot_waited(self, model: str, seconds: float) -> None:
+        """A request found every slot of ``model``'s server busy and waited ``seconds``: got one, PoolBusy, or left."""
+
 
 class Server:
     """One life of one llama-server in the pool."""
@@ -242,10 +245,14 @@ class Lease:
             # would cost each of them one more pass before its request goes out
             limiter.acquire_on_behalf_of_nowait(slot)
         except trio.WouldBlock:
-            with trio.move_on_at(self.deadline):
-                await limiter.acquire_on_behalf_of(slot)
-                return slot
-            raise self._pool._busy_slots(self.server) from None
+            waiting = trio.current_time()
+            try:
+                with trio.move_on_at(self.deadline):
+                    await limiter.acquire_on_behalf_of(slot)
+                    return slot
+                raise self._pool._busy_slots(self.server) from None
+            finally:
+                self._pool._events.slot_waited(self.server.name, trio.current_time() - waiting)
         return slot
 
     def release(self) -> None:

@@ -214,6 +214,28 @@ async def test_metrics_count_evictions_crashes_restarts_and_queue_waits(make_con
     assert waited is not None and waited >= 0.25
 
 
+async def test_metrics_time_the_wait_for_a_slot(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"a": {"slots": 1, "token_delay": 0.1}}))
+    assert (await http.post(url + CHAT, json=chat("a"))).status_code == 200  # loaded; a free slot: no wait
+    second: list[int] = []
+
+    async def wait_for_the_slot() -> None:
+        second.append((await http.post(url + CHAT, json=chat("a"))).status_code)
+
+    async with trio.open_nursery() as nursery:
+        async with http.stream("POST", url + CHAT, json=chat("a", stream=True, max_tokens=5)) as stream:
+            nursery.start_soon(wait_for_the_slot)
+            await trio.sleep(0.3)
+            async for _ in stream.aiter_bytes():
+                pass
+    assert second == [200]
+    found = samples((await http.get(url + "/metrics")).text)
+    assert value(found, "smart_proxy_slot_wait_seconds_count", model="a") == 1
+    waited = value(found, "smart_proxy_slot_wait_seconds_sum", model="a")
+    assert waited is not None and waited >= 0.25
+    assert value(found, "smart_proxy_queue_wait_seconds_count") in (None, 0)  # room was never short
+
+
 async def test_metrics_count_load_failures(make_config, start_proxy, http) -> None:
     url = await start_proxy(make_config({"bad": {"exit_on_load": 3}}))
     assert (await http.post(url + CHAT, json=chat("bad"))).status_code == 502
