@@ -20,6 +20,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .agents import AgentRegistry
+from .asgi import HTTPConnection
 from .auth import ApiKeys
 from .backends.ollama import UpstreamMonitor
 from .catalog import Catalog
@@ -77,6 +78,7 @@ def create_app(proxy_state: ProxyState) -> Quart:
     from .middleware import EdgeMiddleware, too_large
 
     app = QuartTrio("smart_proxy")
+    app.asgi_http_class = HTTPConnection  # type: ignore[assignment]
     # Generations stream for minutes; bodies (embedding batches) can be large.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 300
