@@ -109,8 +109,12 @@ class Upstream:
         return {k: v for k, v in self.response.headers.items() if k.lower() not in _HOP_BY_HOP}
 
     async def read(self) -> bytes:
+        response = self.response
         try:
-            return await self.response.aread()
+            if "content-encoding" in response.headers:
+                return await response.aread()  # httpx decodes it
+            # nothing to decode: the raw pieces, without aread's three generator layers per piece
+            return b"".join([piece async for piece in response.stream])
         except httpx.HTTPError as exc:
             raise UpstreamError(f"the upstream answer broke off: {describe(exc)}") from exc
         finally:
@@ -156,6 +160,11 @@ async def open_upstream(
 
         async def send() -> httpx.Response:
             return await client.send(client.build_request(method, url, content=content, headers=headers), stream=True)
+    elif isinstance(http, UpstreamTransport):
+        upstream = http
+
+        async def send() -> httpx.Response:
+            return await upstream.request(method, url, content=content or b"", headers=headers)
     else:
         transport = http
 

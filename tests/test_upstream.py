@@ -384,6 +384,52 @@ async def test_a_header_with_a_line_break_is_refused(nursery) -> None:
     assert peer.requests == []
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "content", "headers"),
+    [
+        ("POST", "/v1/chat/completions", b'{"model": "a"}', {"Content-Type": "application/json"}),
+        ("post", "/x?y=1&z=%20", b"n=1", {"Content-Type": "text/plain", "X-Two": "2"}),
+        ("POST", "/empty", b"", {"Content-Type": "application/json"}),  # httpx frames it: Content-Length 0 first
+        ("GET", "/get", b"", None),
+        ("POST", "/own-length", b"abc", {"content-length": "3"}),  # the caller's framing header: httpx's way
+    ],
+)
+async def test_request_sends_what_an_httpx_request_would(nursery, method, path, content, headers) -> None:
+    peer = await Peer(lambda head, body: _ok(b"echo:" + body)).start(nursery)
+    async with UpstreamTransport() as transport:
+        lean = await transport.request(method, peer.url(path), content=content, headers=headers)
+        assert await lean.aread() == b"echo:" + content and lean.status_code == 200
+        await _get(transport, peer.url(path), method, content)  # the same request through httpx.Request
+        plain = await transport.handle_async_request(httpx.Request(method, peer.url(path), content=content, headers=headers))
+        await plain.aread()
+    (_, lean_head, lean_body), _, (_, plain_head, plain_body) = peer.requests
+    assert (lean_head, lean_body) == (plain_head, plain_body)
+    assert peer.connections == 1  # one keep-alive connection carried all three
+
+
+async def test_request_refuses_a_header_with_a_line_break(nursery) -> None:
+    peer = await Peer(lambda head, body: _ok()).start(nursery)
+    async with UpstreamTransport() as transport:
+        with pytest.raises(httpx.LocalProtocolError):
+            await transport.request("POST", peer.url(), content=b"x", headers={"X-Evil": "a\r\nInjected: yes"})
+        with pytest.raises(httpx.UnsupportedProtocol):
+            await transport.request("POST", "https://127.0.0.1/", content=b"x")
+    assert peer.requests == []
+
+
+async def test_read_gives_the_body_decoded_whether_or_not_it_was_encoded(nursery) -> None:
+    import gzip
+
+    answers = [_ok(b"plain " * 100), _ok(gzip.compress(b"zipped " * 100), b"Content-Encoding: gzip")]
+    peer = await Peer(lambda head, body: answers[len(peer.requests) - 1]).start(nursery)
+    async with UpstreamTransport() as transport:
+        plain = await open_upstream(transport, "POST", peer.url("/a"), content=b"{}")
+        assert await plain.read() == b"plain " * 100
+        zipped = await open_upstream(transport, "POST", peer.url("/b"), content=b"{}")
+        assert await zipped.read() == b"zipped " * 100
+        assert transport.idle == 1  # both read to the end: the connection went back each time
+
+
 async def test_a_streamed_request_body_is_sent(nursery) -> None:
     peer = await Peer(lambda head, body: _ok(body)).start(nursery)
 
