@@ -23,9 +23,10 @@ phase; ``/metrics`` is answered while draining but needs a key like the API.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import os
 import re
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -62,6 +63,26 @@ _ROUTE_CACHE = 1024
 _CLIENT_GONE = 499
 
 
+#: The request headers the edge reads (ASGI servers give the names in lower case).
+_WANTED = frozenset(
+    {b"x-request-id", b"origin", b"authorization", b"x-api-key", b"content-length",
+     b"access-control-request-method", b"access-control-request-headers"}
+)
+#: Request ids the proxy makes: 32 hex digits, a random half per process and a counter.
+#: Unique like uuid4().hex for every practical purpose, at a fraction of its CPU.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The request headers the edge reads, decoded (the last of a repeated one wins); the rest are skipped."""
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw if name in _WANTED}
+
+
 def too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body too large: the limit is {limit} bytes ([proxy] max_body)")
 
@@ -81,11 +102,11 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        headers = _wanted_headers(scope["headers"])
         path, method = scope["path"], scope["method"]
         request_id = headers.get("x-request-id", "")
         if not _REQUEST_ID.match(request_id):
-            request_id = uuid.uuid4().hex
+            request_id = _new_request_id()
         exchange = Exchange(route=self._route(path, method), started=trio.current_time())
         lifecycle = self._proxy.lifecycle
         counted = path not in _UNCOUNTED
