@@ -115,9 +115,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _inherited() -> tuple[dict[str, str], str, frozenset[int]]:
+def _inherited() -> tuple[dict[str, str], str, frozenset[int] | None]:
     """What a child process inherits that the proxy could change while a spare waits."""
-    return dict(os.environ), os.getcwd(), frozenset(os.sched_getaffinity(0))
+    affinity = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return dict(os.environ), os.getcwd(), affinity
 
 
 def _lifeline_options(deliver_cancel: Callable[[trio.Process], Awaitable[object]]) -> dict[str, object]:
@@ -378,7 +379,13 @@ class ServerProcess:
                     text = line.decode("utf-8", "replace").rstrip()
                     if self.pid is None and text.startswith(_PID_LINE):
                         self.pid = int(text.removeprefix(_PID_LINE))
-                        log.info("%s: started llama-server pid %d on port %d", self.name, self.pid, self.port)
+                        log.info(
+                            "%s: started llama-server pid %d on port %d%s",
+                            self.name,
+                            self.pid,
+                            self.port,
+                            " (spare lifeline)" if self.took_spare else "",
+                        )
                     elif text:
                         self.tail.append(text)
                         log.debug("[%s] %s", self.name, text)
