@@ -143,7 +143,7 @@ class Lifeline:
 
     def __init__(self) -> None:
         self.process: trio.Process | None = None
-        #: Set when the process has exited and its pipes are closed.
+        #: Set when the process has exited (and, unless a ServerProcess took it, its pipes are closed).
         self.done = trio.Event()
         self._cancel_scope = trio.CancelScope()
         self._owner: ServerProcess | None = None
