@@ -156,6 +156,8 @@ class PoolConfig:
     queue_timeout: Duration = Duration(60.0)
     #: An idle server is stopped after this long; 0 keeps it.
     idle_ttl: Duration = Duration(0.0)
+    #: Keep one lifeline started ahead of the next load (a spare), so a load does not wait for its start.
+    spare_lifeline: bool = True
 
 
 @attrs.frozen

@@ -1,5 +1,9 @@
 """A lifeline between the proxy and one llama-server, run as ``python -S lifeline.py CMD ARGS...``.
 
+Or as ``python -S lifeline.py`` with no command: a spare, started ahead of a load, that
+reads its command line from stdin (see below) and then goes on exactly as if it had been
+given it as arguments.
+
 Why it exists: the kernel's parent-death signal (``PR_SET_PDEATHSIG``) fires when the
 *thread* that forked the child exits, and ``trio.run_process`` forks from a worker thread
 that retires after a few idle seconds. A llama-server tied to that thread would be killed
@@ -13,6 +17,13 @@ set (this program dies, llama-server dies), and then:
 * forwards SIGTERM and SIGINT to llama-server (the proxy's graceful stop);
 * kills llama-server when its stdin reaches EOF: the proxy is gone, however it died;
 * exits the way llama-server exited (same code, or the same signal).
+
+A spare reads one message from stdin: the length in bytes of what follows, in decimal, and
+a newline; then every argument followed by a NUL byte (an argument may hold a newline, never
+a NUL). It reads no further: stdin stays the pipe it watches for EOF. EOF before the whole
+message means the proxy gave up on it: it exits 0 and starts nothing. Everything it can do
+before it knows the command (its imports, loading libc) it does while it waits, so a load
+that takes a spare pays one read and the fork.
 
 It is a separate, synchronous program (standard library only, started with ``-S``): no
 Trio, no package imports, so it starts in milliseconds. Its start-up lies on the path
@@ -47,16 +58,46 @@ def _child(argv: list[str], parent: int, libc: ctypes.CDLL | None) -> None:
     os._exit(127)
 
 
+def _read_exactly(size: int) -> bytes | None:
+    """``size`` bytes of stdin, or None at EOF before them."""
+    data = b""
+    while len(data) < size:
+        chunk = os.read(0, size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _read_command() -> list[str] | None:
+    """A spare's command line from stdin (see the module docstring); None at EOF."""
+    header = b""
+    while not header.endswith(b"\n"):
+        byte = os.read(0, 1)  # one at a time: nothing past the header may be taken from the pipe
+        if not byte:
+            return None
+        header += byte
+    payload = _read_exactly(int(header))
+    if payload is None:
+        return None
+    return [os.fsdecode(arg) for arg in payload.split(b"\0")[:-1]]
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    if not argv:
-        print("usage: lifeline.py COMMAND [ARGS...]", file=sys.stderr)
-        return 2
     try:
         libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
     except OSError:
         libc = None
+    if not argv:  # a spare: wait for the command
+        command = _read_command()
+        if command is None:
+            return 0
+        argv = command
+    if not argv:
+        print("usage: lifeline.py COMMAND [ARGS...], or the command on stdin", file=sys.stderr)
+        return 2
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:

@@ -33,6 +33,11 @@ Theory of operation:
 * A Hugging Face model is downloaded (:meth:`Catalog.download`) before the request
   asks for a place: a download can take minutes and must neither hold a place nor
   evict anyone. The snapshot shows downloads in flight beside the servers.
+* A spare lifeline (``[pool] spare_lifeline``, see :mod:`smart_proxy.process`) is
+  kept started ahead, for the next load to take rather than wait for a lifeline's
+  start. The next spare starts ``_SPARE_DELAY`` after one is taken: while llama-server
+  loads (seconds), not in the first moments of the load, when the proxy's core takes
+  in the requests that wait for it. None is kept when no model can use llama-server.
 * Loads, evictions, crashes and queue waits are told to an optional
   :class:`PoolEvents` observer (the metrics); the pool never waits on it.
 """
@@ -56,7 +61,7 @@ from .catalog import Catalog
 from .config import Config, ModelConfig
 from .download import DownloadSnapshot
 from .errors import ModelLoadFailed, PoolBusy, ProxyError, UpstreamError
-from .process import ServerProcess, free_port
+from .process import Lifeline, ServerProcess, free_port
 
 __all__ = ["Lease", "Pool", "PoolEvents", "PoolSnapshot", "ServerSnapshot", "Slot", "State"]
 
@@ -65,6 +70,8 @@ log = logging.getLogger(__name__)
 #: A server that stayed up this long before crashing starts its failure count afresh.
 _STABLE_AFTER = 30.0
 _MAX_BACKOFF = 30.0
+#: How long after a load took the spare the next one starts.
+_SPARE_DELAY = 0.25
 
 
 def _only_cancelled(exc: BaseException) -> bool:
@@ -281,6 +288,12 @@ class Pool:
         self._queue: collections.deque[object] = collections.deque()
         self._changed_lot = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
+        #: The lifeline started ahead for the next load, if any (see the module docstring).
+        self._spare: Lifeline | None = None
+        self._spare_taken = trio.Event()
+        self._keep_spare = self._config.spare_lifeline and (
+            config.catalog.allow_hf or any(model.backend == "llama" for model in config.models.values())
+        )
 
     # ---- life of the pool ------------------------------------------------------------
 
@@ -290,18 +303,61 @@ class Pool:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._reap_idle)
+                if self._keep_spare:  # started before the first request can come
+                    await nursery.start(self._keep_a_spare)
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:
             self._nursery = None
 
     async def stop_all(self) -> None:
-        """Stop every server and wait until their processes have exited."""
+        """Stop every server and the spare lifeline, and wait until their processes have exited."""
+        self._keep_spare = False
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.cancel()
         servers = [server for server in self._servers if server.state in _LIVE]
         for server in servers:
             self._stop(server, "proxy shutting down")
         for server in servers:
             await server.gone.wait()
+        if spare is not None:
+            await spare.done.wait()
+
+    @property
+    def spare(self) -> Lifeline | None:
+        """The lifeline waiting for the next load, if any."""
+        return self._spare
+
+    async def _keep_a_spare(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a spare lifeline started; replace it ``_SPARE_DELAY`` after a load takes it."""
+        assert self._nursery is not None
+        while self._keep_spare:
+            if self._spare is None:  # else a load came while it started: the one there is still spare
+                spare = Lifeline()
+                try:
+                    await self._nursery.start(spare.run)
+                except OSError as exc:  # the next load starts its own lifeline, and tries again after
+                    log.warning("cannot start a spare lifeline: %s", exc)
+                else:
+                    if self._keep_spare and self._spare is None:
+                        self._spare = spare
+                    else:  # stop_all came while it started
+                        spare.cancel()
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
+            await self._spare_taken.wait()
+            self._spare_taken = trio.Event()
+            await trio.sleep(_SPARE_DELAY)
+
+    def _take_spare(self) -> Lifeline | None:
+        """The spare lifeline for a load about to start, if one is ready; the next starts soon."""
+        spare, self._spare = self._spare, None
+        self._spare_taken.set()
+        if spare is not None and not spare.available:
+            spare.cancel()  # died, or the environment llama-server would inherit changed
+            return None
+        return spare
 
     # ---- acquiring and releasing -----------------------------------------------------
 
@@ -496,6 +552,7 @@ class Pool:
                         http=self._http,
                         stop_timeout=self._config.stop_timeout,
                         on_ready=lambda: self._on_ready(server),
+                        lifeline=self._take_spare() if self._keep_spare else None,
                     )
                     server.process = process
                     stats.loads += 1

@@ -27,6 +27,18 @@ holds a pipe from the proxy: when the proxy dies, even by SIGKILL, the pipe clos
 and the lifeline kills llama-server (see that module for why a parent-death signal
 alone cannot work under ``trio.run_process``). Each lifeline has a session of its
 own, so a Ctrl-C in the terminal reaches only the proxy, which stops them in order.
+
+A load may take a :class:`Lifeline` started ahead (a spare, kept by the pool): a
+lifeline already running under :func:`trio.run_process` in a task of its own, waiting
+for its command line on stdin. That takes the ``Popen`` and the lifeline's Python
+start-up (20-45 ms, more on a busy core) off the load. :meth:`ServerProcess.run` then
+writes it the command and follows it with a task that stands where its own
+``run_process`` task would: cancelled, it cancels the spare's ``run_process``, whose
+``deliver_cancel`` is this ServerProcess's (SIGTERM, grace, SIGKILL, or
+``kill_on_stop``), and waits, shielded, until the process has exited; so stopping,
+timeouts and failures go exactly as with a lifeline started for the load. A spare is
+only handed out while the proxy's environment, working directory and CPU affinity are
+still those it was started with (what llama-server inherits through it).
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -48,7 +60,7 @@ import trio
 
 from .errors import ConfigError, ModelLoadFailed, ModelLoadTimeout, ProxyError
 
-__all__ = ["ServerProcess", "find_llama_server", "free_port"]
+__all__ = ["Lifeline", "ServerProcess", "find_llama_server", "free_port"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +115,108 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def _inherited() -> tuple[dict[str, str], str, frozenset[int] | None]:
+    """What a child process inherits that the proxy could change while a spare waits."""
+    affinity = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return dict(os.environ), os.getcwd(), affinity
+
+
+def _lifeline_options(deliver_cancel: Callable[[trio.Process], Awaitable[object]]) -> dict[str, object]:
+    return {
+        "check": False,
+        "stdin": subprocess.PIPE,  # the lifeline: never written (but a spare's command), closed when the proxy dies
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.STDOUT,
+        "start_new_session": True,
+        "deliver_cancel": deliver_cancel,
+    }
+
+
+class Lifeline:
+    """A lifeline started ahead of a load, waiting for its command line (a spare).
+
+    Run :meth:`run` as a task (``await nursery.start(lifeline.run)``); then one
+    :class:`ServerProcess` may take it (``ServerProcess(..., lifeline=lifeline)``).
+    Cancelling :meth:`run` stops it: an untaken spare by SIGKILL (it has nothing to
+    finish), a taken one the way its ServerProcess stops a llama-server.
+    """
+
+    def __init__(self) -> None:
+        self.process: trio.Process | None = None
+        #: Set when the process has exited (and, unless a ServerProcess took it, its pipes are closed).
+        self.done = trio.Event()
+        self._cancel_scope = trio.CancelScope()
+        self._owner: ServerProcess | None = None
+        self._inherited = _inherited()
+
+    @property
+    def available(self) -> bool:
+        """Running, not taken, and llama-server would inherit through it what it would now."""
+        return (
+            self._owner is None
+            and self.process is not None
+            and not self.done.is_set()
+            and self.process.returncode is None
+            and self._inherited == _inherited()
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[Lifeline] = trio.TASK_STATUS_IGNORED) -> None:
+        """The spare's whole life: start it, then wait until it exits. Cancel to stop it."""
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    self.process = await nursery.start(
+                        partial(trio.run_process, [sys.executable, "-S", _LIFELINE], **_lifeline_options(self._stop))
+                    )
+                    task_status.started(self)
+        finally:
+            # a taken spare's pipes are its ServerProcess's to close, once it has read the last output
+            if self._owner is None:
+                with trio.CancelScope(shield=True):
+                    await self._close_pipes()
+            self.done.set()
+
+    async def _close_pipes(self) -> None:
+        if self.process is not None:
+            for pipe in (self.process.stdin, self.process.stdout):
+                if pipe is not None:
+                    await pipe.aclose()
+
+    def cancel(self) -> None:
+        self._cancel_scope.cancel()
+
+    async def _take(self, owner: ServerProcess) -> bool:
+        """Give the spare ``owner``'s command line; False if it has died meanwhile.
+
+        From here on ``owner`` stops it (``deliver_cancel``) and closes its pipes.
+        """
+        assert self.available and self.process is not None and self.process.stdin is not None
+        self._owner = owner
+        payload = b"".join(os.fsencode(arg) + b"\0" for arg in owner.argv)
+        try:
+            await self.process.stdin.send_all(b"%d\n" % len(payload) + payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.CancelScope(shield=True):
+                await self._close_pipes()
+            return False
+        return True
+
+    async def _stop(self, process: trio.Process) -> None:
+        """deliver_cancel: the owner's stop, or SIGKILL for a spare nobody took."""
+        if self._owner is not None:
+            await self._owner._terminate(process)
+            return
+        try:
+            process.kill()
+        except OSError:
+            pass
+        await process.wait()
+
+    def __repr__(self) -> str:
+        pid = self.process.pid if self.process is not None else None
+        return f"<Lifeline pid={pid} {'taken' if self._owner is not None else 'spare'}>"
+
+
 class ServerProcess:
     """One llama-server: start, wait healthy, run until it exits or is cancelled."""
 
@@ -116,8 +230,13 @@ class ServerProcess:
         stop_timeout: float = 5.0,
         host: str = "127.0.0.1",
         on_ready: Callable[[], object] | None = None,
+        lifeline: Lifeline | None = None,
     ) -> None:
         self.argv = list(argv)
+        #: A spare to take rather than start a lifeline (see the module docstring).
+        self._lifeline = lifeline
+        #: The load took the spare.
+        self.took_spare = False
         self.name = name
         self.port = port
         self.host = host
@@ -148,18 +267,26 @@ class ServerProcess:
         """The process's whole life. Returns when it has exited; cancel to stop it."""
         try:
             async with trio.open_nursery() as nursery:
-                process: trio.Process = await nursery.start(
-                    partial(
-                        trio.run_process,
-                        [sys.executable, "-S", _LIFELINE, "--", *self.argv],
-                        check=False,
-                        stdin=subprocess.PIPE,  # the lifeline: never written, closed when the proxy dies
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        deliver_cancel=self._terminate,
+                process: trio.Process | None = None
+                if self._lifeline is not None:
+                    if self._lifeline.available:
+                        self._process = self._lifeline.process  # its pipes are ours to close (finally)
+                        # its task stands for run_process's: cancelled, it stops the spare
+                        nursery.start_soon(self._follow, self._lifeline)
+                        if await self._lifeline._take(self):
+                            process, self.took_spare = self._process, True
+                        else:  # it died waiting: start one as usual
+                            self._process = None
+                    else:
+                        self._lifeline.cancel()  # nobody else will take it
+                if process is None:
+                    process = await nursery.start(
+                        partial(
+                            trio.run_process,
+                            [sys.executable, "-S", _LIFELINE, "--", *self.argv],
+                            **_lifeline_options(self._terminate),
+                        )
                     )
-                )
                 self._process = process
                 assert process.stdout is not None
                 nursery.start_soon(self._read_output, process.stdout)
@@ -190,6 +317,17 @@ class ServerProcess:
                         if pipe is not None:
                             await pipe.aclose()
             self.exited.set()
+
+    @staticmethod
+    async def _follow(lifeline: Lifeline) -> None:
+        """Wait until a taken spare exits; cancelled, stop it and wait still (like run_process)."""
+        try:
+            await lifeline.done.wait()
+        finally:
+            if not lifeline.done.is_set():
+                with trio.CancelScope(shield=True):
+                    lifeline.cancel()
+                    await lifeline.done.wait()
 
     async def _wait_healthy(self, process: trio.Process) -> None:
         url = f"{self.base_url}/health"
@@ -241,7 +379,13 @@ class ServerProcess:
                     text = line.decode("utf-8", "replace").rstrip()
                     if self.pid is None and text.startswith(_PID_LINE):
                         self.pid = int(text.removeprefix(_PID_LINE))
-                        log.info("%s: started llama-server pid %d on port %d", self.name, self.pid, self.port)
+                        log.info(
+                            "%s: started llama-server pid %d on port %d%s",
+                            self.name,
+                            self.pid,
+                            self.port,
+                            " (spare lifeline)" if self.took_spare else "",
+                        )
                     elif text:
                         self.tail.append(text)
                         log.debug("[%s] %s", self.name, text)

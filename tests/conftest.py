@@ -95,6 +95,33 @@ def pids_alive(pids: list[int]) -> list[int]:
     return alive
 
 
+def lifelines(parent: int) -> list[int]:
+    """The running lifelines (smart_proxy/lifeline.py) that process ``parent`` started, its spare among them."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == parent and fields[0] not in ("Z", "X") and b"lifeline.py" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def open_pipes() -> set[str]:
+    """The pipes this process holds open (``pipe:[inode]``)."""
+    found = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if target.startswith("pipe:"):
+            found.add(target)
+    return found
+
+
 DEPLOY_DOC = Path(__file__).parent.parent / "docs" / "deploy.md"
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import signal
 
+import attrs
 import pytest
 import trio
 
+from smart_proxy import pool as pool_module
+from smart_proxy.config import ModelConfig
 from smart_proxy.errors import ModelLoadFailed, ModelLoadTimeout, ModelNotFound, PoolBusy
 from smart_proxy.pool import State
 
-from .conftest import pids_alive
+from .conftest import lifelines, open_pipes, pids_alive
 
 
 def _pids(pool) -> list[int]:
@@ -448,3 +451,116 @@ async def test_the_load_does_not_count_against_the_wait_for_a_slot(make_config, 
     got[0].release()
     first.release()
     second.release()
+
+
+# ---- the spare lifeline ------------------------------------------------------------------------
+
+
+def _lifeline_pid(server) -> int:
+    return server.process._process.pid
+
+
+async def test_a_load_takes_the_spare_and_the_next_one_starts(make_config, start_pool, monkeypatch) -> None:
+    monkeypatch.setattr(pool_module, "_SPARE_DELAY", 0.2)
+    pool = await start_pool(make_config({"a": {"load_delay": 1.0}, "b": {}}))
+    first = pool.spare
+    assert first is not None and first.available  # started with the pool, before any request
+    leases = []
+
+    async def use_a() -> None:
+        async with pool.lease("a") as lease:
+            leases.append(lease)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(use_a)
+        await trio.sleep(0.1)
+        assert pool.spare is None  # taken; the next one waits until the load is under way
+        with trio.fail_after(3):
+            while pool.spare is None:
+                await trio.sleep(0.02)
+        assert pool.servers("a")[0].state is State.STARTING  # it came during the load
+    [lease] = leases
+    assert lease.server.process.took_spare
+    assert _lifeline_pid(lease.server) == first.process.pid
+    second = pool.spare
+    assert second is not first and second.available
+    async with pool.lease("b") as lease:
+        assert _lifeline_pid(lease.server) == second.process.pid
+
+
+async def test_loads_that_find_no_spare_start_their_own_and_one_spare_follows(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}, "b": {}, "c": {}}, size=3))
+    leases = []
+
+    async def acquire(name: str) -> None:
+        leases.append(await pool.acquire(name))
+
+    async with trio.open_nursery() as nursery:  # three loads at once: one spare for them
+        for name in ("a", "b", "c"):
+            nursery.start_soon(acquire, name)
+    assert sorted(lease.server.process.took_spare for lease in leases) == [False, False, True]
+    await trio.sleep(1.0)
+    spare = pool.spare
+    assert spare is not None and spare.available
+    assert len(lifelines(os.getpid())) == 4  # three servers' and one spare: no second spare
+    for lease in leases:
+        lease.release()
+
+
+async def test_an_abandoned_load_on_the_spare_is_stopped(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {"load_delay": 30}}))
+    spare = pool.spare
+    assert spare is not None and spare.process is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.acquire, "a")
+        await trio.sleep(0.5)
+        [server] = pool.servers("a")
+        assert server.process.took_spare and server.process.pid is not None
+        nursery.cancel_scope.cancel()  # its only caller leaves: the load is cancelled
+    with trio.fail_after(3):
+        await server.gone.wait()
+    assert server.state is State.STOPPED and spare.done.is_set()
+    assert pids_alive([spare.process.pid, server.process.pid]) == []
+
+
+async def test_the_switch_off_starts_no_spare(make_config, start_pool) -> None:
+    pool = await start_pool(make_config({"a": {}}, spare_lifeline="false"))
+    assert pool.spare is None
+    async with pool.lease("a") as lease:
+        assert not lease.server.process.took_spare
+    await trio.sleep(0.5)
+    assert pool.spare is None
+    assert lifelines(os.getpid()) == [_lifeline_pid(lease.server)]
+
+
+async def test_an_ollama_only_catalog_starts_no_spare(make_config, start_pool) -> None:
+    config = make_config({})
+    config = attrs.evolve(
+        config, models={"o": ModelConfig(name="o", backend="ollama", url="http://127.0.0.1:9")}
+    )
+    pool = await start_pool(config)
+    assert pool.spare is None
+    assert lifelines(os.getpid()) == []
+
+
+async def test_stop_all_and_cancelling_the_pool_stop_the_spare(make_config, http) -> None:
+    from smart_proxy.catalog import Catalog
+    from smart_proxy.pool import Pool
+
+    config = make_config({"a": {}})
+    for stop_all in (True, False):
+        pool = Pool(config, Catalog(config.models, config.base_dir), http, config.pool.llama_server)
+        before = open_pipes()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            spare = pool.spare
+            assert spare is not None and spare.process is not None
+            if stop_all:
+                with trio.fail_after(3):
+                    await pool.stop_all()
+                assert spare.done.is_set() and pool.spare is None
+            nursery.cancel_scope.cancel()
+        assert pids_alive([spare.process.pid]) == []
+        assert lifelines(os.getpid()) == []
+        assert open_pipes() - before == set()
+

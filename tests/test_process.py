@@ -13,9 +13,10 @@ import pytest
 import trio
 
 from smart_proxy import process
-from smart_proxy.process import ServerProcess, free_port
+from smart_proxy.errors import ModelLoadFailed, ModelLoadTimeout
+from smart_proxy.process import Lifeline, ServerProcess, free_port
 
-from .conftest import ProxyProcess, pids_alive
+from .conftest import ProxyProcess, lifelines, open_pipes, pids_alive
 
 
 @pytest.fixture
@@ -45,6 +46,12 @@ def test_sigkill_of_the_proxy_leaves_no_llama_server(fake_ini: Path, tmp_path: P
     try:
         pids = _load(proxy)
         assert pids_alive(pids) == pids
+        deadline = time.monotonic() + 5  # the next spare starts 0.25 s after the load took the first
+        while len(lifelines(proxy.process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = lifelines(proxy.process.pid)
+        assert len(started) == 2  # the loaded server's and the spare, which sees its pipe close too
+        pids += started
         proxy.process.kill()
         proxy.process.wait(10)
         assert _wait_gone(pids) == []
@@ -100,23 +107,11 @@ async def _run_until_ready(
     return server
 
 
-def _pipes() -> set[str]:
-    found = set()
-    for fd in Path("/proc/self/fd").iterdir():
-        try:
-            target = str(fd.readlink())
-        except OSError:  # the listing's own descriptor, closed by now
-            continue
-        if target.startswith("pipe:"):
-            found.add(target)
-    return found
-
-
 async def test_a_finished_server_holds_no_pipe(fake_binary: str, tmp_path: Path, http: httpx.AsyncClient) -> None:
-    before = _pipes()
+    before = open_pipes()
     servers = [await _run_until_ready(fake_binary, tmp_path, http, {}) for _ in range(3)]
     assert all(server.exited.is_set() for server in servers)
-    assert _pipes() - before == set()  # while the ServerProcess objects are still alive
+    assert open_pipes() - before == set()  # while the ServerProcess objects are still alive
 
 
 async def test_a_loaded_line_triggers_the_health_check(
@@ -146,3 +141,169 @@ async def test_a_silent_load_is_not_taken_for_ready_by_the_hint_alone(
     server = await _run_until_ready(fake_binary, tmp_path, http, {"load_delay": 0.3, "silent_load": True}, within=1.5)
     assert "server is listening" in server.tail_text()
     assert not server.ready.is_set()
+
+
+# ---- a spare lifeline: started ahead, given its command at the load -----------------------------
+
+
+async def _spare(nursery: trio.Nursery) -> Lifeline:
+    spare = Lifeline()
+    await nursery.start(spare.run)
+    assert spare.available
+    return spare
+
+
+def _fake(fake_binary: str, tmp_path: Path, behaviour: dict) -> tuple[list[str], int]:
+    model = tmp_path / "m.json"
+    model.write_text(json.dumps(behaviour))
+    port = free_port()
+    return [fake_binary, "-m", str(model), "--port", str(port)], port
+
+
+async def test_a_load_takes_a_spare_lifeline(fake_binary: str, tmp_path: Path, http: httpx.AsyncClient) -> None:
+    before = open_pipes()
+    argv, port = _fake(fake_binary, tmp_path, {})
+    async with trio.open_nursery() as nursery:
+        spare = await _spare(nursery)
+        assert spare.process is not None
+        lifeline_pid = spare.process.pid
+        await trio.sleep(0.3)  # the spare has started its Python and waits for a command
+        assert pids_alive([lifeline_pid]) == [lifeline_pid]
+        server = ServerProcess(argv, name="m", port=port, http=http, lifeline=spare)
+        nursery.start_soon(server.run, 10.0)
+        with trio.fail_after(8):
+            await server.ready.wait()
+        assert server.took_spare and not spare.available
+        assert server._process is spare.process  # no lifeline was started for the load
+        assert server.pid is not None and server.pid != lifeline_pid
+        assert (await http.get(f"{server.base_url}/health")).status_code == 200
+        nursery.cancel_scope.cancel()
+    assert server.returncode == -signal.SIGTERM  # stopped the usual way: SIGTERM, forwarded
+    assert pids_alive([lifeline_pid, server.pid]) == []
+    assert spare.done.is_set()
+    assert open_pipes() - before == set()
+
+
+async def test_arguments_reach_the_command_as_they_are(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    argv = ["sh", "-c", 'for a in "$@"; do printf "<%s>\\n" "$a"; done; exit 3', "sh", "two\nlines", "", "x y", "é"]
+    async with trio.open_nursery() as nursery:
+        server = ServerProcess(argv, name="m", port=free_port(), http=http, lifeline=await _spare(nursery))
+        with trio.fail_after(5):
+            await server.run(10.0)
+    assert server.took_spare
+    assert isinstance(server.failure, ModelLoadFailed)
+    assert server.returncode == 3
+    assert server.tail_text().endswith("<two\nlines>\n<>\n<x y>\n<é>")  # a newline, an empty one, a space
+
+
+async def test_a_spare_load_that_exits_fails_fast_with_its_output(
+    fake_binary: str, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    before = open_pipes()
+    argv, port = _fake(fake_binary, tmp_path, {"exit_on_load": 2})
+    async with trio.open_nursery() as nursery:
+        server = ServerProcess(argv, name="m", port=port, http=http, lifeline=await _spare(nursery))
+        with trio.fail_after(5):
+            await server.run(30.0)
+    assert server.took_spare
+    assert isinstance(server.failure, ModelLoadFailed)
+    assert "exited with code 2" in server.failure.message
+    assert "invalid magic" in server.failure.message  # the last words, read before the pipe was closed
+    assert open_pipes() - before == set()
+
+
+async def test_a_spare_load_that_times_out_is_stopped(fake_binary: str, tmp_path: Path, http: httpx.AsyncClient) -> None:
+    argv, port = _fake(fake_binary, tmp_path, {"load_delay": 30})
+    async with trio.open_nursery() as nursery:
+        server = ServerProcess(argv, name="m", port=port, http=http, stop_timeout=2, lifeline=await _spare(nursery))
+        with trio.fail_after(5):
+            await server.run(0.5)
+    assert server.took_spare
+    assert isinstance(server.failure, ModelLoadTimeout)
+    assert server.pid is not None and pids_alive([server.pid]) == []
+    assert server.returncode == -signal.SIGTERM
+
+
+async def test_kill_on_stop_kills_a_spare_loads_server_at_once(
+    fake_binary: str, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    # ignores SIGTERM and the grace is long: only the SIGKILL to llama-server stops it in time
+    argv, port = _fake(fake_binary, tmp_path, {"ignore_sigterm": True})
+    async with trio.open_nursery() as nursery:
+        server = ServerProcess(argv, name="m", port=port, http=http, stop_timeout=20, lifeline=await _spare(nursery))
+        nursery.start_soon(server.run, 10.0)
+        with trio.fail_after(8):
+            await server.ready.wait()
+        server.kill_on_stop = True
+        stopping = trio.current_time()
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() - stopping < 5  # not the 20 s grace that ends in a SIGKILL to the lifeline
+    assert server.took_spare
+    assert server.returncode == -signal.SIGKILL
+
+
+async def test_a_spare_load_cancelled_before_the_command_is_written(
+    fake_binary: str, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    before = open_pipes()
+    argv, port = _fake(fake_binary, tmp_path, {})
+    async with trio.open_nursery() as nursery:
+        spare = await _spare(nursery)
+        server = ServerProcess(argv, name="m", port=port, http=http, lifeline=spare)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await server.run(10.0)
+        with trio.fail_after(2):
+            await spare.done.wait()
+    assert server.pid is None and server.exited.is_set()
+    assert open_pipes() - before == set()
+
+
+async def test_a_dead_spare_is_passed_over(fake_binary: str, tmp_path: Path, http: httpx.AsyncClient) -> None:
+    before = open_pipes()
+    argv, port = _fake(fake_binary, tmp_path, {})
+    async with trio.open_nursery() as nursery:
+        spare = await _spare(nursery)
+        assert spare.process is not None
+        spare.process.kill()
+        with trio.fail_after(2):
+            await spare.done.wait()
+        assert not spare.available
+        server = ServerProcess(argv, name="m", port=port, http=http, lifeline=spare)
+        nursery.start_soon(server.run, 10.0)
+        with trio.fail_after(8):
+            await server.ready.wait()
+        assert not server.took_spare  # it started a lifeline of its own
+        nursery.cancel_scope.cancel()
+    assert open_pipes() - before == set()
+
+
+async def test_a_spare_is_not_used_once_the_environment_changed(
+    fake_binary: str, tmp_path: Path, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = open_pipes()
+    argv, port = _fake(fake_binary, tmp_path, {})
+    async with trio.open_nursery() as nursery:
+        spare = await _spare(nursery)
+        monkeypatch.setenv("SMART_PROXY_TEST_SPARE", "1")  # llama-server would not inherit it from the spare
+        assert not spare.available
+        server = ServerProcess(argv, name="m", port=port, http=http, lifeline=spare)
+        nursery.start_soon(server.run, 10.0)
+        with trio.fail_after(8):
+            await server.ready.wait()
+        assert not server.took_spare
+        with trio.fail_after(2):  # the spare nobody can take is stopped
+            await spare.done.wait()
+        nursery.cancel_scope.cancel()
+    assert open_pipes() - before == set()
+
+
+async def test_an_untaken_spare_is_stopped_and_leaves_no_pipe() -> None:
+    before = open_pipes()
+    async with trio.open_nursery() as nursery:
+        spare = await _spare(nursery)
+        assert spare.process is not None
+        pid = spare.process.pid
+        nursery.cancel_scope.cancel()
+    assert spare.done.is_set() and pids_alive([pid]) == []
+    assert open_pipes() - before == set()
