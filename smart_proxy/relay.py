@@ -25,22 +25,23 @@ it here bounds the wait and keeps the connection pool as small as the server's
 slots (with httpx's own transport that mattered more: httpcore rescans every
 pooled connection on each request and release, encode/httpx#3215).
 
-A streamed answer is relayed by :class:`RelayBody`, a Quart response body. Its
-pump task reads the upstream body and puts each piece in a bounded channel
-*without waiting* while there is room, so it goes on reading for as long as the
-transport has bytes already received and parses them without I/O (the upstream
-transport hands over all the chunks of one network read as one piece; the pump
-iterates ``response.stream`` itself, skipping ``aiter_raw``'s layers); the response side takes
-everything that has piled up and sends it as one write. A model's tokens (one
-event per network read) still go out one by one as they come, but a burst that
-arrived in one read (a fast upstream, or a proxy that fell behind) costs one
-write through Quart, Hypercorn and h11 instead of one per event. The pump's
-nursery is opened in the body's ``__aenter__``, which Quart enters around its
-``async for``: no ``yield`` happens inside a nursery (PEP 789).
+A streamed answer is relayed by :class:`RelayBody`, a Quart response body that
+reads the upstream in the response's own task: each piece it hands Quart is what
+one read of the upstream gave (the upstream transport hands over all the chunks of
+one network read as one piece; the body iterates ``response.stream`` itself,
+skipping ``aiter_raw``'s layers). A model's tokens (one event per network read)
+go out one by one as they come; while a write to the client is slow, or the proxy
+falls behind, the events that arrive meanwhile wait in the kernel's buffer and the
+next read takes them all, so a burst costs one write through Quart, Hypercorn and
+h11 instead of one per event. (An earlier version read ahead in a pump task
+through a channel; with a transport that already hands over a read at a time, the
+second task and channel only added a task switch per event: 10-15 % of the CPU per
+relayed event at 64-512 streams.) Through the ordinary httpx client (an upstream
+Ollama) a piece is one chunk, as httpcore gives them.
 
 A body given a ``translation`` (Ollama's NDJSON made from llama-server's SSE,
-:class:`smart_proxy.ollama.NDJSONStream`) translates each piece in the pump and
-puts the lines it makes in the channel instead, so a burst is still one write;
+:class:`smart_proxy.ollama.NDJSONStream`) translates each piece as it is read and
+hands on the lines it makes instead, so a burst is still one write;
 once the upstream has ended, the translation's closing lines (Ollama's ``done``
 object) follow. ``on_done`` runs as soon as the upstream answer is closed, before
 those last lines go out, so a client that has the last line knows the lease is gone.
@@ -66,9 +67,6 @@ if TYPE_CHECKING:
 __all__ = ["RelayBody", "Translation", "Upstream", "make_client", "make_transport", "open_upstream"]
 
 log = logging.getLogger(__name__)
-
-#: Pieces the pump may read ahead of the client (each at most one network read, 64 KiB).
-_READ_AHEAD = 64
 
 #: How long an idle upstream connection is kept for reuse. llama-server (cpp-httplib)
 #: answers ``Keep-Alive: timeout=5, max=100`` and closes a connection idle for 5 s; a
@@ -230,27 +228,19 @@ class RelayBody(ResponseBody):
         self._on_error = on_error
         self._on_done = on_done
         self._translation = translation
-        self._send, self._receive = trio.open_memory_channel[bytes](_READ_AHEAD)
-        self._nursery_manager = trio.open_nursery()
-        self._nursery: trio.Nursery | None = None
+        # the raw body straight from the transport's stream: Response.aiter_raw adds two
+        # generator layers per piece (~0.5 us each time, measured) and nothing the relay needs
+        self._chunks = upstream.response.stream.__aiter__()
         self._entered = False
+        self._ended = False
+        self._finished = False
 
     async def __aenter__(self) -> RelayBody:
         self._entered = True
-        self._nursery = await self._nursery_manager.__aenter__()
-        self._nursery.start_soon(self._pump)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        assert self._nursery is not None
-        try:
-            self._nursery.cancel_scope.cancel()  # done, or the client left: stop reading
-            # the pump closes the upstream answer (shielded) before the nursery exits; the
-            # body's own exception (Cancelled when the client left) goes on unwrapped
-            await self._nursery_manager.__aexit__(None, None, None)
-        finally:
-            self._receive.close()
-            self._done()
+        await self._finish()  # done, or the client left (Cancelled goes on unwrapped)
 
     def __del__(self) -> None:
         # A client that leaves after the handler returned and before Quart starts the
@@ -269,54 +259,50 @@ class RelayBody(ResponseBody):
         if on_done is not None:
             on_done()
 
+    async def _finish(self) -> None:
+        """Close the upstream answer (whatever was left unread) and let go of the lease, once."""
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            with trio.CancelScope(shield=True):
+                await self._chunks.aclose()  # the stream or httpx's generator, closed now rather than by the GC
+                await self._upstream.aclose()
+        finally:
+            self._done()
+
     def __aiter__(self) -> RelayBody:
         return self
 
     async def __anext__(self) -> bytes:
-        try:
-            piece = await self._receive.receive()
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
-        more = []
-        while True:
-            try:
-                more.append(self._receive.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-        return b"".join([piece, *more]) if more else piece
-
-    async def _put(self, piece: bytes) -> None:
-        if not piece:
-            return
-        try:
-            self._send.send_nowait(piece)  # no checkpoint: keep parsing what is buffered
-        except trio.WouldBlock:
-            await self._send.send(piece)
-
-    async def _pump(self) -> None:
         translation = self._translation
-        with self._send:
-            # the raw body straight from the transport's stream: Response.aiter_raw adds two
-            # generator layers per piece (~0.5 us each time, measured) and nothing the relay needs
-            chunks = self._upstream.response.stream.__aiter__()
+        while not self._ended:
             try:
-                try:
-                    async for chunk in chunks:
-                        if translation is None:
-                            await self._put(chunk)
-                            continue
-                        await self._put(translation.feed(chunk))
-                        if translation.finished:
-                            break
-                except httpx.HTTPError as exc:
-                    reason = f"the upstream stream broke off: {describe(exc)}"
-                    log.warning("%s", reason)
-                    error = self._on_error(reason)
-                    await self._put(error if translation is None else translation.feed(error))
-            finally:
-                with trio.CancelScope(shield=True):
-                    await chunks.aclose()  # the stream or httpx's generator, closed now rather than by the GC
-                await self._upstream.aclose()
-                self._done()
-            if translation is not None:
-                await self._put(translation.close())
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                return await self._last(b"")
+            except httpx.HTTPError as exc:
+                reason = f"the upstream stream broke off: {describe(exc)}"
+                log.warning("%s", reason)
+                error = self._on_error(reason)
+                return await self._last(error if translation is None else translation.feed(error))
+            if translation is None:
+                if chunk:
+                    return chunk
+                continue
+            out = translation.feed(chunk)
+            if translation.finished:
+                return await self._last(out)
+            if out:
+                return out
+        raise StopAsyncIteration
+
+    async def _last(self, piece: bytes) -> bytes:
+        """The upstream has ended (or broke off): close it, then the last piece (and the translation's closing lines)."""
+        self._ended = True
+        await self._finish()
+        if self._translation is not None:
+            piece += self._translation.close()
+        if not piece:
+            raise StopAsyncIteration
+        return piece

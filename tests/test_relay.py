@@ -6,18 +6,28 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections.abc import AsyncIterator
 from functools import partial
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
 from smart_proxy import ollama as translate
 from smart_proxy.api.openai import sse_error
-from smart_proxy.relay import RelayBody, open_upstream
+from smart_proxy.relay import RelayBody, make_transport, open_upstream
+from smart_proxy.upstream import UpstreamTransport
 
 
-async def _body(make_config, start_pool, http: httpx.AsyncClient, **behaviour):
+@pytest.fixture
+async def llama() -> AsyncIterator[UpstreamTransport]:
+    """The transport the proxy relays llama-servers' answers through (it hands over a network read at a time)."""
+    async with make_transport() as transport:
+        yield transport
+
+
+async def _body(make_config, start_pool, http: httpx.AsyncClient | UpstreamTransport, **behaviour):
     pool = await start_pool(make_config({"a": {"tokens": 50, "token_delay": 0.01, **behaviour}}))
     lease = await pool.acquire("a")
     request = json.dumps({"prompt": "x", "stream": True}).encode()
@@ -40,8 +50,8 @@ async def test_relayed_to_the_end(make_config, start_pool, http) -> None:
     assert lease.server.limiter.borrowed_tokens == 0
 
 
-async def test_a_burst_goes_out_in_fewer_pieces(make_config, start_pool, http) -> None:
-    lease, upstream, body, released = await _body(make_config, start_pool, http, tokens=2000, token_delay=0)
+async def test_a_burst_goes_out_in_fewer_pieces(make_config, start_pool, llama) -> None:
+    lease, upstream, body, released = await _body(make_config, start_pool, llama, tokens=2000, token_delay=0)
     pieces = []
     async with body:
         await trio.sleep(0.3)  # let the burst arrive while nobody reads
@@ -90,7 +100,7 @@ def _one_line_per_event(sse: bytes) -> bytes:
     return b"".join(lines + [translate.ndjson(obj) for obj in answer.final()])
 
 
-async def _ndjson_body(make_config, start_pool, http: httpx.AsyncClient, **behaviour):
+async def _ndjson_body(make_config, start_pool, http: httpx.AsyncClient, via: UpstreamTransport, **behaviour):
     pool = await start_pool(make_config({"a": {"token_delay": 0, **behaviour}}))
     lease = await pool.acquire("a")
     call = translate.chat_request({"messages": [{"role": "user", "content": "x"}]}, "a")
@@ -98,7 +108,7 @@ async def _ndjson_body(make_config, start_pool, http: httpx.AsyncClient, **behav
     url = lease.base_url + call.path
     # the same answer, unrelayed, to compare with (a stream that breaks off has none)
     sse = (await http.post(url, content=request)).content if "break_after" not in behaviour else b""
-    upstream = await open_upstream(http, "POST", url, content=request, lease=lease)
+    upstream = await open_upstream(via, "POST", url, content=request, lease=lease)
     released = []
 
     def release() -> None:
@@ -110,8 +120,8 @@ async def _ndjson_body(make_config, start_pool, http: httpx.AsyncClient, **behav
     return lease, upstream, body, released, sse
 
 
-async def test_an_ndjson_burst_goes_out_in_fewer_pieces(make_config, start_pool, http) -> None:
-    lease, upstream, body, released, sse = await _ndjson_body(make_config, start_pool, http, tokens=2000)
+async def test_an_ndjson_burst_goes_out_in_fewer_pieces(make_config, start_pool, http, llama) -> None:
+    lease, upstream, body, released, sse = await _ndjson_body(make_config, start_pool, http, llama, tokens=2000)
     pieces = []
     async with body:
         await trio.sleep(0.3)  # let the burst arrive while nobody reads
@@ -128,8 +138,8 @@ async def test_an_ndjson_burst_goes_out_in_fewer_pieces(make_config, start_pool,
     assert lease.server.limiter.borrowed_tokens == 0
 
 
-async def test_an_ndjson_stream_breaking_off_ends_with_its_error_line(make_config, start_pool, http) -> None:
-    lease, upstream, body, released, _ = await _ndjson_body(make_config, start_pool, http, tokens=50, break_after=5)
+async def test_an_ndjson_stream_breaking_off_ends_with_its_error_line(make_config, start_pool, http, llama) -> None:
+    lease, upstream, body, released, _ = await _ndjson_body(make_config, start_pool, http, llama, tokens=50, break_after=5)
     async with body:
         data = b"".join([piece async for piece in body])
     lines = _masked(data)
@@ -139,8 +149,8 @@ async def test_an_ndjson_stream_breaking_off_ends_with_its_error_line(make_confi
     assert lease.server.limiter.borrowed_tokens == 0
 
 
-async def test_client_leaving_an_ndjson_stream_closes_the_upstream(make_config, start_pool, http) -> None:
-    lease, upstream, body, released, _ = await _ndjson_body(make_config, start_pool, http, tokens=1000, token_delay=0.01)
+async def test_client_leaving_an_ndjson_stream_closes_the_upstream(make_config, start_pool, http, llama) -> None:
+    lease, upstream, body, released, _ = await _ndjson_body(make_config, start_pool, http, llama, tokens=1000, token_delay=0.01)
     with trio.move_on_after(0.2):
         async with body:
             async for _ in body:
