@@ -13,8 +13,8 @@ For each request it
    over ``[proxy] max_body`` (a chunked body over it gets 413 from Quart's own
    limit, which is set to the same value);
 5. counts it in flight for the drain (probes and scrapes are not counted, so they
-   never hold a shutdown up), and once the last byte has gone, hands the exchange
-   to the metrics and writes one access line.
+   never hold a shutdown up), and as the last byte goes out (or once the client
+   has gone), hands the exchange to the metrics and writes one access line.
 
 The probes (``/health``, ``/health/ready``) are public and answered in every
 phase; ``/metrics`` is answered while draining but needs a key like the API.
@@ -120,7 +120,32 @@ class EdgeMiddleware:
                 exchange.response_started(message["status"], content_type.decode("latin-1"))
             elif message["type"] == "http.response.body":
                 exchange.body_sent(message.get("body", b""))
+                if not message.get("more_body", False):
+                    # counted and logged before the last write, not after: a client that has
+                    # the whole answer finds it in /metrics (and a test can rely on that)
+                    finish()
             await send(message)
+
+        finished = False
+
+        def finish() -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            if not exchange.status:
+                exchange.status = _CLIENT_GONE
+            self._proxy.metrics.observe(exchange)
+            seconds = trio.current_time() - exchange.started
+            log.log(
+                logging.INFO if counted else logging.DEBUG,
+                "%s %s %d %.3fs%s",
+                method,
+                path,
+                exchange.status,
+                seconds,
+                f" model={exchange.model}" if exchange.model else "",
+            )
 
         id_token = logs.request_id.set(request_id)
         exchange_token = current_exchange.set(exchange)
@@ -135,19 +160,7 @@ class EdgeMiddleware:
         finally:
             if counted:
                 lifecycle.leave()
-            if not exchange.status:
-                exchange.status = _CLIENT_GONE
-            self._proxy.metrics.observe(exchange)
-            seconds = trio.current_time() - exchange.started
-            log.log(
-                logging.INFO if counted else logging.DEBUG,
-                "%s %s %d %.3fs%s",
-                method,
-                path,
-                exchange.status,
-                seconds,
-                f" model={exchange.model}" if exchange.model else "",
-            )
+            finish()
             current_exchange.reset(exchange_token)
             logs.request_id.reset(id_token)
 

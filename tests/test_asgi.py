@@ -114,3 +114,29 @@ async def test_a_client_leaving_mid_request_cancels_it_and_releases_the_lease(ma
     (server,) = pool.servers()
     assert exchange.sent == []  # cancelled before any answer
     assert server.in_flight == 0 and server.limiter.borrowed_tokens == 0
+
+
+async def test_an_answer_is_counted_before_its_last_message_goes_out(make_config, start_pool, http, nursery):
+    # a client that has the whole answer and then scrapes /metrics must find it there
+    app, _ = await _app(make_config, start_pool, http, nursery)
+    proxy = app.extensions["smart_proxy"]
+    counted_when_sent = []
+
+    class Watched(Exchange):
+        async def run(self) -> list[dict]:
+            self.to_app.send_nowait({"type": "http.request", "body": self.body, "more_body": False})
+
+            async def send(message: dict) -> None:
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    labels = {"route": "/v1/chat/completions", "model": "a", "status": "200"}
+                    counted_when_sent.append(proxy.metrics.registry.get_sample_value("smart_proxy_requests_total", labels))
+                self.sent.append(message)
+                await trio.lowlevel.checkpoint()
+
+            await self.app(self.scope, self._receive.receive, send)
+            return self.sent
+
+    for stream in (False, True):
+        payload = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": stream}
+        await Watched(app, payload).run()
+    assert counted_when_sent == [1, 2]  # each counted before its last message went out
