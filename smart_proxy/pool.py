@@ -375,14 +375,10 @@ class Pool:
         deadline = trio.current_time() + self._config.queue_timeout
         while True:
             lock = self._locks[model.name]
-            try:
-                # free, and nobody waiting for it: no checkpoint (as for a free slot in take_slot)
-                lock.acquire_nowait()
-            except trio.WouldBlock:
-                with trio.move_on_at(deadline) as waiting:
-                    await lock.acquire()
-                if waiting.cancelled_caught:
-                    raise self._busy(f"no room in the pool within queue_timeout ({self._config.queue_timeout:g}s)") from None
+            with trio.move_on_at(deadline) as waiting:
+                await lock.acquire()
+            if waiting.cancelled_caught:
+                raise self._busy(f"no room in the pool within queue_timeout ({self._config.queue_timeout:g}s)")
             try:
                 server = self._choose(model)
                 if server is None:
