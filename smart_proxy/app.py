@@ -25,7 +25,7 @@ from .auth import ApiKeys
 from .backends.ollama import UpstreamMonitor
 from .catalog import Catalog
 from .config import Config
-from .errors import ProxyError
+from .errors import ProxyError, too_large
 from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .pool import Pool
@@ -34,6 +34,9 @@ from .upstream import UpstreamTransport
 __all__ = ["ProxyState", "create_app", "state"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds a client has to send its request body (Quart's ``BODY_TIMEOUT``, and smart_proxy.direct's).
+BODY_TIMEOUT = 300
 
 
 @attrs.frozen
@@ -75,13 +78,13 @@ def error_response(exc: ProxyError, path: str) -> Response:
 
 def create_app(proxy_state: ProxyState) -> Quart:
     from .api import admin, ollama, openai
-    from .middleware import EdgeMiddleware, too_large
+    from .middleware import EdgeMiddleware
 
     app = QuartTrio("smart_proxy")
     app.asgi_http_class = HTTPConnection  # type: ignore[assignment]
     # Generations stream for minutes; bodies (embedding batches) can be large.
     app.config["RESPONSE_TIMEOUT"] = None
-    app.config["BODY_TIMEOUT"] = 300
+    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT
     app.config["MAX_CONTENT_LENGTH"] = proxy_state.config.proxy.max_body
     app.extensions["smart_proxy"] = proxy_state
     app.register_blueprint(openai.blueprint)

@@ -35,6 +35,7 @@ __all__ = [
     "ShuttingDown",
     "Unauthorized",
     "UpstreamError",
+    "too_large",
 ]
 
 
@@ -113,3 +114,8 @@ class ModelLoadTimeout(ProxyError):
 class InsufficientStorage(ProxyError):
     status = 507
     kind = "insufficient_storage"
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    """The error for a request body over ``[proxy] max_body``."""
+    return PayloadTooLarge(f"request body too large: the limit is {limit} bytes ([proxy] max_body)")

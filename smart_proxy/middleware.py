@@ -37,10 +37,12 @@ from werkzeug.routing import RoutingException
 
 from . import logs
 from .app import ProxyState, error_response
-from .errors import PayloadTooLarge, ProxyError, ShuttingDown
+from .direct import ROUTES as DIRECT_ROUTES
+from .direct import relay, send_response
+from .errors import ProxyError, ShuttingDown, too_large
 from .metrics import Exchange, current_exchange
 
-__all__ = ["PUBLIC_PATHS", "EdgeMiddleware", "too_large"]
+__all__ = ["PUBLIC_PATHS", "EdgeMiddleware"]
 
 log = logging.getLogger("smart_proxy.access")
 
@@ -83,10 +85,6 @@ def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw if name in _WANTED}
 
 
-def too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body too large: the limit is {limit} bytes ([proxy] max_body)")
-
-
 class EdgeMiddleware:
     def __init__(self, app: Quart, proxy: ProxyState) -> None:
         self._app = app.asgi_app
@@ -97,6 +95,8 @@ class EdgeMiddleware:
         self._route = functools.lru_cache(maxsize=_ROUTE_CACHE)(self._match_route)
         self._origins = frozenset(proxy.config.proxy.cors_origins)
         self._max_body = proxy.config.proxy.max_body
+        #: The paths whose POST is relayed by smart_proxy.direct rather than Quart (empty: all go to Quart).
+        self.direct_routes = DIRECT_ROUTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -153,10 +153,12 @@ class EdgeMiddleware:
             lifecycle.enter()
         try:
             early = self._gate(path, method, headers)
-            if early is None:
-                await self._app(scope, receive, send_observed)
+            if early is not None:
+                await send_response(send_observed, early)
+            elif method == "POST" and path in self.direct_routes:
+                await relay(self._proxy, scope, receive, send_observed, self._app)
             else:
-                await _send_response(send_observed, early)
+                await self._app(scope, receive, send_observed)
         finally:
             if counted:
                 lifecycle.leave()
@@ -216,9 +218,3 @@ class EdgeMiddleware:
             extra.append((b"connection", b"close"))  # let clients reconnect to an instance that stays
         return extra
 
-
-async def _send_response(send: Send, response: Response) -> None:
-    body = await response.get_data()
-    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in response.headers.items()]
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,74 +1,31 @@
 """asgi.py: the app's ASGI messages per answer (two for a bytes body, Quart's framing for a stream)
-and a client that leaves mid-request cancelling its handler and releasing the lease."""
+and a client that leaves mid-request cancelling its handler and releasing the lease.
+
+Each test runs twice: through Quart (``quart``) and through smart_proxy.direct (``direct``),
+which answers the relay routes without Quart and must keep the same framing and semantics."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 
-from smart_proxy.app import ProxyState, create_app
-from smart_proxy.asgi import HTTPConnection
-from smart_proxy.catalog import Catalog
-from smart_proxy.lifecycle import Phase
-from smart_proxy.relay import make_transport
+from .asgi_driver import Exchange, make_app
 
 
-def _scope(path: str, body: bytes) -> dict:
-    headers = [(b"host", b"proxy"), (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    return {"type": "http", "http_version": "1.1", "asgi": {"spec_version": "2.1", "version": "3.0"},
-            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "root_path": "", "headers": headers, "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080),
-            "state": {}, "extensions": {}}
-
-
-class Exchange:
-    """One request driven through the app as Hypercorn would: body queued, messages recorded."""
-
-    def __init__(self, app, payload: dict, path: str = "/v1/chat/completions") -> None:
-        self.app = app
-        self.body = json.dumps(payload).encode()
-        self.scope = _scope(path, self.body)
-        self.to_app, self._receive = trio.open_memory_channel[dict](10)
-        self.sent: list[dict] = []
-
-    async def run(self) -> list[dict]:
-        self.to_app.send_nowait({"type": "http.request", "body": self.body, "more_body": True})
-        self.to_app.send_nowait({"type": "http.request", "body": b"", "more_body": False})
-
-        async def send(message: dict) -> None:
-            self.sent.append(message)
-            await trio.lowlevel.checkpoint()
-
-        await self.app(self.scope, self._receive.receive, send)
-        return self.sent
-
-
-async def _app(make_config, start_pool, http, nursery, **behaviour):
-    config = make_config({"a": {"slots": 1, **behaviour}})
-    pool = await start_pool(config)
-    llama = make_transport()
-    nursery.start_soon(_close_at_end, llama)
-    proxy = ProxyState(config, Catalog(config.models, config.base_dir), pool, http, llama=llama)
-    proxy.lifecycle.move(Phase.READY)
-    app = create_app(proxy)
-    assert app.asgi_http_class is HTTPConnection
-    return app, pool
-
-
-async def _close_at_end(llama) -> None:
-    try:
-        await trio.sleep_forever()
-    finally:
-        await llama.aclose()
+@pytest.fixture(params=["quart", "direct"])
+def path(request) -> str:
+    """Which path answers the relay routes: Quart's handler, or smart_proxy.direct."""
+    return request.param
 
 
 def _headers(start: dict) -> dict[bytes, bytes]:
     return dict(start["headers"])
 
 
-async def test_a_non_streamed_answer_is_a_start_and_one_last_body_message(make_config, start_pool, http, nursery):
-    app, pool = await _app(make_config, start_pool, http, nursery)
+async def test_a_non_streamed_answer_is_a_start_and_one_last_body_message(make_config, start_pool, http, nursery, path):
+    app, pool = await make_app(make_config, start_pool, http, nursery, path)
     payload = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     start, body = await Exchange(app, payload).run()
     assert start["type"] == "http.response.start" and start["status"] == 200
@@ -81,16 +38,16 @@ async def test_a_non_streamed_answer_is_a_start_and_one_last_body_message(make_c
     assert server.in_flight == 0 and server.limiter.borrowed_tokens == 0
 
 
-async def test_an_error_answer_is_two_messages_too(make_config, start_pool, http, nursery):
-    app, _ = await _app(make_config, start_pool, http, nursery)
+async def test_an_error_answer_is_two_messages_too(make_config, start_pool, http, nursery, path):
+    app, _ = await make_app(make_config, start_pool, http, nursery, path)
     start, body = await Exchange(app, {"model": "nope", "messages": []}).run()
     assert start["status"] == 404 and body["more_body"] is False
     assert json.loads(body["body"])["error"]["code"] == 404
     assert int(_headers(start)[b"content-length"]) == len(body["body"])
 
 
-async def test_a_streamed_answer_keeps_quarts_framing(make_config, start_pool, http, nursery):
-    app, _ = await _app(make_config, start_pool, http, nursery)
+async def test_a_streamed_answer_keeps_quarts_framing(make_config, start_pool, http, nursery, path):
+    app, _ = await make_app(make_config, start_pool, http, nursery, path)
     payload = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
     start, *pieces = await Exchange(app, payload).run()
     assert start["status"] == 200 and _headers(start)[b"content-type"].startswith(b"text/event-stream")
@@ -100,9 +57,9 @@ async def test_a_streamed_answer_keeps_quarts_framing(make_config, start_pool, h
     assert b"".join(piece["body"] for piece in pieces).endswith(b"data: [DONE]\n\n")
 
 
-async def test_a_client_leaving_mid_request_cancels_it_and_releases_the_lease(make_config, start_pool, http, nursery):
+async def test_a_client_leaving_mid_request_cancels_it_and_releases_the_lease(make_config, start_pool, http, nursery, path):
     # the upstream takes 20 x 0.5 s to answer; the client leaves while it works
-    app, pool = await _app(make_config, start_pool, http, nursery, token_delay=0.5)
+    app, pool = await make_app(make_config, start_pool, http, nursery, path, token_delay=0.5)
     payload = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
     exchange = Exchange(app, payload)
     with trio.fail_after(8):
@@ -116,9 +73,9 @@ async def test_a_client_leaving_mid_request_cancels_it_and_releases_the_lease(ma
     assert server.in_flight == 0 and server.limiter.borrowed_tokens == 0
 
 
-async def test_an_answer_is_counted_before_its_last_message_goes_out(make_config, start_pool, http, nursery):
+async def test_an_answer_is_counted_before_its_last_message_goes_out(make_config, start_pool, http, nursery, path):
     # a client that has the whole answer and then scrapes /metrics must find it there
-    app, _ = await _app(make_config, start_pool, http, nursery)
+    app, _ = await make_app(make_config, start_pool, http, nursery, path)
     proxy = app.extensions["smart_proxy"]
     counted_when_sent = []
 

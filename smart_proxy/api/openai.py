@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING, NamedTuple
 
 from quart import Blueprint, Response, request
 
@@ -22,13 +23,29 @@ from ..app import error_response as dialect_error
 from ..backends import ollama as ollama_backend
 from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
-from ..relay import RelayBody, open_upstream
+from ..relay import RelayBody, Upstream, open_upstream
 
-__all__ = ["blueprint", "chain_error", "error_response", "parse_body"]
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+    from ..pool import Lease
+
+__all__ = [
+    "REQUIRED",
+    "SSE_HEADERS",
+    "Plan",
+    "blueprint",
+    "chain_error",
+    "error_response",
+    "open_relay",
+    "parse_body",
+    "plan",
+    "sse_error",
+    "streams",
+]
 
 blueprint = Blueprint("openai", __name__)
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def error_response(exc: ProxyError) -> Response:
@@ -53,30 +70,58 @@ def parse_body(raw: bytes) -> dict:
     return payload
 
 
-async def forward(path: str, required: str) -> Response:
-    """Forward the current request to a llama-server for its model."""
-    raw = await request.get_data(as_text=False)
+#: The field each relayed route requires besides ``model``.
+REQUIRED = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/embeddings": "input"}
+
+
+class Plan(NamedTuple):
+    """What to do with a relayed request: its body, parsed, the model it names, and its agents."""
+
+    payload: dict
+    target: ModelConfig
+    #: The agents its leading slash commands switch on, or None.
+    chain: Chain | None
+
+    @property
+    def relayed(self) -> bool:
+        """Sent to a llama-server as it came (no agents, no Ollama upstream)."""
+        return self.chain is None and self.target.backend != "ollama"
+
+
+def plan(proxy: ProxyState, path: str, raw: bytes) -> Plan:
+    """Check the body of a request to ``path`` (one of :data:`REQUIRED`) and find what serves it.
+
+    Raises:
+        BadRequest: the body is not a JSON object, or lacks ``model`` or the route's required field.
+        ModelNotFound, ModelNotAllowed: as :meth:`smart_proxy.catalog.Catalog.get`.
+    """
     payload = parse_body(raw)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("missing 'model': name the model to use")
+    required = REQUIRED[path]
     if required not in payload:
         raise BadRequest(f"missing {required!r}")
-    proxy = state()
     target = proxy.catalog.get(model)
     note_model(target.name)
     chain = proxy.agents.activate(payload, _AGENT_KINDS[path]) if path in _AGENT_KINDS else None
+    return Plan(payload, target, chain)
+
+
+async def forward(path: str) -> Response:
+    """Forward the current request to what serves its model (see :mod:`smart_proxy.direct` for the common case)."""
+    raw = await request.get_data(as_text=False)
+    proxy = state()
+    payload, target, chain = plan(proxy, path, raw)
     if chain is not None:
         return await forward_with_agents(proxy, path, chain)
     if target.backend == "ollama":  # served by an upstream Ollama through its /v1 routes, not the pool
         return await ollama_backend.forward(proxy.http, target, "POST", path, payload=payload, raw=raw)
-    return await send(proxy, path, model, raw, stream=payload.get("stream") is True)
+    return await send(proxy, path, target.name, raw, stream=payload.get("stream") is True)
 
 
-async def send(
-    proxy: ProxyState, path: str, model: str, body: bytes, *, stream: bool, headers: dict[str, str] | None = None
-) -> Response:
-    """POST ``body`` to a llama-server for ``model`` and relay its answer (a stream as it arrives)."""
+async def open_relay(proxy: ProxyState, path: str, model: str, body: bytes) -> tuple[Lease, Upstream]:
+    """POST ``body`` to a llama-server for ``model``; its answer's headers are in, and the lease is the caller's."""
     lease = await proxy.pool.acquire(model)
     try:
         upstream = await open_upstream(
@@ -90,11 +135,24 @@ async def send(
     except BaseException:
         lease.release()
         raise
-    if stream and upstream.status_code == 200:
+    return lease, upstream
+
+
+def streams(upstream: Upstream, stream: bool) -> bool:
+    """Whether the answer is relayed as a stream (asked for, and the upstream did not answer an error)."""
+    return stream and upstream.status_code == 200
+
+
+async def send(
+    proxy: ProxyState, path: str, model: str, body: bytes, *, stream: bool, headers: dict[str, str] | None = None
+) -> Response:
+    """POST ``body`` to a llama-server for ``model`` and relay its answer (a stream as it arrives)."""
+    lease, upstream = await open_relay(proxy, path, model, body)
+    if streams(upstream, stream):
         return Response(
             RelayBody(upstream, on_error=sse_error, on_done=lease.release),
             status=upstream.status_code,
-            headers={**upstream.headers, **_SSE_HEADERS, **(headers or {})},
+            headers={**upstream.headers, **SSE_HEADERS, **(headers or {})},
         )
     try:
         answer = await upstream.read()
@@ -105,17 +163,17 @@ async def send(
 
 @blueprint.post("/v1/chat/completions")
 async def chat_completions() -> Response:
-    return await forward("/v1/chat/completions", "messages")
+    return await forward("/v1/chat/completions")
 
 
 @blueprint.post("/v1/completions")
 async def completions() -> Response:
-    return await forward("/v1/completions", "prompt")
+    return await forward("/v1/completions")
 
 
 @blueprint.post("/v1/embeddings")
 async def embeddings() -> Response:
-    return await forward("/v1/embeddings", "input")
+    return await forward("/v1/embeddings")
 
 
 @blueprint.get("/v1/models")
@@ -169,7 +227,7 @@ async def forward_with_agents(proxy: ProxyState, path: str, chain: Chain) -> Res
     if ctx.stream:
         return Response(
             replay_sse(response, ctx.kind),
-            headers={"Content-Type": "text/event-stream", **_SSE_HEADERS, **ctx.headers()},
+            headers={"Content-Type": "text/event-stream", **SSE_HEADERS, **ctx.headers()},
         )
     return Response(json.dumps(response), content_type="application/json", headers=ctx.headers())
 

@@ -1,0 +1,174 @@
+"""The OpenAI relay routes answered on raw ASGI, without Quart's per-request machinery.
+
+Theory of operation: the edge middleware (:mod:`smart_proxy.middleware`) hands a
+``POST`` to one of the routes that only forward (``/v1/chat/completions``,
+``/v1/completions``, ``/v1/embeddings``; :data:`ROUTES`) to :func:`relay` instead
+of the Quart app. :func:`relay` does what the route's Quart handler
+(:func:`smart_proxy.api.openai.forward`) does for a request that goes to a
+llama-server as it came: read the body, check it (:func:`~smart_proxy.api.openai.plan`),
+take a lease and a slot, send, and relay the answer, a stream piece by piece as it
+comes (:class:`~smart_proxy.relay.RelayBody`). What it leaves out is what Quart
+does for every request besides: its ``Request`` with its ``Headers`` and body
+object, the app and request contexts and their signals, URL matching, the
+``Response`` object and its headers, a second task to send the answer. In profiles
+of the overhead benchmark that was about a fifth of the proxy's CPU per request.
+
+The answers are the Quart route's: the same status, body and headers (Hypercorn
+adds ``date`` and ``server`` to both), errors in the OpenAI dialect with the same
+messages (``tests/test_direct.py`` compares the two paths). A request this module
+does not relay itself (agent commands, a model served by an Ollama upstream) goes
+on to the Quart app with the body it has read replayed, so there is one place that
+knows how to run agents.
+
+A client that leaves cancels the relay, as it cancels a Quart handler
+(:mod:`smart_proxy.asgi`): while the answer is prepared and sent, a task waits on
+``receive`` for ``http.disconnect``. The cancellation closes the upstream request
+(which makes llama-server stop generating) and lets go of the lease.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+from quart import Response
+
+from .api import openai
+from .app import BODY_TIMEOUT, ProxyState, error_response
+from .errors import ProxyError, too_large
+from .relay import RelayBody
+
+__all__ = ["ROUTES", "relay", "send_response"]
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: The paths :func:`relay` answers (for ``POST``).
+ROUTES = frozenset(openai.REQUIRED)
+
+_SSE_HEADERS = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in openai.SSE_HEADERS.items()]
+
+
+class BodyTimeout(ProxyError):
+    status = 408
+    kind = "invalid_request_error"
+
+
+async def relay(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
+    """Answer a ``POST`` to one of :data:`ROUTES`; see the module docstring. ``app`` takes what is not relayed."""
+    path = scope["path"]
+    try:
+        raw = await read_body(receive, proxy.config.proxy.max_body)
+        if raw is None:
+            return  # the client left before its request was in
+        plan = openai.plan(proxy, path, raw)
+    except ProxyError as exc:
+        await send_response(send, error_response(exc, path))
+        return
+    if not plan.relayed:
+        await app(scope, _replay(raw, receive), send)
+        return
+    started = False
+
+    async def send_start(message: Message) -> None:
+        nonlocal started
+        started = True
+        await send(message)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+        try:
+            await _forward(proxy, path, plan, raw, send_start, send)
+        except ProxyError as exc:
+            if started:  # not raised once the answer has started; but never send two
+                raise
+            await send_response(send, error_response(exc, path))
+        except Exception as exc:
+            log.exception("unexpected error on POST %s", path)
+            if started:
+                raise
+            error = ProxyError(f"internal error: {type(exc).__name__}: {exc}")
+            await send_response(send, error_response(error, path))
+        nursery.cancel_scope.cancel()  # the watcher: the answer is out
+
+
+async def _forward(
+    proxy: ProxyState, path: str, plan: openai.Plan, raw: bytes, send_start: Send, send: Send
+) -> None:
+    lease, upstream = await openai.open_relay(proxy, path, plan.target.name, raw)
+    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in upstream.headers.items()]
+    if openai.streams(upstream, plan.payload.get("stream") is True):
+        names = {name for name, _ in _SSE_HEADERS}
+        headers = [header for header in headers if header[0] not in names] + _SSE_HEADERS
+        async with RelayBody(upstream, on_error=openai.sse_error, on_done=lease.release) as body:
+            await send_start({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
+            async for piece in body:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    try:
+        answer = await upstream.read()
+    finally:
+        lease.release()
+    headers.append((b"content-length", str(len(answer)).encode()))
+    await send_start({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": answer, "more_body": False})
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body, or None if the client left first.
+
+    Raises:
+        PayloadTooLarge: more than ``limit`` bytes came (a chunked body; the edge checks Content-Length).
+        BodyTimeout: the body did not arrive within ``BODY_TIMEOUT`` seconds (Quart's own limit).
+    """
+    parts: list[bytes] = []
+    size = 0
+    with trio.move_on_after(BODY_TIMEOUT):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            data = message.get("body", b"")
+            size += len(data)
+            if size > limit:
+                raise too_large(limit)
+            parts.append(data)
+            if not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+    raise BodyTimeout(f"the request body did not arrive within {BODY_TIMEOUT} s")
+
+
+def _replay(raw: bytes, receive: Receive) -> Receive:
+    """``receive`` for a request whose body was read already: the body once, then what ``receive`` gives."""
+    pending: Message | None = {"type": "http.request", "body": raw, "more_body": False}
+
+    async def replayed() -> Message:
+        nonlocal pending
+        if pending is not None:
+            message, pending = pending, None
+            return message
+        return await receive()
+
+    return replayed
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def send_response(send: Send, response: Response) -> None:
+    """A Quart response (an error, a preflight) sent on raw ASGI."""
+    body = await response.get_data()
+    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in response.headers.items()]
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

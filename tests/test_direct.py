@@ -1,0 +1,134 @@
+"""direct.py: the relay routes answered without Quart give the answers Quart's routes give."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import trio
+
+from smart_proxy.lifecycle import Phase
+
+from .asgi_driver import Exchange, make_app
+
+CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "x_unknown": [1]}
+REQUESTS = [
+    ("/v1/chat/completions", CHAT),
+    ("/v1/chat/completions", {**CHAT, "stream": True}),
+    ("/v1/completions", {"model": "a", "prompt": "Once", "max_tokens": 2}),
+    ("/v1/completions", {"model": "a", "prompt": "Once", "max_tokens": 2, "stream": True}),
+    ("/v1/embeddings", {"model": "a", "input": ["x", "y"]}),
+    ("/v1/chat/completions", {"model": "nope", "messages": []}),  # 404, names the known models
+    ("/v1/chat/completions", {"messages": []}),  # 400 missing model
+    ("/v1/completions", {"model": "a"}),  # 400 missing prompt
+    ("/v1/chat/completions", [1, 2]),  # 400 not an object
+]
+
+
+def _answer(sent: list[dict]) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Status, headers (without the per-request id) and the whole body, with the fake's clock taken out."""
+    start, *pieces = sent
+    headers = dict(start["headers"])
+    headers.pop(b"x-request-id")
+    body = re.sub(rb'"created": ?\d+', b'"created": 0', b"".join(piece["body"] for piece in pieces))
+    if b"content-length" in headers:
+        headers[b"content-length"] = str(len(body)).encode()
+    assert [piece["more_body"] for piece in pieces][-1] is False
+    return start["status"], headers, body
+
+
+async def test_direct_and_quart_answer_alike(make_config, start_pool, http, nursery):
+    direct, _ = await make_app(make_config, start_pool, http, nursery, "direct", tokens=3)
+    quart, _ = await make_app(make_config, start_pool, http, nursery, "quart", tokens=3)
+    statuses = []
+    for path, payload in REQUESTS:
+        by_direct = _answer(await Exchange(direct, payload, path).run())
+        by_quart = _answer(await Exchange(quart, payload, path).run())
+        assert by_direct == by_quart, (path, payload)
+        statuses.append(by_direct[0])
+    assert statuses == [200, 200, 200, 200, 200, 404, 400, 400, 400]
+
+
+async def test_an_upstream_error_is_relayed_as_the_upstream_gave_it(make_config, start_pool, http, nursery):
+    reject = {"status": 400, "message": "the prompt is too long"}
+    direct, _ = await make_app(make_config, start_pool, http, nursery, "direct", reject=reject)
+    quart, _ = await make_app(make_config, start_pool, http, nursery, "quart", reject=reject)
+    for payload in ({"model": "a", "prompt": "x"}, {"model": "a", "prompt": "x", "stream": True}):
+        by_direct = _answer(await Exchange(direct, payload, "/v1/completions").run())
+        assert by_direct == _answer(await Exchange(quart, payload, "/v1/completions").run())
+        status, headers, body = by_direct
+        assert status == 400 and json.loads(body)["error"]["message"] == "the prompt is too long"
+        assert headers[b"content-type"] == b"application/json"
+
+
+async def test_a_plain_relay_never_reaches_quart(make_config, start_pool, http, nursery):
+    app, _ = await make_app(make_config, start_pool, http, nursery, "direct")
+    edge = app.asgi_app
+    reached = []
+    quart = edge._app
+
+    async def watched(scope, receive, send):
+        reached.append(scope["path"])
+        await quart(scope, receive, send)
+
+    edge._app = watched
+    for path, payload in REQUESTS:
+        await Exchange(app, payload, path).run()
+    assert reached == []
+    await Exchange(app, {}, "/v1/models").run()  # other routes still go to Quart
+    assert reached == ["/v1/models"]
+
+
+async def test_a_body_in_pieces_and_a_chunked_body_over_the_limit(make_config, start_pool, http, nursery):
+    app, _ = await make_app(make_config, start_pool, http, nursery, "direct")
+    limit = app.extensions["smart_proxy"].config.proxy.max_body
+    exchange = Exchange(app, {})
+    exchange.scope["headers"] = [(b"content-type", b"application/json")]  # chunked: no Content-Length
+    half = len(json.dumps(CHAT)) // 2
+    raw = json.dumps(CHAT).encode()
+    for piece in (raw[:half], raw[half:]):
+        exchange.to_app.send_nowait({"type": "http.request", "body": piece, "more_body": True})
+    exchange.to_app.send_nowait({"type": "http.request", "body": b"", "more_body": False})
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(exchange.scope, exchange._receive.receive, send)
+    assert sent[0]["status"] == 200 and json.loads(sent[1]["body"])["model"] == "a"
+
+    sent.clear()
+    exchange = Exchange(app, {})
+    exchange.scope["headers"] = [(b"content-type", b"application/json")]
+    piece = b" " * (limit // 8 + 1)
+    for _ in range(8):
+        exchange.to_app.send_nowait({"type": "http.request", "body": piece, "more_body": True})
+    await app(exchange.scope, exchange._receive.receive, send)
+    error = json.loads(sent[1]["body"])["error"]
+    assert sent[0]["status"] == 413 and error["type"] == "request_too_large" and f"{limit} bytes" in error["message"]
+
+
+async def test_a_client_leaving_before_its_body_is_in_takes_nothing(make_config, start_pool, http, nursery):
+    app, pool = await make_app(make_config, start_pool, http, nursery, "direct")
+    exchange = Exchange(app, CHAT)
+    exchange.to_app.send_nowait({"type": "http.request", "body": exchange.body[:10], "more_body": True})
+    exchange.to_app.send_nowait({"type": "http.disconnect"})
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with trio.fail_after(5):
+        await app(exchange.scope, exchange._receive.receive, send)
+    assert sent == [] and pool.servers() == []  # no answer, and no model was loaded for it
+    metrics = app.extensions["smart_proxy"].metrics.registry
+    labels = {"route": "/v1/chat/completions", "model": "", "status": "499"}
+    assert metrics.get_sample_value("smart_proxy_requests_total", labels) == 1
+
+
+async def test_while_draining_a_relay_route_is_refused_in_openai_dialect(make_config, start_pool, http, nursery):
+    app, pool = await make_app(make_config, start_pool, http, nursery, "direct")
+    app.extensions["smart_proxy"].lifecycle.move(Phase.DRAINING)
+    start, body = await Exchange(app, CHAT).run()
+    assert start["status"] == 503 and json.loads(body["body"])["error"]["code"] == 503
+    assert pool.servers() == []
