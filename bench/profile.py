@@ -5,8 +5,8 @@ Starts smart-proxy (pinned to the proxy core) over the Go fake upstream, drives 
 with wrk (``chat``: non-streamed chat) or the stream client (``stream``: 20 ms
 chunks; ``bulk``: one unthrottled 20,000-chunk stream), records it with py-spy
 from the bench venv, and prints the functions with the most samples, by self
-time and inclusive time, plus the proxy's CPU per request. ``--svg FILE`` also
-writes a flame graph.
+time and inclusive time (by function), plus the proxy's CPU per request. ``--svg FILE`` also
+writes a flame graph; ``--raw FILE`` keeps the collapsed stacks.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=4, help="total_slots the fake upstream reports")
     parser.add_argument("--svg", help="also write a flame graph here")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--raw", help="also keep py-spy's collapsed stacks (one per line) here")
     parser.add_argument("--proxy-repo", type=Path, default=h.REPO, help="profile another checkout's smart_proxy")
     args = parser.parse_args()
     h.PROXY_REPO = args.proxy_repo.resolve()
@@ -48,7 +49,7 @@ def main() -> int:
         url = f"{proxy.url}/v1/chat/completions"
         raw = work.path / "profile.txt"
         record = [str(py_spy), "record", "-p", str(proxy.pid), "-d", str(int(args.seconds)), "-r", "200",
-                  "--nonblocking", "-f", "raw", "-o", str(raw)]
+                  "--nonblocking", "--function", "-f", "raw", "-o", str(raw)]
         spy = threading.Thread(target=subprocess.run, args=(record,), kwargs={"capture_output": True})
         outcome: dict = {}
         with h.CpuMeter({"proxy": proxy.pid}) as cpu:
@@ -83,6 +84,8 @@ def main() -> int:
         print("\ninclusive:")
         for frame, n in inclusive.most_common(args.top + 15):
             print(f"{100 * n / total:5.1f}%  {frame}")
+        if args.raw:
+            Path(args.raw).write_text(raw.read_text())
         if args.svg:
             subprocess.run([str(py_spy), "record", "-p", str(proxy.pid), "-d", "1", "-o", args.svg], check=False)
     finally:

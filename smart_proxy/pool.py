@@ -287,6 +287,9 @@ class Pool:
         self._stats: collections.defaultdict[str, _ModelStats] = collections.defaultdict(_ModelStats)
         self._queue: collections.deque[object] = collections.deque()
         self._changed_lot = trio.lowlevel.ParkingLot()
+        #: Where the idle reaper sleeps, and when it next looks (trio clock) unless woken sooner.
+        self._reaper_lot = trio.lowlevel.ParkingLot()
+        self._reap_at = -math.inf
         self._nursery: trio.Nursery | None = None
         #: The lifeline started ahead for the next load, if any (see the module docstring).
         self._spare: Lifeline | None = None
@@ -413,7 +416,11 @@ class Pool:
         server.in_flight -= 1
         server.last_used = trio.current_time()
         if server.in_flight == 0:  # idle now (evictable, reapable); before, nothing a waiter needs changed
-            self._changed()
+            self._changed_lot.unpark_all()  # requests queued for room (nothing to do when none are)
+            if self._expiry(server) < self._reap_at:
+                # Only then: waking the reaper on every request that leaves a server idle
+                # cost a task switch and a cancel scope per request on the hot path.
+                self._reaper_lot.unpark_all()
 
     async def _wait_settled(self, server: Server) -> None:
         server.waiters += 1
@@ -505,8 +512,9 @@ class Pool:
         return max(1, math.ceil(self._config.queue_timeout / 4))
 
     def _changed(self) -> None:
-        """Something that frees room or ends idleness happened: let waiters look again."""
+        """Something that frees room or ends idleness happened: let waiters (and the reaper) look again."""
         self._changed_lot.unpark_all()
+        self._reaper_lot.unpark_all()
 
     # ---- one server's life -----------------------------------------------------------
 
@@ -661,8 +669,9 @@ class Pool:
                     self._stop(server, "idle")
                 else:
                     next_check = min(next_check, expiry)
+            self._reap_at = next_check
             with trio.move_on_at(next_check):
-                await self._changed_lot.park()
+                await self._reaper_lot.park()
 
     # ---- looking in ------------------------------------------------------------------
 

@@ -200,6 +200,29 @@ async def test_keep_alive_zero_unloads_after_the_request(make_config, start_pool
         await server.gone.wait()
 
 
+async def test_the_reaper_follows_the_last_use_and_a_keep_alive_that_ends_sooner(make_config, start_pool) -> None:
+    # the reaper is woken by a release only when that server expires before its next look
+    pool = await start_pool(make_config({"a": {}}, idle_ttl="400ms"))
+    async with pool.lease("a") as lease:
+        server = lease.server
+    await trio.sleep(0.3)
+    async with pool.lease("a"):  # used again: its expiry moves 300 ms later, the reaper is not woken for it
+        pass
+    await trio.sleep(0.25)  # past the first expiry, when the reaper looks again
+    assert server.state is State.READY
+    with trio.fail_after(3):
+        await server.gone.wait()
+
+    pool = await start_pool(make_config({"b": {}}, idle_ttl="60s"))
+    async with pool.lease("b") as lease:
+        server = lease.server
+    await trio.sleep(0.05)  # the reaper now sleeps for a minute
+    async with pool.lease("b", keep_alive=0):  # ends sooner than that: it is woken
+        pass
+    with trio.fail_after(3):
+        await server.gone.wait()
+
+
 async def test_slots_route_to_one_server_and_replicas_add_more(make_config, start_pool) -> None:
     pool = await start_pool(
         make_config({"a": {"slots": 2}, "b": {"slots": 1}}, model_options={"b": {"replicas": 2}}, size=3)
