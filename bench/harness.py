@@ -547,5 +547,16 @@ class LiteLLM:
     def pid(self) -> int:
         return self.process.pid
 
+    def pause(self) -> None:
+        """SIGSTOP its process group: its background jobs and any backlog left from its own run would
+        otherwise take turns on the proxy core while another target is measured there."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()
         stop(self.process)

@@ -84,6 +84,10 @@ def overhead(ctx: Context) -> dict:
             if name == "litellm" and clients == 256 and ctx.quick:
                 continue
             key = auth.get(name, "")
+            if litellm is not None and name == "litellm":
+                litellm.resume()
+            elif litellm is not None:  # only the target under test runs on the proxy core
+                litellm.pause()
             h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=min(1.0, duration), body=body, auth=key)
             with h.CpuMeter({"target": pid} if pid else {}) as cpu:
                 result = h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=duration, body=body,
