@@ -23,7 +23,11 @@ knows how to run agents.
 A client that leaves cancels the relay, as it cancels a Quart handler
 (:mod:`smart_proxy.asgi`): while the answer is prepared and sent, a task waits on
 ``receive`` for ``http.disconnect``. The cancellation closes the upstream request
-(which makes llama-server stop generating) and lets go of the lease.
+(which makes llama-server stop generating) and lets go of the lease. That task also
+closes the upstream connection itself (:meth:`~smart_proxy.relay.Upstream.abort`), right
+after cancelling: the cancelled relay would close it too, but only when it next runs, a
+pass of the scheduler later, and when a thousand clients leave at once a pass is long
+(bench aborts: p99 from hang-up to upstream close 48-96 -> 26-51 ms).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from quart import Response
 from .api import openai
 from .app import BODY_TIMEOUT, ProxyState, error_response
 from .errors import ProxyError, too_large
-from .relay import RelayBody
+from .relay import RelayBody, Upstream
 
 __all__ = ["ROUTES", "relay", "send_response"]
 
@@ -82,10 +86,11 @@ async def relay(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, a
         started = True
         await send(message)
 
+    opened: list[Upstream] = []  # the upstream answer, once there is one
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+        nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, opened)
         try:
-            await _forward(proxy, path, plan, raw, send_start, send)
+            await _forward(proxy, path, plan, raw, send_start, send, opened)
         except ProxyError as exc:
             if started:  # not raised once the answer has started; but never send two
                 raise
@@ -100,9 +105,10 @@ async def relay(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, a
 
 
 async def _forward(
-    proxy: ProxyState, path: str, plan: openai.Plan, raw: bytes, send_start: Send, send: Send
+    proxy: ProxyState, path: str, plan: openai.Plan, raw: bytes, send_start: Send, send: Send, opened: list[Upstream]
 ) -> None:
     lease, upstream = await openai.open_relay(proxy, path, plan.target.name, raw)
+    opened.append(upstream)
     headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in upstream.headers.items()]
     if openai.streams(upstream, plan.payload.get("stream") is True):
         names = {name for name, _ in _SSE_HEADERS}
@@ -160,10 +166,12 @@ def _replay(raw: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope, opened: list[Upstream]) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    scope.cancel()
+    scope.cancel()  # first: the relay, waiting on the upstream, takes the cancellation, not a closed socket
+    for upstream in opened:
+        upstream.abort()  # and llama-server sees the close now, not when the relay next runs
 
 
 async def send_response(send: Send, response: Response) -> None:

@@ -118,6 +118,18 @@ class Upstream:
         finally:
             await self.aclose()
 
+    def abort(self) -> None:
+        """Close the connection under a llama-server's answer at once, without a checkpoint.
+
+        For the task that sees its client leave: the cancelled relay closes the answer too,
+        but only when it next runs, a pass of the scheduler later; closing the socket here
+        stops llama-server's generation that much sooner when many clients leave at once.
+        Answers through the ordinary httpx client (an Ollama upstream) are left to that close.
+        """
+        abort = getattr(self.response.stream, "abort", None)
+        if abort is not None:
+            abort()
+
     async def aclose(self) -> None:
         try:
             with trio.CancelScope(shield=True):

@@ -220,6 +220,10 @@ class _Body(httpx.AsyncByteStream):
                 return out
         raise StopAsyncIteration
 
+    def abort(self) -> None:
+        """Close the connection now unless the body was read to the end (no checkpoint: see relay.Upstream.abort)."""
+        self._finish(False)
+
     async def aclose(self) -> None:
         self._finish(False)  # read to the end: already given back; else the socket is closed
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import trio
@@ -132,3 +133,27 @@ async def test_while_draining_a_relay_route_is_refused_in_openai_dialect(make_co
     start, body = await Exchange(app, CHAT).run()
     assert start["status"] == 503 and json.loads(body["body"])["error"]["code"] == 503
     assert pool.servers() == []
+
+
+async def test_a_client_leaving_mid_stream_closes_the_upstream_quietly(make_config, start_pool, http, nursery, caplog):
+    app, pool = await make_app(make_config, start_pool, http, nursery, "direct", token_delay=0.2)
+    llama = app.extensions["smart_proxy"].llama
+    exchange = Exchange(app, {**CHAT, "stream": True, "max_tokens": 50})
+    exchange.to_app.send_nowait({"type": "http.request", "body": exchange.body, "more_body": False})
+    first_piece = trio.Event()
+
+    async def send(message: dict) -> None:
+        exchange.sent.append(message)
+        if message["type"] == "http.response.body" and message["body"]:
+            first_piece.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(app, exchange.scope, exchange._receive.receive, send)
+            await first_piece.wait()
+            assert llama.connections == 1
+            exchange.to_app.send_nowait({"type": "http.disconnect"})
+    (server,) = pool.servers()
+    assert server.in_flight == 0 and server.limiter.borrowed_tokens == 0
+    assert llama.connections == 0  # closed, not kept: that is what stops llama-server generating
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # a client leaving is no upstream error

@@ -11,6 +11,7 @@ from functools import partial
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from smart_proxy.relay import RelayBody, open_upstream
 from smart_proxy.upstream import UpstreamTransport
@@ -104,6 +105,32 @@ async def test_keep_alive_reuses_one_connection(nursery) -> None:
     head = peer.requests[0][1]
     assert head.startswith(b"POST /x?y=1 HTTP/1.1\r\n") and b"Host: 127.0.0.1:%d" % peer.port in head
     assert transport.connections == 0  # closed with the transport
+
+
+async def test_abort_closes_an_unfinished_answer_at_once(nursery) -> None:
+    # a chunked answer that never ends: the server waits for the client to close
+    async def forever(head: bytes, body: bytes) -> bytes | None:
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+
+    peer = await Peer(forever).start(nursery)
+    async with UpstreamTransport() as transport:
+        upstream = await open_upstream(transport, "POST", peer.url("/stream"), content=b"{}")
+        chunks = upstream.response.stream.__aiter__()
+        assert await chunks.__anext__() == b"hello"
+        with trio.testing.assert_no_checkpoints():
+            upstream.abort()  # the client left: closed now, by the task that saw it
+        assert transport.connections == 0
+        with trio.fail_after(2):
+            while peer.closed_by_client == 0:
+                await trio.sleep(0.01)
+        await upstream.aclose()  # the relay's own close afterwards finds nothing left to do
+        assert transport.connections == 0 and transport.idle == 0
+        # an answer read to the end went back to the pool: abort leaves it there
+        done = await Peer(lambda head, body: _ok(b"x")).start(nursery)
+        upstream = await open_upstream(transport, "GET", done.url())
+        assert await upstream.read() == b"x"
+        upstream.abort()
+        assert transport.idle == 1
 
 
 async def test_connection_close_and_http10_answers_are_not_reused(nursery) -> None:
