@@ -189,6 +189,7 @@ async def serve(
             signals = await nursery.start(StopSignals().run)
             trigger = signals.drain.wait
         await nursery.start(downloads.run)
+        await nursery.start(llama.run)
         pool = Pool(config, catalog, http, binary, events=metrics)
         await nursery.start(pool.run)
         metrics.track(pool, lifecycle)

@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import math
 import select
 import socket
 from collections.abc import AsyncIterator, Mapping
@@ -252,6 +253,9 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         self._open: set[_Connection] = set()
         self._next_sweep = 0.0
         self._closed = False
+        #: Where :meth:`run` sleeps, and when it next sweeps (inf: no idle connection to wait for).
+        self._sweeper_lot = trio.lowlevel.ParkingLot()
+        self._sweep_at = math.inf
 
     @property
     def connections(self) -> int:
@@ -262,6 +266,24 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
     def idle(self) -> int:
         """Idle connections kept for reuse."""
         return sum(len(idle) for idle in self._idle.values())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close idle connections as they expire, until cancelled (a service for the root nursery).
+
+        Without it an expired connection is closed only when the next request comes (each
+        request sweeps at most every ``keepalive_expiry / 4``), so after a burst its
+        descriptors stayed open for as long as the proxy had nothing to relay. It sleeps
+        until the oldest idle connection expires, and while none is idle until one is put
+        back; a connection put back while it already waits for an older one wakes nobody.
+        """
+        task_status.started()
+        while True:
+            now = trio.current_time()
+            self._sweep(now)
+            oldest = min((conn.idle_since for idle in self._idle.values() for conn in idle), default=math.inf)
+            self._sweep_at = oldest + self._expiry
+            with trio.move_on_at(self._sweep_at):
+                await self._sweeper_lot.park()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
@@ -410,6 +432,8 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         conn.idle_since = trio.current_time()
         conn.reused = True
         idle.append(conn)
+        if self._sweep_at == math.inf:  # run() has no idle connection to wait for: now it has
+            self._sweeper_lot.unpark_all()
 
     def _drop(self, conn: _Connection) -> None:
         conn.close()

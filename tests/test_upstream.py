@@ -310,6 +310,28 @@ async def test_idle_connections_expire(nursery) -> None:
         assert peer.connections == 2 and transport.connections == 1
 
 
+async def test_run_closes_idle_connections_as_they_expire_without_a_request(nursery) -> None:
+    peer = await Peer(lambda head, body: _ok()).start(nursery)
+    async with UpstreamTransport(keepalive_expiry=0.3) as transport:
+        await nursery.start(transport.run)  # nothing idle yet: it waits for a connection to be put back
+        await _get(transport, peer.url())
+        await trio.sleep(0.15)
+        await _get(transport, peer.url())  # the same connection, idle again from now
+        assert transport.idle == 1 and peer.connections == 1
+        await trio.sleep(0.2)  # 0.35 s after the first put back, 0.2 s after the second
+        assert transport.idle == 1
+        with trio.fail_after(2):
+            while peer.closed_by_client == 0:
+                await trio.sleep(0.02)
+        assert transport.connections == 0 and transport.idle == 0
+        # and again, once the sweeper has had nothing to wait for
+        await _get(transport, peer.url())
+        with trio.fail_after(2):
+            while peer.closed_by_client < 2:
+                await trio.sleep(0.02)
+        assert transport.connections == 0
+
+
 @pytest.mark.parametrize("via", ["client", "transport"])
 async def test_a_stale_connection_is_retried_once_by_open_upstream(nursery, via: str) -> None:
     """The server takes the request on a kept-alive connection and closes it without answering."""
