@@ -10,8 +10,8 @@ take a lease and a slot, send, and relay the answer, a stream piece by piece as 
 comes (:class:`~smart_proxy.relay.RelayBody`). What it leaves out is what Quart
 does for every request besides: its ``Request`` with its ``Headers`` and body
 object, the app and request contexts and their signals, URL matching, the
-``Response`` object and its headers, a second task to send the answer. In profiles
-of the overhead benchmark that was about a fifth of the proxy's CPU per request.
+``Response`` object and its headers. Measured with ``bench/pair.py``, that was about a
+fifth of the proxy's CPU per relayed request.
 
 The answers are the Quart route's: the same status, body and headers (Hypercorn
 adds ``date`` and ``server`` to both), errors in the OpenAI dialect with the same
@@ -41,7 +41,7 @@ from quart import Response
 
 from .api import openai
 from .app import BODY_TIMEOUT, ProxyState, error_response
-from .errors import ProxyError, too_large
+from .errors import BodyTimeout, ProxyError, too_large
 from .relay import RelayBody, Upstream
 
 __all__ = ["ROUTES", "relay", "send_response"]
@@ -58,11 +58,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 ROUTES = frozenset(openai.REQUIRED)
 
 _SSE_HEADERS = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in openai.SSE_HEADERS.items()]
-
-
-class BodyTimeout(ProxyError):
-    status = 408
-    kind = "invalid_request_error"
 
 
 async def relay(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
@@ -92,7 +87,7 @@ async def relay(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, a
         try:
             await _forward(proxy, path, plan, raw, send_start, send, opened)
         except ProxyError as exc:
-            if started:  # not raised once the answer has started; but never send two
+            if started:  # an answer is going out already: Hypercorn cuts the connection
                 raise
             await send_response(send, error_response(exc, path))
         except Exception as exc:

@@ -8,6 +8,7 @@ Ollama's ``{"error": ...}``); nothing else needs to know about HTTP.
     ├── Unauthorized                401  API keys are configured and none valid was sent
     ├── ModelNotAllowed             403  an hf.co/... name outside [catalog] allow_hf / allow_repos
     ├── ModelNotFound               404  a name the catalog does not know; no such repo or file on the hub
+    ├── BodyTimeout                 408  the request body did not arrive within 300 s
     ├── PayloadTooLarge             413  a request body over [proxy] max_body
     ├── PoolBusy                    503  queue full or queue timeout (has retry_after)
     ├── ShuttingDown                503  the proxy is draining after SIGTERM (has retry_after)
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "BadRequest",
+    "BodyTimeout",
     "ConfigError",
     "InsufficientStorage",
     "ModelLoadFailed",
@@ -77,6 +79,13 @@ class ModelNotFound(ProxyError):
 class PayloadTooLarge(ProxyError):
     status = 413
     kind = "request_too_large"
+
+
+class BodyTimeout(ProxyError):
+    """The request body did not arrive in time."""
+
+    status = 408
+    kind = "invalid_request_error"
 
 
 class PoolBusy(ProxyError):

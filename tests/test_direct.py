@@ -8,6 +8,7 @@ import re
 
 import trio
 
+from smart_proxy import direct
 from smart_proxy.lifecycle import Phase
 
 from .asgi_driver import Exchange, make_app
@@ -157,3 +158,20 @@ async def test_a_client_leaving_mid_stream_closes_the_upstream_quietly(make_conf
     assert server.in_flight == 0 and server.limiter.borrowed_tokens == 0
     assert llama.connections == 0  # closed, not kept: that is what stops llama-server generating
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # a client leaving is no upstream error
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408(make_config, start_pool, http, nursery, monkeypatch):
+    monkeypatch.setattr(direct, "BODY_TIMEOUT", 0.2)
+    app, pool = await make_app(make_config, start_pool, http, nursery, "direct")
+    exchange = Exchange(app, CHAT)
+    exchange.to_app.send_nowait({"type": "http.request", "body": exchange.body[:10], "more_body": True})
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with trio.fail_after(5):
+        await app(exchange.scope, exchange._receive.receive, send)
+    error = json.loads(sent[1]["body"])["error"]
+    assert sent[0]["status"] == 408 and error["code"] == 408 and "did not arrive" in error["message"]
+    assert pool.servers() == []
