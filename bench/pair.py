@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("clients", type=int, nargs="*", default=[64])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=3, help="wrk run per checkout per round")
+    parser.add_argument("--ollama", action="store_true", help="non-streamed /api/chat instead of the OpenAI route")
     args = parser.parse_args()
     h.require_tools()
     work = h.Workdir()
@@ -42,15 +43,18 @@ def main() -> int:
             proxy = h.SmartProxy(work.path, f"pair{i}", h.fake_model_ini(work.path, go, {"bench": {"slots": 4}}))
             assert h.post_json(f"{proxy.url}/v1/chat/completions", scenarios.CHAT)[0] == 200
             proxies.append(proxy)
-        body = json.dumps(scenarios.CHAT)
+        path = "/api/chat" if args.ollama else "/v1/chat/completions"
+        body = json.dumps({**scenarios.CHAT, "stream": False} if args.ollama else scenarios.CHAT)
         for clients in args.clients:
             cpu_ms: list[list[float]] = [[], []]
             for n in range(args.rounds):
                 for i in (0, 1) if n % 2 == 0 else (1, 0):
                     proxy = proxies[i]
                     with h.CpuMeter({"proxy": proxy.pid}) as cpu:
-                        out = h.wrk(f"{proxy.url}/v1/chat/completions", connections=clients, duration=args.seconds,
+                        out = h.wrk(f"{proxy.url}{path}", connections=clients, duration=args.seconds,
                                     body=body)
+                    if out["errors"]:
+                        sys.exit(f"{proxy.url}{path}: wrk saw {out['errors']} errors {out['error_kinds']}")
                     cpu_ms[i].append(round(cpu.cpu_seconds["proxy"] * 1e3 / max(1, out["requests"]), 3))
             ratios = [b / a for a, b in zip(*cpu_ms, strict=True)]
             for name, repo, figures in (("A", args.a, cpu_ms[0]), ("B", args.b, cpu_ms[1])):

@@ -1,24 +1,26 @@
-"""The OpenAI relay routes answered on raw ASGI, without Quart's per-request machinery.
+"""The relay routes answered on raw ASGI, without Quart's per-request machinery.
 
 Theory of operation: the edge middleware (:mod:`smart_proxy.middleware`) hands a
-``POST`` to one of the routes that only forward (``/v1/chat/completions``,
-``/v1/completions``, ``/v1/embeddings``; :data:`ROUTES`) to :func:`relay` instead
-of the Quart app. :func:`relay` does what the route's Quart handler
-(:func:`smart_proxy.api.openai.forward`) does for a request that goes to a
-llama-server as it came: read the body, check it (:func:`~smart_proxy.api.openai.plan`),
-take a lease and a slot, send, and relay the answer, a stream piece by piece as it
-comes (:class:`~smart_proxy.relay.RelayBody`). What it leaves out is what Quart
-does for every request besides: its ``Request`` with its ``Headers`` and body
-object, the app and request contexts and their signals, URL matching, the
-``Response`` object and its headers. Measured with ``bench/pair.py``, that was about a
-fifth of the proxy's CPU per relayed request.
+``POST`` to one of the routes that forward to a llama-server (:data:`ROUTES`: OpenAI's
+``/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``, Ollama's
+``/api/chat`` and ``/api/generate``) to :func:`relay` instead of the Quart app.
+:func:`relay` does what the route's Quart handler does for a request that goes to a
+llama-server (:func:`smart_proxy.api.openai.forward`, ``smart_proxy.api.ollama``'s
+``_complete``), with the same functions: read the body, check it
+(:func:`~smart_proxy.api.openai.plan`; :func:`~smart_proxy.api.ollama.plan_generation`
+and its translation), take a lease and a slot, send, and relay the answer, a stream
+piece by piece as it comes (:class:`~smart_proxy.relay.RelayBody`, translated to
+NDJSON for Ollama). What it leaves out is what Quart does for every request besides:
+its ``Request`` with its ``Headers`` and body object, the app and request contexts
+and their signals, URL matching, the ``Response`` object and its headers. Measured
+with ``bench/pair.py``, that was about a fifth of the proxy's CPU per relayed request.
 
-The answers are the Quart route's: the same status, body and headers (Hypercorn
-adds ``date`` and ``server`` to both), errors in the OpenAI dialect with the same
+The answers are the Quart routes': the same status, body and headers (Hypercorn
+adds ``date`` and ``server`` to both), errors in the caller's dialect with the same
 messages (``tests/test_direct.py`` compares the two paths). A request this module
-does not relay itself (agent commands, a model served by an Ollama upstream) goes
-on to the Quart app with the body it has read replayed, so there is one place that
-knows how to run agents.
+does not relay itself (agent commands, a model served by an Ollama upstream, an
+Ollama load or unload) goes on to the Quart app with the body it has read replayed,
+so there is one place that knows how to run agents.
 
 A client that leaves cancels the relay, as it cancels a Quart handler
 (:mod:`smart_proxy.asgi`): while the answer is prepared and sent, a task waits on
@@ -32,16 +34,19 @@ pass of the scheduler later, and when a thousand clients leave at once a pass is
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import trio
 from quart import Response
 
-from .api import openai
+from .api import ollama, openai
 from .app import BODY_TIMEOUT, ProxyState, error_response
 from .errors import BodyTimeout, ProxyError, too_large
+from .ollama import NDJSONStream
 from .relay import RelayBody, Upstream
 
 __all__ = ["ROUTES", "relay", "send_response"]
@@ -54,24 +59,34 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+#: Ollama's generation routes, translated to llama-server's OpenAI ones.
+OLLAMA_ROUTES = frozenset({"/api/chat", "/api/generate"})
 #: The paths :func:`relay` answers (for ``POST``).
-ROUTES = frozenset(openai.REQUIRED)
+ROUTES = frozenset(openai.REQUIRED) | OLLAMA_ROUTES
 
-_SSE_HEADERS = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in openai.SSE_HEADERS.items()]
+
+def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+
+_SSE_HEADERS = _encoded(openai.SSE_HEADERS)
+_NDJSON_HEADERS = _encoded(ollama.NDJSON_HEADERS)
+_JSON_TYPE = ollama.JSON_TYPE.encode("latin-1")
 
 
 async def relay(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
     """Answer a ``POST`` to one of :data:`ROUTES`; see the module docstring. ``app`` takes what is not relayed."""
     path = scope["path"]
+    started = time.perf_counter()  # Ollama's total_duration counts from here
     try:
         raw = await read_body(receive, proxy.config.proxy.max_body)
         if raw is None:
             return  # the client left before its request was in
-        plan = openai.plan(proxy, path, raw)
+        forward = await (_plan_ollama if path in OLLAMA_ROUTES else _plan_openai)(proxy, path, raw, started)
     except ProxyError as exc:
         await send_response(send, error_response(exc, path))
         return
-    if not plan.relayed:
+    if forward is None:
         await app(scope, _replay(raw, receive), send)
         return
     started = False
@@ -85,7 +100,7 @@ async def relay(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, a
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, opened)
         try:
-            await _forward(proxy, path, plan, raw, send_start, send, opened)
+            await forward(send_start, send, opened)
         except ProxyError as exc:
             if started:  # an answer is going out already: Hypercorn cuts the connection
                 raise
@@ -99,7 +114,24 @@ async def relay(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, a
         nursery.cancel_scope.cancel()  # the watcher: the answer is out
 
 
-async def _forward(
+Forward = Callable[[Send, Send, list[Upstream]], Awaitable[None]]
+
+
+async def _plan_openai(proxy: ProxyState, path: str, raw: bytes, started: float) -> Forward | None:
+    plan = openai.plan(proxy, path, raw)
+    return functools.partial(_forward_openai, proxy, path, plan, raw) if plan.relayed else None
+
+
+async def _plan_ollama(proxy: ProxyState, path: str, raw: bytes, started: float) -> Forward | None:
+    asked = ollama.Asked.parse(proxy, raw, started)
+    generation = ollama.plan_generation(asked, path)
+    if generation is None or not generation.relayed:
+        return None  # an Ollama upstream's model, a load or unload, agent commands: Quart's route
+    await ollama.check_think(asked)
+    return functools.partial(_forward_ollama, proxy, asked, generation)
+
+
+async def _forward_openai(
     proxy: ProxyState, path: str, plan: openai.Plan, raw: bytes, send_start: Send, send: Send, opened: list[Upstream]
 ) -> None:
     lease, upstream = await openai.open_relay(proxy, path, plan.target.name, raw)
@@ -108,19 +140,51 @@ async def _forward(
     if openai.streams(upstream, plan.payload.get("stream") is True):
         names = {name for name, _ in _SSE_HEADERS}
         headers = [header for header in headers if header[0] not in names] + _SSE_HEADERS
-        async with RelayBody(upstream, on_error=openai.sse_error, on_done=lease.release) as body:
-            await send_start({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
-            async for piece in body:
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        body = RelayBody(upstream, on_error=openai.sse_error, on_done=lease.release)
+        await _stream(body, upstream.status_code, headers, send_start, send)
         return
     try:
         answer = await upstream.read()
     finally:
         lease.release()
-    headers.append((b"content-length", str(len(answer)).encode()))
-    await send_start({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": answer, "more_body": False})
+    await _whole(upstream.status_code, headers, answer, send_start, send)
+
+
+async def _forward_ollama(
+    proxy: ProxyState,
+    asked: ollama.Asked,
+    generation: ollama.Generation,
+    send_start: Send,
+    send: Send,
+    opened: list[Upstream],
+) -> None:
+    call, answer = generation.call, generation.answer
+    assert call is not None
+    lease, upstream = await ollama.open_generation(proxy, asked.name, call, generation.keep_alive, answer)
+    opened.append(upstream)
+    if ollama.streams(upstream, call):
+        translation = NDJSONStream(answer)
+        body = RelayBody(upstream, on_error=openai.sse_error, on_done=lease.release, translation=translation)
+        await _stream(body, 200, _NDJSON_HEADERS, send_start, send)
+        return
+    reply = await ollama.answer_body(upstream, answer, ollama.llama_server(lease), lease.release)
+    await _whole(200, [(b"content-type", _JSON_TYPE)], reply, send_start, send)
+
+
+async def _stream(body: RelayBody, status: int, headers: list[tuple[bytes, bytes]], send_start: Send, send: Send) -> None:
+    """A relayed stream: the start, a body message per piece as it comes, and an empty last one."""
+    async with body:
+        await send_start({"type": "http.response.start", "status": status, "headers": headers})
+        async for piece in body:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _whole(status: int, headers: list[tuple[bytes, bytes]], body: bytes, send_start: Send, send: Send) -> None:
+    """A whole answer: the start, with its Content-Length, and one body message."""
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send_start({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def read_body(receive: Receive, limit: int) -> bytes | None:
@@ -172,6 +236,5 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope, opene
 async def send_response(send: Send, response: Response) -> None:
     """A Quart response (an error, a preflight) sent on raw ASGI."""
     body = await response.get_data()
-    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in response.headers.items()]
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    await send({"type": "http.response.start", "status": response.status_code, "headers": _encoded(response.headers)})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -27,12 +27,33 @@ REQUESTS = [
 ]
 
 
+OLLAMA_CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 3}}
+OLLAMA_REQUESTS = [
+    ("/api/chat", {**OLLAMA_CHAT, "stream": False}),
+    ("/api/chat", OLLAMA_CHAT),  # Ollama streams unless told not to
+    ("/api/generate", {"model": "a", "prompt": "Once", "stream": False, "options": {"num_predict": 2}}),
+    ("/api/generate", {"model": "a", "prompt": "Once", "options": {"num_predict": 2}}),
+    ("/api/chat", {"model": "nope", "messages": []}),  # 404
+    ("/api/chat", {"messages": []}),  # 400 model is required
+    ("/api/chat", {**OLLAMA_CHAT, "keep_alive": "forever-ish"}),  # 400 keep_alive
+    ("/api/generate", [1]),  # 400 not an object
+]
+#: What differs from one answer to the next: the fake's clock, and Ollama's timings and timestamps.
+_CLOCKS = [
+    (rb'"created": ?\d+', b'"created": 0'),
+    (rb'"created_at": ?"[^"]*"', b'"created_at": ""'),
+    (rb'"(\w+_duration)": ?\d+', rb'"\1": 0'),
+]
+
+
 def _answer(sent: list[dict]) -> tuple[int, dict[bytes, bytes], bytes]:
-    """Status, headers (without the per-request id) and the whole body, with the fake's clock taken out."""
+    """Status, headers (without the per-request id) and the whole body, with clocks and timings taken out."""
     start, *pieces = sent
     headers = dict(start["headers"])
     headers.pop(b"x-request-id")
-    body = re.sub(rb'"created": ?\d+', b'"created": 0', b"".join(piece["body"] for piece in pieces))
+    body = b"".join(piece["body"] for piece in pieces)
+    for pattern, replacement in _CLOCKS:
+        body = re.sub(pattern, replacement, body)
     if b"content-length" in headers:
         headers[b"content-length"] = str(len(body)).encode()
     assert [piece["more_body"] for piece in pieces][-1] is False
@@ -49,6 +70,30 @@ async def test_direct_and_quart_answer_alike(make_config, start_pool, http, nurs
         assert by_direct == by_quart, (path, payload)
         statuses.append(by_direct[0])
     assert statuses == [200, 200, 200, 200, 200, 404, 400, 400, 400]
+
+
+async def test_direct_and_quart_answer_ollama_alike(make_config, start_pool, http, nursery):
+    direct, _ = await make_app(make_config, start_pool, http, nursery, "direct", tokens=3)
+    quart, _ = await make_app(make_config, start_pool, http, nursery, "quart", tokens=3)
+    statuses = []
+    for path, payload in OLLAMA_REQUESTS:
+        by_direct = _answer(await Exchange(direct, payload, path).run())
+        by_quart = _answer(await Exchange(quart, payload, path).run())
+        assert by_direct == by_quart, (path, payload)
+        statuses.append(by_direct[0])
+    assert statuses == [200, 200, 200, 200, 404, 400, 400, 400]
+    status, headers, body = _answer(await Exchange(direct, OLLAMA_CHAT, "/api/chat").run())
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert headers[b"content-type"] == b"application/x-ndjson" and lines[-1]["done"] is True
+    assert "".join(line["message"]["content"] for line in lines) == "tok0 tok1 tok2 "
+    # an upstream error, in Ollama's shape with its status kept
+    reject = {"status": 400, "message": "the prompt is too long"}
+    direct, _ = await make_app(make_config, start_pool, http, nursery, "direct", reject=reject)
+    quart, _ = await make_app(make_config, start_pool, http, nursery, "quart", reject=reject)
+    for payload in ({**OLLAMA_CHAT, "stream": False}, OLLAMA_CHAT):
+        by_direct = _answer(await Exchange(direct, payload, "/api/chat").run())
+        assert by_direct == _answer(await Exchange(quart, payload, "/api/chat").run())
+        assert by_direct[0] == 400 and json.loads(by_direct[2]) == {"error": "the prompt is too long"}
 
 
 async def test_an_upstream_error_is_relayed_as_the_upstream_gave_it(make_config, start_pool, http, nursery):
@@ -74,11 +119,12 @@ async def test_a_plain_relay_never_reaches_quart(make_config, start_pool, http, 
         await quart(scope, receive, send)
 
     edge._app = watched
-    for path, payload in REQUESTS:
+    for path, payload in REQUESTS + OLLAMA_REQUESTS:
         await Exchange(app, payload, path).run()
     assert reached == []
     await Exchange(app, {}, "/v1/models").run()  # other routes still go to Quart
-    assert reached == ["/v1/models"]
+    await Exchange(app, {"model": "a", "messages": []}, "/api/chat").run()  # a load: Quart's route
+    assert reached == ["/v1/models", "/api/chat"]
 
 
 async def test_a_body_in_pieces_and_a_chunked_body_over_the_limit(make_config, start_pool, http, nursery):

@@ -47,19 +47,33 @@ from ..backends import ollama as upstreams
 from ..config import ModelConfig
 from ..download import Download
 from ..errors import BadRequest, ProxyError
+from ..metrics import note_model
 from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
 from ..relay import RelayBody, Upstream, open_upstream
 from .openai import chain_error, parse_body, replay_sse, sse_error
 
-__all__ = ["blueprint", "error_response"]
+__all__ = [
+    "JSON_TYPE",
+    "NDJSON_HEADERS",
+    "Asked",
+    "Generation",
+    "answer_body",
+    "blueprint",
+    "check_think",
+    "error_response",
+    "llama_server",
+    "open_generation",
+    "plan_generation",
+    "streams",
+]
 
 log = logging.getLogger(__name__)
 
 blueprint = Blueprint("ollama", __name__)
 
-_JSON = "application/json; charset=utf-8"
-_NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+JSON_TYPE = "application/json; charset=utf-8"
+NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: How often a streamed /api/pull reports a download's progress (seconds).
 _PULL_EVERY = 0.25
 #: llama-server's /props, read once per server life (modalities, n_ctx).
@@ -71,7 +85,7 @@ def error_response(exc: ProxyError) -> Response:
 
 
 def _json(body: object, status: int = 200) -> Response:
-    return Response(json.dumps(body, ensure_ascii=False), status=status, content_type=_JSON)
+    return Response(json.dumps(body, ensure_ascii=False), status=status, content_type=JSON_TYPE)
 
 
 class NotSupported(ProxyError):
@@ -169,14 +183,10 @@ async def _post(http: httpx.AsyncBaseTransport, lease: Lease, path: str, body: d
     )
 
 
-async def _generate(
-    proxy: ProxyState,
-    name: str,
-    call: translate.Translated,
-    keep_alive: float | None,
-    answer: translate.Answer,
-    headers: dict[str, str] | None = None,
-) -> Response:
+async def open_generation(
+    proxy: ProxyState, name: str, call: translate.Translated, keep_alive: float | None, answer: translate.Answer
+) -> tuple[Lease, Upstream]:
+    """Send ``call`` to a llama-server for ``name``; its answer's headers are in, and the lease is the caller's."""
     lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
     answer.loaded()
     try:
@@ -186,7 +196,24 @@ async def _generate(
     except BaseException:
         lease.release()
         raise
-    return await _answered(upstream, call, answer, f"llama-server for {lease.server.name!r}", lease.release, headers)
+    return lease, upstream
+
+
+def llama_server(lease: Lease) -> str:
+    """Who answered, for error messages."""
+    return f"llama-server for {lease.server.name!r}"
+
+
+async def _generate(
+    proxy: ProxyState,
+    name: str,
+    call: translate.Translated,
+    keep_alive: float | None,
+    answer: translate.Answer,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    lease, upstream = await open_generation(proxy, name, call, keep_alive, answer)
+    return await _answered(upstream, call, answer, llama_server(lease), lease.release, headers)
 
 
 async def _generate_upstream(
@@ -207,23 +234,40 @@ async def _answered(
     headers: dict[str, str] | None,
 ) -> Response:
     """An OpenAI answer (``who``'s) in Ollama's shape: one object, or NDJSON as it streams."""
-    if upstream.status_code != 200 or not call.stream:
-        try:
-            body = await upstream.read()
-        finally:
-            if on_done is not None:
-                on_done()
-        if upstream.status_code != 200:
-            raise translate.upstream_failure(upstream.status_code, body, who)
-        try:
-            reply = _json(answer.complete(json.loads(body)))
-        except ValueError as exc:
-            raise translate.upstream_failure(502, body, f"{who} answered something that is not JSON") from exc
+    if not streams(upstream, call):
+        reply = Response(await answer_body(upstream, answer, who, on_done), content_type=JSON_TYPE)
         reply.headers.update(headers or {})
         return reply
     # one write per burst of events, not one per line (see smart_proxy.relay)
     body = RelayBody(upstream, on_error=sse_error, on_done=on_done, translation=translate.NDJSONStream(answer))
-    return Response(body, status=200, headers={**_NDJSON_HEADERS, **(headers or {})})
+    return Response(body, status=200, headers={**NDJSON_HEADERS, **(headers or {})})
+
+
+def streams(upstream: Upstream, call: translate.Translated) -> bool:
+    """Whether the answer is relayed as NDJSON as it streams (asked for, and not an upstream error)."""
+    return call.stream and upstream.status_code == 200
+
+
+async def answer_body(
+    upstream: Upstream, answer: translate.Answer, who: str, on_done: Callable[[], object] | None
+) -> bytes:
+    """A whole OpenAI answer read and translated to Ollama's JSON object; ``on_done`` once it is read.
+
+    Raises:
+        ProxyError: the upstream answered an error (its status kept), or something that is not JSON.
+    """
+    try:
+        body = await upstream.read()
+    finally:
+        if on_done is not None:
+            on_done()
+    if upstream.status_code != 200:
+        raise translate.upstream_failure(upstream.status_code, body, who)
+    try:
+        reply = answer.complete(json.loads(body))
+    except ValueError as exc:
+        raise translate.upstream_failure(502, body, f"{who} answered something that is not JSON") from exc
+    return json.dumps(reply, ensure_ascii=False).encode()
 
 
 async def _load_or_unload(proxy: ProxyState, name: str, keep_alive: float | None, answer: translate.Answer) -> Response:
@@ -250,7 +294,7 @@ async def _unload(proxy: ProxyState, name: str) -> None:
 
 
 @attrs.frozen
-class _Asked:
+class Asked:
     """What every model route reads first: the body, its model, and when it came."""
 
     started: float
@@ -261,12 +305,19 @@ class _Asked:
     model: ModelConfig
 
     @classmethod
-    async def read(cls) -> _Asked:
+    async def read(cls) -> Asked:
         started = time.perf_counter()
-        payload, raw = await _payload()
+        raw = await request.get_data(as_text=False)
+        return cls.parse(state(), raw, started)
+
+    @classmethod
+    def parse(cls, proxy: ProxyState, raw: bytes, started: float) -> Asked:
+        """The request whose body is ``raw`` (read by Quart, or by smart_proxy.direct)."""
+        payload = parse_body(raw or b"{}")
         name = _model_name(payload)
-        proxy = state()
-        return cls(started, payload, raw, name, proxy, proxy.catalog.get(name))
+        model = proxy.catalog.get(name)
+        note_model(model.name)
+        return cls(started, payload, raw, name, proxy, model)
 
     async def to_upstream(self, path: str, method: str = "POST") -> Response:
         """Send the request untouched to the Ollama upstream that serves its model, at ``path``."""
@@ -283,21 +334,60 @@ async def generate() -> Response:
     return await _complete("/api/generate", chat=False)
 
 
-async def _complete(path: str, *, chat: bool) -> Response:
-    """``/api/chat`` (``chat``) or ``/api/generate``: translated to llama-server's OpenAI routes."""
-    asked = await _Asked.read()
-    proxy, payload, name, model = asked.proxy, asked.payload, asked.name, asked.model
-    if model.backend == "ollama" and proxy.agents.activate(payload, "chat" if chat else "completion") is None:
-        # no agent command (read from the Ollama body as from the OpenAI one): untouched, to Ollama's route
-        return await asked.to_upstream(path)
+@attrs.frozen
+class Generation:
+    """A ``/api/chat`` or ``/api/generate`` for the pool, translated (see :func:`plan_generation`)."""
+
+    keep_alive: float | None
+    answer: translate.Answer
+    #: The request for llama-server, or None for an empty request (load, or unload).
+    call: translate.Translated | None
+    #: The agents the request's leading slash commands switch on, or None.
+    chain: Chain | None
+
+    @property
+    def relayed(self) -> bool:
+        """A generation sent to a llama-server as translated (not a load, no agents)."""
+        return self.call is not None and self.chain is None
+
+
+def plan_generation(asked: Asked, path: str) -> Generation | None:
+    """What ``/api/chat`` or ``/api/generate`` (``path``) asks of the pool, or None for an Ollama upstream's route.
+
+    None: the model is an Ollama upstream's and no agent command is asked for, so the
+    request goes to that Ollama's own route untouched.
+
+    Raises:
+        BadRequest: a keep_alive or a body the translation cannot read.
+    """
+    chat = path == "/api/chat"
+    payload, model = asked.payload, asked.model
+    if model.backend == "ollama" and asked.proxy.agents.activate(payload, "chat" if chat else "completion") is None:
+        return None  # no agent command (read from the Ollama body as from the OpenAI one)
     keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
-    answer = translate.Answer(name, chat=chat, started=asked.started)
+    answer = translate.Answer(asked.name, chat=chat, started=asked.started)
     empty = not payload.get("messages") if chat else not (payload.get("prompt") or payload.get("images"))
     if empty:
-        return await _load_or_unload(proxy, name, keep_alive, answer)
+        return Generation(keep_alive, answer, None, None)
     call = (translate.chat_request if chat else translate.generate_request)(payload, model.name)
-    await _check_think(proxy, model, name, payload.get("think"))
-    chain = proxy.agents.activate(call.body, call.kind)
+    return Generation(keep_alive, answer, call, asked.proxy.agents.activate(call.body, call.kind))
+
+
+async def check_think(asked: Asked) -> None:
+    await _check_think(asked.proxy, asked.model, asked.name, asked.payload.get("think"))
+
+
+async def _complete(path: str, *, chat: bool) -> Response:
+    """``/api/chat`` (``chat``) or ``/api/generate``: translated to llama-server's OpenAI routes."""
+    asked = await Asked.read()
+    proxy, payload, name, model = asked.proxy, asked.payload, asked.name, asked.model
+    generation = plan_generation(asked, path)
+    if generation is None:
+        return await asked.to_upstream(path)
+    keep_alive, answer, call, chain = generation.keep_alive, generation.answer, generation.call, generation.chain
+    if call is None:
+        return await _load_or_unload(proxy, name, keep_alive, answer)
+    await check_think(asked)
     if chain is not None:
         return await _generate_with_agents(proxy, name, model, payload, call, keep_alive, answer, chain)
     return await _generate(proxy, name, call, keep_alive, answer)
@@ -358,7 +448,7 @@ async def _generate_with_agents(
         objects += answer.final()
         objects[-1].update({key: value for key, value in extras.items() if key not in objects[-1]})
         body = b"".join(translate.ndjson(obj) for obj in objects)
-        return Response(body, status=200, headers={**_NDJSON_HEADERS, **ctx.headers()})
+        return Response(body, status=200, headers={**NDJSON_HEADERS, **ctx.headers()})
     except ProxyError as exc:
         if not ctx.failures:
             raise
@@ -400,7 +490,7 @@ async def _embed(
 
 @blueprint.post("/api/embed")
 async def embed() -> Response:
-    asked = await _Asked.read()
+    asked = await Asked.read()
     started, payload, name, proxy, model = asked.started, asked.payload, asked.name, asked.proxy, asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/embed")
@@ -432,7 +522,7 @@ async def embed() -> Response:
 @blueprint.post("/api/embeddings")
 async def embeddings() -> Response:
     """The legacy single-prompt route: ``{"prompt"}`` -> ``{"embedding": [...]}``."""
-    asked = await _Asked.read()
+    asked = await Asked.read()
     started, payload, name, proxy, model = asked.started, asked.payload, asked.name, asked.proxy, asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/embeddings")
@@ -552,7 +642,7 @@ def _modelfile(model: ModelConfig, info: ModelInfo | None) -> str:
 
 @blueprint.post("/api/show")
 async def show() -> Response:
-    asked = await _Asked.read()
+    asked = await Asked.read()
     proxy, model = asked.proxy, asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/show")
@@ -584,12 +674,12 @@ async def pull() -> Response:
     if model.repo is None:
         if not stream:
             return _json({"status": "success"})
-        return Response(translate.ndjson({"status": "success"}), headers=_NDJSON_HEADERS)
+        return Response(translate.ndjson({"status": "success"}), headers=NDJSON_HEADERS)
     download = proxy.catalog.start_download(model)
     if not stream:
         await download.wait()
         return _json({"status": "success"})
-    return Response(_pull_stream(download), headers=_NDJSON_HEADERS)
+    return Response(_pull_stream(download), headers=NDJSON_HEADERS)
 
 
 async def _pull_stream(download: Download) -> AsyncIterator[bytes]:
@@ -618,7 +708,7 @@ async def _pull_stream(download: Download) -> AsyncIterator[bytes]:
 
 @blueprint.delete("/api/delete")
 async def delete() -> Response:
-    asked = await _Asked.read()
+    asked = await Asked.read()
     model = asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/delete", "DELETE")
