@@ -82,6 +82,10 @@ async def test_direct_and_quart_answer_ollama_alike(make_config, start_pool, htt
         assert by_direct == by_quart, (path, payload)
         statuses.append(by_direct[0])
     assert statuses == [200, 200, 200, 200, 404, 400, 400, 400]
+    for app in (direct, quart):  # labelled with their model, like the OpenAI routes' answers
+        metrics = app.extensions["smart_proxy"].metrics.registry
+        labels = {"route": "/api/chat", "model": "a", "status": "200"}
+        assert metrics.get_sample_value("smart_proxy_requests_total", labels) == 2
     status, headers, body = _answer(await Exchange(direct, OLLAMA_CHAT, "/api/chat").run())
     lines = [json.loads(line) for line in body.splitlines()]
     assert headers[b"content-type"] == b"application/x-ndjson" and lines[-1]["done"] is True
