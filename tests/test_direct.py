@@ -60,28 +60,27 @@ def _answer(sent: list[dict]) -> tuple[int, dict[bytes, bytes], bytes]:
     return start["status"], headers, body
 
 
-async def test_direct_and_quart_answer_alike(make_config, start_pool, http, nursery):
-    direct, _ = await make_app(make_config, start_pool, http, nursery, "direct", tokens=3)
-    quart, _ = await make_app(make_config, start_pool, http, nursery, "quart", tokens=3)
+async def _alike(direct, quart, requests: list[tuple[str, object]]) -> list[int]:
+    """Each request through both apps: the answers must be the same; their statuses, in order."""
     statuses = []
-    for path, payload in REQUESTS:
+    for path, payload in requests:
         by_direct = _answer(await Exchange(direct, payload, path).run())
         by_quart = _answer(await Exchange(quart, payload, path).run())
         assert by_direct == by_quart, (path, payload)
         statuses.append(by_direct[0])
-    assert statuses == [200, 200, 200, 200, 200, 404, 400, 400, 400]
+    return statuses
+
+
+async def test_direct_and_quart_answer_alike(make_config, start_pool, http, nursery):
+    direct, _ = await make_app(make_config, start_pool, http, nursery, "direct", tokens=3)
+    quart, _ = await make_app(make_config, start_pool, http, nursery, "quart", tokens=3)
+    assert await _alike(direct, quart, REQUESTS) == [200, 200, 200, 200, 200, 404, 400, 400, 400]
 
 
 async def test_direct_and_quart_answer_ollama_alike(make_config, start_pool, http, nursery):
     direct, _ = await make_app(make_config, start_pool, http, nursery, "direct", tokens=3)
     quart, _ = await make_app(make_config, start_pool, http, nursery, "quart", tokens=3)
-    statuses = []
-    for path, payload in OLLAMA_REQUESTS:
-        by_direct = _answer(await Exchange(direct, payload, path).run())
-        by_quart = _answer(await Exchange(quart, payload, path).run())
-        assert by_direct == by_quart, (path, payload)
-        statuses.append(by_direct[0])
-    assert statuses == [200, 200, 200, 200, 404, 400, 400, 400]
+    assert await _alike(direct, quart, OLLAMA_REQUESTS) == [200, 200, 200, 200, 404, 400, 400, 400]
     for app in (direct, quart):  # labelled with their model, like the OpenAI routes' answers
         metrics = app.extensions["smart_proxy"].metrics.registry
         labels = {"route": "/api/chat", "model": "a", "status": "200"}
