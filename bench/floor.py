@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The floor: the cheapest reverse proxy one can write on Hypercorn + Trio.
 
-``python bench/floor.py --port P --target http://127.0.0.1:U``
+``python bench/floor.py --port P --target http://127.0.0.1:U [--bare]``
 
 smart-proxy's design card fixes Hypercorn (on Trio) as its HTTP server. This
 program shows what that server costs by itself, so the benchmark can tell the
@@ -21,6 +21,11 @@ A connection whose answer was read to the end goes back to the idle list;
 anything else (the client left, a parse surprise) closes it. An idle connection
 is reused for at most 4 s and only if the upstream has not closed it (the fake
 upstream closes idle ones after 5 s, like llama-server).
+
+``--bare`` drops Hypercorn too: the same relay behind a hand-written HTTP/1.1
+server on ``trio.serve_tcp`` (keep-alive, Content-Length request bodies only,
+answers framed chunked by hand, no h11). That is outside the design card; the
+benchmark runs it to tell what Hypercorn costs from what Trio itself costs.
 """
 
 from __future__ import annotations
@@ -149,12 +154,74 @@ def make_app(upstream: Upstream):
     return app
 
 
+async def serve_bare(port: int, upstream: Upstream) -> None:
+    """The relay on ``trio.serve_tcp``: no Hypercorn, no h11 (see ``--bare``)."""
+    host = f"{upstream.host}:{upstream.port}".encode()
+
+    async def connection(client: trio.SocketStream) -> None:
+        buffer = bytearray()
+        try:
+            while True:
+                while (end := buffer.find(b"\r\n\r\n")) < 0:
+                    data = await client.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                lines = bytes(buffer[:end]).split(b"\r\n")
+                del buffer[: end + 4]
+                method, path, _ = lines[0].split(b" ", 2)
+                length = 0
+                for line in lines[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(buffer) < length:
+                    data = await client.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                body = bytes(buffer[:length])
+                del buffer[:length]
+                head = b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (
+                    method, path, host, len(body))
+                await upstream.exchange(head, body, _BareSend(client))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            return
+
+    await trio.serve_tcp(connection, port, host="127.0.0.1", backlog=4096)
+
+
+class _BareSend:
+    """ASGI ``send`` for the bare server: the head, then each body message as one chunk."""
+
+    def __init__(self, client: trio.SocketStream) -> None:
+        self.client = client
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            head = [b"HTTP/1.1 %d OK" % message["status"]]
+            head += [b"%s: %s" % pair for pair in message["headers"]]
+            head.append(b"Transfer-Encoding: chunked\r\n\r\n")
+            await self.client.send_all(b"\r\n".join(head))
+            return
+        body = message.get("body", b"")
+        data = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+        if not message.get("more_body"):
+            data += b"0\r\n\r\n"
+        if data:
+            await self.client.send_all(data)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--target", required=True, help="the upstream, http://HOST:PORT")
+    parser.add_argument("--bare", action="store_true", help="no Hypercorn: a hand-written server on trio.serve_tcp")
     args = parser.parse_args()
     target = urlsplit(args.target)
+    if args.bare:
+        trio.run(serve_bare, args.port, Upstream(target.hostname, target.port))
+        return
     config = Config()
     # the settings smart-proxy's server.py gives Hypercorn
     config.bind = [f"127.0.0.1:{args.port}"]

@@ -454,11 +454,11 @@ def start_goproxy(workdir: Path, go: GoBinaries, target: str) -> tuple[subproces
     return process, f"http://127.0.0.1:{port}"
 
 
-def start_floor(workdir: Path, target: str) -> tuple[subprocess.Popen, str]:
-    """bench/floor.py (the cheapest proxy on Hypercorn + Trio) on the proxy core, in front of ``target``."""
+def start_floor(workdir: Path, target: str, *, bare: bool = False) -> tuple[subprocess.Popen, str]:
+    """bench/floor.py (the cheapest proxy on Hypercorn + Trio; with ``bare``, on Trio alone) on the proxy core."""
     port = free_port()
     process = start(pinned(PROXY_CPU, [project_python(), str(BENCH_DIR / "floor.py"), "--port", str(port),
-                                       "--target", target]),
+                                       "--target", target, *(["--bare"] if bare else [])]),
                     log_path=workdir / f"floor-{port}.log")
     wait_listening(port, process, "bench/floor.py", timeout=30)
     return process, f"http://127.0.0.1:{port}"

@@ -15,7 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"direct": "#888888", "go-httputil": "#00add8", "smart-proxy": "#d9480f", "litellm": "#7048e8",
-          "smart-proxy ollama": "#f59f00", "llama-server": "#888888", "hypercorn-floor": "#2b8a3e"}
+          "smart-proxy ollama": "#f59f00", "llama-server": "#888888", "hypercorn-floor": "#2b8a3e",
+          "trio-bare": "#94d82d"}
 
 
 def color(name: str) -> str:

@@ -43,6 +43,9 @@ FLOOR_NOTE = ("hypercorn-floor = bench/floor.py: a raw ASGI callable on hypercor
               "Hypercorn settings, forwarding over hand-written keep-alive HTTP/1.1 (no Quart, httpx, routing, "
               "JSON, pool or logging): the least CPU any proxy built on the design card's server spends, "
               "so smart-proxy's own cost is the distance to this row")
+BARE_NOTE = ("trio-bare = bench/floor.py --bare: the same relay behind a hand-written HTTP/1.1 server on "
+             "trio.serve_tcp, without Hypercorn or h11 (outside the design card): what Trio itself costs, so the "
+             "distance from it to hypercorn-floor is Hypercorn's")
 
 
 # ---- 1. request overhead -------------------------------------------------------------------
@@ -161,8 +164,9 @@ def fanout(ctx: Context) -> dict:
     upstream = f"http://127.0.0.1:{proxy.upstream_port('bench')}"
     _, go_url = h.start_goproxy(ctx.work, ctx.go, upstream)
     floor, floor_url = h.start_floor(ctx.work, upstream)
-    targets = {"direct": (upstream, None), "go-httputil": (go_url, None), "hypercorn-floor": (floor_url, floor.pid),
-               "smart-proxy": (proxy.url, proxy.pid)}
+    bare, bare_url = h.start_floor(ctx.work, upstream, bare=True)
+    targets = {"direct": (upstream, None), "go-httputil": (go_url, None), "trio-bare": (bare_url, bare.pid),
+               "hypercorn-floor": (floor_url, floor.pid), "smart-proxy": (proxy.url, proxy.pid)}
     rows, cdfs = [], {}
     for streams in (64, 256, 512):
         for name, (url, pid) in targets.items():
@@ -185,6 +189,7 @@ def fanout(ctx: Context) -> dict:
                   f"errors {result['errors'] or 0}  {cpu.summary()}")
     proxy.stop()
     h.stop(floor)
+    h.stop(bare)
 
     def row(name: str, streams: int) -> dict:
         return next(r for r in rows if r["target"] == name and r["streams"] == streams)
@@ -217,7 +222,7 @@ def fanout(ctx: Context) -> dict:
                        worst_gap <= 5),
                 target("lost chunks", "0", str(lost), lost == 0),
             ],
-            "notes": [FLOOR_NOTE], "plot": {"kind": "fanout", "rows": rows, "gap_cdfs": cdfs}}
+            "notes": [FLOOR_NOTE, BARE_NOTE], "plot": {"kind": "fanout", "rows": rows, "gap_cdfs": cdfs}}
 
 
 # ---- 3. relay throughput ---------------------------------------------------------------------
