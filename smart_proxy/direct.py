@@ -74,12 +74,17 @@ _NDJSON_HEADERS = _encoded(ollama.NDJSON_HEADERS)
 _JSON_TYPE = ollama.JSON_TYPE.encode("latin-1")
 
 
-async def relay(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
-    """Answer a ``POST`` to one of :data:`ROUTES`; see the module docstring. ``app`` takes what is not relayed."""
+async def relay(
+    proxy: ProxyState, scope: Scope, receive: Receive, send: Send, app: ASGIApp, length: int | None = None
+) -> None:
+    """Answer a ``POST`` to one of :data:`ROUTES`; see the module docstring. ``app`` takes what is not relayed.
+
+    ``length`` is the request's Content-Length, if it gave one (see :func:`read_body`).
+    """
     path = scope["path"]
     started = time.perf_counter()  # Ollama's total_duration counts from here
     try:
-        raw = await read_body(receive, proxy.config.proxy.max_body)
+        raw = await read_body(receive, proxy.config.proxy.max_body, length)
         if raw is None:
             return  # the client left before its request was in
         forward = await (_plan_ollama if path in OLLAMA_ROUTES else _plan_openai)(proxy, path, raw, started)
@@ -187,8 +192,13 @@ async def _whole(status: int, headers: list[tuple[bytes, bytes]], body: bytes, s
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | None:
+async def read_body(receive: Receive, limit: int, length: int | None = None) -> bytes | None:
     """The request body, or None if the client left first.
+
+    With ``length`` (the request's Content-Length) the body is complete once that many bytes
+    are in. Hypercorn hands a body over as its bytes (``more_body``) and then an empty last
+    message; that one is left in the queue (the disconnect watcher, or :func:`_replay`,
+    passes over it) rather than waited for: a pass of the scheduler per request.
 
     Raises:
         PayloadTooLarge: more than ``limit`` bytes came (a chunked body; the edge checks Content-Length).
@@ -206,13 +216,17 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
             if size > limit:
                 raise too_large(limit)
             parts.append(data)
-            if not message.get("more_body", False):
+            if not message.get("more_body", False) or size == length:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
     raise BodyTimeout(f"the request body did not arrive within {BODY_TIMEOUT} s")
 
 
 def _replay(raw: bytes, receive: Receive) -> Receive:
-    """``receive`` for a request whose body was read already: the body once, then what ``receive`` gives."""
+    """``receive`` for a request whose body was read already: the body once, then what ``receive`` gives.
+
+    An empty ``http.request`` message from ``receive`` is the end of that body (which
+    :func:`read_body` may not have waited for), so it is passed over.
+    """
     pending: Message | None = {"type": "http.request", "body": raw, "more_body": False}
 
     async def replayed() -> Message:
@@ -220,7 +234,10 @@ def _replay(raw: bytes, receive: Receive) -> Receive:
         if pending is not None:
             message, pending = pending, None
             return message
-        return await receive()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or message.get("body"):
+                return message
 
     return replayed
 

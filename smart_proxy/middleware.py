@@ -156,7 +156,8 @@ class EdgeMiddleware:
             if early is not None:
                 await send_response(send_observed, early)
             elif method == "POST" and path in self.direct_routes:
-                await relay(self._proxy, scope, receive, send_observed, self._app)
+                length = headers.get("content-length", "")
+                await relay(self._proxy, scope, receive, send_observed, self._app, int(length) if length.isdigit() else None)
             else:
                 await self._app(scope, receive, send_observed)
         finally:

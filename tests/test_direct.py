@@ -159,6 +159,36 @@ async def test_a_body_in_pieces_and_a_chunked_body_over_the_limit(make_config, s
     assert sent[0]["status"] == 413 and error["type"] == "request_too_large" and f"{limit} bytes" in error["message"]
 
 
+async def test_a_body_of_its_content_length_is_not_followed_by_a_wait_for_the_last_message(
+    make_config, start_pool, http, nursery
+):
+    # Hypercorn sends the body, then an empty last message; the relay starts on the body
+    app, _ = await make_app(make_config, start_pool, http, nursery, "direct")
+    for path, payload in [("/v1/chat/completions", CHAT), ("/api/chat", {"model": "a", "messages": []})]:
+        exchange = Exchange(app, payload, path)  # the second: an Ollama load, which goes on to Quart
+        exchange.to_app.send_nowait({"type": "http.request", "body": exchange.body, "more_body": True})
+        sent: list[dict] = []
+        with trio.fail_after(5):
+            await app(exchange.scope, exchange._receive.receive, _recorder(sent))
+        assert sent[0]["status"] == 200, (path, sent)
+
+
+def _recorder(sent: list[dict]):
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    return send
+
+
+async def test_a_replayed_body_is_given_once_and_the_end_of_the_real_one_passed_over():
+    to_app, from_client = trio.open_memory_channel[dict](3)
+    to_app.send_nowait({"type": "http.request", "body": b"", "more_body": False})
+    to_app.send_nowait({"type": "http.disconnect"})
+    receive = direct._replay(b"{}", from_client.receive)
+    assert await receive() == {"type": "http.request", "body": b"{}", "more_body": False}
+    assert await receive() == {"type": "http.disconnect"}
+
+
 async def test_a_client_leaving_before_its_body_is_in_takes_nothing(make_config, start_pool, http, nursery):
     app, pool = await make_app(make_config, start_pool, http, nursery, "direct")
     exchange = Exchange(app, CHAT)
