@@ -89,8 +89,10 @@ def _split_url(url: str) -> tuple[tuple[str, int], bytes, bytes]:
 # ---- connections and the pool -------------------------------------------------------------
 
 
-async def _open_stream(host: str, port: int) -> trio.SocketStream:
-    """A TCP connection to ``host``; an IP address (a llama-server's 127.0.0.1) is connected directly.
+async def _open_stream(host: str, port: int) -> tuple[trio.SocketStream, socket.socket | None]:
+    """A TCP connection to ``host``, and for an IP address its socket (see :class:`_Connection`).
+
+    An IP address (a llama-server's 127.0.0.1) is connected directly.
 
     ``trio.open_tcp_stream`` resolves the name and races its addresses (happy eyeballs):
     a nursery and a task per attempt, three more passes of the scheduler and twice the CPU
@@ -101,23 +103,34 @@ async def _open_stream(host: str, port: int) -> trio.SocketStream:
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
-        return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        return await trio.open_tcp_stream(host, port), None
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    sock = trio.socket.from_stdlib_socket(raw)  # the same socket, made non-blocking
     try:
         await sock.connect((host, port))
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return trio.SocketStream(sock), raw
 
 
 class _Connection:
-    """One keep-alive TCP connection to an upstream."""
+    """One keep-alive TCP connection to an upstream.
 
-    __slots__ = ("stream", "key", "idle_since", "reused", "_poller")
+    With ``raw``, the non-blocking socket under ``stream``, a send that fits the socket's
+    buffer (a request, nearly always) and a read of what has arrived already are plain
+    socket calls. ``SocketStream`` wraps each in a conflict check, two context managers and
+    a check for cancellation, and yields to the scheduler after a send that went through:
+    per relayed stream event, and several times per request, on the proxy's one core.
+    A wait (nothing to read yet, a full buffer) is Trio's, so cancellation and closing
+    work as with the stream; a name resolved by ``trio.open_tcp_stream`` has no ``raw``.
+    """
 
-    def __init__(self, stream: trio.SocketStream, key: tuple[str, int]) -> None:
+    __slots__ = ("stream", "key", "idle_since", "reused", "_poller", "_raw")
+
+    def __init__(self, stream: trio.SocketStream, key: tuple[str, int], raw: socket.socket | None = None) -> None:
         self.stream = stream
+        self._raw = raw
         self.key = key
         self.idle_since = 0.0
         #: Has carried a request before: a close without an answer means it went stale.
@@ -139,6 +152,14 @@ class _Connection:
 
     async def send(self, data: bytes, within: float | None) -> None:
         try:
+            if self._raw is not None:
+                try:
+                    sent = self._raw.send(data)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(data):
+                    return
+                data = data[sent:]
             if within is None:
                 await self.stream.send_all(data)
                 return
@@ -153,6 +174,12 @@ class _Connection:
 
     async def receive(self, within: float | None) -> bytes:
         try:
+            if self._raw is not None and within is None:
+                while True:
+                    try:
+                        return self._raw.recv(_READ_SIZE)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(self._raw)
             if within is None:
                 return await self.stream.receive_some(_READ_SIZE)
             with trio.move_on_after(within):
@@ -393,15 +420,15 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
     async def _connect(self, key: tuple[str, int], within: float | None) -> _Connection:
         try:
             if within is None:
-                stream = await _open_stream(*key)
+                stream, raw = await _open_stream(*key)
             else:
                 with trio.move_on_after(within) as scope:
-                    stream = await _open_stream(*key)
+                    stream, raw = await _open_stream(*key)
                 if scope.cancelled_caught:
                     raise httpx.ConnectTimeout(f"timed out connecting to {key[0]}:{key[1]}")
         except OSError as exc:
             raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
-        conn = _Connection(stream, key)
+        conn = _Connection(stream, key, raw)
         if self._closed:  # closed while we connected
             conn.close()
             raise RuntimeError("the upstream transport is closed")

@@ -492,6 +492,15 @@ async def test_a_streamed_request_body_is_sent(nursery) -> None:
         assert await response.aread() == b"abcdef"
 
 
+async def test_a_request_larger_than_the_socket_buffer_is_sent_whole(nursery) -> None:
+    # the first send takes what fits the buffer; the rest waits for the peer to read
+    peer = await Peer(lambda head, body: _ok(b"%d %d" % (len(body), hash(body)))).start(nursery)
+    content = os.urandom(8 << 20)
+    async with UpstreamTransport() as transport:
+        response = await _get(transport, peer.url(), "POST", content)
+    assert response.content == b"%d %d" % (len(content), hash(content))
+
+
 async def test_closing_the_transport_closes_connections_in_use(nursery) -> None:
     peer = await Peer(lambda head, body: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial").start(nursery)
     transport = UpstreamTransport()
