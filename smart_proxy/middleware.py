@@ -124,6 +124,13 @@ class EdgeMiddleware:
                     # counted and logged before the last write, not after: a client that has
                     # the whole answer finds it in /metrics (and a test can rely on that)
                     finish()
+                    # Shielded: inside this send Hypercorn ends the exchange (it tells the app
+                    # http.disconnect, which the disconnect watchers take as the client leaving)
+                    # and restarts the connection's keep-alive timer; a cancellation landing
+                    # there left the timer stopped, and an idle connection open for good.
+                    with trio.CancelScope(shield=True):
+                        await send(message)
+                    return
             await send(message)
 
         finished = False

@@ -719,6 +719,43 @@ def test_hypercorn_config_file(make_config, tmp_path: Path) -> None:
             hypercorn_config(with_proxy(make_config({}), hypercorn_config=str(toml)), "127.0.0.1", 8080)
 
 
+async def _exchange_on(stream: trio.SocketStream, request: bytes) -> int:
+    """Send ``request`` and read its whole answer (a Content-Length one); its status."""
+    await stream.send_all(request)
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        buffer += await stream.receive_some()
+    head, _, body = buffer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = next(int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += await stream.receive_some()
+    return int(lines[0].split()[1])
+
+
+async def test_an_idle_keep_alive_connection_is_closed_at_keep_alive_timeout(make_config, start_proxy, tmp_path):
+    # Inside the last send of an answer Hypercorn tells the app http.disconnect, then restarts
+    # the connection's keep-alive timer. The disconnect watchers (direct's and Quart's) took
+    # that for the client leaving and cancelled the handler right there: the timer stayed
+    # stopped and every idle connection stayed open until its client closed it.
+    toml = tmp_path / "hypercorn.toml"
+    toml.write_text("keep_alive_timeout = 0.5\n")
+    url = await start_proxy(with_proxy(make_config({"a": {}}), hypercorn_config=str(toml)))
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    body = json.dumps(chat()).encode()
+    relayed = b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    by_quart = b"GET /v1/models HTTP/1.1\r\nHost: p\r\n\r\n"
+    streams = [await trio.open_tcp_stream(host, port) for _ in range(8)]
+    for n, stream in enumerate(streams):
+        for _ in range(2):
+            assert await _exchange_on(stream, relayed if n % 2 else by_quart) == 200
+    await trio.sleep(1.5)
+    for stream in streams:
+        with trio.fail_after(1):
+            assert await stream.receive_some() == b""  # closed by the proxy
+        await stream.aclose()
+
+
 def test_deploy_doc_proxy_ini_and_hypercorn_toml_are_what_the_proxy_accepts(tmp_path: Path) -> None:
     (tmp_path / "hypercorn.toml").write_text(deploy_doc_block("toml", "keep_alive_timeout"))
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
