@@ -80,6 +80,12 @@ def _new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 
 
+def _declared_length(headers: dict[str, str]) -> int | None:
+    """The request's Content-Length, if it gave one that is a number."""
+    length = headers.get("content-length", "")
+    return int(length) if length.isdigit() else None
+
+
 def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     """The request headers the edge reads, decoded (the last of a repeated one wins); the rest are skipped."""
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw if name in _WANTED}
@@ -163,8 +169,7 @@ class EdgeMiddleware:
             if early is not None:
                 await send_response(send_observed, early)
             elif method == "POST" and path in self.direct_routes:
-                length = headers.get("content-length", "")
-                await relay(self._proxy, scope, receive, send_observed, self._app, int(length) if length.isdigit() else None)
+                await relay(self._proxy, scope, receive, send_observed, self._app, _declared_length(headers))
             else:
                 await self._app(scope, receive, send_observed)
         finally:
@@ -192,8 +197,8 @@ class EdgeMiddleware:
             if not self._proxy.lifecycle.accepting and path not in _UNCOUNTED:
                 raise ShuttingDown("the proxy is shutting down and takes no new requests; retry shortly")
             self._proxy.api_keys.check(headers.get("authorization"), headers.get("x-api-key"))
-            length = headers.get("content-length", "")
-            if length.isdigit() and int(length) > self._max_body:
+            length = _declared_length(headers)
+            if length is not None and length > self._max_body:
                 raise too_large(self._max_body)
         except ProxyError as exc:
             return error_response(exc, path)
