@@ -71,6 +71,15 @@ async def _alike(direct, quart, requests: list[tuple[str, object]]) -> list[int]
     return statuses
 
 
+def _recorder(sent: list[dict]):
+    """An ASGI ``send`` that keeps what it is given in ``sent``."""
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    return send
+
+
 async def test_direct_and_quart_answer_alike(make_config, start_pool, http, nursery):
     direct, _ = await make_app(make_config, start_pool, http, nursery, "direct", tokens=3)
     quart, _ = await make_app(make_config, start_pool, http, nursery, "quart", tokens=3)
@@ -141,10 +150,7 @@ async def test_a_body_in_pieces_and_a_chunked_body_over_the_limit(make_config, s
         exchange.to_app.send_nowait({"type": "http.request", "body": piece, "more_body": True})
     exchange.to_app.send_nowait({"type": "http.request", "body": b"", "more_body": False})
     sent: list[dict] = []
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
+    send = _recorder(sent)
     await app(exchange.scope, exchange._receive.receive, send)
     assert sent[0]["status"] == 200 and json.loads(sent[1]["body"])["model"] == "a"
 
@@ -173,13 +179,6 @@ async def test_a_body_of_its_content_length_is_not_followed_by_a_wait_for_the_la
         assert sent[0]["status"] == 200, (path, sent)
 
 
-def _recorder(sent: list[dict]):
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    return send
-
-
 async def test_a_replayed_body_is_given_once_and_the_end_of_the_real_one_passed_over():
     to_app, from_client = trio.open_memory_channel[dict](3)
     to_app.send_nowait({"type": "http.request", "body": b"", "more_body": False})
@@ -195,10 +194,7 @@ async def test_a_client_leaving_before_its_body_is_in_takes_nothing(make_config,
     exchange.to_app.send_nowait({"type": "http.request", "body": exchange.body[:10], "more_body": True})
     exchange.to_app.send_nowait({"type": "http.disconnect"})
     sent: list[dict] = []
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
+    send = _recorder(sent)
     with trio.fail_after(5):
         await app(exchange.scope, exchange._receive.receive, send)
     assert sent == [] and pool.servers() == []  # no answer, and no model was loaded for it
@@ -245,10 +241,7 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408(make_config, start_p
     exchange = Exchange(app, CHAT)
     exchange.to_app.send_nowait({"type": "http.request", "body": exchange.body[:10], "more_body": True})
     sent: list[dict] = []
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
+    send = _recorder(sent)
     with trio.fail_after(5):
         await app(exchange.scope, exchange._receive.receive, send)
     error = json.loads(sent[1]["body"])["error"]
