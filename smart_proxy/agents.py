@@ -91,6 +91,10 @@ log = logging.getLogger(__name__)
 
 #: The response header naming the agents whose hooks failed: ``rag:timeout, json:error``.
 ERRORS_HEADER = "X-Smart-Proxy-Agent-Errors"
+#: How deep an agent request's JSON (and an answer a hook sees) may nest dicts and lists. Far more
+#: than any real request needs, and far enough below the interpreter's recursion limit that the
+#: (recursive) JSON encoder and the dialect translations stay safe on the way out.
+MAX_DEPTH = 256
 #: Where a request goes upstream, by kind; agents see these OpenAI shapes.
 UPSTREAM_PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 AGENT_FILE = "agent.py"
@@ -220,10 +224,12 @@ class AgentContext:
             raise _upstream_failure(status, body)
         try:
             response = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise UpstreamError(f"upstream answered with something that is not JSON: {exc}") from None
         if not isinstance(response, dict):
             raise UpstreamError("upstream answered with JSON that is not an object")
+        if too_deep(response):
+            raise UpstreamError(f"upstream answered with JSON nested more than {MAX_DEPTH} deep")
         return response
 
     async def _post(self, payload: Mapping[str, Any]) -> tuple[int, bytes]:
@@ -497,6 +503,8 @@ class AgentRegistry:
         names, rest = take_commands(text, self._commands)
         if not names:
             return None
+        if too_deep(payload):
+            raise BadRequest(f"request JSON nests more than {MAX_DEPTH} deep; agent requests allow at most that")
         agents = tuple(self._loaded[name] for name in names if name in self._loaded)
         missing = tuple(name for name in names if name not in self._loaded)
         return Chain(agents, _with_text(payload, kind, rest), kind, missing)
@@ -615,13 +623,43 @@ class Chain:
 
 
 def _copy_json(value: Any) -> Any:
-    """A deep copy of JSON data (dicts and lists; the rest is immutable or shared), 2-3x faster than deepcopy."""
-    kind = type(value)
-    if kind is dict:
-        return {key: _copy_json(item) for key, item in value.items()}
-    if kind is list:
-        return [_copy_json(item) for item in value]
-    return value
+    """A deep copy of JSON data (dicts and lists; the rest is immutable or shared), 2-3x faster than deepcopy.
+
+    Iterative, so no nesting depth can exhaust the stack: the copy runs outside any hook's guard.
+    """
+    if type(value) is not dict and type(value) is not list:
+        return value
+    root: Any = {} if type(value) is dict else []
+    pending = [(value, root)]
+    while pending:
+        source, target = pending.pop()
+        items = source.items() if type(source) is dict else enumerate(source)
+        is_dict = type(target) is dict
+        for key, item in items:
+            kind = type(item)
+            if kind is dict or kind is list:
+                child: Any = {} if kind is dict else []
+                pending.append((item, child))
+                item = child
+            if is_dict:
+                target[key] = item
+            else:
+                target.append(item)
+    return root
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON data nests dicts and lists more than ``limit`` deep (iteratively, stopping early)."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        kind = type(item)
+        if kind is dict or kind is list:
+            if depth >= limit:
+                return True
+            children = item.values() if kind is dict else item
+            pending.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    return False
 
 
 async def _guarded(ctx: AgentContext, agent: LoadedAgent, hook: str) -> tuple[bool, Any]:

@@ -579,6 +579,58 @@ async def test_an_error_answer_still_names_the_failed_agents(make_config, start_
     assert response.status_code == 400 and ERRORS_HEADER not in response.headers
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/api/chat"])
+async def test_deeply_nested_agent_requests_get_400(
+    make_config, start_proxy, agent_dir: Path, http, route: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The chain copies and re-encodes an agent request: nesting past MAX_DEPTH is refused in dialect, not a 500."""
+    from smart_proxy.agents import MAX_DEPTH
+
+    write_agent(agent_dir, "a", marker("a"))  # buffered: copies the payload and the response
+    write_agent(agent_dir, "tag", TAG)  # live: copies the payload, then relays it
+    url = await start_proxy(with_agents(make_config({"echo": {"echo": True}}), agent_dir, "a", "tag"))
+
+    def body(command: str, depth: int) -> bytes:
+        # ``tools`` reaches the chain as sent on both routes; the body object is one level itself
+        nested = "[" * (depth - 1) + "]" * (depth - 1)
+        stream = ',"stream":false' if route == "/api/chat" else ""
+        return f'{{"model":"echo"{stream},"messages":[{{"role":"user","content":"{command}"}}],"tools":{nested}}}'.encode()
+
+    headers = {"Content-Type": "application/json"}
+    for command in ("/a hi", "/tag hi"):
+        ok = await http.post(url + route, content=body(command, MAX_DEPTH), headers=headers)
+        assert ok.status_code == 200, (command, ok.text[:300])
+        for depth in (MAX_DEPTH + 1, 600, 900):
+            caplog.clear()
+            refused = await http.post(url + route, content=body(command, depth), headers=headers)
+            assert refused.status_code == 400, (command, depth, refused.text[:300])
+            error = refused.json()["error"]
+            message = error if route == "/api/chat" else error["message"]
+            assert f"nests more than {MAX_DEPTH} deep" in message
+            if route != "/api/chat":
+                assert error["type"] == "invalid_request_error"
+            assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
+
+
+def test_copy_json_has_no_depth_limit() -> None:
+    from smart_proxy.agents import _copy_json, too_deep
+
+    deep: list = []
+    inner = deep
+    for _ in range(100_000):
+        inner.append({"k": [], "v": 1})
+        inner = inner[0]["k"]
+    copy = _copy_json(deep)
+    assert too_deep(copy, 100_000) and not too_deep(copy, 200_001)
+    walk, original = copy, deep
+    for _ in range(100_000):
+        assert walk is not original and list(walk[0]) == ["k", "v"] and walk[0]["v"] == 1
+        walk, original = walk[0]["k"], original[0]["k"]
+    payload = {"z": 1, "a": [1, {"b": [2, 3], "c": None}, "s"], "m": {"x": 1.5}}
+    copied = _copy_json(payload)
+    assert copied == payload and list(copied) == ["z", "a", "m"] and copied["a"][1] is not payload["a"][1]
+
+
 async def test_plugins_route(make_config, start_proxy, agent_dir: Path, http) -> None:
     write_agent(agent_dir, "a", marker("a"))
     write_agent(agent_dir, "broken", "raise ImportError('missing dependency: frobnicate')\n")
