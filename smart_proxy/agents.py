@@ -39,6 +39,9 @@ Theory of operation:
   ``X-Smart-Proxy-Agent-Errors`` header, and the request goes on. A failed ``call``
   falls back to the next agent's ``call``, then to the ordinary upstream call. A
   ``trio.Cancelled`` from outside (the client went away) is never swallowed.
+* Observing: every hook that runs is reported to the registry's
+  :class:`AgentEvents` (the proxy's metrics) with its duration and result: ``ok``,
+  ``error``, ``timeout``, or ``cancelled`` when the client went away.
 
 Agents see OpenAI shapes (a chat's ``messages`` or a completion's ``prompt``, and
 ``chat.completion`` or ``text_completion`` responses) whatever the client's
@@ -58,7 +61,8 @@ import re
 import sys
 import tomllib
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +82,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Agent",
     "AgentContext",
+    "AgentEvents",
     "AgentFailure",
     "AgentInfo",
     "AgentRegistry",
@@ -136,6 +141,13 @@ class Agent:
 
 def _overrides(cls: type, hook: str) -> bool:
     return getattr(cls, hook) is not getattr(Agent, hook)
+
+
+class AgentEvents:
+    """What the chain tells an observer about the hooks it runs; subclass and override. Must not block."""
+
+    def agent_run(self, name: str, seconds: float, ok: bool, *, result: str | None = None) -> None:
+        """A hook of agent ``name`` ran for ``seconds``; ``result`` is ok, error, timeout or cancelled."""
 
 
 @attrs.frozen
@@ -432,16 +444,25 @@ class AgentRegistry:
     """Every agent found at start-up; :meth:`activate` builds a chain for one request."""
 
     def __init__(
-        self, loaded: Iterable[LoadedAgent] = (), infos: Iterable[AgentInfo] = (), enabled: Iterable[str] = ()
+        self,
+        loaded: Iterable[LoadedAgent] = (),
+        infos: Iterable[AgentInfo] = (),
+        enabled: Iterable[str] = (),
+        *,
+        events: AgentEvents | None = None,
     ):
         self._loaded = {agent.name: agent for agent in loaded}
+        self._events = events or AgentEvents()
         self._infos = tuple(sorted(infos, key=lambda info: info.name))
         # every enabled name is a command, loaded or not: a broken agent is reported, not ignored
         self._commands = frozenset(enabled) | frozenset(self._loaded)
 
     @classmethod
-    def load(cls, config: AgentsConfig, base_dir: str = ".") -> AgentRegistry:
-        """Discover, import and construct the agents in ``config.dir``; never raises for an agent."""
+    def load(cls, config: AgentsConfig, base_dir: str = ".", *, events: AgentEvents | None = None) -> AgentRegistry:
+        """Discover, import and construct the agents in ``config.dir``; never raises for an agent.
+
+        ``events`` hears of every hook the chains of this registry run.
+        """
         folder = resolve_path(config.dir, base_dir)
         enabled = set(config.enabled)
         loaded: list[LoadedAgent] = []
@@ -479,7 +500,7 @@ class AgentRegistry:
             infos.append(AgentInfo(name, "", True, False, error, str(folder / name)))
         for name in sorted(set(config.timeouts) - enabled):
             log.warning("[agents] timeout.%s is set but %s is not enabled", name, name)
-        return cls(loaded, infos, config.enabled)
+        return cls(loaded, infos, config.enabled, events=events)
 
     def describe(self) -> list[dict[str, Any]]:
         """Every discovered agent, for ``GET /plugins``."""
@@ -507,7 +528,7 @@ class AgentRegistry:
             raise BadRequest(f"request JSON nests more than {MAX_DEPTH} deep; agent requests allow at most that")
         agents = tuple(self._loaded[name] for name in names if name in self._loaded)
         missing = tuple(name for name in names if name not in self._loaded)
-        return Chain(agents, _with_text(payload, kind, rest), kind, missing)
+        return Chain(agents, _with_text(payload, kind, rest), kind, missing, events=self._events)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -535,9 +556,16 @@ class Chain:
     """
 
     def __init__(
-        self, agents: tuple[LoadedAgent, ...], payload: dict[str, Any], kind: str, missing: tuple[str, ...] = ()
+        self,
+        agents: tuple[LoadedAgent, ...],
+        payload: dict[str, Any],
+        kind: str,
+        missing: tuple[str, ...] = (),
+        *,
+        events: AgentEvents | None = None,
     ):
         self.agents = agents
+        self.events = events or AgentEvents()
         self.payload = payload
         self.kind = kind
         self.missing = missing
@@ -608,18 +636,34 @@ class Chain:
     async def _run_hook(self, ctx: AgentContext, agent: LoadedAgent, hook: str, target: str) -> None:
         # A skipped hook must leave no trace: keep what it may change, put it back if it fails.
         saved = _copy_json(getattr(ctx, target))
-        ok, _ = await _guarded(ctx, agent, hook)
+        with self._reported(ctx, agent):
+            ok, _ = await _guarded(ctx, agent, hook)
         if not ok:
             setattr(ctx, target, saved)
 
     async def _run_call(self, ctx: AgentContext, agent: LoadedAgent) -> dict[str, Any] | None:
-        ok, response = await _guarded(ctx, agent, "call")
-        if not ok:
-            return None
-        if not isinstance(response, dict):
-            _fail(ctx, agent, "call", "error", f"call() returned {type(response).__name__}, not a response object")
-            return None
-        return response
+        with self._reported(ctx, agent):
+            ok, response = await _guarded(ctx, agent, "call")
+            if not ok:
+                return None
+            if not isinstance(response, dict):
+                _fail(ctx, agent, "call", "error", f"call() returned {type(response).__name__}, not a response object")
+                return None
+            return response
+
+    @contextmanager
+    def _reported(self, ctx: AgentContext, agent: LoadedAgent) -> Iterator[None]:
+        """Report the block as one run of ``agent``: ok, or the reason of the failure it recorded, or cancelled."""
+        started, failures = trio.current_time(), len(ctx.failures)
+        result = "error"
+        try:
+            yield
+            result = ctx.failures[-1].reason if len(ctx.failures) > failures else "ok"
+        except trio.Cancelled:
+            result = "cancelled"
+            raise
+        finally:
+            self.events.agent_run(agent.name, trio.current_time() - started, result == "ok", result=result)
 
 
 def _copy_json(value: Any) -> Any:

@@ -27,6 +27,7 @@ from smart_proxy.agents import (
     ERRORS_HEADER,
     Agent,
     AgentContext,
+    AgentEvents,
     AgentRegistry,
     Chain,
     LoadedAgent,
@@ -391,12 +392,22 @@ async def test_timeout_skips_the_hook_by_cancel_scope(autojump_clock: trio.testi
     assert ctx.headers()[ERRORS_HEADER] == "sleeper:timeout"
 
 
+class Runs(AgentEvents):
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, float, bool, str | None]] = []
+
+    def agent_run(self, name: str, seconds: float, ok: bool, *, result: str | None = None) -> None:
+        self.runs.append((name, seconds, ok, result))
+
+
 async def test_an_outside_cancel_is_not_swallowed(autojump_clock: trio.testing.MockClock) -> None:
-    chain = Chain(loaded(Sleeper(3600), timeout=100), chat("x", model="m"), "chat")
+    events = Runs()
+    chain = Chain(loaded(Sleeper(3600), timeout=100), chat("x", model="m"), "chat", events=events)
     with trio.move_on_after(1) as outer:
         await chain.prepare(None, None)
         pytest.fail("prepare should have been cancelled")
     assert outer.cancelled_caught  # the client went away: the chain does not carry on
+    assert events.runs == [("sleeper", 1.0, False, "cancelled")]
 
 
 async def test_raising_hooks_are_skipped_and_named(caplog: pytest.LogCaptureFixture) -> None:
@@ -747,6 +758,46 @@ def test_rag_config_is_checked(tmp_path: Path) -> None:
     copy_bundled(tmp_path, "rag", config="top_k = 0\n")
     registry = AgentRegistry.load(AgentsConfig(dir=str(tmp_path), enabled=("rag",)))
     assert registry.describe()[0]["error"] == "ValueError: top_k must be at least 1 and passage_chars at least 50"
+
+
+# ---- metrics -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/api/chat"])
+async def test_agent_runs_are_counted_in_metrics(
+    make_config, start_proxy, agent_dir: Path, tmp_path: Path, http, route: str
+) -> None:
+    """Every hook run reaches GET /metrics, by agent and result, whichever dialect asked."""
+    from .test_ops import samples, value
+
+    docs = tmp_path / "docs"
+    write_docs(docs, DOCS)
+    copy_bundled(agent_dir, "rag", config=f'docs = "{docs}"\n')
+    copy_bundled(agent_dir, "json")
+    write_agent(agent_dir, "boom", BOOM)
+    write_agent(agent_dir, "slow", SLOW)
+    config = with_agents(make_config({"echo": {"echo": True}}), agent_dir, "rag", "json", "boom", "slow", slow=0.2)
+    url = await start_proxy(config)
+    before = samples((await http.get(url + "/metrics")).text)
+    assert value(before, "smart_proxy_agent_runs_total", agent="rag", result="ok") is None
+    extra = {"stream": False} if route == "/api/chat" else {}
+    for text in ("/json /rag how often to water roses?", "/rag prune roses", "/boom /slow hi"):
+        response = await http.post(url + route, json=chat(text, **extra))
+        assert response.status_code == 200, response.text
+    found = samples((await http.get(url + "/metrics")).text)
+    runs = {
+        (agent, result): value(found, "smart_proxy_agent_runs_total", agent=agent, result=result)
+        for agent in ("rag", "json", "boom", "slow")
+        for result in ("ok", "error", "timeout", "cancelled")
+    }
+    assert {key: count for key, count in runs.items() if count} == {
+        ("rag", "ok"): 2,
+        ("json", "ok"): 2,  # its request hook and its response hook
+        ("boom", "error"): 1,
+        ("slow", "timeout"): 1,
+    }
+    assert value(found, "smart_proxy_agent_run_duration_seconds_count", agent="rag") == 2
+    assert value(found, "smart_proxy_agent_run_duration_seconds_sum", agent="slow") >= 0.2
 
 
 # ---- models of an Ollama upstream ---------------------------------------------------------
