@@ -14,6 +14,7 @@ import json
 import shutil
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -754,10 +755,126 @@ async def test_rag_through_the_proxy(make_config, start_proxy, agent_dir: Path, 
     assert "(source: cooking.md > Bread)" in prompt and prompt.endswith("\n\nknead the dough")
 
 
+async def test_rag_a_huge_question_keeps_to_the_timeout_and_starves_no_one(
+    make_config, start_proxy, agent_dir: Path, tmp_path: Path, http, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An 8 MB question is refused by /rag in time; a small /rag request meanwhile gets its passages."""
+    docs = tmp_path / "docs"
+    write_docs(docs, DOCS)
+    copy_bundled(agent_dir, "rag", config=f'docs = "{docs}"\ntop_k = 1\n')
+    config = with_agents(make_config({"echo": {"echo": True}, "plain": {}}, size=2), agent_dir, "rag", rag=1.0)
+    url = await start_proxy(config)
+    assert (await http.post(url + "/v1/chat/completions", json=chat("/rag roses"))).status_code == 200  # built
+    words = " ".join(f"roses{i} water{i % 97} the pool" for i in range(400_000))[: 8 * 1024 * 1024]
+    huge: dict[str, object] = {}
+    small: dict[str, object] = {}
+
+    async def ask(into: dict[str, object], text: str, model: str, delay: float) -> None:
+        await trio.sleep(delay)
+        started = trio.current_time()
+        into["response"] = await http.post(url + "/v1/chat/completions", json=chat(text, model=model), timeout=120)
+        into["seconds"] = trio.current_time() - started
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, huge, "/rag " + words, "plain", 0)
+            nursery.start_soon(ask, small, "/rag How often should I water roses?", "echo", 0.2)
+    response = huge["response"]
+    assert isinstance(response, httpx.Response) and response.status_code == 200
+    assert huge["seconds"] < 5  # the 1s timeout and a margin (the 8 MB body is parsed and sent upstream too)
+    assert response.headers[ERRORS_HEADER] == "rag:error"
+    assert "/rag searches at most 32768 (max_query_chars)" in caplog.text
+    response = small["response"]
+    assert isinstance(response, httpx.Response) and response.status_code == 200
+    assert ERRORS_HEADER not in response.headers, response.headers[ERRORS_HEADER]
+    assert "(source: garden/roses.txt)" in echoed(response)["messages"][0]["content"]
+
+
+async def test_rag_search_is_abandoned_at_the_timeout_and_stops(tmp_path: Path) -> None:
+    """Scoring runs word by word in a thread; a request that gives up leaves it, and it stops at the next word."""
+    rag = import_bundled("rag")
+    vocabulary = [f"word{i}" for i in range(400)]
+    write_docs(tmp_path / "docs", {**DOCS, "words.txt": " ".join(vocabulary)})
+    agent = rag.Rag({"docs": str(tmp_path / "docs"), "max_query_words": 1000}, tmp_path)
+    assert (await agent.search("prune roses"))[0][1].source == "garden/roses.txt"  # builds the index
+    real = agent.index.bm25.get_scores
+    scored: list[str] = []
+
+    def slow_scores(words: list[str]):  # 10 ms a word: 4 s for the whole vocabulary
+        for word in words:
+            time.sleep(0.01)
+            scored.append(word)
+        return real(words)
+
+    agent.index.bm25.get_scores = slow_scores
+    seconds: dict[str, float] = {}
+
+    async def big() -> None:
+        started = trio.current_time()
+        with trio.move_on_after(0.5) as scope:
+            await agent.search(" ".join(vocabulary))
+        assert scope.cancelled_caught
+        seconds["big"] = trio.current_time() - started
+
+    async def small() -> None:
+        await trio.sleep(0.1)
+        started = trio.current_time()
+        assert (await agent.search("roses prune"))[0][1].source == "garden/roses.txt"
+        seconds["small"] = trio.current_time() - started
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(big)
+            nursery.start_soon(small)
+    assert seconds["big"] < 2  # abandoned at 0.5s, not after 4s of scoring
+    assert seconds["small"] < 2  # no lock held across the big search
+    await trio.sleep(0.3)  # the abandoned thread notices at its next word
+    stopped_at = len([w for w in scored if w.startswith("word")])
+    await trio.sleep(0.5)
+    assert len([w for w in scored if w.startswith("word")]) == stopped_at < 200
+
+
+async def test_rag_build_is_shared_and_outlives_the_requests_that_time_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rag = import_bundled("rag")
+    write_docs(tmp_path / "docs", DOCS)
+    started: list[float] = []
+
+    class SlowIndex(rag.Index):
+        def __init__(self, *args: object) -> None:
+            started.append(time.monotonic())
+            time.sleep(1.0)
+            super().__init__(*args)
+
+    monkeypatch.setattr(rag, "Index", SlowIndex)
+    agent = rag.Rag({"docs": str(tmp_path / "docs")}, tmp_path)
+
+    async def give_up() -> None:
+        with trio.move_on_after(0.3) as scope:
+            await agent.search("prune roses")
+        assert scope.cancelled_caught
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(give_up)
+        assert len(started) == 1 and agent.builds == 0  # one build for all three, still running
+        await give_up()  # a later request waits for the same build
+        assert len(started) == 1
+        await trio.sleep(1.0)
+        assert agent.builds == 1  # finished although every request for it timed out
+        assert (await agent.search("prune roses"))[0][1].source == "garden/roses.txt"
+    assert len(started) == 1
+
+
 def test_rag_config_is_checked(tmp_path: Path) -> None:
     copy_bundled(tmp_path, "rag", config="top_k = 0\n")
     registry = AgentRegistry.load(AgentsConfig(dir=str(tmp_path), enabled=("rag",)))
     assert registry.describe()[0]["error"] == "ValueError: top_k must be at least 1 and passage_chars at least 50"
+    (tmp_path / "rag" / "config.toml").write_text("max_query_chars = 0\n")
+    registry = AgentRegistry.load(AgentsConfig(dir=str(tmp_path), enabled=("rag",)))
+    assert registry.describe()[0]["error"] == "ValueError: max_query_chars and max_query_words must be at least 1"
 
 
 # ---- metrics -----------------------------------------------------------------------------
