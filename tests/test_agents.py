@@ -624,6 +624,20 @@ async def test_deeply_nested_agent_requests_get_400(
             assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
 
 
+@pytest.mark.parametrize("depth", [300, 100_000])
+async def test_a_model_answer_nested_too_deep_is_an_upstream_error(monkeypatch: pytest.MonkeyPatch, depth: int) -> None:
+    from smart_proxy.errors import UpstreamError
+
+    async def post(self: AgentContext, payload: object) -> tuple[int, bytes]:
+        return 200, b'{"choices": ' + b"[" * depth + b"]" * depth + b"}"
+
+    monkeypatch.setattr(AgentContext, "_post", post)
+    ctx = AgentContext("req-d", "chat", chat("x", model="m"), False, ())
+    with pytest.raises(UpstreamError) as raised:
+        await ctx.complete()
+    assert raised.value.status == 502
+
+
 def test_copy_json_has_no_depth_limit() -> None:
     from smart_proxy.agents import _copy_json, too_deep
 
