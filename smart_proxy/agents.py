@@ -89,7 +89,9 @@ __all__ = [
     "Chain",
     "ERRORS_HEADER",
     "LoadedAgent",
+    "MAX_DEPTH",
     "new_request_id",
+    "too_deep",
 ]
 
 log = logging.getLogger(__name__)
@@ -452,7 +454,7 @@ class AgentRegistry:
         events: AgentEvents | None = None,
     ):
         self._loaded = {agent.name: agent for agent in loaded}
-        self._events = events or AgentEvents()
+        self._events = events if events is not None else AgentEvents()
         self._infos = tuple(sorted(infos, key=lambda info: info.name))
         # every enabled name is a command, loaded or not: a broken agent is reported, not ignored
         self._commands = frozenset(enabled) | frozenset(self._loaded)
@@ -565,7 +567,7 @@ class Chain:
         events: AgentEvents | None = None,
     ):
         self.agents = agents
-        self.events = events or AgentEvents()
+        self.events = events if events is not None else AgentEvents()
         self.payload = payload
         self.kind = kind
         self.missing = missing

@@ -776,7 +776,7 @@ async def test_rag_a_huge_question_keeps_to_the_timeout_and_starves_no_one(
     docs = tmp_path / "docs"
     write_docs(docs, DOCS)
     copy_bundled(agent_dir, "rag", config=f'docs = "{docs}"\ntop_k = 1\n')
-    config = with_agents(make_config({"echo": {"echo": True}, "plain": {}}, size=2), agent_dir, "rag", rag=1.0)
+    config = with_agents(make_config({"echo": {"echo": True}, "plain": {}}, size=2), agent_dir, "rag", rag=2.0)
     url = await start_proxy(config)
     assert (await http.post(url + "/v1/chat/completions", json=chat("/rag roses"))).status_code == 200  # built
     words = " ".join(f"roses{i} water{i % 97} the pool" for i in range(400_000))[: 8 * 1024 * 1024]
@@ -795,7 +795,7 @@ async def test_rag_a_huge_question_keeps_to_the_timeout_and_starves_no_one(
             nursery.start_soon(ask, small, "/rag How often should I water roses?", "echo", 0.2)
     response = huge["response"]
     assert isinstance(response, httpx.Response) and response.status_code == 200
-    assert huge["seconds"] < 5  # the 1s timeout and a margin (the 8 MB body is parsed and sent upstream too)
+    assert huge["seconds"] < 6  # the 2s timeout and a margin (the 8 MB body is parsed and sent upstream too)
     assert response.headers[ERRORS_HEADER] == "rag:error"
     assert "/rag searches at most 32768 (max_query_chars)" in caplog.text
     response = small["response"]
@@ -876,8 +876,8 @@ async def test_rag_build_is_shared_and_outlives_the_requests_that_time_out(
         assert len(started) == 1 and agent.builds == 0  # one build for all three, still running
         await give_up()  # a later request waits for the same build
         assert len(started) == 1
-        await trio.sleep(1.0)
-        assert agent.builds == 1  # finished although every request for it timed out
+        while agent.builds == 0:  # it finishes although every request for it timed out
+            await trio.sleep(0.05)
         assert (await agent.search("prune roses"))[0][1].source == "garden/roses.txt"
     assert len(started) == 1
 
