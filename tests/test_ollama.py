@@ -795,3 +795,27 @@ def test_pull_report_sends_each_file_when_it_moves() -> None:
     moved = report.update(DownloadStatus("downloading", (attrs.evolve(a, completed=60), b)))
     assert moved == [{"status": "pulling abababababab", "digest": "sha256:" + "ab" * 32, "total": 100, "completed": 60}]
     assert report.update(DownloadStatus("resolving", ())) == []
+
+
+async def test_a_hung_llama_server_gives_502_and_request_timeout_504_in_ollamas_dialect(
+    make_config, start_proxy, http: httpx.AsyncClient
+) -> None:
+    config = make_config(
+        {"hung": {"hang_after": 0}, "limited": {"hang_after": 0}},
+        {"limited": {"request_timeout": "300ms"}},
+        health_interval="100ms",
+        health_timeout="200ms",
+        health_failures=2,
+    )
+    url = await start_proxy(config)
+    for stream in (False, True):
+        with trio.fail_after(10):
+            response = await http.post(
+                f"{url}/api/chat", json={"model": "hung", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+            )
+        assert response.status_code == 502
+        assert isinstance(response.json()["error"], str)
+    with trio.fail_after(5):
+        response = await http.post(f"{url}/api/generate", json={"model": "limited", "prompt": "x", "stream": False})
+    assert response.status_code == 504
+    assert "request_timeout" in response.json()["error"]
