@@ -447,7 +447,9 @@ class ServerProcess:
                 failed = 0
                 continue
             failed += 1
-            log.warning("%s: llama-server pid %s failed a health probe (%d of %d): %s", self.name, self.pid, failed, failures, why)
+            log.warning(
+                "%s: llama-server pid %s failed a health probe (%d of %d): %s", self.name, self.pid, failed, failures, why
+            )
             if failed >= failures:
                 self.hung = UpstreamError(
                     f"llama-server for model {self.name!r} stopped answering ({failures} health probes in a row "

@@ -254,7 +254,8 @@ async def test_a_hung_llama_server_gives_502_and_request_timeout_504(make_config
     url = await start_proxy(config)
     for stream in (False, True):
         with trio.fail_after(10):
-            response = await http.post(f"{url}/v1/chat/completions", json={"model": "hung", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+            body = {"model": "hung", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+            response = await http.post(f"{url}/v1/chat/completions", json=body)
         assert response.status_code == 502
         error = response.json()["error"]
         assert error["type"] == "upstream_error" and error["code"] == 502

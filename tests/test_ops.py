@@ -784,7 +784,8 @@ def _sockets() -> int:
 
 async def test_a_connection_the_client_closes_is_freed_at_once(make_config, start_proxy) -> None:
     # keep_alive_timeout is 75 s: only the client's close can free these sockets within the second
-    url = await start_proxy(make_config({"a": {}}))
+    # (and no health probe opens a socket of its own meanwhile)
+    url = await start_proxy(make_config({"a": {}}, health_interval=0))
     host, port = httpx.URL(url).host, httpx.URL(url).port
     body = json.dumps(chat()).encode()
     relayed = b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)

@@ -108,7 +108,7 @@ async def send(
             method, url, content=content, headers={"Content-Type": "application/json"}, extensions={"trace": attempt.trace}
         )
         try:
-            with trio.move_on_after(first_byte) as waiting:
+            with trio.move_on_after(first_byte):
                 return Upstream(await http.send(request, stream=True))
             raise UpstreamTimeout(
                 f"the Ollama upstream of model {model.name!r} did not answer within request_timeout ({first_byte:g}s)"
