@@ -29,7 +29,7 @@ from quart import Response
 
 from ..config import ModelConfig
 from ..errors import UpstreamError
-from ..relay import RelayBody, Upstream, describe, open_upstream
+from ..relay import MAX_ANSWER, RelayBody, Upstream, describe, open_upstream
 
 __all__ = ["forward", "health", "list_models", "remote_name", "send"]
 
@@ -94,10 +94,12 @@ async def forward(
     payload: dict[str, Any] | None = None,
     raw: bytes | None = None,
     headers: dict[str, str] | None = None,
+    limit: int = MAX_ANSWER,
 ) -> Response:
     """Send the current request for ``model`` to its Ollama server (:func:`send`) and relay the answer.
 
-    ``headers`` are added to the answer's own.
+    ``headers`` are added to the answer's own; ``limit`` bounds an answer read whole, and a
+    line of an SSE stream (``[proxy] max_answer``).
 
     Raises:
         UpstreamError: the Ollama server cannot be reached (502).
@@ -105,10 +107,11 @@ async def forward(
     upstream = await send(http, model, method, path, payload=payload, raw=raw)
     content_type = upstream.headers.get("content-type", "")
     if upstream.status_code == 200 and content_type.startswith(_STREAM_TYPES):
-        on_error = _sse_error if content_type.startswith("text/event-stream") else _ndjson_error
+        sse = content_type.startswith("text/event-stream")
         relayed = {**upstream.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
-        return Response(RelayBody(upstream, on_error=on_error), status=200, headers=relayed)
-    body = await upstream.read()
+        body = RelayBody(upstream, on_error=_sse_error if sse else _ndjson_error, sse=sse, max_line=limit)
+        return Response(body, status=200, headers=relayed)
+    body = await upstream.read(limit)
     return Response(body, status=upstream.status_code, headers={**upstream.headers, **(headers or {})})
 
 
