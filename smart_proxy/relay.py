@@ -88,6 +88,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_ANSWER",
+    "LineTooLong",
     "RelayBody",
     "SSELines",
     "Translation",
