@@ -47,7 +47,7 @@ from .api import ollama, openai
 from .app import BODY_TIMEOUT, ProxyState, error_response
 from .errors import BodyTimeout, ProxyError, too_large
 from .ollama import NDJSONStream
-from .relay import RelayBody, Upstream
+from .relay import RelayBody, SSELines, Upstream
 
 __all__ = ["ROUTES", "relay", "send_response"]
 
@@ -146,7 +146,7 @@ async def _forward_openai(
     relayed = upstream.headers
     if openai.streams(upstream, plan.payload.get("stream") is True):
         headers = [header for header in _encoded(relayed) if header[0] not in _SSE_NAMES] + _SSE_HEADERS
-        body = RelayBody(upstream, on_error=openai.sse_error, on_done=lease.release, sse=True, max_line=limit)
+        body = RelayBody(upstream, on_error=openai.sse_error, on_done=lease.release, lines=SSELines(limit))
         await _stream(body, upstream.status_code, headers, send_start, send)
         return
     try:

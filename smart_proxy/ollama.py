@@ -45,6 +45,7 @@ import attrs
 
 from .download import DownloadStatus, FileStatus
 from .errors import BadRequest, ProxyError, UpstreamError
+from .relay import answer_text
 
 __all__ = [
     "LOAD_TIME",
@@ -163,7 +164,7 @@ def upstream_failure(status: int, body: bytes, what: str) -> ProxyError:
     except (ValueError, AttributeError):
         message = None
     if not isinstance(message, str) or not message:
-        message = body.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
+        message = answer_text(body) or f"HTTP {status}"
     exc: ProxyError = BadRequest(message) if 400 <= status < 500 else UpstreamError(f"{what}: {message}")
     exc.status = status if 400 <= status < 600 else 502
     return exc

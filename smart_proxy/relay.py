@@ -47,12 +47,13 @@ object) follow. ``on_done`` runs as soon as the upstream answer is closed, befor
 those last lines go out, so a client that has the last line knows the lease is gone.
 
 An answer the upstream did not finish never looks finished. A relayed SSE stream
-(``sse``) goes out a whole line at a time (:class:`SSELines`: an SSE client acts on
-an event only at its blank line, so holding back a line's start delays nothing it
-could use); when the upstream breaks off, the part of a line it sent is dropped and
-the error event starts on a fresh line, where every SSE parser reads it. A stream
-that ends without ``data: [DONE]`` (llama-server ends every one with it) gets the
-same error event. A translation is told of a break-off (``fail``) rather than fed an
+(:class:`SSELines`) goes out a whole line at a time (an SSE client acts on an event
+only at its blank line, so holding back a line's start delays nothing it could use);
+when the upstream breaks off, the part of a line it sent is dropped and the error
+event starts on a fresh line, where every SSE parser reads it. A stream that ends
+without ``data: [DONE]`` (llama-server ends every one with it) gets the same error
+event. An Ollama upstream's NDJSON (:class:`NDJSONLines`) is relayed a line at a
+time too, so its error line also follows a whole line. A translation is told of a break-off (``fail``) rather than fed an
 error event, and judges the end itself. A line longer than ``max_line`` is an error
 too, so an upstream that never ends a line cannot make the proxy buffer without end;
 :meth:`Upstream.read` has the same bound, ``[proxy] max_answer``, for a whole answer.
@@ -89,9 +90,12 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_ANSWER",
     "LineTooLong",
+    "Lines",
+    "NDJSONLines",
     "RelayBody",
     "SSELines",
     "Translation",
+    "answer_text",
     "Upstream",
     "make_client",
     "make_transport",
@@ -227,6 +231,14 @@ class Upstream:
                 self._slot = None
 
 
+_TAG = re.compile(rb"<[^>]*>")
+
+
+def answer_text(body: bytes, limit: int = 500) -> str:
+    """An upstream answer's body as the text of an error message: an HTML page's tags left out, spaces collapsed."""
+    return " ".join(_TAG.sub(b" ", body[: limit * 8]).decode("utf-8", "replace").split())[:limit]
+
+
 def describe(exc: httpx.HTTPError) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
@@ -358,11 +370,13 @@ class LineTooLong(Exception):
     """A relayed stream's line is longer than its limit."""
 
 
-class SSELines:
-    """An SSE stream cut at line ends, and what was passed on of it (no I/O; see the module docstring).
+class Lines:
+    """A line-framed stream cut at line ends, and what was passed on of it (no I/O; see the module docstring).
 
     :meth:`feed` gives the complete lines of what came, holding the rest of a line back
-    (at most ``limit`` bytes: more raises :class:`LineTooLong`).
+    (at most ``limit`` bytes: more raises :class:`LineTooLong`). A subclass says what
+    a complete stream ends with (:attr:`done`) and what an error must be preceded by
+    (:attr:`at_event_end`).
     """
 
     __slots__ = ("_held", "_size", "_limit", "_tail")
@@ -388,16 +402,18 @@ class SSELines:
         self._size = len(data) - end
         if self._size:
             self._held.append(data[end:])
-        self._tail = out[-32:] if len(out) >= 32 else (self._tail + out)[-32:]
+        self._passed(out)
         return out
+
+    def _passed(self, out: bytes) -> None:
+        self._tail = out[-32:] if len(out) >= 32 else (self._tail + out)[-32:]
 
     def rest(self) -> bytes:
         """The stream ended: the line held back, as it came."""
         out = b"".join(self._held)
-        self._held.clear()
-        self._size = 0
+        self.drop()
         if out:
-            self._tail = (self._tail + out)[-32:]
+            self._passed(out)
         return out
 
     def drop(self) -> None:
@@ -407,16 +423,41 @@ class SSELines:
 
     @property
     def at_event_end(self) -> bool:
-        """What was passed on ends with an event's blank line (or is nothing): an event may follow as it is."""
+        """What was passed on ends where an event may follow as it is (or is nothing)."""
+        return not self._tail or self._tail.endswith(b"\n")
+
+    @property
+    def done(self) -> bool:
+        """What was passed on is a complete stream."""
+        raise NotImplementedError
+
+
+class SSELines(Lines):
+    """An SSE stream (OpenAI's): an event ends at a blank line, the stream with ``data: [DONE]``."""
+
+    __slots__ = ()
+
+    @property
+    def at_event_end(self) -> bool:
         tail = self._tail.replace(b"\r", b"")
         return not tail or tail.endswith(b"\n\n")
 
     @property
     def done(self) -> bool:
-        """The last event passed on is ``data: [DONE]``."""
         lines = self._tail.replace(b"\r", b"").rstrip(b"\n").rsplit(b"\n", 1)
         field, _, value = lines[-1].partition(b":")
         return field == b"data" and value.strip() == b"[DONE]"
+
+
+class NDJSONLines(Lines):
+    """An NDJSON stream (an Ollama upstream's own). Its routes end their streams differently (a
+    ``done`` object, a pull's ``success`` status), so a body the upstream ended cleanly is complete."""
+
+    __slots__ = ()
+
+    @property
+    def done(self) -> bool:
+        return True
 
 
 class RelayBody(ResponseBody):
@@ -424,9 +465,9 @@ class RelayBody(ResponseBody):
 
     If the upstream breaks off mid-stream (llama-server crashed), the last piece is
     ``on_error(reason)`` in the caller's dialect (``translation.fail(reason)`` with a
-    translation). With ``sse``, the stream is relayed a line at a time and must end
-    with ``data: [DONE]``; ``max_line`` bounds a line. ``on_done`` runs exactly once
-    when relaying ends, whichever way, after the upstream answer is closed.
+    translation). With ``lines`` (an :class:`SSELines` or :class:`NDJSONLines`), the
+    stream is relayed a line at a time and must end as a complete one does. ``on_done``
+    runs exactly once when relaying ends, whichever way, after the upstream answer is closed.
     """
 
     def __init__(
@@ -436,14 +477,13 @@ class RelayBody(ResponseBody):
         on_error: Callable[[str], bytes],
         on_done: Callable[[], object] | None = None,
         translation: Translation | None = None,
-        sse: bool = False,
-        max_line: int = MAX_ANSWER,
+        lines: Lines | None = None,
     ) -> None:
         self._upstream = upstream
         self._on_error = on_error
         self._on_done = on_done
         self._translation = translation
-        self._lines = SSELines(max_line) if sse and translation is None else None
+        self._lines = lines if translation is None else None
         # the raw body straight from the transport's stream: Response.aiter_raw adds two
         # generator layers per piece (~0.5 us each time, measured) and nothing the relay needs
         self._chunks = upstream.response.stream.__aiter__()

@@ -17,7 +17,16 @@ import trio.testing
 from smart_proxy import ollama as translate
 from smart_proxy.api.openai import sse_error
 from smart_proxy.errors import UpstreamError
-from smart_proxy.relay import LineTooLong, RelayBody, SSELines, Upstream, make_transport, open_upstream
+from smart_proxy.relay import (
+    MAX_ANSWER,
+    LineTooLong,
+    NDJSONLines,
+    RelayBody,
+    SSELines,
+    Upstream,
+    make_transport,
+    open_upstream,
+)
 from smart_proxy.upstream import UpstreamTransport
 
 
@@ -240,7 +249,7 @@ async def test_relay_body_ends_a_broken_sse_stream_with_a_readable_error_event()
             raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
 
     upstream = Upstream(httpx.Response(200, stream=Broken()))
-    body = RelayBody(upstream, on_error=sse_error, sse=True)
+    body = RelayBody(upstream, on_error=sse_error, lines=SSELines(MAX_ANSWER))
     async with body:
         data = b"".join([piece async for piece in body])
     events = data.split(b"\n\n")
@@ -253,7 +262,7 @@ async def test_relay_body_ends_an_sse_stream_without_done_with_an_error_event() 
         async def __aiter__(self):
             yield b'data: {"a": 1}\n\n'
 
-    body = RelayBody(Upstream(httpx.Response(200, stream=Ended())), on_error=sse_error, sse=True)
+    body = RelayBody(Upstream(httpx.Response(200, stream=Ended())), on_error=sse_error, lines=SSELines(MAX_ANSWER))
     async with body:
         data = b"".join([piece async for piece in body])
     first, error, end = data.split(b"\n\n")
@@ -283,3 +292,33 @@ def test_upstream_headers_leave_out_the_connections_own_and_unclean_ones() -> No
     ]  # fmt: skip
     upstream = Upstream(httpx.Response(200, headers=raw))
     assert upstream.headers == {"content-type": "application/json", "x-fine": "caf\xc3\xa9"}
+
+
+async def test_relay_body_ends_a_broken_ndjson_stream_with_an_error_line_of_its_own() -> None:
+    """An Ollama upstream's own NDJSON: the partial line is dropped, the error line follows the last whole one."""
+
+    def ndjson_error(reason: str) -> bytes:
+        return json.dumps({"error": reason}).encode() + b"\n"
+
+    class Broken(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            yield b'{"response": "a", "done": false}\n{"respo'
+            raise httpx.ReadError("connection reset")
+
+    class Ended(httpx.AsyncByteStream):
+        def __init__(self, *pieces: bytes) -> None:
+            self.pieces = pieces
+
+        async def __aiter__(self):
+            for piece in self.pieces:
+                yield piece
+
+    async def relayed(stream: httpx.AsyncByteStream) -> list[dict]:
+        body = RelayBody(Upstream(httpx.Response(200, stream=stream)), on_error=ndjson_error, lines=NDJSONLines(MAX_ANSWER))
+        async with body:
+            return [json.loads(line) for line in b"".join([piece async for piece in body]).splitlines()]
+
+    lines = await relayed(Broken())
+    assert lines[0] == {"response": "a", "done": False} and "broke off" in lines[1]["error"] and len(lines) == 2
+    for complete in (b'{"response": "a", "done": false}\n{"done": true}', b'{"status": "success"}\n'):
+        assert (await relayed(Ended(complete[:9], complete[9:]))) == [json.loads(x) for x in complete.splitlines()]

@@ -11,7 +11,6 @@ either kind of model (the section at the end; see :mod:`smart_proxy.agents`).
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -24,7 +23,7 @@ from ..app import error_response as dialect_error
 from ..backends import ollama as ollama_backend
 from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
-from ..relay import RelayBody, Upstream, open_upstream, send_leased
+from ..relay import RelayBody, SSELines, Upstream, answer_text, open_upstream, send_leased
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -61,9 +60,6 @@ def sse_error(reason: str) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
-_TAG = re.compile(r"<[^>]*>")
-
-
 def upstream_error_body(status: int, body: bytes) -> bytes | None:
     """An upstream's error answer (status 400 or more) as an OpenAI error object; None if it is one already.
 
@@ -78,7 +74,7 @@ def upstream_error_body(status: int, body: bytes) -> bytes | None:
         parsed = None
     if isinstance(parsed, dict) and "error" in parsed:
         return None
-    text = " ".join(_TAG.sub(" ", body.decode("utf-8", "replace")).split())[:500]
+    text = answer_text(body)
     message = f"the upstream answered HTTP {status}" + (f": {text}" if text else "")
     return json.dumps({"error": {"message": message, "type": "upstream_error", "code": status}}).encode()
 
@@ -171,7 +167,7 @@ async def send(
     limit = proxy.config.proxy.max_answer
     if streams(upstream, stream):
         return Response(
-            RelayBody(upstream, on_error=sse_error, on_done=lease.release, sse=True, max_line=limit),
+            RelayBody(upstream, on_error=sse_error, on_done=lease.release, lines=SSELines(limit)),
             status=upstream.status_code,
             headers={**upstream.headers, **SSE_HEADERS, **(headers or {})},
         )

@@ -29,7 +29,7 @@ from quart import Response
 
 from ..config import ModelConfig
 from ..errors import UpstreamError
-from ..relay import MAX_ANSWER, RelayBody, Upstream, describe, open_upstream
+from ..relay import MAX_ANSWER, NDJSONLines, RelayBody, SSELines, Upstream, describe, open_upstream
 
 __all__ = ["forward", "health", "list_models", "remote_name", "send"]
 
@@ -109,7 +109,8 @@ async def forward(
     if upstream.status_code == 200 and content_type.startswith(_STREAM_TYPES):
         sse = content_type.startswith("text/event-stream")
         relayed = {**upstream.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
-        body = RelayBody(upstream, on_error=_sse_error if sse else _ndjson_error, sse=sse, max_line=limit)
+        lines = SSELines(limit) if sse else NDJSONLines(limit)
+        body = RelayBody(upstream, on_error=_sse_error if sse else _ndjson_error, lines=lines)
         return Response(body, status=200, headers=relayed)
     body = await upstream.read(limit)
     return Response(body, status=upstream.status_code, headers={**upstream.headers, **(headers or {})})
