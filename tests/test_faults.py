@@ -231,36 +231,39 @@ async def test_a_client_that_leaves_frees_a_hung_upstream(fault: str, dialect: s
         await _wait_released(http, url, 1)
 
 
-async def test_a_crash_under_load_fails_every_stream(make_config, start_proxy, http) -> None:
-    """llama-server killed while 16 streams run, in both dialects: each ends with its error, none as finished."""
+async def test_a_crash_under_load_fails_every_answer(make_config, start_proxy, http) -> None:
+    """llama-server killed while 16 streams and 4 whole answers run, in both dialects: each ends with its error."""
     with trio.fail_after(CEILING):
-        url = await start_proxy(make_config({"m": {"tokens": 400, "token_delay": 0.01, "slots": 16}}))
+        url = await start_proxy(make_config({"m": {"tokens": 400, "token_delay": 0.01, "slots": 20}}))
         await http.post(f"{url}/v1/chat/completions", json={"model": "m", "messages": USER, "max_tokens": 1})
-        pid = (await http.get(f"{url}/health")).json()["pool"]["servers"][0]["pid"]
-        outcomes: list[tuple[str, BaseException | str]] = []
+        server = (await http.get(f"{url}/health")).json()["pool"]["servers"][0]
+        outcomes: list[tuple[str, bool, BaseException | str]] = []
 
-        async def one(dialect: str) -> None:
+        async def one(dialect: str, stream: bool) -> None:
             try:
-                outcomes.append((dialect, await in_thread(ASK[dialect], url, True)))
+                outcomes.append((dialect, stream, await in_thread(ASK[dialect], url, stream)))
             except Exception as exc:  # noqa: BLE001 - judged below
-                outcomes.append((dialect, exc))
+                outcomes.append((dialect, stream, exc))
 
         async with trio.open_nursery() as nursery:
-            for i in range(16):
-                nursery.start_soon(one, "openai" if i % 2 else "ollama")
-            while (await http.get(f"{url}/health")).json()["pool"]["servers"][0]["in_flight"] < 16:
-                await trio.sleep(0.02)
-            await trio.sleep(0.2)
-            os.kill(pid, signal.SIGKILL)
-        assert len(outcomes) == 16
-        for dialect, outcome in outcomes:
-            assert isinstance(outcome, Exception), f"{dialect}: a stream cut by the crash ended as {outcome!r}"
-            # the stream's error; or, for a request whose answer had not started yet, a 502
+            for i in range(20):
+                nursery.start_soon(one, "openai" if i % 2 else "ollama", i >= 4)
+            # every request being answered (a request still connecting would be refused, and sent again)
+            async with httpx.AsyncClient() as direct:
+                while (await direct.get(f"http://127.0.0.1:{server['port']}/props")).json()["fake_busy"] < 20:
+                    await trio.sleep(0.02)
+            await trio.sleep(0.1)
+            os.kill(server["pid"], signal.SIGKILL)
+        assert len(outcomes) == 20
+        for dialect, stream, outcome in outcomes:
+            assert isinstance(outcome, Exception), f"{dialect}: an answer cut by the crash ended as {outcome!r}"
+            # a stream's error; or, for an answer that had not started (every whole one), a 502
             started = not isinstance(outcome, openai.APIStatusError) and getattr(outcome, "status_code", -1) == -1
             check_error(dialect, outcome, None if started else 502)
-        for route in ROUTE.values():
-            counted = await requests_counted(http, url, route)
-            assert counted.get("502") == 8, (route, counted)
+            if not stream:
+                assert not started, f"{dialect}: a whole answer ended as {outcome!r}"
+        assert await requests_counted(http, url, "/api/chat") == {"502": 10}
+        assert await requests_counted(http, url, "/v1/chat/completions") == {"200": 1, "502": 10}  # and the load
         response = await http.post(f"{url}/v1/chat/completions", json={"model": "m", "messages": USER, "max_tokens": 2})
         assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "tok0 tok1 "
 
