@@ -138,6 +138,9 @@ class ProxyConfig:
     cors_origins: tuple[str, ...] = ()
     #: Largest request body accepted; larger ones get 413.
     max_body: Size = Size(64 * 1024**2)
+    #: Largest upstream answer buffered whole (one not streamed to the client), and longest line
+    #: of a relayed stream; past it the client gets 502.
+    max_answer: Size = Size(64 * 1024**2)
     #: A Hypercorn TOML file for the settings proxy.ini does not own (TLS, timeouts, h2...).
     hypercorn_config: str | None = None
 
@@ -356,6 +359,8 @@ def _gather_agent_timeouts(values: dict[str, str]) -> dict[str, object]:
 def _check_ranges(config: Config) -> None:
     if config.proxy.max_body < 1:
         raise ConfigError("[proxy] max_body: must be at least 1 byte")
+    if config.proxy.max_answer < 1024:
+        raise ConfigError("[proxy] max_answer: must be at least 1k")
     if config.pool.size < 1:
         raise ConfigError("[pool] size: must be at least 1")
     if config.pool.max_queue < 0:

@@ -47,7 +47,7 @@ from .api import ollama, openai
 from .app import BODY_TIMEOUT, ProxyState, error_response
 from .errors import BodyTimeout, ProxyError, too_large
 from .ollama import NDJSONStream
-from .relay import RelayBody, Upstream
+from .relay import RelayBody, SSELines, Upstream
 
 __all__ = ["ROUTES", "relay", "send_response"]
 
@@ -70,6 +70,7 @@ def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 
 _SSE_HEADERS = _encoded(openai.SSE_HEADERS)
+_SSE_NAMES = frozenset(name for name, _ in _SSE_HEADERS)
 _NDJSON_HEADERS = _encoded(ollama.NDJSON_HEADERS)
 _JSON_TYPE = ollama.JSON_TYPE.encode("latin-1")
 
@@ -141,18 +142,21 @@ async def _forward_openai(
 ) -> None:
     lease, upstream = await openai.open_relay(proxy, path, plan.target.name, raw)
     opened.append(upstream)
-    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in upstream.headers.items()]
+    limit = proxy.config.proxy.max_answer
+    relayed = upstream.headers
     if openai.streams(upstream, plan.payload.get("stream") is True):
-        names = {name for name, _ in _SSE_HEADERS}
-        headers = [header for header in headers if header[0] not in names] + _SSE_HEADERS
-        body = RelayBody(upstream, on_error=openai.sse_error, on_done=lease.release)
+        headers = [header for header in _encoded(relayed) if header[0] not in _SSE_NAMES] + _SSE_HEADERS
+        body = RelayBody(upstream, on_error=openai.sse_error, on_done=lease.release, lines=SSELines(limit))
         await _stream(body, upstream.status_code, headers, send_start, send)
         return
     try:
-        answer = await upstream.read()
+        answer = await upstream.read(limit)
     finally:
         lease.release()
-    await _whole(upstream.status_code, headers, answer, send_start, send)
+    wrapped = openai.upstream_error_body(upstream.status_code, answer)
+    if wrapped is not None:
+        answer, relayed["content-type"] = wrapped, "application/json"
+    await _whole(upstream.status_code, _encoded(relayed), answer, send_start, send)
 
 
 async def _forward_ollama(
@@ -167,12 +171,13 @@ async def _forward_ollama(
     assert call is not None
     lease, upstream = await ollama.open_generation(proxy, asked.name, call, generation.keep_alive, answer)
     opened.append(upstream)
+    limit = proxy.config.proxy.max_answer
     if ollama.streams(upstream, call):
-        translation = NDJSONStream(answer)
+        translation = NDJSONStream(answer, limit)
         body = RelayBody(upstream, on_error=openai.sse_error, on_done=lease.release, translation=translation)
         await _stream(body, 200, _NDJSON_HEADERS, send_start, send)
         return
-    reply = await ollama.answer_body(upstream, answer, ollama.llama_server(lease), lease.release)
+    reply = await ollama.answer_body(upstream, answer, ollama.llama_server(lease), lease.release, limit)
     await _whole(200, [(b"content-type", _JSON_TYPE)], reply, send_start, send)
 
 

@@ -13,6 +13,7 @@ Ollama's ``{"error": ...}``); nothing else needs to know about HTTP.
     ├── PoolBusy                    503  queue full or queue timeout (has retry_after)
     ├── ShuttingDown                503  the proxy is draining after SIGTERM (has retry_after)
     ├── UpstreamError               502  llama-server or an upstream unreachable / broke
+    │   ├── UpstreamRefused         502  the connection was refused: nothing was sent
     │   └── ModelLoadFailed         502  llama-server exited or failed while loading
     ├── ModelLoadTimeout            504  llama-server not ready within load_timeout
     ├── UpstreamTimeout             504  no first byte of an answer within request_timeout
@@ -38,6 +39,7 @@ __all__ = [
     "ShuttingDown",
     "Unauthorized",
     "UpstreamError",
+    "UpstreamRefused",
     "UpstreamTimeout",
     "too_large",
 ]
@@ -111,6 +113,10 @@ class ShuttingDown(ProxyError):
 class UpstreamError(ProxyError):
     status = 502
     kind = "upstream_error"
+
+
+class UpstreamRefused(UpstreamError):
+    """The upstream refused the connection, so nothing was sent: the request may go again."""
 
 
 class ModelLoadFailed(UpstreamError):

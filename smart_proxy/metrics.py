@@ -9,10 +9,13 @@ test process keep separate counts). Facts reach it three ways:
   byte of a streamed answer and the bytes that carry token usage, then hands the
   finished exchange to :meth:`Metrics.observe`. A route that knows which model it
   serves says so with :func:`note_model` (called with a catalog name, so the
-  label set stays bounded).
+  label set stays bounded). An answer that fails after its status went out (a
+  stream the upstream broke off) is counted with the status of the error that ends
+  it (:func:`note_failed`), not as the 200 it started as.
 * Pool events. :class:`Metrics` is the pool's :class:`~smart_proxy.pool.PoolEvents`:
   loads, load durations, failures, evictions, crashes, restarts, queue waits.
-* Agents. :class:`Metrics` is the agent chains' :class:`~smart_proxy.agents.AgentEvents`:
+* Agents. :class:`Metrics` serves as the agent chains' :class:`~smart_proxy.agents.AgentEvents`
+  (by its :meth:`Metrics.agent_run`; agents sit above this module, so it is not a subclass):
   each hook run, its duration and result (ok, error, timeout, cancelled).
 
 What is true at scrape time (processes by state, queue depth, requests in flight,
@@ -44,11 +47,10 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from .agents import AgentEvents
 from .lifecycle import Lifecycle
 from .pool import Pool, PoolEvents, State
 
-__all__ = ["Exchange", "Metrics", "UsageScanner", "current_exchange", "note_model"]
+__all__ = ["Exchange", "Metrics", "UsageScanner", "current_exchange", "note_failed", "note_model"]
 
 _PREFIX = "smart_proxy_"
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -162,7 +164,14 @@ def note_model(name: str) -> None:
         exchange.model = name
 
 
-class Metrics(PoolEvents, AgentEvents):
+def note_failed(status: int = 502) -> None:
+    """The current request's answer failed after its start went out: count (and log) it as ``status``."""
+    exchange = current_exchange.get()
+    if exchange is not None:
+        exchange.status = status
+
+
+class Metrics(PoolEvents):
     """Every metric of one proxy, in a registry of its own."""
 
     def __init__(self) -> None:

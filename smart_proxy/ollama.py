@@ -45,6 +45,7 @@ import attrs
 
 from .download import DownloadStatus, FileStatus
 from .errors import BadRequest, ProxyError, UpstreamError
+from .relay import answer_text
 
 __all__ = [
     "LOAD_TIME",
@@ -163,7 +164,7 @@ def upstream_failure(status: int, body: bytes, what: str) -> ProxyError:
     except (ValueError, AttributeError):
         message = None
     if not isinstance(message, str) or not message:
-        message = body.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
+        message = answer_text(body) or f"HTTP {status}"
     exc: ProxyError = BadRequest(message) if 400 <= status < 500 else UpstreamError(f"{what}: {message}")
     exc.status = status if 400 <= status < 600 else 502
     return exc
@@ -433,17 +434,39 @@ class SSEParser:
     DONE = "[DONE]"
 
     def __init__(self) -> None:
-        self._buffer = b""
+        # the start of a line not yet ended, in pieces: joined once when its end comes
+        self._held: list[bytes] = []
+        #: Bytes held of the line not yet ended.
+        self.pending = 0
 
     def feed(self, chunk: bytes) -> list[dict[str, Any] | str]:
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
+        end = chunk.rfind(b"\n") + 1
+        if not end:
+            if chunk:
+                self._held.append(chunk)
+                self.pending += len(chunk)
+            return []
+        data = chunk[:end]
+        if self._held:
+            data = b"".join([*self._held, data])
+            self._held.clear()
+        self.pending = len(chunk) - end
+        if self.pending:
+            self._held.append(chunk[end:])
+        lines = data.split(b"\n")
+        lines.pop()  # empty: data ends with a newline
         return [event for line in lines if (event := self._event(line)) is not None]
 
     def close(self) -> list[dict[str, Any] | str]:
-        line, self._buffer = self._buffer, b""
+        line = b"".join(self._held)
+        self.drop()
         event = self._event(line)
         return [event] if event is not None else []
+
+    def drop(self) -> None:
+        """Forget the line not yet ended (the stream broke off in it)."""
+        self._held.clear()
+        self.pending = 0
 
     @staticmethod
     def _event(line: bytes) -> dict[str, Any] | str | None:
@@ -686,15 +709,19 @@ class NDJSONStream:
     :meth:`feed` takes any piece of the upstream body (events may be split across
     pieces, or many in one) and returns every line those events make, joined; after
     the upstream ends, :meth:`close` returns what is left: the last unterminated
-    event's lines, the gathered tool calls and the ``done`` object (or an error line
-    if the tool calls cannot be read). Once an event is an error (llama-server
-    reported one, or the relay fed its ``on_error`` event), its error line is the
-    last: :attr:`finished` turns true and later input makes nothing.
+    event's lines, the gathered tool calls and the ``done`` object; or an error line
+    if the tool calls cannot be read, or if the stream ended before its ``data: [DONE]``
+    (a stream llama-server did not finish never ends ``done``). Once an event is an
+    error (llama-server reported one; a line longer than ``max_line``; or the relay saw
+    the upstream break off and called :meth:`fail`), its error line is the last:
+    :attr:`finished` turns true and later input makes nothing.
     """
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, max_line: int = 64 * 1024 * 1024) -> None:
         self._answer = answer
         self._parser = SSEParser()
+        self._max_line = max_line
+        self._done = False
 
     @property
     def finished(self) -> bool:
@@ -706,22 +733,39 @@ class NDJSONStream:
             return b""
         lines = []
         for event in self._parser.feed(chunk):
+            self._done = event == SSEParser.DONE
             lines.extend(ndjson(obj) for obj in self._answer.feed(event))
             if self._answer.failed:
-                break
+                return b"".join(lines)
+        if self._parser.pending > self._max_line:
+            lines.append(self.fail(f"a line of llama-server's stream is longer than {self._max_line} bytes"))
         return b"".join(lines)
 
     def close(self) -> bytes:
         if self._answer.failed:
             return b""
-        lines = [ndjson(obj) for event in self._parser.close() for obj in self._answer.feed(event)]
+        lines = []
+        for event in self._parser.close():
+            self._done = event == SSEParser.DONE
+            lines.extend(ndjson(obj) for obj in self._answer.feed(event))
         if self._answer.failed:
             return b"".join(lines)
+        if not self._done:
+            return b"".join(lines) + self.fail("the upstream stream ended before its end (no data: [DONE])")
         try:
             finals = self._answer.final()
         except ProxyError as exc:
+            self._answer.failed = True
             finals = [{"error": exc.message}]
         return b"".join(lines + [ndjson(obj) for obj in finals])
+
+    def fail(self, reason: str) -> bytes:
+        """The stream broke off (``reason``): its error line, the last; the part of a line that came is dropped."""
+        if self._answer.failed:
+            return b""
+        self._answer.failed = True
+        self._parser.drop()
+        return ndjson({"error": reason})
 
 
 def _ollama_tool_call(call: dict[str, Any], index: int) -> dict[str, Any]:

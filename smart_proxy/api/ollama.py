@@ -50,7 +50,7 @@ from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
 from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
-from ..relay import RelayBody, Upstream, open_upstream
+from ..relay import MAX_ANSWER, RelayBody, Upstream, open_upstream, send_leased
 from .openai import chain_error, parse_body, replay_sse, sse_error
 
 __all__ = [
@@ -187,16 +187,18 @@ async def open_generation(
     proxy: ProxyState, name: str, call: translate.Translated, keep_alive: float | None, answer: translate.Answer
 ) -> tuple[Lease, Upstream]:
     """Send ``call`` to a llama-server for ``name``; its answer's headers are in, and the lease is the caller's."""
-    lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
-    answer.loaded()
-    try:
+
+    async def acquire() -> Lease:
+        lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
+        answer.loaded()
+        return lease
+
+    async def send(lease: Lease) -> Upstream:
         if call.has_images:
             await _check_images(proxy.http, lease, name)
-        upstream = await _post(proxy.llama, lease, call.path, call.body)
-    except BaseException:
-        lease.release()
-        raise
-    return lease, upstream
+        return await _post(proxy.llama, lease, call.path, call.body)
+
+    return await send_leased(acquire, send)
 
 
 def llama_server(lease: Lease) -> str:
@@ -213,7 +215,8 @@ async def _generate(
     headers: dict[str, str] | None = None,
 ) -> Response:
     lease, upstream = await open_generation(proxy, name, call, keep_alive, answer)
-    return await _answered(upstream, call, answer, llama_server(lease), lease.release, headers)
+    limit = proxy.config.proxy.max_answer
+    return await _answered(upstream, call, answer, llama_server(lease), lease.release, headers, limit)
 
 
 async def _generate_upstream(
@@ -222,7 +225,8 @@ async def _generate_upstream(
     """``call`` to a model of an Ollama upstream, through its OpenAI-compatible /v1 route (an agent chain's)."""
     answer.loaded()  # nothing to load here; the upstream's own load counts as prompt time
     upstream = await upstreams.send(proxy.http, model, "POST", call.path, payload=call.body)
-    return await _answered(upstream, call, answer, f"the Ollama upstream of model {model.name!r}", None, headers)
+    who = f"the Ollama upstream of model {model.name!r}"
+    return await _answered(upstream, call, answer, who, None, headers, proxy.config.proxy.max_answer)
 
 
 async def _answered(
@@ -232,14 +236,16 @@ async def _answered(
     who: str,
     on_done: Callable[[], object] | None,
     headers: dict[str, str] | None,
+    limit: int,
 ) -> Response:
-    """An OpenAI answer (``who``'s) in Ollama's shape: one object, or NDJSON as it streams."""
+    """An OpenAI answer (``who``'s) in Ollama's shape: one object, or NDJSON as it streams (``limit``: max_answer)."""
     if not streams(upstream, call):
-        reply = Response(await answer_body(upstream, answer, who, on_done), content_type=JSON_TYPE)
+        reply = Response(await answer_body(upstream, answer, who, on_done, limit), content_type=JSON_TYPE)
         reply.headers.update(headers or {})
         return reply
     # one write per burst of events, not one per line (see smart_proxy.relay)
-    body = RelayBody(upstream, on_error=sse_error, on_done=on_done, translation=translate.NDJSONStream(answer))
+    translation = translate.NDJSONStream(answer, limit)
+    body = RelayBody(upstream, on_error=sse_error, on_done=on_done, translation=translation)
     return Response(body, status=200, headers={**NDJSON_HEADERS, **(headers or {})})
 
 
@@ -249,15 +255,20 @@ def streams(upstream: Upstream, call: translate.Translated) -> bool:
 
 
 async def answer_body(
-    upstream: Upstream, answer: translate.Answer, who: str, on_done: Callable[[], object] | None
+    upstream: Upstream,
+    answer: translate.Answer,
+    who: str,
+    on_done: Callable[[], object] | None,
+    limit: int = MAX_ANSWER,
 ) -> bytes:
-    """A whole OpenAI answer read and translated to Ollama's JSON object; ``on_done`` once it is read.
+    """A whole OpenAI answer (at most ``limit`` bytes) read and translated to Ollama's JSON object; ``on_done`` once it is read.
 
     Raises:
-        ProxyError: the upstream answered an error (its status kept), or something that is not JSON.
+        ProxyError: the upstream answered an error (its status kept), or something that is not JSON,
+            or broke off, or more than ``limit`` bytes.
     """
     try:
-        body = await upstream.read()
+        body = await upstream.read(limit)
     finally:
         if on_done is not None:
             on_done()
@@ -321,7 +332,9 @@ class Asked:
 
     async def to_upstream(self, path: str, method: str = "POST") -> Response:
         """Send the request untouched to the Ollama upstream that serves its model, at ``path``."""
-        return await upstreams.forward(self.proxy.http, self.model, method, path, payload=self.payload, raw=self.raw)
+        proxy = self.proxy
+        limit = proxy.config.proxy.max_answer
+        return await upstreams.forward(proxy.http, self.model, method, path, payload=self.payload, raw=self.raw, limit=limit)
 
 
 @blueprint.post("/api/chat")
@@ -470,11 +483,20 @@ async def _embed(
     _check_embeds(model, name)
     body = translate.embed_request(inputs, model.name)
     before = time.perf_counter()
-    lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
-    load = time.perf_counter() - before
+    load = 0.0
+
+    async def acquire() -> Lease:
+        nonlocal load
+        lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
+        load = time.perf_counter() - before
+        return lease
+
+    async def send(lease: Lease) -> Upstream:
+        return await _post(proxy.llama, lease, "/v1/embeddings", body)
+
+    lease, upstream = await send_leased(acquire, send)
     try:
-        upstream = await _post(proxy.llama, lease, "/v1/embeddings", body)
-        raw = await upstream.read()
+        raw = await upstream.read(proxy.config.proxy.max_answer)
     finally:
         lease.release()
     if upstream.status_code != 200:

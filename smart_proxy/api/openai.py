@@ -23,7 +23,7 @@ from ..app import error_response as dialect_error
 from ..backends import ollama as ollama_backend
 from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
-from ..relay import RelayBody, Upstream, open_upstream
+from ..relay import RelayBody, SSELines, Upstream, answer_text, open_upstream, send_leased
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -41,6 +41,7 @@ __all__ = [
     "plan",
     "sse_error",
     "streams",
+    "upstream_error_body",
 ]
 
 blueprint = Blueprint("openai", __name__)
@@ -57,6 +58,25 @@ def sse_error(reason: str) -> bytes:
     """A last SSE event telling a streaming client the answer broke off."""
     body = {"error": {"message": reason, "type": "upstream_error", "code": 502}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def upstream_error_body(status: int, body: bytes) -> bytes | None:
+    """An upstream's error answer (status 400 or more) as an OpenAI error object; None if it is one already.
+
+    llama-server's errors are OpenAI error objects, passed on as they are; anything else
+    (a web server's HTML page, plain text) becomes one, with its text as the message.
+    """
+    if status < 400:
+        return None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and "error" in parsed:
+        return None
+    text = answer_text(body)
+    message = f"the upstream answered HTTP {status}" + (f": {text}" if text else "")
+    return json.dumps({"error": {"message": message, "type": "upstream_error", "code": status}}).encode()
 
 
 def parse_body(raw: bytes) -> dict:
@@ -116,26 +136,22 @@ async def forward(path: str) -> Response:
     if chain is not None:
         return await forward_with_agents(proxy, path, chain)
     if target.backend == "ollama":  # served by an upstream Ollama through its /v1 routes, not the pool
-        return await ollama_backend.forward(proxy.http, target, "POST", path, payload=payload, raw=raw)
+        limit = proxy.config.proxy.max_answer
+        return await ollama_backend.forward(proxy.http, target, "POST", path, payload=payload, raw=raw, limit=limit)
     return await send(proxy, path, target.name, raw, stream=payload.get("stream") is True)
 
 
 async def open_relay(proxy: ProxyState, path: str, model: str, body: bytes) -> tuple[Lease, Upstream]:
     """POST ``body`` to a llama-server for ``model``; its answer's headers are in, and the lease is the caller's."""
-    lease = await proxy.pool.acquire(model)
-    try:
-        upstream = await open_upstream(
-            proxy.llama,
-            "POST",
-            lease.base_url + path,
-            content=body,
-            headers={"Content-Type": "application/json"},
-            lease=lease,
-        )
-    except BaseException:
-        lease.release()
-        raise
-    return lease, upstream
+
+    async def send(lease: Lease) -> Upstream:
+        url = lease.base_url + path
+        return await open_upstream(proxy.llama, "POST", url, content=body, headers=_JSON_HEADERS, lease=lease)
+
+    return await send_leased(lambda: proxy.pool.acquire(model), send)
+
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def streams(upstream: Upstream, stream: bool) -> bool:
@@ -148,17 +164,22 @@ async def send(
 ) -> Response:
     """POST ``body`` to a llama-server for ``model`` and relay its answer (a stream as it arrives)."""
     lease, upstream = await open_relay(proxy, path, model, body)
+    limit = proxy.config.proxy.max_answer
     if streams(upstream, stream):
         return Response(
-            RelayBody(upstream, on_error=sse_error, on_done=lease.release),
+            RelayBody(upstream, on_error=sse_error, on_done=lease.release, lines=SSELines(limit)),
             status=upstream.status_code,
             headers={**upstream.headers, **SSE_HEADERS, **(headers or {})},
         )
     try:
-        answer = await upstream.read()
+        answer = await upstream.read(limit)
     finally:
         lease.release()
-    return Response(answer, status=upstream.status_code, headers={**upstream.headers, **(headers or {})})
+    relayed = upstream.headers
+    wrapped = upstream_error_body(upstream.status_code, answer)
+    if wrapped is not None:
+        answer, relayed["content-type"] = wrapped, "application/json"
+    return Response(answer, status=upstream.status_code, headers={**relayed, **(headers or {})})
 
 
 @blueprint.post("/v1/chat/completions")
@@ -214,7 +235,8 @@ async def forward_with_agents(proxy: ProxyState, path: str, chain: Chain) -> Res
             target = proxy.catalog.get(ctx.model)
             if target.backend == "ollama":
                 return await ollama_backend.forward(
-                    proxy.http, target, "POST", path, payload=ctx.payload, headers=ctx.headers()
+                    proxy.http, target, "POST", path, payload=ctx.payload, headers=ctx.headers(),
+                    limit=proxy.config.proxy.max_answer,
                 )
             body = json.dumps(ctx.payload).encode()
             stream = ctx.payload.get("stream") is True

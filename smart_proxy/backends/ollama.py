@@ -45,7 +45,7 @@ from quart import Response
 
 from ..config import ModelConfig
 from ..errors import UpstreamError, UpstreamTimeout
-from ..relay import RelayBody, Upstream, describe
+from ..relay import MAX_ANSWER, NDJSONLines, RelayBody, SSELines, Upstream, describe
 
 __all__ = ["OPENING", "forward", "health", "list_models", "remote_name", "send"]
 
@@ -109,7 +109,11 @@ async def send(
         )
         try:
             with trio.move_on_after(first_byte):
-                return Upstream(await http.send(request, stream=True))
+                upstream = Upstream(await http.send(request, stream=True))
+                if not 200 <= upstream.status_code <= 599:  # 1xx are the client's; anything else is not HTTP
+                    await upstream.aclose()
+                    raise UpstreamError(f"the Ollama upstream of model {model.name!r} answered an invalid status")
+                return upstream
             raise UpstreamTimeout(
                 f"the Ollama upstream of model {model.name!r} did not answer within request_timeout ({first_byte:g}s)"
             )
@@ -204,10 +208,12 @@ async def forward(
     payload: dict[str, Any] | None = None,
     raw: bytes | None = None,
     headers: dict[str, str] | None = None,
+    limit: int = MAX_ANSWER,
 ) -> Response:
     """Send the current request for ``model`` to its Ollama server (:func:`send`) and relay the answer.
 
-    ``headers`` are added to the answer's own.
+    ``headers`` are added to the answer's own; ``limit`` bounds an answer read whole, and a
+    line of an SSE stream (``[proxy] max_answer``).
 
     Raises:
         UpstreamError: the Ollama server cannot be reached (502).
@@ -215,10 +221,12 @@ async def forward(
     upstream = await send(http, model, method, path, payload=payload, raw=raw)
     content_type = upstream.headers.get("content-type", "")
     if upstream.status_code == 200 and content_type.startswith(_STREAM_TYPES):
-        on_error = _sse_error if content_type.startswith("text/event-stream") else _ndjson_error
+        sse = content_type.startswith("text/event-stream")
         relayed = {**upstream.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
-        return Response(RelayBody(upstream, on_error=on_error), status=200, headers=relayed)
-    body = await upstream.read()
+        lines = SSELines(limit) if sse else NDJSONLines(limit)
+        body = RelayBody(upstream, on_error=_sse_error if sse else _ndjson_error, lines=lines)
+        return Response(body, status=200, headers=relayed)
+    body = await upstream.read(limit)
     return Response(body, status=upstream.status_code, headers={**upstream.headers, **(headers or {})})
 
 
