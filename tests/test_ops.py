@@ -4,6 +4,7 @@ request ids, logs, and the drain on shutdown."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -342,6 +343,66 @@ async def test_api_keys(make_config, start_proxy, http, tmp_path: Path) -> None:
         assert (await http.get(url + probe)).status_code == 200  # public
     assert (await http.get(url + "/metrics")).status_code == 401
     assert (await http.get(url + "/metrics", headers={"x-api-key": "sk-one"})).status_code == 200
+
+
+async def _raw_exchange(url: str, request: bytes) -> bytes:
+    """Send ``request`` on a new connection; everything the proxy sends until it closes it (``<EOF>`` then)."""
+    stream = await trio.open_tcp_stream(httpx.URL(url).host, httpx.URL(url).port)
+    await stream.send_all(request)
+    received = b""
+    with trio.move_on_after(3):  # an answer left open shows as one without <EOF>
+        while chunk := await stream.receive_some():
+            received += chunk
+        received += b"<EOF>"
+    await stream.aclose()
+    return received
+
+
+def _upgrade(path: str, *headers: bytes) -> bytes:
+    return (
+        b"GET %s HTTP/1.1\r\nHost: p\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n"
+    ) % (path.encode(), b"".join(header + b"\r\n" for header in headers))
+
+
+async def test_a_websocket_upgrade_is_refused_in_dialect_after_the_key_check(make_config, start_proxy, http, caplog) -> None:
+    url = await start_proxy(with_proxy(make_config({"a": {}}), api_keys=("sk-one",)))
+    caplog.set_level(logging.INFO)
+    cases = [
+        (_upgrade("/v1/models"), 401, "missing API key"),
+        (_upgrade("/api/chat", b"x-api-key: sk-nope"), 401, "invalid API key"),
+        (_upgrade("/v1/chat/completions", b"Authorization: Bearer sk-one"), 404, "does not speak WebSocket"),
+        (_upgrade("/nowhere", b"x-api-key: sk-one"), 404, "does not speak WebSocket"),
+        (_upgrade("/health"), 404, "does not speak WebSocket"),  # public over HTTP, so no key is asked for
+    ]
+    for request, status, message in cases:
+        answer = await _raw_exchange(url, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), answer
+        assert body.endswith(b"<EOF>"), answer  # refused, and the connection closed
+        error = json.loads(body.removesuffix(b"<EOF>"))["error"]
+        assert message in (error if request.startswith(b"GET /api/") else error["message"]), answer
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert (await http.get(url + "/v1/models", headers={"x-api-key": "sk-one"})).status_code == 200
+
+
+async def test_content_length_with_transfer_encoding_is_refused_and_the_connection_closed(
+    make_config, start_proxy, http
+) -> None:
+    url = await start_proxy(make_config({"a": {}}))
+    body = json.dumps(chat()).encode()
+    for path in (CHAT, "/api/chat", "/v1/models", "/health"):
+        request = (
+            b"POST %s HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+        ) % (path.encode(), len(body), len(body), body)
+        answer = await _raw_exchange(url, request)
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer
+        assert b"\r\nconnection: close" in head.lower() and rest.endswith(b"<EOF>"), answer
+        assert b"not both" in rest
+    health = (await http.get(url + "/health")).json()
+    assert health["pool"]["servers"] == []  # nothing was relayed
 
 
 def test_api_key_checks() -> None:
