@@ -94,6 +94,59 @@ async def test_health_is_liveness_with_the_pool_and_ready_is_readiness(make_conf
     assert [(s["model"], s["state"]) for s in servers] == [("a", "ready")]
 
 
+_PUBLIC_HEALTH = {"status", "phase", "pool"}
+
+
+def _public_only(body: dict, text: str, *secrets: object) -> None:
+    """``body`` (``text`` as sent) is the public /health: status, phase and counts, none of ``secrets``."""
+    assert set(body) == _PUBLIC_HEALTH and set(body["pool"]) == {"capacity", "queued", "loaded"}, body
+    for secret in secrets:
+        assert str(secret) not in text, secret
+
+
+async def test_health_detail_needs_a_key_when_keys_are_set(make_config, start_proxy, http) -> None:
+    url = await start_proxy(with_proxy(make_config({"a": {"exit_on_load": 3}, "b": {}}), api_keys=("sk-one",)))
+    key = {"x-api-key": "sk-one"}
+    assert (await http.post(url + CHAT, json=chat("a"), headers=key)).status_code == 502  # a last_error to hide
+    assert (await http.post(url + CHAT, json=chat("b"), headers=key)).status_code == 200
+    detail = (await http.get(url + "/health", headers=key)).json()
+    (server,) = detail["pool"]["servers"]
+    failed = next(m for m in detail["pool"]["models"] if m["model"] == "a")
+    assert server["pid"] and server["port"] and failed["last_error"]
+    for headers in ({}, {"x-api-key": "sk-nope"}, {"Authorization": "Bearer sk-two"}):
+        public = await http.get(url + "/health", headers=headers)
+        assert public.status_code == 200
+        _public_only(public.json(), public.text, server["pid"], server["port"], failed["last_error"], "servers")
+        assert public.json() == {"status": "ok", "phase": "ready", "pool": {"capacity": 2, "queued": 0, "loaded": 1}}
+    bearer = (await http.get(url + "/health", headers={"Authorization": "Bearer sk-one"})).json()
+    assert bearer["pool"]["servers"][0]["pid"] == server["pid"]
+
+
+async def test_health_detail_without_keys_is_for_direct_loopback_clients(
+    make_config, start_pool, start_proxy, http, nursery
+) -> None:
+    url = await start_proxy(make_config({"a": {}}))
+    assert (await http.post(url + CHAT, json=chat())).status_code == 200
+    local = (await http.get(url + "/health")).json()  # the test's client is on 127.0.0.1
+    assert local["pool"]["servers"][0]["pid"]
+    for header in ("X-Forwarded-For", "X-Real-IP", "Forwarded"):  # through a reverse proxy: anyone, maybe
+        forwarded = await http.get(url + "/health", headers={header: "203.0.113.9"})
+        _public_only(forwarded.json(), forwarded.text, local["pool"]["servers"][0]["pid"])
+
+    from .asgi_driver import Exchange, make_app
+
+    app, _pool = await make_app(make_config, start_pool, http, nursery)
+    for client, detailed in [(("203.0.113.9", 5000), False), (("10.1.2.3", 5000), False), (None, False),
+                             (("::1", 5000), True), (("::ffff:127.0.0.1", 5000), True), (("127.8.0.1", 5000), True)]:  # fmt: skip
+        exchange = Exchange(app, {}, "/health")
+        exchange.scope.update(method="GET", client=client)
+        exchange.scope["headers"].append((b"remote-addr", b"127.0.0.1"))  # a header never counts
+        start, *pieces = await exchange.run()
+        body = json.loads(b"".join(piece["body"] for piece in pieces))
+        assert start["status"] == 200 and ("servers" in body["pool"]) is detailed, (client, body)
+
+
+# ---- metrics --------------------------------------------------------------------------------
 # ---- metrics --------------------------------------------------------------------------------
 
 
