@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 from typing import Any
 
@@ -33,8 +34,8 @@ from hypothesis import strategies as st
 
 from .test_agents import copy_bundled, with_agents
 
-#: Examples per route; the whole file stays well under a minute.
-EXAMPLES = 40
+#: Examples per route: the whole file stays well under a minute. SMART_PROXY_FUZZ_EXAMPLES searches longer.
+EXAMPLES = int(os.environ.get("SMART_PROXY_FUZZ_EXAMPLES", "40"))
 SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=5000,  # ms per example: a request that hangs is a finding
