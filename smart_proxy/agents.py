@@ -39,6 +39,9 @@ Theory of operation:
   ``X-Smart-Proxy-Agent-Errors`` header, and the request goes on. A failed ``call``
   falls back to the next agent's ``call``, then to the ordinary upstream call. A
   ``trio.Cancelled`` from outside (the client went away) is never swallowed.
+* Observing: every hook that runs is reported to the registry's
+  :class:`AgentEvents` (the proxy's metrics) with its duration and result: ``ok``,
+  ``error``, ``timeout``, or ``cancelled`` when the client went away.
 
 Agents see OpenAI shapes (a chat's ``messages`` or a completion's ``prompt``, and
 ``chat.completion`` or ``text_completion`` responses) whatever the client's
@@ -58,7 +61,8 @@ import re
 import sys
 import tomllib
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,19 +82,26 @@ if TYPE_CHECKING:
 __all__ = [
     "Agent",
     "AgentContext",
+    "AgentEvents",
     "AgentFailure",
     "AgentInfo",
     "AgentRegistry",
     "Chain",
     "ERRORS_HEADER",
     "LoadedAgent",
+    "MAX_DEPTH",
     "new_request_id",
+    "too_deep",
 ]
 
 log = logging.getLogger(__name__)
 
 #: The response header naming the agents whose hooks failed: ``rag:timeout, json:error``.
 ERRORS_HEADER = "X-Smart-Proxy-Agent-Errors"
+#: How deep an agent request's JSON (and an answer a hook sees) may nest dicts and lists. Far more
+#: than any real request needs, and far enough below the interpreter's recursion limit that the
+#: (recursive) JSON encoder and the dialect translations stay safe on the way out.
+MAX_DEPTH = 256
 #: Where a request goes upstream, by kind; agents see these OpenAI shapes.
 UPSTREAM_PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 AGENT_FILE = "agent.py"
@@ -132,6 +143,13 @@ class Agent:
 
 def _overrides(cls: type, hook: str) -> bool:
     return getattr(cls, hook) is not getattr(Agent, hook)
+
+
+class AgentEvents:
+    """What the chain tells an observer about the hooks it runs; subclass and override. Must not block."""
+
+    def agent_run(self, name: str, seconds: float, ok: bool, *, result: str | None = None) -> None:
+        """A hook of agent ``name`` ran for ``seconds``; ``result`` is ok, error, timeout or cancelled."""
 
 
 @attrs.frozen
@@ -220,10 +238,12 @@ class AgentContext:
             raise _upstream_failure(status, body)
         try:
             response = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise UpstreamError(f"upstream answered with something that is not JSON: {exc}") from None
         if not isinstance(response, dict):
             raise UpstreamError("upstream answered with JSON that is not an object")
+        if too_deep(response):
+            raise UpstreamError(f"upstream answered with JSON nested more than {MAX_DEPTH} deep")
         return response
 
     async def _post(self, payload: Mapping[str, Any]) -> tuple[int, bytes]:
@@ -426,16 +446,25 @@ class AgentRegistry:
     """Every agent found at start-up; :meth:`activate` builds a chain for one request."""
 
     def __init__(
-        self, loaded: Iterable[LoadedAgent] = (), infos: Iterable[AgentInfo] = (), enabled: Iterable[str] = ()
+        self,
+        loaded: Iterable[LoadedAgent] = (),
+        infos: Iterable[AgentInfo] = (),
+        enabled: Iterable[str] = (),
+        *,
+        events: AgentEvents | None = None,
     ):
         self._loaded = {agent.name: agent for agent in loaded}
+        self._events = events if events is not None else AgentEvents()
         self._infos = tuple(sorted(infos, key=lambda info: info.name))
         # every enabled name is a command, loaded or not: a broken agent is reported, not ignored
         self._commands = frozenset(enabled) | frozenset(self._loaded)
 
     @classmethod
-    def load(cls, config: AgentsConfig, base_dir: str = ".") -> AgentRegistry:
-        """Discover, import and construct the agents in ``config.dir``; never raises for an agent."""
+    def load(cls, config: AgentsConfig, base_dir: str = ".", *, events: AgentEvents | None = None) -> AgentRegistry:
+        """Discover, import and construct the agents in ``config.dir``; never raises for an agent.
+
+        ``events`` hears of every hook the chains of this registry run.
+        """
         folder = resolve_path(config.dir, base_dir)
         enabled = set(config.enabled)
         loaded: list[LoadedAgent] = []
@@ -473,7 +502,7 @@ class AgentRegistry:
             infos.append(AgentInfo(name, "", True, False, error, str(folder / name)))
         for name in sorted(set(config.timeouts) - enabled):
             log.warning("[agents] timeout.%s is set but %s is not enabled", name, name)
-        return cls(loaded, infos, config.enabled)
+        return cls(loaded, infos, config.enabled, events=events)
 
     def describe(self) -> list[dict[str, Any]]:
         """Every discovered agent, for ``GET /plugins``."""
@@ -497,9 +526,11 @@ class AgentRegistry:
         names, rest = take_commands(text, self._commands)
         if not names:
             return None
+        if too_deep(payload):
+            raise BadRequest(f"request JSON nests more than {MAX_DEPTH} deep; agent requests allow at most that")
         agents = tuple(self._loaded[name] for name in names if name in self._loaded)
         missing = tuple(name for name in names if name not in self._loaded)
-        return Chain(agents, _with_text(payload, kind, rest), kind, missing)
+        return Chain(agents, _with_text(payload, kind, rest), kind, missing, events=self._events)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -527,9 +558,16 @@ class Chain:
     """
 
     def __init__(
-        self, agents: tuple[LoadedAgent, ...], payload: dict[str, Any], kind: str, missing: tuple[str, ...] = ()
+        self,
+        agents: tuple[LoadedAgent, ...],
+        payload: dict[str, Any],
+        kind: str,
+        missing: tuple[str, ...] = (),
+        *,
+        events: AgentEvents | None = None,
     ):
         self.agents = agents
+        self.events = events if events is not None else AgentEvents()
         self.payload = payload
         self.kind = kind
         self.missing = missing
@@ -600,28 +638,74 @@ class Chain:
     async def _run_hook(self, ctx: AgentContext, agent: LoadedAgent, hook: str, target: str) -> None:
         # A skipped hook must leave no trace: keep what it may change, put it back if it fails.
         saved = _copy_json(getattr(ctx, target))
-        ok, _ = await _guarded(ctx, agent, hook)
+        with self._reported(ctx, agent):
+            ok, _ = await _guarded(ctx, agent, hook)
         if not ok:
             setattr(ctx, target, saved)
 
     async def _run_call(self, ctx: AgentContext, agent: LoadedAgent) -> dict[str, Any] | None:
-        ok, response = await _guarded(ctx, agent, "call")
-        if not ok:
-            return None
-        if not isinstance(response, dict):
-            _fail(ctx, agent, "call", "error", f"call() returned {type(response).__name__}, not a response object")
-            return None
-        return response
+        with self._reported(ctx, agent):
+            ok, response = await _guarded(ctx, agent, "call")
+            if not ok:
+                return None
+            if not isinstance(response, dict):
+                _fail(ctx, agent, "call", "error", f"call() returned {type(response).__name__}, not a response object")
+                return None
+            return response
+
+    @contextmanager
+    def _reported(self, ctx: AgentContext, agent: LoadedAgent) -> Iterator[None]:
+        """Report the block as one run of ``agent``: ok, or the reason of the failure it recorded, or cancelled."""
+        started, failures = trio.current_time(), len(ctx.failures)
+        result = "error"
+        try:
+            yield
+            result = ctx.failures[-1].reason if len(ctx.failures) > failures else "ok"
+        except trio.Cancelled:
+            result = "cancelled"
+            raise
+        finally:
+            self.events.agent_run(agent.name, trio.current_time() - started, result == "ok", result=result)
 
 
 def _copy_json(value: Any) -> Any:
-    """A deep copy of JSON data (dicts and lists; the rest is immutable or shared), 2-3x faster than deepcopy."""
-    kind = type(value)
-    if kind is dict:
-        return {key: _copy_json(item) for key, item in value.items()}
-    if kind is list:
-        return [_copy_json(item) for item in value]
-    return value
+    """A deep copy of JSON data (dicts and lists; the rest is immutable or shared), 2-3x faster than deepcopy.
+
+    Iterative, so no nesting depth can exhaust the stack: the copy runs outside any hook's guard.
+    """
+    if type(value) is not dict and type(value) is not list:
+        return value
+    root: Any = {} if type(value) is dict else []
+    pending = [(value, root)]
+    while pending:
+        source, target = pending.pop()
+        items = source.items() if type(source) is dict else enumerate(source)
+        is_dict = type(target) is dict
+        for key, item in items:
+            kind = type(item)
+            if kind is dict or kind is list:
+                child: Any = {} if kind is dict else []
+                pending.append((item, child))
+                item = child
+            if is_dict:
+                target[key] = item
+            else:
+                target.append(item)
+    return root
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON data nests dicts and lists more than ``limit`` deep (iteratively, stopping early)."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        kind = type(item)
+        if kind is dict or kind is list:
+            if depth >= limit:
+                return True
+            children = item.values() if kind is dict else item
+            pending.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    return False
 
 
 async def _guarded(ctx: AgentContext, agent: LoadedAgent, hook: str) -> tuple[bool, Any]:

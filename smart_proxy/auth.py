@@ -46,6 +46,10 @@ class ApiKeys:
     def required(self) -> bool:
         return bool(self._keys)
 
+    def any(self) -> str | None:
+        """One of the keys (for the proxy's own requests to itself), or None when none is set."""
+        return self._keys[0].decode() if self._keys else None
+
     def check(self, authorization: str | None, x_api_key: str | None) -> None:
         """Return if the headers carry a valid key (or none is required); else raise Unauthorized."""
         if not self._keys:

@@ -3,6 +3,7 @@
     smart-proxy [--config proxy.ini] [--host H] [--port P] [--log-format json]   serve (or: smart-proxy serve)
     smart-proxy pull NAME [--config proxy.ini]               download a model ahead of time
     smart-proxy models [--config proxy.ini] [--json]         list the catalog: source, size, local?
+    smart-proxy doctor [--config proxy.ini] [--model NAME]   can this machine serve? (exit 0: yes)
 
 Options may come before or after the subcommand. A config error is one line and exit status 2;
 a failed pull is one line and exit status 1. Serving: the first SIGINT or SIGTERM drains and
@@ -20,6 +21,7 @@ import sys
 
 import trio
 
+from . import doctor
 from .catalog import Catalog
 from .config import PACKAGE_PREFIX, Config, ModelConfig, load_config, resolve_path
 from .download import Hub, Progress, fetch, resolve
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smart-proxy", description="A Trio smart proxy for local LLMs.")
     common(parser, top=True)
     listen(parser, top=True)
-    commands = parser.add_subparsers(dest="command", metavar="{serve,pull,models}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,pull,models,doctor}")
     serve_parser = commands.add_parser("serve", help="run the proxy (the default)")
     common(serve_parser, top=False)
     listen(serve_parser, top=False)
@@ -80,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     models_parser = commands.add_parser("models", help="list the catalog: source, size, and whether it is local")
     models_parser.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     common(models_parser, top=False)
+    doctor_parser = commands.add_parser(
+        "doctor", help="check that this machine can serve: llama-server, CPU, a one-token answer, memory, disk"
+    )
+    doctor_parser.add_argument("--model", help="the catalog model to answer one token (default: the embedded one)")
+    common(doctor_parser, top=False)
     return parser
 
 
@@ -88,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "serve"
     level = args.log_level or ("info" if command == "serve" else "warning")
     setup_logging(level, args.log_format)
+    if command == "doctor":
+        return doctor.run(args.config, args.model)
     try:
         config = load_config(args.config)
         if command == "pull":

@@ -38,9 +38,9 @@ from .errors import BadRequest
 __all__ = ["MAX_DEPTH", "decode"]
 
 #: The deepest nesting of arrays and objects a request body may have: far more than any API
-#: body needs, and well inside what the recursive steps after decoding take (the agent chain's
-#: copy spends two Python frames a level, of a recursion limit of 1000).
-MAX_DEPTH = 128
+#: body needs, and well inside what the recursive steps after decoding take (the stdlib's JSON
+#: encoder, a frame a level of a recursion limit of 1000). The agent chain allows the same.
+MAX_DEPTH = 256
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -95,7 +95,7 @@ def decode(raw: bytes) -> Any:
 
 
 def _too_deep() -> BadRequest:
-    return BadRequest(f"request body nests arrays and objects deeper than {MAX_DEPTH} levels, the most this proxy takes")
+    return BadRequest(f"request body nests more than {MAX_DEPTH} deep (arrays and objects); the most this proxy takes")
 
 
 def _walk(value: Any, surrogates: bool) -> None:

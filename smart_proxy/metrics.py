@@ -12,8 +12,8 @@ test process keep separate counts). Facts reach it three ways:
   label set stays bounded).
 * Pool events. :class:`Metrics` is the pool's :class:`~smart_proxy.pool.PoolEvents`:
   loads, load durations, failures, evictions, crashes, restarts, queue waits.
-* Agents. ``state().metrics.agent_run(name, seconds, ok)``, or the
-  :meth:`Metrics.agent_timer` context manager around a run.
+* Agents. :class:`Metrics` is the agent chains' :class:`~smart_proxy.agents.AgentEvents`:
+  each hook run, its duration and result (ok, error, timeout, cancelled).
 
 What is true at scrape time (processes by state, queue depth, requests in flight,
 readiness) is read from the pool and the lifecycle when ``/metrics`` is asked,
@@ -44,6 +44,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from .agents import AgentEvents
 from .lifecycle import Lifecycle
 from .pool import Pool, PoolEvents, State
 
@@ -161,7 +162,7 @@ def note_model(name: str) -> None:
         exchange.model = name
 
 
-class Metrics(PoolEvents):
+class Metrics(PoolEvents, AgentEvents):
     """Every metric of one proxy, in a registry of its own."""
 
     def __init__(self) -> None:
@@ -212,11 +213,11 @@ class Metrics(PoolEvents):
             ["model"], buckets=_WAIT_BUCKETS, registry=r,
         )
         self.agent_runs = Counter(
-            _PREFIX + "agent_runs", "Agent runs, by agent and result (ok, error, cancelled).", ["agent", "result"],
+            _PREFIX + "agent_runs", "Agent hook runs, by agent and result (ok, error, timeout, cancelled).", ["agent", "result"],
             registry=r,
         )
         self.agent_duration = Histogram(
-            _PREFIX + "agent_run_duration_seconds", "How long agent runs took.", ["agent"], buckets=_AGENT_BUCKETS,
+            _PREFIX + "agent_run_duration_seconds", "How long agent hook runs took.", ["agent"], buckets=_AGENT_BUCKETS,
             registry=r,
         )
 

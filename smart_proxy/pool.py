@@ -61,7 +61,7 @@ from .catalog import Catalog
 from .config import Config, ModelConfig
 from .download import DownloadSnapshot
 from .errors import ModelLoadFailed, PoolBusy, ProxyError, UpstreamError
-from .process import Lifeline, ServerProcess, free_port
+from .process import Lifeline, ServerProcess, describe_exit, exit_message, free_port
 
 __all__ = ["Lease", "Pool", "PoolEvents", "PoolSnapshot", "ServerSnapshot", "Slot", "State"]
 
@@ -125,6 +125,8 @@ class ModelSnapshot:
     crashes: int
     failures: int
     last_exit_code: int | None
+    #: The signal that ended its last llama-server (``SIGILL``), or None.
+    last_signal: str | None
     last_error: str | None
     #: Seconds until a restart is allowed after repeated failures (0 = now).
     retry_in: float
@@ -574,8 +576,7 @@ class Pool:
                         server.error = process.failure
                     elif server.state is State.READY:
                         server.error = UpstreamError(
-                            f"llama-server for model {server.name!r} exited unexpectedly with code "
-                            f"{process.returncode}:\n{process.tail_text()}"
+                            exit_message(server.name, process.returncode, "while serving", process.tail_text())
                         )
         except BaseException as exc:
             if _only_cancelled(exc):  # cancelled from outside: the pool is stopping, not a failure
@@ -725,6 +726,7 @@ class Pool:
                 crashes=st.crashes,
                 failures=st.failures,
                 last_exit_code=st.last_exit_code,
+                last_signal=describe_exit(st.last_exit_code).signal if st.last_exit_code is not None else None,
                 last_error=st.last_error.message if st.last_error else None,
                 retry_in=max(0.0, st.retry_at - now),
             )

@@ -55,12 +55,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 
+import attrs
 import httpx
 import trio
 
 from .errors import ConfigError, ModelLoadFailed, ModelLoadTimeout, ProxyError
 
-__all__ = ["Lifeline", "ServerProcess", "find_llama_server", "free_port"]
+__all__ = ["Exit", "Lifeline", "ServerProcess", "describe_exit", "find_llama_server", "free_port"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,76 @@ _READY_HINTS = ("model loaded", "listening on", "server is listening", "all slot
 _TAIL_LINES = 40
 _LIFELINE = str(Path(__file__).with_name("lifeline.py"))
 _PID_LINE = "lifeline: pid "
+
+
+#: Signals that end a llama-server, in words, with what they most likely mean and what to do.
+_SIGNAL_CAUSES: dict[int, tuple[str, str]] = {
+    signal.SIGILL: (
+        "illegal instruction",
+        "the binary uses CPU instructions this machine cannot run (a build made for another CPU, or an "
+        "instruction set the machine advertises but does not execute, such as AMX in some VMs); install the "
+        "portable build with `bash scripts/install-llama-server` and run `smart-proxy doctor`",
+    ),
+    signal.SIGKILL: (
+        "not by this proxy",
+        "most often the kernel's out-of-memory killer (see `dmesg`): free memory, lower --ctx-size or "
+        "[pool] size, or use a smaller model",
+    ),
+    signal.SIGSEGV: (
+        "segmentation fault",
+        "llama-server crashed: often a corrupt or unsupported GGUF file, or a llama.cpp bug; its last output "
+        "below says how far it got",
+    ),
+    signal.SIGABRT: (
+        "aborted",
+        "llama-server stopped on a failed check (GGML_ASSERT, an uncaught exception, or a failed allocation); "
+        "its last output below says which",
+    ),
+    signal.SIGBUS: (
+        "bus error",
+        "the model file was changed or truncated while llama-server had it mapped, or the disk failed",
+    ),
+    signal.SIGFPE: ("arithmetic exception", "llama-server crashed on a division by zero: a llama.cpp bug or a corrupt model"),
+}
+
+
+@attrs.frozen
+class Exit:
+    """How a process ended, in words for a message (see :func:`describe_exit`)."""
+
+    #: ``exited with code 3`` or ``was killed by SIGILL (illegal instruction)``.
+    what: str
+    #: What it most likely means and what to do; None for a plain exit code or an unusual signal.
+    hint: str | None
+    #: The signal's name (``SIGILL``) when a signal ended it, else None.
+    signal: str | None
+
+
+def describe_exit(returncode: int | None) -> Exit:
+    """Name how a process ended from its return code (negative: the signal that killed it)."""
+    if returncode is None:
+        return Exit("ended", None, None)
+    if returncode >= 0:
+        return Exit(f"exited with code {returncode}", None, None)
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        return Exit(f"was killed by signal {-returncode}", None, f"signal {-returncode}")
+    cause = _SIGNAL_CAUSES.get(-returncode)
+    if cause is None:
+        return Exit(f"was killed by {name}", None, name)
+    return Exit(f"was killed by {name} ({cause[0]})", cause[1], name)
+
+
+def exit_message(name: str, returncode: int | None, during: str, tail: str) -> str:
+    """``llama-server for model 'NAME' was killed by SIGILL (illegal instruction) while loading: ...``.
+
+    ``during`` is ``while loading`` or ``while serving``; the output's ``tail`` follows.
+    """
+    ended = describe_exit(returncode)
+    if ended.hint is None:
+        return f"llama-server for model {name!r} {ended.what} {during}:\n{tail}"
+    return f"llama-server for model {name!r} {ended.what} {during}: {ended.hint}.\nIts last output:\n{tail}"
 
 
 def find_llama_server(setting: str = "auto") -> str:
@@ -336,10 +407,7 @@ class ServerProcess:
             if process.returncode is not None:
                 with trio.move_on_after(1):  # let the last lines of output arrive
                     await self._output_done.wait()
-                raise ModelLoadFailed(
-                    f"llama-server for model {self.name!r} exited with code {process.returncode} while loading:\n"
-                    f"{self.tail_text()}"
-                )
+                raise ModelLoadFailed(exit_message(self.name, process.returncode, "while loading", self.tail_text()))
             try:
                 response = await self._http.get(url, timeout=1.0)
                 if response.status_code == 200:

@@ -176,12 +176,12 @@ async def serve(
     downloads = Downloads()
     catalog = Catalog(config.models, config.base_dir, config.catalog, downloads)
     api_keys = ApiKeys.from_config(config.proxy, config.base_dir)
-    agents = AgentRegistry.load(config.agents, config.base_dir)
+    metrics = Metrics()
+    agents = AgentRegistry.load(config.agents, config.base_dir, events=metrics)
     host = host or config.proxy.host
     port = config.proxy.port if port is None else port
     hc = hypercorn_config(config, host, port)
     lifecycle = Lifecycle()
-    metrics = Metrics()
     signals: StopSignals | None = None
     async with make_client() as http, make_transport() as llama, trio.open_nursery() as nursery:
         trigger = shutdown_trigger

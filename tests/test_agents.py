@@ -14,6 +14,7 @@ import json
 import shutil
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -27,6 +28,7 @@ from smart_proxy.agents import (
     ERRORS_HEADER,
     Agent,
     AgentContext,
+    AgentEvents,
     AgentRegistry,
     Chain,
     LoadedAgent,
@@ -391,12 +393,22 @@ async def test_timeout_skips_the_hook_by_cancel_scope(autojump_clock: trio.testi
     assert ctx.headers()[ERRORS_HEADER] == "sleeper:timeout"
 
 
+class Runs(AgentEvents):
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, float, bool, str | None]] = []
+
+    def agent_run(self, name: str, seconds: float, ok: bool, *, result: str | None = None) -> None:
+        self.runs.append((name, seconds, ok, result))
+
+
 async def test_an_outside_cancel_is_not_swallowed(autojump_clock: trio.testing.MockClock) -> None:
-    chain = Chain(loaded(Sleeper(3600), timeout=100), chat("x", model="m"), "chat")
+    events = Runs()
+    chain = Chain(loaded(Sleeper(3600), timeout=100), chat("x", model="m"), "chat", events=events)
     with trio.move_on_after(1) as outer:
         await chain.prepare(None, None)
         pytest.fail("prepare should have been cancelled")
     assert outer.cancelled_caught  # the client went away: the chain does not carry on
+    assert events.runs == [("sleeper", 1.0, False, "cancelled")]
 
 
 async def test_raising_hooks_are_skipped_and_named(caplog: pytest.LogCaptureFixture) -> None:
@@ -579,6 +591,72 @@ async def test_an_error_answer_still_names_the_failed_agents(make_config, start_
     assert response.status_code == 400 and ERRORS_HEADER not in response.headers
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/api/chat"])
+async def test_deeply_nested_agent_requests_get_400(
+    make_config, start_proxy, agent_dir: Path, http, route: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The chain copies and re-encodes an agent request: nesting past MAX_DEPTH is refused in dialect, not a 500."""
+    from smart_proxy.agents import MAX_DEPTH
+
+    write_agent(agent_dir, "a", marker("a"))  # buffered: copies the payload and the response
+    write_agent(agent_dir, "tag", TAG)  # live: copies the payload, then relays it
+    url = await start_proxy(with_agents(make_config({"echo": {"echo": True}}), agent_dir, "a", "tag"))
+
+    def body(command: str, depth: int) -> bytes:
+        # ``tools`` reaches the chain as sent on both routes; the body object is one level itself
+        nested = "[" * (depth - 1) + "]" * (depth - 1)
+        stream = ',"stream":false' if route == "/api/chat" else ""
+        return f'{{"model":"echo"{stream},"messages":[{{"role":"user","content":"{command}"}}],"tools":{nested}}}'.encode()
+
+    headers = {"Content-Type": "application/json"}
+    for command in ("/a hi", "/tag hi"):
+        ok = await http.post(url + route, content=body(command, MAX_DEPTH), headers=headers)
+        assert ok.status_code == 200, (command, ok.text[:300])
+        for depth in (MAX_DEPTH + 1, 600, 900):
+            caplog.clear()
+            refused = await http.post(url + route, content=body(command, depth), headers=headers)
+            assert refused.status_code == 400, (command, depth, refused.text[:300])
+            error = refused.json()["error"]
+            message = error if route == "/api/chat" else error["message"]
+            assert f"nests more than {MAX_DEPTH} deep" in message
+            if route != "/api/chat":
+                assert error["type"] == "invalid_request_error"
+            assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
+
+
+@pytest.mark.parametrize("depth", [300, 100_000])
+async def test_a_model_answer_nested_too_deep_is_an_upstream_error(monkeypatch: pytest.MonkeyPatch, depth: int) -> None:
+    from smart_proxy.errors import UpstreamError
+
+    async def post(self: AgentContext, payload: object) -> tuple[int, bytes]:
+        return 200, b'{"choices": ' + b"[" * depth + b"]" * depth + b"}"
+
+    monkeypatch.setattr(AgentContext, "_post", post)
+    ctx = AgentContext("req-d", "chat", chat("x", model="m"), False, ())
+    with pytest.raises(UpstreamError) as raised:
+        await ctx.complete()
+    assert raised.value.status == 502
+
+
+def test_copy_json_has_no_depth_limit() -> None:
+    from smart_proxy.agents import _copy_json, too_deep
+
+    deep: list = []
+    inner = deep
+    for _ in range(100_000):
+        inner.append({"k": [], "v": 1})
+        inner = inner[0]["k"]
+    copy = _copy_json(deep)
+    assert too_deep(copy, 100_000) and not too_deep(copy, 200_001)
+    walk, original = copy, deep
+    for _ in range(100_000):
+        assert walk is not original and list(walk[0]) == ["k", "v"] and walk[0]["v"] == 1
+        walk, original = walk[0]["k"], original[0]["k"]
+    payload = {"z": 1, "a": [1, {"b": [2, 3], "c": None}, "s"], "m": {"x": 1.5}}
+    copied = _copy_json(payload)
+    assert copied == payload and list(copied) == ["z", "a", "m"] and copied["a"][1] is not payload["a"][1]
+
+
 async def test_plugins_route(make_config, start_proxy, agent_dir: Path, http) -> None:
     write_agent(agent_dir, "a", marker("a"))
     write_agent(agent_dir, "broken", "raise ImportError('missing dependency: frobnicate')\n")
@@ -691,10 +769,166 @@ async def test_rag_through_the_proxy(make_config, start_proxy, agent_dir: Path, 
     assert "(source: cooking.md > Bread)" in prompt and prompt.endswith("\n\nknead the dough")
 
 
+async def test_rag_a_huge_question_keeps_to_the_timeout_and_starves_no_one(
+    make_config, start_proxy, agent_dir: Path, tmp_path: Path, http, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An 8 MB question is refused by /rag in time; a small /rag request meanwhile gets its passages."""
+    docs = tmp_path / "docs"
+    write_docs(docs, DOCS)
+    copy_bundled(agent_dir, "rag", config=f'docs = "{docs}"\ntop_k = 1\n')
+    config = with_agents(make_config({"echo": {"echo": True}, "plain": {}}, size=2), agent_dir, "rag", rag=2.0)
+    url = await start_proxy(config)
+    assert (await http.post(url + "/v1/chat/completions", json=chat("/rag roses"))).status_code == 200  # built
+    words = " ".join(f"roses{i} water{i % 97} the pool" for i in range(400_000))[: 8 * 1024 * 1024]
+    huge: dict[str, object] = {}
+    small: dict[str, object] = {}
+
+    async def ask(into: dict[str, object], text: str, model: str, delay: float) -> None:
+        await trio.sleep(delay)
+        started = trio.current_time()
+        into["response"] = await http.post(url + "/v1/chat/completions", json=chat(text, model=model), timeout=120)
+        into["seconds"] = trio.current_time() - started
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, huge, "/rag " + words, "plain", 0)
+            nursery.start_soon(ask, small, "/rag How often should I water roses?", "echo", 0.2)
+    response = huge["response"]
+    assert isinstance(response, httpx.Response) and response.status_code == 200
+    assert huge["seconds"] < 6  # the 2s timeout and a margin (the 8 MB body is parsed and sent upstream too)
+    assert response.headers[ERRORS_HEADER] == "rag:error"
+    assert "/rag searches at most 32768 (max_query_chars)" in caplog.text
+    response = small["response"]
+    assert isinstance(response, httpx.Response) and response.status_code == 200
+    assert ERRORS_HEADER not in response.headers, response.headers[ERRORS_HEADER]
+    assert "(source: garden/roses.txt)" in echoed(response)["messages"][0]["content"]
+
+
+async def test_rag_search_is_abandoned_at_the_timeout_and_stops(tmp_path: Path) -> None:
+    """Scoring runs word by word in a thread; a request that gives up leaves it, and it stops at the next word."""
+    rag = import_bundled("rag")
+    vocabulary = [f"word{i}" for i in range(400)]
+    write_docs(tmp_path / "docs", {**DOCS, "words.txt": " ".join(vocabulary)})
+    agent = rag.Rag({"docs": str(tmp_path / "docs"), "max_query_words": 1000}, tmp_path)
+    assert (await agent.search("prune roses"))[0][1].source == "garden/roses.txt"  # builds the index
+    real = agent.index.bm25.get_scores
+    scored: list[str] = []
+
+    def slow_scores(words: list[str]):  # 10 ms a word: 4 s for the whole vocabulary
+        for word in words:
+            time.sleep(0.01)
+            scored.append(word)
+        return real(words)
+
+    agent.index.bm25.get_scores = slow_scores
+    seconds: dict[str, float] = {}
+
+    async def big() -> None:
+        started = trio.current_time()
+        with trio.move_on_after(0.5) as scope:
+            await agent.search(" ".join(vocabulary))
+        assert scope.cancelled_caught
+        seconds["big"] = trio.current_time() - started
+
+    async def small() -> None:
+        await trio.sleep(0.1)
+        started = trio.current_time()
+        assert (await agent.search("roses prune"))[0][1].source == "garden/roses.txt"
+        seconds["small"] = trio.current_time() - started
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(big)
+            nursery.start_soon(small)
+    assert seconds["big"] < 2  # abandoned at 0.5s, not after 4s of scoring
+    assert seconds["small"] < 2  # no lock held across the big search
+    await trio.sleep(0.3)  # the abandoned thread notices at its next word
+    stopped_at = len([w for w in scored if w.startswith("word")])
+    await trio.sleep(0.5)
+    assert len([w for w in scored if w.startswith("word")]) == stopped_at < 200
+
+
+async def test_rag_build_is_shared_and_outlives_the_requests_that_time_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rag = import_bundled("rag")
+    write_docs(tmp_path / "docs", DOCS)
+    started: list[float] = []
+
+    class SlowIndex(rag.Index):
+        def __init__(self, *args: object) -> None:
+            started.append(time.monotonic())
+            time.sleep(1.0)
+            super().__init__(*args)
+
+    monkeypatch.setattr(rag, "Index", SlowIndex)
+    agent = rag.Rag({"docs": str(tmp_path / "docs")}, tmp_path)
+
+    async def give_up() -> None:
+        with trio.move_on_after(0.3) as scope:
+            await agent.search("prune roses")
+        assert scope.cancelled_caught
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(give_up)
+        assert len(started) == 1 and agent.builds == 0  # one build for all three, still running
+        await give_up()  # a later request waits for the same build
+        assert len(started) == 1
+        while agent.builds == 0:  # it finishes although every request for it timed out
+            await trio.sleep(0.05)
+        assert (await agent.search("prune roses"))[0][1].source == "garden/roses.txt"
+    assert len(started) == 1
+
+
 def test_rag_config_is_checked(tmp_path: Path) -> None:
     copy_bundled(tmp_path, "rag", config="top_k = 0\n")
     registry = AgentRegistry.load(AgentsConfig(dir=str(tmp_path), enabled=("rag",)))
     assert registry.describe()[0]["error"] == "ValueError: top_k must be at least 1 and passage_chars at least 50"
+    (tmp_path / "rag" / "config.toml").write_text("max_query_chars = 0\n")
+    registry = AgentRegistry.load(AgentsConfig(dir=str(tmp_path), enabled=("rag",)))
+    assert registry.describe()[0]["error"] == "ValueError: max_query_chars and max_query_words must be at least 1"
+
+
+# ---- metrics -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/api/chat"])
+async def test_agent_runs_are_counted_in_metrics(
+    make_config, start_proxy, agent_dir: Path, tmp_path: Path, http, route: str
+) -> None:
+    """Every hook run reaches GET /metrics, by agent and result, whichever dialect asked."""
+    from .test_ops import samples, value
+
+    docs = tmp_path / "docs"
+    write_docs(docs, DOCS)
+    copy_bundled(agent_dir, "rag", config=f'docs = "{docs}"\n')
+    copy_bundled(agent_dir, "json")
+    write_agent(agent_dir, "boom", BOOM)
+    write_agent(agent_dir, "slow", SLOW)
+    config = with_agents(make_config({"echo": {"echo": True}}), agent_dir, "rag", "json", "boom", "slow", slow=0.2)
+    url = await start_proxy(config)
+    before = samples((await http.get(url + "/metrics")).text)
+    assert value(before, "smart_proxy_agent_runs_total", agent="rag", result="ok") is None
+    extra = {"stream": False} if route == "/api/chat" else {}
+    for text in ("/json /rag how often to water roses?", "/rag prune roses", "/boom /slow hi"):
+        response = await http.post(url + route, json=chat(text, **extra))
+        assert response.status_code == 200, response.text
+    found = samples((await http.get(url + "/metrics")).text)
+    runs = {
+        (agent, result): value(found, "smart_proxy_agent_runs_total", agent=agent, result=result)
+        for agent in ("rag", "json", "boom", "slow")
+        for result in ("ok", "error", "timeout", "cancelled")
+    }
+    assert {key: count for key, count in runs.items() if count} == {
+        ("rag", "ok"): 2,
+        ("json", "ok"): 2,  # its request hook and its response hook
+        ("boom", "error"): 1,
+        ("slow", "timeout"): 1,
+    }
+    assert value(found, "smart_proxy_agent_run_duration_seconds_count", agent="rag") == 2
+    assert value(found, "smart_proxy_agent_run_duration_seconds_sum", agent="slow") >= 0.2
 
 
 # ---- models of an Ollama upstream ---------------------------------------------------------

@@ -52,7 +52,7 @@ MODELS = ["a", "e", "nope", "", "a:latest", "hf.co/org/repo:Q4_K_M", "../../etc/
 RAW = [
     b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"1" * 5000, b"-" + b"9" * 4301,
     b'"\\ud800"', b'"x\\udfff"', b'"\\udc00\\ud83d"', b'{"\\ud83d": 1}',
-    b"[" * 129 + b"]" * 129, b"[" * 20000 + b"]" * 20000, b'{"a":' * 600 + b"1" + b"}" * 600,
+    b"[" * 257 + b"]" * 257, b"[" * 20000 + b"]" * 20000, b'{"a":' * 600 + b"1" + b"}" * 600,
 ]  # fmt: skip
 _MARK = "\x00raw{}\x00"
 _MARKED = re.compile(rb'"\\u0000raw(\d+)\\u0000"')

@@ -26,9 +26,9 @@ def nested(depth: int) -> bytes:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (nested(100_000), f"deeper than {MAX_DEPTH} levels"),  # past the stdlib's own recursion limit
-        (nested(MAX_DEPTH + 1), f"deeper than {MAX_DEPTH} levels"),
-        (b'{"a":' * (MAX_DEPTH + 1) + b"1" + b"}" * (MAX_DEPTH + 1), f"deeper than {MAX_DEPTH} levels"),
+        (nested(100_000), f"nests more than {MAX_DEPTH} deep"),  # past the stdlib's own recursion limit
+        (nested(MAX_DEPTH + 1), f"nests more than {MAX_DEPTH} deep"),
+        (b'{"a":' * (MAX_DEPTH + 1) + b"1" + b"}" * (MAX_DEPTH + 1), f"nests more than {MAX_DEPTH} deep"),
         (b'{"x": ' + b"7" * 5000 + b"}", "integer of more than 4300 digits"),
         (b'{"seed": 1e999}', "1e999 is out of range"),
         (b'{"seed": -1e999}', "-1e999 is out of range"),
@@ -135,25 +135,3 @@ async def test_hostile_json_is_a_400_in_the_routes_dialect_on_every_route(
         assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR], name
     assert (await http.get(url + "/health")).status_code == 200
 
-
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
-async def test_agent_requests_are_bounded_by_the_same_depth(path: str, make_config, start_proxy, http, tmp_path) -> None:
-    """The agent chain copies and re-encodes a body recursively: what reaches it is never deeper than MAX_DEPTH."""
-    from .test_agents import copy_bundled, with_agents
-
-    root = tmp_path / "agents"
-    root.mkdir()
-    copy_bundled(root, "json", "constrain = true\n")
-    url = await start_proxy(with_agents(make_config({"a": {"content": '{"ok": 1}'}}), root, "json"))
-
-    def body(depth: int) -> bytes:
-        chat = {"model": "a", "messages": [{"role": "user", "content": "/json give me JSON"}], "stream": False}
-        text = json.dumps({**chat, "x": None})
-        return text.replace("null", "[" * (depth - 1) + "]" * (depth - 1)).encode()
-
-    deepest = await http.post(url + path, content=body(MAX_DEPTH))
-    assert deepest.status_code == 200, deepest.text
-    for depth in (MAX_DEPTH + 1, 600, 5000):
-        response = await http.post(url + path, content=body(depth))
-        assert response.status_code == 400, (depth, response.text)
-        assert f"deeper than {MAX_DEPTH} levels" in dialect_error(path, response)

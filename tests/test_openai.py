@@ -140,7 +140,10 @@ async def test_kill_9_mid_stream_ends_that_stream_with_an_error_event(make_confi
     health = (await http.get(f"{url}/health")).json()
     a_stats = next(m for m in health["pool"]["models"] if m["model"] == "a")
     assert a_stats["crashes"] == 1 and a_stats["last_exit_code"] == -9
-    assert "exited unexpectedly" in a_stats["last_error"]
+    assert a_stats["last_signal"] == "SIGKILL"
+    assert "was killed by SIGKILL (not by this proxy) while serving: most often the kernel's out-of-memory killer" in (
+        a_stats["last_error"]
+    )
     response = await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2})
     assert response.status_code == 200
 

