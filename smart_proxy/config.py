@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import configparser
 import importlib.util
+import math
 import os
 import re
 import shlex
@@ -158,6 +159,14 @@ class PoolConfig:
     idle_ttl: Duration = Duration(0.0)
     #: Keep one lifeline started ahead of the next load (a spare), so a load does not wait for its start.
     spare_lifeline: bool = True
+    #: How often a ready llama-server's ``/health`` is probed; 0 = never (a hung server is not noticed).
+    health_interval: Duration = Duration(10.0)
+    #: How long one probe may take before it counts as failed.
+    health_timeout: Duration = Duration(5.0)
+    #: Failed probes in a row after which a llama-server is taken for hung: killed, restarted on demand.
+    health_failures: int = 3
+    #: How long a request may wait for the first byte of llama-server's answer before it gets 504; 0 = no limit.
+    request_timeout: Duration = Duration(0.0)
 
 
 @attrs.frozen
@@ -182,6 +191,8 @@ class ModelConfig:
     idle_ttl: Duration | None = None
     #: Up to this many llama-servers for this model when the pool has room.
     replicas: int = 1
+    #: Overrides ``[pool] request_timeout`` for this model (with ``backend = ollama``, the only one); 0 = no limit.
+    request_timeout: Duration | None = None
     #: ``llama`` (a local llama-server) or ``ollama`` (an upstream Ollama at ``url``).
     backend: str = "llama"
     #: With ``backend = ollama``: the Ollama server, e.g. ``http://host:11434``.
@@ -349,6 +360,13 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError("[pool] size: must be at least 1")
     if config.pool.max_queue < 0:
         raise ConfigError("[pool] max_queue: must be 0 or more")
+    for key in ("health_interval", "request_timeout"):
+        if not 0 <= getattr(config.pool, key) < math.inf:
+            raise ConfigError(f"[pool] {key}: must be 0 (off) or more")
+    if not 0 < config.pool.health_timeout < math.inf:
+        raise ConfigError("[pool] health_timeout: must be more than 0")
+    if config.pool.health_failures < 1:
+        raise ConfigError("[pool] health_failures: must be at least 1")
     for pattern in config.catalog.allow_repos:
         parts = pattern.split("/")
         if pattern != "*" and not (
@@ -358,6 +376,8 @@ def _check_ranges(config: Config) -> None:
     for model in config.models.values():
         if model.replicas < 1:
             raise ConfigError(f"[model:{model.name}] replicas: must be at least 1")
+        if model.request_timeout is not None and not 0 <= model.request_timeout < math.inf:
+            raise ConfigError(f"[model:{model.name}] request_timeout: must be 0 (no limit) or more")
         if model.backend not in ("llama", "ollama"):
             raise ConfigError(f"[model:{model.name}] backend: must be llama or ollama, not {model.backend!r}")
     agents = config.agents

@@ -15,6 +15,7 @@ Ollama's ``{"error": ...}``); nothing else needs to know about HTTP.
     ├── UpstreamError               502  llama-server or an upstream unreachable / broke
     │   └── ModelLoadFailed         502  llama-server exited or failed while loading
     ├── ModelLoadTimeout            504  llama-server not ready within load_timeout
+    ├── UpstreamTimeout             504  no first byte of an answer within request_timeout
     └── InsufficientStorage         507  no room on disk for a model download
 
 ConfigError is separate: it stops start-up and is never sent to a client.
@@ -37,6 +38,7 @@ __all__ = [
     "ShuttingDown",
     "Unauthorized",
     "UpstreamError",
+    "UpstreamTimeout",
     "too_large",
 ]
 
@@ -118,6 +120,11 @@ class ModelLoadFailed(UpstreamError):
 class ModelLoadTimeout(ProxyError):
     status = 504
     kind = "model_load_timeout"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    kind = "upstream_timeout"
 
 
 class InsufficientStorage(ProxyError):

@@ -27,7 +27,11 @@ Theory of operation:
   every request waiting on a load has left, the load is cancelled.
 * A READY server whose process exits on its own has crashed: it is marked FAILED,
   its place is freed at once, and the next request starts it again, after a
-  back-off that grows with consecutive failures (no restart storm).
+  back-off that grows with consecutive failures (no restart storm). A READY server
+  that stops answering its ``/health`` probes (``health_interval``, ``health_timeout``,
+  ``health_failures``; see :meth:`ServerProcess._watch`) is killed and goes the same way.
+* A lease carries the model's ``request_timeout``: how long its request may wait for
+  the first byte of an answer before it gets 504.
 * An idle server (nothing in flight) is stopped ``idle_ttl`` after its last use;
   a request can override that with Ollama's ``keep_alive``.
 * A Hugging Face model is downloaded (:meth:`Catalog.download`) before the request
@@ -178,8 +182,10 @@ class PoolEvents:
 class Server:
     """One life of one llama-server in the pool."""
 
-    def __init__(self, model: ModelConfig, port: int, now: float) -> None:
+    def __init__(self, model: ModelConfig, port: int, now: float, request_timeout: float = 0.0) -> None:
         self.model = model
+        #: Seconds a request may wait for the first byte of an answer (0: no limit).
+        self.request_timeout = model.request_timeout if model.request_timeout is not None else request_timeout
         self.name = model.name
         self.port = port
         self.state = State.STARTING
@@ -234,6 +240,8 @@ class Lease:
         self.base_url = server.base_url
         #: When the request's wait for its model ends (trio clock): what is left of queue_timeout.
         self.deadline = deadline
+        #: Seconds the request may wait for the first byte of the answer (0: no limit).
+        self.request_timeout = server.request_timeout
         self._released = False
 
     async def take_slot(self) -> Slot:
@@ -530,7 +538,7 @@ class Pool:
 
     def _spawn(self, model: ModelConfig) -> Server:
         assert self._nursery is not None, "Pool.run() is not running"
-        server = Server(model, free_port(), trio.current_time())
+        server = Server(model, free_port(), trio.current_time(), self._config.request_timeout)
         self._servers.append(server)
         # the server outlives the request that started it: its task must not inherit that
         # request's context (its id in every log line, its metrics exchange)
@@ -567,6 +575,9 @@ class Pool:
                         stop_timeout=self._config.stop_timeout,
                         on_ready=lambda: self._on_ready(server),
                         lifeline=self._take_spare() if self._keep_spare else None,
+                        health_interval=self._config.health_interval,
+                        health_timeout=self._config.health_timeout,
+                        health_failures=self._config.health_failures,
                     )
                     server.process = process
                     stats.loads += 1
@@ -574,6 +585,8 @@ class Pool:
                     await process.run(self._config.load_timeout)
                     if process.failure is not None:
                         server.error = process.failure
+                    elif server.state is State.READY and process.hung is not None:
+                        server.error = process.hung
                     elif server.state is State.READY:
                         server.error = UpstreamError(
                             exit_message(server.name, process.returncode, "while serving", process.tail_text())

@@ -3,7 +3,8 @@
 Theory of operation: :meth:`ServerProcess.run` is the whole life of one process,
 and it runs as a task in the pool's nursery (so, in the end, in the root nursery
 beside Hypercorn). It starts llama-server through :func:`trio.run_process`, reads
-its output into a short tail (and the debug log), polls ``/health`` until it
+its output into a short tail (and the debug log) a line at a time, in linear time and
+bounded memory (:class:`OutputLines`: a line is cut at ``_MAX_LINE`` bytes), polls ``/health`` until it
 answers 200, sets :attr:`ServerProcess.ready`, then waits for the process to exit.
 
 Readiness is noticed promptly, since a model swap waits on it: the polls start
@@ -59,9 +60,9 @@ import attrs
 import httpx
 import trio
 
-from .errors import ConfigError, ModelLoadFailed, ModelLoadTimeout, ProxyError
+from .errors import ConfigError, ModelLoadFailed, ModelLoadTimeout, ProxyError, UpstreamError
 
-__all__ = ["Exit", "Lifeline", "ServerProcess", "describe_exit", "find_llama_server", "free_port"]
+__all__ = ["Exit", "Lifeline", "OutputLines", "ServerProcess", "describe_exit", "find_llama_server", "free_port"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ _POLL_MAX = 0.05
 #: "server is listening" (before loading) and "all slots are idle".
 _READY_HINTS = ("model loaded", "listening on", "server is listening", "all slots are idle")
 _TAIL_LINES = 40
+#: Longest line of output kept (bytes); the rest of a longer line is dropped.
+_MAX_LINE = 8192
 _LIFELINE = str(Path(__file__).with_name("lifeline.py"))
 _PID_LINE = "lifeline: pid "
 
@@ -203,6 +206,59 @@ def _lifeline_options(deliver_cancel: Callable[[trio.Process], Awaitable[object]
     }
 
 
+class OutputLines:
+    """A process's output cut into lines, each at most ``limit`` bytes (no I/O).
+
+    Each chunk is scanned once, for its own newlines only, and at most ``limit``
+    bytes of an unfinished line are kept: the rest of a longer line is dropped and
+    the line ends in :data:`CUT_MARK`. So reading costs time in proportion to the
+    output and memory in proportion to ``limit``, however long a line runs.
+    """
+
+    CUT_MARK = b" [...]"
+
+    def __init__(self, limit: int = _MAX_LINE) -> None:
+        self._limit = limit
+        self._pending = bytearray()
+        self._cut = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of the unfinished line kept now (at most ``limit``)."""
+        return len(self._pending)
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines ``chunk`` completes, without their newline."""
+        lines = []
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            self._keep(chunk, start, end)
+            lines.append(self._line())
+            start = end + 1
+        self._keep(chunk, start, len(chunk))
+        return lines
+
+    def close(self) -> bytes | None:
+        """The output has ended: the unfinished line, if any."""
+        if not self._pending and not self._cut:
+            return None
+        return self._line()
+
+    def _keep(self, chunk: bytes, start: int, end: int) -> None:
+        room = self._limit - len(self._pending)
+        if end - start > room:
+            end = start + max(room, 0)
+            self._cut = True
+        if end > start:
+            self._pending += chunk[start:end]
+
+    def _line(self) -> bytes:
+        line = bytes(self._pending) + (self.CUT_MARK if self._cut else b"")
+        self._pending.clear()
+        self._cut = False
+        return line
+
+
 class Lifeline:
     """A lifeline started ahead of a load, waiting for its command line (a spare).
 
@@ -302,6 +358,9 @@ class ServerProcess:
         host: str = "127.0.0.1",
         on_ready: Callable[[], object] | None = None,
         lifeline: Lifeline | None = None,
+        health_interval: float = 0.0,
+        health_timeout: float = 5.0,
+        health_failures: int = 3,
     ) -> None:
         self.argv = list(argv)
         #: A spare to take rather than start a lifeline (see the module docstring).
@@ -330,6 +389,11 @@ class ServerProcess:
         self.slots = 1
         #: Stop by SIGKILL rather than SIGTERM (set before cancelling run()).
         self.kill_on_stop = False
+        #: Watching a ready server (see :meth:`_watch`): probe every ``interval`` s, each within
+        #: ``timeout`` s; ``failures`` failed probes in a row and it is taken for hung.
+        self._health = (health_interval, health_timeout, health_failures)
+        #: Why a ready server was stopped by the proxy itself (it stopped answering); None otherwise.
+        self.hung: ProxyError | None = None
 
     def tail_text(self, lines: int = 12) -> str:
         return "\n".join(list(self.tail)[-lines:])
@@ -378,6 +442,8 @@ class ServerProcess:
                 self.ready.set()
                 if self._on_ready is not None:
                     self._on_ready()
+                if self._health[0] > 0:
+                    nursery.start_soon(self._watch, process, nursery.cancel_scope)
         finally:
             if self._process is not None:
                 self.returncode = self._process.returncode
@@ -420,6 +486,48 @@ class ServerProcess:
                 self._hint = trio.Event()
             delay = min(delay * 2, _POLL_MAX)
 
+    async def _watch(self, process: trio.Process, scope: trio.CancelScope) -> None:
+        """Probe a ready llama-server's ``/health`` until it exits; kill it if it stops answering.
+
+        llama-server answers ``/health`` from its HTTP threads even while every slot is
+        generating, so a server that lets ``failures`` probes in a row go unanswered (no 200
+        within ``timeout``) is hung: its requests would wait as long as their clients do.
+        It is killed at once (SIGKILL: a hung server would not act on SIGTERM), which breaks
+        its connections, so its requests get their errors now; :attr:`hung` says why.
+        """
+        interval, timeout, failures = self._health
+        url = f"{self.base_url}/health"
+        failed = 0
+        while True:
+            with trio.move_on_after(interval):
+                await process.wait()
+                return  # it exited on its own: run() reports that
+            why = None
+            try:
+                response = await self._http.get(url, timeout=timeout)
+                if response.status_code != 200:
+                    why = f"HTTP {response.status_code}"
+            except httpx.TimeoutException:
+                why = f"no answer within {timeout:g}s"
+            except httpx.HTTPError as exc:
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if why is None:
+                failed = 0
+                continue
+            failed += 1
+            log.warning(
+                "%s: llama-server pid %s failed a health probe (%d of %d): %s", self.name, self.pid, failed, failures, why
+            )
+            if failed >= failures:
+                self.hung = UpstreamError(
+                    f"llama-server for model {self.name!r} stopped answering ({failures} health probes in a row "
+                    f"failed, the last: {why}); it was killed and starts again on the next request"
+                )
+                log.error("%s: %s", self.name, self.hung.message)
+                self.kill_on_stop = True
+                scope.cancel()
+                return
+
     async def _read_slots(self) -> int:
         """llama-server's ``total_slots``; else ``--parallel`` from the command line; else 1."""
         try:
@@ -438,33 +546,35 @@ class ServerProcess:
         return 1
 
     async def _read_output(self, stream: trio.abc.ReceiveStream) -> None:
-        buffer = b""
+        lines = OutputLines()
         try:
             async for chunk in stream:
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    text = line.decode("utf-8", "replace").rstrip()
-                    if self.pid is None and text.startswith(_PID_LINE):
-                        self.pid = int(text.removeprefix(_PID_LINE))
-                        log.info(
-                            "%s: started llama-server pid %d on port %d%s",
-                            self.name,
-                            self.pid,
-                            self.port,
-                            " (spare lifeline)" if self.took_spare else "",
-                        )
-                    elif text:
-                        self.tail.append(text)
-                        log.debug("[%s] %s", self.name, text)
-                        if any(hint in text for hint in _READY_HINTS):
-                            self._hint.set()
+                for line in lines.feed(chunk):
+                    self._take_line(line)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
         finally:
-            if buffer.strip():
-                self.tail.append(buffer.decode("utf-8", "replace").rstrip())
+            last = lines.close()
+            if last is not None and last.strip():
+                self.tail.append(last.decode("utf-8", "replace").rstrip())
             self._output_done.set()
+
+    def _take_line(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip()
+        if self.pid is None and text.startswith(_PID_LINE):
+            self.pid = int(text.removeprefix(_PID_LINE))
+            log.info(
+                "%s: started llama-server pid %d on port %d%s",
+                self.name,
+                self.pid,
+                self.port,
+                " (spare lifeline)" if self.took_spare else "",
+            )
+        elif text:
+            self.tail.append(text)
+            log.debug("[%s] %s", self.name, text)
+            if any(hint in text for hint in _READY_HINTS):
+                self._hint.set()
 
     async def _terminate(self, process: trio.Process) -> None:
         """deliver_cancel for run_process: SIGTERM, a grace period, SIGKILL (or SIGKILL at once)."""

@@ -50,6 +50,7 @@ those last lines go out, so a client that has the last line knows the lease is g
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
@@ -58,7 +59,7 @@ import httpx
 import trio
 from quart.wrappers.response import ResponseBody
 
-from .errors import UpstreamError
+from .errors import UpstreamError, UpstreamTimeout
 from .upstream import UpstreamTransport
 
 if TYPE_CHECKING:
@@ -152,11 +153,13 @@ async def open_upstream(
     content: bytes | None = None,
     headers: dict[str, str] | None = None,
     lease: Lease | None = None,
+    first_byte: float | None = None,
 ) -> Upstream:
     """Send the request and return once the answer's headers are in.
 
     With ``lease`` (on a llama-server), first take a slot of its server; the answer
-    holds it until :meth:`Upstream.aclose`. ``http`` is a client, or a transport
+    holds it until :meth:`Upstream.aclose`. ``first_byte`` (else the lease's
+    ``request_timeout``; 0 or None: no limit) bounds the wait for the answer's head. ``http`` is a client, or a transport
     (the llama-server hop's :class:`~smart_proxy.upstream.UpstreamTransport`) that
     is called directly: ``httpx.AsyncClient``'s own layer (request merging, auth,
     redirects, cookies) cost ~0.4 ms of CPU per request, more than that transport.
@@ -164,6 +167,7 @@ async def open_upstream(
     Raises:
         PoolBusy: no slot of the lease's server came free within its queue_timeout.
         UpstreamError: the upstream could not be reached or broke before answering.
+        UpstreamTimeout: no answer head within ``first_byte`` seconds (504).
     """
     if isinstance(http, httpx.AsyncClient):
         client = http
@@ -182,17 +186,22 @@ async def open_upstream(
             return await transport.handle_async_request(httpx.Request(method, url, content=content, headers=headers))
 
     slot = await lease.take_slot() if lease is not None else None
+    if first_byte is None:
+        first_byte = lease.request_timeout if lease is not None else 0.0
     try:
-        try:
-            response = await send()
-        except httpx.RemoteProtocolError as exc:
-            if "without sending a response" not in str(exc):
-                raise
-            # A pooled keep-alive connection the server closed just as we reused it (it
-            # closes idle ones after 5 s): nothing was answered, so send once more on a
-            # fresh connection.
-            log.debug("%s: %s; retrying once", url, exc)
-            response = await send()
+        with trio.move_on_after(first_byte or math.inf) as waiting:
+            try:
+                response = await send()
+            except httpx.RemoteProtocolError as exc:
+                if "without sending a response" not in str(exc):
+                    raise
+                # A pooled keep-alive connection the server closed just as we reused it (it
+                # closes idle ones after 5 s): nothing was answered, so send once more on a
+                # fresh connection.
+                log.debug("%s: %s; retrying once", url, exc)
+                response = await send()
+        if waiting.cancelled_caught:
+            raise UpstreamTimeout(f"no answer from {url} within request_timeout ({first_byte:g}s)")
     except BaseException as exc:
         if slot is not None:
             slot.release()

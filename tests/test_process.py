@@ -4,8 +4,10 @@ and one ServerProcess noticing that its llama-server is ready."""
 from __future__ import annotations
 
 import json
+import random
 import signal
 import time
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -14,7 +16,7 @@ import trio
 
 from smart_proxy import process
 from smart_proxy.errors import ModelLoadFailed, ModelLoadTimeout
-from smart_proxy.process import Lifeline, ServerProcess, free_port
+from smart_proxy.process import Lifeline, OutputLines, ServerProcess, free_port
 
 from .conftest import ProxyProcess, lifelines, open_pipes, pids_alive
 
@@ -365,3 +367,47 @@ async def test_a_signal_while_serving_is_named(make_config, start_proxy, http: h
             await trio.sleep(0.02)
     assert model["last_signal"] == "SIGSEGV" and model["crashes"] == 1
     assert "was killed by SIGSEGV (segmentation fault) while serving: llama-server crashed" in model["last_error"]
+
+
+# ---- reading llama-server's output ----------------------------------------------------------------
+
+
+def _reference_lines(data: bytes, limit: int) -> list[bytes]:
+    lines = data.split(b"\n")
+    last = lines.pop()
+    cut = [line if len(line) <= limit else line[:limit] + OutputLines.CUT_MARK for line in lines]
+    if last:
+        cut.append(last if len(last) <= limit else last[:limit] + OutputLines.CUT_MARK)
+    return cut
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_output_lines_match_a_split_whatever_the_chunks(seed: int) -> None:
+    rng = random.Random(seed)
+    data = b"".join(rng.choice([b"\n", b"a", b"bc", b"x" * rng.randrange(1, 40)]) for _ in range(300))
+    lines, out, at = OutputLines(limit=16), [], 0
+    while at < len(data):
+        size = rng.randrange(1, 50)
+        out += lines.feed(data[at : at + size])
+        assert lines.pending <= 16
+        at += size
+    last = lines.close()
+    if last is not None:
+        out.append(last)
+    assert out == _reference_lines(data, 16)
+
+
+async def test_a_huge_line_of_output_is_read_in_bounded_memory(
+    fake_binary: str, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    noise = 16 * 1024 * 1024  # 16 MiB with no newline, before the load's lines
+    tracemalloc.start()
+    try:
+        server = await _run_until_ready(fake_binary, tmp_path, http, {"noise": noise}, within=60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert server.ready.is_set()  # the lines after the noise were read
+    assert peak < 4 * 1024 * 1024  # never the whole line, let alone copies of it
+    longest = max(len(line) for line in server.tail)
+    assert 8000 < longest <= process._MAX_LINE + len(OutputLines.CUT_MARK)

@@ -6,7 +6,19 @@ Theory of operation: no pool and no process. A request for such a model goes to
 the ``model`` field when ``upstream_model`` names the model differently there.
 The answer comes back untouched, streams relayed chunk by chunk as they arrive
 (so its ``model`` is the upstream's name). An upstream that cannot be reached is
-a 502 naming the upstream and the reason; :func:`health` probes every upstream
+a 502 naming the upstream and the reason, and the model's ``request_timeout``
+bounds the wait for an answer's first byte (504).
+
+Connections: a burst of first requests (64 clients at once) would open as many
+connections to the Ollama server at the same moment, more than its listen queue
+takes, and some were reset before they were served. So at most :data:`OPENING`
+new connections to one upstream are unproven at once: opened, and not yet given
+the head of an answer (which means the server took them); the rest wait their
+turn, first come first served. A request on a pooled connection never waits. A
+request whose connection was refused, or reset or closed before any answer came,
+is sent once more, in turn (Ollama had not begun it: it sent nothing back). Both
+go by httpx's ``trace`` request extension, which reports each connection's
+opening and the answer's head. :func:`health` probes every upstream
 for ``/health``, and :func:`list_models` reads their ``/api/tags`` and
 ``/api/ps`` concurrently, each within a short timeout.
 
@@ -19,7 +31,11 @@ client).
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import math
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,13 +44,19 @@ import trio
 from quart import Response
 
 from ..config import ModelConfig
-from ..errors import UpstreamError
-from ..relay import RelayBody, Upstream, describe, open_upstream
+from ..errors import UpstreamError, UpstreamTimeout
+from ..relay import RelayBody, Upstream, describe
 
-__all__ = ["forward", "health", "list_models", "remote_name", "send"]
+__all__ = ["OPENING", "forward", "health", "list_models", "remote_name", "send"]
+
+log = logging.getLogger(__name__)
 
 #: How long a probe of an upstream (health, tags, ps) may take.
 PROBE_TIMEOUT = 3.0
+#: New connections to one upstream opened and not yet answered at once.
+OPENING = 16
+#: Per client, per upstream base URL: the gate for opening connections.
+_gates: weakref.WeakKeyDictionary[httpx.AsyncClient, dict[str, _Gate]] = weakref.WeakKeyDictionary()
 _STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 
 
@@ -77,12 +99,100 @@ async def send(
     content = raw
     if payload is not None and (raw is None or payload.get("model") != remote_name(model)):
         content = json.dumps({**payload, "model": remote_name(model)}).encode()
-    try:
-        return await open_upstream(
-            http, method, base_url(model) + path, content=content, headers={"Content-Type": "application/json"}
+    url = base_url(model) + path
+    gate = _gate(http, base_url(model))
+    first_byte = model.request_timeout or math.inf
+    for retry in (False, True):
+        attempt = _Attempt(gate)
+        request = http.build_request(
+            method, url, content=content, headers={"Content-Type": "application/json"}, extensions={"trace": attempt.trace}
         )
-    except UpstreamError as exc:
-        raise UpstreamError(f"the Ollama upstream of model {model.name!r} is unreachable: {exc.message}") from exc
+        try:
+            with trio.move_on_after(first_byte):
+                return Upstream(await http.send(request, stream=True))
+            raise UpstreamTimeout(
+                f"the Ollama upstream of model {model.name!r} did not answer within request_timeout ({first_byte:g}s)"
+            )
+        except httpx.HTTPError as exc:
+            if not retry and attempt.unanswered(exc):
+                log.info("%s: %s before any answer; sending once more", url, describe(exc))
+                continue
+            raise UpstreamError(
+                f"the Ollama upstream of model {model.name!r} is unreachable: cannot reach {url}: {describe(exc)}"
+            ) from exc
+        finally:
+            attempt.done()
+    raise AssertionError("unreachable")
+
+
+class _Gate:
+    """At most :data:`OPENING` new connections to one upstream unproven (opened, unanswered) at once."""
+
+    def __init__(self) -> None:
+        self._semaphore = trio.Semaphore(OPENING)
+        self.opening = 0
+        #: The most ever unproven at once (for tests and curiosity).
+        self.peak = 0
+
+    async def enter(self) -> None:
+        await self._semaphore.acquire()
+        self.opening += 1
+        self.peak = max(self.peak, self.opening)
+
+    def leave(self) -> None:
+        self.opening -= 1
+        self._semaphore.release()
+
+
+def _gate(http: httpx.AsyncClient, url: str) -> _Gate:
+    gates = _gates.setdefault(http, {})
+    gate = gates.get(url)
+    if gate is None:
+        gate = gates[url] = _Gate()
+    return gate
+
+
+class _Attempt:
+    """One try at sending a request, followed through httpx's ``trace`` extension."""
+
+    def __init__(self, gate: _Gate) -> None:
+        self._gate = gate
+        self._opening = False
+        #: This try opened a connection (else it reused a pooled one).
+        self.fresh = False
+        #: The answer's head came (from then on Ollama has begun the request: never resend).
+        self.answered = False
+
+    async def trace(self, event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.started":
+            await self._gate.enter()
+            self._opening = self.fresh = True
+        elif event == "connection.connect_tcp.failed":
+            self.done()
+        elif event == "http11.receive_response_headers.complete":
+            self.answered = True
+            self.done()
+
+    def done(self) -> None:
+        """The connection has its answer's head, or the try is over: let the next one go."""
+        if self._opening:
+            self._opening = False
+            self._gate.leave()
+
+    def unanswered(self, exc: httpx.HTTPError) -> bool:
+        """Whether ``exc`` says the upstream refused the connection, or dropped it before answering."""
+        if self.answered or isinstance(exc, httpx.TimeoutException):
+            return False
+        if isinstance(exc, httpx.ConnectError):
+            return True
+        if not isinstance(exc, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)):
+            return False
+        if "without sending a response" in str(exc):  # closed at once: a fresh one, or a stale pooled one
+            return True
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        return self.fresh and isinstance(cause, OSError) and cause.errno in (errno.ECONNRESET, errno.EPIPE)
 
 
 async def forward(
