@@ -92,6 +92,9 @@ async def relay(
     except ProxyError as exc:
         await send_response(send, error_response(exc, path))
         return
+    except Exception as exc:  # a bug: answered in the route's dialect, as the Quart app answers it
+        await send_response(send, error_response(_internal_error(path, exc), path))
+        return
     if forward is None:
         await app(scope, _replay(raw, receive), send)
         return
@@ -112,15 +115,20 @@ async def relay(
                 raise
             await send_response(send, error_response(exc, path))
         except Exception as exc:
-            log.exception("unexpected error on POST %s", path)
+            error = _internal_error(path, exc)
             if started:
                 raise
-            error = ProxyError(f"internal error: {type(exc).__name__}: {exc}")
             await send_response(send, error_response(error, path))
         nursery.cancel_scope.cancel()  # the watcher: the answer is out
 
 
 Forward = Callable[[Send, Send, list[Upstream]], Awaitable[None]]
+
+
+def _internal_error(path: str, exc: Exception) -> ProxyError:
+    """Log ``exc``, a bug, with its traceback; the 500 that tells the client (the Quart app's ``internal error``)."""
+    log.exception("unexpected error on POST %s", path)
+    return ProxyError(f"internal error: {type(exc).__name__}: {exc}")
 
 
 async def _plan_openai(proxy: ProxyState, path: str, raw: bytes, started: float) -> Forward | None:

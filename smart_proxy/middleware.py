@@ -11,13 +11,22 @@ For each request it
 4. admits the request or answers at once, in the caller's dialect: 503 while the
    proxy is draining, 401 without a valid API key, 413 when ``Content-Length`` is
    over ``[proxy] max_body`` (a chunked body over it gets 413 from Quart's own
-   limit, which is set to the same value);
+   limit, which is set to the same value), 400 with ``Connection: close`` when it
+   has both ``Content-Length`` and ``Transfer-Encoding`` (h11 reads such a body as
+   chunked and would keep the connection; RFC 9112 6.3 says close it: the two
+   framings are how request smuggling works);
 5. counts it in flight for the drain (probes and scrapes are not counted, so they
    never hold a shutdown up), and as the last byte goes out (or once the client
    has gone), hands the exchange to the metrics and writes one access line.
 
 The probes (``/health``, ``/health/ready``) are public and answered in every
 phase; ``/metrics`` is answered while draining but needs a key like the API.
+
+No route speaks WebSocket: an upgrade is refused here, before the app sees it,
+with the answer an HTTP request to the path would get for a missing key (401), or
+else 404, in the caller's dialect (ASGI's ``websocket.http.response``; a server
+without that extension gets ``websocket.close``, which it answers with 403).
+Lifespan events go to the app.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from . import logs
 from .app import ProxyState, error_response
 from .direct import ROUTES as DIRECT_ROUTES
 from .direct import relay, send_response
-from .errors import ProxyError, ShuttingDown, too_large
+from .errors import BadRequest, ProxyError, ShuttingDown, too_large
 from .metrics import Exchange, current_exchange
 
 __all__ = ["PUBLIC_PATHS", "EdgeMiddleware"]
@@ -67,7 +76,7 @@ _CLIENT_GONE = 499
 
 #: The request headers the edge reads (ASGI servers give the names in lower case).
 _WANTED = frozenset(
-    {b"x-request-id", b"origin", b"authorization", b"x-api-key", b"content-length",
+    {b"x-request-id", b"origin", b"authorization", b"x-api-key", b"content-length", b"transfer-encoding",
      b"access-control-request-method", b"access-control-request-headers"}
 )
 #: Request ids the proxy makes: 32 hex digits, a random half per process and a counter.
@@ -105,7 +114,10 @@ class EdgeMiddleware:
         self.direct_routes = DIRECT_ROUTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":
+            await self._refuse_websocket(scope, receive, send)
+            return
+        if scope["type"] != "http":  # lifespan
             await self._app(scope, receive, send)
             return
         headers = _wanted_headers(scope["headers"])
@@ -189,6 +201,11 @@ class EdgeMiddleware:
 
     def _gate(self, path: str, method: str, headers: dict[str, str]) -> Response | None:
         """An answer given here and now (a preflight, or an error), or None to let the route run."""
+        if "transfer-encoding" in headers and "content-length" in headers:
+            error = BadRequest("a request may carry Content-Length or Transfer-Encoding, not both (RFC 9112 6.3)")
+            response = error_response(error, path)
+            response.headers["Connection"] = "close"
+            return response
         if self._origins and method == "OPTIONS" and "access-control-request-method" in headers:
             return self._preflight(headers)
         if path in PUBLIC_PATHS:
@@ -203,6 +220,27 @@ class EdgeMiddleware:
         except ProxyError as exc:
             return error_response(exc, path)
         return None
+
+    async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse a WebSocket upgrade (see the module docstring): 401 without a valid key where one is needed, else 404."""
+        headers = _wanted_headers(scope["headers"])
+        path = scope["path"]
+        try:
+            if path not in PUBLIC_PATHS:
+                self._proxy.api_keys.check(headers.get("authorization"), headers.get("x-api-key"))
+            error = ProxyError(f"{path} does not speak WebSocket: smart-proxy's routes are plain HTTP")
+            error.status, error.kind = 404, "not_found"
+        except ProxyError as exc:
+            error = exc
+        await receive()  # websocket.connect
+        if "websocket.http.response" in scope.get("extensions", {}):
+            response = error_response(error, path)
+            encoded = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in response.headers.items()]
+            await send({"type": "websocket.http.response.start", "status": response.status_code, "headers": encoded})
+            await send({"type": "websocket.http.response.body", "body": await response.get_data()})
+        else:
+            await send({"type": "websocket.close", "code": 1008})  # policy violation; the server answers 403
+        log.info("WEBSOCKET %s %d refused", path, error.status)
 
     def _allowed(self, origin: str | None) -> bool:
         return origin is not None and ("*" in self._origins or origin in self._origins)

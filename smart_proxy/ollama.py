@@ -99,6 +99,9 @@ LOAD_TIME = frozenset(
 #: Options llama-server has no sampler for (both are deprecated in Ollama too).
 NO_EQUIVALENT = frozenset({"penalize_newline", "tfs_z"})
 
+#: The longest keep_alive taken, in seconds (either sign): Go's largest duration in whole hours (about 292 years).
+MAX_KEEP_ALIVE = 2562047 * 3600
+_MAX_KEEP_ALIVE_TEXT = "2562047h"
 _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -132,28 +135,30 @@ def parse_keep_alive(value: object) -> float | None:
     or None when absent (the model's ``idle_ttl`` applies).
 
     Raises:
-        BadRequest: it is neither.
+        BadRequest: it is neither, or not finite, or longer than :data:`MAX_KEEP_ALIVE` either way.
     """
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise BadRequest(f"keep_alive: {value!r} is not a duration (use e.g. 5m, 30s, 0 or -1)")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise BadRequest(f"keep_alive: {value!r} is not a duration")
-        return float(value)
-    if isinstance(value, str):
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = value  # type: ignore[assignment]
+    elif isinstance(value, str):
         text = value.strip()
         try:
-            return float(text)  # "300" or "-1": seconds, as Ollama's CLI takes them
+            seconds = float(text)  # "300" or "-1": seconds, as Ollama's CLI takes them
         except ValueError:
-            pass
-        sign = -1.0 if text.startswith("-") else 1.0
-        body = text.lstrip("+-")
-        parts = _GO_DURATION.findall(body)
-        if parts and "".join(number + unit for number, unit in parts) == body:
-            return sign * sum(float(number) * _GO_UNITS[unit] for number, unit in parts)
-    raise BadRequest(f"keep_alive: {value!r} is not a duration (use e.g. 5m, 30s, 0 or -1)")
+            sign = -1.0 if text.startswith("-") else 1.0
+            body = text.lstrip("+-")
+            parts = _GO_DURATION.findall(body)
+            if parts and "".join(number + unit for number, unit in parts) == body:
+                seconds = sign * sum(float(number) * _GO_UNITS[unit] for number, unit in parts)
+    # compared before any conversion: NaN fails it, and so does an int too large for a float
+    if seconds is None or not -MAX_KEEP_ALIVE <= seconds <= MAX_KEEP_ALIVE:
+        raise BadRequest(
+            f"keep_alive: {value!r} is not a duration between -{_MAX_KEEP_ALIVE_TEXT} and {_MAX_KEEP_ALIVE_TEXT} "
+            "(use e.g. 5m, 30s, 0 to unload after the request, or -1 to keep the model loaded)"
+        )
+    return float(seconds)
 
 
 def upstream_failure(status: int, body: bytes, what: str) -> ProxyError:
@@ -292,6 +297,8 @@ def _messages(messages: object) -> tuple[list[dict[str, Any]], bool]:
         if message.get("thinking"):
             converted["reasoning_content"] = message["thinking"]
         if message.get("tool_calls"):
+            if not isinstance(message["tool_calls"], list):
+                raise BadRequest(f"messages[{index}].tool_calls must be a list of tool calls")
             converted["tool_calls"] = []
             for call in message["tool_calls"]:
                 function = call.get("function") if isinstance(call, dict) else None

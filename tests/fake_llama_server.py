@@ -276,7 +276,13 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                     state.busy -= 1
 
         def _answer(self, body: dict, chat: bool) -> None:
-            tokens = int(body.get("max_tokens") or state.behaviour.get("tokens", 5))
+            try:  # a field it cannot read is a 400, as llama-server answers it (the fuzz suite sends such bodies)
+                tokens = int(body.get("max_tokens") or state.behaviour.get("tokens", 5))
+                if not isinstance(body.get("stream_options") or {}, dict):
+                    raise TypeError("stream_options must be an object")
+            except (TypeError, ValueError, OverflowError) as exc:
+                self._json(400, {"error": {"code": 400, "message": str(exc), "type": "invalid_request_error"}})
+                return
             delay = float(state.behaviour.get("token_delay", 0.0))
             words = [f"tok{i} " for i in range(tokens)]
             if state.behaviour.get("echo"):

@@ -120,6 +120,29 @@ async def test_an_upstream_error_is_relayed_as_the_upstream_gave_it(make_config,
         assert headers[b"content-type"] == b"application/json"
 
 
+async def test_a_bug_while_planning_is_a_500_in_dialect_as_quart_gives_it(
+    make_config, start_pool, http, nursery, monkeypatch, caplog
+):
+    """A bug before the relay starts is answered like the Quart routes answer it, not left to Hypercorn."""
+    direct, _ = await make_app(make_config, start_pool, http, nursery, "direct")
+    quart, _ = await make_app(make_config, start_pool, http, nursery, "quart")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("smart_proxy.api.openai.plan", broken)  # the Quart routes call the same functions
+    monkeypatch.setattr("smart_proxy.api.ollama.plan_generation", broken)
+    for path, payload in [("/v1/chat/completions", CHAT), ("/api/chat", OLLAMA_CHAT)]:
+        caplog.clear()
+        by_direct = _answer(await Exchange(direct, payload, path).run())
+        logged = [r for r in caplog.records if r.exc_info]
+        assert len(logged) == 1 and "unexpected error on POST " + path in logged[0].getMessage()
+        assert by_direct == _answer(await Exchange(quart, payload, path).run())
+        status, _headers, body = by_direct
+        message = json.loads(body)["error"]
+        assert status == 500 and "internal error: RuntimeError: a bug" in (message if path == "/api/chat" else message["message"])
+
+
 async def test_a_plain_relay_never_reaches_quart(make_config, start_pool, http, nursery):
     app, _ = await make_app(make_config, start_pool, http, nursery, "direct")
     edge = app.asgi_app

@@ -72,10 +72,19 @@ def test_keep_alive_durations(value: object, seconds: float | None) -> None:
     assert translate.parse_keep_alive(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["soon", "5 minutes", "m5", True, [5], float("inf"), "1h-5m"])
+@pytest.mark.parametrize(
+    "value",
+    ["soon", "5 minutes", "m5", True, [5], float("inf"), "1h-5m", "nan", "NaN", "inf", "-inf", float("nan"), 1e12,
+     -1e12, "1e12", "300000000000s", "2562048h", 10**400, "9" * 400],
+)  # fmt: skip
 def test_keep_alive_nonsense_is_a_bad_request(value: object) -> None:
-    with pytest.raises(BadRequest, match="keep_alive"):
+    with pytest.raises(BadRequest, match="keep_alive") as info:
         translate.parse_keep_alive(value)
+    assert "2562047h" in info.value.message  # the accepted range is named
+
+
+def test_keep_alive_takes_up_to_gos_largest_duration() -> None:
+    assert translate.parse_keep_alive("2562047h") == translate.parse_keep_alive(-2562047 * 3600.0) * -1 == 2562047 * 3600
 
 
 def test_sse_parser_splits_events_across_chunks() -> None:
@@ -358,6 +367,19 @@ async def test_keep_alive_sets_expiry_shown_by_ps(make_config, start_proxy) -> N
     assert 5390 < left <= 5400
 
 
+async def test_a_bad_keep_alive_is_refused_and_breaks_nothing_for_others(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"m": {}}))
+    for keep_alive in ["nan", 1e12, "300000000000s", "inf"]:
+        for path, body in [("/api/chat", {"messages": USER}), ("/api/generate", {"prompt": "x"}), ("/api/chat", {})]:
+            response = await http.post(f"{url}{path}", json={"model": "m", "keep_alive": keep_alive, "stream": False, **body})
+            assert response.status_code == 400 and "2562047h" in response.json()["error"], (keep_alive, response.text)
+    await in_thread(with_client, url, lambda c: c.generate(model="m", prompt="x", keep_alive="2562047h"))
+    ps = await http.get(f"{url}/api/ps")
+    assert ps.status_code == 200 and ps.json()["models"][0]["expires_at"] > "2300"
+    health = await http.get(f"{url}/health")
+    json.loads(health.text, parse_constant=lambda name: pytest.fail(f"/health holds {name}"))
+
+
 async def test_preload_and_unload_with_empty_requests(make_config, start_proxy, http) -> None:
     url = await start_proxy(make_config({"m": {}}))
     assert (await _ps(url)).models == []
@@ -456,6 +478,12 @@ async def test_errors_are_ollama_shaped(make_config, start_proxy, http) -> None:
         ("/api/chat", json.dumps({"messages": USER}).encode(), 400, "model is required"),
         ("/api/chat", json.dumps({"model": "m", "messages": USER, "keep_alive": "soon"}).encode(), 400, "keep_alive"),
         ("/api/chat", json.dumps({"model": "m", "messages": "hi"}).encode(), 400, "messages must be a list"),
+        (
+            "/api/chat",
+            json.dumps({"model": "m", "messages": [{"role": "assistant", "content": "", "tool_calls": 5}]}).encode(),
+            400,
+            "messages[0].tool_calls must be a list",
+        ),
         (
             "/api/chat",
             json.dumps({"model": "m", "messages": USER, "options": {"temperature": "hot"}}).encode(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import os
 import signal
 import threading
@@ -95,6 +96,59 @@ async def test_health_is_liveness_with_the_pool_and_ready_is_readiness(make_conf
     assert [(s["model"], s["state"]) for s in servers] == [("a", "ready")]
 
 
+_PUBLIC_HEALTH = {"status", "phase", "pool"}
+
+
+def _public_only(body: dict, text: str, *secrets: object) -> None:
+    """``body`` (``text`` as sent) is the public /health: status, phase and counts, none of ``secrets``."""
+    assert set(body) == _PUBLIC_HEALTH and set(body["pool"]) == {"capacity", "queued", "loaded"}, body
+    for secret in secrets:
+        assert str(secret) not in text, secret
+
+
+async def test_health_detail_needs_a_key_when_keys_are_set(make_config, start_proxy, http) -> None:
+    url = await start_proxy(with_proxy(make_config({"a": {"exit_on_load": 3}, "b": {}}), api_keys=("sk-one",)))
+    key = {"x-api-key": "sk-one"}
+    assert (await http.post(url + CHAT, json=chat("a"), headers=key)).status_code == 502  # a last_error to hide
+    assert (await http.post(url + CHAT, json=chat("b"), headers=key)).status_code == 200
+    detail = (await http.get(url + "/health", headers=key)).json()
+    (server,) = detail["pool"]["servers"]
+    failed = next(m for m in detail["pool"]["models"] if m["model"] == "a")
+    assert server["pid"] and server["port"] and failed["last_error"]
+    for headers in ({}, {"x-api-key": "sk-nope"}, {"Authorization": "Bearer sk-two"}):
+        public = await http.get(url + "/health", headers=headers)
+        assert public.status_code == 200
+        _public_only(public.json(), public.text, server["pid"], server["port"], failed["last_error"], "servers")
+        assert public.json() == {"status": "ok", "phase": "ready", "pool": {"capacity": 2, "queued": 0, "loaded": 1}}
+    bearer = (await http.get(url + "/health", headers={"Authorization": "Bearer sk-one"})).json()
+    assert bearer["pool"]["servers"][0]["pid"] == server["pid"]
+
+
+async def test_health_detail_without_keys_is_for_direct_loopback_clients(
+    make_config, start_pool, start_proxy, http, nursery
+) -> None:
+    url = await start_proxy(make_config({"a": {}}))
+    assert (await http.post(url + CHAT, json=chat())).status_code == 200
+    local = (await http.get(url + "/health")).json()  # the test's client is on 127.0.0.1
+    assert local["pool"]["servers"][0]["pid"]
+    for header in ("X-Forwarded-For", "X-Real-IP", "Forwarded"):  # through a reverse proxy: anyone, maybe
+        forwarded = await http.get(url + "/health", headers={header: "203.0.113.9"})
+        _public_only(forwarded.json(), forwarded.text, local["pool"]["servers"][0]["pid"])
+
+    from .asgi_driver import Exchange, make_app
+
+    app, _pool = await make_app(make_config, start_pool, http, nursery)
+    for client, detailed in [(("203.0.113.9", 5000), False), (("10.1.2.3", 5000), False), (None, False),
+                             (("::1", 5000), True), (("::ffff:127.0.0.1", 5000), True), (("127.8.0.1", 5000), True)]:  # fmt: skip
+        exchange = Exchange(app, {}, "/health")
+        exchange.scope.update(method="GET", client=client)
+        exchange.scope["headers"].append((b"remote-addr", b"127.0.0.1"))  # a header never counts
+        start, *pieces = await exchange.run()
+        body = json.loads(b"".join(piece["body"] for piece in pieces))
+        assert start["status"] == 200 and ("servers" in body["pool"]) is detailed, (client, body)
+
+
+# ---- metrics --------------------------------------------------------------------------------
 # ---- metrics --------------------------------------------------------------------------------
 
 
@@ -344,6 +398,66 @@ async def test_api_keys(make_config, start_proxy, http, tmp_path: Path) -> None:
         assert (await http.get(url + probe)).status_code == 200  # public
     assert (await http.get(url + "/metrics")).status_code == 401
     assert (await http.get(url + "/metrics", headers={"x-api-key": "sk-one"})).status_code == 200
+
+
+async def _raw_exchange(url: str, request: bytes) -> bytes:
+    """Send ``request`` on a new connection; everything the proxy sends until it closes it (``<EOF>`` then)."""
+    stream = await trio.open_tcp_stream(httpx.URL(url).host, httpx.URL(url).port)
+    await stream.send_all(request)
+    received = b""
+    with trio.move_on_after(3):  # an answer left open shows as one without <EOF>
+        while chunk := await stream.receive_some():
+            received += chunk
+        received += b"<EOF>"
+    await stream.aclose()
+    return received
+
+
+def _upgrade(path: str, *headers: bytes) -> bytes:
+    return (
+        b"GET %s HTTP/1.1\r\nHost: p\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n"
+    ) % (path.encode(), b"".join(header + b"\r\n" for header in headers))
+
+
+async def test_a_websocket_upgrade_is_refused_in_dialect_after_the_key_check(make_config, start_proxy, http, caplog) -> None:
+    url = await start_proxy(with_proxy(make_config({"a": {}}), api_keys=("sk-one",)))
+    caplog.set_level(logging.INFO)
+    cases = [
+        (_upgrade("/v1/models"), 401, "missing API key"),
+        (_upgrade("/api/chat", b"x-api-key: sk-nope"), 401, "invalid API key"),
+        (_upgrade("/v1/chat/completions", b"Authorization: Bearer sk-one"), 404, "does not speak WebSocket"),
+        (_upgrade("/nowhere", b"x-api-key: sk-one"), 404, "does not speak WebSocket"),
+        (_upgrade("/health"), 404, "does not speak WebSocket"),  # public over HTTP, so no key is asked for
+    ]
+    for request, status, message in cases:
+        answer = await _raw_exchange(url, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), answer
+        assert body.endswith(b"<EOF>"), answer  # refused, and the connection closed
+        error = json.loads(body.removesuffix(b"<EOF>"))["error"]
+        assert message in (error if request.startswith(b"GET /api/") else error["message"]), answer
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert (await http.get(url + "/v1/models", headers={"x-api-key": "sk-one"})).status_code == 200
+
+
+async def test_content_length_with_transfer_encoding_is_refused_and_the_connection_closed(
+    make_config, start_proxy, http
+) -> None:
+    url = await start_proxy(make_config({"a": {}}))
+    body = json.dumps(chat()).encode()
+    for path in (CHAT, "/api/chat", "/v1/models", "/health"):
+        request = (
+            b"POST %s HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+        ) % (path.encode(), len(body), len(body), body)
+        answer = await _raw_exchange(url, request)
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer
+        assert b"\r\nconnection: close" in head.lower() and rest.endswith(b"<EOF>"), answer
+        assert b"not both" in rest
+    health = (await http.get(url + "/health")).json()
+    assert health["pool"]["servers"] == []  # nothing was relayed
 
 
 def test_api_key_checks() -> None:

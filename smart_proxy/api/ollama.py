@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -633,7 +634,9 @@ async def ps() -> Response:
     for name, (expires, port) in newest.items():
         model = proxy.catalog.get(name)
         entry = _local_entry(name, await _info(proxy, model))
-        entry["expires_at"] = translate.far_future() if expires == float("inf") else translate.iso_time(expires)
+        # whatever a request's keep_alive left there (NaN, a year past 9999), this list must still be answered
+        forever = not math.isfinite(expires) or expires - now > translate.MAX_KEEP_ALIVE
+        entry["expires_at"] = translate.far_future() if forever else translate.iso_time(expires)
         entry["size_vram"] = 0
         server = servers.get(port)
         if server is not None:

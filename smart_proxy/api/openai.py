@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from quart import Blueprint, Response, request
 
-from .. import logs
+from .. import jsonbody, logs
 from ..agents import AgentContext, Chain
 from ..app import ProxyState, state
 from ..app import error_response as dialect_error
@@ -80,11 +80,8 @@ def upstream_error_body(status: int, body: bytes) -> bytes | None:
 
 
 def parse_body(raw: bytes) -> dict:
-    """The request's JSON object, or BadRequest saying what is wrong with it."""
-    try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    """The request's JSON object (decoded by :func:`smart_proxy.jsonbody.decode`), or BadRequest saying what is wrong."""
+    payload = jsonbody.decode(raw)
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object")
     return payload
