@@ -73,6 +73,7 @@ import trio
 from .backends import ollama as ollama_backend
 from .config import AGENT_NAME, AgentsConfig, resolve_path
 from .errors import BadRequest, ProxyError, UpstreamError
+from .jsonbody import MAX_DEPTH
 from .relay import open_upstream
 
 if TYPE_CHECKING:
@@ -98,10 +99,6 @@ log = logging.getLogger(__name__)
 
 #: The response header naming the agents whose hooks failed: ``rag:timeout, json:error``.
 ERRORS_HEADER = "X-Smart-Proxy-Agent-Errors"
-#: How deep an agent request's JSON (and an answer a hook sees) may nest dicts and lists. Far more
-#: than any real request needs, and far enough below the interpreter's recursion limit that the
-#: (recursive) JSON encoder and the dialect translations stay safe on the way out.
-MAX_DEPTH = 256
 #: Where a request goes upstream, by kind; agents see these OpenAI shapes.
 UPSTREAM_PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 AGENT_FILE = "agent.py"
