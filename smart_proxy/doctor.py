@@ -24,7 +24,7 @@ import attrs
 import httpx
 import trio
 
-from .binary import PORTABLE, cpu_flags, cpu_name, inspect_build
+from .binary import cpu_flags, cpu_name, inspect_build
 from .config import PACKAGE_PREFIX, Config, ModelConfig, load_config, resolve_path
 from .download import Hub, resolve
 from .errors import ConfigError, ProxyError
@@ -113,29 +113,35 @@ def _build(binary: str, flags: frozenset[str], report: Callable[[Check], None]) 
     except ConfigError as exc:
         report(Check("warn", "build", f"instruction sets not read: {exc}"))
         return
-    uses = " ".join(sorted(build.instruction_sets)) or "no vector extensions"
+    variants = build.variants
+    uses = " ".join(sorted(build.always if variants else build.instruction_sets)) or "no vector extensions"
+    if variants:
+        chosen = build.chosen(flags)
+        uses = f"CPU backends for {len(variants)} CPU levels, this CPU loads {chosen or 'none'}"
+        if chosen is not None:
+            uses += f" ({' '.join(sorted(variants[chosen])) or 'no vector extensions'})"
     missing = build.missing(flags)
     if missing:
         report(
             Check(
                 "FAIL",
                 "build",
-                f"uses {uses}; this CPU lacks {' '.join(sorted(missing))}: llama-server would die by SIGILL",
+                f"{uses}; this CPU lacks {' '.join(sorted(missing))}: llama-server would die by SIGILL",
                 "install the portable build: `bash scripts/install`",
             )
         )
-    elif "amx" in build.instruction_sets:
+    elif "amx" in build.always or (variants and "amx" in variants.get(build.chosen(flags) or "", frozenset())):
         report(
             Check(
                 "warn",
                 "build",
-                f"uses {uses}: AMX kernels fault on some virtual machines that advertise AMX",
+                f"{uses}: AMX kernels fault on some virtual machines that advertise AMX",
                 "if loads die by SIGILL, install the portable build (`bash scripts/install`) or add --no-repack to args",
             )
         )
     else:
-        kind = "portable (x86-64-v3)" if build.instruction_sets <= PORTABLE else "built for CPUs like this one"
-        report(Check("ok", "build", f"uses {uses}, all of which this CPU runs; {kind}"))
+        kind = "portable" if build.portable else "built for CPUs like this one"
+        report(Check("ok", "build", f"{uses}, all of which this CPU runs; {kind}"))
 
 
 def _pick(config: Config, name: str | None) -> ModelConfig | None:

@@ -97,6 +97,6 @@ def test_doctor_passes_on_this_machine_with_the_project_config(llama_server_bina
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert any(line.startswith("ok    build: ") and "portable (x86-64-v3)" in line for line in lines)
+    assert any(line.startswith("ok    build: ") and "portable" in line for line in lines)
     assert any(line.startswith("ok    generation: gemma3-270m answered in ") for line in lines)
     assert lines[-1] == "all checks passed"
