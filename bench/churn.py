@@ -124,16 +124,24 @@ async def exchange(stream: trio.SocketStream, payload: bytes, *, abort: bool = F
     return status
 
 
+async def connect(port: int, tally: Tally) -> trio.SocketStream | None:
+    """A new connection to the proxy, counted; None (the error counted, after a pause) if refused."""
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError as exc:
+        tally.error(f"connect: {exc.strerror or exc}")
+        await trio.sleep(0.1)
+        return None
+    tally.connections += 1
+    return stream
+
+
 async def churn_client(port: int, tally: Tally, budget: list[int], deadline: float, linger: float) -> None:
     while budget[0] > 0 and trio.current_time() < deadline:
         budget[0] -= 1
-        try:
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-        except OSError as exc:
-            tally.error(f"connect: {exc.strerror or exc}")
-            await trio.sleep(0.1)
+        stream = await connect(port, tally)
+        if stream is None:
             continue
-        tally.connections += 1
         try:
             status = await exchange(stream, REQUESTS["chat" if tally.connections % 4 == 0 else "models"])
             tally.requests += 1
@@ -148,13 +156,9 @@ async def churn_client(port: int, tally: Tally, budget: list[int], deadline: flo
 
 async def mixed_client(port: int, tally: Tally, deadline: float, rng: random.Random) -> None:
     while trio.current_time() < deadline:
-        try:
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-        except OSError as exc:
-            tally.error(f"connect: {exc.strerror or exc}")
-            await trio.sleep(0.1)
+        stream = await connect(port, tally)
+        if stream is None:
             continue
-        tally.connections += 1
         try:
             for _ in range(rng.randint(1, 6)):
                 kind = rng.choice(["models", "chat", "chat", "stream", "stream", "abort"])
