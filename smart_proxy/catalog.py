@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import importlib.util
 import os
 import re
 
 import trio
 
 from .config import PACKAGE_PREFIX, QUANT, CatalogConfig, ModelConfig, is_repo_id, resolve_path
-from .download import Download, Downloads, DownloadSnapshot, Hub, LocalFiles, plan_from_cache
-from .errors import BadRequest, ModelNotAllowed, ModelNotFound
+from .download import Download, Downloads, DownloadSnapshot, Hub, LocalFiles, plan_from_cache, resolve
+from .errors import BadRequest, ModelNotAllowed, ModelNotFound, ProxyError
 
-__all__ = ["HF_PREFIXES", "Catalog", "LocalFiles", "parse_hf_name"]
+__all__ = ["HF_PREFIXES", "Catalog", "LocalFiles", "describe", "parse_hf_name"]
 
 #: Request names that mean "this Hugging Face repo" (the first is the canonical one).
 HF_PREFIXES = ("hf.co/", "huggingface.co/")
@@ -190,3 +191,27 @@ class Catalog:
         if self._downloads is None:
             raise RuntimeError("this Catalog has no Downloads service, so it cannot fetch Hugging Face models")
         return self._downloads
+
+
+def describe(model: ModelConfig, base_dir: str, hub: Hub) -> dict[str, object]:
+    """One row of ``smart-proxy models``: name, source, size (bytes or None), local, files."""
+    row: dict[str, object] = {"name": model.name}
+    if model.backend == "ollama":
+        return {**row, "source": f"ollama {model.url}", "size": None, "local": None, "files": []}
+    if model.repo is None:
+        assert model.path is not None
+        if model.path.startswith(PACKAGE_PREFIX):
+            installed = importlib.util.find_spec(model.path.removeprefix(PACKAGE_PREFIX)) is not None
+            return {**row, "source": model.path, "size": None, "local": installed, "files": []}
+        paths = [str(resolve_path(p, base_dir)) for p in (model.path, model.mmproj) if p]
+        sizes = [os.path.getsize(p) for p in paths if os.path.isfile(p)]
+        return {**row, "source": paths[0], "size": sum(sizes), "local": len(sizes) == len(paths), "files": paths}
+    source = f"hf.co/{model.repo} " + (f"file {model.file}" if model.file else f"quant {model.quant or 'default'}")
+    source += f" @{model.revision}" if model.revision else ""
+    source += f" + mmproj {model.mmproj}" if model.mmproj else ""
+    try:
+        plan = resolve(model, hub)
+    except ProxyError as exc:
+        return {**row, "source": source, "size": None, "local": False, "files": [], "error": exc.message}
+    local = plan.from_cache or all(hub.has(plan.repo, f) for f in plan.files)
+    return {**row, "source": source, "size": plan.size, "local": local, "files": [f.name for f in plan.files]}

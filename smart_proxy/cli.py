@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
-import os
 import sys
 
 import trio
 
 from . import doctor
-from .catalog import Catalog
-from .config import PACKAGE_PREFIX, Config, ModelConfig, load_config, resolve_path
+from .catalog import Catalog, describe
+from .config import Config, load_config
 from .download import Hub, Progress, fetch, resolve
 from .errors import ConfigError, ProxyError
 from .logs import setup_logging
@@ -182,30 +180,6 @@ def models(config: Config, *, as_json: bool = False) -> int:
             text += f"   ({row['error']})"
         print(text)
     return 0
-
-
-def describe(model: ModelConfig, base_dir: str, hub: Hub) -> dict[str, object]:
-    """One row of ``smart-proxy models``: name, source, size (bytes or None), local, files."""
-    row: dict[str, object] = {"name": model.name}
-    if model.backend == "ollama":
-        return {**row, "source": f"ollama {model.url}", "size": None, "local": None, "files": []}
-    if model.repo is None:
-        assert model.path is not None
-        if model.path.startswith(PACKAGE_PREFIX):
-            installed = importlib.util.find_spec(model.path.removeprefix(PACKAGE_PREFIX)) is not None
-            return {**row, "source": model.path, "size": None, "local": installed, "files": []}
-        paths = [str(resolve_path(p, base_dir)) for p in (model.path, model.mmproj) if p]
-        sizes = [os.path.getsize(p) for p in paths if os.path.isfile(p)]
-        return {**row, "source": paths[0], "size": sum(sizes), "local": len(sizes) == len(paths), "files": paths}
-    source = f"hf.co/{model.repo} " + (f"file {model.file}" if model.file else f"quant {model.quant or 'default'}")
-    source += f" @{model.revision}" if model.revision else ""
-    source += f" + mmproj {model.mmproj}" if model.mmproj else ""
-    try:
-        plan = resolve(model, hub)
-    except ProxyError as exc:
-        return {**row, "source": source, "size": None, "local": False, "files": [], "error": exc.message}
-    local = plan.from_cache or all(hub.has(plan.repo, f) for f in plan.files)
-    return {**row, "source": source, "size": plan.size, "local": local, "files": [f.name for f in plan.files]}
 
 
 def _size(size: object) -> str:

@@ -24,11 +24,14 @@ import attrs
 import httpx
 import trio
 
+from .auth import ApiKeys
 from .binary import cpu_flags, cpu_name, inspect_build
-from .config import PACKAGE_PREFIX, Config, ModelConfig, load_config, resolve_path
-from .download import Hub, resolve
-from .errors import ConfigError, ProxyError
+from .catalog import describe
+from .config import PACKAGE_PREFIX, Config, ModelConfig, load_config
+from .download import Hub
+from .errors import ConfigError
 from .process import find_llama_server
+from .server import serve
 
 __all__ = ["Check", "run"]
 
@@ -114,9 +117,9 @@ def _build(binary: str, flags: frozenset[str], report: Callable[[Check], None]) 
         report(Check("warn", "build", f"instruction sets not read: {exc}"))
         return
     variants = build.variants
-    uses = " ".join(sorted(build.always if variants else build.instruction_sets)) or "no vector extensions"
+    chosen = build.chosen(flags)
+    uses = " ".join(sorted(build.instruction_sets)) or "no vector extensions"
     if variants:
-        chosen = build.chosen(flags)
         uses = f"CPU backends for {len(variants)} CPU levels, this CPU loads {chosen or 'none'}"
         if chosen is not None:
             uses += f" ({' '.join(sorted(variants[chosen])) or 'no vector extensions'})"
@@ -130,7 +133,7 @@ def _build(binary: str, flags: frozenset[str], report: Callable[[Check], None]) 
                 "install the portable build: `bash scripts/install`",
             )
         )
-    elif "amx" in build.always or (variants and "amx" in variants.get(build.chosen(flags) or "", frozenset())):
+    elif "amx" in build.always or (chosen is not None and "amx" in variants[chosen]):
         report(
             Check(
                 "warn",
@@ -173,9 +176,6 @@ def _generation(config: Config, name: str | None, report: Callable[[Check], None
 
 async def _one_token(config: Config, model: ModelConfig) -> tuple[int, str]:
     """Start the proxy on a free port, ask ``model`` for one token (or one embedding), stop it."""
-    from .auth import ApiKeys
-    from .server import serve
-
     keys = ApiKeys.from_config(config.proxy, config.base_dir)
     key = keys.any()
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
@@ -209,20 +209,12 @@ def _sizes(config: Config) -> dict[str, tuple[int | None, bool]]:
     for model in config.models.values():
         if model.backend == "ollama":
             continue
-        if model.path and model.path.startswith(PACKAGE_PREFIX):
+        if model.path and model.path.startswith(PACKAGE_PREFIX):  # its file exists once assembled
             sizes[model.name] = (_package_size(model.path.removeprefix(PACKAGE_PREFIX)), False)
             continue
-        if model.repo is None and model.path:
-            path = resolve_path(model.path, config.base_dir)
-            sizes[model.name] = (path.stat().st_size if path.is_file() else None, False)
-            continue
-        try:
-            plan = resolve(model, hub)
-        except ProxyError:  # not in the cache and the hub unreachable: unknown, and still to fetch
-            sizes[model.name] = (None, True)
-            continue
-        local = plan.from_cache or all(hub.has(plan.repo, f) for f in plan.files)
-        sizes[model.name] = (plan.size, not local)
+        row = describe(model, config.base_dir, hub)  # a row of `smart-proxy models`
+        size = row["size"] if isinstance(row["size"], int) else None
+        sizes[model.name] = (size, model.repo is not None and not row["local"])
     return sizes
 
 
