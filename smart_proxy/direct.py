@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import trio
@@ -49,7 +49,7 @@ from .errors import BodyTimeout, ProxyError, too_large
 from .ollama import NDJSONStream
 from .relay import RelayBody, SSELines, Upstream
 
-__all__ = ["ROUTES", "relay", "send_response"]
+__all__ = ["ROUTES", "encode_headers", "relay", "send_response"]
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,14 @@ OLLAMA_ROUTES = frozenset({"/api/chat", "/api/generate"})
 ROUTES = frozenset(openai.REQUIRED) | OLLAMA_ROUTES
 
 
-def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+def encode_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """Headers as ASGI sends them: lower-case names and values, in latin-1."""
     return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
 
-_SSE_HEADERS = _encoded(openai.SSE_HEADERS)
+_SSE_HEADERS = encode_headers(openai.SSE_HEADERS)
 _SSE_NAMES = frozenset(name for name, _ in _SSE_HEADERS)
-_NDJSON_HEADERS = _encoded(ollama.NDJSON_HEADERS)
+_NDJSON_HEADERS = encode_headers(ollama.NDJSON_HEADERS)
 _JSON_TYPE = ollama.JSON_TYPE.encode("latin-1")
 
 
@@ -153,7 +154,7 @@ async def _forward_openai(
     limit = proxy.config.proxy.max_answer
     relayed = upstream.headers
     if openai.streams(upstream, plan.payload.get("stream") is True):
-        headers = [header for header in _encoded(relayed) if header[0] not in _SSE_NAMES] + _SSE_HEADERS
+        headers = [header for header in encode_headers(relayed) if header[0] not in _SSE_NAMES] + _SSE_HEADERS
         body = RelayBody(upstream, on_error=openai.sse_error, on_done=lease.release, lines=SSELines(limit))
         await _stream(body, upstream.status_code, headers, send_start, send)
         return
@@ -164,7 +165,7 @@ async def _forward_openai(
     wrapped = openai.upstream_error_body(upstream.status_code, answer)
     if wrapped is not None:
         answer, relayed["content-type"] = wrapped, "application/json"
-    await _whole(upstream.status_code, _encoded(relayed), answer, send_start, send)
+    await _whole(upstream.status_code, encode_headers(relayed), answer, send_start, send)
 
 
 async def _forward_ollama(
@@ -266,5 +267,5 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope, opene
 async def send_response(send: Send, response: Response) -> None:
     """A Quart response (an error, a preflight) sent on raw ASGI."""
     body = await response.get_data()
-    await send({"type": "http.response.start", "status": response.status_code, "headers": _encoded(response.headers)})
+    await send({"type": "http.response.start", "status": response.status_code, "headers": encode_headers(response.headers)})
     await send({"type": "http.response.body", "body": body, "more_body": False})

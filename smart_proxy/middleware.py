@@ -47,7 +47,7 @@ from werkzeug.routing import RoutingException
 from . import logs
 from .app import ProxyState, error_response
 from .direct import ROUTES as DIRECT_ROUTES
-from .direct import relay, send_response
+from .direct import encode_headers, relay, send_response
 from .errors import BadRequest, ProxyError, ShuttingDown, too_large
 from .metrics import Exchange, current_exchange
 
@@ -235,7 +235,7 @@ class EdgeMiddleware:
         await receive()  # websocket.connect
         if "websocket.http.response" in scope.get("extensions", {}):
             response = error_response(error, path)
-            encoded = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in response.headers.items()]
+            encoded = encode_headers(response.headers)
             await send({"type": "websocket.http.response.start", "status": response.status_code, "headers": encoded})
             await send({"type": "websocket.http.response.body", "body": await response.get_data()})
         else:
