@@ -739,7 +739,7 @@ class Pool:
                 crashes=st.crashes,
                 failures=st.failures,
                 last_exit_code=st.last_exit_code,
-                last_signal=describe_exit(st.last_exit_code).signal if st.last_exit_code is not None else None,
+                last_signal=describe_exit(st.last_exit_code).signal,
                 last_error=st.last_error.message if st.last_error else None,
                 retry_in=max(0.0, st.retry_at - now),
             )
