@@ -48,7 +48,7 @@ Agents see OpenAI shapes (a chat's ``messages`` or a completion's ``prompt``, an
 dialect; the dialect modules translate at their edges (see docs/agents.md).
 Models are reached through the pool, a lease and a slot per call; a model with
 ``backend = ollama`` through its Ollama server's OpenAI-compatible ``/v1`` routes
-(:func:`smart_proxy.backends.ollama.send`), which take the same shapes.
+(:func:`smart_proxy.upstream.ollama_server.send`), which take the same shapes.
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ import attrs
 import httpx
 import trio
 
-from .backends import ollama as ollama_backend
+from .upstream import ollama_server as ollama_backend
 from .config import AGENT_NAME, AgentsConfig, resolve_path
 from .errors import BadRequest, ProxyError, UpstreamError
 from .jsonbody import MAX_DEPTH
-from .relay import open_upstream
+from .upstream.relay import open_upstream
 
 if TYPE_CHECKING:
     from .catalog import Catalog

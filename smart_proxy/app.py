@@ -22,14 +22,14 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from .agents import AgentRegistry
 from .asgi import HTTPConnection
 from .auth import ApiKeys
-from .backends.ollama import UpstreamMonitor
+from .upstream.ollama_server import UpstreamMonitor
 from .catalog import Catalog
 from .config import Config
 from .errors import ProxyError, too_large
 from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .pool import Pool
-from .upstream import UpstreamTransport
+from .upstream.client import UpstreamTransport
 
 __all__ = ["ProxyState", "create_app", "state"]
 

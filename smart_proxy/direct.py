@@ -9,7 +9,7 @@ llama-server (:func:`smart_proxy.api.openai.forward`, ``smart_proxy.api.ollama``
 ``_complete``), with the same functions: read the body, check it
 (:func:`~smart_proxy.api.openai.plan`; :func:`~smart_proxy.api.ollama.plan_generation`
 and its translation), take a lease and a slot, send, and relay the answer, a stream
-piece by piece as it comes (:class:`~smart_proxy.relay.RelayBody`, translated to
+piece by piece as it comes (:class:`~smart_proxy.upstream.relay.RelayBody`, translated to
 NDJSON for Ollama). What it leaves out is what Quart does for every request besides:
 its ``Request`` with its ``Headers`` and body object, the app and request contexts
 and their signals, URL matching, the ``Response`` object and its headers. Measured
@@ -26,7 +26,7 @@ A client that leaves cancels the relay, as it cancels a Quart handler
 (:mod:`smart_proxy.asgi`): while the answer is prepared and sent, a task waits on
 ``receive`` for ``http.disconnect``. The cancellation closes the upstream request
 (which makes llama-server stop generating) and lets go of the lease. That task also
-closes the upstream connection itself (:meth:`~smart_proxy.relay.Upstream.abort`), right
+closes the upstream connection itself (:meth:`~smart_proxy.upstream.relay.Upstream.abort`), right
 after cancelling: the cancelled relay would close it too, but only when it next runs, a
 pass of the scheduler later, and when a thousand clients leave at once a pass is long
 (bench aborts: p99 from hang-up to upstream close 48-96 -> 26-51 ms).
@@ -46,8 +46,8 @@ from quart import Response
 from .api import ollama, openai
 from .app import BODY_TIMEOUT, ProxyState, error_response
 from .errors import BodyTimeout, ProxyError, too_large
-from .ollama import NDJSONStream
-from .relay import RelayBody, SSELines, Upstream
+from .dialects.ollama import NDJSONStream
+from .upstream.relay import RelayBody, SSELines, Upstream
 
 __all__ = ["ROUTES", "encode_headers", "relay", "send_response"]
 

@@ -40,7 +40,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from .agents import AgentRegistry
 from .app import ProxyState, create_app
 from .auth import ApiKeys
-from .backends.ollama import UpstreamMonitor
+from .upstream.ollama_server import UpstreamMonitor
 from .catalog import Catalog
 from .config import Config, resolve_path
 from .download import Downloads
@@ -49,7 +49,7 @@ from .lifecycle import Lifecycle, Phase
 from .metrics import Metrics
 from .pool import Pool
 from .process import find_llama_server
-from .relay import make_client, make_transport
+from .upstream.relay import make_client, make_transport
 
 __all__ = ["StopSignals", "free_closed_connections", "serve"]
 

@@ -10,7 +10,7 @@ from smart_proxy.app import ProxyState, create_app
 from smart_proxy.asgi import HTTPConnection
 from smart_proxy.catalog import Catalog
 from smart_proxy.lifecycle import Phase
-from smart_proxy.relay import make_transport
+from smart_proxy.upstream.relay import make_transport
 
 
 def scope(path: str, body: bytes) -> dict:

@@ -16,7 +16,7 @@ import trio
 from smart_proxy.catalog import Catalog
 from smart_proxy.config import Config, structure
 from smart_proxy.pool import Pool
-from smart_proxy.relay import make_client
+from smart_proxy.upstream.relay import make_client
 from smart_proxy.server import serve
 
 from .fake_hub import FakeHub

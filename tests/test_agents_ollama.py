@@ -19,7 +19,7 @@ import ollama
 import pytest
 import trio
 
-from smart_proxy import ollama as translate
+from smart_proxy.dialects import ollama as translate
 from smart_proxy.agents import ERRORS_HEADER
 
 from .test_agents import (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from smart_proxy.http11 import MAX_CHUNK_LINE, MAX_HEAD, Chunked, body_reader, parse_head
+from smart_proxy.upstream.http11 import MAX_CHUNK_LINE, MAX_HEAD, Chunked, body_reader, parse_head
 
 _HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nX-Thing:  spaced value \t\r\nContent-Length: 5\r\n\r\n"
 

@@ -24,7 +24,7 @@ import openai
 import pytest
 import trio
 
-from smart_proxy import ollama as translate
+from smart_proxy.dialects import ollama as translate
 from smart_proxy.config import ModelConfig, structure
 from smart_proxy.errors import BadRequest
 
@@ -891,7 +891,7 @@ async def test_a_cold_burst_to_an_upstream_that_resets_connections_gets_no_error
 
 
 async def test_connections_to_an_upstream_are_opened_a_few_at_a_time(fake_ollama, http) -> None:
-    from smart_proxy.backends import ollama as backend
+    from smart_proxy.upstream import ollama_server as backend
 
     model = ModelConfig(name="up", backend="ollama", url=fake_ollama.url, upstream_model="remote-llm")
     fake_ollama.reset_next(4)
@@ -911,7 +911,7 @@ async def test_connections_to_an_upstream_are_opened_a_few_at_a_time(fake_ollama
 
 
 async def test_an_upstream_model_answers_504_past_its_request_timeout(http) -> None:
-    from smart_proxy.backends import ollama as backend
+    from smart_proxy.upstream import ollama_server as backend
     from smart_proxy.errors import UpstreamTimeout
 
     [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")  # accepts (the kernel does), never answers

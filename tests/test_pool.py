@@ -606,7 +606,7 @@ async def test_stop_all_and_cancelling_the_pool_stop_the_spare(make_config, http
 
 
 async def test_a_hung_server_is_killed_and_the_next_request_restarts_it(make_config, start_pool, http) -> None:
-    from smart_proxy.relay import open_upstream
+    from smart_proxy.upstream.relay import open_upstream
 
     pool = await start_pool(
         make_config({"a": {"hang_after": 1}}, health_interval="100ms", health_timeout="200ms", health_failures=2)
@@ -633,7 +633,7 @@ async def test_a_hung_server_is_killed_and_the_next_request_restarts_it(make_con
 
 
 async def test_a_busy_server_that_answers_its_probes_is_left_alone(make_config, start_pool, http) -> None:
-    from smart_proxy.relay import open_upstream
+    from smart_proxy.upstream.relay import open_upstream
 
     pool = await start_pool(
         make_config({"a": {"tokens": 10, "token_delay": 0.1}}, health_interval="50ms", health_timeout="500ms", health_failures=1)

@@ -14,10 +14,10 @@ import pytest
 import trio
 import trio.testing
 
-from smart_proxy import ollama as translate
+from smart_proxy.dialects import ollama as translate
 from smart_proxy.api.openai import sse_error
 from smart_proxy.errors import UpstreamError
-from smart_proxy.relay import (
+from smart_proxy.upstream.relay import (
     MAX_ANSWER,
     LineTooLong,
     NDJSONLines,
@@ -27,7 +27,7 @@ from smart_proxy.relay import (
     make_transport,
     open_upstream,
 )
-from smart_proxy.upstream import UpstreamTransport
+from smart_proxy.upstream.client import UpstreamTransport
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import attrs
 from quart import Blueprint, Response, request
 
 from ..app import ProxyState, state
-from ..backends import ollama as ollama_backend
+from ..upstream import ollama_server as ollama_backend
 from ..errors import Unauthorized
 
 __all__ = ["blueprint"]

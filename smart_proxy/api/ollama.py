@@ -2,8 +2,8 @@
 
 Theory of operation: every route resolves its ``model`` in the catalog first.
 A model with ``backend = ollama`` is passed to its Ollama server untouched
-(:mod:`smart_proxy.backends.ollama`). A local model is served by a llama-server
-from the pool: the request is translated by :mod:`smart_proxy.ollama`, sent to
+(:mod:`smart_proxy.upstream.ollama_server`). A local model is served by a llama-server
+from the pool: the request is translated by :mod:`smart_proxy.dialects.ollama`, sent to
 the server's OpenAI endpoint under a lease (acquired with the request's
 ``keep_alive``), and the answer translated back, NDJSON line by line when
 streaming (coalesced: whatever events have arrived go out as one write). The
@@ -41,17 +41,17 @@ import trio
 from quart import Blueprint, Response, request
 
 from .. import logs
-from .. import ollama as translate
+from ..dialects import ollama as translate
 from ..agents import Chain
 from ..app import ProxyState, state
-from ..backends import ollama as upstreams
+from ..upstream import ollama_server as upstreams
 from ..config import ModelConfig
 from ..download import Download
 from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
 from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
-from ..relay import MAX_ANSWER, RelayBody, Upstream, open_upstream, send_leased
+from ..upstream.relay import MAX_ANSWER, RelayBody, Upstream, open_upstream, send_leased
 from .openai import chain_error, parse_body, replay_sse, sse_error
 
 __all__ = [
@@ -244,7 +244,7 @@ async def _answered(
         reply = Response(await answer_body(upstream, answer, who, on_done, limit), content_type=JSON_TYPE)
         reply.headers.update(headers or {})
         return reply
-    # one write per burst of events, not one per line (see smart_proxy.relay)
+    # one write per burst of events, not one per line (see smart_proxy.upstream.relay)
     translation = translate.NDJSONStream(answer, limit)
     body = RelayBody(upstream, on_error=sse_error, on_done=on_done, translation=translation)
     return Response(body, status=200, headers={**NDJSON_HEADERS, **(headers or {})})

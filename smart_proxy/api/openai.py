@@ -3,7 +3,7 @@
 Bodies are forwarded unchanged; llama-server is started with ``--alias NAME``
 so the ``model`` it reports is already the name the client asked for. A model
 with ``backend = ollama`` is forwarded to its Ollama server's ``/v1`` routes
-(:mod:`smart_proxy.backends.ollama`). A chat or completion whose user text starts
+(:mod:`smart_proxy.upstream.ollama_server`). A chat or completion whose user text starts
 with agent commands (``/rag ...``) goes through the agent chain instead, for
 either kind of model (the section at the end; see :mod:`smart_proxy.agents`).
 """
@@ -20,10 +20,10 @@ from .. import jsonbody, logs
 from ..agents import AgentContext, Chain
 from ..app import ProxyState, state
 from ..app import error_response as dialect_error
-from ..backends import ollama as ollama_backend
+from ..upstream import ollama_server as ollama_backend
 from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
-from ..relay import RelayBody, SSELines, Upstream, answer_text, open_upstream, send_leased
+from ..upstream.relay import RelayBody, SSELines, Upstream, answer_text, open_upstream, send_leased
 
 if TYPE_CHECKING:
     from ..config import ModelConfig

@@ -3,7 +3,7 @@
 httpx stays the client API (requests are ``httpx.Request``, answers are
 ``httpx.Response`` with a streamed body, errors are httpx's), but under it this
 module replaces httpcore and h11 with a small keep-alive pool over trio streams
-and a minimal response parser (:mod:`smart_proxy.http11`). The hop to a local llama-server is the proxy's
+and a minimal response parser (:mod:`smart_proxy.upstream.http11`). The hop to a local llama-server is the proxy's
 hot path: through httpx's own transport it cost about 1-2 ms of CPU per request
 (more than Hypercorn, h11 and Trio's own floor on the serving side) and a large
 share of every streamed chunk; a hand-written exchange costs about 0.1 ms.
@@ -17,10 +17,10 @@ Theory of operation:
   address directly, with one non-blocking connect; a name through
   ``trio.open_tcp_stream``). No
   limit on connections: the per-server ``trio.CapacityLimiter`` in
-  :mod:`smart_proxy.relay` already bounds requests in flight.
+  :mod:`smart_proxy.upstream.relay` already bounds requests in flight.
 - The request goes out in one write. The answer's head is parsed by
-  :func:`~smart_proxy.http11.parse_head`; the body is framed by Content-Length, chunked
-  transfer-encoding (:class:`~smart_proxy.http11.Chunked`) or the close of the connection, and HEAD,
+  :func:`~smart_proxy.upstream.http11.parse_head`; the body is framed by Content-Length, chunked
+  transfer-encoding (:class:`~smart_proxy.upstream.http11.Chunked`) or the close of the connection, and HEAD,
   1xx, 204 and 304 answers have none. The response's stream (:class:`_Body`)
   yields the body bytes of each network read as one piece (all the chunks a read
   brought, joined), so a burst of SSE events costs one step, not one per chunk.
@@ -32,7 +32,7 @@ Theory of operation:
 - A reused connection that the server closed just before our request was read
   fails with ``httpx.RemoteProtocolError("Server disconnected without sending a
   response.")``, the same error httpcore raises, so
-  :func:`smart_proxy.relay.open_upstream` retries it once on a fresh connection.
+  :func:`smart_proxy.upstream.relay.open_upstream` retries it once on a fresh connection.
 - Errors are httpx's: ``ConnectError``/``ConnectTimeout``, ``WriteError``/
   ``WriteTimeout``, ``ReadError``/``ReadTimeout``, ``RemoteProtocolError`` for
   bad framing, so callers map them as they always did. Connect and write
@@ -339,7 +339,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
     ) -> httpx.Response:
         """Send ``content`` to ``url`` as ``handle_async_request(httpx.Request(...))`` would, minus the Request.
 
-        The relay's hot path (:func:`smart_proxy.relay.open_upstream`): building an
+        The relay's hot path (:func:`smart_proxy.upstream.relay.open_upstream`): building an
         ``httpx.Request`` (parsing the URL, normalising the headers, wrapping the body in a
         stream) cost more CPU than this transport's whole exchange. The bytes sent are the
         ones httpx would frame (``Host``, the given headers, ``Content-Length``); anything this

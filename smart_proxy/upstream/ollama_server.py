@@ -45,7 +45,7 @@ from quart import Response
 
 from ..config import ModelConfig
 from ..errors import UpstreamError, UpstreamTimeout
-from ..relay import MAX_ANSWER, NDJSONLines, RelayBody, SSELines, Upstream, describe
+from .relay import MAX_ANSWER, NDJSONLines, RelayBody, SSELines, Upstream, describe
 
 __all__ = ["OPENING", "forward", "health", "list_models", "remote_name", "send"]
 

@@ -7,7 +7,7 @@ server is held until the last byte is relayed (or the client has gone), then
 released; closing the upstream response on a client disconnect makes
 llama-server free the slot.
 
-Requests to llama-servers go through :class:`~smart_proxy.upstream.UpstreamTransport`
+Requests to llama-servers go through :class:`~smart_proxy.upstream.client.UpstreamTransport`
 (``ProxyState.llama``, made by :func:`make_transport`), an httpx transport with
 its own keep-alive pool and a minimal HTTP/1.1 parser, called directly rather
 than through ``httpx.AsyncClient``: the client, httpcore and h11 together cost
@@ -40,7 +40,7 @@ relayed event at 64-512 streams.) Through the ordinary httpx client (an upstream
 Ollama) a piece is one chunk, as httpcore gives them.
 
 A body given a ``translation`` (Ollama's NDJSON made from llama-server's SSE,
-:class:`smart_proxy.ollama.NDJSONStream`) translates each piece as it is read and
+:class:`smart_proxy.dialects.ollama.NDJSONStream`) translates each piece as it is read and
 hands on the lines it makes instead, so a burst is still one write;
 once the upstream has ended, the translation's closing lines (Ollama's ``done``
 object) follow. ``on_done`` runs as soon as the upstream answer is closed, before
@@ -81,12 +81,12 @@ import httpx
 import trio
 from quart.wrappers.response import ResponseBody
 
-from .errors import UpstreamError, UpstreamRefused, UpstreamTimeout
-from .metrics import note_failed
-from .upstream import UpstreamTransport
+from ..errors import UpstreamError, UpstreamRefused, UpstreamTimeout
+from ..metrics import note_failed
+from .client import UpstreamTransport
 
 if TYPE_CHECKING:
-    from .pool import Lease, Slot
+    from ..pool import Lease, Slot
 
 __all__ = [
     "MAX_ANSWER",
@@ -142,7 +142,7 @@ def make_client() -> httpx.AsyncClient:
 
 
 def make_transport() -> UpstreamTransport:
-    """The transport for the hop to llama-servers (see :mod:`smart_proxy.upstream`), timeouts as :func:`make_client`."""
+    """The transport for the hop to llama-servers (see :mod:`smart_proxy.upstream.client`), timeouts as :func:`make_client`."""
     return UpstreamTransport(connect_timeout=10.0, write_timeout=60.0, keepalive_expiry=_KEEPALIVE_EXPIRY)
 
 
@@ -259,7 +259,7 @@ async def open_upstream(
     With ``lease`` (on a llama-server), first take a slot of its server; the answer
     holds it until :meth:`Upstream.aclose`. ``first_byte`` (else the lease's
     ``request_timeout``; 0 or None: no limit) bounds the wait for the answer's head. ``http`` is a client, or a transport
-    (the llama-server hop's :class:`~smart_proxy.upstream.UpstreamTransport`) that
+    (the llama-server hop's :class:`~smart_proxy.upstream.client.UpstreamTransport`) that
     is called directly: ``httpx.AsyncClient``'s own layer (request merging, auth,
     redirects, cookies) cost ~0.4 ms of CPU per request, more than that transport.
 

@@ -12,7 +12,7 @@ and what ``extra`` bytes followed it.
 What is accepted is bounded (heads, trailers and chunk-size lines) and anything
 not understood is an ``httpx.RemoteProtocolError``, so callers map it like any
 other httpx error. Lines end in CRLF; obsolete line folding and a bare LF in a
-head are refused. :mod:`smart_proxy.upstream` uses this for the hop to
+head are refused. :mod:`smart_proxy.upstream.client` uses this for the hop to
 llama-server, where h11 cost ~0.4 ms of CPU per request more (see there).
 """
 

@@ -24,7 +24,7 @@ in :mod:`smart_proxy.api.ollama` hold the lease and move the bytes.
   more choices) comes from :meth:`Answer.extras`.
 * :class:`NDJSONStream` is that translation on bytes: whatever SSE bytes have
   arrived in, the NDJSON lines they make out, as one piece, so a burst of events
-  costs one write (:class:`smart_proxy.relay.RelayBody` feeds it).
+  costs one write (:class:`smart_proxy.upstream.relay.RelayBody` feeds it).
 * :class:`PullReport` turns a Hugging Face download's status, file by file, into
   ``/api/pull``'s progress objects: ``pulling manifest``, one ``pulling DIGEST``
   object per file (its ``digest``, ``total``, ``completed``) each time it moves,
@@ -43,9 +43,9 @@ from typing import Any
 
 import attrs
 
-from .download import DownloadStatus, FileStatus
-from .errors import BadRequest, ProxyError, UpstreamError
-from .relay import answer_text
+from ..download import DownloadStatus, FileStatus
+from ..errors import BadRequest, ProxyError, UpstreamError
+from ..upstream.relay import answer_text
 
 __all__ = [
     "LOAD_TIME",
