@@ -70,10 +70,10 @@ import attrs
 import httpx
 import trio
 
-from .upstream import ollama_server as ollama_backend
 from .config import AGENT_NAME, AgentsConfig, resolve_path
 from .errors import BadRequest, ProxyError, UpstreamError
 from .jsonbody import MAX_DEPTH
+from .upstream import ollama_server as ollama_backend
 from .upstream.relay import open_upstream
 
 if TYPE_CHECKING:

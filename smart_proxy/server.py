@@ -38,18 +38,19 @@ import trio
 from hypercorn.trio.tcp_server import TCPServer
 
 from .agents import AgentRegistry
-from .app import ProxyState, create_app
 from .auth import ApiKeys
-from .upstream.ollama_server import UpstreamMonitor
 from .catalog import Catalog
 from .config import Config, resolve_path
 from .download import Downloads
 from .errors import ConfigError
+from .handlers.state import ProxyState
 from .lifecycle import Lifecycle, Phase
 from .metrics import Metrics
 from .pool import Pool
 from .process import find_llama_server
+from .upstream.ollama_server import UpstreamMonitor
 from .upstream.relay import make_client, make_transport
+from .web.app import create_app
 
 __all__ = ["StopSignals", "free_closed_connections", "serve"]
 
@@ -211,23 +212,23 @@ async def serve(
     free_closed_connections()
     lifecycle = Lifecycle()
     signals: StopSignals | None = None
-    async with make_client() as http, make_transport() as llama, trio.open_nursery() as nursery:
+    async with make_client() as client, make_transport() as llama, trio.open_nursery() as nursery:
         trigger = shutdown_trigger
         if trigger is None:
             signals = await nursery.start(StopSignals().run)
             trigger = signals.drain.wait
         await nursery.start(downloads.run)
         await nursery.start(llama.run)
-        pool = Pool(config, catalog, http, binary, events=metrics)
+        pool = Pool(config, catalog, client, binary, events=metrics)
         await nursery.start(pool.run)
         metrics.track(pool, lifecycle)
-        upstreams = UpstreamMonitor(http, catalog)
+        upstreams = UpstreamMonitor(client, catalog)
         await nursery.start(upstreams.run)
         proxy_state = ProxyState(
             config,
             catalog,
             pool,
-            http,
+            client,
             llama=llama,
             lifecycle=lifecycle,
             metrics=metrics,

@@ -1,4 +1,4 @@
-"""Driving the app's ASGI callable as Hypercorn would, for tests of what it sends (test_asgi, test_direct)."""
+"""Driving the app's ASGI callable as Hypercorn would, for tests of what it sends (test_asgi, test_routes)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 
 import trio
 
-from smart_proxy.app import ProxyState, create_app
-from smart_proxy.asgi import HTTPConnection
 from smart_proxy.catalog import Catalog
+from smart_proxy.handlers.state import ProxyState
 from smart_proxy.lifecycle import Phase
 from smart_proxy.upstream.relay import make_transport
+from smart_proxy.web.app import create_app
 
 
 def scope(path: str, body: bytes) -> dict:
@@ -43,19 +43,15 @@ class Exchange:
         return self.sent
 
 
-async def make_app(make_config, start_pool, http, nursery, path="direct", **behaviour):
-    """The app over a pool with one fake model ``a``; ``path="quart"`` sends the relay routes through Quart."""
+async def make_app(make_config, start_pool, http, nursery, **behaviour):
+    """The app over a pool with one fake model ``a``."""
     config = make_config({"a": {"slots": 1, **behaviour}})
     pool = await start_pool(config)
     llama = make_transport()
     nursery.start_soon(_close_at_end, llama)
     proxy = ProxyState(config, Catalog(config.models, config.base_dir), pool, http, llama=llama)
     proxy.lifecycle.move(Phase.READY)
-    app = create_app(proxy)
-    assert app.asgi_http_class is HTTPConnection
-    if path == "quart":
-        app.asgi_app.direct_routes = frozenset()
-    return app, pool
+    return create_app(proxy), pool
 
 
 async def _close_at_end(llama) -> None:

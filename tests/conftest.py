@@ -16,8 +16,8 @@ import trio
 from smart_proxy.catalog import Catalog
 from smart_proxy.config import Config, structure
 from smart_proxy.pool import Pool
-from smart_proxy.upstream.relay import make_client
 from smart_proxy.server import serve
+from smart_proxy.upstream.relay import make_client
 
 from .fake_hub import FakeHub
 from .fake_ollama import FakeOllama

@@ -19,8 +19,8 @@ import ollama
 import pytest
 import trio
 
-from smart_proxy.dialects import ollama as translate
 from smart_proxy.agents import ERRORS_HEADER
+from smart_proxy.dialects import ollama as translate
 
 from .test_agents import (
     BOOM,

@@ -1,31 +1,22 @@
-"""asgi.py: the app's ASGI messages per answer (two for a bytes body, Quart's framing for a stream)
-and a client that leaves mid-request cancelling its handler and releasing the lease.
-
-Each test runs twice: through Quart (``quart``) and through smart_proxy.direct (``direct``),
-which answers the relay routes without Quart and must keep the same framing and semantics."""
+"""web/asgi.py: the ASGI messages per answer of a model route (two for a whole body, a start,
+a message per piece and an empty last one for a stream) and a client that leaves mid-request
+cancelling its handler and releasing the lease."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
 import trio
 
 from .asgi_driver import Exchange, make_app
-
-
-@pytest.fixture(params=["quart", "direct"])
-def path(request) -> str:
-    """Which path answers the relay routes: Quart's handler, or smart_proxy.direct."""
-    return request.param
 
 
 def _headers(start: dict) -> dict[bytes, bytes]:
     return dict(start["headers"])
 
 
-async def test_a_non_streamed_answer_is_a_start_and_one_last_body_message(make_config, start_pool, http, nursery, path):
-    app, pool = await make_app(make_config, start_pool, http, nursery, path)
+async def test_a_non_streamed_answer_is_a_start_and_one_last_body_message(make_config, start_pool, http, nursery):
+    app, pool = await make_app(make_config, start_pool, http, nursery)
     payload = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     start, body = await Exchange(app, payload).run()
     assert start["type"] == "http.response.start" and start["status"] == 200
@@ -38,16 +29,16 @@ async def test_a_non_streamed_answer_is_a_start_and_one_last_body_message(make_c
     assert server.in_flight == 0 and server.limiter.borrowed_tokens == 0
 
 
-async def test_an_error_answer_is_two_messages_too(make_config, start_pool, http, nursery, path):
-    app, _ = await make_app(make_config, start_pool, http, nursery, path)
+async def test_an_error_answer_is_two_messages_too(make_config, start_pool, http, nursery):
+    app, _ = await make_app(make_config, start_pool, http, nursery)
     start, body = await Exchange(app, {"model": "nope", "messages": []}).run()
     assert start["status"] == 404 and body["more_body"] is False
     assert json.loads(body["body"])["error"]["code"] == 404
     assert int(_headers(start)[b"content-length"]) == len(body["body"])
 
 
-async def test_a_streamed_answer_keeps_quarts_framing(make_config, start_pool, http, nursery, path):
-    app, _ = await make_app(make_config, start_pool, http, nursery, path)
+async def test_a_streamed_answer_is_a_start_its_pieces_and_an_empty_last_message(make_config, start_pool, http, nursery):
+    app, _ = await make_app(make_config, start_pool, http, nursery)
     payload = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
     start, *pieces = await Exchange(app, payload).run()
     assert start["status"] == 200 and _headers(start)[b"content-type"].startswith(b"text/event-stream")
@@ -57,9 +48,9 @@ async def test_a_streamed_answer_keeps_quarts_framing(make_config, start_pool, h
     assert b"".join(piece["body"] for piece in pieces).endswith(b"data: [DONE]\n\n")
 
 
-async def test_a_client_leaving_mid_request_cancels_it_and_releases_the_lease(make_config, start_pool, http, nursery, path):
+async def test_a_client_leaving_mid_request_cancels_it_and_releases_the_lease(make_config, start_pool, http, nursery):
     # the upstream takes 20 x 0.5 s to answer; the client leaves while it works
-    app, pool = await make_app(make_config, start_pool, http, nursery, path, token_delay=0.5)
+    app, pool = await make_app(make_config, start_pool, http, nursery, token_delay=0.5)
     payload = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
     exchange = Exchange(app, payload)
     with trio.fail_after(8):
@@ -73,9 +64,9 @@ async def test_a_client_leaving_mid_request_cancels_it_and_releases_the_lease(ma
     assert server.in_flight == 0 and server.limiter.borrowed_tokens == 0
 
 
-async def test_an_answer_is_counted_before_its_last_message_goes_out(make_config, start_pool, http, nursery, path):
+async def test_an_answer_is_counted_before_its_last_message_goes_out(make_config, start_pool, http, nursery):
     # a client that has the whole answer and then scrapes /metrics must find it there
-    app, _ = await make_app(make_config, start_pool, http, nursery, path)
+    app, _ = await make_app(make_config, start_pool, http, nursery)
     proxy = app.extensions["smart_proxy"]
     counted_when_sent = []
 

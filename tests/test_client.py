@@ -13,8 +13,8 @@ import pytest
 import trio
 import trio.testing
 
-from smart_proxy.upstream.relay import RelayBody, open_upstream
 from smart_proxy.upstream.client import UpstreamTransport
+from smart_proxy.upstream.relay import RelayBody, open_upstream
 
 # ---- the transport against a scripted trio server --------------------------------------------
 

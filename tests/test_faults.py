@@ -107,22 +107,10 @@ async def requests_counted(http: httpx.AsyncClient, url: str, route: str) -> dic
     return counted
 
 
-#: The rows asked again through Quart's routes (``smart_proxy.api``) rather than the raw-ASGI relay.
-THROUGH_QUART = ["cut_chunk", "cut_sse_line", "end_without_done", "bad_status", "html_error", "unclean_headers"]
-
-
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 @pytest.mark.parametrize("dialect", ["openai", "ollama"])
 @pytest.mark.parametrize("fault", list(MATRIX))
 async def test_fault_matrix(fault: str, dialect: str, stream: bool, make_config, start_proxy, http) -> None:
-    await _matrix_row(fault, dialect, stream, make_config, start_proxy, http)
-
-
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-@pytest.mark.parametrize("dialect", ["openai", "ollama"])
-@pytest.mark.parametrize("fault", THROUGH_QUART)
-async def test_fault_matrix_through_quart(fault, dialect, stream, make_config, start_proxy, http, monkeypatch) -> None:
-    monkeypatch.setattr("smart_proxy.middleware.DIRECT_ROUTES", frozenset())
     await _matrix_row(fault, dialect, stream, make_config, start_proxy, http)
 
 

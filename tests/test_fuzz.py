@@ -309,11 +309,15 @@ async def test_fuzz_route(rule: str, proxy_url: str, http: httpx.AsyncClient, ca
 
 
 async def test_every_route_is_fuzzed(make_config, start_pool, http, nursery) -> None:
-    """A new route must join the fuzzing: the app's rules are exactly what is fuzzed, with its methods."""
+    """A new route must join the fuzzing: the app's rules and the model routes are exactly what is fuzzed, with its methods."""
+    from smart_proxy.web.routes import ROUTES
+
     from .asgi_driver import make_app
 
     app, _pool = await make_app(make_config, start_pool, http, nursery)
     rules = {rule.rule: rule.methods - {"HEAD", "OPTIONS"} for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
+    assert not set(rules) & set(ROUTES), "a model route is in the Quart app too"
+    rules.update({path: {method} for path, (method, _handler) in ROUTES.items()})
     assert set(rules) == set(SCHEMAS) | set(BODILESS)
     for rule, methods in rules.items():
         assert METHODS.get(rule, "POST") in methods, rule

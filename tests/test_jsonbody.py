@@ -92,7 +92,7 @@ def test_decode_agrees_with_the_stdlib_on_json_it_takes(value: object, ensure_as
 
 # ---- on the routes --------------------------------------------------------------------------
 
-#: Every route that reads a JSON body (the relayed ones through smart_proxy.direct, the rest through Quart).
+#: Every route that reads a JSON body.
 BODY_ROUTES = [
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
     "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show", "/api/pull",

@@ -24,8 +24,8 @@ import openai
 import pytest
 import trio
 
-from smart_proxy.dialects import ollama as translate
 from smart_proxy.config import ModelConfig, structure
+from smart_proxy.dialects import ollama as translate
 from smart_proxy.errors import BadRequest
 
 
@@ -330,8 +330,8 @@ async def test_a_projector_makes_a_vision_model(make_config, start_proxy, http, 
 
 
 def test_capabilities_of_a_hugging_face_model_with_an_mmproj() -> None:
-    from smart_proxy.api.ollama import _capabilities
     from smart_proxy.config import ModelConfig
+    from smart_proxy.handlers.ollama_routes import _capabilities
 
     with_projector = ModelConfig(name="v", repo="org/vision-GGUF", mmproj="mmproj-*.gguf")
     assert "vision" in _capabilities(with_projector, None)  # known from the section, before any download
@@ -911,8 +911,8 @@ async def test_connections_to_an_upstream_are_opened_a_few_at_a_time(fake_ollama
 
 
 async def test_an_upstream_model_answers_504_past_its_request_timeout(http) -> None:
-    from smart_proxy.upstream import ollama_server as backend
     from smart_proxy.errors import UpstreamTimeout
+    from smart_proxy.upstream import ollama_server as backend
 
     [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")  # accepts (the kernel does), never answers
     port = listener.socket.getsockname()[1]

@@ -15,8 +15,9 @@ import trio
 import trio.testing
 
 from smart_proxy.dialects import ollama as translate
-from smart_proxy.api.openai import sse_error
+from smart_proxy.dialects.openai import sse_error
 from smart_proxy.errors import UpstreamError
+from smart_proxy.upstream.client import UpstreamTransport
 from smart_proxy.upstream.relay import (
     MAX_ANSWER,
     LineTooLong,
@@ -27,7 +28,6 @@ from smart_proxy.upstream.relay import (
     make_transport,
     open_upstream,
 )
-from smart_proxy.upstream.client import UpstreamTransport
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 Theory of operation: an Ollama request becomes one request to llama-server's
 OpenAI endpoints, and its answer (one JSON body, or an SSE stream) becomes
 Ollama's (one JSON object, or NDJSON lines). Nothing here does I/O; the routes
-in :mod:`smart_proxy.api.ollama` hold the lease and move the bytes.
+in :mod:`smart_proxy.handlers.ollama_routes` hold the lease and move the bytes.
 
 * ``/api/chat`` -> ``/v1/chat/completions``. ``/api/generate`` -> the same, with
   ``system`` and ``prompt`` as a system and a user message, so the model's chat
@@ -48,7 +48,9 @@ from ..errors import BadRequest, ProxyError, UpstreamError
 from ..upstream.relay import answer_text
 
 __all__ = [
+    "JSON_TYPE",
     "LOAD_TIME",
+    "NDJSON_HEADERS",
     "SAMPLING",
     "Answer",
     "NDJSONStream",
@@ -58,6 +60,7 @@ __all__ = [
     "chat_request",
     "embed_request",
     "embeddings_from",
+    "error_body",
     "generate_request",
     "iso_time",
     "ndjson",
@@ -122,6 +125,17 @@ def far_future() -> str:
 
 #: One encoder for every line: ``json.dumps`` with options builds a new one per call.
 _NDJSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+#: The content type of Ollama's JSON answers.
+JSON_TYPE = "application/json; charset=utf-8"
+#: Headers of a streamed NDJSON answer: its type, no caching, and no buffering by nginx.
+NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def error_body(message: str) -> bytes:
+    """An error as Ollama answers one: ``{"error": "..."}``."""
+    return json.dumps({"error": message}).encode()
 
 
 def ndjson(obj: object) -> bytes:

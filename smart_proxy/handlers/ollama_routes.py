@@ -1,6 +1,6 @@
-"""Ollama's API over the pool, and over Ollama upstreams.
+"""Ollama's routes over the pool, and over Ollama upstreams.
 
-Theory of operation: every route resolves its ``model`` in the catalog first.
+Theory of operation: every model route resolves its ``model`` in the catalog first.
 A model with ``backend = ollama`` is passed to its Ollama server untouched
 (:mod:`smart_proxy.upstream.ollama_server`). A local model is served by a llama-server
 from the pool: the request is translated by :mod:`smart_proxy.dialects.ollama`, sent to
@@ -33,60 +33,58 @@ import math
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from typing import Any
 
 import attrs
 import httpx
 import trio
-from quart import Blueprint, Response, request
 
 from .. import logs
-from ..dialects import ollama as translate
 from ..agents import Chain
-from ..app import ProxyState, state
-from ..upstream import ollama_server as upstreams
 from ..config import ModelConfig
+from ..dialects import ollama as translate
+from ..dialects.openai import parse_body, replay_sse, sse_error
 from ..download import Download
 from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
 from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
+from ..upstream import ollama_server as upstreams
 from ..upstream.relay import MAX_ANSWER, RelayBody, Upstream, open_upstream, send_leased
-from .openai import chain_error, parse_body, replay_sse, sse_error
+from .reply import Generated, Reply, Request, encode_headers, error_reply, json_reply, relay_answer
+from .state import ProxyState
 
 __all__ = [
-    "JSON_TYPE",
-    "NDJSON_HEADERS",
-    "Asked",
-    "Generation",
-    "answer_body",
-    "blueprint",
-    "check_think",
-    "error_response",
-    "llama_server",
-    "open_generation",
-    "plan_generation",
-    "streams",
+    "NotSupported",
+    "chat",
+    "delete",
+    "embed",
+    "embeddings",
+    "generate",
+    "ps",
+    "pull",
+    "show",
+    "tags",
+    "version",
 ]
 
 log = logging.getLogger(__name__)
 
-blueprint = Blueprint("ollama", __name__)
-
-JSON_TYPE = "application/json; charset=utf-8"
-NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_NDJSON_HEADERS = encode_headers(translate.NDJSON_HEADERS)
 #: How often a streamed /api/pull reports a download's progress (seconds).
 _PULL_EVERY = 0.25
 #: llama-server's /props, read once per server life (modalities, n_ctx).
 _props: weakref.WeakKeyDictionary[Server, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def error_response(exc: ProxyError) -> Response:
-    return Response(json.dumps({"error": exc.message}), status=exc.status, content_type="application/json")
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
+    return json_reply(body, status, content_type=translate.JSON_TYPE, headers=headers, ensure_ascii=False)
 
 
-def _json(body: object, status: int = 200) -> Response:
-    return Response(json.dumps(body, ensure_ascii=False), status=status, content_type=JSON_TYPE)
+def _ndjson(body: bytes, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(200, _NDJSON_HEADERS + encode_headers(headers or {}), body)
 
 
 class NotSupported(ProxyError):
@@ -95,11 +93,6 @@ class NotSupported(ProxyError):
 
 
 # ---- the request --------------------------------------------------------------------------
-
-
-async def _payload() -> tuple[dict[str, Any], bytes]:
-    raw = await request.get_data(as_text=False)
-    return parse_body(raw or b"{}"), raw
 
 
 def _model_name(payload: dict[str, Any]) -> str:
@@ -172,10 +165,10 @@ async def _check_images(http: httpx.AsyncClient, lease: Lease, name: str) -> Non
 # ---- generation ---------------------------------------------------------------------------
 
 
-async def _post(http: httpx.AsyncBaseTransport, lease: Lease, path: str, body: dict[str, Any]) -> Upstream:
+async def _post(llama: Any, lease: Lease, path: str, body: dict[str, Any]) -> Upstream:
     content = json.dumps(body, ensure_ascii=False).encode()
     return await open_upstream(
-        http,
+        llama,
         "POST",
         lease.base_url + path,
         content=content,
@@ -196,7 +189,7 @@ async def open_generation(
 
     async def send(lease: Lease) -> Upstream:
         if call.has_images:
-            await _check_images(proxy.http, lease, name)
+            await _check_images(proxy.client, lease, name)
         return await _post(proxy.llama, lease, call.path, call.body)
 
     return await send_leased(acquire, send)
@@ -209,23 +202,25 @@ def llama_server(lease: Lease) -> str:
 
 async def _generate(
     proxy: ProxyState,
+    request: Request,
     name: str,
     call: translate.Translated,
     keep_alive: float | None,
     answer: translate.Answer,
     headers: dict[str, str] | None = None,
-) -> Response:
+) -> Reply:
     lease, upstream = await open_generation(proxy, name, call, keep_alive, answer)
+    request.opened.append(upstream)
     limit = proxy.config.proxy.max_answer
     return await _answered(upstream, call, answer, llama_server(lease), lease.release, headers, limit)
 
 
 async def _generate_upstream(
     proxy: ProxyState, model: ModelConfig, call: translate.Translated, answer: translate.Answer, headers: dict[str, str]
-) -> Response:
+) -> Reply:
     """``call`` to a model of an Ollama upstream, through its OpenAI-compatible /v1 route (an agent chain's)."""
     answer.loaded()  # nothing to load here; the upstream's own load counts as prompt time
-    upstream = await upstreams.send(proxy.http, model, "POST", call.path, payload=call.body)
+    upstream = await upstreams.send(proxy.client, model, "POST", call.path, payload=call.body)
     who = f"the Ollama upstream of model {model.name!r}"
     return await _answered(upstream, call, answer, who, None, headers, proxy.config.proxy.max_answer)
 
@@ -238,16 +233,15 @@ async def _answered(
     on_done: Callable[[], object] | None,
     headers: dict[str, str] | None,
     limit: int,
-) -> Response:
+) -> Reply:
     """An OpenAI answer (``who``'s) in Ollama's shape: one object, or NDJSON as it streams (``limit``: max_answer)."""
     if not streams(upstream, call):
-        reply = Response(await answer_body(upstream, answer, who, on_done, limit), content_type=JSON_TYPE)
-        reply.headers.update(headers or {})
-        return reply
+        body = await answer_body(upstream, answer, who, on_done, limit)
+        return Reply(200, encode_headers({"content-type": translate.JSON_TYPE, **(headers or {})}), body)
     # one write per burst of events, not one per line (see smart_proxy.upstream.relay)
     translation = translate.NDJSONStream(answer, limit)
-    body = RelayBody(upstream, on_error=sse_error, on_done=on_done, translation=translation)
-    return Response(body, status=200, headers={**NDJSON_HEADERS, **(headers or {})})
+    stream = RelayBody(upstream, on_error=sse_error, on_done=on_done, translation=translation)
+    return Reply(200, _NDJSON_HEADERS + encode_headers(headers or {}), stream=stream)
 
 
 def streams(upstream: Upstream, call: translate.Translated) -> bool:
@@ -282,7 +276,7 @@ async def answer_body(
     return json.dumps(reply, ensure_ascii=False).encode()
 
 
-async def _load_or_unload(proxy: ProxyState, name: str, keep_alive: float | None, answer: translate.Answer) -> Response:
+async def _load_or_unload(proxy: ProxyState, name: str, keep_alive: float | None, answer: translate.Answer) -> Reply:
     """An empty request: load the model (``load``), or with keep_alive 0 unload it (``unload``)."""
     if keep_alive == 0:
         await _unload(proxy, name)
@@ -317,35 +311,30 @@ class Asked:
     model: ModelConfig
 
     @classmethod
-    async def read(cls) -> Asked:
-        started = time.perf_counter()
-        raw = await request.get_data(as_text=False)
-        return cls.parse(state(), raw, started)
-
-    @classmethod
-    def parse(cls, proxy: ProxyState, raw: bytes, started: float) -> Asked:
-        """The request whose body is ``raw`` (read by Quart, or by smart_proxy.direct)."""
+    def parse(cls, proxy: ProxyState, request: Request) -> Asked:
+        """The request, its body checked and its model found in the catalog."""
+        raw, started = request.body, request.started
         payload = parse_body(raw or b"{}")
         name = _model_name(payload)
         model = proxy.catalog.get(name)
         note_model(model.name)
         return cls(started, payload, raw, name, proxy, model)
 
-    async def to_upstream(self, path: str, method: str = "POST") -> Response:
+    async def to_upstream(self, path: str, method: str = "POST") -> Reply:
         """Send the request untouched to the Ollama upstream that serves its model, at ``path``."""
         proxy = self.proxy
-        limit = proxy.config.proxy.max_answer
-        return await upstreams.forward(proxy.http, self.model, method, path, payload=self.payload, raw=self.raw, limit=limit)
+        upstream = await upstreams.send(proxy.client, self.model, method, path, payload=self.payload, raw=self.raw)
+        return await relay_answer(upstream, proxy.config.proxy.max_answer)
 
 
-@blueprint.post("/api/chat")
-async def chat() -> Response:
-    return await _complete("/api/chat", chat=True)
+async def chat(proxy: ProxyState, request: Request) -> Reply:
+    """``POST /api/chat``."""
+    return await _complete(proxy, request, chat=True)
 
 
-@blueprint.post("/api/generate")
-async def generate() -> Response:
-    return await _complete("/api/generate", chat=False)
+async def generate(proxy: ProxyState, request: Request) -> Reply:
+    """``POST /api/generate``."""
+    return await _complete(proxy, request, chat=False)
 
 
 @attrs.frozen
@@ -387,24 +376,20 @@ def plan_generation(asked: Asked, path: str) -> Generation | None:
     return Generation(keep_alive, answer, call, asked.proxy.agents.activate(call.body, call.kind))
 
 
-async def check_think(asked: Asked) -> None:
-    await _check_think(asked.proxy, asked.model, asked.name, asked.payload.get("think"))
-
-
-async def _complete(path: str, *, chat: bool) -> Response:
+async def _complete(proxy: ProxyState, request: Request, *, chat: bool) -> Reply:
     """``/api/chat`` (``chat``) or ``/api/generate``: translated to llama-server's OpenAI routes."""
-    asked = await Asked.read()
-    proxy, payload, name, model = asked.proxy, asked.payload, asked.name, asked.model
-    generation = plan_generation(asked, path)
+    asked = Asked.parse(proxy, request)
+    payload, name, model = asked.payload, asked.name, asked.model
+    generation = plan_generation(asked, request.path)
     if generation is None:
-        return await asked.to_upstream(path)
+        return await asked.to_upstream(request.path)
     keep_alive, answer, call, chain = generation.keep_alive, generation.answer, generation.call, generation.chain
     if call is None:
         return await _load_or_unload(proxy, name, keep_alive, answer)
-    await check_think(asked)
+    await _check_think(proxy, model, name, payload.get("think"))
     if chain is not None:
-        return await _generate_with_agents(proxy, name, model, payload, call, keep_alive, answer, chain)
-    return await _generate(proxy, name, call, keep_alive, answer)
+        return await _generate_with_agents(proxy, request, asked, call, keep_alive, answer, chain)
+    return await _generate(proxy, request, name, call, keep_alive, answer)
 
 
 # ---- agents: a chat or generate that starts with /commands ---------------------------------
@@ -412,28 +397,28 @@ async def _complete(path: str, *, chat: bool) -> Response:
 
 async def _generate_with_agents(
     proxy: ProxyState,
-    name: str,
-    model: ModelConfig,
-    payload: dict[str, Any],
+    request: Request,
+    asked: Asked,
     call: translate.Translated,
     keep_alive: float | None,
     answer: translate.Answer,
     chain: Chain,
-) -> Response:
+) -> Reply:
     """Run the chain over ``call``'s OpenAI body, and answer in Ollama's shape.
 
     A live chain's rewritten body goes upstream the ordinary way (:func:`_generate`),
     to the model the request hooks chose (an Ollama upstream's: :func:`_generate_upstream`).
     A buffered chain's final OpenAI answer is
     translated like llama-server's; for a stream it is replayed as the SSE a live
-    answer would have been (:func:`~smart_proxy.api.openai.replay_sse`) and that is
+    answer would have been (:func:`~smart_proxy.dialects.openai.replay_sse`) and that is
     translated into NDJSON, line by line, by the same code as a live stream.
     The answer names the model the client asked for, unless an agent sent the
     request to another one; then it names that one. Every answer carries the
     chain's failures (``ctx.headers()``), an error answer too.
     """
+    name, model, payload = asked.name, asked.model, asked.payload
     ctx = await chain.prepare(
-        proxy.pool, proxy.llama, logs.request_id.get(), keep_alive=keep_alive, catalog=proxy.catalog, client=proxy.http
+        proxy.pool, proxy.llama, logs.request_id.get(), keep_alive=keep_alive, catalog=proxy.catalog, client=proxy.client
     )
     try:
         if chain.live:
@@ -445,7 +430,7 @@ async def _generate_with_agents(
             rewritten = attrs.evolve(call, body=ctx.payload)
             if target_model.backend == "ollama":
                 return await _generate_upstream(proxy, target_model, rewritten, answer, ctx.headers())
-            return await _generate(proxy, target, rewritten, keep_alive, answer, headers=ctx.headers())
+            return await _generate(proxy, request, target, rewritten, keep_alive, answer, headers=ctx.headers())
         response = await chain.respond(ctx)
         answered = response.get("model")
         if isinstance(answered, str) and proxy.catalog.find(answered) not in (None, model):
@@ -454,19 +439,17 @@ async def _generate_with_agents(
         if not ctx.stream:
             reply = answer.complete(response)
             reply.update({key: value for key, value in extras.items() if key not in reply})
-            result = _json(reply)
-            result.headers.update(ctx.headers())
-            return result
+            return _json(reply, headers=ctx.headers())
         first = {**response, "choices": (response.get("choices") or [])[:1]}  # Ollama has no n
         objects = [obj for event in translate.SSEParser().feed(replay_sse(first, ctx.kind)) for obj in answer.feed(event)]
         objects += answer.final()
         objects[-1].update({key: value for key, value in extras.items() if key not in objects[-1]})
         body = b"".join(translate.ndjson(obj) for obj in objects)
-        return Response(body, status=200, headers={**NDJSON_HEADERS, **ctx.headers()})
+        return _ndjson(body, ctx.headers())
     except ProxyError as exc:
         if not ctx.failures:
             raise
-        return chain_error(exc, ctx)
+        return error_reply(exc, request.path, ctx.headers())
 
 
 # ---- embeddings ---------------------------------------------------------------------------
@@ -511,10 +494,10 @@ async def _embed(
         raise translate.upstream_failure(502, raw, "llama-server answered something that is not JSON") from exc
 
 
-@blueprint.post("/api/embed")
-async def embed() -> Response:
-    asked = await Asked.read()
-    started, payload, name, proxy, model = asked.started, asked.payload, asked.name, asked.proxy, asked.model
+async def embed(proxy: ProxyState, request: Request) -> Reply:
+    """``POST /api/embed``."""
+    asked = Asked.parse(proxy, request)
+    started, payload, name, model = asked.started, asked.payload, asked.name, asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/embed")
     keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
@@ -542,11 +525,10 @@ async def embed() -> Response:
     )
 
 
-@blueprint.post("/api/embeddings")
-async def embeddings() -> Response:
+async def embeddings(proxy: ProxyState, request: Request) -> Reply:
     """The legacy single-prompt route: ``{"prompt"}`` -> ``{"embedding": [...]}``."""
-    asked = await Asked.read()
-    started, payload, name, proxy, model = asked.started, asked.payload, asked.name, asked.proxy, asked.model
+    asked = Asked.parse(proxy, request)
+    started, payload, name, model = asked.started, asked.payload, asked.name, asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/embeddings")
     keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
@@ -565,17 +547,13 @@ async def embeddings() -> Response:
 # ---- models -------------------------------------------------------------------------------
 
 
-@blueprint.get("/")
-async def root() -> Response:
-    """Ollama clients probe ``/`` (GET or HEAD) to see whether the server is up."""
-    return Response("Ollama is running", content_type="text/plain; charset=utf-8")
+def root() -> Reply:
+    """``GET /``: Ollama clients probe it (GET or HEAD) to see whether the server is up."""
+    return Reply(200, [(b"content-type", b"text/plain; charset=utf-8")], b"Ollama is running")
 
 
-@blueprint.get("/api/version")
-async def version() -> Response:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as package_version
-
+def version() -> Reply:
+    """``GET /api/version``: the Ollama version this proxy's API follows, and its own."""
     try:
         ours = package_version("smart-proxy")
     except PackageNotFoundError:
@@ -600,12 +578,10 @@ def _upstream_entry(model: ModelConfig, remote: dict[str, Any] | None) -> dict[s
     return entry
 
 
-@blueprint.get("/api/tags")
-async def tags() -> Response:
-    """Every catalog model: local ones described from their GGUF, upstream ones as their Ollama lists them."""
-    proxy = state()
+async def tags(proxy: ProxyState) -> Reply:
+    """``GET /api/tags``: every catalog model, local ones described from their GGUF, upstream ones as their Ollama lists them."""
     catalog = list(proxy.catalog)
-    remote = await upstreams.list_models(proxy.http, catalog, "/api/tags")
+    remote = await upstreams.list_models(proxy.client, catalog, "/api/tags")
     listed = []
     for model in catalog:
         if model.backend == "ollama":
@@ -615,10 +591,8 @@ async def tags() -> Response:
     return _json({"models": listed})
 
 
-@blueprint.get("/api/ps")
-async def ps() -> Response:
-    """Loaded models: ready llama-servers (with when they will be stopped), and upstream ones loaded there."""
-    proxy = state()
+async def ps(proxy: ProxyState) -> Reply:
+    """``GET /api/ps``: loaded models, ready llama-servers (with when they will be stopped), and upstream ones loaded there."""
     now = time.time()
     newest: dict[str, tuple[float, int]] = {}
     for snap in proxy.pool.snapshot().servers:
@@ -640,12 +614,12 @@ async def ps() -> Response:
         entry["size_vram"] = 0
         server = servers.get(port)
         if server is not None:
-            n_ctx = ((await _server_props(proxy.http, server)).get("default_generation_settings") or {}).get("n_ctx")
+            n_ctx = ((await _server_props(proxy.client, server)).get("default_generation_settings") or {}).get("n_ctx")
             if isinstance(n_ctx, int):
                 entry["context_length"] = n_ctx
         listed.append(entry)
     upstream_models = [m for m in proxy.catalog if m.backend == "ollama"]
-    remote = await upstreams.list_models(proxy.http, upstream_models, "/api/ps")
+    remote = await upstreams.list_models(proxy.client, upstream_models, "/api/ps")
     for model in upstream_models:
         if model.name in remote:
             listed.append(_upstream_entry(model, remote[model.name]))
@@ -665,10 +639,10 @@ def _modelfile(model: ModelConfig, info: ModelInfo | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-@blueprint.post("/api/show")
-async def show() -> Response:
-    asked = await Asked.read()
-    proxy, model = asked.proxy, asked.model
+async def show(proxy: ProxyState, request: Request) -> Reply:
+    """``POST /api/show``: what the model is (from its GGUF) and how it is served."""
+    asked = Asked.parse(proxy, request)
+    model = asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/show")
     info = await _info(proxy, model)
@@ -685,26 +659,25 @@ async def show() -> Response:
     return _json(body)
 
 
-@blueprint.post("/api/pull")
-async def pull() -> Response:
-    """Make a model ready to load: an upstream's Ollama server pulls it; a Hugging Face model is
-    downloaded into the HF cache, with Ollama's progress objects; a local file is already here."""
-    payload, raw = await _payload()
-    name = _model_name(payload)
-    proxy = state()
-    model = proxy.catalog.get(name)
+async def pull(proxy: ProxyState, request: Request) -> Reply:
+    """``POST /api/pull``: make a model ready to load: an upstream's Ollama server pulls it; a Hugging Face
+    model is downloaded into the HF cache, with Ollama's progress objects; a local file is already here."""
+    raw = request.body
+    payload = parse_body(raw or b"{}")
+    model = proxy.catalog.get(_model_name(payload))
     if model.backend == "ollama":
-        return await upstreams.forward(proxy.http, model, "POST", "/api/pull", payload=payload, raw=raw)
+        upstream = await upstreams.send(proxy.client, model, "POST", "/api/pull", payload=payload, raw=raw)
+        return await relay_answer(upstream, MAX_ANSWER)
     stream = payload.get("stream", True) is not False
     if model.repo is None:
         if not stream:
             return _json({"status": "success"})
-        return Response(translate.ndjson({"status": "success"}), headers=NDJSON_HEADERS)
+        return _ndjson(translate.ndjson({"status": "success"}))
     download = proxy.catalog.start_download(model)
     if not stream:
         await download.wait()
         return _json({"status": "success"})
-    return Response(_pull_stream(download), headers=NDJSON_HEADERS)
+    return Reply(200, _NDJSON_HEADERS, stream=Generated(_pull_stream(download)))
 
 
 async def _pull_stream(download: Download) -> AsyncIterator[bytes]:
@@ -731,18 +704,10 @@ async def _pull_stream(download: Download) -> AsyncIterator[bytes]:
         yield translate.ndjson(obj)
 
 
-@blueprint.delete("/api/delete")
-async def delete() -> Response:
-    asked = await Asked.read()
+async def delete(proxy: ProxyState, request: Request) -> Reply:
+    """``DELETE /api/delete``: only for an Ollama upstream's models; the catalog's own are proxy.ini's."""
+    asked = Asked.parse(proxy, request)
     model = asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/delete", "DELETE")
     raise BadRequest(f"{asked.name!r} is configured in proxy.ini; remove its [model:{model.name}] section to delete it")
-
-
-@blueprint.route("/api/create", methods=["POST"])
-@blueprint.route("/api/copy", methods=["POST"])
-@blueprint.route("/api/push", methods=["POST"])
-@blueprint.route("/api/blobs/<path:digest>", methods=["HEAD", "POST"])
-async def not_supported(digest: str | None = None) -> Response:
-    raise NotSupported(f"{request.path} is not supported by smart-proxy: models are configured in proxy.ini")

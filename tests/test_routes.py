@@ -1,4 +1,4 @@
-"""direct.py: the relay routes answered without Quart give the answers Quart's routes give."""
+"""web/routes.py and web/asgi.py: the model routes on raw ASGI, one handler per URL, never Quart."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 
 import trio
 
-from smart_proxy import direct
 from smart_proxy.lifecycle import Phase
+from smart_proxy.web import asgi
 
 from .asgi_driver import Exchange, make_app
 
@@ -60,15 +60,8 @@ def _answer(sent: list[dict]) -> tuple[int, dict[bytes, bytes], bytes]:
     return start["status"], headers, body
 
 
-async def _alike(direct, quart, requests: list[tuple[str, object]]) -> list[int]:
-    """Each request through both apps: the answers must be the same; their statuses, in order."""
-    statuses = []
-    for path, payload in requests:
-        by_direct = _answer(await Exchange(direct, payload, path).run())
-        by_quart = _answer(await Exchange(quart, payload, path).run())
-        assert by_direct == by_quart, (path, payload)
-        statuses.append(by_direct[0])
-    return statuses
+async def _statuses(app, requests: list[tuple[str, object]]) -> list[int]:
+    return [_answer(await Exchange(app, payload, path).run())[0] for path, payload in requests]
 
 
 def _recorder(sent: list[dict]):
@@ -80,71 +73,76 @@ def _recorder(sent: list[dict]):
     return send
 
 
-async def test_direct_and_quart_answer_alike(make_config, start_pool, http, nursery):
-    direct, _ = await make_app(make_config, start_pool, http, nursery, "direct", tokens=3)
-    quart, _ = await make_app(make_config, start_pool, http, nursery, "quart", tokens=3)
-    assert await _alike(direct, quart, REQUESTS) == [200, 200, 200, 200, 200, 404, 400, 400, 400]
+async def test_the_openai_routes_answer(make_config, start_pool, http, nursery):
+    app, _ = await make_app(make_config, start_pool, http, nursery, tokens=3)
+    assert await _statuses(app, REQUESTS) == [200, 200, 200, 200, 200, 404, 400, 400, 400]
+    status, headers, body = _answer(await Exchange(app, {**CHAT, "stream": True}).run())
+    assert headers[b"content-type"].startswith(b"text/event-stream") and body.endswith(b"data: [DONE]\n\n")
+    assert headers[b"cache-control"] == b"no-cache" and headers[b"x-accel-buffering"] == b"no"
+    status, headers, body = _answer(await Exchange(app, {"model": "nope", "messages": []}).run())
+    assert json.loads(body)["error"]["code"] == 404 and headers[b"content-type"] == b"application/json"
 
 
-async def test_direct_and_quart_answer_ollama_alike(make_config, start_pool, http, nursery):
-    direct, _ = await make_app(make_config, start_pool, http, nursery, "direct", tokens=3)
-    quart, _ = await make_app(make_config, start_pool, http, nursery, "quart", tokens=3)
-    assert await _alike(direct, quart, OLLAMA_REQUESTS) == [200, 200, 200, 200, 404, 400, 400, 400]
-    for app in (direct, quart):  # labelled with their model, like the OpenAI routes' answers
-        metrics = app.extensions["smart_proxy"].metrics.registry
-        labels = {"route": "/api/chat", "model": "a", "status": "200"}
-        assert metrics.get_sample_value("smart_proxy_requests_total", labels) == 2
-    status, headers, body = _answer(await Exchange(direct, OLLAMA_CHAT, "/api/chat").run())
+async def test_the_ollama_routes_answer(make_config, start_pool, http, nursery):
+    app, _ = await make_app(make_config, start_pool, http, nursery, tokens=3)
+    assert await _statuses(app, OLLAMA_REQUESTS) == [200, 200, 200, 200, 404, 400, 400, 400]
+    metrics = app.extensions["smart_proxy"].metrics.registry
+    labels = {"route": "/api/chat", "model": "a", "status": "200"}  # labelled with their model
+    assert metrics.get_sample_value("smart_proxy_requests_total", labels) == 2
+    status, headers, body = _answer(await Exchange(app, OLLAMA_CHAT, "/api/chat").run())
     lines = [json.loads(line) for line in body.splitlines()]
     assert headers[b"content-type"] == b"application/x-ndjson" and lines[-1]["done"] is True
     assert "".join(line["message"]["content"] for line in lines) == "tok0 tok1 tok2 "
     # an upstream error, in Ollama's shape with its status kept
-    reject = {"status": 400, "message": "the prompt is too long"}
-    direct, _ = await make_app(make_config, start_pool, http, nursery, "direct", reject=reject)
-    quart, _ = await make_app(make_config, start_pool, http, nursery, "quart", reject=reject)
+    app, _ = await make_app(make_config, start_pool, http, nursery, reject={"status": 400, "message": "the prompt is too long"})
     for payload in ({**OLLAMA_CHAT, "stream": False}, OLLAMA_CHAT):
-        by_direct = _answer(await Exchange(direct, payload, "/api/chat").run())
-        assert by_direct == _answer(await Exchange(quart, payload, "/api/chat").run())
-        assert by_direct[0] == 400 and json.loads(by_direct[2]) == {"error": "the prompt is too long"}
+        status, _headers, body = _answer(await Exchange(app, payload, "/api/chat").run())
+        assert status == 400 and json.loads(body) == {"error": "the prompt is too long"}
 
 
 async def test_an_upstream_error_is_relayed_as_the_upstream_gave_it(make_config, start_pool, http, nursery):
-    reject = {"status": 400, "message": "the prompt is too long"}
-    direct, _ = await make_app(make_config, start_pool, http, nursery, "direct", reject=reject)
-    quart, _ = await make_app(make_config, start_pool, http, nursery, "quart", reject=reject)
+    app, _ = await make_app(make_config, start_pool, http, nursery, reject={"status": 400, "message": "the prompt is too long"})
     for payload in ({"model": "a", "prompt": "x"}, {"model": "a", "prompt": "x", "stream": True}):
-        by_direct = _answer(await Exchange(direct, payload, "/v1/completions").run())
-        assert by_direct == _answer(await Exchange(quart, payload, "/v1/completions").run())
-        status, headers, body = by_direct
+        status, headers, body = _answer(await Exchange(app, payload, "/v1/completions").run())
         assert status == 400 and json.loads(body)["error"]["message"] == "the prompt is too long"
         assert headers[b"content-type"] == b"application/json"
 
 
-async def test_a_bug_while_planning_is_a_500_in_dialect_as_quart_gives_it(
-    make_config, start_pool, http, nursery, monkeypatch, caplog
-):
-    """A bug before the relay starts is answered like the Quart routes answer it, not left to Hypercorn."""
-    direct, _ = await make_app(make_config, start_pool, http, nursery, "direct")
-    quart, _ = await make_app(make_config, start_pool, http, nursery, "quart")
+async def test_a_bug_in_a_route_is_a_500_in_its_dialect(make_config, start_pool, http, nursery, monkeypatch, caplog):
+    """A bug before the answer starts is answered in the route's dialect, not left to Hypercorn."""
+    app, _ = await make_app(make_config, start_pool, http, nursery)
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("smart_proxy.api.openai.plan", broken)  # the Quart routes call the same functions
-    monkeypatch.setattr("smart_proxy.api.ollama.plan_generation", broken)
+    monkeypatch.setattr("smart_proxy.dialects.openai.required_field", broken)
+    monkeypatch.setattr("smart_proxy.handlers.ollama_routes.plan_generation", broken)
     for path, payload in [("/v1/chat/completions", CHAT), ("/api/chat", OLLAMA_CHAT)]:
         caplog.clear()
-        by_direct = _answer(await Exchange(direct, payload, path).run())
+        status, _headers, body = _answer(await Exchange(app, payload, path).run())
         logged = [r for r in caplog.records if r.exc_info]
         assert len(logged) == 1 and "unexpected error on POST " + path in logged[0].getMessage()
-        assert by_direct == _answer(await Exchange(quart, payload, path).run())
-        status, _headers, body = by_direct
         message = json.loads(body)["error"]
         assert status == 500 and "internal error: RuntimeError: a bug" in (message if path == "/api/chat" else message["message"])
 
 
-async def test_a_plain_relay_never_reaches_quart(make_config, start_pool, http, nursery):
-    app, _ = await make_app(make_config, start_pool, http, nursery, "direct")
+async def test_another_method_is_quarts_405_in_dialect_and_options_its_allow(make_config, start_pool, http, nursery):
+    app, _ = await make_app(make_config, start_pool, http, nursery)
+    for path, dialect in [("/v1/chat/completions", "openai"), ("/api/chat", "ollama"), ("/api/delete", "ollama")]:
+        exchange = Exchange(app, {}, path)
+        exchange.scope["method"] = "GET"
+        status, headers, body = _answer(await exchange.run())
+        error = json.loads(body)["error"]
+        assert status == 405 and (error if dialect == "ollama" else error["message"]).startswith("The method is not allowed")
+        exchange = Exchange(app, {}, path)
+        exchange.scope["method"] = "OPTIONS"
+        status, headers, body = _answer(await exchange.run())
+        allow = b"DELETE, OPTIONS" if path == "/api/delete" else b"OPTIONS, POST"
+        assert status == 200 and headers[b"allow"] == allow and body == b""
+
+
+async def test_no_model_route_reaches_quart(make_config, start_pool, http, nursery):
+    app, _ = await make_app(make_config, start_pool, http, nursery)
     edge = app.asgi_app
     reached = []
     quart = edge._app
@@ -157,13 +155,16 @@ async def test_a_plain_relay_never_reaches_quart(make_config, start_pool, http, 
     for path, payload in REQUESTS + OLLAMA_REQUESTS:
         await Exchange(app, payload, path).run()
     assert reached == []
-    await Exchange(app, {}, "/v1/models").run()  # other routes still go to Quart
-    await Exchange(app, {"model": "a", "messages": []}, "/api/chat").run()  # a load: Quart's route
-    assert reached == ["/v1/models", "/api/chat"]
+    await Exchange(app, {"model": "a", "messages": []}, "/api/chat").run()  # a load: the same handler
+    await Exchange(app, {"model": "a", "input": "x"}, "/api/embed").run()
+    await Exchange(app, {"model": "a"}, "/api/show").run()
+    assert reached == []
+    await Exchange(app, {}, "/v1/models").run()  # the lists go to Quart
+    assert reached == ["/v1/models"]
 
 
 async def test_a_body_in_pieces_and_a_chunked_body_over_the_limit(make_config, start_pool, http, nursery):
-    app, _ = await make_app(make_config, start_pool, http, nursery, "direct")
+    app, _ = await make_app(make_config, start_pool, http, nursery)
     limit = app.extensions["smart_proxy"].config.proxy.max_body
     exchange = Exchange(app, {})
     exchange.scope["headers"] = [(b"content-type", b"application/json")]  # chunked: no Content-Length
@@ -192,9 +193,9 @@ async def test_a_body_of_its_content_length_is_not_followed_by_a_wait_for_the_la
     make_config, start_pool, http, nursery
 ):
     # Hypercorn sends the body, then an empty last message; the relay starts on the body
-    app, _ = await make_app(make_config, start_pool, http, nursery, "direct")
+    app, _ = await make_app(make_config, start_pool, http, nursery)
     for path, payload in [("/v1/chat/completions", CHAT), ("/api/chat", {"model": "a", "messages": []})]:
-        exchange = Exchange(app, payload, path)  # the second: an Ollama load, which goes on to Quart
+        exchange = Exchange(app, payload, path)  # the second: an Ollama load
         exchange.to_app.send_nowait({"type": "http.request", "body": exchange.body, "more_body": True})
         sent: list[dict] = []
         with trio.fail_after(5):
@@ -202,17 +203,8 @@ async def test_a_body_of_its_content_length_is_not_followed_by_a_wait_for_the_la
         assert sent[0]["status"] == 200, (path, sent)
 
 
-async def test_a_replayed_body_is_given_once_and_the_end_of_the_real_one_passed_over():
-    to_app, from_client = trio.open_memory_channel[dict](3)
-    to_app.send_nowait({"type": "http.request", "body": b"", "more_body": False})
-    to_app.send_nowait({"type": "http.disconnect"})
-    receive = direct._replay(b"{}", from_client.receive)
-    assert await receive() == {"type": "http.request", "body": b"{}", "more_body": False}
-    assert await receive() == {"type": "http.disconnect"}
-
-
 async def test_a_client_leaving_before_its_body_is_in_takes_nothing(make_config, start_pool, http, nursery):
-    app, pool = await make_app(make_config, start_pool, http, nursery, "direct")
+    app, pool = await make_app(make_config, start_pool, http, nursery)
     exchange = Exchange(app, CHAT)
     exchange.to_app.send_nowait({"type": "http.request", "body": exchange.body[:10], "more_body": True})
     exchange.to_app.send_nowait({"type": "http.disconnect"})
@@ -226,8 +218,8 @@ async def test_a_client_leaving_before_its_body_is_in_takes_nothing(make_config,
     assert metrics.get_sample_value("smart_proxy_requests_total", labels) == 1
 
 
-async def test_while_draining_a_relay_route_is_refused_in_openai_dialect(make_config, start_pool, http, nursery):
-    app, pool = await make_app(make_config, start_pool, http, nursery, "direct")
+async def test_while_draining_a_model_route_is_refused_in_openai_dialect(make_config, start_pool, http, nursery):
+    app, pool = await make_app(make_config, start_pool, http, nursery)
     app.extensions["smart_proxy"].lifecycle.move(Phase.DRAINING)
     start, body = await Exchange(app, CHAT).run()
     assert start["status"] == 503 and json.loads(body["body"])["error"]["code"] == 503
@@ -235,7 +227,7 @@ async def test_while_draining_a_relay_route_is_refused_in_openai_dialect(make_co
 
 
 async def test_a_client_leaving_mid_stream_closes_the_upstream_quietly(make_config, start_pool, http, nursery, caplog):
-    app, pool = await make_app(make_config, start_pool, http, nursery, "direct", token_delay=0.2)
+    app, pool = await make_app(make_config, start_pool, http, nursery, token_delay=0.2)
     llama = app.extensions["smart_proxy"].llama
     exchange = Exchange(app, {**CHAT, "stream": True, "max_tokens": 50})
     exchange.to_app.send_nowait({"type": "http.request", "body": exchange.body, "more_body": False})
@@ -259,8 +251,8 @@ async def test_a_client_leaving_mid_stream_closes_the_upstream_quietly(make_conf
 
 
 async def test_a_body_that_does_not_arrive_in_time_is_a_408(make_config, start_pool, http, nursery, monkeypatch):
-    monkeypatch.setattr(direct, "BODY_TIMEOUT", 0.2)
-    app, pool = await make_app(make_config, start_pool, http, nursery, "direct")
+    monkeypatch.setattr(asgi, "BODY_TIMEOUT", 0.2)
+    app, pool = await make_app(make_config, start_pool, http, nursery)
     exchange = Exchange(app, CHAT)
     exchange.to_app.send_nowait({"type": "http.request", "body": exchange.body[:10], "more_body": True})
     sent: list[dict] = []

@@ -15,7 +15,9 @@ For each request it
    has both ``Content-Length`` and ``Transfer-Encoding`` (h11 reads such a body as
    chunked and would keep the connection; RFC 9112 6.3 says close it: the two
    framings are how request smuggling works);
-5. counts it in flight for the drain (probes and scrapes are not counted, so they
+5. hands it to its route: a model route's path to :func:`smart_proxy.web.routes.dispatch`
+   on raw ASGI, any other to the Quart-Trio app;
+6. counts it in flight for the drain (probes and scrapes are not counted, so they
    never hold a shutdown up), and as the last byte goes out (or once the client
    has gone), hands the exchange to the metrics and writes one access line.
 
@@ -40,16 +42,17 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import trio
-from quart import Quart, Response
+from quart import Quart
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RoutingException
 
-from . import logs
-from .app import ProxyState, error_response
-from .direct import ROUTES as DIRECT_ROUTES
-from .direct import encode_headers, relay, send_response
-from .errors import BadRequest, ProxyError, ShuttingDown, too_large
-from .metrics import Exchange, current_exchange
+from .. import logs
+from ..errors import BadRequest, ProxyError, ShuttingDown, too_large
+from ..handlers.reply import Reply, encode_headers, error_reply
+from ..handlers.state import ProxyState
+from ..metrics import Exchange, current_exchange
+from .asgi import send_reply
+from .routes import ROUTES, dispatch
 
 __all__ = ["PUBLIC_PATHS", "EdgeMiddleware"]
 
@@ -110,8 +113,6 @@ class EdgeMiddleware:
         self._route = functools.lru_cache(maxsize=_ROUTE_CACHE)(self._match_route)
         self._origins = frozenset(proxy.config.proxy.cors_origins)
         self._max_body = proxy.config.proxy.max_body
-        #: The paths whose POST is relayed by smart_proxy.direct rather than Quart (empty: all go to Quart).
-        self.direct_routes = DIRECT_ROUTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -179,9 +180,9 @@ class EdgeMiddleware:
         try:
             early = self._gate(path, method, headers)
             if early is not None:
-                await send_response(send_observed, early)
-            elif method == "POST" and path in self.direct_routes:
-                await relay(self._proxy, scope, receive, send_observed, self._app, _declared_length(headers))
+                await send_reply(send_observed, early)
+            elif path in ROUTES:
+                await dispatch(self._proxy, scope, receive, send_observed, _declared_length(headers))
             else:
                 await self._app(scope, receive, send_observed)
         finally:
@@ -193,19 +194,20 @@ class EdgeMiddleware:
 
     def _match_route(self, path: str, method: str) -> str:
         """The URL rule ``path`` matches (``/v1/chat/completions``), or ``other``."""
+        route = ROUTES.get(path)
+        if route is not None:
+            return path if method == route[0] else "other"
         try:
             rule, _ = self._routes.match(path, method, return_rule=True)
         except (HTTPException, RoutingException):
             return "other"
         return rule.rule
 
-    def _gate(self, path: str, method: str, headers: dict[str, str]) -> Response | None:
+    def _gate(self, path: str, method: str, headers: dict[str, str]) -> Reply | None:
         """An answer given here and now (a preflight, or an error), or None to let the route run."""
         if "transfer-encoding" in headers and "content-length" in headers:
             error = BadRequest("a request may carry Content-Length or Transfer-Encoding, not both (RFC 9112 6.3)")
-            response = error_response(error, path)
-            response.headers["Connection"] = "close"
-            return response
+            return error_reply(error, path, {"connection": "close"})
         if self._origins and method == "OPTIONS" and "access-control-request-method" in headers:
             return self._preflight(headers)
         if path in PUBLIC_PATHS:
@@ -218,7 +220,7 @@ class EdgeMiddleware:
             if length is not None and length > self._max_body:
                 raise too_large(self._max_body)
         except ProxyError as exc:
-            return error_response(exc, path)
+            return error_reply(exc, path)
         return None
 
     async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -234,10 +236,10 @@ class EdgeMiddleware:
             error = exc
         await receive()  # websocket.connect
         if "websocket.http.response" in scope.get("extensions", {}):
-            response = error_response(error, path)
-            encoded = encode_headers(response.headers)
-            await send({"type": "websocket.http.response.start", "status": response.status_code, "headers": encoded})
-            await send({"type": "websocket.http.response.body", "body": await response.get_data()})
+            reply = error_reply(error, path)
+            headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
+            await send({"type": "websocket.http.response.start", "status": reply.status, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": reply.body})
         else:
             await send({"type": "websocket.close", "code": 1008})  # policy violation; the server answers 403
         log.info("WEBSOCKET %s %d refused", path, error.status)
@@ -245,14 +247,13 @@ class EdgeMiddleware:
     def _allowed(self, origin: str | None) -> bool:
         return origin is not None and ("*" in self._origins or origin in self._origins)
 
-    def _preflight(self, headers: dict[str, str]) -> Response:
-        response = Response(b"", status=204)
+    def _preflight(self, headers: dict[str, str]) -> Reply:
+        answer = {"content-type": "text/html; charset=utf-8"}
         if self._allowed(headers.get("origin")):
-            response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
-            asked = headers.get("access-control-request-headers", _CORS_HEADERS)
-            response.headers["Access-Control-Allow-Headers"] = asked
-            response.headers["Access-Control-Max-Age"] = "600"
-        return response
+            answer["access-control-allow-methods"] = _CORS_METHODS
+            answer["access-control-allow-headers"] = headers.get("access-control-request-headers", _CORS_HEADERS)
+            answer["access-control-max-age"] = "600"
+        return Reply(204, encode_headers(answer))
 
     def _extra_headers(self, request_id: str, origin: str | None, scope: Scope) -> list[tuple[bytes, bytes]]:
         """Headers every answer gets: the request id, CORS, and ``Connection: close`` while draining."""

@@ -1,0 +1,122 @@
+"""OpenAI's API as bytes: request checks, error objects, SSE framing of errors and of whole answers.
+
+No I/O: :mod:`smart_proxy.handlers.openai_routes` reads the request, calls the pool or an
+upstream, and uses these to check what came and to shape what goes back. Bodies are
+forwarded unchanged (llama-server speaks this dialect natively), so this module only
+checks what it must (a JSON object, ``model``, the route's required field), wraps an
+upstream's error that is not an OpenAI error object, and replays a whole answer as the
+SSE stream that would have carried it (for an agent chain that buffered the answer).
+"""
+
+from __future__ import annotations
+
+import json
+
+from .. import jsonbody
+from ..errors import BadRequest, ProxyError
+from ..upstream.relay import answer_text
+
+__all__ = [
+    "REQUIRED",
+    "SSE_HEADERS",
+    "error_body",
+    "parse_body",
+    "replay_sse",
+    "required_field",
+    "sse_error",
+    "upstream_error_body",
+]
+
+#: Headers every relayed SSE stream carries: no caching, and no buffering by nginx.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: The field each model route requires besides ``model``.
+REQUIRED = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/embeddings": "input"}
+#: The routes whose requests agents may take, and the kind of request each is to them.
+AGENT_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+def error_body(exc: ProxyError) -> bytes:
+    """``exc`` as an OpenAI error object."""
+    return json.dumps({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}}).encode()
+
+
+def sse_error(reason: str) -> bytes:
+    """A last SSE event telling a streaming client the answer broke off."""
+    body = {"error": {"message": reason, "type": "upstream_error", "code": 502}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def upstream_error_body(status: int, body: bytes) -> bytes | None:
+    """An upstream's error answer (status 400 or more) as an OpenAI error object; None if it is one already.
+
+    llama-server's errors are OpenAI error objects, passed on as they are; anything else
+    (a web server's HTML page, plain text) becomes one, with its text as the message.
+    """
+    if status < 400:
+        return None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and "error" in parsed:
+        return None
+    text = answer_text(body)
+    message = f"the upstream answered HTTP {status}" + (f": {text}" if text else "")
+    return json.dumps({"error": {"message": message, "type": "upstream_error", "code": status}}).encode()
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request's JSON object (decoded by :func:`smart_proxy.jsonbody.decode`), or BadRequest saying what is wrong."""
+    payload = jsonbody.decode(raw)
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    return payload
+
+
+def required_field(path: str, payload: dict) -> str:
+    """The model ``payload`` names for the model route ``path`` (one of :data:`REQUIRED`).
+
+    Raises:
+        BadRequest: no ``model``, or no field the route requires.
+    """
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("missing 'model': name the model to use")
+    required = REQUIRED[path]
+    if required not in payload:
+        raise BadRequest(f"missing {required!r}")
+    return model
+
+
+def replay_sse(response: dict, kind: str) -> bytes:
+    """A complete chat.completion or text_completion as the SSE stream that would have carried it.
+
+    Per choice, one chunk with all its text and one with its finish_reason; the last
+    chunk carries ``usage`` and any extra top-level fields (as llama-server's does),
+    then ``data: [DONE]``.
+    """
+    known = {"id", "object", "created", "model", "choices", "usage", "system_fingerprint"}
+    base = {key: response[key] for key in ("id", "created", "model", "system_fingerprint") if key in response}
+    base["object"] = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    chunks: list[dict] = []
+    for choice in response.get("choices") or []:
+        index = choice.get("index", 0)
+        if kind == "chat":
+            message = dict(choice.get("message") or {})
+            message.setdefault("role", "assistant")
+            if message.get("tool_calls"):
+                message["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+            first = {"index": index, "delta": message, "logprobs": choice.get("logprobs"), "finish_reason": None}
+            last = {"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}
+        else:
+            text = choice.get("text", "")
+            first = {"index": index, "text": text, "logprobs": choice.get("logprobs"), "finish_reason": None}
+            last = {"index": index, "text": "", "finish_reason": choice.get("finish_reason")}
+        chunks += [{**base, "choices": [first]}, {**base, "choices": [last]}]
+    if not chunks:
+        chunks.append({**base, "choices": []})
+    chunks[-1].update({key: value for key, value in response.items() if key not in known})
+    if "usage" in response:
+        chunks[-1]["usage"] = response["usage"]
+    events = [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks]
+    return b"".join(events) + b"data: [DONE]\n\n"

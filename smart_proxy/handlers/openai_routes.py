@@ -1,0 +1,138 @@
+"""OpenAI's routes over the pool: chat and text completions, embeddings, and the model list.
+
+Theory of operation: :func:`model_route` serves all three model routes. It checks the
+body once (:mod:`smart_proxy.dialects.openai`) and finds the model in the catalog. A
+chat or completion whose user text starts with agent commands (``/rag ...``) runs the
+agent chain (:mod:`smart_proxy.agents`), for either kind of model. Otherwise a model
+with ``backend = ollama`` is forwarded to its Ollama server's ``/v1`` routes
+(:mod:`smart_proxy.upstream.ollama_server`), and a local one to a llama-server from
+the pool, the body byte for byte: llama-server is started with ``--alias NAME``, so the
+``model`` it reports is already the name the client asked for. The answer is relayed as
+it comes (a stream piece by piece, a whole answer once read, under ``[proxy]
+max_answer``); the lease is released when the upstream answer is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .. import logs
+from ..agents import Chain
+from ..dialects import openai as dialect
+from ..errors import ProxyError
+from ..metrics import note_model
+from ..pool import Lease
+from ..upstream import ollama_server
+from ..upstream.relay import RelayBody, SSELines, Upstream, open_upstream, send_leased
+from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, relay_answer
+from .state import ProxyState
+
+__all__ = ["ROUTES", "model_route", "models", "open_relay"]
+
+#: The model routes :func:`model_route` serves (``POST``).
+ROUTES = tuple(dialect.REQUIRED)
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+_SSE_HEADERS = {name.lower(): value for name, value in dialect.SSE_HEADERS.items()}
+
+
+async def model_route(proxy: ProxyState, request: Request) -> Reply:
+    """``POST /v1/chat/completions``, ``/v1/completions`` or ``/v1/embeddings``; see the module docstring.
+
+    Raises:
+        BadRequest: the body is not a JSON object, or lacks ``model`` or the route's required field.
+        ModelNotFound, ModelNotAllowed: as :meth:`smart_proxy.catalog.Catalog.get`.
+        ProxyError: whatever loading the model or reaching its upstream raised.
+    """
+    path, raw = request.path, request.body
+    payload = dialect.parse_body(raw)
+    target = proxy.catalog.get(dialect.required_field(path, payload))
+    note_model(target.name)
+    kind = dialect.AGENT_KINDS.get(path)
+    chain = proxy.agents.activate(payload, kind) if kind is not None else None
+    if chain is not None:
+        return await _with_agents(proxy, request, chain)
+    limit = proxy.config.proxy.max_answer
+    if target.backend == "ollama":  # served by an upstream Ollama through its /v1 routes, not the pool
+        upstream = await ollama_server.send(proxy.client, target, "POST", path, payload=payload, raw=raw)
+        return await relay_answer(upstream, limit)
+    return await _relay(proxy, request, target.name, raw, stream=payload.get("stream") is True)
+
+
+async def open_relay(proxy: ProxyState, path: str, model: str, body: bytes) -> tuple[Lease, Upstream]:
+    """POST ``body`` to a llama-server for ``model``; its answer's headers are in, and the lease is the caller's."""
+
+    async def send(lease: Lease) -> Upstream:
+        url = lease.base_url + path
+        return await open_upstream(proxy.llama, "POST", url, content=body, headers=_JSON_HEADERS, lease=lease)
+
+    return await send_leased(lambda: proxy.pool.acquire(model), send)
+
+
+async def _relay(
+    proxy: ProxyState, request: Request, model: str, body: bytes, *, stream: bool, headers: dict[str, str] | None = None
+) -> Reply:
+    """POST ``body`` to a llama-server for ``model`` and relay its answer (a stream as it arrives)."""
+    lease, upstream = await open_relay(proxy, request.path, model, body)
+    request.opened.append(upstream)
+    limit = proxy.config.proxy.max_answer
+    if stream and upstream.status_code == 200:
+        relayed = RelayBody(upstream, on_error=dialect.sse_error, on_done=lease.release, lines=SSELines(limit))
+        return Reply(upstream.status_code, merge_headers(upstream.headers, _SSE_HEADERS, headers or {}), stream=relayed)
+    try:
+        answer = await upstream.read(limit)
+    finally:
+        lease.release()
+    relayed_headers = upstream.headers
+    wrapped = dialect.upstream_error_body(upstream.status_code, answer)
+    if wrapped is not None:
+        answer, relayed_headers["content-type"] = wrapped, "application/json"
+    return Reply(upstream.status_code, merge_headers(relayed_headers, headers or {}), answer)
+
+
+async def _with_agents(proxy: ProxyState, request: Request, chain: Chain) -> Reply:
+    """Run the chain's hooks around the upstream call; a buffered stream is replayed as SSE.
+
+    A live chain's request goes to the model the hooks left in it, a llama-server or
+    an Ollama upstream. Every answer carries the chain's failures (``ctx.headers()``),
+    an error answer too.
+    """
+    ctx = await chain.prepare(
+        proxy.pool, proxy.llama, logs.request_id.get(), catalog=proxy.catalog, client=proxy.client
+    )
+    try:
+        if chain.live:
+            target = proxy.catalog.get(ctx.model)
+            if target.backend == "ollama":
+                upstream = await ollama_server.send(proxy.client, target, "POST", request.path, payload=ctx.payload)
+                return await relay_answer(upstream, proxy.config.proxy.max_answer, ctx.headers())
+            body = json.dumps(ctx.payload).encode()
+            stream = ctx.payload.get("stream") is True
+            return await _relay(proxy, request, ctx.model, body, stream=stream, headers=ctx.headers())
+        response = await chain.respond(ctx)
+    except ProxyError as exc:
+        if not ctx.failures:
+            raise
+        return error_reply(exc, request.path, ctx.headers())
+    if ctx.stream:
+        headers = {"content-type": "text/event-stream", **_SSE_HEADERS, **ctx.headers()}
+        return Reply(200, encode_headers(headers), dialect.replay_sse(response, ctx.kind))
+    return json_reply(response, headers=ctx.headers())
+
+
+async def models(proxy: ProxyState) -> Reply:
+    """``GET /v1/models``: every catalog model, with whether it is loaded."""
+    loaded = {s.name: s.state.value for s in proxy.pool.servers()}
+    data = [
+        {
+            "id": model.name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "ollama" if model.backend == "ollama" else "smart-proxy",
+            "loaded": loaded.get(model.name) == "ready",
+            "state": "upstream" if model.backend == "ollama" else loaded.get(model.name, "stopped"),
+        }
+        for model in proxy.catalog
+    ]
+    return json_reply({"object": "list", "data": data})

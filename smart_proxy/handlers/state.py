@@ -1,0 +1,37 @@
+"""What every route serves from: :class:`ProxyState`, owned by the root nursery (:mod:`smart_proxy.server`)."""
+
+from __future__ import annotations
+
+import attrs
+import httpx
+
+from ..agents import AgentRegistry
+from ..auth import ApiKeys
+from ..catalog import Catalog
+from ..config import Config
+from ..lifecycle import Lifecycle
+from ..metrics import Metrics
+from ..pool import Pool
+from ..upstream.client import UpstreamTransport
+from ..upstream.ollama_server import UpstreamMonitor
+
+__all__ = ["ProxyState"]
+
+
+@attrs.frozen
+class ProxyState:
+    """The proxy's long-lived parts; the routes hold no state of their own."""
+
+    config: Config
+    catalog: Catalog
+    pool: Pool
+    #: The HTTP client for Ollama upstreams, health probes and llama-server's ``/props``.
+    client: httpx.AsyncClient
+    #: The client of the hop to llama-servers (:mod:`smart_proxy.upstream.client`).
+    llama: UpstreamTransport = attrs.Factory(UpstreamTransport)
+    lifecycle: Lifecycle = attrs.Factory(Lifecycle)
+    metrics: Metrics = attrs.Factory(Metrics)
+    api_keys: ApiKeys = attrs.Factory(ApiKeys)
+    upstreams: UpstreamMonitor = attrs.Factory(lambda self: UpstreamMonitor(self.client, ()), takes_self=True)
+    #: The slash-command agents loaded at start-up (none unless [agents] enables some).
+    agents: AgentRegistry = attrs.Factory(AgentRegistry)
