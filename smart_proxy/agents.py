@@ -666,7 +666,7 @@ class Chain:
 
 
 def _copy_json(value: Any) -> Any:
-    """A deep copy of JSON data (dicts and lists; the rest is immutable or shared), 2-3x faster than deepcopy.
+    """A deep copy of JSON data (dicts and lists; the rest is immutable or shared), without deepcopy's memo and dispatch.
 
     Iterative, so no nesting depth can exhaust the stack: the copy runs outside any hook's guard.
     """

@@ -45,7 +45,7 @@ __all__ = [
 
 #: CMake options of the portable build: no -march=native; ggml's CPU backend built for every x86
 #: level as a library loaded at run time by what the CPU has (x64, SSE4.2, ..., Haswell, Skylake-X,
-#: Ice Lake, Zen 4, Sapphire Rapids). Tests and examples are not built (half the build time).
+#: Ice Lake, Zen 4, Sapphire Rapids). Tests and examples are not built: the proxy needs neither.
 PORTABLE_CMAKE_ARGS = (
     "-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
 )

@@ -35,10 +35,10 @@ _LEVELS = ["debug", "info", "warning", "error"]
 INTERRUPTED = 130
 #: The cyclic collector's young-generation threshold while serving (Python's default is 700).
 #: Most of a request's objects die by reference count; what the collector counts is the net
-#: growth, so at 700 a young collection ran every ~80 requests and walked every object the
-#: requests in flight held: 110 us of collection per request at 256 clients, plus 90 us in
-#: the middle generation they were promoted to. At 20,000 one runs every ~2,500 requests:
-#: 26 us per request, for ~2 MB more RSS. Measured with gc.callbacks (docs/bench/findings.md).
+#: growth, so at 700 young collections run every few dozen requests, and each walks every
+#: object the requests in flight hold, then again in the middle generation they are promoted
+#: to: a cost per request that grows with the number of clients. A threshold this size runs
+#: them thousands of requests apart, for a little more memory (docs/bench/findings.md).
 GC_YOUNG_THRESHOLD = 20_000
 
 
@@ -121,7 +121,7 @@ def tune_gc() -> None:
     """Set the collector up for serving: a larger young generation, start-up objects frozen.
 
     Everything alive now (modules, the config, the catalog) lives as long as the process, so
-    it goes to the permanent generation, where full collections no longer walk it.
+    it goes to the permanent generation, which full collections do not walk.
     """
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)

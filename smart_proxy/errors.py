@@ -8,7 +8,7 @@ Ollama's ``{"error": ...}``); nothing else needs to know about HTTP.
     ├── Unauthorized                401  API keys are configured and none valid was sent
     ├── ModelNotAllowed             403  an hf.co/... name outside [catalog] allow_hf / allow_repos
     ├── ModelNotFound               404  a name the catalog does not know; no such repo or file on the hub
-    ├── BodyTimeout                 408  the request body did not arrive within 300 s
+    ├── BodyTimeout                 408  the request body did not arrive in time
     ├── PayloadTooLarge             413  a request body over [proxy] max_body
     ├── PoolBusy                    503  queue full or queue timeout (has retry_after)
     ├── ShuttingDown                503  the proxy is draining after SIGTERM (has retry_after)

@@ -26,10 +26,10 @@ before it knows the command (its imports, loading libc) it does while it waits, 
 that takes a spare pays one read and the fork.
 
 It is a separate, synchronous program (standard library only, started with ``-S``): no
-Trio, no package imports, so it starts in milliseconds. Its start-up lies on the path
-of every model load (a swap waits on it), so it takes the C modules ``_signal`` and
-``_thread`` rather than ``signal`` and ``threading``, whose enum and class machinery
-cost about 10 ms more at each start.
+Trio, no package imports, so it starts quickly. Its start-up lies on the path of every
+model load (a swap waits on it), so it takes the C modules ``_signal`` and ``_thread``
+rather than ``signal`` and ``threading``, whose enum and class machinery would add to
+every start.
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ else Ollama's ``prompt_eval_count``/``eval_count``. ``timings`` matter for OpenA
 chat streams: llama-server sends ``usage`` in one only when the client asked for
 it (``stream_options.include_usage``), but ends every stream with ``timings``;
 the proxy never adds that option to a client's request, since it would change
-the answer the client gets (an extra chunk with no choices). Only the first 8 KiB
-and the last 16 KiB of an answer are kept for that, so a long stream costs no
-memory.
+the answer the client gets (an extra chunk with no choices). Only the head and the
+tail of an answer (:attr:`UsageScanner.HEAD` and ``TAIL`` bytes) are kept for that,
+so a long stream costs no memory.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Ollama's ``/api/tags``, ``/api/show`` and ``/api/ps`` describe models with a
 ``details`` object and a ``model_info`` map taken from the GGUF header. This
 module reads that header and nothing else: the key-value section at the start
 of the file, skipping array contents (the tokenizer's vocabulary) without
-decoding them, so a 250 MB model answers in milliseconds.
+decoding them, so what it reads depends on the header, not on the model's size.
 
 GGUF layout (little-endian): ``b"GGUF"``, version (u32), tensor count (u64),
 key-value count (u64), then per pair a string key, a u32 value type and the

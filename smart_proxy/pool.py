@@ -22,7 +22,7 @@ Theory of operation:
   wait for room share one deadline: ``queue_timeout`` bounds the whole wait for a
   model (the load itself is ``load_timeout``'s to bound), and past it the request
   gets the same PoolBusy.
-* Each server's life runs as a task in the pool's nursery (:meth:`_supervise`)
+* Each server's life runs as a task in the pool's nursery (:meth:`Pool._supervise`)
   inside its own cancel scope; cancelling that scope stops the process. When
   every request waiting on a load has left, the load is cancelled.
 * A READY server whose process exits on its own has crashed: it is marked FAILED,
@@ -391,9 +391,9 @@ class Pool:
             try:
                 # Free (so nobody waits for it: trio hands a released lock to its next waiter):
                 # taken without a checkpoint, as a free slot in take_slot. `await lock.acquire()`
-                # yields while holding the lock, so a burst of requests for a loaded model passed
-                # it one per pass of the scheduler: at 512 streams opened at once, the median
-                # time to first chunk was 500-600 ms against 200 ms without (bench fanout).
+                # yields while holding the lock, so a burst of requests for a loaded model would
+                # pass it one per pass of the scheduler, and a pass is long when hundreds of
+                # streams are running.
                 lock.acquire_nowait()
             except trio.WouldBlock:
                 with trio.move_on_at(deadline) as waiting:
@@ -433,11 +433,11 @@ class Pool:
     def _release(self, server: Server) -> None:
         server.in_flight -= 1
         server.last_used = trio.current_time()
-        if server.in_flight == 0:  # idle now (evictable, reapable); before, nothing a waiter needs changed
+        if server.in_flight == 0:  # idle (evictable, reapable): the only change a waiter needs
             self._changed_lot.unpark_all()  # requests queued for room (nothing to do when none are)
             if self._expiry(server) < self._reap_at:
                 # Only then: waking the reaper on every request that leaves a server idle
-                # cost a task switch and a cancel scope per request on the hot path.
+                # would cost a task switch and a cancel scope per request on the hot path.
                 self._reaper_lot.unpark_all()
 
     async def _wait_settled(self, server: Server) -> None:

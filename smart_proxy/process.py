@@ -8,15 +8,15 @@ bounded memory (:class:`OutputLines`: a line is cut at ``_MAX_LINE`` bytes), pol
 answers 200, sets :attr:`ServerProcess.ready`, then waits for the process to exit.
 
 Readiness is noticed promptly, since a model swap waits on it: the polls start
-5 ms apart and back off to 50 ms (a load takes seconds; a refused connection
-costs next to nothing), and a line of output that says llama-server has finished
-loading or is listening (:data:`_READY_HINTS`) triggers a poll at once. The poll
-stays the judge: a hint only says when to look.
+``_POLL_FIRST`` apart and back off to ``_POLL_MAX`` (a load takes seconds; a
+refused connection costs next to nothing), and a line of output that says
+llama-server has finished loading or is listening (:data:`_READY_HINTS`) triggers
+a poll at once. The poll stays the judge: a hint only says when to look.
 Cancelling the task stops the process: SIGTERM, ``stop_timeout``, SIGKILL; or,
 when :attr:`ServerProcess.kill_on_stop` is set (an idle server evicted to make
 room, whose place a request is waiting for), SIGKILL to llama-server at once:
-the kernel frees it in about 20 ms, where llama-server's graceful shutdown takes
-60-110 ms, and an idle server has nothing to finish.
+the kernel frees it sooner than llama-server's graceful shutdown would, and an
+idle server has nothing to finish.
 
 A process that exits while loading fails the load at once, with the tail of its
 output; one that is not ready within ``load_timeout`` is killed. Either way the
@@ -32,11 +32,11 @@ own, so a Ctrl-C in the terminal reaches only the proxy, which stops them in ord
 A load may take a :class:`Lifeline` started ahead (a spare, kept by the pool): a
 lifeline already running under :func:`trio.run_process` in a task of its own, waiting
 for its command line on stdin. That takes the ``Popen`` and the lifeline's Python
-start-up (20-45 ms, more on a busy core) off the load. :meth:`ServerProcess.run` then
-writes it the command and follows it with a task that stands where its own
-``run_process`` task would: cancelled, it cancels the spare's ``run_process``, whose
-``deliver_cancel`` is this ServerProcess's (SIGTERM, grace, SIGKILL, or
-``kill_on_stop``), and waits, shielded, until the process has exited; so stopping,
+start-up off the load, whose core is busy with the requests that wait for it.
+:meth:`ServerProcess.run` then writes it the command and follows it with a task that
+stands where its own ``run_process`` task would: cancelled, it cancels the spare's
+``run_process``, whose ``deliver_cancel`` is this ServerProcess's (SIGTERM, grace,
+SIGKILL, or ``kill_on_stop``), and waits, shielded, until the process has exited; so stopping,
 timeouts and failures go exactly as with a lifeline started for the load. A spare is
 only handed out while the proxy's environment, working directory and CPU affinity are
 still those it was started with (what llama-server inherits through it).

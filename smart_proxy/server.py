@@ -17,7 +17,7 @@ every llama-server is stopped and :func:`serve` returns.
 Signals (:class:`StopSignals`, used unless a ``shutdown_trigger`` is given): one
 receiver holds SIGINT and SIGTERM from start-up to the end, so a quick second
 Ctrl-C cannot fall into a gap where Trio would raise KeyboardInterrupt in
-whatever code happened to run (that ended in a traceback). A second SIGINT cuts
+whatever code happens to run (which would end in a traceback). A second SIGINT cuts
 the drain short: requests in flight are cut, the llama-servers are stopped as
 usual, and :func:`serve` raises KeyboardInterrupt once all is down (the CLI exits
 130). A second SIGTERM keeps its default action and kills the proxy at once (the
@@ -110,8 +110,8 @@ def hypercorn_config(config: Config, host: str, port: int) -> hypercorn.config.C
     # client then pays a new TCP handshake every thousand requests for nothing.
     hc.keep_alive_max_requests = 1_000_000_000
     # A burst of clients (hundreds of streams opened at once) overflows Hypercorn's
-    # default listen backlog of 100; dropped SYNs are retried after 1 s, 3 s, ...,
-    # which showed up as seconds of time-to-first-chunk. The kernel caps it at somaxconn.
+    # default listen backlog of 100; dropped SYNs are retried after 1 s, 3 s, ..., so
+    # those clients would wait seconds for their first chunk. The kernel caps it at somaxconn.
     hc.backlog = 4096
     if config.proxy.hypercorn_config:
         path = resolve_path(config.proxy.hypercorn_config, config.base_dir)
@@ -142,11 +142,11 @@ def free_closed_connections() -> None:
     Hypercorn's trio ``TCPServer`` (checked against Hypercorn 0.18.0) reads until the
     client's EOF, then waits for its connection's task group before it closes the socket.
     Between requests that group holds the keep-alive timer (``idle_task``), so a client
-    that closed an idle keep-alive connection left its socket in CLOSE-WAIT, descriptor
-    and buffers held, until ``keep_alive_timeout``. Hypercorn offers no setting or hook
+    that closes an idle keep-alive connection would leave its socket in CLOSE-WAIT,
+    descriptor and buffers held, until ``keep_alive_timeout``. Hypercorn offers no setting or hook
     for this, so its ``_read_data`` is wrapped: once the read side has ended, the
     keep-alive timer is stopped, and the connection closes as soon as no request runs
-    on it (a request in flight has been told ``http.disconnect`` by then, as before).
+    on it (a request in flight has been told ``http.disconnect`` by then, as Hypercorn does).
     ``tests/test_ops.py`` pins the source of what this relies on.
     """
     read = TCPServer._read_data
