@@ -1,8 +1,7 @@
 """The one JSON decoder for request bodies: strict, bounded, and failing only with BadRequest.
 
 Every route reads its body with :func:`decode` (through
-:func:`smart_proxy.api.openai.parse_body`), whichever path serves it (the Quart
-routes, or the raw-ASGI relay in :mod:`smart_proxy.direct`). What it accepts is
+:func:`smart_proxy.dialects.openai.parse_body`), and so do the agents. What it accepts is
 I-JSON (RFC 7493), a JSON text that every later step can use as it is:
 
 * **UTF-8 only.** The bytes are decoded as strict UTF-8 first: ``json.loads`` on
