@@ -70,7 +70,7 @@ __all__ = [
     "plan_from_cache",
     "resolve",
     "select",
-    "translate",
+    "hub_error",
 ]
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ def resolve(model: ModelConfig, hub: Hub) -> Plan:
             model.repo, revision=model.revision, files_metadata=True, timeout=30
         )
     except Exception as exc:
-        error = translate(exc, model.repo)
+        error = hub_error(exc, model.repo)
         if isinstance(error, ModelNotFound):
             raise error from exc
         plan = plan_from_cache(model, hub)
@@ -513,7 +513,7 @@ def fetch(plan: Plan, hub: Hub, progress: Progress | None = None) -> LocalFiles:
         except DownloadCancelled:
             raise
         except Exception as exc:
-            raise translate(exc, plan.repo, file.name) from exc
+            raise hub_error(exc, plan.repo, file.name) from exc
         if file.name in progress.fetched:
             progress.state = "verifying"
             _verify(paths[file.name], file, plan.repo, progress)
@@ -578,7 +578,7 @@ def _remove(*paths: str) -> None:
             pass
 
 
-def translate(exc: BaseException, repo: str, filename: str | None = None) -> ProxyError:
+def hub_error(exc: BaseException, repo: str, filename: str | None = None) -> ProxyError:
     """A huggingface_hub, network or disk error as the ProxyError a client should see."""
     from huggingface_hub.errors import (
         EntryNotFoundError,

@@ -27,9 +27,9 @@ from smart_proxy.download import (
     Progress,
     RepoFile,
     fetch,
+    hub_error,
     resolve,
     select,
-    translate,
 )
 from smart_proxy.errors import InsufficientStorage, ModelNotFound, UpstreamError
 
@@ -182,10 +182,10 @@ def test_hub_settings_follow_the_environment(tmp_path: Path) -> None:
 
 
 def test_disk_errors_translate_to_507() -> None:
-    error = translate(OSError(errno.ENOSPC, "No space left on device"), "o/r", "a.gguf")
+    error = hub_error(OSError(errno.ENOSPC, "No space left on device"), "o/r", "a.gguf")
     assert isinstance(error, InsufficientStorage) and error.status == 507
     assert "a.gguf" in error.message
-    assert isinstance(translate(OSError(errno.EACCES, "denied"), "o/r"), UpstreamError)
+    assert isinstance(hub_error(OSError(errno.EACCES, "denied"), "o/r"), UpstreamError)
 
 
 # ---- blocking download functions, against the fake hub ------------------------------------

@@ -44,7 +44,7 @@ import trio
 from .. import logs
 from ..agents import Chain
 from ..config import ModelConfig
-from ..dialects import ollama as translate
+from ..dialects import ollama as dialect
 from ..dialects.openai import parse_body, replay_sse, sse_error
 from ..download import Download
 from ..errors import BadRequest, ProxyError
@@ -72,7 +72,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_NDJSON_HEADERS = encode_headers(translate.NDJSON_HEADERS)
+_NDJSON_HEADERS = encode_headers(dialect.NDJSON_HEADERS)
 #: How often a streamed /api/pull reports a download's progress (seconds).
 _PULL_EVERY = 0.25
 #: llama-server's /props, read once per server life (modalities, n_ctx).
@@ -80,7 +80,7 @@ _props: weakref.WeakKeyDictionary[Server, dict[str, Any]] = weakref.WeakKeyDicti
 
 
 def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
-    return json_reply(body, status, content_type=translate.JSON_TYPE, headers=headers, ensure_ascii=False)
+    return json_reply(body, status, content_type=dialect.JSON_TYPE, headers=headers, ensure_ascii=False)
 
 
 def _ndjson(body: bytes, headers: dict[str, str] | None = None) -> Reply:
@@ -178,7 +178,7 @@ async def _post(llama: Any, lease: Lease, path: str, body: dict[str, Any]) -> Up
 
 
 async def open_generation(
-    proxy: ProxyState, name: str, call: translate.Translated, keep_alive: float | None, answer: translate.Answer
+    proxy: ProxyState, name: str, call: dialect.Translated, keep_alive: float | None, answer: dialect.Answer
 ) -> tuple[Lease, Upstream]:
     """Send ``call`` to a llama-server for ``name``; its answer's headers are in, and the lease is the caller's."""
 
@@ -204,9 +204,9 @@ async def _generate(
     proxy: ProxyState,
     request: Request,
     name: str,
-    call: translate.Translated,
+    call: dialect.Translated,
     keep_alive: float | None,
-    answer: translate.Answer,
+    answer: dialect.Answer,
     headers: dict[str, str] | None = None,
 ) -> Reply:
     lease, upstream = await open_generation(proxy, name, call, keep_alive, answer)
@@ -216,7 +216,7 @@ async def _generate(
 
 
 async def _generate_upstream(
-    proxy: ProxyState, model: ModelConfig, call: translate.Translated, answer: translate.Answer, headers: dict[str, str]
+    proxy: ProxyState, model: ModelConfig, call: dialect.Translated, answer: dialect.Answer, headers: dict[str, str]
 ) -> Reply:
     """``call`` to a model of an Ollama upstream, through its OpenAI-compatible /v1 route (an agent chain's)."""
     answer.loaded()  # nothing to load here; the upstream's own load counts as prompt time
@@ -227,8 +227,8 @@ async def _generate_upstream(
 
 async def _answered(
     upstream: Upstream,
-    call: translate.Translated,
-    answer: translate.Answer,
+    call: dialect.Translated,
+    answer: dialect.Answer,
     who: str,
     on_done: Callable[[], object] | None,
     headers: dict[str, str] | None,
@@ -237,21 +237,21 @@ async def _answered(
     """An OpenAI answer (``who``'s) in Ollama's shape: one object, or NDJSON as it streams (``limit``: max_answer)."""
     if not streams(upstream, call):
         body = await answer_body(upstream, answer, who, on_done, limit)
-        return Reply(200, encode_headers({"content-type": translate.JSON_TYPE, **(headers or {})}), body)
+        return Reply(200, encode_headers({"content-type": dialect.JSON_TYPE, **(headers or {})}), body)
     # one write per burst of events, not one per line (see smart_proxy.upstream.relay)
-    translation = translate.NDJSONStream(answer, limit)
+    translation = dialect.NDJSONStream(answer, limit)
     stream = RelayBody(upstream, on_error=sse_error, on_done=on_done, translation=translation)
     return Reply(200, _NDJSON_HEADERS + encode_headers(headers or {}), stream=stream)
 
 
-def streams(upstream: Upstream, call: translate.Translated) -> bool:
+def streams(upstream: Upstream, call: dialect.Translated) -> bool:
     """Whether the answer is relayed as NDJSON as it streams (asked for, and not an upstream error)."""
     return call.stream and upstream.status_code == 200
 
 
 async def answer_body(
     upstream: Upstream,
-    answer: translate.Answer,
+    answer: dialect.Answer,
     who: str,
     on_done: Callable[[], object] | None,
     limit: int = MAX_ANSWER,
@@ -268,15 +268,15 @@ async def answer_body(
         if on_done is not None:
             on_done()
     if upstream.status_code != 200:
-        raise translate.upstream_failure(upstream.status_code, body, who)
+        raise dialect.upstream_failure(upstream.status_code, body, who)
     try:
         reply = answer.complete(json.loads(body))
     except ValueError as exc:
-        raise translate.upstream_failure(502, body, f"{who} answered something that is not JSON") from exc
+        raise dialect.upstream_failure(502, body, f"{who} answered something that is not JSON") from exc
     return json.dumps(reply, ensure_ascii=False).encode()
 
 
-async def _load_or_unload(proxy: ProxyState, name: str, keep_alive: float | None, answer: translate.Answer) -> Reply:
+async def _load_or_unload(proxy: ProxyState, name: str, keep_alive: float | None, answer: dialect.Answer) -> Reply:
     """An empty request: load the model (``load``), or with keep_alive 0 unload it (``unload``)."""
     if keep_alive == 0:
         await _unload(proxy, name)
@@ -342,9 +342,9 @@ class Generation:
     """A ``/api/chat`` or ``/api/generate`` for the pool, translated (see :func:`plan_generation`)."""
 
     keep_alive: float | None
-    answer: translate.Answer
+    answer: dialect.Answer
     #: The request for llama-server, or None for an empty request (load, or unload).
-    call: translate.Translated | None
+    call: dialect.Translated | None
     #: The agents the request's leading slash commands switch on, or None.
     chain: Chain | None
 
@@ -367,12 +367,12 @@ def plan_generation(asked: Asked, path: str) -> Generation | None:
     payload, model = asked.payload, asked.model
     if model.backend == "ollama" and asked.proxy.agents.activate(payload, "chat" if chat else "completion") is None:
         return None  # no agent command (read from the Ollama body as from the OpenAI one)
-    keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
-    answer = translate.Answer(asked.name, chat=chat, started=asked.started)
+    keep_alive = dialect.parse_keep_alive(payload.get("keep_alive"))
+    answer = dialect.Answer(asked.name, chat=chat, started=asked.started)
     empty = not payload.get("messages") if chat else not (payload.get("prompt") or payload.get("images"))
     if empty:
         return Generation(keep_alive, answer, None, None)
-    call = (translate.chat_request if chat else translate.generate_request)(payload, model.name)
+    call = (dialect.chat_request if chat else dialect.generate_request)(payload, model.name)
     return Generation(keep_alive, answer, call, asked.proxy.agents.activate(call.body, call.kind))
 
 
@@ -399,9 +399,9 @@ async def _generate_with_agents(
     proxy: ProxyState,
     request: Request,
     asked: Asked,
-    call: translate.Translated,
+    call: dialect.Translated,
     keep_alive: float | None,
-    answer: translate.Answer,
+    answer: dialect.Answer,
     chain: Chain,
 ) -> Reply:
     """Run the chain over ``call``'s OpenAI body, and answer in Ollama's shape.
@@ -441,10 +441,10 @@ async def _generate_with_agents(
             reply.update({key: value for key, value in extras.items() if key not in reply})
             return _json(reply, headers=ctx.headers())
         first = {**response, "choices": (response.get("choices") or [])[:1]}  # Ollama has no n
-        objects = [obj for event in translate.SSEParser().feed(replay_sse(first, ctx.kind)) for obj in answer.feed(event)]
+        objects = [obj for event in dialect.SSEParser().feed(replay_sse(first, ctx.kind)) for obj in answer.feed(event)]
         objects += answer.final()
         objects[-1].update({key: value for key, value in extras.items() if key not in objects[-1]})
-        body = b"".join(translate.ndjson(obj) for obj in objects)
+        body = b"".join(dialect.ndjson(obj) for obj in objects)
         return _ndjson(body, ctx.headers())
     except ProxyError as exc:
         if not ctx.failures:
@@ -465,7 +465,7 @@ async def _embed(
 ) -> tuple[dict[str, Any], float]:
     """(llama-server's ``/v1/embeddings`` answer, seconds spent getting the model loaded)."""
     _check_embeds(model, name)
-    body = translate.embed_request(inputs, model.name)
+    body = dialect.embed_request(inputs, model.name)
     before = time.perf_counter()
     load = 0.0
 
@@ -484,14 +484,14 @@ async def _embed(
     finally:
         lease.release()
     if upstream.status_code != 200:
-        error = translate.upstream_failure(upstream.status_code, raw, f"llama-server for {model.name!r}")
+        error = dialect.upstream_failure(upstream.status_code, raw, f"llama-server for {model.name!r}")
         if "pooling type 'none'" in error.message.lower():  # a GGUF with no pooling type of its own
             error.message += f" (add --pooling mean to args in [model:{model.name}])"
         raise error
     try:
         return json.loads(raw), load
     except ValueError as exc:
-        raise translate.upstream_failure(502, raw, "llama-server answered something that is not JSON") from exc
+        raise dialect.upstream_failure(502, raw, "llama-server answered something that is not JSON") from exc
 
 
 async def embed(proxy: ProxyState, request: Request) -> Reply:
@@ -500,7 +500,7 @@ async def embed(proxy: ProxyState, request: Request) -> Reply:
     started, payload, name, model = asked.started, asked.payload, asked.name, asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/embed")
-    keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
+    keep_alive = dialect.parse_keep_alive(payload.get("keep_alive"))
     inputs = payload.get("input")
     if isinstance(inputs, str):
         inputs = [inputs] if inputs else []
@@ -510,16 +510,16 @@ async def embed(proxy: ProxyState, request: Request) -> Reply:
         raise BadRequest("input must be a string or a list of strings")
     if not inputs:  # Ollama loads the model and answers no embeddings
         _check_embeds(model, name)
-        await _load_or_unload(proxy, name, keep_alive, translate.Answer(name, chat=False, started=started))
+        await _load_or_unload(proxy, name, keep_alive, dialect.Answer(name, chat=False, started=started))
         return _json({"model": name, "embeddings": []})
     body, load = await _embed(proxy, model, name, inputs, keep_alive)
-    vectors, tokens = translate.embeddings_from(body, payload.get("dimensions"))
+    vectors, tokens = dialect.embeddings_from(body, payload.get("dimensions"))
     return _json(
         {
             "model": name,
             "embeddings": vectors,
-            "total_duration": int((time.perf_counter() - started) * translate.NS_PER_S),
-            "load_duration": int(load * translate.NS_PER_S),
+            "total_duration": int((time.perf_counter() - started) * dialect.NS_PER_S),
+            "load_duration": int(load * dialect.NS_PER_S),
             "prompt_eval_count": tokens,
         }
     )
@@ -531,16 +531,16 @@ async def embeddings(proxy: ProxyState, request: Request) -> Reply:
     started, payload, name, model = asked.started, asked.payload, asked.name, asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/embeddings")
-    keep_alive = translate.parse_keep_alive(payload.get("keep_alive"))
+    keep_alive = dialect.parse_keep_alive(payload.get("keep_alive"))
     prompt = payload.get("prompt") or ""
     if not isinstance(prompt, str):
         raise BadRequest("prompt must be a string")
     if not prompt:
         _check_embeds(model, name)
-        await _load_or_unload(proxy, name, keep_alive, translate.Answer(name, chat=False, started=started))
+        await _load_or_unload(proxy, name, keep_alive, dialect.Answer(name, chat=False, started=started))
         return _json({"embedding": []})
     body, _load = await _embed(proxy, model, name, [prompt], keep_alive)
-    vectors, _tokens = translate.embeddings_from(body)
+    vectors, _tokens = dialect.embeddings_from(body)
     return _json({"embedding": vectors[0] if vectors else []})
 
 
@@ -558,7 +558,7 @@ def version() -> Reply:
         ours = package_version("smart-proxy")
     except PackageNotFoundError:
         ours = "dev"
-    return _json({"version": translate.OLLAMA_VERSION, "smart_proxy": ours})
+    return _json({"version": dialect.OLLAMA_VERSION, "smart_proxy": ours})
 
 
 def _local_entry(name: str, info: ModelInfo | None) -> dict[str, Any]:
@@ -609,8 +609,8 @@ async def ps(proxy: ProxyState) -> Reply:
         model = proxy.catalog.get(name)
         entry = _local_entry(name, await _info(proxy, model))
         # whatever a request's keep_alive left there (NaN, a year past 9999), this list must still be answered
-        forever = not math.isfinite(expires) or expires - now > translate.MAX_KEEP_ALIVE
-        entry["expires_at"] = translate.far_future() if forever else translate.iso_time(expires)
+        forever = not math.isfinite(expires) or expires - now > dialect.MAX_KEEP_ALIVE
+        entry["expires_at"] = dialect.far_future() if forever else dialect.iso_time(expires)
         entry["size_vram"] = 0
         server = servers.get(port)
         if server is not None:
@@ -672,7 +672,7 @@ async def pull(proxy: ProxyState, request: Request) -> Reply:
     if model.repo is None:
         if not stream:
             return _json({"status": "success"})
-        return _ndjson(translate.ndjson({"status": "success"}))
+        return _ndjson(dialect.ndjson({"status": "success"}))
     download = proxy.catalog.start_download(model)
     if not stream:
         await download.wait()
@@ -686,22 +686,22 @@ async def _pull_stream(download: Download) -> AsyncIterator[bytes]:
     The client counts among the download's waiters while it watches; leaving stops the
     watching, never the download (see :mod:`smart_proxy.download`).
     """
-    report = translate.PullReport()
-    yield translate.ndjson(report.FIRST)
+    report = dialect.PullReport()
+    yield dialect.ndjson(report.FIRST)
     with download.waiting():
         while True:
             finished = download.done.is_set()
             for obj in report.update(download.status()):
-                yield translate.ndjson(obj)
+                yield dialect.ndjson(obj)
             if finished:
                 break
             with trio.move_on_after(_PULL_EVERY):
                 await download.done.wait()
     if download.error is not None:
-        yield translate.ndjson({"error": download.error.message})
+        yield dialect.ndjson({"error": download.error.message})
         return
     for obj in report.LAST:
-        yield translate.ndjson(obj)
+        yield dialect.ndjson(obj)
 
 
 async def delete(proxy: ProxyState, request: Request) -> Reply:
