@@ -39,7 +39,10 @@ more events arrive per read): read the ratios. ``--apart`` drives one checkout a
 a time instead, alternating which goes first (the scenarios' conditions; noisier
 by the machine's drift). The result per row is the median of the per-round
 ratios B/A and their range, beside each side's median; the rate (requests or
-events per second) likewise. A and B the same code gives the noise floor.
+events per second) likewise. The rounds are split over ``--sessions`` with both
+proxies started afresh each time (in alternating order): two processes of the
+same code can differ by a percent or two for the whole of their lives. A and B
+the same code gives the noise floor.
 ``bench/pair.py`` is this with only the overhead rows.
 """
 
@@ -202,42 +205,59 @@ def both(row: Row, proxies: list[h.SmartProxy], go: h.GoBinaries, seconds: float
     return figures  # type: ignore[return-value]
 
 
-def run(a: Path, b: Path, rows: list[Row], *, rounds: int, seconds: float, together: bool = True,
+def start_proxies(a: Path, b: Path, work: Path, ini: str, session: int) -> list[h.SmartProxy]:
+    """Both checkouts' proxies, ready and each model loaded; started A first in even sessions, B first in odd."""
+    order = [(0, "A", a), (1, "B", b)]
+    started: dict[int, h.SmartProxy] = {}
+    for side, label, repo in order if session % 2 == 0 else order[::-1]:
+        h.PROXY_REPO = repo.resolve()
+        proxy = h.SmartProxy(work, f"ab-{label}{session}", ini)
+        for body in (chat(), chat("fan")):
+            status, answer = h.post_json(proxy.url + "/v1/chat/completions", body)
+            if status != 200:
+                raise RuntimeError(f"{label} {repo}: /v1/chat/completions answered {status}: {answer[:300]!r}")
+        started[side] = proxy
+    return [started[0], started[1]]
+
+
+def run(a: Path, b: Path, rows: list[Row], *, rounds: int, seconds: float, together: bool = True, sessions: int = 3,
         progress: Callable[[str], None] = h.log) -> list[Result]:
-    """Both checkouts up at once; ``rounds`` rounds of every row in ``rows``; the figures per row."""
+    """``rounds`` rounds of every row in ``rows`` over both checkouts; the figures per row.
+
+    The rounds are split over ``sessions``, each with both proxies started afresh: one
+    process can be a percent or two faster than another of the same code (where its
+    memory landed, its hash seed), which more rounds with the same two would not average out.
+    """
     h.require_tools()
     work = h.Workdir()
+    results = [Result(row, ([], []), ([], [])) for row in rows]
     try:
         go = h.GoBinaries(work.path)
         _, ollama_url = h.start_fakeupstream(work.path, go, {"slots": 1024}, alias="up")
         ini = proxy_ini(work.path, go, ollama_url)
-        proxies = []
-        for label, repo in (("A", a), ("B", b)):
-            h.PROXY_REPO = repo.resolve()
-            proxy = h.SmartProxy(work.path, f"ab-{label}", ini)
-            for path, body in (("/v1/chat/completions", chat()), ("/v1/chat/completions", chat("fan"))):
-                status, answer = h.post_json(proxy.url + path, body)
-                if status != 200:
-                    raise RuntimeError(f"{label} {repo}: {path} answered {status}: {answer[:300]!r}")
-            proxies.append(proxy)
-        for row in rows:  # warm up: connections, caches, the agent chain, the upstream's pool
+        n = 0
+        for session in range(sessions):
+            proxies = start_proxies(a, b, work.path, ini, session)
+            for row in rows:  # warm up: connections, caches, the agent chain, the upstream's pool
+                for proxy in proxies:
+                    measure(row._replace(clients=min(row.clients, 64)), proxy, go, 1)
+            for _ in range(rounds * (session + 1) // sessions - rounds * session // sessions):
+                began = time.monotonic()
+                for i, result in enumerate(results):
+                    if together:
+                        figures = both(result.row, proxies, go, seconds)
+                    else:
+                        figures = [(0.0, 0.0), (0.0, 0.0)]
+                        for side in (0, 1) if (n + i) % 2 == 0 else (1, 0):
+                            figures[side] = measure(result.row, proxies[side], go, seconds)
+                    for side, (cpu, rate) in enumerate(figures):
+                        result.cpu[side].append(cpu)
+                        result.rate[side].append(rate)
+                n += 1
+                progress(f"round {n}/{rounds} (session {session + 1}) in {time.monotonic() - began:.0f} s: "
+                         + ", ".join(f"{r.row.name} {r.ratios()[-1]:.3f}" for r in results))
             for proxy in proxies:
-                measure(row._replace(clients=min(row.clients, 64)), proxy, go, 1)
-        results = [Result(row, ([], []), ([], [])) for row in rows]
-        for n in range(rounds):
-            began = time.monotonic()
-            for i, result in enumerate(results):
-                if together:
-                    figures = both(result.row, proxies, go, seconds)
-                else:
-                    figures = [(0.0, 0.0), (0.0, 0.0)]
-                    for side in (0, 1) if (n + i) % 2 == 0 else (1, 0):
-                        figures[side] = measure(result.row, proxies[side], go, seconds)
-                for side, (cpu, rate) in enumerate(figures):
-                    result.cpu[side].append(cpu)
-                    result.rate[side].append(rate)
-            progress(f"round {n + 1}/{rounds} in {time.monotonic() - began:.0f} s: "
-                     + ", ".join(f"{r.row.name} {r.ratios()[-1]:.3f}" for r in results))
+                proxy.stop()
     except BaseException:
         h.stop_all()
         h.log(f"failed: logs kept in {work.path}")
@@ -261,8 +281,10 @@ def table(results: list[Result]) -> list[str]:
     return lines
 
 
-def print_report(a: Path, b: Path, results: list[Result], *, rounds: int, seconds: float, took: float) -> None:
-    print(f"\nA = {a.resolve()}\nB = {b.resolve()}\n{cpu_name()}, {rounds} rounds, wrk {seconds} s per run; "
+def print_report(a: Path, b: Path, results: list[Result], *, rounds: int, seconds: float, took: float,
+                 sessions: int) -> None:
+    print(f"\nA = {a.resolve()}\nB = {b.resolve()}\n{cpu_name()}, {rounds} rounds in {sessions} sessions (both "
+          f"proxies started afresh for each), wrk {seconds} s per run; "
           f"B/A = median of per-round ratios; took {took / 60:.1f} min\n")
     print("\n".join(table(results)), flush=True)
 
@@ -272,7 +294,8 @@ def main() -> int:
     parser.add_argument("a", type=Path)
     parser.add_argument("b", type=Path)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
-    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--sessions", type=int, default=3, help="times both proxies are started afresh")
     parser.add_argument("--seconds", type=int, default=3, help="wrk run per checkout per round and row")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     parser.add_argument("--apart", action="store_true",
@@ -284,12 +307,13 @@ def main() -> int:
         parser.error(f"unknown rows {', '.join(unknown)}; known: {', '.join(ROWS)}")
     began = time.monotonic()
     results = run(args.a, args.b, [ROWS[name] for name in names], rounds=args.rounds, seconds=args.seconds,
-                  together=not args.apart)
+                  together=not args.apart, sessions=args.sessions)
     took = time.monotonic() - began
-    print_report(args.a, args.b, results, rounds=args.rounds, seconds=args.seconds, took=took)
+    print_report(args.a, args.b, results, rounds=args.rounds, seconds=args.seconds, took=took, sessions=args.sessions)
     if args.json:
         args.json.write_text(json.dumps({
             "a": str(args.a.resolve()), "b": str(args.b.resolve()), "cpu": cpu_name(), "rounds": args.rounds,
+            "sessions": args.sessions, "together": not args.apart,
             "seconds": args.seconds, "took_s": round(took, 1),
             "rows": {name: {"row": r.row.name, "per": r.row.per, "cpu": r.cpu, "rate": r.rate}
                      for name, r in zip(names, results, strict=True)}}, indent=1))

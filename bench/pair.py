@@ -29,6 +29,7 @@ def main() -> int:
     parser.add_argument("clients", type=int, nargs="*", default=[64])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=3, help="wrk run per checkout per round")
+    parser.add_argument("--sessions", type=int, default=2, help="times both proxies are started afresh")
     parser.add_argument("--ollama", action="store_true", help="non-streamed /api/chat instead of the OpenAI route")
     args = parser.parse_args()
     path = "/api/chat" if args.ollama else "/v1/chat/completions"
@@ -36,8 +37,9 @@ def main() -> int:
     rows = [ab.Row(f"{path}, {clients} clients", "request", path, body, clients)
             for clients in args.clients]
     began = time.monotonic()
-    results = ab.run(args.a, args.b, rows, rounds=args.rounds, seconds=args.seconds)
-    ab.print_report(args.a, args.b, results, rounds=args.rounds, seconds=args.seconds, took=time.monotonic() - began)
+    results = ab.run(args.a, args.b, rows, rounds=args.rounds, seconds=args.seconds, sessions=args.sessions)
+    ab.print_report(args.a, args.b, results, rounds=args.rounds, seconds=args.seconds, took=time.monotonic() - began,
+                    sessions=args.sessions)
     return 0
 
 
