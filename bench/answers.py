@@ -7,8 +7,8 @@ JSON files and a "llama-server" script that runs this repository's
 thread of this process) serves the ``backend = ollama`` models. Each checkout in
 turn (A, then B; default B: this repository) runs as ``python -m smart_proxy`` with
 ``PYTHONPATH=REPO``, on the same port, with that same proxy.ini and the bundled
-agents of this repository's ``agents/`` (which import ``smart_proxy`` from the
-checkout under test). The matrix of :func:`matrix` goes to it one request at a
+agents of this repository's ``agents/`` (``--agents``; they import ``smart_proxy``
+from the checkout under test). The matrix of :func:`matrix` goes to it one request at a
 time, in order, each on a new connection written by hand (so malformed requests
 are possible), and the answer is kept: status line, headers, and the body as the
 client reads it (de-chunked: how a stream was cut into chunks depends on timing,
@@ -145,7 +145,7 @@ MODELS = {
 }
 
 
-def ini_text(work: Path, binary: str, ollama_url: str, max_body: int) -> str:
+def ini_text(work: Path, binary: str, ollama_url: str, max_body: int, agents: Path) -> str:
     lines = ["[proxy]", "host = 127.0.0.1", "grace = 1s", f"max_body = {max_body}",
              "[pool]", f"llama_server = {binary}", f"size = {len(MODELS) + 1}", "load_timeout = 20s",
              "stop_timeout = 2s", "health_interval = 0"]
@@ -159,7 +159,7 @@ def ini_text(work: Path, binary: str, ollama_url: str, max_body: int) -> str:
     lines += ["[model:remote-llm]", "backend = ollama", f"url = {ollama_url}"]
     lines += ["[model:up]", "backend = ollama", f"url = {ollama_url}", "upstream_model = remote-llm",
               "[model:up-embed]", "backend = ollama", f"url = {ollama_url}", "upstream_model = remote-embed:latest",
-              "[agents]", f"dir = {HERE / 'agents'}", "enabled = rag, parallel, json", "timeout = 20s"]
+              "[agents]", f"dir = {agents}", "enabled = rag, parallel, json", "timeout = 20s"]
     return "\n".join(lines) + "\n"
 
 
@@ -529,6 +529,8 @@ def main() -> int:
     parser.add_argument("a", type=Path, help="a checkout (its smart_proxy is run with PYTHONPATH=A)")
     parser.add_argument("b", type=Path, nargs="?", default=HERE, help="another checkout (default: this one)")
     parser.add_argument("--max-body", type=int, default=4096, help="[proxy] max_body for the run (bytes)")
+    parser.add_argument("--agents", type=Path, default=HERE / "agents",
+                        help="the agents folder (default: this repository's; they import smart_proxy.agents)")
     parser.add_argument("--save", type=Path, help="write every answer of both runs to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (proxy.ini, logs)")
     args = parser.parse_args()
@@ -546,7 +548,7 @@ def main() -> int:
         binary.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{HERE / "tests" / "fake_llama_server.py"}" "$@"\n')
         binary.chmod(0o755)
         config = work / "proxy.ini"
-        config.write_text(ini_text(work, str(binary), fake.url, args.max_body))
+        config.write_text(ini_text(work, str(binary), fake.url, args.max_body, args.agents.resolve()))
         cases = matrix(args.max_body)
         port = free_port()
         answers = []
