@@ -12,6 +12,13 @@
 //	GET  /bench/stats          requests seen, in flight, and every aborted request
 //	POST /bench/reset          forget the stats
 //
+// So that it can also stand in for an Ollama server (a proxy.ini model with
+// backend = ollama; its OpenAI clients go to the /v1 routes above):
+//
+//	GET  /api/version          {"version": "0.0.0-bench"}
+//	POST /api/chat             canned Ollama chat JSON, or unless "stream": false, NDJSON
+//	                           (options.num_predict lines, default 3, then the done line)
+//
 // Request fields used to shape the answer (a real llama-server ignores unknown fields):
 //
 //	max_tokens      chunks in a stream (default 100)
@@ -53,6 +60,13 @@ type abortRecord struct {
 	ID     string `json:"id"`
 	TimeNs int64  `json:"t_ns"`
 	Sent   int    `json:"chunks_sent"`
+}
+
+type ollamaRequest struct {
+	Stream  *bool `json:"stream"`
+	Options struct {
+		NumPredict int `json:"num_predict"`
+	} `json:"options"`
 }
 
 type request struct {
@@ -118,6 +132,10 @@ func main() {
 	mux.HandleFunc("/v1/completions", complete)
 	mux.HandleFunc("/bench/stats", stats)
 	mux.HandleFunc("/bench/reset", reset)
+	mux.HandleFunc("/api/version", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, 200, []byte(`{"version":"0.0.0-bench"}`))
+	})
+	mux.HandleFunc("/api/chat", ollamaChat)
 	listener, err := net.Listen("tcp", net.JoinHostPort(host, port))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "listen:", err)
@@ -245,5 +263,40 @@ func complete(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintf(w, `data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,"model":%q,`+
 		`"choices":[{"index":0,"finish_reason":"length","delta":{}}],"usage":{"prompt_tokens":3,"completion_tokens":%d,"total_tokens":%d}}`+
 		"\n\ndata: [DONE]\n\n", alias, n, n+3)
+	flusher.Flush()
+}
+
+// ollamaChat answers Ollama's /api/chat: one JSON object with "stream": false, else NDJSON.
+func ollamaChat(w http.ResponseWriter, r *http.Request) {
+	atomic.AddInt64(&requests, 1)
+	body, err := io.ReadAll(r.Body)
+	var req ollamaRequest
+	if err != nil || json.Unmarshal(body, &req) != nil {
+		writeJSON(w, 400, []byte(`{"error":"bad json"}`))
+		return
+	}
+	done := `"done":true,"done_reason":"stop","total_duration":310200000,"load_duration":100000,` +
+		`"prompt_eval_count":12,"prompt_eval_duration":8100000,"eval_count":19,"eval_duration":310200000}`
+	if req.Stream != nil && !*req.Stream {
+		writeJSON(w, 200, []byte(fmt.Sprintf(`{"model":%q,"created_at":"2023-11-14T22:13:20Z",`+
+			`"message":{"role":"assistant","content":"Hello! How can I help you today? This is a canned answer of a `+
+			`typical short length."},`, alias)+done))
+		return
+	}
+	n := req.Options.NumPredict
+	if n <= 0 {
+		n = 3
+	}
+	flusher := w.(http.Flusher)
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(200)
+	for i := 0; i < n; i++ {
+		if _, err := fmt.Fprintf(w, `{"model":%q,"created_at":"2023-11-14T22:13:20Z","message":{"role":"assistant",`+
+			`"content":"tok%d "},"done":false}`+"\n", alias, i); err != nil {
+			return
+		}
+		flusher.Flush()
+	}
+	fmt.Fprintf(w, `{"model":%q,"created_at":"2023-11-14T22:13:20Z","message":{"role":"assistant","content":""},`+done+"\n", alias)
 	flusher.Flush()
 }
