@@ -74,6 +74,7 @@ from .upstream import ollama_server as ollama_backend
 from .config import AGENT_NAME, AgentsConfig, resolve_path
 from .errors import BadRequest, ProxyError, UpstreamError
 from .jsonbody import MAX_DEPTH
+from .upstream.client import LlamaClient
 from .upstream.relay import open_upstream
 
 if TYPE_CHECKING:
@@ -185,8 +186,8 @@ class AgentContext:
     failures: list[AgentFailure] = attrs.Factory(list)
     keep_alive: float | None = None
     pool: Pool | None = attrs.field(default=None, repr=False)
-    #: What requests to llama-servers go through (a client, or the proxy's UpstreamTransport).
-    http: httpx.AsyncClient | httpx.AsyncBaseTransport | None = attrs.field(default=None, repr=False)
+    #: What requests to llama-servers go through (the proxy's LlamaClient).
+    http: LlamaClient | None = attrs.field(default=None, repr=False)
     #: Which models an Ollama upstream serves (without one, every model is the pool's).
     catalog: Catalog | None = attrs.field(default=None, repr=False)
     #: The proxy's HTTP client, for those upstreams.
@@ -578,7 +579,7 @@ class Chain:
     async def prepare(
         self,
         pool: Pool | None,
-        http: httpx.AsyncClient | httpx.AsyncBaseTransport | None,
+        http: LlamaClient | None,
         request_id: str | None = None,
         *,
         keep_alive: float | None = None,

@@ -1,7 +1,7 @@
 """The Quart-Trio application: routes of every dialect over one shared state.
 
 :func:`create_app` takes a :class:`ProxyState` (config, catalog, pool, HTTP
-client, llama-server transport, lifecycle, metrics, API keys, agents), all owned by the root nursery in
+client, llama-server client, lifecycle, metrics, API keys, agents), all owned by the root nursery in
 :mod:`smart_proxy.server`; the app holds no long-lived work of its own. Errors are
 rendered in the dialect of the route that raised them: Ollama's
 ``{"error": "..."}`` under ``/api/``, the OpenAI error object everywhere else.
@@ -29,7 +29,7 @@ from .errors import ProxyError, too_large
 from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .pool import Pool
-from .upstream.client import UpstreamTransport
+from .upstream.client import LlamaClient
 
 __all__ = ["ProxyState", "create_app", "state"]
 
@@ -45,8 +45,8 @@ class ProxyState:
     catalog: Catalog
     pool: Pool
     http: httpx.AsyncClient
-    #: The transport for requests relayed to llama-servers (smart_proxy.upstream); ``http`` for everything else.
-    llama: httpx.AsyncBaseTransport = attrs.Factory(UpstreamTransport)
+    #: The client for requests relayed to llama-servers (smart_proxy.upstream.client); ``http`` for everything else.
+    llama: LlamaClient = attrs.Factory(LlamaClient)
     lifecycle: Lifecycle = attrs.Factory(Lifecycle)
     metrics: Metrics = attrs.Factory(Metrics)
     api_keys: ApiKeys = attrs.Factory(ApiKeys)

@@ -10,7 +10,7 @@ from smart_proxy.app import ProxyState, create_app
 from smart_proxy.asgi import HTTPConnection
 from smart_proxy.catalog import Catalog
 from smart_proxy.lifecycle import Phase
-from smart_proxy.upstream.relay import make_transport
+from smart_proxy.upstream.relay import make_llama_client
 
 
 def scope(path: str, body: bytes) -> dict:
@@ -47,7 +47,7 @@ async def make_app(make_config, start_pool, http, nursery, path="direct", **beha
     """The app over a pool with one fake model ``a``; ``path="quart"`` sends the relay routes through Quart."""
     config = make_config({"a": {"slots": 1, **behaviour}})
     pool = await start_pool(config)
-    llama = make_transport()
+    llama = make_llama_client()
     nursery.start_soon(_close_at_end, llama)
     proxy = ProxyState(config, Catalog(config.models, config.base_dir), pool, http, llama=llama)
     proxy.lifecycle.move(Phase.READY)

@@ -51,6 +51,7 @@ from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
 from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
+from ..upstream.client import LlamaClient
 from ..upstream.relay import MAX_ANSWER, RelayBody, Upstream, open_upstream, send_leased
 from .openai import chain_error, parse_body, replay_sse, sse_error
 
@@ -172,10 +173,10 @@ async def _check_images(http: httpx.AsyncClient, lease: Lease, name: str) -> Non
 # ---- generation ---------------------------------------------------------------------------
 
 
-async def _post(http: httpx.AsyncBaseTransport, lease: Lease, path: str, body: dict[str, Any]) -> Upstream:
+async def _post(llama: LlamaClient, lease: Lease, path: str, body: dict[str, Any]) -> Upstream:
     content = json.dumps(body, ensure_ascii=False).encode()
     return await open_upstream(
-        http,
+        llama,
         "POST",
         lease.base_url + path,
         content=content,
