@@ -200,10 +200,13 @@ async def test_the_llama_clients_failures_become_the_proxys_errors(nursery, llam
     upstream = await open_upstream(llama, "GET", cut)
     with pytest.raises(UpstreamError, match="the upstream answer broke off: ProtocolError: .*complete message body"):
         await upstream.read()
-    interim = await _serve_once(nursery, b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
-    with pytest.raises(UpstreamError, match="answered an invalid status: 101"):
-        await open_upstream(llama, "GET", interim)
-    assert llama.connections == 0
+    switched = await _serve_once(nursery, b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    with pytest.raises(UpstreamError, match="cannot reach .*: ProtocolError: 101 Switching Protocols"):
+        await open_upstream(llama, "GET", switched)
+    beyond = await _serve_once(nursery, b"HTTP/1.1 600 Beyond\r\nContent-Length: 0\r\n\r\n")
+    with pytest.raises(UpstreamError, match="answered an invalid status: 600"):
+        await open_upstream(llama, "GET", beyond)
+    assert llama.connections == llama.idle == 1  # none in use: only the 600's, whose empty body ended
 
 
 async def test_httpxs_failures_become_the_proxys_errors(nursery, http) -> None:

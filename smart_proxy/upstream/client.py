@@ -484,7 +484,7 @@ class LlamaClient:
             try:
                 while (parsed := parse_head(buffer)) is not None:
                     head, start = parsed
-                    if 100 <= head.status < 200 and head.status != 101:  # an interim answer: the real one follows
+                    if head.status < 200:  # an interim answer (http11 refuses a 101): the real one follows
                         buffer = buffer[start:]
                         continue
                     return head, buffer[start:]

@@ -5,16 +5,19 @@ No I/O here (like h11's readers): :func:`encode_request` makes a whole request
 returns the answer's head once it is complete; :func:`body_reader` picks the
 body's framing from the request method and the head (RFC 9112 6.3): none for
 HEAD, 1xx, 204 and 304; chunked transfer-coding (:class:`Chunked`) when
-Transfer-Encoding ends in chunked; Content-Length; else until the connection
-closes. A reader's ``feed`` turns received bytes into body bytes, all that one
+Transfer-Encoding says so; Content-Length; else until the connection closes. A reader's ``feed`` turns received bytes into body bytes, all that one
 read completes joined in one piece (h11 hands out one event per chunk), and says
 when the body is ``done`` and what ``extra`` bytes followed it.
 
 What is accepted is bounded (heads, trailers and chunk-size lines) and anything
 not understood is a :class:`ParseError`; :mod:`smart_proxy.upstream.client`
-turns it into its own ``ProtocolError``. Lines end in CRLF; obsolete line
-folding and a bare LF in a head are refused. ``tests/test_http11.py`` runs the
-same answers through this parser and through h11 and expects the same result.
+turns it into its own ``ProtocolError``. It is what h11 accepts, a little
+stricter: lines end in CRLF (a bare LF, obsolete line folding and HTTP versions
+other than 1.0 and 1.1 are refused), the only transfer-coding is chunked, and a
+101 is refused (this client never asks to switch protocols). The one leniency h11
+lacks is the RFC's whitespace before a chunk extension. ``tests/test_http11.py``
+runs the same answers, split into random reads and mutated, through this parser
+and through h11 and expects the same result.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ MAX_HEAD = 100 * 1024
 MAX_CHUNK_LINE = 4096
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _DIGITS = frozenset(b"0123456789")
-_TOKEN_BAD = frozenset(b' \t"(),/:;<=>?@[\\]{}\x7f') | frozenset(range(32))
+#: Bytes no header name (a token, RFC 9110 5.6.2) may hold.
+_TOKEN_BAD = frozenset(b' \t"(),/:;<=>?@[\\]{}\x7f') | frozenset(range(32)) | frozenset(range(128, 256))
+#: Bytes no header value or reason phrase may hold (h11 refuses the same: NUL and line-breaking whitespace).
+_VALUE_BAD = frozenset(b"\0\n\r\v\f")
 #: Bytes that may not appear in a request target or Host (a space, control bytes, anything not ASCII).
 _URL_BAD = frozenset(range(33)) | frozenset(range(127, 256))
 #: Methods whose request carries Content-Length even when the body is empty (as httpx and curl frame them).
@@ -99,18 +105,26 @@ class Head:
         self.close = False
         close = keep_alive = False
         transfer_encoding = False
+        length_value: bytes | None = None
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":
                 if not value or not _DIGITS.issuperset(value):
-                    raise ParseError(f"bad Content-Length: {value!r}")
-                length = int(value)
-                if self.content_length is not None and self.content_length != length:
+                    # a list of one repeated value ("5, 5", RFC 9110 8.6) stands for it; anything else is refused
+                    values = {length.strip() for length in value.split(b",")}
+                    if len(values) != 1:
+                        raise ParseError("conflicting Content-Length headers")
+                    (value,) = values
+                    if not value or not _DIGITS.issuperset(value):
+                        raise ParseError(f"bad Content-Length: {value!r}")
+                if length_value is not None and length_value != value:
                     raise ParseError("conflicting Content-Length headers")
-                self.content_length = length
+                length_value = value
             elif lower == b"transfer-encoding":
-                transfer_encoding = True
-                self.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+                # chunked is the only coding a client must know (RFC 9112 6.1); this one knows no other
+                if transfer_encoding or value.lower() != b"chunked":
+                    raise ParseError(f"unsupported Transfer-Encoding: {value[:40]!r}")
+                transfer_encoding = self.chunked = True
             elif lower == b"connection":
                 tokens = {token.strip().lower() for token in value.split(b",")}
                 if b"close" in tokens:
@@ -120,10 +134,11 @@ class Head:
         self.close = close or (http10 and not keep_alive)
         if transfer_encoding:
             # RFC 9112 6.3: Transfer-Encoding overrides Content-Length, and such an answer
-            # (or one whose last coding is not chunked) must not leave the connection reusable.
-            if self.content_length is not None or not self.chunked:
+            # must not leave the connection reusable.
+            if length_value is not None:
                 self.close = True
-            self.content_length = None
+        elif length_value is not None:
+            self.content_length = int(length_value)
 
 
 def parse_head(buffer: bytes | bytearray) -> tuple[Head, int] | None:
@@ -145,19 +160,33 @@ def parse_head(buffer: bytes | bytearray) -> tuple[Head, int] | None:
     status_line = lines[0]
     version, _, rest = status_line.partition(b" ")
     code, _, reason = rest.partition(b" ")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not _DIGITS.issuperset(code):
+    if (
+        version not in (b"HTTP/1.1", b"HTTP/1.0")
+        or len(code) != 3
+        or not _DIGITS.issuperset(code)
+        or code[0] == 48  # below 100
+        or not _VALUE_BAD.isdisjoint(reason)
+    ):
         raise ParseError(f"bad status line: {status_line[:80]!r}")
-    headers = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or not _TOKEN_BAD.isdisjoint(name):
-            # also a line folded onto the previous one (obsolete, RFC 9112 5.2) or a bare LF
-            raise ParseError(f"bad header line: {line[:80]!r}")
-        value = value.strip(b" \t")
-        if b"\r" in value or b"\n" in value or b"\0" in value:
-            raise ParseError(f"bad header value: {line[:80]!r}")
-        headers.append((name, value))
-    return Head(int(code), reason, headers, version == b"HTTP/1.0"), end + 4
+    if code == b"101":  # this client never asks to switch protocols (RFC 9110 15.2.2)
+        raise ParseError("101 Switching Protocols, which was not asked for")
+    return Head(int(code), reason, [_field(line) for line in lines[1:]], version == b"HTTP/1.0"), end + 4
+
+
+def _field(line: bytes) -> tuple[bytes, bytes]:
+    """A header (or trailer) line as ``(name, value)``, the value's surrounding spaces and tabs dropped.
+
+    Raises:
+        ParseError: not ``token ":" value``, or a value with a byte no field value may hold.
+    """
+    name, colon, value = line.partition(b":")
+    if not colon or not name or not _TOKEN_BAD.isdisjoint(name):
+        # also a line folded onto the previous one (obsolete, RFC 9112 5.2) or a bare LF
+        raise ParseError(f"bad header line: {line[:80]!r}")
+    value = value.strip(b" \t")
+    if not _VALUE_BAD.isdisjoint(value):
+        raise ParseError(f"bad header value: {line[:80]!r}")
+    return name, value
 
 
 # ---- body framing: each reader turns received bytes into body bytes (no I/O) ------------
@@ -273,8 +302,9 @@ class Chunked(BodyReader):
                     break
                 if eol - pos > MAX_CHUNK_LINE:
                     raise ParseError(f"chunk-size line longer than {MAX_CHUNK_LINE} bytes")
-                digits = data[pos:eol].split(b";", 1)[0].rstrip(b" \t")
-                if not digits or len(digits) > 16 or not _HEX.issuperset(digits):
+                digits, _, extension = data[pos:eol].partition(b";")  # extensions are ignored, but no line break
+                digits = digits.rstrip(b" \t")
+                if not digits or len(digits) > 16 or not _HEX.issuperset(digits) or b"\n" in extension:
                     raise ParseError(f"bad chunk size: {data[pos:eol][:40]!r}")
                 pos = eol + 2
                 self._remaining = int(digits, 16)
@@ -295,8 +325,7 @@ class Chunked(BodyReader):
                 self._trailers += eol + 2 - pos
                 if self._trailers > MAX_HEAD:
                     raise ParseError(f"trailers larger than {MAX_HEAD} bytes")
-                if b":" not in data[pos:eol]:
-                    raise ParseError(f"bad trailer line: {data[pos:eol][:80]!r}")
+                _field(data[pos:eol])  # checked like a header line, then dropped
                 pos = eol + 2
             else:  # _DONE
                 self.extra += data[pos:]
@@ -309,8 +338,6 @@ class Chunked(BodyReader):
 
 def body_reader(method: bytes, head: Head) -> BodyReader:
     """How the body of this answer to ``method`` is framed (RFC 9112 6.3)."""
-    if head.status == 101:  # the connection now speaks another protocol: never reuse it
-        head.close = True
     if method == b"HEAD" or head.status in (204, 304) or head.status < 200:
         return _Empty()
     if head.chunked:
