@@ -542,12 +542,13 @@ def _as_httpx_frames_it(method: str, url: str, content: bytes, headers: dict[str
 )
 async def test_a_request_is_framed_as_httpx_frames_it(nursery, method, path, content, headers) -> None:
     peer = await Peer(lambda head, body: _ok(b"echo:" + body)).start(nursery)
+    url = peer.url(path) if path else peer.url().rstrip("/")
     async with LlamaClient() as client:
-        response = await client.request(method, peer.url(path) if path else peer.url().rstrip("/"), content=content, headers=headers)
+        response = await client.request(method, url, content=content, headers=headers)
         assert await _read(response) == b"echo:" + content and response.status == 200
     ((_, head, body),) = peer.requests
     line, *fields = head.split(b"\r\n")
-    assert (line, set(fields), body) == _as_httpx_frames_it(method, peer.url(path) if path else peer.url().rstrip("/"), content, headers)
+    assert (line, set(fields), body) == _as_httpx_frames_it(method, url, content, headers)
     assert len(fields) == len(set(fields)) and fields[0].startswith(b"Host: ")
     given = [name.encode() for name in headers or {}]
     assert [name for name, _, _ in (f.partition(b":") for f in fields) if name in given] == given  # in order

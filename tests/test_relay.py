@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import json
 import time
-from collections.abc import AsyncIterator
 from functools import partial
 
 import httpx
@@ -14,8 +13,8 @@ import pytest
 import trio
 import trio.testing
 
-from smart_proxy.dialects import ollama as translate
 from smart_proxy.api.openai import sse_error
+from smart_proxy.dialects import ollama as translate
 from smart_proxy.errors import UpstreamError, UpstreamRefused
 from smart_proxy.upstream.client import LlamaClient, ProtocolError
 from smart_proxy.upstream.relay import (
@@ -309,7 +308,8 @@ async def test_relay_body_ends_a_broken_sse_stream_with_a_readable_error_event(v
     error = json.loads(events[2].removeprefix(b"data: "))["error"]
     assert error["code"] == 502 and len(events) == 4 and answer.closed
     kind = "ProtocolError" if via == "llama" else "RemoteProtocolError"
-    assert error["message"] == f"the upstream stream broke off: {kind}: peer closed connection without sending complete message body"
+    cause = "peer closed connection without sending complete message body"
+    assert error["message"] == f"the upstream stream broke off: {kind}: {cause}"
 
 
 async def test_relay_body_ends_an_sse_stream_without_done_with_an_error_event() -> None:
@@ -342,7 +342,8 @@ async def test_read_of_an_httpx_answer_decodes_its_content_encoding(nursery, htt
     import gzip
 
     zipped = gzip.compress(b"zipped " * 100)
-    url = await _serve_once(nursery, b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(zipped), zipped))
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(zipped)
+    url = await _serve_once(nursery, head + zipped)
     upstream = await open_httpx(http, http.build_request("GET", url))
     assert "content-encoding" not in upstream.headers and await upstream.read() == b"zipped " * 100
 

@@ -39,15 +39,16 @@ Theory of operation:
   the wait for the head).
 
 Checkpoints: every coroutine here is a cancellation point (a cancelled caller
-gets ``trio.Cancelled``, and the connection in use is closed), but a schedule
-point only when it has to wait. A send that fits the socket's buffer and a read
+gets ``trio.Cancelled``, and the connection in use, if any, is closed), but a
+schedule point only when it has to wait. A send that fits the socket's buffer and a read
 of bytes that have already arrived are plain socket calls: ``SocketStream``
 would wrap each in a conflict check, two context managers and a yield to the
 scheduler, paid per relayed event on the proxy's one core. A send, read or
 connect that waits is Trio's (``wait_readable``, ``send_all``, ``connect``), so
 it can be cancelled and a close wakes it. ``tests/test_client.py`` checks that a
-cancelled request and a cancelled read of a body that has already arrived raise
-``Cancelled`` and close the connection.
+cancelled request sends nothing, even on a pooled connection, and that a
+cancelled read of body bytes that have already arrived raises ``Cancelled`` and
+closes the connection.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""HTTP/1.1 for the client side of the hop to llama-server: the request's bytes, the answer's head and body framing.
+"""HTTP/1.1 for the client side of the hop to llama-server: a request's bytes, an answer's head and body framing.
 
 No I/O here (like h11's readers): :func:`encode_request` makes a whole request
 (Content-Length framed); :func:`parse_head` takes the bytes received so far and
 returns the answer's head once it is complete; :func:`body_reader` picks the
 body's framing from the request method and the head (RFC 9112 6.3): none for
 HEAD, 1xx, 204 and 304; chunked transfer-coding (:class:`Chunked`) when
-Transfer-Encoding says so; Content-Length; else until the connection closes. A reader's ``feed`` turns received bytes into body bytes, all that one
-read completes joined in one piece (h11 hands out one event per chunk), and says
-when the body is ``done`` and what ``extra`` bytes followed it.
+Transfer-Encoding says so; Content-Length; else until the connection closes. A
+reader's ``feed`` turns received bytes into body bytes, all that one read
+completes joined in one piece (h11 hands out one event per chunk), and says when
+the body is ``done`` and what ``extra`` bytes followed it.
 
 What is accepted is bounded (heads, trailers and chunk-size lines) and anything
 not understood is a :class:`ParseError`; :mod:`smart_proxy.upstream.client`

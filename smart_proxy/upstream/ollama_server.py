@@ -94,7 +94,9 @@ async def send(
     (``upstream_model``) or there is no ``raw``: then ``payload``, with the upstream's name.
 
     Raises:
-        UpstreamError: the Ollama server cannot be reached (502).
+        UpstreamError: the Ollama server cannot be reached (502); refused or dropped before
+            any answer, the request goes once more first.
+        UpstreamTimeout: no answer head within the model's ``request_timeout`` (504).
     """
     content = raw
     if payload is not None and (raw is None or payload.get("model") != remote_name(model)):
