@@ -74,6 +74,7 @@ from .config import AGENT_NAME, AgentsConfig, resolve_path
 from .errors import BadRequest, ProxyError, UpstreamError
 from .jsonbody import MAX_DEPTH
 from .upstream import ollama_server as ollama_backend
+from .upstream.client import LlamaClient
 from .upstream.relay import open_upstream
 
 if TYPE_CHECKING:
@@ -185,8 +186,8 @@ class AgentContext:
     failures: list[AgentFailure] = attrs.Factory(list)
     keep_alive: float | None = None
     pool: Pool | None = attrs.field(default=None, repr=False)
-    #: What requests to llama-servers go through (a client, or the proxy's UpstreamTransport).
-    http: httpx.AsyncClient | httpx.AsyncBaseTransport | None = attrs.field(default=None, repr=False)
+    #: What requests to llama-servers go through (the proxy's LlamaClient).
+    llama: LlamaClient | None = attrs.field(default=None, repr=False)
     #: Which models an Ollama upstream serves (without one, every model is the pool's).
     catalog: Catalog | None = attrs.field(default=None, repr=False)
     #: The proxy's HTTP client, for those upstreams.
@@ -255,12 +256,12 @@ class AgentContext:
                 raise RuntimeError("this AgentContext has no client to call Ollama upstreams with")
             upstream = await ollama_backend.send(self.client, target, "POST", UPSTREAM_PATHS[self.kind], payload=body)
             return upstream.status_code, await upstream.read()
-        if self.pool is None or self.http is None:
+        if self.pool is None or self.llama is None:
             raise RuntimeError("this AgentContext has no pool to call models with")
         lease = await self.pool.acquire(model, keep_alive=self.keep_alive)
         try:
             upstream = await open_upstream(
-                self.http,
+                self.llama,
                 "POST",
                 lease.base_url + UPSTREAM_PATHS[self.kind],
                 content=json.dumps(body).encode(),
@@ -546,7 +547,7 @@ class Chain:
 
     A dialect route runs it like this (see docs/agents.md)::
 
-        ctx = await chain.prepare(pool, http, request_id)   # request hooks
+        ctx = await chain.prepare(pool, llama, request_id)  # request hooks
         if chain.live:
             ...forward ctx.payload as usual, adding ctx.headers()
         else:
@@ -578,7 +579,7 @@ class Chain:
     async def prepare(
         self,
         pool: Pool | None,
-        http: httpx.AsyncClient | httpx.AsyncBaseTransport | None,
+        llama: LlamaClient | None,
         request_id: str | None = None,
         *,
         keep_alive: float | None = None,
@@ -598,7 +599,7 @@ class Chain:
             agents=self.names,
             keep_alive=keep_alive,
             pool=pool,
-            http=http,
+            llama=llama,
             catalog=catalog,
             client=client,
         )

@@ -49,7 +49,7 @@ from .metrics import Metrics
 from .pool import Pool
 from .process import find_llama_server
 from .upstream.ollama_server import UpstreamMonitor
-from .upstream.relay import make_client, make_transport
+from .upstream.relay import make_client, make_llama_client
 from .web.app import create_app
 
 __all__ = ["StopSignals", "free_closed_connections", "serve"]
@@ -212,7 +212,7 @@ async def serve(
     free_closed_connections()
     lifecycle = Lifecycle()
     signals: StopSignals | None = None
-    async with make_client() as client, make_transport() as llama, trio.open_nursery() as nursery:
+    async with make_client() as client, make_llama_client() as llama, trio.open_nursery() as nursery:
         trigger = shutdown_trigger
         if trigger is None:
             signals = await nursery.start(StopSignals().run)

@@ -9,7 +9,7 @@ import trio
 from smart_proxy.catalog import Catalog
 from smart_proxy.handlers.state import ProxyState
 from smart_proxy.lifecycle import Phase
-from smart_proxy.upstream.relay import make_transport
+from smart_proxy.upstream.relay import make_llama_client
 from smart_proxy.web.app import create_app
 
 
@@ -47,7 +47,7 @@ async def make_app(make_config, start_pool, http, nursery, **behaviour):
     """The app over a pool with one fake model ``a``."""
     config = make_config({"a": {"slots": 1, **behaviour}})
     pool = await start_pool(config)
-    llama = make_transport()
+    llama = make_llama_client()
     nursery.start_soon(_close_at_end, llama)
     proxy = ProxyState(config, Catalog(config.models, config.base_dir), pool, http, llama=llama)
     proxy.lifecycle.move(Phase.READY)

@@ -17,7 +17,8 @@ from smart_proxy.catalog import Catalog
 from smart_proxy.config import Config, structure
 from smart_proxy.pool import Pool
 from smart_proxy.server import serve
-from smart_proxy.upstream.relay import make_client
+from smart_proxy.upstream.client import LlamaClient
+from smart_proxy.upstream.relay import make_client, make_llama_client
 
 from .fake_hub import FakeHub
 from .fake_ollama import FakeOllama
@@ -54,6 +55,13 @@ def make_config(tmp_path: Path, fake_binary: str) -> Callable[..., Config]:
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with make_client() as client:
+        yield client
+
+
+@pytest.fixture
+async def llama() -> AsyncIterator[LlamaClient]:
+    """The client the proxy relays llama-servers' answers through."""
+    async with make_llama_client() as client:
         yield client
 
 

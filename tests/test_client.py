@@ -1,5 +1,6 @@
-"""upstream.py: the transport against real local servers: keep-alive reuse, framings, stale and
-idle connections, errors, closing; and with the fake llama-server through the relay."""
+"""client.py: the llama client against real local servers: keep-alive reuse, framings, stale and
+idle connections, connection states, cancellation, errors, closing; and with the fake
+llama-server through the relay."""
 
 from __future__ import annotations
 
@@ -13,10 +14,19 @@ import pytest
 import trio
 import trio.testing
 
-from smart_proxy.upstream.client import UpstreamTransport
+from smart_proxy.errors import UpstreamError
+from smart_proxy.upstream.client import (
+    ConnectFailed,
+    ConnState,
+    Disconnected,
+    LlamaClient,
+    LlamaResponse,
+    ProtocolError,
+    ReadFailed,
+)
 from smart_proxy.upstream.relay import RelayBody, open_upstream
 
-# ---- the transport against a scripted trio server --------------------------------------------
+# ---- the client against a scripted trio server -- --------------------------------------------
 
 
 class SendAndClose(Exception):
@@ -87,24 +97,48 @@ def _ok(body: bytes = b"ok", *headers: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), b"".join(h + b"\r\n" for h in headers), body)
 
 
-async def _get(transport: UpstreamTransport, url: str, method: str = "GET", content: bytes | None = None) -> httpx.Response:
-    response = await transport.handle_async_request(httpx.Request(method, url, content=content))
-    await response.aread()
+async def _read(response: LlamaResponse) -> bytes:
+    return b"".join([piece async for piece in response])
+
+
+async def _get(client: LlamaClient, url: str, method: str = "GET", content: bytes = b"") -> tuple[LlamaResponse, bytes]:
+    """The answer to one request, read to its end: (response, body)."""
+    response = await client.request(method, url, content=content)
+    body = await _read(response)
     await response.aclose()
-    return response
+    return response, body
 
 
 async def test_keep_alive_reuses_one_connection(nursery) -> None:
     peer = await Peer(lambda head, body: _ok(b"echo:" + body)).start(nursery)
-    async with UpstreamTransport() as transport:
+    async with LlamaClient() as client:
         for n in range(3):
-            response = await _get(transport, peer.url("/x?y=1"), "POST", b"n=%d" % n)
-            assert response.status_code == 200 and response.content == b"echo:n=%d" % n
-        assert transport.connections == 1 and transport.idle == 1
+            response, body = await _get(client, peer.url("/x?y=1"), "POST", b"n=%d" % n)
+            assert response.status == 200 and response.reason == b"OK" and body == b"echo:n=%d" % n
+        assert client.connections == 1 and client.idle == 1
     assert peer.connections == 1 and [number for number, _, _ in peer.requests] == [1, 1, 1]
     head = peer.requests[0][1]
     assert head.startswith(b"POST /x?y=1 HTTP/1.1\r\n") and b"Host: 127.0.0.1:%d" % peer.port in head
-    assert transport.connections == 0  # closed with the transport
+    assert client.connections == 0  # closed with the client
+
+
+async def test_a_connection_moves_through_its_states(nursery) -> None:
+    peer = await Peer(lambda head, body: _ok(b"abc")).start(nursery)
+    async with LlamaClient() as client:
+        response = await client.request("GET", peer.url())
+        (conn,) = client._open
+        assert conn.state is ConnState.RECEIVING_BODY and not response.closed
+        with pytest.raises(RuntimeError, match="RECEIVING_BODY -> SENDING"):
+            conn.to(ConnState.SENDING)  # no second request on a connection whose answer is being read
+        assert await _read(response) == b"abc" and response.closed
+        assert conn.state is ConnState.IDLE and client.idle == 1
+        await _get(client, peer.url())  # IDLE -> SENDING -> AWAITING_HEAD -> RECEIVING_BODY -> IDLE
+        assert client._open == {conn} and conn.state is ConnState.IDLE
+        response = await client.request("GET", peer.url())
+        await response.aclose()  # closed before its end: the connection with it
+        assert conn.state is ConnState.CLOSED and client.connections == 0
+        with pytest.raises(RuntimeError, match="CLOSED -> IDLE"):
+            conn.to(ConnState.IDLE)
 
 
 async def test_abort_closes_an_unfinished_answer_at_once(nursery) -> None:
@@ -113,36 +147,36 @@ async def test_abort_closes_an_unfinished_answer_at_once(nursery) -> None:
         return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
 
     peer = await Peer(forever).start(nursery)
-    async with UpstreamTransport() as transport:
-        upstream = await open_upstream(transport, "POST", peer.url("/stream"), content=b"{}")
-        chunks = upstream.response.stream.__aiter__()
+    async with LlamaClient() as client:
+        upstream = await open_upstream(client, "POST", peer.url("/stream"), content=b"{}")
+        chunks = upstream.response.__aiter__()
         assert await chunks.__anext__() == b"hello"
         with trio.testing.assert_no_checkpoints():
             upstream.abort()  # the client left: closed now, by the task that saw it
-        assert transport.connections == 0
+        assert client.connections == 0
         with trio.fail_after(2):
             while peer.closed_by_client == 0:
                 await trio.sleep(0.01)
         await upstream.aclose()  # the relay's own close afterwards finds nothing left to do
-        assert transport.connections == 0 and transport.idle == 0
+        assert client.connections == 0 and client.idle == 0
         # an answer read to the end went back to the pool: abort leaves it there
         done = await Peer(lambda head, body: _ok(b"x")).start(nursery)
-        upstream = await open_upstream(transport, "GET", done.url())
+        upstream = await open_upstream(client, "GET", done.url())
         assert await upstream.read() == b"x"
         upstream.abort()
-        assert transport.idle == 1
+        assert client.idle == 1
 
 
 async def test_connection_close_and_http10_answers_are_not_reused(nursery) -> None:
     answers = [_ok(b"a", b"Connection: close"), b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nb", _ok(b"c")]
     peer = await Peer(lambda head, body: answers[len(peer.requests) - 1]).start(nursery)
-    async with UpstreamTransport() as transport:
-        assert (await _get(transport, peer.url())).content == b"a"
-        assert transport.connections == 0
-        assert (await _get(transport, peer.url())).content == b"b"
-        assert transport.connections == 0
-        assert (await _get(transport, peer.url())).content == b"c"
-        assert transport.connections == 1
+    async with LlamaClient() as client:
+        assert (await _get(client, peer.url()))[1] == b"a"
+        assert client.connections == 0
+        response, body = await _get(client, peer.url())
+        assert body == b"b" and response.http10 and client.connections == 0
+        assert (await _get(client, peer.url()))[1] == b"c"
+        assert client.connections == 1
     assert peer.connections == 3
 
 
@@ -151,9 +185,9 @@ async def test_a_close_delimited_body_is_read_to_the_end(nursery) -> None:
         raise SendAndClose(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"x" * 200_000)
 
     peer = await Peer(answer).start(nursery)
-    async with UpstreamTransport() as transport:
-        response = await _get(transport, peer.url())
-        assert response.content == b"x" * 200_000 and transport.connections == 0
+    async with LlamaClient() as client:
+        response, body = await _get(client, peer.url())
+        assert body == b"x" * 200_000 and not response.delimited and client.connections == 0
 
 
 async def test_no_body_for_head_204_and_304_and_the_connection_is_reused(nursery) -> None:
@@ -167,27 +201,29 @@ async def test_no_body_for_head_204_and_304_and_the_connection_is_reused(nursery
         return _ok(b"last")
 
     peer = await Peer(answer).start(nursery)
-    async with UpstreamTransport() as transport:
-        response = await _get(transport, peer.url(), "HEAD")
-        assert response.status_code == 200 and response.content == b""
-        assert (await _get(transport, peer.url("/204"))).status_code == 204
-        assert (await _get(transport, peer.url("/304"))).status_code == 304
-        assert (await _get(transport, peer.url())).content == b"last"
+    async with LlamaClient() as client:
+        response = await client.request("HEAD", peer.url())
+        assert response.closed and response.delimited  # nothing to read: already back in the pool
+        assert response.status == 200 and await _read(response) == b""
+        assert (await _get(client, peer.url("/204")))[0].status == 204
+        assert (await _get(client, peer.url("/304")))[0].status == 304
+        assert (await _get(client, peer.url()))[1] == b"last"
     assert peer.connections == 1 and len(peer.requests) == 4
 
 
-async def test_an_interim_answer_is_skipped(nursery) -> None:
-    peer = await Peer(lambda head, body: b"HTTP/1.1 100 Continue\r\n\r\n" + _ok(b"final")).start(nursery)
-    async with UpstreamTransport() as transport:
-        response = await _get(transport, peer.url())
-        assert response.status_code == 200 and response.content == b"final"
+async def test_interim_answers_are_skipped(nursery) -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+    peer = await Peer(lambda head, body: interim + _ok(b"final")).start(nursery)
+    async with LlamaClient() as client:
+        response, body = await _get(client, peer.url())
+        assert response.status == 200 and body == b"final"
 
 
 async def test_a_chunked_body_in_odd_pieces_is_relayed_byte_for_byte(nursery) -> None:
     events = [b"data: %d %s\n\n" % (n, b"y" * (n * 37 % 500)) for n in range(60)]
     wire = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\nX-Trailer: t\r\n\r\n"
 
-    async def answer(head: bytes, body: bytes) -> None:
+    async def answer(head: bytes, body: bytes) -> bytes:
         # the head, then the body in pieces that cut through sizes, data and CRLFs
         await stream_box[0].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         cut = 0
@@ -208,13 +244,11 @@ async def test_a_chunked_body_in_odd_pieces_is_relayed_byte_for_byte(nursery) ->
 
     peer._serve = serve  # type: ignore[method-assign]
     await peer.start(nursery)
-    async with UpstreamTransport() as transport:
-        response = await transport.handle_async_request(httpx.Request("GET", peer.url()))
-        pieces = [piece async for piece in response.stream]
-        await response.aclose()
-        assert b"".join(pieces) == b"".join(events)
-        assert transport.idle == 1  # read to the end: pooled
-        assert (await _get(transport, peer.url())).content == b"".join(events)  # and reusable
+    async with LlamaClient() as client:
+        response = await client.request("GET", peer.url())
+        assert await _read(response) == b"".join(events)
+        assert client.idle == 1  # read to the end: pooled
+        assert (await _get(client, peer.url()))[1] == b"".join(events)  # and reusable
     assert peer.connections == 1
 
 
@@ -238,12 +272,12 @@ async def test_a_last_chunk_that_arrives_alone_ends_the_body(nursery) -> None:
 
     peer._serve = remember  # type: ignore[method-assign]
     await peer.start(nursery)
-    async with UpstreamTransport() as transport:
+    async with LlamaClient() as client:
         for _ in range(2):
             with trio.fail_after(2):
-                response = await transport.handle_async_request(httpx.Request("GET", peer.url()))
-                assert [piece async for piece in response.stream] == [b"hello"]
-            assert transport.idle == 1
+                response = await client.request("GET", peer.url())
+                assert [piece async for piece in response] == [b"hello"]
+            assert client.idle == 1
     assert peer.connections == 1
 
 
@@ -251,9 +285,9 @@ async def test_a_burst_in_one_read_is_one_piece(nursery) -> None:
     events = [b"data: %d\n\n" % n for n in range(200)]
     wire = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
     peer = await Peer(lambda head, body: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + wire).start(nursery)
-    async with UpstreamTransport() as transport:
-        response = await transport.handle_async_request(httpx.Request("GET", peer.url()))
-        pieces = [piece async for piece in response.stream]
+    async with LlamaClient() as client:
+        response = await client.request("GET", peer.url())
+        pieces = [piece async for piece in response]
         assert b"".join(pieces) == b"".join(events) and len(pieces) <= 3
 
 
@@ -262,13 +296,13 @@ async def test_closing_a_body_midway_closes_the_connection(nursery) -> None:
         return b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"z" * 1000
 
     peer = await Peer(answer).start(nursery)
-    async with UpstreamTransport() as transport:
-        response = await transport.handle_async_request(httpx.Request("GET", peer.url()))
-        async for piece in response.stream:
+    async with LlamaClient() as client:
+        response = await client.request("GET", peer.url())
+        async for piece in response:
             assert piece
             break
         await response.aclose()
-        assert transport.connections == 0 and transport.idle == 0
+        assert client.connections == 0 and client.idle == 0
         with trio.fail_after(5):
             while not peer.closed_by_client:
                 await trio.sleep(0.01)
@@ -279,10 +313,59 @@ async def test_cancelled_while_waiting_for_the_head_closes_the_connection(nurser
         await trio.sleep_forever()
 
     peer = await Peer(answer).start(nursery)
-    async with UpstreamTransport() as transport:
+    async with LlamaClient() as client:
         with trio.move_on_after(0.1) as scope:
-            await transport.handle_async_request(httpx.Request("GET", peer.url()))
-        assert scope.cancelled_caught and transport.connections == 0
+            await client.request("GET", peer.url())
+        assert scope.cancelled_caught and client.connections == 0
+
+
+async def test_a_cancelled_request_is_not_sent_even_on_a_ready_connection(nursery) -> None:
+    """request() is a cancellation point although a pooled connection's send needs no wait."""
+    peer = await Peer(lambda head, body: _ok()).start(nursery)
+    async with LlamaClient() as client:
+        await _get(client, peer.url())
+        assert client.idle == 1
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await client.request("POST", peer.url(), content=b"not this")
+        assert scope.cancelled_caught and client.idle == 1  # the pooled connection was not touched
+        await trio.sleep(0.1)
+    assert len(peer.requests) == 1
+
+
+async def test_a_cancelled_read_of_a_body_that_has_arrived_closes_the_connection(nursery) -> None:
+    """Iterating the body is a cancellation point although its bytes are there to take without a wait:
+    those that came with the head, and those that came after it."""
+
+    async def serve(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some()
+        if b"/later" in head:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n")
+            await trio.sleep(0.05)
+        else:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n")
+        await stream.send_all(b"x" * 10)
+        await trio.sleep_forever()
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    async with LlamaClient() as client:
+        for path in ("/with-head", "/later"):
+            response = await client.request("GET", url + path)
+            await trio.sleep(0.2)  # the 10 bytes are in (in the client's hands, or the socket's buffer)
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await response.__anext__()
+            assert scope.cancelled_caught and response.closed and client.connections == 0, path
+        # uncancelled, the same reads give the bytes at once
+        for path in ("/with-head", "/later"):
+            response = await client.request("GET", url + path)
+            await trio.sleep(0.2)
+            with trio.fail_after(1):
+                assert await response.__anext__() == b"x" * 10
+            response.abort()
 
 
 async def test_a_connection_the_server_closed_while_idle_is_not_used(nursery) -> None:
@@ -291,92 +374,109 @@ async def test_a_connection_the_server_closed_while_idle_is_not_used(nursery) ->
 
     peer = Peer(answer)
     await peer.start(nursery)
-    async with UpstreamTransport() as transport:
-        assert (await _get(transport, peer.url())).content == b"bye"
-        assert transport.idle == 1
+    async with LlamaClient() as client:
+        assert (await _get(client, peer.url()))[1] == b"bye"
+        assert client.idle == 1
         await trio.sleep(0.1)  # the FIN arrives
-        assert (await _get(transport, peer.url())).content == b"bye"  # on a fresh connection, not an error
+        assert (await _get(client, peer.url()))[1] == b"bye"  # on a fresh connection, not an error
     assert peer.connections == 2 and len(peer.requests) == 2
 
 
 async def test_idle_connections_expire(nursery) -> None:
     peer = await Peer(lambda head, body: _ok()).start(nursery)
-    async with UpstreamTransport(keepalive_expiry=0.2) as transport:
-        await _get(transport, peer.url())
-        await _get(transport, peer.url())
+    async with LlamaClient(keepalive_expiry=0.2) as client:
+        await _get(client, peer.url())
+        await _get(client, peer.url())
         assert peer.connections == 1
         await trio.sleep(0.3)
-        await _get(transport, peer.url())
-        assert peer.connections == 2 and transport.connections == 1
+        await _get(client, peer.url())
+        assert peer.connections == 2 and client.connections == 1
 
 
 async def test_run_closes_idle_connections_as_they_expire_without_a_request(nursery) -> None:
     peer = await Peer(lambda head, body: _ok()).start(nursery)
-    async with UpstreamTransport(keepalive_expiry=0.3) as transport:
-        await nursery.start(transport.run)  # nothing idle yet: it waits for a connection to be put back
-        await _get(transport, peer.url())
+    async with LlamaClient(keepalive_expiry=0.3) as client:
+        await nursery.start(client.run)  # nothing idle yet: it waits for a connection to be put back
+        await _get(client, peer.url())
         await trio.sleep(0.15)
-        await _get(transport, peer.url())  # the same connection, idle again from now
-        assert transport.idle == 1 and peer.connections == 1
+        await _get(client, peer.url())  # the same connection, idle again from now
+        assert client.idle == 1 and peer.connections == 1
         await trio.sleep(0.2)  # 0.35 s after the first put back, 0.2 s after the second
-        assert transport.idle == 1
+        assert client.idle == 1
         with trio.fail_after(2):
             while peer.closed_by_client == 0:
                 await trio.sleep(0.02)
-        assert transport.connections == 0 and transport.idle == 0
+        assert client.connections == 0 and client.idle == 0
         # and again, once the sweeper has had nothing to wait for
-        await _get(transport, peer.url())
+        await _get(client, peer.url())
         with trio.fail_after(2):
             while peer.closed_by_client < 2:
                 await trio.sleep(0.02)
-        assert transport.connections == 0
+        assert client.connections == 0
 
 
-@pytest.mark.parametrize("via", ["client", "transport"])
-async def test_a_stale_connection_is_retried_once_by_open_upstream(nursery, via: str) -> None:
+async def test_a_stale_connection_is_retried_once_by_open_upstream(nursery) -> None:
     """The server takes the request on a kept-alive connection and closes it without answering."""
 
     def answer(head: bytes, body: bytes) -> bytes | None:
         return _ok(b"first") if len(peer.requests) == 1 else None if len(peer.requests) == 2 else _ok(b"again")
 
     peer = await Peer(answer).start(nursery)
-    async with httpx.AsyncClient() as client, UpstreamTransport() as transport:
-        http = client if via == "client" else transport
-        assert await (await open_upstream(http, "GET", peer.url())).read() == b"first"
-        upstream = await open_upstream(http, "GET", peer.url())  # reuses the connection, which dies: retried
+    async with LlamaClient() as client:
+        assert await (await open_upstream(client, "GET", peer.url())).read() == b"first"
+        with pytest.raises(Disconnected):  # what the client says, on its own
+            await client.request("GET", peer.url())
+        peer.requests.clear()
+        assert await (await open_upstream(client, "GET", peer.url())).read() == b"first"
+        upstream = await open_upstream(client, "GET", peer.url())  # reuses the connection, which dies: retried
         assert upstream.status_code == 200 and await upstream.read() == b"again"
-    assert len(peer.requests) == 3 and peer.connections == 2
+    assert len(peer.requests) == 3 and peer.connections == 3
 
 
-async def test_errors_are_httpx_errors(nursery) -> None:
-    async with UpstreamTransport() as transport:
-        with pytest.raises(httpx.ConnectError):
-            await _get(transport, "http://127.0.0.1:1/")
-        with pytest.raises(httpx.UnsupportedProtocol):
-            await _get(transport, "https://127.0.0.1:1/")
+async def test_a_new_connection_closed_without_an_answer_is_not_retried(nursery) -> None:
+    """Only a reused connection can have gone stale; a new one closed unanswered is the server failing."""
+    peer = await Peer(lambda head, body: None).start(nursery)
+    async with LlamaClient() as client:
+        with pytest.raises(ProtocolError, match="without answering"):
+            await client.request("GET", peer.url())
+        with pytest.raises(UpstreamError, match="cannot reach .*ProtocolError"):
+            await open_upstream(client, "GET", peer.url())
+        assert client.connections == 0
+    assert len(peer.requests) == 2
+
+
+async def test_errors_are_the_clients_own(nursery) -> None:
+    async with LlamaClient() as client:
+        with pytest.raises(ConnectFailed):
+            await _get(client, "http://127.0.0.1:1/")
+        with pytest.raises(ValueError, match="http://"):
+            await _get(client, "https://127.0.0.1:1/")
 
         garbage = await Peer(lambda head, body: b"garbage garbage\r\n\r\n").start(nursery)
-        with pytest.raises(httpx.RemoteProtocolError, match="status line"):
-            await _get(transport, garbage.url())
+        with pytest.raises(ProtocolError, match="status line"):
+            await _get(client, garbage.url())
+
+        ssh = await Peer(lambda head, body: b"SSH-2.0-OpenSSH\r\n").start(nursery)
+        with pytest.raises(ProtocolError, match="not an HTTP/1.x answer"):
+            await _get(client, ssh.url())
 
         async def short(head: bytes, body: bytes) -> bytes:
             raise SendAndClose(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
 
         cut = await Peer(short).start(nursery)
-        response = await transport.handle_async_request(httpx.Request("GET", cut.url()))
-        with pytest.raises(httpx.RemoteProtocolError, match="complete message body"):
-            await response.aread()
-        await response.aclose()
+        response = await client.request("GET", cut.url())
+        with pytest.raises(ProtocolError, match="complete message body"):
+            await _read(response)
+        assert response.closed
 
         async def bad_chunks(head: bytes, body: bytes) -> bytes:
             return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
 
         bad = await Peer(bad_chunks).start(nursery)
-        response = await transport.handle_async_request(httpx.Request("GET", bad.url()))
-        with pytest.raises(httpx.RemoteProtocolError, match="chunk size"):
-            await response.aread()
-        await response.aclose()
-        assert transport.connections == 0
+        response = await client.request("GET", bad.url())
+        with pytest.raises(ProtocolError, match="chunk size"):
+            await _read(response)
+        assert client.connections == 0
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
@@ -389,11 +489,11 @@ async def test_an_address_or_a_name_is_reached(nursery, host: str) -> None:
         pytest.skip(f"cannot listen on {bind}")
     port = listener.socket.getsockname()[1]
     url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
-    async with UpstreamTransport() as transport:
+    async with LlamaClient() as client:
         for _ in range(2):
-            response = await _get(transport, url)
-            assert response.status_code == 200 and response.content == b"ok"
-        assert transport.connections == 1  # kept and reused, whichever way it was opened
+            response, body = await _get(client, url)
+            assert response.status == 200 and body == b"ok"
+        assert client.connections == 1  # kept and reused, whichever way it was opened
 
 
 async def _answer_ok(stream: trio.SocketStream) -> None:
@@ -415,22 +515,19 @@ def _open_fds() -> int:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
 async def test_a_refused_connection_leaves_no_socket_open() -> None:
-    async with UpstreamTransport() as transport:
+    async with LlamaClient() as client:
         before = _open_fds()
         for _ in range(5):
-            with pytest.raises(httpx.ConnectError):
-                await _get(transport, "http://127.0.0.1:1/")
-        assert _open_fds() == before and transport.connections == 0
+            with pytest.raises(ConnectFailed):
+                await _get(client, "http://127.0.0.1:1/")
+        assert _open_fds() == before and client.connections == 0
 
 
-async def test_a_header_with_a_line_break_is_refused(nursery) -> None:
-    peer = await Peer(lambda head, body: _ok()).start(nursery)
-    async with UpstreamTransport() as transport:
-        request = httpx.Request("GET", peer.url())
-        request.headers["X-Evil"] = "a\r\nInjected: yes"
-        with pytest.raises(httpx.LocalProtocolError):
-            await transport.handle_async_request(request)
-    assert peer.requests == []
+def _as_httpx_frames_it(method: str, url: str, content: bytes, headers: dict[str, str] | None) -> tuple[bytes, set[bytes], bytes]:
+    """The request line, header lines and body httpx would send: the reference for the client's own framing."""
+    request = httpx.Request(method, url, content=content, headers=headers)
+    line = b"%s %s HTTP/1.1" % (request.method.encode(), request.url.raw_path)
+    return line, {b"%s: %s" % (name, value) for name, value in request.headers.raw}, request.read()
 
 
 @pytest.mark.parametrize(
@@ -438,80 +535,73 @@ async def test_a_header_with_a_line_break_is_refused(nursery) -> None:
     [
         ("POST", "/v1/chat/completions", b'{"model": "a"}', {"Content-Type": "application/json"}),
         ("post", "/x?y=1&z=%20", b"n=1", {"Content-Type": "text/plain", "X-Two": "2"}),
-        ("POST", "/empty", b"", {"Content-Type": "application/json"}),  # httpx frames it: Content-Length 0 first
-        ("GET", "/get", b"", None),
-        ("POST", "/own-length", b"abc", {"content-length": "3"}),  # the caller's framing header: httpx's way
+        ("POST", "/empty", b"", {"Content-Type": "application/json"}),  # Content-Length: 0, as httpx frames it
+        ("GET", "/get", b"", None),  # no Content-Length
+        ("GET", "", b"", None),  # the target of an empty path is /
     ],
 )
-async def test_request_sends_what_an_httpx_request_would(nursery, method, path, content, headers) -> None:
+async def test_a_request_is_framed_as_httpx_frames_it(nursery, method, path, content, headers) -> None:
     peer = await Peer(lambda head, body: _ok(b"echo:" + body)).start(nursery)
-    async with UpstreamTransport() as transport:
-        lean = await transport.request(method, peer.url(path), content=content, headers=headers)
-        assert await lean.aread() == b"echo:" + content and lean.status_code == 200
-        await _get(transport, peer.url(path), method, content)  # the same request through httpx.Request
-        plain = await transport.handle_async_request(httpx.Request(method, peer.url(path), content=content, headers=headers))
-        await plain.aread()
-    (_, lean_head, lean_body), _, (_, plain_head, plain_body) = peer.requests
-    assert (lean_head, lean_body) == (plain_head, plain_body)
-    assert peer.connections == 1  # one keep-alive connection carried all three
+    url = peer.url(path) if path else peer.url().rstrip("/")
+    async with LlamaClient() as client:
+        response = await client.request(method, url, content=content, headers=headers)
+        assert await _read(response) == b"echo:" + content and response.status == 200
+    ((_, head, body),) = peer.requests
+    line, *fields = head.split(b"\r\n")
+    assert (line, set(fields), body) == _as_httpx_frames_it(method, url, content, headers)
+    assert len(fields) == len(set(fields)) and fields[0].startswith(b"Host: ")
+    given = [name.encode() for name in headers or {}]
+    assert [name for name, _, _ in (f.partition(b":") for f in fields) if name in given] == given  # in order
 
 
-async def test_request_refuses_a_header_with_a_line_break(nursery) -> None:
+async def test_a_request_the_client_cannot_frame_is_refused_before_anything_is_sent(nursery) -> None:
     peer = await Peer(lambda head, body: _ok()).start(nursery)
-    async with UpstreamTransport() as transport:
-        with pytest.raises(httpx.LocalProtocolError):
-            await transport.request("POST", peer.url(), content=b"x", headers={"X-Evil": "a\r\nInjected: yes"})
-        with pytest.raises(httpx.UnsupportedProtocol):
-            await transport.request("POST", "https://127.0.0.1/", content=b"x")
-    assert peer.requests == []
+    async with LlamaClient() as client:
+        for headers in ({"X-Evil": "a\r\nInjected: yes"}, {"Bad Name": "x"}, {"Content-Length": "1"}, {"Host": "elsewhere"}):
+            with pytest.raises(ValueError, match="request header"):
+                await client.request("POST", peer.url(), content=b"x", headers=headers)
+        for url in ("https://127.0.0.1/", "http:///no-host", "http://127.0.0.1:1/a b"):
+            with pytest.raises(ValueError):
+                await client.request("POST", url, content=b"x")
+        assert client.connections == 0
+    assert peer.requests == [] and peer.connections == 0
 
 
-async def test_read_gives_the_body_decoded_whether_or_not_it_was_encoded(nursery) -> None:
+async def test_an_encoded_answer_is_refused_by_open_upstream(nursery) -> None:
+    """The client asks for no Content-Encoding and decodes none: such an answer cannot be relayed as it is."""
     import gzip
 
-    answers = [_ok(b"plain " * 100), _ok(gzip.compress(b"zipped " * 100), b"Content-Encoding: gzip")]
+    answers = [_ok(gzip.compress(b"zipped"), b"Content-Encoding: gzip"), _ok(b"plain", b"Content-Encoding: identity")]
     peer = await Peer(lambda head, body: answers[len(peer.requests) - 1]).start(nursery)
-    async with UpstreamTransport() as transport:
-        plain = await open_upstream(transport, "POST", peer.url("/a"), content=b"{}")
-        assert await plain.read() == b"plain " * 100
-        zipped = await open_upstream(transport, "POST", peer.url("/b"), content=b"{}")
-        assert await zipped.read() == b"zipped " * 100
-        assert transport.idle == 1  # both read to the end: the connection went back each time
-
-
-async def test_a_streamed_request_body_is_sent(nursery) -> None:
-    peer = await Peer(lambda head, body: _ok(body)).start(nursery)
-
-    async def parts():
-        yield b"abc"
-        yield b"def"
-
-    async with UpstreamTransport() as transport:
-        request = httpx.Request("POST", peer.url(), content=parts(), headers={"Content-Length": "6"})
-        response = await transport.handle_async_request(request)
-        assert await response.aread() == b"abcdef"
+    async with LlamaClient() as client:
+        with pytest.raises(UpstreamError, match="Content-Encoding 'gzip'"):
+            await open_upstream(client, "POST", peer.url("/a"), content=b"{}")
+        assert client.connections == 0  # the answer unread: its connection closed
+        assert await (await open_upstream(client, "POST", peer.url("/b"), content=b"{}")).read() == b"plain"
+    assert b"accept-encoding" not in peer.requests[0][1].lower()
 
 
 async def test_a_request_larger_than_the_socket_buffer_is_sent_whole(nursery) -> None:
     # the first send takes what fits the buffer; the rest waits for the peer to read
     peer = await Peer(lambda head, body: _ok(b"%d %d" % (len(body), hash(body)))).start(nursery)
     content = os.urandom(8 << 20)
-    async with UpstreamTransport() as transport:
-        response = await _get(transport, peer.url(), "POST", content)
-    assert response.content == b"%d %d" % (len(content), hash(content))
+    async with LlamaClient() as client:
+        _, body = await _get(client, peer.url(), "POST", content)
+    assert body == b"%d %d" % (len(content), hash(content))
 
 
-async def test_closing_the_transport_closes_connections_in_use(nursery) -> None:
+async def test_closing_the_client_closes_connections_in_use(nursery) -> None:
     peer = await Peer(lambda head, body: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial").start(nursery)
-    transport = UpstreamTransport()
-    response = await transport.handle_async_request(httpx.Request("GET", peer.url()))
-    assert transport.connections == 1
-    await transport.aclose()
-    assert transport.connections == 0
-    with pytest.raises(httpx.ReadError):
-        await response.aread()
+    client = LlamaClient()
+    response = await client.request("GET", peer.url())
+    assert client.connections == 1
+    await client.aclose()
+    assert client.connections == 0
+    assert await response.__anext__() == b"partial"  # what had arrived with the head
+    with pytest.raises(ReadFailed):
+        await response.__anext__()
     with pytest.raises(RuntimeError, match="closed"):
-        await transport.handle_async_request(httpx.Request("GET", peer.url()))
+        await client.request("GET", peer.url())
 
 
 # ---- with the fake llama-server and the relay ------------------------------------------------
@@ -520,16 +610,17 @@ async def test_closing_the_transport_closes_connections_in_use(nursery) -> None:
 async def test_a_relayed_stream_matches_the_httpx_clients_byte_for_byte(make_config, start_pool, http) -> None:
     pool = await start_pool(make_config({"a": {"tokens": 300, "token_delay": 0}}))
     request = json.dumps({"prompt": "x", "stream": True}).encode()
-    bodies = []
-    async with UpstreamTransport() as transport:
-        for via in (http, transport, transport):
+    async with pool.lease("a") as lease:
+        bodies = [(await http.post(lease.base_url + "/v1/completions", content=request)).content]
+    async with LlamaClient() as client:
+        for _ in range(2):
             lease = await pool.acquire("a")
-            upstream = await open_upstream(via, "POST", lease.base_url + "/v1/completions", content=request)
+            upstream = await open_upstream(client, "POST", lease.base_url + "/v1/completions", content=request)
             body = RelayBody(upstream, on_error=lambda reason: b"", on_done=lease.release)
             async with body:
                 bodies.append(b"".join([piece async for piece in body]))
-            assert upstream.response.is_closed
-        assert transport.connections == 1 and transport.idle == 1  # read to the end twice on one connection
+            assert upstream.response.closed
+        assert client.connections == 1 and client.idle == 1  # read to the end twice on one connection
     assert bodies[0].count(b"data: ") == 300 + 2
     assert bodies[0] == bodies[1] == bodies[2]
 
@@ -537,12 +628,12 @@ async def test_a_relayed_stream_matches_the_httpx_clients_byte_for_byte(make_con
 async def test_a_relay_left_midway_frees_the_connection(make_config, start_pool) -> None:
     pool = await start_pool(make_config({"a": {"tokens": 1000, "token_delay": 0.01}}))
     request = json.dumps({"prompt": "x", "stream": True}).encode()
-    async with UpstreamTransport() as transport:
+    async with LlamaClient() as client:
         lease = await pool.acquire("a")
-        upstream = await open_upstream(transport, "POST", lease.base_url + "/v1/completions", content=request)
+        upstream = await open_upstream(client, "POST", lease.base_url + "/v1/completions", content=request)
         body = RelayBody(upstream, on_error=lambda reason: b"", on_done=lease.release)
         with trio.move_on_after(0.2):
             async with body:
                 async for _ in body:
                     pass
-        assert upstream.response.is_closed and transport.connections == 0
+        assert upstream.response.closed and client.connections == 0

@@ -605,7 +605,7 @@ async def test_stop_all_and_cancelling_the_pool_stop_the_spare(make_config, http
 # ---- a ready server that stops answering --------------------------------------------------------
 
 
-async def test_a_hung_server_is_killed_and_the_next_request_restarts_it(make_config, start_pool, http) -> None:
+async def test_a_hung_server_is_killed_and_the_next_request_restarts_it(make_config, start_pool, llama) -> None:
     from smart_proxy.upstream.relay import open_upstream
 
     pool = await start_pool(
@@ -614,13 +614,13 @@ async def test_a_hung_server_is_killed_and_the_next_request_restarts_it(make_con
     async with pool.lease("a") as lease:
         server = lease.server
         pid = server.process.pid
-        answer = await open_upstream(http, "POST", f"{lease.base_url}/v1/completions", content=b'{"prompt":"x"}', lease=lease)
+        answer = await open_upstream(llama, "POST", f"{lease.base_url}/v1/completions", content=b'{"prompt":"x"}', lease=lease)
         await answer.aclose()  # the one completion it answers
     async with pool.lease("a") as lease:
         assert lease.server is server
         with trio.fail_after(10), pytest.raises(UpstreamError, match="cannot reach"):
             # held until the watch kills it: then the connection breaks
-            await open_upstream(http, "POST", f"{lease.base_url}/v1/completions", content=b'{"prompt":"x"}', lease=lease)
+            await open_upstream(llama, "POST", f"{lease.base_url}/v1/completions", content=b'{"prompt":"x"}', lease=lease)
     with trio.fail_after(5):
         await server.gone.wait()
     assert server.state is State.FAILED and pids_alive([pid]) == []
@@ -632,7 +632,7 @@ async def test_a_hung_server_is_killed_and_the_next_request_restarts_it(make_con
     assert pool.snapshot().models[0].loads == 2
 
 
-async def test_a_busy_server_that_answers_its_probes_is_left_alone(make_config, start_pool, http) -> None:
+async def test_a_busy_server_that_answers_its_probes_is_left_alone(make_config, start_pool, llama) -> None:
     from smart_proxy.upstream.relay import open_upstream
 
     pool = await start_pool(
@@ -640,7 +640,7 @@ async def test_a_busy_server_that_answers_its_probes_is_left_alone(make_config, 
     )
     async with pool.lease("a") as lease:
         answer = await open_upstream(
-            http, "POST", f"{lease.base_url}/v1/completions", content=b'{"prompt":"x","stream":true}', lease=lease
+            llama, "POST", f"{lease.base_url}/v1/completions", content=b'{"prompt":"x","stream":true}', lease=lease
         )
         assert b"data: [DONE]" in await answer.read()  # a second of tokens, probed twenty times
     assert pool.snapshot().models[0].crashes == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import json
 import time
-from collections.abc import AsyncIterator
 from functools import partial
 
 import httpx
@@ -16,32 +15,26 @@ import trio.testing
 
 from smart_proxy.dialects import ollama as translate
 from smart_proxy.dialects.openai import sse_error
-from smart_proxy.errors import UpstreamError
-from smart_proxy.upstream.client import UpstreamTransport
+from smart_proxy.errors import UpstreamError, UpstreamRefused
+from smart_proxy.upstream.client import LlamaClient, ProtocolError
 from smart_proxy.upstream.relay import (
     MAX_ANSWER,
+    HttpxAnswer,
     LineTooLong,
     NDJSONLines,
     RelayBody,
     SSELines,
     Upstream,
-    make_transport,
+    open_httpx,
     open_upstream,
 )
 
 
-@pytest.fixture
-async def llama() -> AsyncIterator[UpstreamTransport]:
-    """The transport the proxy relays llama-servers' answers through (it hands over a network read at a time)."""
-    async with make_transport() as transport:
-        yield transport
-
-
-async def _body(make_config, start_pool, http: httpx.AsyncClient | UpstreamTransport, **behaviour):
+async def _body(make_config, start_pool, llama: LlamaClient, **behaviour):
     pool = await start_pool(make_config({"a": {"tokens": 50, "token_delay": 0.01, **behaviour}}))
     lease = await pool.acquire("a")
     request = json.dumps({"prompt": "x", "stream": True}).encode()
-    upstream = await open_upstream(http, "POST", lease.base_url + "/v1/completions", content=request, lease=lease)
+    upstream = await open_upstream(llama, "POST", lease.base_url + "/v1/completions", content=request, lease=lease)
     released = []
 
     def release() -> None:
@@ -51,12 +44,12 @@ async def _body(make_config, start_pool, http: httpx.AsyncClient | UpstreamTrans
     return lease, upstream, RelayBody(upstream, on_error=lambda reason: b"", on_done=release), released
 
 
-async def test_relayed_to_the_end(make_config, start_pool, http) -> None:
-    lease, upstream, body, released = await _body(make_config, start_pool, http)
+async def test_relayed_to_the_end(make_config, start_pool, llama) -> None:
+    lease, upstream, body, released = await _body(make_config, start_pool, llama)
     async with body:
         data = b"".join([piece async for piece in body])
     assert data.count(b"data: ") == 50 + 2 and data.endswith(b"data: [DONE]\n\n")
-    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.closed
     assert lease.server.limiter.borrowed_tokens == 0
 
 
@@ -72,23 +65,23 @@ async def test_a_burst_goes_out_in_fewer_pieces(make_config, start_pool, llama) 
     assert len(pieces) < 2000 / 4  # the fake writes one chunk per event; they went out together
 
 
-async def test_client_leaving_closes_the_upstream(make_config, start_pool, http) -> None:
-    lease, upstream, body, released = await _body(make_config, start_pool, http, tokens=1000, token_delay=0.01)
+async def test_client_leaving_closes_the_upstream(make_config, start_pool, llama) -> None:
+    lease, upstream, body, released = await _body(make_config, start_pool, llama, tokens=1000, token_delay=0.01)
     with trio.move_on_after(0.2):
         async with body:
             async for _ in body:
                 pass
-    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.closed
     assert lease.server.limiter.borrowed_tokens == 0
 
 
-async def test_dropped_before_it_started(make_config, start_pool, http) -> None:
-    lease, upstream, body, released = await _body(make_config, start_pool, http)
+async def test_dropped_before_it_started(make_config, start_pool, llama) -> None:
+    lease, upstream, body, released = await _body(make_config, start_pool, llama)
     del body
     gc.collect()
     assert released == [True] and lease.server.in_flight == 0
     with trio.fail_after(2):
-        while not upstream.response.is_closed:
+        while not upstream.response.closed:
             await trio.sleep(0.01)
     assert lease.server.limiter.borrowed_tokens == 0
 
@@ -110,7 +103,7 @@ def _one_line_per_event(sse: bytes) -> bytes:
     return b"".join(lines + [translate.ndjson(obj) for obj in answer.final()])
 
 
-async def _ndjson_body(make_config, start_pool, http: httpx.AsyncClient, via: UpstreamTransport, **behaviour):
+async def _ndjson_body(make_config, start_pool, http: httpx.AsyncClient, via: LlamaClient, **behaviour):
     pool = await start_pool(make_config({"a": {"token_delay": 0, **behaviour}}))
     lease = await pool.acquire("a")
     call = translate.chat_request({"messages": [{"role": "user", "content": "x"}]}, "a")
@@ -144,7 +137,7 @@ async def test_an_ndjson_burst_goes_out_in_fewer_pieces(make_config, start_pool,
     assert [line["message"]["content"] for line in lines[:-1]] == [f"tok{i} " for i in range(2000)]
     assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 2000
     assert lines == _masked(_one_line_per_event(sse))  # the same lines, in the same order
-    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.closed
     assert lease.server.limiter.borrowed_tokens == 0
 
 
@@ -155,7 +148,7 @@ async def test_an_ndjson_stream_breaking_off_ends_with_its_error_line(make_confi
     lines = _masked(data)
     assert [line["message"]["content"] for line in lines[:5]] == [f"tok{i} " for i in range(5)]
     assert len(lines) == 6 and "broke off" in lines[-1]["error"] and not any(line.get("done") for line in lines)
-    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.closed
     assert lease.server.limiter.borrowed_tokens == 0
 
 
@@ -165,21 +158,20 @@ async def test_client_leaving_an_ndjson_stream_closes_the_upstream(make_config, 
         async with body:
             async for _ in body:
                 pass
-    assert released == [True] and lease.server.in_flight == 0 and upstream.response.is_closed
+    assert released == [True] and lease.server.in_flight == 0 and upstream.response.closed
     assert lease.server.limiter.borrowed_tokens == 0
 
 
-async def test_entered_and_left_before_reading(make_config, start_pool, http) -> None:
-    lease, upstream, body, released = await _body(make_config, start_pool, http)
+async def test_entered_and_left_before_reading(make_config, start_pool, llama) -> None:
+    lease, upstream, body, released = await _body(make_config, start_pool, llama)
     async with body:
         pass
     assert released == [True] and lease.server.in_flight == 0
-    assert upstream.response.is_closed
+    assert upstream.response.closed
 
 
-async def test_a_keep_alive_connection_closed_under_us_is_retried_once() -> None:
-    """A server that closes a reused connection without answering: the request is sent again."""
-    answered = []
+async def _serve_once(nursery: trio.Nursery, reply: bytes | None) -> str:
+    """A server that reads a request head, sends ``reply`` (None: nothing) and closes; its URL."""
 
     async def server(stream: trio.SocketStream) -> None:
         data = b""
@@ -188,21 +180,75 @@ async def test_a_keep_alive_connection_closed_under_us_is_retried_once() -> None
             if not chunk:
                 return
             data += chunk
-        answered.append(True)
-        if len(answered) == 1:  # the first request finds a connection closing under it
-            await stream.aclose()
-            return
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        if reply is not None:
+            await stream.send_all(reply)
         await stream.aclose()
 
-    async with trio.open_nursery() as nursery:
-        (listener,) = await nursery.start(partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
-        port = listener.socket.getsockname()[1]
-        async with httpx.AsyncClient() as client:
-            upstream = await open_upstream(client, "GET", f"http://127.0.0.1:{port}/")
-            assert upstream.status_code == 200 and await upstream.read() == b"ok"
-        nursery.cancel_scope.cancel()
-    assert len(answered) == 2
+    (listener,) = await nursery.start(partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listener.socket.getsockname()[1]}/"
+
+
+async def test_the_llama_clients_failures_become_the_proxys_errors(nursery, llama) -> None:
+    with pytest.raises(UpstreamRefused, match=r"cannot reach http://127.0.0.1:1/: ConnectFailed: .*refused"):
+        await open_upstream(llama, "GET", "http://127.0.0.1:1/")
+    unanswered = await _serve_once(nursery, None)
+    with pytest.raises(UpstreamError, match="cannot reach .*: ProtocolError: server closed a new connection") as info:
+        await open_upstream(llama, "GET", unanswered)
+    assert not isinstance(info.value, UpstreamRefused)  # it was sent: not to be sent again
+    cut = await _serve_once(nursery, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    upstream = await open_upstream(llama, "GET", cut)
+    with pytest.raises(UpstreamError, match="the upstream answer broke off: ProtocolError: .*complete message body"):
+        await upstream.read()
+    switched = await _serve_once(nursery, b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    with pytest.raises(UpstreamError, match="cannot reach .*: ProtocolError: 101 Switching Protocols"):
+        await open_upstream(llama, "GET", switched)
+    beyond = await _serve_once(nursery, b"HTTP/1.1 600 Beyond\r\nContent-Length: 0\r\n\r\n")
+    with pytest.raises(UpstreamError, match="answered an invalid status: 600"):
+        await open_upstream(llama, "GET", beyond)
+    assert llama.connections == llama.idle == 1  # none in use: only the 600's, whose empty body ended
+
+
+async def test_httpxs_failures_become_the_proxys_errors(nursery, http) -> None:
+    """The Ollama upstream's hop: the same errors, its name in front."""
+    with pytest.raises(UpstreamRefused, match="^the Ollama upstream is unreachable: cannot reach .*: ConnectError"):
+        await open_httpx(http, http.build_request("GET", "http://127.0.0.1:1/"), name="the Ollama upstream")
+    cut = await _serve_once(nursery, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    upstream = await open_httpx(http, http.build_request("GET", cut))
+    with pytest.raises(UpstreamError, match="the upstream answer broke off: RemoteProtocolError"):
+        await upstream.read()
+    assert upstream.response.closed
+
+
+class Scripted:
+    """An :class:`~smart_proxy.upstream.relay.Answer` whose body is ``pieces``, then ``error`` if given."""
+
+    def __init__(self, *pieces: bytes, error: Exception | None = None, headers: list[tuple[bytes, bytes]] | None = None):
+        self.status = 200
+        self.headers = headers or []
+        self.delimited = True
+        self.closed = False
+        self._pieces = list(pieces)
+        self._error = error
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((value for key, value in self.headers if key.lower() == name), None)
+
+    def __aiter__(self) -> Scripted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        await trio.lowlevel.checkpoint()
+        if self._pieces:
+            return self._pieces.pop(0)
+        if self._error is not None:
+            raise self._error
+        raise StopAsyncIteration
+
+    def abort(self) -> None:
+        self.closed = True
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
 # ---- SSELines: a relayed SSE stream, a whole line at a time ----------------------------------
@@ -240,29 +286,34 @@ def test_sse_lines_refuse_a_line_longer_than_the_limit() -> None:
         lines.feed(b"x" * 20)
 
 
-async def test_relay_body_ends_a_broken_sse_stream_with_a_readable_error_event() -> None:
-    class Broken(httpx.AsyncByteStream):
-        async def __aiter__(self):
-            yield b'data: {"a": 1}\n\ndata: {"b"'
-            yield b": 2}\n"  # a whole line, its event still open
-            yield b'data: {"c'
-            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+@pytest.mark.parametrize("via", ["llama", "httpx"])
+async def test_relay_body_ends_a_broken_sse_stream_with_a_readable_error_event(via: str) -> None:
+    pieces = (b'data: {"a": 1}\n\ndata: {"b"', b": 2}\n", b'data: {"c')  # the second a whole line, its event still open
+    if via == "llama":
+        answer = Scripted(*pieces, error=ProtocolError("peer closed connection without sending complete message body"))
+    else:
 
-    upstream = Upstream(httpx.Response(200, stream=Broken()))
-    body = RelayBody(upstream, on_error=sse_error, lines=SSELines(MAX_ANSWER))
+        class Broken(httpx.AsyncByteStream):
+            async def __aiter__(self):
+                for piece in pieces:
+                    yield piece
+                raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+        answer = HttpxAnswer(httpx.Response(200, stream=Broken()))
+    body = RelayBody(Upstream(answer), on_error=sse_error, lines=SSELines(MAX_ANSWER))
     async with body:
         data = b"".join([piece async for piece in body])
     events = data.split(b"\n\n")
     assert events[:2] == [b'data: {"a": 1}', b'data: {"b": 2}'] and events[-1] == b""
-    assert json.loads(events[2].removeprefix(b"data: "))["error"]["code"] == 502 and len(events) == 4
+    error = json.loads(events[2].removeprefix(b"data: "))["error"]
+    assert error["code"] == 502 and len(events) == 4 and answer.closed
+    kind = "ProtocolError" if via == "llama" else "RemoteProtocolError"
+    cause = "peer closed connection without sending complete message body"
+    assert error["message"] == f"the upstream stream broke off: {kind}: {cause}"
 
 
 async def test_relay_body_ends_an_sse_stream_without_done_with_an_error_event() -> None:
-    class Ended(httpx.AsyncByteStream):
-        async def __aiter__(self):
-            yield b'data: {"a": 1}\n\n'
-
-    body = RelayBody(Upstream(httpx.Response(200, stream=Ended())), on_error=sse_error, lines=SSELines(MAX_ANSWER))
+    body = RelayBody(Upstream(Scripted(b'data: {"a": 1}\n\n')), on_error=sse_error, lines=SSELines(MAX_ANSWER))
     async with body:
         data = b"".join([piece async for piece in body])
     first, error, end = data.split(b"\n\n")
@@ -276,12 +327,25 @@ async def test_read_stops_at_the_limit() -> None:
             yield b"x" * 1000
             await trio.lowlevel.checkpoint()
 
-    upstream = Upstream(httpx.Response(200, content=endless()))
+    upstream = Upstream(HttpxAnswer(httpx.Response(200, content=endless())))
     with pytest.raises(UpstreamError, match="larger than 5000 bytes"):
         await upstream.read(5000)
-    declared = Upstream(httpx.Response(200, headers={"content-length": "6000"}, content=endless()))
+    assert upstream.response.closed
+    declared = Upstream(Scripted(b"x" * 6000, headers=[(b"Content-Length", b"6000")]))
     with pytest.raises(UpstreamError, match="max_answer"):
         await declared.read(5000)  # refused before reading
+    assert declared.response.closed and declared.response._pieces  # unread
+
+
+async def test_read_of_an_httpx_answer_decodes_its_content_encoding(nursery, http) -> None:
+    """httpx asks for gzip; the encoding header is not relayed, so the body must be decoded."""
+    import gzip
+
+    zipped = gzip.compress(b"zipped " * 100)
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(zipped)
+    url = await _serve_once(nursery, head + zipped)
+    upstream = await open_httpx(http, http.build_request("GET", url))
+    assert "content-encoding" not in upstream.headers and await upstream.read() == b"zipped " * 100
 
 
 def test_upstream_headers_leave_out_the_connections_own_and_unclean_ones() -> None:
@@ -290,7 +354,7 @@ def test_upstream_headers_leave_out_the_connections_own_and_unclean_ones() -> No
         (b"X-Hop", b"1"), (b"Keep-Alive", b"timeout=5"), (b"Upgrade", b"h2c"), (b"X-Ctl", b"a\x01b"),
         (b"X-Long", b"y" * 5000), (b"X-Fine", b"caf\xc3\xa9"), (b"Proxy-Authenticate", b"Basic"),
     ]  # fmt: skip
-    upstream = Upstream(httpx.Response(200, headers=raw))
+    upstream = Upstream(Scripted(headers=raw))
     assert upstream.headers == {"content-type": "application/json", "x-fine": "caf\xc3\xa9"}
 
 
@@ -314,7 +378,8 @@ async def test_relay_body_ends_a_broken_ndjson_stream_with_an_error_line_of_its_
                 yield piece
 
     async def relayed(stream: httpx.AsyncByteStream) -> list[dict]:
-        body = RelayBody(Upstream(httpx.Response(200, stream=stream)), on_error=ndjson_error, lines=NDJSONLines(MAX_ANSWER))
+        upstream = Upstream(HttpxAnswer(httpx.Response(200, stream=stream)))
+        body = RelayBody(upstream, on_error=ndjson_error, lines=NDJSONLines(MAX_ANSWER))
         async with body:
             return [json.loads(line) for line in b"".join([piece async for piece in body]).splitlines()]
 

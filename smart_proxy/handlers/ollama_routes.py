@@ -52,6 +52,7 @@ from ..metrics import note_model
 from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
 from ..upstream import ollama_server as upstreams
+from ..upstream.client import LlamaClient
 from ..upstream.relay import MAX_ANSWER, RelayBody, Upstream, open_upstream, send_leased
 from .reply import Generated, Reply, Request, encode_headers, error_reply, json_reply, relay_answer
 from .state import ProxyState
@@ -165,7 +166,7 @@ async def _check_images(http: httpx.AsyncClient, lease: Lease, name: str) -> Non
 # ---- generation ---------------------------------------------------------------------------
 
 
-async def _post(llama: Any, lease: Lease, path: str, body: dict[str, Any]) -> Upstream:
+async def _post(llama: LlamaClient, lease: Lease, path: str, body: dict[str, Any]) -> Upstream:
     content = json.dumps(body, ensure_ascii=False).encode()
     return await open_upstream(
         llama,

@@ -12,7 +12,7 @@ from ..config import Config
 from ..lifecycle import Lifecycle
 from ..metrics import Metrics
 from ..pool import Pool
-from ..upstream.client import UpstreamTransport
+from ..upstream.client import LlamaClient
 from ..upstream.ollama_server import UpstreamMonitor
 
 __all__ = ["ProxyState"]
@@ -28,7 +28,7 @@ class ProxyState:
     #: The HTTP client for Ollama upstreams, health probes and llama-server's ``/props``.
     client: httpx.AsyncClient
     #: The client of the hop to llama-servers (:mod:`smart_proxy.upstream.client`).
-    llama: UpstreamTransport = attrs.Factory(UpstreamTransport)
+    llama: LlamaClient = attrs.Factory(LlamaClient)
     lifecycle: Lifecycle = attrs.Factory(Lifecycle)
     metrics: Metrics = attrs.Factory(Metrics)
     api_keys: ApiKeys = attrs.Factory(ApiKeys)

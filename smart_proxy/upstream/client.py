@@ -1,104 +1,182 @@
-"""A lean HTTP/1.1 transport for the proxy's hop to its llama-servers.
+"""The proxy's HTTP/1.1 client for its hop to llama-servers: a keep-alive pool over trio sockets.
 
-httpx stays the client API (requests are ``httpx.Request``, answers are
-``httpx.Response`` with a streamed body, errors are httpx's), but under it this
-module replaces httpcore and h11 with a small keep-alive pool over trio streams
-and a minimal response parser (:mod:`smart_proxy.upstream.http11`). The hop to a local llama-server is the proxy's
-hot path: through httpx's own transport it cost about 1-2 ms of CPU per request
-(more than Hypercorn, h11 and Trio's own floor on the serving side) and a large
-share of every streamed chunk; a hand-written exchange costs about 0.1 ms.
+Every relayed request and every streamed event crosses the hop to a local
+llama-server, so :class:`LlamaClient` does only what that hop needs: plain
+``http://`` to an address it was given, a request whose whole body is at hand,
+an answer read as it arrives. The bytes are made and parsed by
+:mod:`smart_proxy.upstream.http11` (no I/O); this module does the I/O and keeps
+the connections. Everything else the proxy fetches (an Ollama upstream, health
+probes, downloads) goes through httpx.
 
 Theory of operation:
 
-- One :class:`UpstreamTransport` holds, per ``(host, port)``, a LIFO list of
-  idle connections. A request takes the most recently used idle one (dropping
-  any idle for longer than ``keepalive_expiry``, or that has become readable:
-  the server closed it or sent something unasked), else opens a new one (an IP
+- One :class:`LlamaClient` holds, per ``(host, port)``, a LIFO list of idle
+  connections. A request takes the most recently used idle one (dropping any
+  idle for longer than ``keepalive_expiry``, or that has become readable: the
+  server closed it or sent something unasked), else opens a new one (an IP
   address directly, with one non-blocking connect; a name through
-  ``trio.open_tcp_stream``). No
-  limit on connections: the per-server ``trio.CapacityLimiter`` in
-  :mod:`smart_proxy.upstream.relay` already bounds requests in flight.
-- The request goes out in one write. The answer's head is parsed by
-  :func:`~smart_proxy.upstream.http11.parse_head`; the body is framed by Content-Length, chunked
-  transfer-encoding (:class:`~smart_proxy.upstream.http11.Chunked`) or the close of the connection, and HEAD,
-  1xx, 204 and 304 answers have none. The response's stream (:class:`_Body`)
-  yields the body bytes of each network read as one piece (all the chunks a read
+  ``trio.open_tcp_stream``). No limit on connections: the per-server slots in
+  :mod:`smart_proxy.upstream.relay` already bound the requests in flight.
+- Each connection is in one :class:`ConnState` and moves only along
+  :data:`TRANSITIONS` (a wrong move is a bug, raised as ``RuntimeError``):
+  IDLE -> SENDING -> AWAITING_HEAD -> RECEIVING_BODY -> IDLE for an exchange
+  that leaves it reusable, CLOSED from anywhere. Only IDLE ones are pooled.
+- The request goes out in one write. The answer (:class:`LlamaResponse`) is
+  handed over once its head is in (interim 1xx heads skipped); iterating it gives
+  the body bytes of each network read as one piece (all the chunks a read
   brought, joined), so a burst of SSE events costs one step, not one per chunk.
 - A connection goes back to the pool only when its answer was read to the end,
   the server did not say ``Connection: close`` (or answer HTTP/1.0 without
-  keep-alive) and nothing unexpected followed the body. A body closed before its
-  end (the client left mid-stream), a cancelled request and any error close the
-  socket, which is what makes llama-server stop generating and free the slot.
-- A reused connection that the server closed just before our request was read
-  fails with ``httpx.RemoteProtocolError("Server disconnected without sending a
-  response.")``, the same error httpcore raises, so
-  :func:`smart_proxy.upstream.relay.open_upstream` retries it once on a fresh connection.
-- Errors are httpx's: ``ConnectError``/``ConnectTimeout``, ``WriteError``/
-  ``WriteTimeout``, ``ReadError``/``ReadTimeout``, ``RemoteProtocolError`` for
-  bad framing, so callers map them as they always did. Connect and write
-  timeouts come from the request's ``timeout`` extension (as an
-  ``httpx.AsyncClient`` sets it) or the transport's defaults; reads have none
-  unless the request asks for one (generations are long).
-- :meth:`UpstreamTransport.aclose` closes every connection, idle or in use.
+  keep-alive) and nothing followed the body. An answer closed or aborted before
+  its end (the client left mid-stream), a cancelled request and any error close
+  the socket, which is what makes llama-server stop generating and free the slot.
+- Errors are this module's, :class:`ClientError` and below; the relay maps them
+  to the proxy's. A reused connection that the server closed just before our
+  request reached it (llama-server closes connections idle for 5 s) fails with
+  :class:`Disconnected`: nothing was answered, so the relay sends once more.
+  Connecting and sending are bounded (``connect_timeout``, ``write_timeout``:
+  :class:`TimedOut`); reading is not (generations are long; the relay bounds
+  the wait for the head).
 
-Why not h11: measured with the proxy pinned to one core against a Go fake
-upstream, an h11 exchange on a trio stream cost ~0.5 ms of CPU per request more
-than no upstream call at all, this parser ~0.1 ms; h11 also hands out each
-chunk of a chunked body as its own event. What this parser accepts is bounded
-(heads and chunk-size lines) and anything it does not understand is an error.
+Checkpoints: every coroutine here is a cancellation point (a cancelled caller
+gets ``trio.Cancelled``, and the connection in use, if any, is closed), but a
+schedule point only when it has to wait. A send that fits the socket's buffer and a read
+of bytes that have already arrived are plain socket calls: ``SocketStream``
+would wrap each in a conflict check, two context managers and a yield to the
+scheduler, paid per relayed event on the proxy's one core. A send, read or
+connect that waits is Trio's (``wait_readable``, ``send_all``, ``connect``), so
+it can be cancelled and a close wakes it. ``tests/test_client.py`` checks that a
+cancelled request sends nothing, even on a pooled connection, and that a
+cancelled read of body bytes that have already arrived raises ``Cancelled`` and
+closes the connection.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import ipaddress
 import logging
 import math
 import select
 import socket
-from collections.abc import AsyncIterator, Mapping
+import urllib.parse
+from collections.abc import Mapping
+from types import TracebackType
 
-import httpx
 import trio
 
-from .http11 import BodyReader, Head, body_reader, parse_head
+from .http11 import BodyReader, Head, ParseError, body_reader, encode_request, parse_head
 
-__all__ = ["UpstreamTransport"]
+__all__ = [
+    "TRANSITIONS",
+    "ClientError",
+    "ConnState",
+    "ConnectFailed",
+    "Disconnected",
+    "LlamaClient",
+    "LlamaResponse",
+    "ProtocolError",
+    "ReadFailed",
+    "SendFailed",
+    "TimedOut",
+]
 
 log = logging.getLogger(__name__)
 
 #: Bytes asked of the socket per read.
 _READ_SIZE = 65536
-_DISCONNECTED = "Server disconnected without sending a response."
-#: Request headers that :meth:`UpstreamTransport.request` leaves to ``httpx.Request`` (it frames them itself).
-_PLAIN_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
+_DISCONNECTED = "server disconnected without sending a response"
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+
+class ClientError(Exception):
+    """An exchange with a llama-server failed; nothing of it can be used."""
+
+
+class ConnectFailed(ClientError):
+    """The connection could not be opened (refused, unreachable): nothing was sent."""
+
+
+class Disconnected(ClientError):
+    """A reused connection closed before any byte of an answer: it went stale as it was taken."""
+
+
+class SendFailed(ClientError):
+    """The request could not be written on a new connection (it broke, or was closed)."""
+
+
+class ReadFailed(ClientError):
+    """The connection broke while the answer was read."""
+
+
+class TimedOut(ClientError):
+    """Connecting or sending took longer than the client's limit."""
+
+
+class ProtocolError(ClientError):
+    """The answer is not HTTP/1.x as :mod:`~smart_proxy.upstream.http11` accepts it, or was cut short."""
+
+
+# ---- connections -------------------------------------------------------------------------
+
+
+class ConnState(enum.Enum):
+    """Where a connection is in its exchange (see :data:`TRANSITIONS`)."""
+
+    #: No exchange: it may carry a request (new, or back in the pool).
+    IDLE = "idle"
+    #: The request is being written.
+    SENDING = "sending"
+    #: The request is out; the answer's head has not all come.
+    AWAITING_HEAD = "awaiting_head"
+    #: The head is in; the body is being read.
+    RECEIVING_BODY = "receiving_body"
+    #: The socket is closed.
+    CLOSED = "closed"
+
+
+#: The moves a connection may make (to CLOSED from anywhere, which :meth:`_Connection.close` does).
+TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
+    ConnState.IDLE: frozenset({ConnState.SENDING, ConnState.CLOSED}),
+    ConnState.SENDING: frozenset({ConnState.AWAITING_HEAD, ConnState.CLOSED}),
+    ConnState.AWAITING_HEAD: frozenset({ConnState.RECEIVING_BODY, ConnState.CLOSED}),
+    ConnState.RECEIVING_BODY: frozenset({ConnState.IDLE, ConnState.CLOSED}),
+    ConnState.CLOSED: frozenset({ConnState.CLOSED}),
+}
 
 
 @functools.lru_cache(maxsize=256)
 def _split_url(url: str) -> tuple[tuple[str, int], bytes, bytes]:
-    """``((host, port), request target, Host header)`` of an ``http://`` URL, as httpx parses it.
+    """``((host, port), request target, Host header)`` of an ``http://`` URL.
 
     The URLs are a llama-server's base URL plus one of a few routes, so the cache stays small.
+
+    Raises:
+        ValueError: not an ``http://`` URL with a host (or its port is not a number).
     """
-    parsed = httpx.URL(url)
-    if parsed.scheme != "http":
-        raise httpx.UnsupportedProtocol(f"only http:// upstreams are supported, not {parsed.scheme!r}")
-    return (parsed.host, parsed.port or 80), parsed.raw_path, parsed.netloc
-
-
-# ---- connections and the pool -------------------------------------------------------------
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname
+    if parts.scheme != "http" or not host:
+        raise ValueError(f"not an http:// URL with a host: {url!r}")
+    port = parts.port
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != 80:
+        netloc += f":{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return (host, port or 80), target.encode("ascii"), netloc.encode("ascii")
 
 
 async def _open_stream(host: str, port: int) -> tuple[trio.SocketStream, socket.socket | None]:
     """A TCP connection to ``host``, and for an IP address its socket (see :class:`_Connection`).
 
-    An IP address (a llama-server's 127.0.0.1) is connected directly.
-
-    ``trio.open_tcp_stream`` resolves the name and races its addresses (happy eyeballs):
-    a nursery and a task per attempt, three more passes of the scheduler and twice the CPU
-    of a plain non-blocking connect (64 connections on one core: ~13 ms against ~6.5).
-    After a cold load every waiting request opens its connection at once, so that is paid
-    64 times over before the first request goes out. A name still goes through it.
+    An IP address (a llama-server's 127.0.0.1) is connected with one non-blocking
+    connect. ``trio.open_tcp_stream`` resolves a name and races its addresses (happy
+    eyeballs) in a nursery with a task per attempt: several more passes of the scheduler,
+    paid by every waiting request at once when a cold load ends. A name still goes
+    through it.
     """
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
@@ -115,28 +193,31 @@ async def _open_stream(host: str, port: int) -> tuple[trio.SocketStream, socket.
 
 
 class _Connection:
-    """One keep-alive TCP connection to an upstream.
+    """One keep-alive TCP connection to a llama-server, and its :class:`ConnState`.
 
     With ``raw``, the non-blocking socket under ``stream``, a send that fits the socket's
-    buffer (a request, nearly always) and a read of what has arrived already are plain
-    socket calls. ``SocketStream`` wraps each in a conflict check, two context managers and
-    a check for cancellation, and yields to the scheduler after a send that went through:
-    per relayed stream event, and several times per request, on the proxy's one core.
-    A wait (nothing to read yet, a full buffer) is Trio's, so cancellation and closing
-    work as with the stream; a name resolved by ``trio.open_tcp_stream`` has no ``raw``.
+    buffer and a read of what has arrived already are plain socket calls (see the module
+    docstring); a wait is Trio's. A name resolved by ``trio.open_tcp_stream`` has no ``raw``.
     """
 
-    __slots__ = ("stream", "key", "idle_since", "reused", "_poller", "_raw")
+    __slots__ = ("stream", "key", "state", "idle_since", "reused", "_poller", "_raw")
 
     def __init__(self, stream: trio.SocketStream, key: tuple[str, int], raw: socket.socket | None = None) -> None:
         self.stream = stream
         self._raw = raw
         self.key = key
+        self.state = ConnState.IDLE
         self.idle_since = 0.0
         #: Has carried a request before: a close without an answer means it went stale.
         self.reused = False
         self._poller = select.poll()
         self._poller.register(stream.socket.fileno(), select.POLLIN)
+
+    def to(self, state: ConnState) -> None:
+        """Move to ``state``. Raises RuntimeError if :data:`TRANSITIONS` has no such move."""
+        if state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"connection to {self.key[0]}:{self.key[1]}: {self.state.name} -> {state.name}")
+        self.state = state
 
     def readable(self) -> bool:
         """Whether the idle socket has something to read: the server closed it, or sent something unasked."""
@@ -148,6 +229,7 @@ class _Connection:
     def close(self) -> None:
         # trio's socket close is synchronous (it wakes any task waiting on the socket), so
         # closing needs no checkpoint and cannot be interrupted by a cancellation.
+        self.state = ConnState.CLOSED
         self.stream.socket.close()
 
     async def send(self, data: bytes, within: float | None) -> None:
@@ -166,101 +248,129 @@ class _Connection:
             with trio.move_on_after(within) as scope:
                 await self.stream.send_all(data)
             if scope.cancelled_caught:
-                raise httpx.WriteTimeout("timed out sending the request")
+                raise TimedOut("timed out sending the request")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             if self.reused:
-                raise httpx.RemoteProtocolError(_DISCONNECTED) from exc
-            raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
+                raise Disconnected(_DISCONNECTED) from exc
+            raise SendFailed(str(exc) or type(exc).__name__) from exc
 
-    async def receive(self, within: float | None) -> bytes:
+    async def receive(self) -> bytes:
+        """What has arrived (waiting until something has); b"" once the server has closed."""
         try:
-            if self._raw is not None and within is None:
+            raw = self._raw
+            if raw is not None:
                 while True:
                     try:
-                        return self._raw.recv(_READ_SIZE)
+                        return raw.recv(_READ_SIZE)
                     except BlockingIOError:
-                        await trio.lowlevel.wait_readable(self._raw)
-            if within is None:
-                return await self.stream.receive_some(_READ_SIZE)
-            with trio.move_on_after(within):
-                return await self.stream.receive_some(_READ_SIZE)
-            raise httpx.ReadTimeout("timed out reading the answer")
+                        await trio.lowlevel.wait_readable(raw)
+            return await self.stream.receive_some(_READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+            raise ReadFailed(str(exc) or type(exc).__name__) from exc
 
 
-class _Body(httpx.AsyncByteStream):
-    """The streamed body of one answer; gives its connection back to the pool once read to the end."""
+# ---- the answer --------------------------------------------------------------------------
 
-    def __init__(
-        self,
-        transport: UpstreamTransport,
-        conn: _Connection,
-        reader: BodyReader,
-        first: bytes,
-        head: Head,
-        read_timeout: float | None,
-    ) -> None:
-        self._transport = transport
+
+class LlamaResponse:
+    """An answer whose head has arrived; iterate it for the body, one piece per network read.
+
+    ``headers`` are the raw ``(name, value)`` pairs as they came. The connection goes
+    back to the client's pool once the body has been read to its end (if it may be
+    reused); :meth:`aclose` or :meth:`abort` before then closes it.
+    """
+
+    __slots__ = ("status", "reason", "headers", "http10", "delimited", "_client", "_conn", "_reader", "_first", "_close")
+
+    def __init__(self, client: LlamaClient, conn: _Connection, head: Head, reader: BodyReader, first: bytes) -> None:
+        self.status = head.status
+        self.reason = head.reason
+        self.headers = head.headers
+        self.http10 = head.http10
+        #: The body's end is marked (Content-Length, chunked, or no body), not just the close of the connection.
+        self.delimited = reader.delimited
+        self._client = client
         self._conn: _Connection | None = conn
         self._reader = reader
         self._first = first
-        self._head = head
-        self._timeout = read_timeout
+        self._close = head.close
         if reader.done:  # no body at all
             self._finish(reader.feed(first) == b"" and not reader.extra)
+
+    def header(self, name: bytes) -> bytes | None:
+        """The value of the first header called ``name`` (any case), or None."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    @property
+    def closed(self) -> bool:
+        """The body was read to its end, or closed: its connection is back in the pool or closed."""
+        return self._conn is None
 
     def _finish(self, reusable: bool) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._transport._release(conn, reusable and not self._head.close)
+            self._client._release(conn, reusable and not self._close)
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> LlamaResponse:
         return self
 
     async def __anext__(self) -> bytes:
         conn = self._conn
         reader = self._reader
-        while conn is not None:
-            if self._first:
-                data, self._first = self._first, b""
-            else:
-                try:
-                    data = await conn.receive(self._timeout)
-                except BaseException:
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while conn is not None:
+                if self._first:
+                    data, self._first = self._first, b""
+                else:
+                    data = await conn.receive()
+                if not data:
                     self._finish(False)
-                    raise
-            if not data:
-                self._finish(False)
-                reader.eof()
-                raise StopAsyncIteration
-            try:
+                    reader.eof()
+                    break
                 out = reader.feed(data)
-            except BaseException:
-                self._finish(False)
-                raise
-            if reader.done:  # the connection may be back in the pool now: do not read it again
-                self._finish(not reader.extra)
+                if reader.done:  # the connection may be back in the pool now: do not read it again
+                    self._finish(not reader.extra)
+                    if out:
+                        return out
+                    break
                 if out:
                     return out
-                break
-            if out:
-                return out
+        except ParseError as exc:
+            self._finish(False)
+            raise ProtocolError(str(exc)) from exc
+        except BaseException:
+            self._finish(False)
+            raise
         raise StopAsyncIteration
 
     def abort(self) -> None:
-        """Close the connection now unless the body was read to the end (no checkpoint: see relay.Upstream.abort)."""
+        """Close the connection now unless the body was read to its end; no checkpoint.
+
+        For a task that must stop a generation at once without awaiting (see
+        :meth:`smart_proxy.upstream.relay.Upstream.abort`).
+        """
         self._finish(False)
 
     async def aclose(self) -> None:
-        self._finish(False)  # read to the end: already given back; else the socket is closed
+        """Like :meth:`abort`, then a cancellation point."""
+        self._finish(False)
+        await trio.lowlevel.checkpoint_if_cancelled()
 
 
-class UpstreamTransport(httpx.AsyncBaseTransport):
-    """An ``httpx.AsyncBaseTransport`` for plain-HTTP upstreams; see the module docstring.
+# ---- the client --------------------------------------------------------------------------
+
+
+class LlamaClient:
+    """Keep-alive HTTP/1.1 to llama-servers; see the module docstring.
 
     Args:
-        connect_timeout, write_timeout: used when a request carries no ``timeout`` extension.
+        connect_timeout, write_timeout: seconds a connect or the write of a request may
+            take (None: no limit); longer is :class:`TimedOut`.
         keepalive_expiry: seconds an idle connection is kept for reuse.
         max_idle: idle connections kept per ``(host, port)``; more are closed.
     """
@@ -273,7 +383,8 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         keepalive_expiry: float = 4.0,
         max_idle: int = 256,
     ) -> None:
-        self._timeouts = {"connect": connect_timeout, "write": write_timeout, "read": None}
+        self._connect_timeout = connect_timeout
+        self._write_timeout = write_timeout
         self._expiry = keepalive_expiry
         self._max_idle = max_idle
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
@@ -294,12 +405,18 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         """Idle connections kept for reuse."""
         return sum(len(idle) for idle in self._idle.values())
 
+    async def __aenter__(self) -> LlamaClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Close idle connections as they expire, until cancelled (a service for the root nursery).
 
         Without it an expired connection is closed only when the next request comes (each
-        request sweeps at most every ``keepalive_expiry / 4``), so after a burst its
-        descriptors stayed open for as long as the proxy had nothing to relay. It sleeps
+        request sweeps at most every ``keepalive_expiry / 4``), and after a burst its
+        descriptor would stay open for as long as the proxy has nothing to relay. It sleeps
         until the oldest idle connection expires, and while none is idle until one is put
         back; a connection put back while it already waits for an older one wakes nobody.
         """
@@ -312,112 +429,71 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             with trio.move_on_at(self._sweep_at):
                 await self._sweeper_lot.park()
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._closed:
-            raise RuntimeError("the upstream transport is closed")
-        url = request.url
-        if url.scheme != "http":
-            raise httpx.UnsupportedProtocol(f"only http:// upstreams are supported, not {url.scheme!r}")
-        head = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
-        for name, value in request.headers.raw:
-            if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name:
-                raise httpx.LocalProtocolError(f"bad request header {name!r}")
-            head += (name, b": ", value, b"\r\n")
-        head.append(b"\r\n")
-        try:
-            payload = b"".join(head) + request.content
-        except httpx.RequestNotRead:  # a streamed request body: read it and send it as it was framed
-            content = await request.aread()
-            if request.headers.get("transfer-encoding", "").lower() == "chunked":
-                content = (b"%x\r\n%s\r\n0\r\n\r\n" % (len(content), content)) if content else b"0\r\n\r\n"
-            payload = b"".join(head) + content
-        timeouts = request.extensions.get("timeout") or self._timeouts
-        return await self._exchange((url.host, url.port or 80), request.method, payload, timeouts, request)
-
     async def request(
-        self, method: str, url: str, *, content: bytes, headers: Mapping[str, str] | None = None
-    ) -> httpx.Response:
-        """Send ``content`` to ``url`` as ``handle_async_request(httpx.Request(...))`` would, minus the Request.
+        self, method: str, url: str, *, content: bytes = b"", headers: Mapping[str, str] | None = None
+    ) -> LlamaResponse:
+        """Send ``content`` to ``url`` (``http://`` only) and return once the answer's head is in.
 
-        The relay's hot path (:func:`smart_proxy.upstream.relay.open_upstream`): building an
-        ``httpx.Request`` (parsing the URL, normalising the headers, wrapping the body in a
-        stream) cost more CPU than this transport's whole exchange. The bytes sent are the
-        ones httpx would frame (``Host``, the given headers, ``Content-Length``); anything this
-        does not cover (an empty body, a framing or ``Host`` header of the caller's) goes
-        through ``httpx.Request`` after all. The answer carries no ``request``.
+        The request carries ``Host``, ``headers`` in order and ``Content-Length`` (see
+        :func:`~smart_proxy.upstream.http11.encode_request`).
+
+        Raises:
+            ConnectFailed, Disconnected, SendFailed, ReadFailed, TimedOut, ProtocolError:
+                see each; the connection is closed.
+            ValueError: a URL, method or header this client cannot send as it is.
+            RuntimeError: the client is closed.
         """
-        if not content or (headers is not None and not _PLAIN_HEADERS.isdisjoint(name.lower() for name in headers)):
-            return await self.handle_async_request(httpx.Request(method, url, content=content, headers=headers))
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
-            raise RuntimeError("the upstream transport is closed")
-        method = method.upper()
+            raise RuntimeError("the llama client is closed")
         key, target, host = _split_url(url)
-        head = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-        if headers:
-            for name, value in headers.items():
-                raw_name, raw_value = name.encode("ascii"), value.encode("ascii")
-                if b"\r" in raw_value or b"\n" in raw_value or b"\r" in raw_name or b"\n" in raw_name:
-                    raise httpx.LocalProtocolError(f"bad request header {raw_name!r}")
-                head += (raw_name, b": ", raw_value, b"\r\n")
-        head.append(b"Content-Length: %d\r\n\r\n" % len(content))
-        head.append(content)
-        return await self._exchange(key, method, b"".join(head), self._timeouts, None)
-
-    async def _exchange(
-        self,
-        key: tuple[str, int],
-        method: str,
-        payload: bytes,
-        timeouts: Mapping[str, float | None],
-        request: httpx.Request | None,
-    ) -> httpx.Response:
-        """Send ``payload`` (a whole request) on a pooled or new connection; the answer once its head is in."""
+        raw_method = method.upper().encode("ascii")
+        raw_headers = [(name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()] if headers else ()
+        payload = encode_request(raw_method, target, host, raw_headers, content)
         conn = self._checkout(key)
         if conn is None:
-            conn = await self._connect(key, timeouts.get("connect"))
-        read_timeout = timeouts.get("read")
+            conn = await self._connect(key)
         try:
-            await conn.send(payload, timeouts.get("write"))
-            answer, first = await self._read_head(conn, read_timeout)
-            reader = body_reader(method.encode("ascii"), answer)
+            conn.to(ConnState.SENDING)
+            await conn.send(payload, self._write_timeout)
+            conn.to(ConnState.AWAITING_HEAD)
+            head, first = await self._read_head(conn)
+            reader = body_reader(raw_method, head)
+            conn.to(ConnState.RECEIVING_BODY)
         except BaseException:
-            self._release(conn, False)
+            self._drop(conn)
             raise
-        return httpx.Response(
-            answer.status,
-            headers=answer.headers,
-            stream=_Body(self, conn, reader, first, answer, read_timeout),
-            extensions={"http_version": b"HTTP/1.0" if answer.http10 else b"HTTP/1.1", "reason_phrase": answer.reason},
-            request=request,
-        )
+        return LlamaResponse(self, conn, head, reader, first)
 
-    async def _read_head(self, conn: _Connection, within: float | None) -> tuple[Head, bytes]:
+    async def _read_head(self, conn: _Connection) -> tuple[Head, bytes]:
+        """The answer's final head (interim 1xx ones skipped) and the bytes after it."""
         buffer = b""
         while True:
             try:
-                data = await conn.receive(within)
-            except httpx.ReadError as exc:
+                data = await conn.receive()
+            except ReadFailed as exc:
                 if conn.reused and not buffer:
-                    raise httpx.RemoteProtocolError(_DISCONNECTED) from exc
+                    raise Disconnected(_DISCONNECTED) from exc
                 raise
             if not data:
                 if buffer:
-                    raise httpx.RemoteProtocolError("server disconnected in the middle of the answer head")
-                raise httpx.RemoteProtocolError(_DISCONNECTED)
+                    raise ProtocolError("server disconnected in the middle of the answer head")
+                if conn.reused:
+                    raise Disconnected(_DISCONNECTED)
+                raise ProtocolError("server closed a new connection without answering")
             buffer = buffer + data if buffer else data
-            parsed = parse_head(buffer)
-            if parsed is None:
-                continue
-            head, start = parsed
-            if 100 <= head.status < 200 and head.status != 101:  # an interim answer: the real one follows
-                buffer = buffer[start:]
-                parsed = parse_head(buffer) if buffer else None
-                if parsed is None:
-                    continue
-                head, start = parsed
-            return head, buffer[start:]
+            try:
+                while (parsed := parse_head(buffer)) is not None:
+                    head, start = parsed
+                    if head.status < 200:  # an interim answer (http11 refuses a 101): the real one follows
+                        buffer = buffer[start:]
+                        continue
+                    return head, buffer[start:]
+            except ParseError as exc:
+                raise ProtocolError(str(exc)) from exc
 
-    async def _connect(self, key: tuple[str, int], within: float | None) -> _Connection:
+    async def _connect(self, key: tuple[str, int]) -> _Connection:
+        within = self._connect_timeout
         try:
             if within is None:
                 stream, raw = await _open_stream(*key)
@@ -425,13 +501,13 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 with trio.move_on_after(within) as scope:
                     stream, raw = await _open_stream(*key)
                 if scope.cancelled_caught:
-                    raise httpx.ConnectTimeout(f"timed out connecting to {key[0]}:{key[1]}")
+                    raise TimedOut(f"timed out connecting to {key[0]}:{key[1]}")
         except OSError as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+            raise ConnectFailed(str(exc) or type(exc).__name__) from exc
         conn = _Connection(stream, key, raw)
         if self._closed:  # closed while we connected
             conn.close()
-            raise RuntimeError("the upstream transport is closed")
+            raise RuntimeError("the llama client is closed")
         self._open.add(conn)
         return conn
 
@@ -449,6 +525,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         return None
 
     def _release(self, conn: _Connection, reusable: bool) -> None:
+        """An answer is over: pool its connection (now IDLE) if it may carry another request, else close it."""
         if not reusable or self._closed:
             self._drop(conn)
             return
@@ -456,6 +533,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         if len(idle) >= self._max_idle:
             self._drop(conn)
             return
+        conn.to(ConnState.IDLE)
         conn.idle_since = trio.current_time()
         conn.reused = True
         idle.append(conn)
@@ -480,6 +558,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 del self._idle[key]
 
     async def aclose(self) -> None:
+        """Close every connection, idle or in use (a read waiting on one gets ReadFailed)."""
         self._closed = True
         for conn in list(self._open):
             self._drop(conn)

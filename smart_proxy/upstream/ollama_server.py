@@ -45,7 +45,7 @@ from quart import Response
 
 from ..config import ModelConfig
 from ..errors import UpstreamError, UpstreamTimeout
-from .relay import MAX_ANSWER, NDJSONLines, RelayBody, SSELines, Upstream, describe
+from .relay import MAX_ANSWER, NDJSONLines, RelayBody, SSELines, Upstream, describe, open_httpx
 
 __all__ = ["OPENING", "forward", "health", "list_models", "remote_name", "send"]
 
@@ -94,7 +94,9 @@ async def send(
     (``upstream_model``) or there is no ``raw``: then ``payload``, with the upstream's name.
 
     Raises:
-        UpstreamError: the Ollama server cannot be reached (502).
+        UpstreamError: the Ollama server cannot be reached (502); refused or dropped before
+            any answer, the request goes once more first.
+        UpstreamTimeout: no answer head within the model's ``request_timeout`` (504).
     """
     content = raw
     if payload is not None and (raw is None or payload.get("model") != remote_name(model)):
@@ -109,21 +111,16 @@ async def send(
         )
         try:
             with trio.move_on_after(first_byte):
-                upstream = Upstream(await http.send(request, stream=True))
-                if not 200 <= upstream.status_code <= 599:  # 1xx are the client's; anything else is not HTTP
-                    await upstream.aclose()
-                    raise UpstreamError(f"the Ollama upstream of model {model.name!r} answered an invalid status")
-                return upstream
+                return await open_httpx(http, request, name=f"the Ollama upstream of model {model.name!r}")
             raise UpstreamTimeout(
                 f"the Ollama upstream of model {model.name!r} did not answer within request_timeout ({first_byte:g}s)"
             )
-        except httpx.HTTPError as exc:
-            if not retry and attempt.unanswered(exc):
-                log.info("%s: %s before any answer; sending once more", url, describe(exc))
+        except UpstreamError as exc:
+            cause = exc.__cause__
+            if not retry and isinstance(cause, httpx.HTTPError) and attempt.unanswered(cause):
+                log.info("%s: %s before any answer; sending once more", url, describe(cause))
                 continue
-            raise UpstreamError(
-                f"the Ollama upstream of model {model.name!r} is unreachable: cannot reach {url}: {describe(exc)}"
-            ) from exc
+            raise
         finally:
             attempt.done()
     raise AssertionError("unreachable")

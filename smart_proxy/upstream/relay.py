@@ -1,4 +1,4 @@
-"""Forwarding one request to a llama-server (or any upstream) and relaying the answer.
+"""Forwarding one request to a llama-server (or an Ollama upstream) and relaying the answer.
 
 The body goes upstream as the client sent it, byte for byte, and the answer
 comes back unchanged: the proxy must not drop or reorder what it does not
@@ -7,13 +7,19 @@ server is held until the last byte is relayed (or the client has gone), then
 released; closing the upstream response on a client disconnect makes
 llama-server free the slot.
 
-Requests to llama-servers go through :class:`~smart_proxy.upstream.client.UpstreamTransport`
-(``ProxyState.llama``, made by :func:`make_transport`), an httpx transport with
-its own keep-alive pool and a minimal HTTP/1.1 parser, called directly rather
-than through ``httpx.AsyncClient``: the client, httpcore and h11 together cost
-more CPU per request than the rest of the proxy. Everything else (an upstream
-Ollama, health probes, downloads) uses the ordinary client of :func:`make_client`.
-:func:`open_upstream` takes either.
+Two clients, two ways in. Requests to llama-servers go through the proxy's
+:class:`~smart_proxy.upstream.client.LlamaClient` (``ProxyState.llama``, made by
+:func:`make_llama_client`), opened by :func:`open_upstream`: the hop every
+relayed request and streamed event crosses, so it has its own keep-alive pool and
+parser. An Ollama upstream (:mod:`smart_proxy.upstream.ollama_server`) goes through
+the ordinary ``httpx.AsyncClient`` of :func:`make_client`, opened by
+:func:`open_httpx`, which wraps its answer in :class:`HttpxAnswer`. Either way the
+caller gets an :class:`Upstream`, and this module is where the failures of both
+clients become the proxy's errors: :func:`open_upstream` and :func:`open_httpx`
+for the opening (a connection refused before anything was sent is an
+:class:`~smart_proxy.errors.UpstreamRefused`, any other failure an
+:class:`~smart_proxy.errors.UpstreamError` saying "cannot reach"),
+:meth:`Upstream.read` and :class:`RelayBody` for the body ("broke off").
 
 At most ``slots`` requests are in flight to one llama-server (its ``/props``
 ``total_slots``): given the request's lease, :func:`open_upstream` takes one of
@@ -22,22 +28,17 @@ checkpoint, so the requests a finished load releases go out together; else waiti
 most what is left of ``queue_timeout``) before it sends, and the slot is given back
 when the answer is closed. llama-server would queue the excess itself; queueing
 it here bounds the wait and keeps the connection pool as small as the server's
-slots (with httpx's own transport that mattered more: httpcore rescans every
-pooled connection on each request and release, encode/httpx#3215).
+slots.
 
 A streamed answer is relayed by :class:`RelayBody`, a Quart response body that
 reads the upstream in the response's own task: each piece it hands Quart is what
-one read of the upstream gave (the upstream transport hands over all the chunks of
-one network read as one piece; the body iterates ``response.stream`` itself,
-skipping ``aiter_raw``'s layers). A model's tokens (one event per network read)
-go out one by one as they come; while a write to the client is slow, or the proxy
-falls behind, the events that arrive meanwhile wait in the kernel's buffer and the
-next read takes them all, so a burst costs one write through Quart, Hypercorn and
-h11 instead of one per event. (An earlier version read ahead in a pump task
-through a channel; with a transport that already hands over a read at a time, the
-second task and channel only added a task switch per event: 10-15 % of the CPU per
-relayed event at 64-512 streams.) Through the ordinary httpx client (an upstream
-Ollama) a piece is one chunk, as httpcore gives them.
+one read of the upstream gave (the llama client hands over all the chunks of one
+network read as one piece). A model's tokens (one event per network read) go out
+one by one as they come; while a write to the client is slow, or the proxy falls
+behind, the events that arrive meanwhile wait in the kernel's buffer and the next
+read takes them all, so a burst costs one write through Quart, Hypercorn and h11
+instead of one per event. Through httpx (an Ollama upstream) a piece is one chunk,
+as httpcore gives them.
 
 A body given a ``translation`` (Ollama's NDJSON made from llama-server's SSE,
 :class:`smart_proxy.dialects.ollama.NDJSONStream`) translates each piece as it is read and
@@ -60,7 +61,9 @@ too, so an upstream that never ends a line cannot make the proxy buffer without 
 Each such failure counts the request as failed (:func:`~smart_proxy.metrics.note_failed`).
 
 What goes back to the client of the upstream's answer is checked: a status outside
-200-599 is an :class:`~smart_proxy.errors.UpstreamError` (502), and
+200-599 is an :class:`~smart_proxy.errors.UpstreamError` (502), and so is a
+llama-server answer with a ``Content-Encoding`` (the llama client asks for none and
+decodes none); :attr:`Upstream.headers` leaves out the connection's own headers (hop-by-hop, and
 :attr:`Upstream.headers` leaves out the connection's own headers (hop-by-hop, and
 those ``Connection`` names), ``Set-Cookie``, values with control bytes and oversized
 values. A connection the upstream refused carried nothing: :func:`send_leased` waits
@@ -83,13 +86,15 @@ from quart.wrappers.response import ResponseBody
 
 from ..errors import UpstreamError, UpstreamRefused, UpstreamTimeout
 from ..metrics import note_failed
-from .client import UpstreamTransport
+from .client import ClientError, ConnectFailed, Disconnected, LlamaClient
 
 if TYPE_CHECKING:
     from ..pool import Lease, Slot
 
 __all__ = [
     "MAX_ANSWER",
+    "Answer",
+    "HttpxAnswer",
     "LineTooLong",
     "Lines",
     "NDJSONLines",
@@ -99,7 +104,8 @@ __all__ = [
     "answer_text",
     "Upstream",
     "make_client",
-    "make_transport",
+    "make_llama_client",
+    "open_httpx",
     "open_upstream",
     "send_leased",
 ]
@@ -130,10 +136,12 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 MAX_ANSWER = 64 * 1024 * 1024
 #: How long a request whose connection was refused waits for the pool to see its server gone.
 _RESTART_WAIT = 2.0
+#: What the two clients raise when an exchange fails: the llama client's errors, and httpx's.
+_BROKEN = (ClientError, httpx.HTTPError)
 
 
 def make_client() -> httpx.AsyncClient:
-    """The proxy's one HTTP client: no read timeout (generations are long), pooled connections."""
+    """The proxy's HTTP client for all but llama-servers: no read timeout (generations are long), pooled connections."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=_KEEPALIVE_EXPIRY),
@@ -141,23 +149,105 @@ def make_client() -> httpx.AsyncClient:
     )
 
 
-def make_transport() -> UpstreamTransport:
-    """The transport for the hop to llama-servers (see :mod:`smart_proxy.upstream.client`), timeouts as :func:`make_client`."""
-    return UpstreamTransport(connect_timeout=10.0, write_timeout=60.0, keepalive_expiry=_KEEPALIVE_EXPIRY)
+def make_llama_client() -> LlamaClient:
+    """The client for the hop to llama-servers (see :mod:`smart_proxy.upstream.client`), timeouts as :func:`make_client`."""
+    return LlamaClient(connect_timeout=10.0, write_timeout=60.0, keepalive_expiry=_KEEPALIVE_EXPIRY)
+
+
+class _Pieces(Protocol):
+    def __anext__(self) -> Awaitable[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Answer(Protocol):
+    """An answer whose head is in, as :class:`Upstream` reads it.
+
+    A :class:`~smart_proxy.upstream.client.LlamaResponse` is one; an ``httpx.Response``
+    becomes one in :class:`HttpxAnswer`.
+    """
+
+    #: The status code.
+    status: int
+    #: The raw ``(name, value)`` header pairs as they came.
+    headers: list[tuple[bytes, bytes]]
+
+    @property
+    def delimited(self) -> bool:
+        """The body's end is marked (Content-Length, chunked, no body), not just the close of the connection."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """Read to its end, or closed."""
+        ...
+
+    def header(self, name: bytes) -> bytes | None:
+        """The value of the first header called ``name`` (any case), or None."""
+        ...
+
+    def __aiter__(self) -> _Pieces:
+        """The body, piece by piece."""
+        ...
+
+    def abort(self) -> None:
+        """Close it now, without a checkpoint (or leave it to :meth:`aclose`, if that cannot be done)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class HttpxAnswer:
+    """An ``httpx.Response`` streamed by ``httpx.AsyncClient`` (an Ollama upstream's) as an :class:`Answer`.
+
+    Its pieces are httpx's, one chunk each, decoded when the answer has a Content-Encoding
+    (httpx asks for gzip and deflate, and the encoding header is not relayed). httpx cannot
+    close a response without awaiting, so :meth:`abort` leaves it to :meth:`aclose`.
+    """
+
+    __slots__ = ("response", "status", "headers")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.status = response.status_code
+        self.headers = response.headers.raw
+
+    @property
+    def delimited(self) -> bool:
+        headers = self.response.headers
+        return "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
+
+    @property
+    def closed(self) -> bool:
+        return self.response.is_closed
+
+    def header(self, name: bytes) -> bytes | None:
+        value = self.response.headers.get(name.decode("latin-1"))
+        return None if value is None else value.encode("latin-1")
+
+    def __aiter__(self) -> _Pieces:
+        response = self.response
+        return response.aiter_bytes() if "content-encoding" in response.headers else response.stream.__aiter__()
+
+    def abort(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
 
 
 class Upstream:
     """An upstream answer whose headers have arrived and whose body is still to come."""
 
-    def __init__(self, response: httpx.Response, slot: Slot | None = None) -> None:
+    def __init__(self, response: Answer, slot: Slot | None = None) -> None:
         self.response = response
-        self.status_code = response.status_code
+        self.status_code = response.status
         self._slot = slot
 
     @property
     def headers(self) -> dict[str, str]:
         """The answer's headers that go on to the client (names in lower case); see the module docstring."""
-        raw = self.response.headers.raw
+        raw = self.response.headers
         named = {
             token.strip().lower() for name, value in raw if name.lower() == b"connection" for token in value.split(b",")
         }
@@ -172,8 +262,7 @@ class Upstream:
     @property
     def delimited(self) -> bool:
         """The body's end is marked (Content-Length, chunked), not just the close of the connection."""
-        headers = self.response.headers
-        return "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
+        return self.response.delimited
 
     async def read(self, limit: int = MAX_ANSWER) -> bytes:
         """The whole body, at most ``limit`` bytes.
@@ -185,25 +274,22 @@ class Upstream:
         response = self.response
         too_large = UpstreamError(f"the upstream answer is larger than {limit} bytes ([proxy] max_answer)")
         try:
-            length = response.headers.get("content-length", "")
-            if length.isdigit() and int(length) > limit:
+            length = response.header(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
                 raise too_large
-            # httpx decodes a content-encoding (and then the decoded size counts); else the raw
-            # pieces, without aread's three generator layers per piece
-            pieces = response.aiter_bytes() if "content-encoding" in response.headers else response.stream
             parts = []
             size = 0
-            async for piece in pieces:
+            async for piece in response:
                 size += len(piece)
                 if size > limit:
                     raise too_large
                 parts.append(piece)
             body = parts[0] if len(parts) == 1 else b"".join(parts)
-        except httpx.HTTPError as exc:
+        except _BROKEN as exc:
             raise UpstreamError(f"the upstream answer broke off: {describe(exc)}") from exc
         finally:
             await self.aclose()
-        if not self.delimited and "json" in response.headers.get("content-type", ""):
+        if not self.delimited and b"json" in (response.header(b"content-type") or b""):
             try:
                 json.loads(body)
             except ValueError:
@@ -216,11 +302,9 @@ class Upstream:
         For the task that sees its client leave: the cancelled relay closes the answer too,
         but only when it next runs, a pass of the scheduler later; closing the socket here
         stops llama-server's generation that much sooner when many clients leave at once.
-        Answers through the ordinary httpx client (an Ollama upstream) are left to that close.
+        An Ollama upstream's answer (:class:`HttpxAnswer`) is left to that close.
         """
-        abort = getattr(self.response.stream, "abort", None)
-        if abort is not None:
-            abort()
+        self.response.abort()
 
     async def aclose(self) -> None:
         try:
@@ -240,50 +324,46 @@ def answer_text(body: bytes, limit: int = 500) -> str:
     return " ".join(_TAG.sub(b" ", body[: limit * 8]).decode("utf-8", "replace").split())[:limit]
 
 
-def describe(exc: httpx.HTTPError) -> str:
+def describe(exc: BaseException) -> str:
+    """An error as a message quotes it: its type, and what it says."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _unreachable(url: str, exc: ClientError | httpx.HTTPError, *, sent: bool, name: str | None = None) -> UpstreamError:
+    """A failure to open ``url`` as the proxy's error: refused (nothing was ever sent) or not."""
+    message = f"cannot reach {url}: {describe(exc)}"
+    if name:
+        message = f"{name} is unreachable: {message}"
+    if not sent and isinstance(exc, (ConnectFailed, httpx.ConnectError)):
+        return UpstreamRefused(message)
+    return UpstreamError(message)
+
+
 async def open_upstream(
-    http: httpx.AsyncClient | httpx.AsyncBaseTransport,
+    llama: LlamaClient,
     method: str,
     url: str,
     *,
-    content: bytes | None = None,
+    content: bytes = b"",
     headers: dict[str, str] | None = None,
     lease: Lease | None = None,
     first_byte: float | None = None,
 ) -> Upstream:
-    """Send the request and return once the answer's headers are in.
+    """Send a request to a llama-server through ``llama`` and return once the answer's head is in.
 
-    With ``lease`` (on a llama-server), first take a slot of its server; the answer
-    holds it until :meth:`Upstream.aclose`. ``first_byte`` (else the lease's
-    ``request_timeout``; 0 or None: no limit) bounds the wait for the answer's head. ``http`` is a client, or a transport
-    (the llama-server hop's :class:`~smart_proxy.upstream.client.UpstreamTransport`) that
-    is called directly: ``httpx.AsyncClient``'s own layer (request merging, auth,
-    redirects, cookies) cost ~0.4 ms of CPU per request, more than that transport.
+    With ``lease``, first take a slot of its server; the answer holds it until
+    :meth:`Upstream.aclose`. ``first_byte`` (else the lease's ``request_timeout``; 0 or
+    None: no limit) bounds the wait for the answer's head. A reused connection the server
+    closed before answering (:class:`~smart_proxy.upstream.client.Disconnected`) was not
+    answered, so the request goes once more on a new one.
 
     Raises:
         PoolBusy: no slot of the lease's server came free within its queue_timeout.
-        UpstreamError: the upstream could not be reached or broke before answering.
+        UpstreamRefused: the connection was refused, before anything was sent.
+        UpstreamError: the server could not be reached or broke before answering, or
+            answered an invalid status or an encoded body.
         UpstreamTimeout: no answer head within ``first_byte`` seconds (504).
     """
-    if isinstance(http, httpx.AsyncClient):
-        client = http
-
-        async def send() -> httpx.Response:
-            return await client.send(client.build_request(method, url, content=content, headers=headers), stream=True)
-    elif isinstance(http, UpstreamTransport):
-        upstream = http
-
-        async def send() -> httpx.Response:
-            return await upstream.request(method, url, content=content or b"", headers=headers)
-    else:
-        transport = http
-
-        async def send() -> httpx.Response:
-            return await transport.handle_async_request(httpx.Request(method, url, content=content, headers=headers))
-
     slot = await lease.take_slot() if lease is not None else None
     if first_byte is None:
         first_byte = lease.request_timeout if lease is not None else 0.0
@@ -291,30 +371,50 @@ async def open_upstream(
     try:
         with trio.move_on_after(first_byte or math.inf) as waiting:
             try:
-                response = await send()
-            except httpx.RemoteProtocolError as exc:
-                if "without sending a response" not in str(exc):
-                    raise
-                # A pooled keep-alive connection the server closed just as we reused it (it
-                # closes idle ones after 5 s): nothing was answered, so send once more on a
-                # fresh connection.
+                response = await llama.request(method, url, content=content, headers=headers)
+            except Disconnected as exc:
                 log.debug("%s: %s; retrying once", url, exc)
                 sent = True
-                response = await send()
+                response = await llama.request(method, url, content=content, headers=headers)
         if waiting.cancelled_caught:
             raise UpstreamTimeout(f"no answer from {url} within request_timeout ({first_byte:g}s)")
     except BaseException as exc:
         if slot is not None:
             slot.release()
-        if isinstance(exc, httpx.ConnectError) and not sent:
-            raise UpstreamRefused(f"cannot reach {url}: {describe(exc)}") from exc
-        if isinstance(exc, httpx.HTTPError):
-            raise UpstreamError(f"cannot reach {url}: {describe(exc)}") from exc
+        if isinstance(exc, ClientError):
+            raise _unreachable(url, exc, sent=sent) from exc
         raise
     upstream = Upstream(response, slot)
-    if not 200 <= response.status_code <= 599:  # 1xx are the transport's; anything else is not HTTP
+    if not 200 <= response.status <= 599:  # 1xx are the client's; anything else is not HTTP
         await upstream.aclose()
-        raise UpstreamError(f"{url} answered an invalid status: {response.status_code}")
+        raise UpstreamError(f"{url} answered an invalid status: {response.status}")
+    encoding = response.header(b"content-encoding")
+    if encoding is not None and encoding.strip().lower() != b"identity":
+        await upstream.aclose()
+        raise UpstreamError(f"{url} answered with Content-Encoding {encoding.decode('latin-1')!r}, which was not asked for")
+    return upstream
+
+
+async def open_httpx(http: httpx.AsyncClient, request: httpx.Request, *, name: str | None = None) -> Upstream:
+    """Send ``request`` through ``http`` (an Ollama upstream's hop) and return once the answer's head is in.
+
+    ``name`` names the upstream in error messages ("the Ollama upstream of model 'x'").
+    No retry, no slot, no time limit: :func:`smart_proxy.upstream.ollama_server.send`
+    decides those.
+
+    Raises:
+        UpstreamRefused: the connection was refused (``__cause__`` is httpx's error).
+        UpstreamError: any other failure before the head (``__cause__`` likewise), or an
+            invalid status.
+    """
+    try:
+        response = await http.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise _unreachable(str(request.url), exc, sent=False, name=name) from exc
+    upstream = Upstream(HttpxAnswer(response))
+    if not 200 <= response.status_code <= 599:  # 1xx are httpx's; anything else is not HTTP
+        await upstream.aclose()
+        raise UpstreamError(f"{name or request.url} answered an invalid status: {response.status_code}")
     return upstream
 
 
@@ -493,9 +593,7 @@ class RelayBody(ResponseBody):
         self._on_done = on_done
         self._translation = translation
         self._lines = lines if translation is None else None
-        # the raw body straight from the transport's stream: Response.aiter_raw adds two
-        # generator layers per piece (~0.5 us each time, measured) and nothing the relay needs
-        self._chunks = upstream.response.stream.__aiter__()
+        self._chunks = upstream.response.__aiter__()
         self._entered = False
         self._ended = False
         self._finished = False
@@ -531,7 +629,7 @@ class RelayBody(ResponseBody):
         self._finished = True
         try:
             with trio.CancelScope(shield=True):
-                await self._chunks.aclose()  # the stream or httpx's generator, closed now rather than by the GC
+                await self._chunks.aclose()  # the answer, or httpx's generator, closed now rather than by the GC
                 await self._upstream.aclose()
         finally:
             self._done()
@@ -547,7 +645,7 @@ class RelayBody(ResponseBody):
                 chunk = await self._chunks.__anext__()
             except StopAsyncIteration:
                 return await self._last(self._ending())
-            except httpx.HTTPError as exc:
+            except _BROKEN as exc:
                 return await self._last(self._failed(f"the upstream stream broke off: {describe(exc)}"))
             if translation is not None:
                 out = translation.feed(chunk)
