@@ -4,14 +4,15 @@ Theory of operation: no pool and no process. A request for such a model goes to
 ``url + path`` on that Ollama server: Ollama's own routes for Ollama clients, its
 ``/v1`` routes for OpenAI clients. The body goes as the client sent it, except
 the ``model`` field when ``upstream_model`` names the model differently there.
-The answer comes back untouched, streams relayed chunk by chunk as they arrive
-(so its ``model`` is the upstream's name). An upstream that cannot be reached is
+:func:`send` returns the answer once its head is in; the handlers relay it untouched
+(:func:`smart_proxy.handlers.reply.relay_answer`: streams a line at a time as they arrive,
+so its ``model`` is the upstream's name). An upstream that cannot be reached is
 a 502 naming the upstream and the reason, and the model's ``request_timeout``
 bounds the wait for an answer's first byte (504).
 
 Connections: a burst of first requests (64 clients at once) would open as many
 connections to the Ollama server at the same moment, more than its listen queue
-takes, and some were reset before they were served. So at most :data:`OPENING`
+takes, and the excess is reset before it is served. So at most :data:`OPENING`
 new connections to one upstream are unproven at once: opened, and not yet given
 the head of an answer (which means the server took them); the rest wait their
 turn, first come first served. A request on a pooled connection never waits. A
@@ -23,10 +24,7 @@ for ``/health``, and :func:`list_models` reads their ``/api/tags`` and
 ``/api/ps`` concurrently, each within a short timeout.
 
 Agents (:mod:`smart_proxy.agents`) speak OpenAI; a request with agent commands
-for such a model reaches it through the same ``/v1`` routes, by :func:`send`
-(the agents' model calls, and the Ollama dialect's, which translates the answer
-back as it does llama-server's) or :func:`forward` (a live chain from an OpenAI
-client).
+for such a model reaches it through the same ``/v1`` routes, by :func:`send`.
 """
 
 from __future__ import annotations
@@ -41,13 +39,12 @@ from typing import Any
 
 import httpx
 import trio
-from quart import Response
 
 from ..config import ModelConfig
 from ..errors import UpstreamError, UpstreamTimeout
-from .relay import MAX_ANSWER, NDJSONLines, RelayBody, SSELines, Upstream, describe, open_httpx
+from .relay import Upstream, describe, open_httpx
 
-__all__ = ["OPENING", "forward", "health", "list_models", "remote_name", "send"]
+__all__ = ["OPENING", "health", "list_models", "remote_name", "send"]
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +65,6 @@ def remote_name(model: ModelConfig) -> str:
 def base_url(model: ModelConfig) -> str:
     assert model.url is not None
     return model.url.rstrip("/")
-
-
-def _ndjson_error(reason: str) -> bytes:
-    return json.dumps({"error": reason}).encode() + b"\n"
-
-
-def _sse_error(reason: str) -> bytes:
-    body = {"error": {"message": reason, "type": "upstream_error", "code": 502}}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
 async def send(
@@ -194,37 +182,6 @@ class _Attempt:
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
         return self.fresh and isinstance(cause, OSError) and cause.errno in (errno.ECONNRESET, errno.EPIPE)
-
-
-async def forward(
-    http: httpx.AsyncClient,
-    model: ModelConfig,
-    method: str,
-    path: str,
-    *,
-    payload: dict[str, Any] | None = None,
-    raw: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    limit: int = MAX_ANSWER,
-) -> Response:
-    """Send the current request for ``model`` to its Ollama server (:func:`send`) and relay the answer.
-
-    ``headers`` are added to the answer's own; ``limit`` bounds an answer read whole, and a
-    line of an SSE stream (``[proxy] max_answer``).
-
-    Raises:
-        UpstreamError: the Ollama server cannot be reached (502).
-    """
-    upstream = await send(http, model, method, path, payload=payload, raw=raw)
-    content_type = upstream.headers.get("content-type", "")
-    if upstream.status_code == 200 and content_type.startswith(_STREAM_TYPES):
-        sse = content_type.startswith("text/event-stream")
-        relayed = {**upstream.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
-        lines = SSELines(limit) if sse else NDJSONLines(limit)
-        body = RelayBody(upstream, on_error=_sse_error if sse else _ndjson_error, lines=lines)
-        return Response(body, status=200, headers=relayed)
-    body = await upstream.read(limit)
-    return Response(body, status=upstream.status_code, headers={**upstream.headers, **(headers or {})})
 
 
 async def _get_json(http: httpx.AsyncClient, url: str) -> tuple[Any, str | None]:

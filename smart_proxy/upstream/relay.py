@@ -30,13 +30,14 @@ when the answer is closed. llama-server would queue the excess itself; queueing
 it here bounds the wait and keeps the connection pool as small as the server's
 slots.
 
-A streamed answer is relayed by :class:`RelayBody`, a Quart response body that
-reads the upstream in the response's own task: each piece it hands Quart is what
+A streamed answer is relayed by :class:`RelayBody`, a stream for
+:func:`smart_proxy.web.asgi.send_reply`, which enters it as soon as the handler has
+returned it and reads the upstream in the request's own task: each piece it hands on is what
 one read of the upstream gave (the llama client hands over all the chunks of one
 network read as one piece). A model's tokens (one event per network read) go out
 one by one as they come; while a write to the client is slow, or the proxy falls
 behind, the events that arrive meanwhile wait in the kernel's buffer and the next
-read takes them all, so a burst costs one write through Quart, Hypercorn and h11
+read takes them all, so a burst costs one write through Hypercorn and h11
 instead of one per event. Through httpx (an Ollama upstream) a piece is one chunk,
 as httpcore gives them.
 
@@ -82,7 +83,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import httpx
 import trio
-from quart.wrappers.response import ResponseBody
 
 from ..errors import UpstreamError, UpstreamRefused, UpstreamTimeout
 from ..metrics import note_failed
@@ -569,8 +569,8 @@ class NDJSONLines(Lines):
         return True
 
 
-class RelayBody(ResponseBody):
-    """A streamed upstream answer as a Quart response body; see the module docstring.
+class RelayBody:
+    """A streamed upstream answer, entered once and iterated for its pieces; see the module docstring.
 
     If the upstream breaks off mid-stream (llama-server crashed), the last piece is
     ``on_error(reason)`` in the caller's dialect (``translation.fail(reason)`` with a
@@ -594,28 +594,14 @@ class RelayBody(ResponseBody):
         self._translation = translation
         self._lines = lines if translation is None else None
         self._chunks = upstream.response.__aiter__()
-        self._entered = False
         self._ended = False
         self._finished = False
 
     async def __aenter__(self) -> RelayBody:
-        self._entered = True
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         await self._finish()  # done, or the client left (Cancelled goes on unwrapped)
-
-    def __del__(self) -> None:
-        # A client that leaves after the handler returned and before Quart starts the
-        # body: Quart never enters it, so let go of the lease and the upstream here
-        # (in a system task, since a finalizer cannot await).
-        if not self._entered:
-            self._entered = True
-            self._done()
-            try:
-                trio.lowlevel.spawn_system_task(self._upstream.aclose)
-            except RuntimeError:  # not in Trio's thread, or the run is over: the GC closes the socket
-                pass
 
     def _done(self) -> None:
         on_done, self._on_done = self._on_done, None
