@@ -117,3 +117,19 @@ def test_the_graph_sees_imports_inside_functions() -> None:
     assert "upstream.relay" in edges["dialects.openai"]
     assert "pool" in edges["upstream.relay"]  # under TYPE_CHECKING
     assert "server" in edges["cli"]
+
+
+def test_the_web_frameworks_stay_at_the_top() -> None:
+    """Quart is imported only by web/, Hypercorn only by server.py: the layers below know no framework."""
+    allowed = {"quart": ("web",), "quart_trio": ("web",), "werkzeug": ("web",), "hypercorn": ("server",)}
+    found = []
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top in allowed and module.split(".")[0] not in allowed[top]:
+                    found.append(f"smart_proxy.{module} imports {name}")
+    assert found == []
