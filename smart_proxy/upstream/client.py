@@ -15,8 +15,10 @@ Theory of operation:
   idle for longer than ``keepalive_expiry``, or that has become readable: the
   server closed it or sent something unasked), else opens a new one (an IP
   address directly, with one non-blocking connect; a name through
-  ``trio.open_tcp_stream``). No limit on connections: the per-server slots in
-  :mod:`smart_proxy.upstream.relay` already bound the requests in flight.
+  ``trio.open_tcp_stream``). No limit on connections: each server's slots
+  (:attr:`smart_proxy.pool.Server.limiter`, taken through
+  :meth:`~smart_proxy.pool.Lease.take_slot` before the relay sends) already bound the
+  requests in flight.
 - Each connection is in one :class:`ConnState` and moves only along
   :data:`TRANSITIONS` (a wrong move is a bug, raised as ``RuntimeError``):
   IDLE -> SENDING -> AWAITING_HEAD -> RECEIVING_BODY -> IDLE for an exchange
