@@ -23,7 +23,7 @@ from smart_proxy.upstream.relay import (
     NDJSONLines,
     RelayBody,
     SSELines,
-    Upstream,
+    UpstreamAnswer,
     open_httpx,
     open_upstream,
 )
@@ -208,7 +208,7 @@ async def test_httpxs_failures_become_the_proxys_errors(nursery, http) -> None:
 
 
 class Scripted:
-    """An :class:`~smart_proxy.upstream.relay.Answer` whose body is ``pieces``, then ``error`` if given."""
+    """An :class:`~smart_proxy.upstream.relay.RawAnswer` whose body is ``pieces``, then ``error`` if given."""
 
     def __init__(self, *pieces: bytes, error: Exception | None = None, headers: list[tuple[bytes, bytes]] | None = None):
         self.status = 200
@@ -288,7 +288,7 @@ async def test_relay_body_ends_a_broken_sse_stream_with_a_readable_error_event(v
                 raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
 
         answer = HttpxAnswer(httpx.Response(200, stream=Broken()))
-    body = RelayBody(Upstream(answer), on_error=sse_error, lines=SSELines(MAX_ANSWER))
+    body = RelayBody(UpstreamAnswer(answer), on_error=sse_error, lines=SSELines(MAX_ANSWER))
     async with body:
         data = b"".join([piece async for piece in body])
     events = data.split(b"\n\n")
@@ -301,7 +301,7 @@ async def test_relay_body_ends_a_broken_sse_stream_with_a_readable_error_event(v
 
 
 async def test_relay_body_ends_an_sse_stream_without_done_with_an_error_event() -> None:
-    body = RelayBody(Upstream(Scripted(b'data: {"a": 1}\n\n')), on_error=sse_error, lines=SSELines(MAX_ANSWER))
+    body = RelayBody(UpstreamAnswer(Scripted(b'data: {"a": 1}\n\n')), on_error=sse_error, lines=SSELines(MAX_ANSWER))
     async with body:
         data = b"".join([piece async for piece in body])
     first, error, end = data.split(b"\n\n")
@@ -315,11 +315,11 @@ async def test_read_stops_at_the_limit() -> None:
             yield b"x" * 1000
             await trio.lowlevel.checkpoint()
 
-    upstream = Upstream(HttpxAnswer(httpx.Response(200, content=endless())))
+    upstream = UpstreamAnswer(HttpxAnswer(httpx.Response(200, content=endless())))
     with pytest.raises(UpstreamError, match="larger than 5000 bytes"):
         await upstream.read(5000)
     assert upstream.response.closed
-    declared = Upstream(Scripted(b"x" * 6000, headers=[(b"Content-Length", b"6000")]))
+    declared = UpstreamAnswer(Scripted(b"x" * 6000, headers=[(b"Content-Length", b"6000")]))
     with pytest.raises(UpstreamError, match="max_answer"):
         await declared.read(5000)  # refused before reading
     assert declared.response.closed and declared.response._pieces  # unread
@@ -342,7 +342,7 @@ def test_upstream_headers_leave_out_the_connections_own_and_unclean_ones() -> No
         (b"X-Hop", b"1"), (b"Keep-Alive", b"timeout=5"), (b"Upgrade", b"h2c"), (b"X-Ctl", b"a\x01b"),
         (b"X-Long", b"y" * 5000), (b"X-Fine", b"caf\xc3\xa9"), (b"Proxy-Authenticate", b"Basic"),
     ]  # fmt: skip
-    upstream = Upstream(Scripted(headers=raw))
+    upstream = UpstreamAnswer(Scripted(headers=raw))
     assert upstream.headers == {"content-type": "application/json", "x-fine": "caf\xc3\xa9"}
 
 
@@ -366,7 +366,7 @@ async def test_relay_body_ends_a_broken_ndjson_stream_with_an_error_line_of_its_
                 yield piece
 
     async def relayed(stream: httpx.AsyncByteStream) -> list[dict]:
-        upstream = Upstream(HttpxAnswer(httpx.Response(200, stream=stream)))
+        upstream = UpstreamAnswer(HttpxAnswer(httpx.Response(200, stream=stream)))
         body = RelayBody(upstream, on_error=ndjson_error, lines=NDJSONLines(MAX_ANSWER))
         async with body:
             return [json.loads(line) for line in b"".join([piece async for piece in body]).splitlines()]

@@ -53,7 +53,7 @@ from ..modelinfo import ModelInfo, read_model_info
 from ..pool import Lease, Server, State
 from ..upstream import ollama_server as upstreams
 from ..upstream.client import LlamaClient
-from ..upstream.relay import MAX_ANSWER, RelayBody, Upstream, open_upstream, send_leased
+from ..upstream.relay import MAX_ANSWER, RelayBody, UpstreamAnswer, open_upstream, send_leased
 from .reply import Generated, Reply, Request, encode_headers, error_reply, json_reply, relay_answer
 from .state import ProxyState
 
@@ -166,7 +166,7 @@ async def _check_images(http: httpx.AsyncClient, lease: Lease, name: str) -> Non
 # ---- generation ---------------------------------------------------------------------------
 
 
-async def _post(llama: LlamaClient, lease: Lease, path: str, body: dict[str, Any]) -> Upstream:
+async def _post(llama: LlamaClient, lease: Lease, path: str, body: dict[str, Any]) -> UpstreamAnswer:
     content = json.dumps(body, ensure_ascii=False).encode()
     return await open_upstream(
         llama,
@@ -180,7 +180,7 @@ async def _post(llama: LlamaClient, lease: Lease, path: str, body: dict[str, Any
 
 async def open_generation(
     proxy: ProxyState, name: str, call: dialect.Translated, keep_alive: float | None, answer: dialect.Answer
-) -> tuple[Lease, Upstream]:
+) -> tuple[Lease, UpstreamAnswer]:
     """Send ``call`` to a llama-server for ``name``; its answer's headers are in, and the lease is the caller's."""
 
     async def acquire() -> Lease:
@@ -188,7 +188,7 @@ async def open_generation(
         answer.loaded()
         return lease
 
-    async def send(lease: Lease) -> Upstream:
+    async def send(lease: Lease) -> UpstreamAnswer:
         if call.has_images:
             await _check_images(proxy.client, lease, name)
         return await _post(proxy.llama, lease, call.path, call.body)
@@ -227,7 +227,7 @@ async def _generate_upstream(
 
 
 async def _answered(
-    upstream: Upstream,
+    upstream: UpstreamAnswer,
     call: dialect.Translated,
     answer: dialect.Answer,
     who: str,
@@ -245,13 +245,13 @@ async def _answered(
     return Reply(200, _NDJSON_HEADERS + encode_headers(headers or {}), stream=stream)
 
 
-def streams(upstream: Upstream, call: dialect.Translated) -> bool:
+def streams(upstream: UpstreamAnswer, call: dialect.Translated) -> bool:
     """Whether the answer is relayed as NDJSON as it streams (asked for, and not an upstream error)."""
     return call.stream and upstream.status_code == 200
 
 
 async def answer_body(
-    upstream: Upstream,
+    upstream: UpstreamAnswer,
     answer: dialect.Answer,
     who: str,
     on_done: Callable[[], object] | None,
@@ -476,7 +476,7 @@ async def _embed(
         load = time.perf_counter() - before
         return lease
 
-    async def send(lease: Lease) -> Upstream:
+    async def send(lease: Lease) -> UpstreamAnswer:
         return await _post(proxy.llama, lease, "/v1/embeddings", body)
 
     lease, upstream = await send_leased(acquire, send)

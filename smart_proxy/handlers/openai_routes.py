@@ -24,7 +24,7 @@ from ..errors import ProxyError
 from ..metrics import note_model
 from ..pool import Lease
 from ..upstream import ollama_server
-from ..upstream.relay import RelayBody, SSELines, Upstream, open_upstream, send_leased
+from ..upstream.relay import RelayBody, SSELines, UpstreamAnswer, open_upstream, send_leased
 from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, relay_answer
 from .state import ProxyState
 
@@ -60,10 +60,10 @@ async def model_route(proxy: ProxyState, request: Request) -> Reply:
     return await _relay(proxy, request, target.name, raw, stream=payload.get("stream") is True)
 
 
-async def open_relay(proxy: ProxyState, path: str, model: str, body: bytes) -> tuple[Lease, Upstream]:
+async def open_relay(proxy: ProxyState, path: str, model: str, body: bytes) -> tuple[Lease, UpstreamAnswer]:
     """POST ``body`` to a llama-server for ``model``; its answer's headers are in, and the lease is the caller's."""
 
-    async def send(lease: Lease) -> Upstream:
+    async def send(lease: Lease) -> UpstreamAnswer:
         url = lease.base_url + path
         return await open_upstream(proxy.llama, "POST", url, content=body, headers=_JSON_HEADERS, lease=lease)
 

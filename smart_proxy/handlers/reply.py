@@ -21,7 +21,7 @@ import attrs
 from ..dialects import ollama as ollama_dialect
 from ..dialects import openai as openai_dialect
 from ..errors import ProxyError
-from ..upstream.relay import NDJSONLines, RelayBody, SSELines, Upstream
+from ..upstream.relay import NDJSONLines, RelayBody, SSELines, UpstreamAnswer
 
 __all__ = [
     "Generated",
@@ -69,8 +69,8 @@ class Request:
     path: str
     body: bytes
     started: float
-    #: Upstream answers the route opened: closed at once when the client leaves (see smart_proxy.web.asgi).
-    opened: list[Upstream] = attrs.Factory(list)
+    #: UpstreamAnswer answers the route opened: closed at once when the client leaves (see smart_proxy.web.asgi).
+    opened: list[UpstreamAnswer] = attrs.Factory(list)
 
 
 def encode_headers(headers: Mapping[str, str]) -> Headers:
@@ -140,7 +140,7 @@ def _ndjson_error(reason: str) -> bytes:
     return ollama_dialect.error_body(reason) + b"\n"
 
 
-async def relay_answer(upstream: Upstream, limit: int, headers: Mapping[str, str] | None = None) -> Reply:
+async def relay_answer(upstream: UpstreamAnswer, limit: int, headers: Mapping[str, str] | None = None) -> Reply:
     """An Ollama upstream's answer as it came: a stream (SSE or NDJSON) relayed a line at a time, else read whole.
 
     ``headers`` are added to the answer's own; ``limit`` bounds an answer read whole and a

@@ -354,7 +354,7 @@ class LlamaResponse:
         """Close the connection now unless the body was read to its end; no checkpoint.
 
         For a task that must stop a generation at once without awaiting (see
-        :meth:`smart_proxy.upstream.relay.Upstream.abort`).
+        :meth:`smart_proxy.upstream.relay.UpstreamAnswer.abort`).
         """
         self._finish(False)
 

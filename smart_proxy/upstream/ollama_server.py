@@ -42,7 +42,7 @@ import trio
 
 from ..config import ModelConfig
 from ..errors import UpstreamError, UpstreamTimeout
-from .relay import Upstream, describe, open_httpx
+from .relay import UpstreamAnswer, describe, open_httpx
 
 __all__ = ["OPENING", "health", "list_models", "remote_name", "send"]
 
@@ -75,7 +75,7 @@ async def send(
     *,
     payload: dict[str, Any] | None = None,
     raw: bytes | None = None,
-) -> Upstream:
+) -> UpstreamAnswer:
     """Send a request for ``model`` to its Ollama server; return once the answer's headers are in.
 
     The body is ``raw`` as the client sent it, unless its ``model`` must be renamed

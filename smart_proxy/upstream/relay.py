@@ -14,12 +14,12 @@ relayed request and streamed event crosses, so it has its own keep-alive pool an
 parser. An Ollama upstream (:mod:`smart_proxy.upstream.ollama_server`) goes through
 the ordinary ``httpx.AsyncClient`` of :func:`make_client`, opened by
 :func:`open_httpx`, which wraps its answer in :class:`HttpxAnswer`. Either way the
-caller gets an :class:`Upstream`, and this module is where the failures of both
+caller gets an :class:`UpstreamAnswer`, and this module is where the failures of both
 clients become the proxy's errors: :func:`open_upstream` and :func:`open_httpx`
 for the opening (a connection refused before anything was sent is an
 :class:`~smart_proxy.errors.UpstreamRefused`, any other failure an
 :class:`~smart_proxy.errors.UpstreamError` saying "cannot reach"),
-:meth:`Upstream.read` and :class:`RelayBody` for the body ("broke off").
+:meth:`UpstreamAnswer.read` and :class:`RelayBody` for the body ("broke off").
 
 At most ``slots`` requests are in flight to one llama-server (its ``/props``
 ``total_slots``): given the request's lease, :func:`open_upstream` takes one of
@@ -58,14 +58,14 @@ event. An Ollama upstream's NDJSON (:class:`NDJSONLines`) is relayed a line at a
 time too, so its error line also follows a whole line. A translation is told of a break-off (``fail``) rather than fed an
 error event, and judges the end itself. A line longer than ``max_line`` is an error
 too, so an upstream that never ends a line cannot make the proxy buffer without end;
-:meth:`Upstream.read` has the same bound, ``[proxy] max_answer``, for a whole answer.
+:meth:`UpstreamAnswer.read` has the same bound, ``[proxy] max_answer``, for a whole answer.
 Each such failure counts the request as failed (:func:`~smart_proxy.metrics.note_failed`).
 
 What goes back to the client of the upstream's answer is checked: a status outside
 200-599 is an :class:`~smart_proxy.errors.UpstreamError` (502), and so is a
 llama-server answer with a ``Content-Encoding`` (the llama client asks for none and
-decodes none); :attr:`Upstream.headers` leaves out the connection's own headers (hop-by-hop, and
-:attr:`Upstream.headers` leaves out the connection's own headers (hop-by-hop, and
+decodes none); :attr:`UpstreamAnswer.headers` leaves out the connection's own headers (hop-by-hop, and
+:attr:`UpstreamAnswer.headers` leaves out the connection's own headers (hop-by-hop, and
 those ``Connection`` names), ``Set-Cookie``, values with control bytes and oversized
 values. A connection the upstream refused carried nothing: :func:`send_leased` waits
 for the pool to notice the crash behind it and sends the request once more.
@@ -93,7 +93,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_ANSWER",
-    "Answer",
+    "RawAnswer",
     "HttpxAnswer",
     "LineTooLong",
     "Lines",
@@ -102,7 +102,7 @@ __all__ = [
     "SSELines",
     "Translation",
     "answer_text",
-    "Upstream",
+    "UpstreamAnswer",
     "make_client",
     "make_llama_client",
     "open_httpx",
@@ -160,8 +160,8 @@ class _Pieces(Protocol):
     async def aclose(self) -> None: ...
 
 
-class Answer(Protocol):
-    """An answer whose head is in, as :class:`Upstream` reads it.
+class RawAnswer(Protocol):
+    """An answer whose head is in, as :class:`UpstreamAnswer` reads it.
 
     A :class:`~smart_proxy.upstream.client.LlamaResponse` is one; an ``httpx.Response``
     becomes one in :class:`HttpxAnswer`.
@@ -198,7 +198,7 @@ class Answer(Protocol):
 
 
 class HttpxAnswer:
-    """An ``httpx.Response`` streamed by ``httpx.AsyncClient`` (an Ollama upstream's) as an :class:`Answer`.
+    """An ``httpx.Response`` streamed by ``httpx.AsyncClient`` (an Ollama upstream's) as an :class:`RawAnswer`.
 
     Its pieces are httpx's, one chunk each, decoded when the answer has a Content-Encoding
     (httpx asks for gzip and deflate, and the encoding header is not relayed). httpx cannot
@@ -236,10 +236,10 @@ class HttpxAnswer:
         await self.response.aclose()
 
 
-class Upstream:
+class UpstreamAnswer:
     """An upstream answer whose headers have arrived and whose body is still to come."""
 
-    def __init__(self, response: Answer, slot: Slot | None = None) -> None:
+    def __init__(self, response: RawAnswer, slot: Slot | None = None) -> None:
         self.response = response
         self.status_code = response.status
         self._slot = slot
@@ -348,11 +348,11 @@ async def open_upstream(
     headers: dict[str, str] | None = None,
     lease: Lease | None = None,
     first_byte: float | None = None,
-) -> Upstream:
+) -> UpstreamAnswer:
     """Send a request to a llama-server through ``llama`` and return once the answer's head is in.
 
     With ``lease``, first take a slot of its server; the answer holds it until
-    :meth:`Upstream.aclose`. ``first_byte`` (else the lease's ``request_timeout``; 0 or
+    :meth:`UpstreamAnswer.aclose`. ``first_byte`` (else the lease's ``request_timeout``; 0 or
     None: no limit) bounds the wait for the answer's head. A reused connection the server
     closed before answering (:class:`~smart_proxy.upstream.client.Disconnected`) was not
     answered, so the request goes once more on a new one.
@@ -384,7 +384,7 @@ async def open_upstream(
         if isinstance(exc, ClientError):
             raise _unreachable(url, exc, sent=sent) from exc
         raise
-    upstream = Upstream(response, slot)
+    upstream = UpstreamAnswer(response, slot)
     if not 200 <= response.status <= 599:  # 1xx are the client's; anything else is not HTTP
         await upstream.aclose()
         raise UpstreamError(f"{url} answered an invalid status: {response.status}")
@@ -395,7 +395,7 @@ async def open_upstream(
     return upstream
 
 
-async def open_httpx(http: httpx.AsyncClient, request: httpx.Request, *, name: str | None = None) -> Upstream:
+async def open_httpx(http: httpx.AsyncClient, request: httpx.Request, *, name: str | None = None) -> UpstreamAnswer:
     """Send ``request`` through ``http`` (an Ollama upstream's hop) and return once the answer's head is in.
 
     ``name`` names the upstream in error messages ("the Ollama upstream of model 'x'").
@@ -411,7 +411,7 @@ async def open_httpx(http: httpx.AsyncClient, request: httpx.Request, *, name: s
         response = await http.send(request, stream=True)
     except httpx.HTTPError as exc:
         raise _unreachable(str(request.url), exc, sent=False, name=name) from exc
-    upstream = Upstream(HttpxAnswer(response))
+    upstream = UpstreamAnswer(HttpxAnswer(response))
     if not 200 <= response.status_code <= 599:  # 1xx are httpx's; anything else is not HTTP
         await upstream.aclose()
         raise UpstreamError(f"{name or request.url} answered an invalid status: {response.status_code}")
@@ -419,8 +419,8 @@ async def open_httpx(http: httpx.AsyncClient, request: httpx.Request, *, name: s
 
 
 async def send_leased(
-    acquire: Callable[[], Awaitable[Lease]], send: Callable[[Lease], Awaitable[Upstream]]
-) -> tuple[Lease, Upstream]:
+    acquire: Callable[[], Awaitable[Lease]], send: Callable[[Lease], Awaitable[UpstreamAnswer]]
+) -> tuple[Lease, UpstreamAnswer]:
     """``send(lease)`` on a lease from ``acquire()``; the answer's headers are in, and the lease is the caller's.
 
     A llama-server that has just crashed refuses connections before the pool has seen it
@@ -581,7 +581,7 @@ class RelayBody:
 
     def __init__(
         self,
-        upstream: Upstream,
+        upstream: UpstreamAnswer,
         *,
         on_error: Callable[[str], bytes],
         on_done: Callable[[], object] | None = None,

@@ -27,7 +27,7 @@ import trio
 from ..errors import BodyTimeout, ProxyError, too_large
 from ..handlers.reply import Reply, Request, error_reply, internal_error
 from ..handlers.state import ProxyState
-from ..upstream.relay import Upstream
+from ..upstream.relay import UpstreamAnswer
 
 __all__ = ["BODY_TIMEOUT", "Handler", "answer", "read_body", "send_reply"]
 
@@ -128,7 +128,7 @@ async def read_body(receive: Receive, limit: int, length: int | None = None) -> 
     raise BodyTimeout(f"the request body did not arrive within {BODY_TIMEOUT} s")
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope, opened: list[Upstream]) -> None:
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope, opened: list[UpstreamAnswer]) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     scope.cancel()  # first: the route, waiting on the upstream, takes the cancellation, not a closed socket
