@@ -64,6 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as h  # noqa: E402
 import scenarios  # noqa: E402
 
+from smart_proxy.binary import cpu_name  # noqa: E402
+
 NOOP_AGENT = '''
 from smart_proxy.agents import Agent
 
@@ -124,14 +126,6 @@ ROWS = {
     "ollama-upstream-api": Row("Ollama upstream, /api/chat, 64 clients", "request", "/api/chat",
                                ollama_chat("up"), 64),
 }
-
-
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as file:
-        for line in file:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "?"
 
 
 def proxy_ini(work: Path, go: h.GoBinaries, ollama_url: str) -> str:

@@ -37,15 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h  # noqa: E402
 
+from smart_proxy.binary import cpu_name  # noqa: E402
+
 FAKE = h.REPO / "tests" / "fake_llama_server.py"
-
-
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as file:
-        for line in file:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "?"
 
 
 class Sampler:
