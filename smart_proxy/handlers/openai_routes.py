@@ -88,9 +88,7 @@ async def _relay(
     wrapped = dialect.upstream_error_body(upstream.status_code, answer)
     if wrapped is not None:
         answer, relayed_headers["content-type"] = wrapped, "application/json"
-    if headers:
-        relayed_headers.update({name.lower(): value for name, value in headers.items()})
-    return Reply(upstream.status_code, encode_headers(relayed_headers), answer)
+    return Reply(upstream.status_code, merge_headers(relayed_headers, headers or {}), answer)
 
 
 async def _with_agents(proxy: ProxyState, request: Request, chain: Chain) -> Reply:
