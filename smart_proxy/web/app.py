@@ -29,7 +29,6 @@ front would make every client look local.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 
 import attrs
@@ -39,7 +38,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..errors import ProxyError, Unauthorized, too_large
 from ..handlers import ollama_routes, openai_routes
-from ..handlers.reply import Reply, error_reply
+from ..handlers.reply import Reply, error_reply, json_reply
 from ..handlers.state import ProxyState
 from ..upstream import ollama_server
 from .asgi import BODY_TIMEOUT
@@ -95,7 +94,7 @@ def _response(reply: Reply) -> Response:
 
 
 def _json(body: object, status: int = 200) -> Response:
-    return Response(json.dumps(body), status=status, content_type="application/json")
+    return _response(json_reply(body, status))
 
 
 # ---- the lists ------------------------------------------------------------------------------
