@@ -552,3 +552,32 @@ async def test_agent_failures_are_named(agents_url: str, http: httpx.AsyncClient
     error = response.json()
     assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
     assert "too long" in error["error"]["message"]
+
+
+async def test_agents_on_an_ollama_upstream(tmp_path, fake_binary, start_proxy, fake_ollama) -> None:
+    """A live chain's rewrite goes to Ollama's own /v1/messages; a buffered chain asks its OpenAI route.
+
+    Either way the client gets Anthropic's answer (a buffered one replayed as events for a stream).
+    """
+    root = tmp_path / "agents"
+    write_agent(root, "tag", TAG)
+    write_agent(root, "mark", marker("mark"))
+    url = await start_proxy(with_agents(upstream_config(tmp_path, fake_binary, fake_ollama.url), root, "tag", "mark"))
+
+    def ask(text: str, stream: bool) -> str:
+        with client(url) as c:
+            messages: list[MessageParam] = [{"role": "user", "content": text}]
+            if not stream:
+                return c.messages.create(model="up", max_tokens=8, messages=messages).content[0].text  # type: ignore[union-attr]
+            with c.messages.stream(model="up", max_tokens=8, messages=messages) as events:
+                return "".join(events.text_stream)
+
+    assert await in_thread(ask, "/tag hi", True) == "piece0 piece1 piece2 "
+    method, path, body = fake_ollama.requests[-1]
+    assert (method, path) == ("POST", "/v1/messages")
+    assert body["system"] == "tagged" and body["messages"] == USER and body["model"] == "remote-llm"
+    assert await in_thread(ask, "/mark hi", False) == "piece0 piece1 piece2 <mark>"
+    method, path, body = fake_ollama.requests[-1]
+    assert (method, path) == ("POST", "/v1/chat/completions")
+    assert body["messages"] == [{"role": "user", "content": "hi [mark]"}]
+    assert await in_thread(ask, "/mark hi", True) == "piece0 piece1 piece2 <mark>"
