@@ -350,8 +350,9 @@ def to_openai(payload: dict[str, Any]) -> dict[str, Any]:
     if payload.get("tools"):
         body["tools"] = [_openai_tool(tool) for tool in payload["tools"]]
     choice = payload.get("tool_choice")
-    if _openai_tool_choice(choice) is not None:
-        body["tool_choice"] = _openai_tool_choice(choice)
+    translated = _openai_tool_choice(choice)
+    if translated is not None:
+        body["tool_choice"] = translated
         if isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True:
             body["parallel_tool_calls"] = False
     return body
@@ -582,8 +583,18 @@ class MessageLines(SSELines):
         super().__init__(limit)
         self._event = b""
 
-    def _passed(self, out: bytes) -> None:
-        super()._passed(out)
+    def feed(self, data: bytes) -> bytes:
+        out = super().feed(data)
+        self._note(out)
+        return out
+
+    def rest(self) -> bytes:
+        out = super().rest()
+        self._note(out)
+        return out
+
+    def _note(self, out: bytes) -> None:
+        """Remember the name on the last ``event:`` line of what is passed on."""
         start = out.rfind(b"event:")
         while start > 0 and out[start - 1] not in b"\r\n":  # only at the start of a line
             start = out.rfind(b"event:", 0, start)
