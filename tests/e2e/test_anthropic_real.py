@@ -3,6 +3,8 @@ API key), the real llama-server answering its own /v1/messages, and the real gem
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -17,6 +19,7 @@ pytestmark = pytest.mark.real
 
 KEY = "sk-anthropic-e2e"
 USER = [{"role": "user", "content": "Say hello."}]
+# (this SDK's create() has no temperature parameter: the API field goes in extra_body)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def client(proxy: ProxyProcess) -> Iterator[anthropic.Anthropic]:
 
 
 def test_create(client: anthropic.Anthropic) -> None:
-    reply = client.messages.create(model="gemma", max_tokens=12, messages=USER, temperature=0)
+    reply = client.messages.create(model="gemma", max_tokens=12, messages=USER, extra_body={"temperature": 0})
     assert reply.model == "gemma" and reply.role == "assistant" and reply.type == "message"
     text = "".join(block.text for block in reply.content if block.type == "text")
     assert text.strip() and "<start_of_turn>" not in text
@@ -68,7 +71,7 @@ def test_create(client: anthropic.Anthropic) -> None:
 def test_stream_arrives_in_several_events(client: anthropic.Anthropic) -> None:
     arrivals, pieces = [], []
     messages = [{"role": "user", "content": "Count from one to twenty."}]
-    with client.messages.stream(model="gemma", max_tokens=40, messages=messages, temperature=0) as stream:
+    with client.messages.stream(model="gemma", max_tokens=40, messages=messages, extra_body={"temperature": 0}) as stream:
         for text in stream.text_stream:
             arrivals.append(time.monotonic())
             pieces.append(text)
@@ -118,12 +121,35 @@ def test_api_keys(proxy: ProxyProcess) -> None:
 def test_agent_on_request_and_on_response(client: anthropic.Anthropic, proxy: ProxyProcess) -> None:
     """/mark rewrites the request (OpenAI shapes) and the answer; the client gets an Anthropic message, and a stream."""
     asked = [{"role": "user", "content": "/mark Say hello."}]
-    raw = client.messages.with_raw_response.create(model="gemma", max_tokens=8, messages=asked, temperature=0)
+    raw = client.messages.with_raw_response.create(model="gemma", max_tokens=8, messages=asked, extra_body={"temperature": 0})
     assert "x-smart-proxy-agent-errors" not in raw.headers
     reply = raw.parse()
     assert reply.content[-1].type == "text" and reply.content[-1].text.endswith("<mark>")
-    with client.messages.stream(model="gemma", max_tokens=8, messages=asked, temperature=0) as stream:
+    with client.messages.stream(model="gemma", max_tokens=8, messages=asked, extra_body={"temperature": 0}) as stream:
         text = "".join(stream.text_stream)
     assert text == reply.content[-1].text  # same prompt, temperature 0; replayed from the buffered answer
     log = proxy.log()
     assert "Traceback" not in log and " ERROR " not in log, log[-2000:]
+
+
+def test_stream_cut_short_ends_with_an_error_event(proxy: ProxyProcess) -> None:
+    """llama-server killed mid-stream: the relayed stream ends with Anthropic's error event, never message_stop.
+
+    Last in the file: the pool starts gemma again for whatever comes after.
+    """
+    messages = [{"role": "user", "content": "Count from 1 to 1000, one number a line."}]
+    body = {"model": "gemma", "max_tokens": 1000, "messages": messages, "stream": True}
+    received = b""
+    with httpx.stream("POST", f"{proxy.url}/v1/messages", json=body, headers={"x-api-key": KEY}, timeout=120) as response:
+        assert response.status_code == 200
+        chunks = response.iter_raw()
+        while received.count(b"event: content_block_delta") < 3:
+            received += next(chunks)
+        health = httpx.get(f"{proxy.url}/health", headers={"x-api-key": KEY}).json()  # its detail needs the key
+        servers = health["pool"]["servers"]
+        os.kill(next(s["pid"] for s in servers if s["model"] == "gemma"), signal.SIGKILL)
+        for chunk in chunks:
+            received += chunk
+    names = [line.removeprefix("event: ") for line in received.decode().splitlines() if line.startswith("event: ")]
+    assert names[-1] == "error" and "message_stop" not in names, names[-5:]
+    assert received.endswith(b"\n\n") and b'"type": "api_error"' in received.rsplit(b"event: error", 1)[1]
