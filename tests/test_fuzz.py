@@ -6,8 +6,8 @@ a huge or non-finite number, a lone surrogate, deep nesting, or dropped; the who
 re-encoded (UTF-16, UTF-32, a BOM) or cut short. The property, per request:
 
 * the status is under 500 (501 where a route says it is not supported);
-* an error is in the route's dialect: ``{"error": "..."}`` under ``/api/``, the OpenAI
-  error object elsewhere;
+* an error is in the route's dialect: ``{"error": "..."}`` under ``/api/``, Anthropic's
+  ``{"type": "error", "error": {...}}`` under ``/v1/messages``, the OpenAI error object elsewhere;
 * nothing is logged at ERROR or with a traceback;
 * the proxy stays healthy: ``/health`` (strict JSON) and ``/api/ps`` answer 200.
 
@@ -109,6 +109,25 @@ _COMMON_OLLAMA = dict(
     format=st.sampled_from(["json", "", {"type": "object"}]), think=st.sampled_from([True, False, "low", "high"]),
 )  # fmt: skip
 
+_ANTHROPIC_BLOCK = (
+    st.fixed_dictionaries({"type": st.just("text"), "text": TEXT})
+    | st.fixed_dictionaries({"type": st.just("image"), "source": st.fixed_dictionaries(
+        {"type": st.just("base64"), "media_type": st.just("image/png"), "data": st.just("aGk=")})})
+    | st.fixed_dictionaries({"type": st.just("tool_result"), "tool_use_id": st.text(max_size=5), "content": TEXT})
+    | st.fixed_dictionaries({"type": st.just("tool_use"), "id": st.text(max_size=5), "name": st.text(max_size=5),
+                             "input": st.dictionaries(st.text(max_size=3), SCALARS, max_size=2)})
+)  # fmt: skip
+_ANTHROPIC_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant"]), "content": TEXT | st.lists(_ANTHROPIC_BLOCK, min_size=1, max_size=3)}
+)
+_ANTHROPIC = dict(
+    system=TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2),
+    tools=st.lists(st.fixed_dictionaries({"name": st.text(max_size=5), "input_schema": st.just({"type": "object"})}), max_size=1),
+    tool_choice=st.sampled_from([{"type": "auto"}, {"type": "any"}, {"type": "none"}, {"type": "tool", "name": "f"}]),
+    temperature=st.floats(0, 1), top_p=st.floats(0, 1), top_k=st.integers(0, 50),
+    stop_sequences=st.lists(st.text(max_size=3), max_size=2), metadata=st.just({"user_id": "u"}),
+)  # fmt: skip
+
 SCHEMAS: dict[str, st.SearchStrategy[dict]] = {
     "/v1/chat/completions": _with(
         {"model": _MODEL, "messages": st.lists(_OPENAI_MESSAGE, min_size=1, max_size=3)},
@@ -150,6 +169,14 @@ SCHEMAS: dict[str, st.SearchStrategy[dict]] = {
     "/api/copy": _with({"source": _MODEL, "destination": _MODEL}),
     "/api/push": _with({"model": _MODEL}),
     "/api/blobs/<path:digest>": st.just({}),
+    "/v1/messages": _with(
+        {"model": _MODEL, "max_tokens": st.integers(1, 8), "messages": st.lists(_ANTHROPIC_MESSAGE, min_size=1, max_size=3)},
+        stream=st.booleans(),
+        **_ANTHROPIC,
+    ),
+    "/v1/messages/count_tokens": _with(
+        {"model": _MODEL, "messages": st.lists(_ANTHROPIC_MESSAGE, min_size=1, max_size=3)}, **_ANTHROPIC
+    ),
 }
 #: Routes with no body: any query string and headers.
 BODILESS = ["/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/health", "/health/ready", "/health/upstreams",
@@ -244,6 +271,9 @@ def check_answer(rule: str, response: httpx.Response) -> None:
     body = response.json()
     if rule.startswith("/api/"):
         assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
+    elif rule.startswith("/v1/messages"):
+        assert body["type"] == "error" and isinstance(body["error"]["message"], str) and body["error"]["message"], body
+        assert isinstance(body["error"]["type"], str) and body["error"]["type"], body
     else:
         error = body["error"]
         assert isinstance(error["message"], str) and isinstance(error["type"], str) and error["code"] == status, body

@@ -15,7 +15,7 @@ would give, in the route's dialect; ``OPTIONS`` gets the ``Allow`` answer Quart 
 from __future__ import annotations
 
 from ..errors import ProxyError
-from ..handlers import ollama_routes, openai_routes
+from ..handlers import anthropic_routes, ollama_routes, openai_routes
 from ..handlers.reply import Reply, error_reply
 from ..handlers.state import ProxyState
 from .asgi import Handler, Receive, Scope, Send, answer, send_reply
@@ -32,6 +32,8 @@ ROUTES: dict[str, tuple[str, Handler]] = {
     "/api/show": ("POST", ollama_routes.show),
     "/api/pull": ("POST", ollama_routes.pull),
     "/api/delete": ("DELETE", ollama_routes.delete),
+    "/v1/messages": ("POST", anthropic_routes.messages),
+    "/v1/messages/count_tokens": ("POST", anthropic_routes.count_tokens),
 }
 
 
