@@ -22,7 +22,7 @@ from ..agents import Chain
 from ..dialects import openai as dialect
 from ..errors import ProxyError
 from ..metrics import note_model
-from ..pool import Lease
+from ..pool import Lease, ModelStatus
 from ..upstream import ollama_server
 from ..upstream.relay import RelayBody, SSELines, UpstreamAnswer, open_upstream, send_leased
 from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, relay_answer
@@ -121,18 +121,42 @@ async def _with_agents(proxy: ProxyState, request: Request, chain: Chain) -> Rep
     return json_reply(response, headers=ctx.headers())
 
 
-async def models(proxy: ProxyState) -> Reply:
-    """``GET /v1/models``: every catalog model, with whether it is loaded."""
-    loaded = {s.name: s.state.value for s in proxy.pool.servers()}
-    data = [
-        {
-            "id": model.name,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "ollama" if model.backend == "ollama" else "smart-proxy",
-            "loaded": loaded.get(model.name) == "ready",
-            "state": "upstream" if model.backend == "ollama" else loaded.get(model.name, "stopped"),
-        }
-        for model in proxy.catalog
-    ]
+async def models(proxy: ProxyState, status: list[str] | None = None) -> Reply:
+    """``GET /v1/models``: every catalog model with its status, those of ``status`` only when given.
+
+    A local model's status comes from the pool (:meth:`smart_proxy.pool.Pool.model_status`); a
+    model of an Ollama upstream is ``loaded`` when that server's ``/api/ps`` lists it, else
+    ``unloaded``, or ``failed`` with the reason when the server does not answer. ``loaded`` and
+    ``state`` are the list's older fields, kept for the clients that read them.
+
+    Raises:
+        BadRequest: an unknown ``status`` value.
+    """
+    wanted = dialect.status_filter(status or [])
+    catalog = list(proxy.catalog)
+    upstream = await ollama_server.loaded_models(proxy.client, catalog)
+    created = int(time.time())
+    data = []
+    for model in catalog:
+        if model.backend == "ollama":
+            known = upstream.get(model.name, False)
+            if isinstance(known, str):
+                current = ModelStatus("failed", "upstream", error=known, failed_at=round(time.time(), 3))
+            else:
+                current = ModelStatus("loaded" if known else "unloaded", "upstream")
+        else:
+            current = proxy.pool.model_status(model)
+        if wanted is not None and current.value not in wanted:
+            continue
+        data.append(
+            {
+                "id": model.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "ollama" if model.backend == "ollama" else "smart-proxy",
+                "loaded": current.value == "loaded",
+                "state": current.state,
+                "status": dialect.status_object(current),
+            }
+        )
     return json_reply({"object": "list", "data": data})

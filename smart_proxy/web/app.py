@@ -101,7 +101,7 @@ def _json(body: object, status: int = 200) -> Response:
 
 
 async def _models() -> Response:
-    return _response(await openai_routes.models(state()))
+    return _response(await openai_routes.models(state(), request.args.getlist("status")))
 
 
 async def _tags() -> Response:
