@@ -1,6 +1,8 @@
 """OpenAI's routes over the pool: chat and text completions, embeddings, and the model list.
 
-Theory of operation: :func:`model_route` serves all three model routes. It checks the
+Theory of operation: :func:`model_route` serves all three model routes, and their aliases
+without ``/v1`` (``/chat/completions``, ...), which llama-server also serves: an alias is
+answered as the ``/v1`` route it stands for, and sent upstream to that route. It checks the
 body once (:mod:`smart_proxy.dialects.openai`) and finds the model in the catalog. A
 chat or completion whose user text starts with agent commands (``/rag ...``) runs the
 agent chain (:mod:`smart_proxy.agents`), for either kind of model. Otherwise a model
