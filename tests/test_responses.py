@@ -348,9 +348,12 @@ async def test_agents_see_chat_and_answer_a_response(make_config, start_proxy, h
     # a request hook alone: still a Response, streamed or not
     events = await in_thread(create, url, model="echo", input="/tag hi", stream=True)
     assert json.loads(events[-1].response.output_text)["messages"][0] == {"role": "system", "content": "tagged"}
-    # no command: relayed untouched to /v1/responses
+    # no command: relayed untouched to /v1/responses, even what the translation for agents would refuse
     plain = await in_thread(create, url, model="echo", input="/usr/bin is a folder")
     assert json.loads(plain.output_text) == {"model": "echo", "input": "/usr/bin is a folder"}
+    parts = [{"type": "input_text", "text": "/usr/bin x"}, {"type": "input_file", "file_id": "f"}]
+    plain = await in_thread(create, url, model="echo", input=[{"role": "user", "content": parts}])
+    assert json.loads(plain.output_text)["input"] == [{"role": "user", "content": parts}]
 
 
 async def test_agents_on_an_ollama_upstream(tmp_path: Path, fake_binary: str, start_proxy, fake_ollama, agent_dir) -> None:

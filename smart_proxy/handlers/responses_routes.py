@@ -67,9 +67,15 @@ async def responses(proxy: ProxyState, request: Request) -> Reply:
 
 
 def _activate(proxy: ProxyState, payload: dict) -> Chain | None:
-    """The agent chain the input's leading commands name; the request is translated only when it may have one."""
+    """The agent chain the input's leading commands name.
+
+    The request is translated only when its text names an agent, so a request without
+    commands goes on untouched even if it holds what the translation cannot read.
+    """
     text = dialect.user_text(payload)
     if text is None or not text.lstrip().startswith("/"):
+        return None
+    if proxy.agents.activate({"messages": [{"role": "user", "content": text}]}, "chat") is None:
         return None
     return proxy.agents.activate(dialect.to_chat(payload), "chat")
 
