@@ -594,6 +594,8 @@ class Pool:
             # what a user asking a chat model for embeddings expects. An explicit --pooling wins.
             if "--pooling" not in model.args:
                 argv += ["--pooling", "mean"]
+        if model.rerank:
+            argv.append("--reranking")
         return argv
 
     async def _supervise(self, server: Server) -> None:

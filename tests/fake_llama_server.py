@@ -43,6 +43,10 @@ them: a chat stream's last chunk carries ``timings`` and no ``usage`` unless the
 set ``stream_options.include_usage``, which moves them into one more chunk with
 ``choices: []``, ``usage`` and ``timings``; a completions stream's last chunk carries
 both either way. ``GET /slots`` shows which slots are processing, like llama-server's;
+``POST /v1/responses`` answers as llama-server does (a Response object, or its event
+stream ending in ``response.completed``, without ``data: [DONE]``), with the same
+``tokens``, ``content``, ``echo``, ``reject`` and ``break_after``; the rerank routes answer
+Jina's shape (TEI's for ``texts``) when started with ``--reranking``, and 501 otherwise.
 ``GET /requests`` lists the bodies of the POSTs received so far
 (``[{"path": ..., "body": ...}]``), so tests can see what the proxy sent.
 
@@ -83,6 +87,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--alias", default="fake")
     parser.add_argument("--parallel", "-np", type=int, default=None)
     parser.add_argument("--mmproj", default=None)
+    parser.add_argument("--reranking", "--rerank", action="store_true")
     args, _unknown = parser.parse_known_args(argv)
     if args.mmproj is not None and not os.path.isfile(args.mmproj):
         raise SystemExit(f"clip_model_load: failed to open mmproj {args.mmproj}")
@@ -108,6 +113,7 @@ class State:
         self.alias = args.alias
         self.model_path = args.model
         self.mmproj = args.mmproj
+        self.reranking = args.reranking
         self.behaviour = behaviour
         #: Set when the "model" has loaded: /health answers 200 from then on.
         self.loaded = threading.Event()
@@ -162,6 +168,10 @@ FAULTS = {
     "drip": "a good answer, a few bytes at a time",
     "exit_at_start": "the process exits as the request arrives",
 }
+
+
+#: The paths llama-server answers reranking on (with --reranking).
+RERANK_PATHS = ("/rerank", "/reranking", "/v1/rerank", "/v1/reranking")
 
 
 def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
@@ -254,6 +264,12 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))]
                 usage = {"prompt_tokens": 1, "total_tokens": 1}
                 self._json(200, {"object": "list", "model": state.alias, "data": data, "usage": usage})
+                return
+            if self.path in RERANK_PATHS:
+                self._rerank(body)
+                return
+            if self.path == "/v1/responses":
+                self._responses(body)
                 return
             if self.path == "/v1/messages/count_tokens":
                 self._count_tokens(body)
@@ -552,6 +568,102 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             texts = [anthropic_text(body.get("system"))]
             texts += [anthropic_text(m.get("content")) for m in messages if isinstance(m, dict)]
             self._json(200, {"input_tokens": sum(len(text.split()) for text in texts) + 3})
+
+        def _rerank(self, body: dict) -> None:
+            """llama-server's rerank routes: refused without --reranking; Jina's shape, or TEI's for ``texts``."""
+            if not state.reranking:
+                message = "This server does not support reranking. Start it with `--reranking`"
+                self._json(501, {"error": {"code": 501, "message": message, "type": "not_supported_error"}})
+                return
+            tei = "texts" in body
+            query, documents = body.get("query"), body.get("documents", body.get("texts"))
+            top_n = body.get("top_n", len(documents) if isinstance(documents, list) else 0)
+            if not isinstance(query, str):
+                self._json(400, {"error": {"code": 400, "message": '"query" must be a string', "type": "invalid_request_error"}})
+                return
+            if not isinstance(documents, list) or not documents or not all(isinstance(d, str) for d in documents):
+                message = '"documents" must be a non-empty string array'
+                self._json(400, {"error": {"code": 400, "message": message, "type": "invalid_request_error"}})
+                return
+            if not isinstance(top_n, int) or isinstance(top_n, bool):
+                top_n = len(documents)
+            words = set(query.lower().split())
+            label = "score" if tei else "relevance_score"
+            # the score: the share of the document's words that are in the query
+            results = [{"index": i, label: len(words & set(d.lower().split())) / max(1, len(d.split()))}
+                       for i, d in enumerate(documents)]
+            results.sort(key=lambda r: -r[label])
+            results = results[: max(0, min(top_n, len(results)))]
+            if tei:
+                self._json(200, results)
+                return
+            tokens = sum(len(query.split()) + len(d.split()) for d in documents)
+            self._json(200, {"model": body.get("model", state.alias), "object": "list",
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results})
+
+        def _responses(self, body: dict) -> None:
+            """llama-server's /v1/responses: its Response object, or its event stream (no data: [DONE])."""
+            if "input" not in body or not isinstance(body["input"], (str, list)):
+                self._json(400, {"error": {"code": 400, "message": "'input' must be a string or array of objects",
+                                           "type": "invalid_request_error"}})
+                return
+            reject = state.behaviour.get("reject")
+            if reject:
+                status = int(reject.get("status", 400))
+                message = reject.get("message", "rejected")
+                self._json(status, {"error": {"code": status, "message": message, "type": "invalid_request_error"}})
+                return
+            try:
+                tokens = int(body.get("max_output_tokens") or state.behaviour.get("tokens", 5))
+            except (TypeError, ValueError, OverflowError) as exc:
+                self._json(400, {"error": {"code": 400, "message": str(exc), "type": "invalid_request_error"}})
+                return
+            words = [f"tok{i} " for i in range(tokens)]
+            if state.behaviour.get("echo"):
+                words = self._pieces(self.raw_body.decode())
+            elif "content" in state.behaviour:
+                words = self._pieces(str(state.behaviour["content"]))
+            delay = float(state.behaviour.get("token_delay", 0.0))
+            text, created = "".join(words), int(time.time())
+            usage = {"input_tokens": 3, "output_tokens": len(words), "total_tokens": len(words) + 3,
+                     "input_tokens_details": {"cached_tokens": 0}}
+            part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+            message = {"content": [part], "id": "msg_fake", "role": "assistant", "status": "completed", "type": "message"}
+            response = {"completed_at": created, "created_at": created, "id": "resp_fake", "model": state.alias,
+                        "object": "response", "output": [message], "status": "completed", "usage": usage}
+            if not body.get("stream"):
+                time.sleep(delay * len(words))
+                self._json(200, response)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+
+            def event(name: str, **data: object) -> None:
+                self._chunk(b"event: " + name.encode() + b"\ndata: " + json.dumps({"type": name, **data}).encode() + b"\n\n")
+
+            opening = {"id": "resp_fake", "object": "response", "status": "in_progress"}
+            event("response.created", response=opening)
+            event("response.in_progress", response=opening)
+            event("response.output_item.added", item={"content": [], "id": "msg_fake", "role": "assistant",
+                                                      "status": "in_progress", "type": "message"})
+            event("response.content_part.added", item_id="msg_fake", part={"type": "output_text", "text": ""})
+            break_after = state.behaviour.get("break_after")
+            for i, word in enumerate(words):
+                if break_after is not None and i >= int(break_after):
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # die mid-answer: no terminating chunk
+                    return
+                event("response.output_text.delta", item_id="msg_fake", delta=word)
+                if delay:
+                    time.sleep(delay)
+            event("response.output_text.done", item_id="msg_fake", text=text)
+            event("response.content_part.done", item_id="msg_fake", part=part)
+            event("response.output_item.done", item=message)
+            final = {key: value for key, value in response.items() if key != "completed_at"}
+            event("response.completed", response=final)
+            self._chunk(b"")
 
         @staticmethod
         def _pieces(text: str) -> list[str]:

@@ -127,6 +127,19 @@ _ANTHROPIC = dict(
     temperature=st.floats(0, 1), top_p=st.floats(0, 1), top_k=st.integers(0, 50),
     stop_sequences=st.lists(st.text(max_size=3), max_size=2), metadata=st.just({"user_id": "u"}),
 )  # fmt: skip
+_RESPONSES_PART = st.fixed_dictionaries({"type": st.just("input_text"), "text": TEXT}) | st.fixed_dictionaries(
+    {"type": st.just("input_image"), "image_url": st.just("data:image/png;base64,aGk=")}
+)
+_RESPONSES_ITEM = _with(
+    {"role": st.sampled_from(["user", "system", "developer", "assistant"]),
+     "content": TEXT | st.lists(_RESPONSES_PART, max_size=2)},
+    type=st.just("message"),
+) | st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": st.just("c1"), "output": TEXT})
+_RERANK = _with(
+    {"model": st.sampled_from(["r", "a"]) | _MODEL, "query": TEXT, "documents": st.lists(TEXT, min_size=1, max_size=3)},
+    top_n=st.integers(0, 4),
+    return_documents=st.booleans(),
+)
 
 SCHEMAS: dict[str, st.SearchStrategy[dict]] = {
     "/v1/chat/completions": _with(
@@ -138,6 +151,12 @@ SCHEMAS: dict[str, st.SearchStrategy[dict]] = {
     ),
     "/v1/completions": _with({"model": _MODEL, "prompt": TEXT | st.lists(TEXT, max_size=2)}, stream=st.booleans(), **_SAMPLING),
     "/v1/embeddings": _with({"model": _MODEL, "input": TEXT | st.lists(TEXT, max_size=3)}, encoding_format=st.just("float")),
+    "/v1/responses": _with(
+        {"model": _MODEL, "input": TEXT | st.lists(_RESPONSES_ITEM, min_size=1, max_size=3)},
+        stream=st.booleans(), instructions=TEXT, max_output_tokens=st.integers(1, 8), temperature=st.floats(0, 2),
+        tools=st.lists(st.fixed_dictionaries({"type": st.just("function"), "name": st.text(max_size=5)}), max_size=1),
+    ),
+    **{path: _RERANK for path in ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking")},
     "/api/chat": _with(
         {"model": _MODEL, "messages": st.lists(_OLLAMA_MESSAGE, max_size=3)},
         tools=st.lists(st.fixed_dictionaries({"type": st.just("function")}), max_size=1),
@@ -178,9 +197,13 @@ SCHEMAS: dict[str, st.SearchStrategy[dict]] = {
         {"model": _MODEL, "messages": st.lists(_ANTHROPIC_MESSAGE, min_size=1, max_size=3)}, **_ANTHROPIC
     ),
 }
+#: The OpenAI routes without ``/v1``, as llama-server serves them: fuzzed as the routes they stand for.
+SCHEMAS.update(
+    {path.removeprefix("/v1"): SCHEMAS[path] for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")}
+)
 #: Routes with no body: any query string and headers.
-BODILESS = ["/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/health", "/health/ready", "/health/upstreams",
-            "/metrics", "/plugins"]  # fmt: skip
+BODILESS = ["/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/models", "/health", "/health/ready",
+            "/health/upstreams", "/metrics", "/plugins"]  # fmt: skip
 #: The method each rule is fuzzed with (the app's own, checked by test_every_route_is_fuzzed).
 METHODS = {"/api/delete": "DELETE", **{path: "GET" for path in BODILESS}}
 #: Routes that answer 501 by design.
@@ -297,8 +320,9 @@ async def proxy_url(make_config, start_proxy, tmp_path) -> str:
     root.mkdir()
     copy_bundled(root, "json", "constrain = true\n")
     config = make_config(
-        {"a": {"content": '{"ok": 1}', "load_delay": 0.01}, "e": {"content": "[1, 2]", "load_delay": 0.01}},
-        model_options={"a": {"embeddings": "true"}, "e": {"embeddings": "true"}},
+        {"a": {"content": '{"ok": 1}', "load_delay": 0.01}, "e": {"content": "[1, 2]", "load_delay": 0.01},
+         "r": {"load_delay": 0.01}},
+        model_options={"a": {"embeddings": "true"}, "e": {"embeddings": "true"}, "r": {"rerank": "true"}},
         size=2,
     )
     return await start_proxy(with_agents(config, root, "json"))

@@ -20,6 +20,7 @@ from ..pool import STATUS_VALUES, ModelStatus
 from ..upstream.relay import answer_text
 
 __all__ = [
+    "ALIASES",
     "REQUIRED",
     "SSE_HEADERS",
     "error_body",
@@ -36,6 +37,8 @@ __all__ = [
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: The field each model route requires besides ``model``.
 REQUIRED = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/embeddings": "input"}
+#: Paths without the ``/v1`` prefix, as llama-server serves them, and the route each stands for.
+ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions", "/embeddings": "/v1/embeddings"}
 #: The routes whose requests agents may take, and the kind of request each is to them.
 AGENT_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 

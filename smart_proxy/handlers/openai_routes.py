@@ -1,6 +1,8 @@
 """OpenAI's routes over the pool: chat and text completions, embeddings, and the model list.
 
-Theory of operation: :func:`model_route` serves all three model routes. It checks the
+Theory of operation: :func:`model_route` serves all three model routes, and their aliases
+without ``/v1`` (``/chat/completions``, ...), which llama-server also serves: an alias is
+answered as the ``/v1`` route it stands for, and sent upstream to that route. It checks the
 body once (:mod:`smart_proxy.dialects.openai`) and finds the model in the catalog. A
 chat or completion whose user text starts with agent commands (``/rag ...``) runs the
 agent chain (:mod:`smart_proxy.agents`), for either kind of model. Otherwise a model
@@ -30,21 +32,22 @@ from .state import ProxyState
 
 __all__ = ["ROUTES", "model_route", "models", "open_relay"]
 
-#: The model routes :func:`model_route` serves (``POST``).
-ROUTES = tuple(dialect.REQUIRED)
+#: The model routes :func:`model_route` serves (``POST``), and their aliases without ``/v1``.
+ROUTES = (*dialect.REQUIRED, *dialect.ALIASES)
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _SSE_HEADERS = {name.lower(): value for name, value in dialect.SSE_HEADERS.items()}
 
 
 async def model_route(proxy: ProxyState, request: Request) -> Reply:
-    """``POST /v1/chat/completions``, ``/v1/completions`` or ``/v1/embeddings``; see the module docstring.
+    """``POST /v1/chat/completions``, ``/v1/completions`` or ``/v1/embeddings`` (or an alias); see the module docstring.
 
     Raises:
         BadRequest: the body is not a JSON object, or lacks ``model`` or the route's required field.
         ModelNotFound, ModelNotAllowed: as :meth:`smart_proxy.catalog.Catalog.get`.
         ProxyError: whatever loading the model or reaching its upstream raised.
     """
+    request.path = dialect.ALIASES.get(request.path, request.path)  # an alias is served as the route it stands for
     path, raw = request.path, request.body
     payload = dialect.parse_body(raw)
     target = proxy.catalog.get(dialect.required_field(path, payload))

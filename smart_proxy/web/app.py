@@ -202,6 +202,7 @@ async def plugins() -> Response:
 #: (rule, methods, view) of every route the app answers.
 _ROUTES = [
     ("/v1/models", ["GET"], _models),
+    ("/models", ["GET"], _models),
     ("/api/tags", ["GET"], _tags),
     ("/api/ps", ["GET"], _ps),
     ("/api/version", ["GET"], _version),
