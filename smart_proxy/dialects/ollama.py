@@ -799,7 +799,14 @@ def _ollama_tool_call(call: dict[str, Any], index: int) -> dict[str, Any]:
             raise UpstreamError(
                 f"the model called {function.get('name')!r} with arguments that are not JSON: {arguments[:200]}"
             ) from exc
-    out: dict[str, Any] = {"function": {"index": index, "name": function.get("name", ""), "arguments": arguments or {}}}
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):  # Ollama's arguments are an object: anything else cannot be given
+        raise UpstreamError(
+            f"the model called {function.get('name')!r} with arguments that are not a JSON object: "
+            f"{json.dumps(arguments)[:200]}"
+        )
+    out: dict[str, Any] = {"function": {"index": index, "name": function.get("name", ""), "arguments": arguments}}
     if call.get("id"):
         out["id"] = call["id"]
     return out
