@@ -356,3 +356,29 @@ def test_mmproj_auto_needs_no_file_named_auto(tmp_path: Path) -> None:
     (tmp_path / "m.gguf").write_text("{}")
     config = structure({"model:m": {"path": "m.gguf", "mmproj": "auto"}}, base_dir=str(tmp_path))
     assert config.models["m"].mmproj == "auto"
+
+
+async def test_an_agent_chain_for_an_ollama_upstream_model_carries_tools_both_ways(
+    tmp_path: Path, fake_binary: str, start_proxy, fake_ollama
+) -> None:
+    """With a command, an Ollama client's chat goes to the upstream's OpenAI route: tools and images in OpenAI's
+    shapes there, the call back in Ollama's."""
+    fake_ollama.tool_call = {"name": "add", "arguments": {"a": 1, "b": 2}}
+    agents = tmp_path / "agents"
+    write_agent(agents, "a", marker("a"))
+    url = await start_proxy(with_agents(upstream_config(tmp_path, fake_binary, fake_ollama.url), agents, "a"))
+    messages = [{"role": "user", "content": "/a add", "images": [PNG]}]
+    for stream in (False, True):
+        reply = await in_thread(
+            with_client, url, lambda c, s=stream: c.chat(model="up", messages=messages, tools=TOOLS, stream=s)
+        )
+        parts = reply if stream else [reply]
+        calls = [call for p in parts for call in (p.message.tool_calls or [])]
+        assert [(c.function.name, dict(c.function.arguments)) for c in calls] == [("add", {"a": 1, "b": 2})]
+        assert parts[-1].done
+        method, path, body = fake_ollama.requests[-1]
+        assert (method, path) == ("POST", "/v1/chat/completions") and body["tools"] == TOOLS
+        assert body["messages"][0]["content"][1] == {
+            "type": "image_url",
+            "image_url": {"url": f"data:image/png;base64,{PNG}"},
+        }
