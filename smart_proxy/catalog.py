@@ -25,6 +25,7 @@ import importlib.util
 import os
 import re
 
+import attrs
 import trio
 
 from .config import AUTO_MMPROJ, PACKAGE_PREFIX, QUANT, CatalogConfig, ModelConfig, is_repo_id, resolve_path
@@ -164,7 +165,13 @@ class Catalog:
         return self._require_downloads().start(model)
 
     async def local_files(self, model: ModelConfig) -> LocalFiles:
-        """What llama-server loads for ``model``: its GGUF, and ``--mmproj`` if it has one."""
+        """What llama-server loads for ``model``: its GGUF, ``--mmproj`` if it has one, and its ``chat_template``."""
+        files = await self._model_files(model)
+        if model.chat_template:
+            files = attrs.evolve(files, chat_template=str(resolve_path(model.chat_template, self._base_dir)))
+        return files
+
+    async def _model_files(self, model: ModelConfig) -> LocalFiles:
         if model.repo is not None:
             return await self._require_downloads().fetch(model)
         assert model.path is not None

@@ -193,6 +193,9 @@ class ModelConfig:
     #: A multimodal projector passed as ``--mmproj``: a file in ``repo`` (name or glob), else a local path;
     #: or ``auto``: the ``mmproj*.gguf`` beside the model (in its repo, or its folder), if there is one.
     mmproj: str | None = None
+    #: A Jinja chat template file that replaces the GGUF's own (relative to proxy.ini): llama-server
+    #: gets ``--jinja --chat-template-file FILE``. A template that writes tool calls lets the model make them.
+    chat_template: str | None = None
     #: Extra llama-server arguments, split like a shell line.
     args: tuple[str, ...] = ()
     embeddings: bool = False
@@ -412,7 +415,11 @@ def _check_model(model: ModelConfig, base_dir: str) -> None:
             raise ConfigError(f"{where} url: {model.url!r} is not an http:// or https:// address")
         if model.repo:
             raise ConfigError(f"{where} repo: only for backend = llama")
+        if model.chat_template:
+            raise ConfigError(f"{where} chat_template: only for backend = llama")
         return
+    if model.chat_template is not None and not resolve_path(model.chat_template, base_dir).is_file():
+        raise ConfigError(f"{where} chat_template: no such file: {resolve_path(model.chat_template, base_dir)}")
     if model.repo is not None:
         _check_repo_model(model, where)
         return

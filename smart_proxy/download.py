@@ -174,10 +174,15 @@ class LocalFiles:
     mmproj: str | None = None
     #: Every file, split parts and mmproj included.
     parts: tuple[str, ...] = ()
+    #: A Jinja chat template file to use instead of the GGUF's own.
+    chat_template: str | None = None
 
     def args(self) -> tuple[str, ...]:
         """llama-server arguments beyond ``-m``."""
-        return ("--mmproj", self.mmproj) if self.mmproj else ()
+        args = ("--mmproj", self.mmproj) if self.mmproj else ()
+        if self.chat_template:
+            args += ("--jinja", "--chat-template-file", self.chat_template)
+        return args
 
     def exist(self) -> bool:
         return all(os.path.exists(path) for path in (self.parts or (self.model,)))

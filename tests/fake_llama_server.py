@@ -20,6 +20,7 @@ behave, so each catalog entry in a test can act differently::
                               # (a list: these calls, in parallel; streamed in fragments, interleaved;
                               # arguments given as a string are sent as that text, JSON or not)
      "reject": {"status": 400, "message": "..."},       # completions answer this error
+     "finish_reason": "length",  # answers end with this finish_reason (default: tool_calls or length)
      "content": "text",       # answer with this text instead of "tok0 tok1 ..."
      "echo": false,           # answer with the request body, exactly as received
      "logprob": -0.5,         # with "logprobs" in the request: every token's logprob
@@ -310,7 +311,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             reasoning = state.behaviour.get("reasoning") if chat else None
             tool_call = state.behaviour.get("tool_call") if chat and body.get("tools") else None
             calls = (tool_call if isinstance(tool_call, list) else [tool_call]) if tool_call else []
-            finish = "tool_calls" if tool_call else "length"
+            finish = state.behaviour.get("finish_reason") or ("tool_calls" if tool_call else "length")
             cached = int(state.behaviour.get("cached", 0))
             usage = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3,
                      "prompt_tokens_details": {"cached_tokens": cached}}

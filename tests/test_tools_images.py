@@ -213,6 +213,22 @@ async def test_a_broken_tool_call_ends_the_stream_with_an_error(make_config, sta
     assert response.status_code == 502 and "not JSON" in response.json()["error"]
 
 
+async def test_a_call_cut_off_by_the_token_limit_is_left_out(make_config, start_proxy, http) -> None:
+    """At ``length`` the last call may be half written: Ollama's clients get the whole ones and ``done_reason: length``;
+    OpenAI's get llama-server's answer as it is, which says ``length`` too."""
+    cut = [CALLS[0], {"name": "mul", "arguments": '{"a": 3'}]
+    url = await start_proxy(make_config({"m": {"tool_call": cut, "finish_reason": "length"}}))
+    whole = await in_thread(with_client, url, lambda c: c.chat(model="m", messages=USER, tools=TOOLS))
+    assert [(c.function.name, dict(c.function.arguments)) for c in whole.message.tool_calls] == [("add", {"a": 1, "b": 2})]
+    assert whole.done_reason == "length"
+    parts = await in_thread(with_client, url, lambda c: c.chat(model="m", messages=USER, tools=TOOLS, stream=True))
+    calls = [call for p in parts for call in (p.message.tool_calls or [])]
+    assert [c.function.name for c in calls] == ["add"] and parts[-1].done_reason == "length"
+    reply = await in_thread(openai_call, url, lambda c: c.chat.completions.create(model="m", messages=USER, tools=TOOLS))
+    assert reply.choices[0].finish_reason == "length"
+    assert [c.function.arguments for c in reply.choices[0].message.tool_calls] == ['{"a": 1, "b": 2}', '{"a": 3']
+
+
 # ---- Ollama: images --------------------------------------------------------------------------
 
 
@@ -382,3 +398,52 @@ async def test_an_agent_chain_for_an_ollama_upstream_model_carries_tools_both_wa
             "type": "image_url",
             "image_url": {"url": f"data:image/png;base64,{PNG}"},
         }
+
+
+# ---- a chat template with tools: chat_template = FILE ----------------------------------------
+
+
+async def test_chat_template_starts_llama_server_with_it(
+    tmp_path: Path, fake_binary: str, start_proxy, http: httpx.AsyncClient
+) -> None:
+    (tmp_path / "m.gguf").write_text(json.dumps({"tool_call": CALLS}))
+    (tmp_path / "tools.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}{{ tools }}")
+    config = structure(
+        {
+            "pool": {"llama_server": fake_binary, "load_timeout": "10s"},
+            "model:m": {"path": "m.gguf", "chat_template": "tools.jinja"},
+        },
+        base_dir=str(tmp_path),
+    )
+    url = await start_proxy(config)
+    shown = await in_thread(with_client, url, lambda c: c.show("m"))
+    assert "tools" in shown.capabilities and shown.template == (tmp_path / "tools.jinja").read_text()
+    reply = await in_thread(with_client, url, lambda c: c.chat(model="m", messages=USER, tools=TOOLS))
+    assert [c.function.name for c in reply.message.tool_calls] == ["add", "mul"]
+    (server,) = (await http.get(f"{url}/health")).json()["pool"]["servers"]
+    argv = (await http.get(f"http://127.0.0.1:{server['port']}/argv")).json()
+    assert argv[argv.index("--chat-template-file") + 1] == str(tmp_path / "tools.jinja") and "--jinja" in argv
+
+
+def test_chat_template_must_exist_and_be_local(tmp_path: Path) -> None:
+    from smart_proxy.errors import ConfigError
+
+    (tmp_path / "m.gguf").write_text("{}")
+    with pytest.raises(ConfigError, match=r"\[model:m\] chat_template: no such file"):
+        structure({"model:m": {"path": "m.gguf", "chat_template": "nope.jinja"}}, base_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"\[model:u\] chat_template: only for backend = llama"):
+        structure(
+            {"model:u": {"backend": "ollama", "url": "http://h:11434", "chat_template": "x.jinja"}},
+            base_dir=str(tmp_path),
+        )
+
+
+def test_the_shipped_gemma_template_is_in_the_shipped_proxy_ini() -> None:
+    """(Read as text: loading it would need the gemma package; tests/e2e/test_openai_real.py serves it.)"""
+    import configparser
+
+    root = Path(__file__).parent.parent
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+    parser.read(root / "proxy.ini")
+    template = parser["model:gemma3-270m"]["chat_template"]
+    assert template == "templates/gemma3-tools.jinja" and "<tool_call>" in (root / template).read_text()

@@ -41,7 +41,7 @@ import trio
 
 from .. import logs
 from ..agents import Chain
-from ..config import AUTO_MMPROJ, ModelConfig
+from ..config import AUTO_MMPROJ, ModelConfig, resolve_path
 from ..dialects import ollama as dialect
 from ..dialects.openai import parse_body, replay_sse, sse_error
 from ..download import Download
@@ -115,11 +115,29 @@ async def _info(proxy: ProxyState, model: ModelConfig) -> ModelInfo | None:
         return None
 
 
-def _capabilities(model: ModelConfig, info: ModelInfo | None, projector: str | None = None) -> list[str]:
-    """Ollama's capabilities of ``model``; ``projector``: the one ``mmproj = auto`` found for it, if any."""
+async def _template(proxy: ProxyState, model: ModelConfig, info: ModelInfo | None) -> str:
+    """The chat template llama-server applies: the section's ``chat_template`` file, else the GGUF's own."""
+    if model.chat_template:
+        path = resolve_path(model.chat_template, proxy.config.base_dir)
+        try:
+            return await trio.to_thread.run_sync(path.read_text)
+        except (OSError, UnicodeDecodeError) as exc:
+            log.debug("%s: cannot read its chat_template: %s", model.name, exc)
+    return info.chat_template if info else ""
+
+
+def _capabilities(
+    model: ModelConfig, info: ModelInfo | None, projector: str | None = None, template: str | None = None
+) -> list[str]:
+    """Ollama's capabilities of ``model``.
+
+    ``projector``: the one ``mmproj = auto`` found for it, if any; ``template``: the chat
+    template it is served with, if not the GGUF's own (see :func:`_template`).
+    """
     # a llama-server started with --embeddings still generates
     caps = ["completion", "embedding"] if model.embeddings else ["completion"]
-    template = info.chat_template if info else ""
+    if template is None:
+        template = info.chat_template if info else ""
     if "tools" in template:
         caps.append("tools")
     if any(marker in template for marker in ("enable_thinking", "<think>", "reasoning_content")):
@@ -136,7 +154,8 @@ async def _check_think(proxy: ProxyState, model: ModelConfig, name: str, think: 
     if think in (None, False) or model.backend == "ollama":  # an upstream Ollama judges its own models
         return
     info = await _info(proxy, model)
-    if info is not None and info.is_gguf and "thinking" not in _capabilities(model, info):
+    template = await _template(proxy, model, info)
+    if info is not None and info.is_gguf and "thinking" not in _capabilities(model, info, template=template):
         raise BadRequest(f'"{name}" does not support thinking')
 
 
@@ -614,6 +633,8 @@ def _modelfile(model: ModelConfig, info: ModelInfo | None, projector: str | None
         lines.append(f"# projector (--mmproj): auto, {projector or 'none found beside the model'}")
     elif model.mmproj:
         lines.append(f"# projector (--mmproj): {model.mmproj}")
+    if model.chat_template:
+        lines.append(f"# chat template (--jinja --chat-template-file): {model.chat_template}")
     if model.embeddings:
         lines.append("# llama-server --embeddings")
     return "\n".join(lines) + "\n"
@@ -627,13 +648,14 @@ async def show(proxy: ProxyState, request: Request) -> Reply:
         return await asked.to_upstream("/api/show")
     info = await _info(proxy, model)
     projector = await proxy.catalog.projector(model) if model.mmproj == AUTO_MMPROJ else None
+    template = await _template(proxy, model, info)
     body: dict[str, Any] = {
         "modelfile": _modelfile(model, info, projector),
         "parameters": "",
-        "template": info.chat_template if info else "",
+        "template": template,
         "details": _local_entry(model.name, info)["details"],
         "model_info": dict(info.metadata) if info else {},
-        "capabilities": _capabilities(model, info, projector),
+        "capabilities": _capabilities(model, info, projector, template),
     }
     if info is not None:
         body["modified_at"] = info.modified_at
