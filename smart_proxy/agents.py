@@ -80,10 +80,12 @@ import httpx
 import trio
 
 from .config import AGENT_NAME, AgentsConfig, resolve_path
+from .dialects.openai import has_images
 from .errors import BadRequest, ProxyError, UpstreamError
 from .jsonbody import MAX_DEPTH
 from .upstream import ollama_server as ollama_backend
 from .upstream.client import LlamaClient
+from .upstream.props import check_images
 from .upstream.relay import open_upstream
 
 if TYPE_CHECKING:
@@ -322,6 +324,8 @@ class AgentContext:
             raise RuntimeError("this AgentContext has no pool to call models with")
         lease = await self.pool.acquire(model, keep_alive=self.keep_alive)
         try:
+            if self.kind == "chat" and self.client is not None and has_images(body):
+                await check_images(self.client, lease, model)
             upstream = await open_upstream(
                 self.llama,
                 "POST",

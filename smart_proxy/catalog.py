@@ -12,7 +12,9 @@ A model's files (:meth:`Catalog.local_files`) are a local GGUF (``path``), a pac
 runs in a thread), or a Hugging Face repo's, which :class:`~smart_proxy.download.Downloads`
 fetches into the HF cache. :meth:`Catalog.download` is the wait for that download; it returns at
 once for local models and for files this process already has. :meth:`Catalog.start_download`
-gives the same download to watch (``/api/pull`` streams its progress).
+gives the same download to watch (``/api/pull`` streams its progress). With ``mmproj = auto``
+the projector is the one :func:`~smart_proxy.download.find_projector` picks beside the GGUF: in its
+folder for a local file (:func:`projector_beside`), in its repo for a Hugging Face model.
 """
 
 from __future__ import annotations
@@ -23,13 +25,24 @@ import importlib.util
 import os
 import re
 
+import attrs
 import trio
 
-from .config import PACKAGE_PREFIX, QUANT, CatalogConfig, ModelConfig, is_repo_id, resolve_path
-from .download import Download, DownloadFailure, Downloads, DownloadSnapshot, Hub, LocalFiles, plan_from_cache, resolve
+from .config import AUTO_MMPROJ, PACKAGE_PREFIX, QUANT, CatalogConfig, ModelConfig, is_repo_id, resolve_path
+from .download import (
+    Download,
+    DownloadFailure,
+    Downloads,
+    DownloadSnapshot,
+    Hub,
+    LocalFiles,
+    find_projector,
+    plan_from_cache,
+    resolve,
+)
 from .errors import BadRequest, ModelNotAllowed, ModelNotFound, ProxyError
 
-__all__ = ["HF_PREFIXES", "Catalog", "LocalFiles", "describe", "parse_hf_name"]
+__all__ = ["HF_PREFIXES", "Catalog", "LocalFiles", "describe", "parse_hf_name", "projector_beside"]
 
 #: Request names that mean "this Hugging Face repo" (the first is the canonical one).
 HF_PREFIXES = ("hf.co/", "huggingface.co/")
@@ -153,17 +166,37 @@ class Catalog:
         return self._require_downloads().start(model)
 
     async def local_files(self, model: ModelConfig) -> LocalFiles:
-        """What llama-server loads for ``model``: its GGUF, and ``--mmproj`` if it has one."""
+        """What llama-server loads for ``model``: its GGUF, ``--mmproj`` if it has one, and its ``chat_template``."""
+        files = await self._model_files(model)
+        if model.chat_template:
+            files = attrs.evolve(files, chat_template=str(resolve_path(model.chat_template, self._base_dir)))
+        return files
+
+    async def _model_files(self, model: ModelConfig) -> LocalFiles:
         if model.repo is not None:
             return await self._require_downloads().fetch(model)
         assert model.path is not None
-        mmproj = str(resolve_path(model.mmproj, self._base_dir)) if model.mmproj else None
         if model.path.startswith(PACKAGE_PREFIX):
             module = importlib.import_module(model.path.removeprefix(PACKAGE_PREFIX))
             path = str(await trio.to_thread.run_sync(module.assemble))
         else:
             path = str(resolve_path(model.path, self._base_dir))
+        if model.mmproj == AUTO_MMPROJ:
+            mmproj = await trio.to_thread.run_sync(projector_beside, path)
+        else:
+            mmproj = str(resolve_path(model.mmproj, self._base_dir)) if model.mmproj else None
         return LocalFiles(model=path, mmproj=mmproj, parts=(path,) + ((mmproj,) if mmproj else ()))
+
+    async def projector(self, model: ModelConfig) -> str | None:
+        """The projector ``mmproj = auto`` finds for ``model`` among its files here, fetching nothing.
+
+        None when there is none, or when a Hugging Face model is not downloaded yet.
+        """
+        try:
+            path = await self.gguf_path(model)
+        except ProxyError:
+            return None
+        return await trio.to_thread.run_sync(projector_beside, path)
 
     async def gguf_path(self, model: ModelConfig) -> str:
         """The GGUF file a model loads from (the first part of a split one), to read it, never to fetch it.
@@ -215,7 +248,11 @@ def describe(model: ModelConfig, base_dir: str, hub: Hub) -> dict[str, object]:
         if model.path.startswith(PACKAGE_PREFIX):
             installed = importlib.util.find_spec(model.path.removeprefix(PACKAGE_PREFIX)) is not None
             return {**row, "source": model.path, "size": None, "local": installed, "files": []}
-        paths = [str(resolve_path(p, base_dir)) for p in (model.path, model.mmproj) if p]
+        paths = [str(resolve_path(model.path, base_dir))]
+        if model.mmproj == AUTO_MMPROJ:
+            paths += [found] if (found := projector_beside(paths[0])) else []
+        elif model.mmproj:
+            paths.append(str(resolve_path(model.mmproj, base_dir)))
         sizes = [os.path.getsize(p) for p in paths if os.path.isfile(p)]
         return {**row, "source": paths[0], "size": sum(sizes), "local": len(sizes) == len(paths), "files": paths}
     source = f"hf.co/{model.repo} " + (f"file {model.file}" if model.file else f"quant {model.quant or 'default'}")
@@ -227,3 +264,14 @@ def describe(model: ModelConfig, base_dir: str, hub: Hub) -> dict[str, object]:
         return {**row, "source": source, "size": None, "local": False, "files": [], "error": exc.message}
     local = plan.from_cache or all(hub.has(plan.repo, f) for f in plan.files)
     return {**row, "source": source, "size": plan.size, "local": local, "files": [f.name for f in plan.files]}
+
+
+def projector_beside(path: str) -> str | None:
+    """The projector in the folder of the GGUF ``path`` (``mmproj*.gguf``, chosen as ``-hf`` chooses), or None."""
+    folder, name = os.path.split(path)
+    try:
+        names = sorted(entry.name for entry in os.scandir(folder or ".") if entry.is_file())
+    except OSError:
+        return None
+    found = find_projector(names, name)
+    return os.path.join(folder, found) if found else None

@@ -29,6 +29,7 @@ from .errors import ConfigError
 
 __all__ = [
     "AGENT_NAME",
+    "AUTO_MMPROJ",
     "AgentsConfig",
     "CatalogConfig",
     "Config",
@@ -67,6 +68,10 @@ QUANT = re.compile(r"^[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*$")
 def is_repo_id(text: str) -> bool:
     """``ORG/NAME`` with nothing that could climb out of a folder (no ``..``, no leading ``/``)."""
     return len(text) <= 200 and _REPO_ID.match(text) is not None
+
+
+#: ``mmproj = auto``: find the projector beside the model, as ``llama-server -hf`` does.
+AUTO_MMPROJ = "auto"
 
 
 def is_repo_pattern(text: str) -> bool:
@@ -185,8 +190,12 @@ class ModelConfig:
     quant: str | None = None
     #: Branch, tag or commit of ``repo``; None means ``main``.
     revision: str | None = None
-    #: A multimodal projector passed as ``--mmproj``: a file in ``repo`` (name or glob), else a local path.
+    #: A multimodal projector passed as ``--mmproj``: a file in ``repo`` (name or glob), else a local path;
+    #: or ``auto``: the ``mmproj*.gguf`` beside the model (in its repo, or its folder), if there is one.
     mmproj: str | None = None
+    #: A Jinja chat template file that replaces the GGUF's own (relative to proxy.ini): llama-server
+    #: gets ``--jinja --chat-template-file FILE``. A template that writes tool calls lets the model make them.
+    chat_template: str | None = None
     #: Extra llama-server arguments, split like a shell line.
     args: tuple[str, ...] = ()
     embeddings: bool = False
@@ -410,16 +419,20 @@ def _check_model(model: ModelConfig, base_dir: str) -> None:
             raise ConfigError(f"{where} repo: only for backend = llama")
         if model.rerank:
             raise ConfigError(f"{where} rerank: only for backend = llama (Ollama serves no rerank route)")
+        if model.chat_template:
+            raise ConfigError(f"{where} chat_template: only for backend = llama")
         return
     if model.rerank and model.embeddings:
         raise ConfigError(f"{where} rerank: give rerank or embeddings, not both (--reranking sets its own pooling)")
+    if model.chat_template is not None and not resolve_path(model.chat_template, base_dir).is_file():
+        raise ConfigError(f"{where} chat_template: no such file: {resolve_path(model.chat_template, base_dir)}")
     if model.repo is not None:
         _check_repo_model(model, where)
         return
     for key in ("file", "quant", "revision"):
         if getattr(model, key) is not None:
             raise ConfigError(f"{where} {key}: needs repo = ORG/NAME (a Hugging Face repo)")
-    if model.mmproj is not None and not resolve_path(model.mmproj, base_dir).is_file():
+    if model.mmproj not in (None, AUTO_MMPROJ) and not resolve_path(model.mmproj, base_dir).is_file():
         raise ConfigError(f"{where} mmproj: no such file: {resolve_path(model.mmproj, base_dir)}")
     if not model.path:
         raise ConfigError(f"{where} path: missing; give a GGUF file, package:NAME, or repo = ORG/NAME")

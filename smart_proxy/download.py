@@ -4,7 +4,8 @@ Theory of operation:
 
 * A :class:`~smart_proxy.config.ModelConfig` with ``repo`` says *which* files it wants: a ``file``
   name or glob, a ``quant`` tag, or neither (llama.cpp's default: Q4_K_M, then Q8_0, then the first
-  GGUF), plus an optional ``mmproj``. :func:`resolve` asks the hub for the repo's file list (one
+  GGUF), plus an optional ``mmproj`` (a name or glob, or ``auto``: the projector
+  :func:`find_projector` picks, as ``-hf`` does). :func:`resolve` asks the hub for the repo's file list (one
   ``model_info`` call, with sizes and sha256s) and picks the files the way ``llama-server -hf
   repo:quant`` does, every part of a split GGUF included: a :class:`Plan`. When the hub cannot be
   asked (``HF_HUB_OFFLINE``, or it is unreachable or failing), the plan is made from what the cache
@@ -50,7 +51,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from .config import ModelConfig, is_repo_pattern
+from .config import AUTO_MMPROJ, ModelConfig, is_repo_pattern
 from .errors import InsufficientStorage, ModelNotFound, ProxyError, UpstreamError
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "Progress",
     "RepoFile",
     "fetch",
+    "find_projector",
     "plan_from_cache",
     "resolve",
     "select",
@@ -81,6 +83,8 @@ DEFAULT_QUANTS = ("Q4_K_M", "Q8_0")
 #: GGUFs that ride along with a model rather than being one (llama.cpp's gguf_filename_is_model).
 _NOT_MODELS = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
 _SPLIT = re.compile(r"^(.+)-([0-9]{5})-of-([0-9]{5})\.gguf$", re.IGNORECASE)
+#: A GGUF name's quantization tag: its last ``-`` or ``.`` separated word (llama.cpp's get_gguf_split_info).
+_TAG = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 #: How long shutdown waits for a worker thread to drop its download and clean up.
@@ -171,10 +175,15 @@ class LocalFiles:
     mmproj: str | None = None
     #: Every file, split parts and mmproj included.
     parts: tuple[str, ...] = ()
+    #: A Jinja chat template file to use instead of the GGUF's own.
+    chat_template: str | None = None
 
     def args(self) -> tuple[str, ...]:
         """llama-server arguments beyond ``-m``."""
-        return ("--mmproj", self.mmproj) if self.mmproj else ()
+        args = ("--mmproj", self.mmproj) if self.mmproj else ()
+        if self.chat_template:
+            args += ("--jinja", "--chat-template-file", self.chat_template)
+        return args
 
     def exist(self) -> bool:
         return all(os.path.exists(path) for path in (self.parts or (self.model,)))
@@ -211,6 +220,37 @@ def _split_set(files: list[RepoFile], primary: RepoFile, repo: str) -> tuple[Rep
         numbers = ", ".join(map(str, missing))
         raise ModelNotFound(f"split GGUF {prefix} in Hugging Face repo {repo!r} lacks part(s) {numbers} of {count}")
     return tuple(parts[i] for i in range(1, count + 1))
+
+
+def _quant_bits(name: str) -> int:
+    """The bits of a GGUF name's quantization tag: ``x-Q4_K_M.gguf`` -> 4, ``mmproj-F16.gguf`` -> 16, none -> 0."""
+    tag = _TAG.search(split_info(name)[0])
+    digits = re.match(r"\D*(\d+)", tag.group(1)) if tag else None
+    return int(digits.group(1)) if digits else 0
+
+
+def find_projector(names: list[str], model: str) -> str | None:
+    """The projector llama.cpp's ``-hf`` would load with the GGUF ``model``, among ``names``; None if there is none.
+
+    As llama.cpp's ``find_best_mmproj`` picks it: a ``.gguf`` whose path contains ``mmproj``, in
+    the model's folder or a folder above it; the deepest such folder first, then the quantization
+    closest in bits to the model's (an F16 projector for an F16 model, Q8_0 for Q8_0); the first
+    listed among equals. ``names`` and ``model`` are ``/``-separated paths relative to one root.
+    """
+    model_dir = model.split("/")[:-1]
+    model_bits = _quant_bits(model)
+    best: tuple[int, int] | None = None  # (-depth, bits difference): smaller is better
+    found = None
+    for name in names:
+        if not name.endswith(".gguf") or "mmproj" not in name:
+            continue
+        folder = name.split("/")[:-1]
+        if folder != model_dir[: len(folder)]:
+            continue  # not the model's folder nor one above it
+        rank = (-len(folder), abs(_quant_bits(name) - model_bits))
+        if best is None or rank < best:
+            best, found = rank, name
+    return found
 
 
 def _matching(files: list[RepoFile], pattern: str) -> list[RepoFile]:
@@ -269,7 +309,10 @@ def select(files: list[RepoFile], model: ModelConfig) -> tuple[tuple[RepoFile, .
             raise ModelNotFound(f"{what} in Hugging Face repo {repo!r}; {_available(files)}")
     parts = _split_set(files, primary, repo)
     mmproj = None
-    if model.mmproj is not None:
+    if model.mmproj == AUTO_MMPROJ:
+        name = find_projector([f.name for f in files], primary.name)
+        mmproj = next((f for f in files if f.name == name), None)
+    elif model.mmproj is not None:
         found = _matching(files, model.mmproj)
         if not found:
             available = _available(files)

@@ -17,7 +17,10 @@ behave, so each catalog entry in a test can act differently::
      "n_ctx": 4096,           # /props default_generation_settings.n_ctx
      "reasoning": "hmm",      # chat answers carry this reasoning_content first
      "tool_call": {"name": "f", "arguments": {"x": 1}},  # chat with tools answers this call
+                              # (a list: these calls, in parallel; streamed in fragments, interleaved;
+                              # arguments given as a string are sent as that text, JSON or not)
      "reject": {"status": 400, "message": "..."},       # completions answer this error
+     "finish_reason": "length",  # answers end with this finish_reason (default: tool_calls or length)
      "content": "text",       # answer with this text instead of "tok0 tok1 ..."
      "echo": false,           # answer with the request body, exactly as received
      "logprob": -0.5,         # with "logprobs" in the request: every token's logprob
@@ -48,7 +51,9 @@ stream ending in ``response.completed``, without ``data: [DONE]``), with the sam
 ``tokens``, ``content``, ``echo``, ``reject`` and ``break_after``; the rerank routes answer
 Jina's shape (TEI's for ``texts``) when started with ``--reranking``, and 501 otherwise.
 ``GET /requests`` lists the bodies of the POSTs received so far
-(``[{"path": ..., "body": ...}]``), so tests can see what the proxy sent.
+(``[{"path": ..., "body": ...}]``), so tests can see what the proxy sent; ``GET /argv``
+the command line it was started with. A chat with ``image_url`` parts to a server without
+``"vision"`` is refused as llama-server refuses it (a 500 naming the missing mmproj).
 
 Like llama-server, it loads a split model (``x-00001-of-00003.gguf``) from its first
 part and finds the others beside it: the JSON is the parts' bytes joined in order. A
@@ -89,6 +94,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--mmproj", default=None)
     parser.add_argument("--reranking", "--rerank", action="store_true")
     args, _unknown = parser.parse_known_args(argv)
+    args.argv = argv
     if args.mmproj is not None and not os.path.isfile(args.mmproj):
         raise SystemExit(f"clip_model_load: failed to open mmproj {args.mmproj}")
     return args, json.loads(read_model(args.model))
@@ -111,6 +117,7 @@ def read_model(path: str) -> bytes:
 class State:
     def __init__(self, args: argparse.Namespace, behaviour: dict) -> None:
         self.alias = args.alias
+        self.argv = list(args.argv)
         self.model_path = args.model
         self.mmproj = args.mmproj
         self.reranking = args.reranking
@@ -236,6 +243,8 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 timer = threading.Timer(0.5, os._exit, (1,))
                 timer.daemon = True
                 timer.start()
+            elif self.path == "/argv":
+                self._json(200, state.argv)
             elif self.path == "/requests":
                 with state.lock:
                     self._json(200, list(state.requests))
@@ -286,6 +295,10 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                     pass
                 self.close_connection = True
                 return
+            if has_images(body) and not state.behaviour.get("vision"):
+                message = "image input is not supported - hint: if this is unexpected, you may need to provide the mmproj"
+                self._json(500, {"error": {"code": 500, "message": message, "type": "server_error"}})
+                return
             reject = state.behaviour.get("reject")
             if reject:
                 status = int(reject.get("status", 400))
@@ -327,7 +340,8 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             created = int(time.time())
             reasoning = state.behaviour.get("reasoning") if chat else None
             tool_call = state.behaviour.get("tool_call") if chat and body.get("tools") else None
-            finish = "tool_calls" if tool_call else "length"
+            calls = (tool_call if isinstance(tool_call, list) else [tool_call]) if tool_call else []
+            finish = state.behaviour.get("finish_reason") or ("tool_calls" if tool_call else "length")
             cached = int(state.behaviour.get("cached", 0))
             usage = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3,
                      "prompt_tokens_details": {"cached_tokens": cached}}
@@ -344,8 +358,8 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                     if reasoning:
                         message["reasoning_content"] = reasoning
                     if tool_call:
-                        message["tool_calls"] = [{"id": "call_fake", "type": "function", "function": {
-                            "name": tool_call["name"], "arguments": json.dumps(tool_call.get("arguments", {}))}}]
+                        message["tool_calls"] = [{"id": f"call_fake{i}", "type": "function", "function": {
+                            "name": call["name"], "arguments": tool_arguments(call)}} for i, call in enumerate(calls)]
                     choice["message"] = message
                 else:
                     choice["text"] = text
@@ -375,13 +389,16 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 event({"delta": {"content": word}} if chat else {"text": word})
                 if delay:
                     time.sleep(delay)
-            if tool_call:
-                arguments = json.dumps(tool_call.get("arguments", {}))
+            halves = []
+            for i, call in enumerate(calls):  # each call's name and first half, then every second half
+                arguments = tool_arguments(call)
                 half = len(arguments) // 2
-                first = {"name": tool_call["name"], "arguments": arguments[:half]}
-                call = {"index": 0, "id": "call_fake", "type": "function", "function": first}
-                event({"delta": {"tool_calls": [call]}})
-                event({"delta": {"tool_calls": [{"index": 0, "function": {"arguments": arguments[half:]}}]}})
+                first = {"name": call["name"], "arguments": arguments[:half]}
+                event({"delta": {"tool_calls": [{"index": i, "id": f"call_fake{i}", "type": "function",
+                                                 "function": first}]}})
+                halves.append({"index": i, "function": {"arguments": arguments[half:]}})
+            for rest in halves:
+                event({"delta": {"tool_calls": [rest]}})
             include_usage = (body.get("stream_options") or {}).get("include_usage") is True
             if not chat:
                 event({"text": ""}, finish, usage=usage, timings=timings)
@@ -754,6 +771,22 @@ def anthropic_stream(alias: str, words: list[str], stop_reason: str, tool_call: 
     writes = writes or [b""]
     writes[0] = head + writes[0]
     return [*writes, b"".join(closing)]
+
+
+def tool_arguments(call: dict) -> str:
+    """A call's ``arguments`` as the answer carries them: JSON text (a string is taken as that text, JSON or not)."""
+    arguments = call.get("arguments", {})
+    return arguments if isinstance(arguments, str) else json.dumps(arguments)
+
+
+def has_images(body: dict) -> bool:
+    """Whether a chat body has ``image_url`` content parts."""
+    messages = body.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"])
+        for m in messages
+    )
 
 
 def die_by(name: str) -> None:

@@ -8,7 +8,10 @@ and ``/v1/messages`` (its Anthropic-compatible one: Anthropic's message, ``event
 events and error objects), with NDJSON streaming on by default. Each model answers ``tokens``
 pieces (``piece0 piece1 ...``); a chat whose last message is ``"hold"`` sends its first
 piece and then waits for :meth:`FakeOllama.release` before the rest, so a test
-can see that the proxy relays bytes as they come. Every request is recorded in
+can see that the proxy relays bytes as they come. With :attr:`FakeOllama.tool_call` set, a
+chat that offers ``tools`` answers that call instead of text, in each route's shape (Ollama's
+``message.tool_calls`` with arguments as an object; OpenAI's with arguments as a JSON string).
+Every request is recorded in
 :attr:`FakeOllama.requests` as ``(method, path, body)``. After
 :meth:`FakeOllama.reset_next` ``(N)``, the next N connections are reset (RST) unread
 and unanswered, all together once the N-th is accepted, as an overloaded server
@@ -59,6 +62,8 @@ class FakeOllama:
         self.requests: list[tuple[str, str, object]] = []
         self.loaded: dict[str, float] = {}
         self.gate = threading.Event()
+        #: ``{"name": ..., "arguments": {...}}``: what a chat with ``tools`` calls (None: it answers text).
+        self.tool_call: dict | None = None
         #: Connections still to reset (see the module docstring).
         self.resets = 0
         self._lock = threading.Lock()
@@ -240,12 +245,16 @@ def _make_handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
                 return
             fake.loaded[name] = time.time()
             hold = chat and (body.get("messages") or [{}])[-1].get("content") == "hold"
-            pieces = [f"piece{i} " for i in range(fake.tokens)]
+            call = fake.tool_call if chat and body.get("tools") else None
+            whole = body.get("stream") is False
+            pieces = [f"piece{i} " for i in range(fake.tokens)] if call is None else [""]
 
             def obj(text: str, done: bool) -> dict:
                 out: dict = {"model": name, "created_at": _now()}
                 if chat:
                     out["message"] = {"role": "assistant", "content": text}
+                    if call is not None and (not done or whole):  # streamed: in a piece before the done one
+                        out["message"]["tool_calls"] = [{"function": {"index": 0, **call}}]
                 else:
                     out["response"] = text
                 out["done"] = done
@@ -334,6 +343,13 @@ def _make_handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
                 self._send(404, {"error": {"message": f'model "{body.get("model")}" not found', "type": "api_error"}})
                 return
             text = "".join(f"piece{i} " for i in range(fake.tokens))
+            message: dict = {"role": "assistant", "content": text}
+            finish = "stop"
+            if fake.tool_call is not None and body.get("tools"):
+                function = {"name": fake.tool_call["name"], "arguments": json.dumps(fake.tool_call["arguments"])}
+                message = {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": function}]}
+                finish = "tool_calls"
             if not body.get("stream"):
                 self._send(
                     200,
@@ -342,9 +358,7 @@ def _make_handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
                         "object": "chat.completion",
                         "created": int(time.time()),
                         "model": name,
-                        "choices": [
-                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                        ],
+                        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                         "usage": {
                             "prompt_tokens": 2,
                             "completion_tokens": fake.tokens,

@@ -587,8 +587,8 @@ class Answer:
     def final(self) -> list[dict[str, Any]]:
         """The objects that end a stream: gathered tool calls, then the ``done`` object."""
         out = []
-        if self._tool_calls:
-            calls = [_ollama_tool_call(self._tool_calls[i], i) for i in sorted(self._tool_calls)]
+        calls = _ollama_tool_calls([self._tool_calls[i] for i in sorted(self._tool_calls)], self._finish)
+        if calls:
             out.append(self._piece("", None, calls, None, done=False))
         out.append({**self._piece("", None, None, None, done=True), **self._stats()})
         return out
@@ -628,7 +628,7 @@ class Answer:
         """A whole choice's text, thinking and (Ollama-shaped) tool calls."""
         if self.chat_source(choice):
             message = choice.get("message") or {}
-            calls = [_ollama_tool_call(call, i) for i, call in enumerate(message.get("tool_calls") or [])]
+            calls = _ollama_tool_calls(message.get("tool_calls") or [], choice.get("finish_reason"))
             return message.get("content") or "", message.get("reasoning_content"), calls
         return choice.get("text") or "", None, []
 
@@ -789,6 +789,24 @@ class NDJSONStream:
         return ndjson({"error": reason})
 
 
+def _ollama_tool_calls(calls: list[dict[str, Any]], finish: str | None) -> list[dict[str, Any]]:
+    """OpenAI tool calls in Ollama's shape, arguments parsed into objects.
+
+    An answer cut off at its token limit (``finish``: ``length``) may end inside a call: a last
+    call whose arguments are not a whole JSON object is left out, as Ollama leaves out a call it
+    has not finished reading, and the answer's ``done_reason`` says ``length``. Anywhere else such
+    arguments are the upstream's failure (:class:`~smart_proxy.errors.UpstreamError`).
+    """
+    out = []
+    for index, call in enumerate(calls):
+        try:
+            out.append(_ollama_tool_call(call, index))
+        except UpstreamError:
+            if finish != "length" or index != len(calls) - 1:
+                raise
+    return out
+
+
 def _ollama_tool_call(call: dict[str, Any], index: int) -> dict[str, Any]:
     function = call.get("function") or {}
     arguments = function.get("arguments")
@@ -799,7 +817,14 @@ def _ollama_tool_call(call: dict[str, Any], index: int) -> dict[str, Any]:
             raise UpstreamError(
                 f"the model called {function.get('name')!r} with arguments that are not JSON: {arguments[:200]}"
             ) from exc
-    out: dict[str, Any] = {"function": {"index": index, "name": function.get("name", ""), "arguments": arguments or {}}}
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):  # Ollama's arguments are an object: anything else cannot be given
+        raise UpstreamError(
+            f"the model called {function.get('name')!r} with arguments that are not a JSON object: "
+            f"{json.dumps(arguments)[:200]}"
+        )
+    out: dict[str, Any] = {"function": {"index": index, "name": function.get("name", ""), "arguments": arguments}}
     if call.get("id"):
         out["id"] = call["id"]
     return out

@@ -3,7 +3,8 @@
 No I/O: :mod:`smart_proxy.handlers.openai_routes` reads the request, calls the pool or an
 upstream, and uses these to check what came and to shape what goes back. Bodies are
 forwarded unchanged (llama-server speaks this dialect natively), so this module only
-checks what it must (a JSON object, ``model``, the route's required field), wraps an
+checks what it must (a JSON object, ``model``, the route's required field; whether a chat
+carries images, which only a model with a projector takes), wraps an
 upstream's error that is not an OpenAI error object, and replays a whole answer as the
 SSE stream that would have carried it (for an agent chain that buffered the answer).
 ``/v1/models`` entries carry a ``status`` object shaped like llama-server's router mode's
@@ -24,6 +25,7 @@ __all__ = [
     "REQUIRED",
     "SSE_HEADERS",
     "error_body",
+    "has_images",
     "parse_body",
     "replay_sse",
     "required_field",
@@ -94,6 +96,20 @@ def required_field(path: str, payload: dict) -> str:
     if required not in payload:
         raise BadRequest(f"missing {required!r}")
     return model
+
+
+def has_images(payload: dict) -> bool:
+    """Whether a chat body's messages carry images: ``image_url`` parts in a message's ``content`` list."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        return False
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+            isinstance(part, dict) and part.get("type") == "image_url" for part in content
+        ):
+            return True
+    return False
 
 
 def replay_sse(response: dict, kind: str) -> bytes:

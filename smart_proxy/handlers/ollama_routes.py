@@ -31,28 +31,27 @@ import json
 import logging
 import math
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
 
 import attrs
-import httpx
 import trio
 
 from .. import logs
 from ..agents import Chain
-from ..config import ModelConfig
+from ..config import AUTO_MMPROJ, ModelConfig, resolve_path
 from ..dialects import ollama as dialect
 from ..dialects.openai import parse_body, replay_sse, sse_error
 from ..download import Download
 from ..errors import BadRequest, ProxyError
 from ..metrics import note_model
 from ..modelinfo import ModelInfo, read_model_info
-from ..pool import Lease, Server, State
+from ..pool import Lease, State
 from ..upstream import ollama_server as upstreams
 from ..upstream.client import LlamaClient
+from ..upstream.props import check_images, server_props
 from ..upstream.relay import MAX_ANSWER, RelayBody, UpstreamAnswer, open_upstream, send_leased
 from .reply import Generated, Reply, Request, encode_headers, error_reply, json_reply, relay_answer
 from .state import ProxyState
@@ -76,8 +75,6 @@ log = logging.getLogger(__name__)
 _NDJSON_HEADERS = encode_headers(dialect.NDJSON_HEADERS)
 #: How often a streamed /api/pull reports a download's progress (seconds).
 _PULL_EVERY = 0.25
-#: llama-server's /props, read once per server life (modalities, n_ctx).
-_props: weakref.WeakKeyDictionary[Server, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
@@ -118,16 +115,36 @@ async def _info(proxy: ProxyState, model: ModelConfig) -> ModelInfo | None:
         return None
 
 
-def _capabilities(model: ModelConfig, info: ModelInfo | None) -> list[str]:
+async def _template(proxy: ProxyState, model: ModelConfig, info: ModelInfo | None) -> str:
+    """The chat template llama-server applies: the section's ``chat_template`` file, else the GGUF's own."""
+    if model.chat_template:
+        path = resolve_path(model.chat_template, proxy.config.base_dir)
+        try:
+            return await trio.to_thread.run_sync(path.read_text)
+        except (OSError, UnicodeDecodeError) as exc:
+            log.debug("%s: cannot read its chat_template: %s", model.name, exc)
+    return info.chat_template if info else ""
+
+
+def _capabilities(
+    model: ModelConfig, info: ModelInfo | None, projector: str | None = None, template: str | None = None
+) -> list[str]:
+    """Ollama's capabilities of ``model``.
+
+    ``projector``: the one ``mmproj = auto`` found for it, if any; ``template``: the chat
+    template it is served with, if not the GGUF's own (see :func:`_template`).
+    """
     # a llama-server started with --embeddings still generates
     caps = ["completion", "embedding"] if model.embeddings else ["completion"]
-    template = info.chat_template if info else ""
+    if template is None:
+        template = info.chat_template if info else ""
     if "tools" in template:
         caps.append("tools")
     if any(marker in template for marker in ("enable_thinking", "<think>", "reasoning_content")):
         caps.append("thinking")
-    # a projector from the model's own mmproj setting (a local file, or one in its repo), or from args
-    if model.mmproj or any(flag in model.args for flag in ("--mmproj", "-mm", "--mmproj-url", "-mmu")):
+    # a projector from the model's own mmproj setting (a local file, one in its repo, or one found), or from args
+    named = projector is not None if model.mmproj == AUTO_MMPROJ else bool(model.mmproj)
+    if named or any(flag in model.args for flag in ("--mmproj", "-mm", "--mmproj-url", "-mmu")):
         caps.append("vision")
     return caps
 
@@ -137,30 +154,9 @@ async def _check_think(proxy: ProxyState, model: ModelConfig, name: str, think: 
     if think in (None, False) or model.backend == "ollama":  # an upstream Ollama judges its own models
         return
     info = await _info(proxy, model)
-    if info is not None and info.is_gguf and "thinking" not in _capabilities(model, info):
+    template = await _template(proxy, model, info)
+    if info is not None and info.is_gguf and "thinking" not in _capabilities(model, info, template=template):
         raise BadRequest(f'"{name}" does not support thinking')
-
-
-async def _server_props(http: httpx.AsyncClient, server: Server) -> dict[str, Any]:
-    props = _props.get(server)
-    if props is None:
-        try:
-            response = await http.get(server.base_url + "/props", timeout=5.0)
-            props = response.json() if response.status_code == 200 else {}
-        except (httpx.HTTPError, ValueError):
-            props = {}
-        props = props if isinstance(props, dict) else {}
-        _props[server] = props
-    return props
-
-
-async def _check_images(http: httpx.AsyncClient, lease: Lease, name: str) -> None:
-    modalities = (await _server_props(http, lease.server)).get("modalities")
-    if isinstance(modalities, dict) and not modalities.get("vision"):
-        raise BadRequest(
-            f'"{name}" cannot take images: its llama-server has no vision support '
-            f"(give it a projector: mmproj = FILE in [model:{lease.server.name}])"
-        )
 
 
 # ---- generation ---------------------------------------------------------------------------
@@ -190,7 +186,7 @@ async def open_generation(
 
     async def send(lease: Lease) -> UpstreamAnswer:
         if call.has_images:
-            await _check_images(proxy.client, lease, name)
+            await check_images(proxy.client, lease, name)
         return await _post(proxy.llama, lease, call.path, call.body)
 
     return await send_leased(acquire, send)
@@ -615,7 +611,7 @@ async def ps(proxy: ProxyState) -> Reply:
         entry["size_vram"] = 0
         server = servers.get(port)
         if server is not None:
-            n_ctx = ((await _server_props(proxy.client, server)).get("default_generation_settings") or {}).get("n_ctx")
+            n_ctx = ((await server_props(proxy.client, server)).get("default_generation_settings") or {}).get("n_ctx")
             if isinstance(n_ctx, int):
                 entry["context_length"] = n_ctx
         listed.append(entry)
@@ -627,14 +623,18 @@ async def ps(proxy: ProxyState) -> Reply:
     return _json({"models": listed})
 
 
-def _modelfile(model: ModelConfig, info: ModelInfo | None) -> str:
+def _modelfile(model: ModelConfig, info: ModelInfo | None, projector: str | None = None) -> str:
     """A modelfile-like summary of the model's proxy.ini section (Ollama's show has one)."""
     lines = [f"# {model.name}: served by smart-proxy from proxy.ini [model:{model.name}]"]
     lines.append(f"FROM {info.path if info else model.path}")
     if model.args:
         lines.append("# llama-server args: " + " ".join(model.args))
-    if model.mmproj:
+    if model.mmproj == AUTO_MMPROJ:
+        lines.append(f"# projector (--mmproj): auto, {projector or 'none found beside the model'}")
+    elif model.mmproj:
         lines.append(f"# projector (--mmproj): {model.mmproj}")
+    if model.chat_template:
+        lines.append(f"# chat template (--jinja --chat-template-file): {model.chat_template}")
     if model.embeddings:
         lines.append("# llama-server --embeddings")
     return "\n".join(lines) + "\n"
@@ -647,13 +647,15 @@ async def show(proxy: ProxyState, request: Request) -> Reply:
     if model.backend == "ollama":
         return await asked.to_upstream("/api/show")
     info = await _info(proxy, model)
+    projector = await proxy.catalog.projector(model) if model.mmproj == AUTO_MMPROJ else None
+    template = await _template(proxy, model, info)
     body: dict[str, Any] = {
-        "modelfile": _modelfile(model, info),
+        "modelfile": _modelfile(model, info, projector),
         "parameters": "",
-        "template": info.chat_template if info else "",
+        "template": template,
         "details": _local_entry(model.name, info)["details"],
         "model_info": dict(info.metadata) if info else {},
-        "capabilities": _capabilities(model, info),
+        "capabilities": _capabilities(model, info, projector, template),
     }
     if info is not None:
         body["modified_at"] = info.modified_at

@@ -9,7 +9,9 @@ agent chain (:mod:`smart_proxy.agents`), for either kind of model. Otherwise a m
 with ``backend = ollama`` is forwarded to its Ollama server's ``/v1`` routes
 (:mod:`smart_proxy.upstream.ollama_server`), and a local one to a llama-server from
 the pool, the body byte for byte: llama-server is started with ``--alias NAME``, so the
-``model`` it reports is already the name the client asked for. The answer is relayed as
+``model`` it reports is already the name the client asked for. Tools, tool calls and
+``image_url`` parts pass through as they are; a chat with images for a server without
+vision is refused here with a 400 (llama-server itself would answer 500). The answer is relayed as
 it comes (a stream piece by piece, a whole answer once read, under ``[proxy]
 max_answer``); the lease is released when the upstream answer is closed.
 """
@@ -26,6 +28,7 @@ from ..errors import ProxyError
 from ..metrics import note_model
 from ..pool import Lease, ModelStatus
 from ..upstream import ollama_server
+from ..upstream.props import check_images
 from ..upstream.relay import RelayBody, SSELines, UpstreamAnswer, open_upstream, send_leased
 from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, relay_answer
 from .state import ProxyState
@@ -60,13 +63,22 @@ async def model_route(proxy: ProxyState, request: Request) -> Reply:
     if target.backend == "ollama":  # served by an upstream Ollama through its /v1 routes, not the pool
         upstream = await ollama_server.send(proxy.client, target, "POST", path, payload=payload, raw=raw)
         return await relay_answer(upstream, limit)
-    return await _relay(proxy, request, target.name, raw, stream=payload.get("stream") is True)
+    images = dialect.has_images(payload)
+    return await _relay(proxy, request, target.name, raw, stream=payload.get("stream") is True, images=images)
 
 
-async def open_relay(proxy: ProxyState, path: str, model: str, body: bytes) -> tuple[Lease, UpstreamAnswer]:
-    """POST ``body`` to a llama-server for ``model``; its answer's headers are in, and the lease is the caller's."""
+async def open_relay(
+    proxy: ProxyState, path: str, model: str, body: bytes, *, images: bool = False
+) -> tuple[Lease, UpstreamAnswer]:
+    """POST ``body`` to a llama-server for ``model``; its answer's headers are in, and the lease is the caller's.
+
+    ``images``: the body carries images, so the server must have vision
+    (:func:`smart_proxy.upstream.props.check_images`, a 400 otherwise).
+    """
 
     async def send(lease: Lease) -> UpstreamAnswer:
+        if images:
+            await check_images(proxy.client, lease, model)
         url = lease.base_url + path
         return await open_upstream(proxy.llama, "POST", url, content=body, headers=_JSON_HEADERS, lease=lease)
 
@@ -74,10 +86,17 @@ async def open_relay(proxy: ProxyState, path: str, model: str, body: bytes) -> t
 
 
 async def _relay(
-    proxy: ProxyState, request: Request, model: str, body: bytes, *, stream: bool, headers: dict[str, str] | None = None
+    proxy: ProxyState,
+    request: Request,
+    model: str,
+    body: bytes,
+    *,
+    stream: bool,
+    headers: dict[str, str] | None = None,
+    images: bool = False,
 ) -> Reply:
     """POST ``body`` to a llama-server for ``model`` and relay its answer (a stream as it arrives)."""
-    lease, upstream = await open_relay(proxy, request.path, model, body)
+    lease, upstream = await open_relay(proxy, request.path, model, body, images=images)
     request.opened.append(upstream)
     limit = proxy.config.proxy.max_answer
     if stream and upstream.status_code == 200:
@@ -112,7 +131,8 @@ async def _with_agents(proxy: ProxyState, request: Request, chain: Chain) -> Rep
                 return await relay_answer(upstream, proxy.config.proxy.max_answer, ctx.headers())
             body = json.dumps(ctx.payload).encode()
             stream = ctx.payload.get("stream") is True
-            return await _relay(proxy, request, ctx.model, body, stream=stream, headers=ctx.headers())
+            images = dialect.has_images(ctx.payload)
+            return await _relay(proxy, request, ctx.model, body, stream=stream, headers=ctx.headers(), images=images)
         response = await chain.respond(ctx)
     except ProxyError as exc:
         if not ctx.failures:
