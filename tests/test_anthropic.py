@@ -30,7 +30,7 @@ from smart_proxy.dialects import anthropic as dialect
 from smart_proxy.errors import BadRequest, ModelNotFound, PayloadTooLarge, PoolBusy, ProxyError, Unauthorized
 
 from .test_agents import BOOM, TAG, marker, with_agents, write_agent
-from .test_ollama import upstream_config
+from .test_ollama import backend_requests, upstream_config
 from .test_ops import with_proxy
 
 CEILING = 30
@@ -401,7 +401,7 @@ async def test_upstream_error_is_anthropic_shaped(make_config, start_proxy) -> N
 
 async def test_tool_use_and_images_against_the_fake(make_config, start_proxy, http: httpx.AsyncClient) -> None:
     weather = {"name": "get_weather", "arguments": {"city": "Paris"}}
-    config = make_config({"tools": {"tool_call": weather}, "echo": {"echo": True}})
+    config = make_config({"tools": {"tool_call": weather}, "echo": {"echo": True, "vision": True}})
     url = await start_proxy(config)
     tools = CONVERSATION["tools"]
 
@@ -422,6 +422,34 @@ async def test_tool_use_and_images_against_the_fake(make_config, start_proxy, ht
     # the tool_use, tool_result and image blocks reached llama-server as the client sent them
     received = json.loads(echo.content[0].text)
     assert received["messages"] == CONVERSATION["messages"] and received["tools"] == tools
+
+
+async def test_images_for_a_model_without_vision_are_refused_before_llama_server(
+    make_config, start_proxy, http: httpx.AsyncClient
+) -> None:
+    url = await start_proxy(make_config({"text": {}}))
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "aGk="}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]
+
+    def ask(stream: bool) -> None:
+        with client(url) as c:
+            c.messages.create(model="text", max_tokens=8, messages=messages, stream=stream)  # type: ignore[arg-type]
+
+    for stream in (False, True):
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            await in_thread(ask, stream)
+        assert caught.value.status_code == 400
+        assert caught.value.body["error"]["type"] == "invalid_request_error"
+        assert '"text" cannot take images' in caught.value.body["error"]["message"]
+    assert await backend_requests(http, url, "text") == []  # refused before llama-server saw it
+    answer = await in_thread(lambda: _text_reply(url))
+    assert answer  # the same model still answers text
+
+
+def _text_reply(url: str) -> str:
+    with client(url) as c:
+        reply = c.messages.create(model="text", max_tokens=8, messages=USER)
+    return reply.content[0].text
 
 
 async def test_ollama_upstream(tmp_path, fake_binary, start_proxy, fake_ollama) -> None:
@@ -485,7 +513,7 @@ async def agents_url(make_config, start_proxy, tmp_path: Path) -> str:
     write_agent(root, "tag", TAG)
     write_agent(root, "mark", marker("mark"))
     write_agent(root, "boom", BOOM)
-    config = make_config({"echo": {"echo": True}, "m": {"tokens": 3}, "bad": {"reject": {"status": 400, "message": "too long"}}})
+    config = make_config({"echo": {"echo": True, "vision": True}, "m": {"tokens": 3, "vision": True}, "bad": {"reject": {"status": 400, "message": "too long"}}})
     return await start_proxy(with_agents(config, root, "tag", "mark", "boom"))
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "error_body",
     "error_object",
     "error_type",
+    "has_images",
     "is_anthropic_route",
     "message_from_openai",
     "parse_body",
@@ -199,6 +200,19 @@ def _check_blocks(where: str, content: object) -> None:
     for index, block in enumerate(content):
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
             raise BadRequest(f"{where}.{index}: a content block must be an object with a 'type'")
+
+
+def has_images(payload: dict[str, Any]) -> bool:
+    """Whether a request's messages carry ``image`` blocks (a tool result's content included)."""
+
+    def images(content: object) -> bool:
+        return isinstance(content, list) and any(
+            isinstance(block, dict) and (block.get("type") == "image" or images(block.get("content")))
+            for block in content
+        )
+
+    messages = payload.get("messages")
+    return isinstance(messages, list) and any(isinstance(m, dict) and images(m.get("content")) for m in messages)
 
 
 def check_request(path: str, payload: dict[str, Any]) -> str:

@@ -7,7 +7,9 @@ goes to a llama-server from the pool byte for byte, and the answer is relayed as
 a stream an SSE line at a time (:class:`~smart_proxy.dialects.anthropic.MessageLines`: a
 stream that breaks off, or ends before ``message_stop``, ends with Anthropic's ``error``
 event), a whole answer once read, an error answer in Anthropic's shape whatever shape
-llama-server gave it. A model with ``backend = ollama`` is sent to its Ollama server's own
+llama-server gave it. A request with ``image`` blocks for a server without vision is a 400
+before it is sent (:func:`smart_proxy.upstream.props.check_images`), not llama-server's 500.
+A model with ``backend = ollama`` is sent to its Ollama server's own
 Anthropic-compatible ``/v1/messages`` route and relayed the same way; Ollama has no token
 counting route, so ``count_tokens`` for such a model is a 501 that says so.
 
@@ -96,7 +98,7 @@ async def _forward(
         upstream = await ollama_server.send(proxy.client, target, "POST", request.path, payload=payload, raw=raw)
         return await _relayed(upstream, limit, None, headers)
     body = raw if raw is not None else json.dumps(payload).encode()
-    lease, upstream = await open_relay(proxy, request.path, target.name, body)
+    lease, upstream = await open_relay(proxy, request.path, target.name, body, images=dialect.has_images(payload))
     request.opened.append(upstream)
     return await _relayed(upstream, limit, lease.release, headers)
 
