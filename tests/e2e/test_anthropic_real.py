@@ -153,3 +153,29 @@ def test_stream_cut_short_ends_with_an_error_event(proxy: ProxyProcess) -> None:
     names = [line.removeprefix("event: ") for line in received.decode().splitlines() if line.startswith("event: ")]
     assert names[-1] == "error" and "message_stop" not in names, names[-5:]
     assert received.endswith(b"\n\n") and b'"type": "api_error"' in received.rsplit(b"event: error", 1)[1]
+
+
+def test_without_api_keys_any_key_or_none_is_let_through(tmp_path, llama_server_binary: str, gemma_path: str) -> None:
+    """A proxy with no keys configured: the SDK's key, whatever it is, and no key at all both get answers."""
+    ini = tmp_path / "proxy.ini"
+    ini.write_text(
+        f"""
+[pool]
+size = 1
+llama_server = {llama_server_binary}
+load_timeout = 120s
+
+[model:gemma]
+path = {gemma_path}
+args = --ctx-size 2048 --parallel 1
+"""
+    )
+    proxy = ProxyProcess(ini, tmp_path / "proxy.log")
+    try:
+        with anthropic.Anthropic(base_url=proxy.url, api_key="anything", max_retries=0, timeout=120) as any_key:
+            reply = any_key.messages.create(model="gemma", max_tokens=8, messages=USER)
+        assert reply.type == "message" and reply.content[0].type == "text" and reply.content[0].text
+        response = httpx.post(f"{proxy.url}/v1/messages/count_tokens", json={"model": "gemma", "messages": USER}, timeout=60)
+        assert response.status_code == 200 and response.json()["input_tokens"] > 0
+    finally:
+        proxy.stop()
