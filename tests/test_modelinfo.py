@@ -98,4 +98,3 @@ def test_an_unknown_ggml_type_gives_no_tensor_bytes(tmp_path: Path, kind: int) -
     path.write_bytes(bytes(data))
     info = read_model_info(str(path))
     assert info.is_gguf and info.tensor_bytes is None
-
