@@ -94,6 +94,8 @@ class ModelInfo:
     #: (not GGUF, cut short, a ggml type this module does not know).
     tensor_bytes: int | None = None
     tensor_count: int = 0
+    #: How many items each array in the header holds (``tokenizer.ggml.tokens``: the vocabulary's size).
+    array_lengths: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def architecture(self) -> str:
@@ -151,9 +153,10 @@ def _read_cached(path: str, size: int, mtime_ns: int) -> ModelInfo:
     is_gguf = False
     tensor_bytes: int | None = None
     tensors = 0
+    lengths: dict[str, int] = {}
     with open(path, "rb") as file:
         try:
-            tensors, metadata = _read_header(file)
+            tensors, metadata = _read_header(file, lengths)
             is_gguf = True
         except (ValueError, struct.error, UnicodeDecodeError, MemoryError):
             metadata = {}
@@ -171,11 +174,12 @@ def _read_cached(path: str, size: int, mtime_ns: int) -> ModelInfo:
         is_gguf=is_gguf,
         tensor_bytes=tensor_bytes,
         tensor_count=tensors,
+        array_lengths=lengths if is_gguf else {},
     )
 
 
-def _read_header(file: BinaryIO) -> tuple[int, dict[str, object]]:
-    """The tensor count and the key-value pairs; leaves ``file`` at the tensor infos."""
+def _read_header(file: BinaryIO, lengths: dict[str, int]) -> tuple[int, dict[str, object]]:
+    """The tensor count and the key-value pairs (arrays' lengths into ``lengths``); leaves ``file`` at the tensor infos."""
     if file.read(4) != b"GGUF":
         raise ValueError("not a GGUF file")
     (version,) = _U32.unpack(_exactly(file, 4))
@@ -188,7 +192,13 @@ def _read_header(file: BinaryIO) -> tuple[int, dict[str, object]]:
     for _ in range(count):
         key = _string(file)
         (kind,) = _U32.unpack(_exactly(file, 4))
-        metadata[key] = _value(file, kind)
+        if kind == _ARRAY:
+            (item_kind,) = _U32.unpack(_exactly(file, 4))
+            (lengths[key],) = _U64.unpack(_exactly(file, 8))
+            _skip_array(file, item_kind, lengths[key])
+            metadata[key] = []
+        else:
+            metadata[key] = _value(file, kind)
     return tensors, metadata
 
 
