@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 import attrs
 
+from .config import ModelConfig
 from .modelinfo import GGML_BLOCKS, GGML_TYPE_NAMES, ModelInfo, read_model_info
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "estimate",
     "format_size",
     "kv_cache_bytes",
+    "model_estimate",
     "parse_meminfo",
     "parse_server_args",
     "read_estimate",
@@ -358,6 +360,19 @@ def read_estimate(parts: Sequence[str], args: Sequence[str], mmproj: str | None 
     return estimate(infos[0], parsed, weights=weights, projector=projector)
 
 
+def model_estimate(model: ModelConfig, parts: Sequence[str], mmproj: str | None = None) -> MemoryEstimate:
+    """A catalog model's estimate: its ``memory`` if declared, else :func:`read_estimate` of its files
+    with the arguments the pool starts it with (blocking I/O).
+
+    Raises:
+        OSError: a file is missing.
+    """
+    if model.memory is not None:
+        return declared_estimate(model.memory)
+    args = list(model.args) + (["--embeddings"] if model.embeddings else [])
+    return read_estimate(parts, args, mmproj)
+
+
 def parse_meminfo(text: str) -> int | None:
     """``MemAvailable`` from ``/proc/meminfo``'s text, in bytes; None if it is not there."""
     for line in text.splitlines():
@@ -377,4 +392,3 @@ def available_memory() -> int | None:
             return parse_meminfo(file.read())
     except OSError:
         return None
-

@@ -73,7 +73,7 @@ from .catalog import Catalog
 from .config import AUTO_MEMORY, Config, ModelConfig
 from .download import DownloadSnapshot
 from .errors import ModelLoadFailed, ModelTooLarge, PoolBusy, ProxyError, UpstreamError
-from .memory import MemoryEstimate, available_memory, declared_estimate, format_size, read_estimate
+from .memory import MemoryEstimate, available_memory, declared_estimate, format_size, model_estimate
 from .process import Lifeline, ServerProcess, describe_exit, exit_message, free_port
 
 __all__ = ["Lease", "Pool", "PoolEvents", "PoolSnapshot", "ServerSnapshot", "Slot", "State"]
@@ -198,9 +198,7 @@ class PoolEvents:
 class Server:
     """One life of one llama-server in the pool."""
 
-    def __init__(
-        self, model: ModelConfig, port: int, now: float, request_timeout: float = 0.0, memory: int = 0
-    ) -> None:
+    def __init__(self, model: ModelConfig, port: int, now: float, request_timeout: float = 0.0, memory: int = 0) -> None:
         self.model = model
         #: What it is expected to hold, in bytes: counted against ``[pool] memory`` while it is live.
         self.memory = memory
@@ -562,8 +560,7 @@ class Pool:
                 await self._catalog.gguf_path(model)  # raises ModelNotFound unless in the cache
             files = await self._catalog.local_files(model)
             parts = [part for part in files.parts if part != files.mmproj] or [files.model]
-            args = list(model.args) + (["--embeddings"] if model.embeddings else [])
-            return await trio.to_thread.run_sync(read_estimate, parts, args, files.mmproj)
+            return await trio.to_thread.run_sync(model_estimate, model, parts, files.mmproj)
         except (OSError, ImportError, AttributeError, ProxyError) as exc:
             log.debug("%s: no memory estimate: %s", model.name, exc)
             return None

@@ -19,6 +19,7 @@ import time
 
 from .. import logs
 from ..agents import Chain
+from ..config import ModelConfig
 from ..dialects import openai as dialect
 from ..errors import ProxyError
 from ..metrics import note_model
@@ -121,8 +122,17 @@ async def _with_agents(proxy: ProxyState, request: Request, chain: Chain) -> Rep
     return json_reply(response, headers=ctx.headers())
 
 
+async def _memory(proxy: ProxyState, model: ModelConfig) -> int | None:
+    """Bytes one llama-server of ``model`` holds: a live server's admitted size, else the estimate (None: unknown)."""
+    live = [server.memory for server in proxy.pool.servers(model.name)]
+    if live:
+        return live[0]
+    estimate = await proxy.pool.estimate(model, download=False)
+    return estimate.total if estimate is not None else None
+
+
 async def models(proxy: ProxyState) -> Reply:
-    """``GET /v1/models``: every catalog model, with whether it is loaded."""
+    """``GET /v1/models``: every catalog model, with whether it is loaded and the memory one server of it holds."""
     loaded = {s.name: s.state.value for s in proxy.pool.servers()}
     data = [
         {
@@ -132,6 +142,7 @@ async def models(proxy: ProxyState) -> Reply:
             "owned_by": "ollama" if model.backend == "ollama" else "smart-proxy",
             "loaded": loaded.get(model.name) == "ready",
             "state": "upstream" if model.backend == "ollama" else loaded.get(model.name, "stopped"),
+            "memory": await _memory(proxy, model),
         }
         for model in proxy.catalog
     ]
