@@ -61,6 +61,7 @@ import contextvars
 import enum
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -71,7 +72,7 @@ import trio
 
 from .catalog import Catalog
 from .config import AUTO_MEMORY, Config, ModelConfig
-from .download import DownloadSnapshot
+from .download import DownloadSnapshot, split_info
 from .errors import ModelLoadFailed, ModelTooLarge, PoolBusy, ProxyError, UpstreamError
 from .memory import MemoryEstimate, available_memory, declared_estimate, format_size, model_estimate
 from .process import Lifeline, ServerProcess, describe_exit, exit_message, free_port
@@ -545,8 +546,9 @@ class Pool:
         """What one llama-server of ``model`` will hold: its ``[model] memory``, else estimated from its files.
 
         Args:
-            download: False: a Hugging Face model not downloaded yet gives None, rather than
-                being fetched (for lists, which must not download gigabytes).
+            download: False: a Hugging Face model is read from the cache, never fetched (for
+                lists, which must not download gigabytes nor ask the hub): None if it is not
+                there; its projector, if any, is not counted.
 
         Returns:
             None when the model's files cannot be read (missing, not downloaded).
@@ -557,7 +559,12 @@ class Pool:
             return None
         try:
             if model.repo is not None and not download:
-                await self._catalog.gguf_path(model)  # raises ModelNotFound unless in the cache
+                # the cache's copy, never the hub: a split model's parts beside its first; no projector
+                first = await self._catalog.gguf_path(model)
+                stem, _, total = split_info(os.path.basename(first))
+                folder = os.path.dirname(first)
+                parts = [os.path.join(folder, f"{stem}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
+                return await trio.to_thread.run_sync(model_estimate, model, parts if total > 1 else [first])
             files = await self._catalog.local_files(model)
             parts = [part for part in files.parts if part != files.mmproj] or [files.model]
             return await trio.to_thread.run_sync(model_estimate, model, parts, files.mmproj)

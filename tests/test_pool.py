@@ -803,3 +803,24 @@ async def test_an_undeclared_model_is_admitted_by_its_estimate(make_config, star
     assert estimate is not None and estimate.declared is None and estimate.total > BASE_BYTES
     await _use(pool, "a")
     assert pool.snapshot().servers[0].memory == estimate.total == pool.snapshot().memory_used
+
+
+async def test_a_listed_repo_model_is_estimated_from_the_cache_and_never_fetched(hub, tmp_path, http) -> None:
+    from smart_proxy.catalog import Catalog
+    from smart_proxy.config import structure
+    from smart_proxy.download import Downloads, fetch, resolve
+    from smart_proxy.pool import Pool
+
+    from .test_download import REPO, tiny_repo
+
+    tiny_repo(hub)
+    model = ModelConfig(name="split", repo=REPO, quant="F16")
+    downloads = Downloads()
+    pool = Pool(structure({}), Catalog({"split": model}, str(tmp_path), downloads=downloads), http, "llama-server")
+    assert await pool.estimate(model, download=False) is None
+    assert hub.requests == []
+    files = await trio.to_thread.run_sync(lambda: fetch(resolve(model, downloads.hub), downloads.hub))
+    assert len(files.parts) == 3
+    estimate = await pool.estimate(model, download=False)
+    sizes = await trio.to_thread.run_sync(lambda: sum(os.path.getsize(part) for part in files.parts))
+    assert estimate is not None and estimate.weights == sizes
