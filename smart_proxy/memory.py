@@ -65,10 +65,11 @@ CELL_PAD = 256
 
 #: llama-server's resident memory before any model: code, threads, the HTTP server.
 BASE_BYTES = 48 * 1024**2
-#: Compute buffers: bytes per ubatch token per unit of model width (see compute_bytes).
-COMPUTE_PER_TOKEN_WIDTH = 4 * 4
+#: Compute buffers: bytes per ubatch token per unit of model width (see compute_bytes; calibrated in
+#: docs/scheduling.md).
+COMPUTE_PER_TOKEN_WIDTH = 14
 #: Compute buffers: a floor, whatever the model.
-COMPUTE_FLOOR = 8 * 1024**2
+COMPUTE_FLOOR = 2 * 1024**2
 
 #: Where an architecture's layers alternate sliding-window and full attention, its pattern as
 #: llama.cpp's ``load_swa_pattern(ml, n_pattern, dense_first)`` gives it when the GGUF does not
@@ -107,6 +108,8 @@ class ServerArgs:
     #: ``--mmproj`` given in the args themselves.
     mmproj: str | None = None
     embeddings: bool = False
+    #: ``-fa``: on, off or auto (on where the backend supports it, as the CPU's does).
+    flash_attn: str = "auto"
 
     @property
     def slots(self) -> int:
@@ -126,7 +129,8 @@ _INT_FLAGS = {
 }  # fmt: skip
 _STR_FLAGS = {
     "-ctk": "cache_type_k", "--cache-type-k": "cache_type_k", "-ctv": "cache_type_v",
-    "--cache-type-v": "cache_type_v", "-mm": "mmproj", "--mmproj": "mmproj",
+    "--cache-type-v": "cache_type_v", "-mm": "mmproj", "--mmproj": "mmproj", "-fa": "flash_attn",
+    "--flash-attn": "flash_attn",
 }  # fmt: skip
 _BOOL_FLAGS = {
     "-kvu": ("kv_unified", True), "--kv-unified": ("kv_unified", True), "-no-kvu": ("kv_unified", False),
@@ -158,7 +162,7 @@ def parse_server_args(args: Sequence[str]) -> ServerArgs:
             else:
                 break
             if flag in _STR_FLAGS:
-                values[_STR_FLAGS[flag]] = text.lower() if "cache_type" in _STR_FLAGS[flag] else text
+                values[_STR_FLAGS[flag]] = text if _STR_FLAGS[flag] == "mmproj" else text.lower()
             else:
                 try:
                     values[_INT_FLAGS[flag]] = int(text)
@@ -278,6 +282,23 @@ def context_cells(info: ModelInfo, args: ServerArgs) -> int:
     return _pad(n_ctx // args.slots) * args.slots
 
 
+def _swa_cells(info: ModelInfo, args: ServerArgs, cells: int) -> tuple[int, int]:
+    """(sliding-window layers, their cells over all streams); (0, 0) for a model without them.
+
+    With ``--swa-full`` they hold the whole context, in a cache of their own all the same.
+    """
+    n_layer = _int(info.metadata, f"{info.architecture}.block_count") or 0
+    swa = _swa_layers(info, n_layer)
+    if not swa:
+        return 0, 0
+    if args.swa_full:
+        return swa, cells
+    window = _int(info.metadata, f"{info.architecture}.attention.sliding_window") or 0
+    streams = 1 if args.unified else args.slots
+    per_stream = _pad(min(cells // streams, window * (args.slots if args.unified else 1) + _ubatch(args)))
+    return swa, per_stream * streams
+
+
 def kv_cache_bytes(info: ModelInfo, args: ServerArgs) -> tuple[int, int]:
     """(bytes, full-attention cells) of the KV cache llama-server allocates for this model and args."""
     meta, arch = info.metadata, info.architecture
@@ -291,15 +312,8 @@ def kv_cache_bytes(info: ModelInfo, args: ServerArgs) -> tuple[int, int]:
     cells = context_cells(info, args)
     if not (n_layer and n_head_kv and (key or value)):
         return 0, cells
-    streams = 1 if args.unified else args.slots
-    swa = 0 if args.swa_full else _swa_layers(info, n_layer)
+    swa, swa_cells = _swa_cells(info, args, cells)
     per_cell = _type_bytes(args.cache_type_k, n_head_kv * key) + _type_bytes(args.cache_type_v, n_head_kv * value)
-    if swa:
-        window = _int(meta, f"{arch}.attention.sliding_window") or 0
-        per_stream = cells // streams
-        swa_cells = _pad(min(per_stream, window * (args.slots if args.unified else 1) + _ubatch(args))) * streams
-    else:
-        swa_cells = 0
     return per_cell * ((n_layer - swa) * cells + swa * swa_cells), cells
 
 
@@ -308,14 +322,27 @@ def _ubatch(args: ServerArgs) -> int:
 
 
 def compute_bytes(info: ModelInfo, args: ServerArgs) -> int:
-    """llama.cpp's compute buffers for one ubatch (an estimate; see the module docstring)."""
+    """llama.cpp's compute and output buffers for one ubatch (an estimate; see docs/scheduling.md).
+
+    The parts: the attention masks (f16, a ubatch of rows per KV cell, for the full and the
+    sliding-window cache); without flash attention (``-fa off``) the attention scores too (f32,
+    heads x cells x ubatch) and f32 masks; the activations, taken as COMPUTE_PER_TOKEN_WIDTH
+    bytes per ubatch token per unit of width (embedding + feed-forward); the output buffer
+    (f32 logits, one row per slot, a ubatch of rows with ``--embeddings``); and a floor.
+    """
     meta, arch = info.metadata, info.architecture
     n_embd = _int(meta, f"{arch}.embedding_length") or 0
     n_ff = _int(meta, f"{arch}.feed_forward_length") or 4 * n_embd
+    n_head = _int(meta, f"{arch}.attention.head_count") or 0
     n_vocab = _int(meta, f"{arch}.vocab_size") or info.array_lengths.get("tokenizer.ggml.tokens", 0)
-    width = n_embd + n_ff
-    outputs = args.slots if not args.embeddings else _ubatch(args)
-    return COMPUTE_FLOOR + COMPUTE_PER_TOKEN_WIDTH * _ubatch(args) * width + 4 * outputs * n_vocab
+    ubatch = _ubatch(args)
+    cells = context_cells(info, args)
+    _, swa_cells = _swa_cells(info, args, cells)
+    attention = 2 * ubatch * (cells + swa_cells)
+    if args.flash_attn == "off":
+        attention = 2 * attention + 4 * n_head * cells * ubatch
+    outputs = ubatch if args.embeddings else args.slots
+    return COMPUTE_FLOOR + attention + COMPUTE_PER_TOKEN_WIDTH * ubatch * (n_embd + n_ff) + 4 * outputs * n_vocab
 
 
 def estimate(

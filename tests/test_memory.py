@@ -145,10 +145,28 @@ def test_estimate_sums_its_parts(tmp_path: Path) -> None:
     assert est.describe().startswith(format_size(est.total)) and "at 1024 ctx" in est.describe()
 
 
-def test_a_longer_context_costs_more_and_only_in_the_kv_cache(tmp_path: Path) -> None:
+def test_a_longer_context_costs_its_kv_cells_and_their_attention_masks(tmp_path: Path) -> None:
     info = _llama(tmp_path)
     short, long = estimate(info, ["-c", "1024"]), estimate(info, ["-c", "2048"])
-    assert long.kv_cache == 2 * short.kv_cache and long.total - short.total == short.kv_cache
+    assert long.kv_cache == 2 * short.kv_cache
+    assert long.compute - short.compute == 2 * 512 * 1024  # an f16 mask row per ubatch token per added cell
+    assert long.total - short.total == short.kv_cache + 2 * 512 * 1024
+
+
+def test_compute_buffers(tmp_path: Path) -> None:
+    info = _gemma(tmp_path)
+    auto = compute_bytes(info, ServerArgs(ctx_size=8192))
+    # without flash attention: f32 masks and the scores of 4 heads over the 8192 cells
+    no_fa = compute_bytes(info, ServerArgs(ctx_size=8192, flash_attn="off"))
+    assert no_fa - auto == 2 * 512 * (8192 + 1024) + 4 * 4 * 8192 * 512
+    # --swa-full: the sliding-window cache's mask covers the whole context too
+    full = compute_bytes(info, ServerArgs(ctx_size=8192, swa_full=True))
+    assert full - auto == 2 * 512 * (8192 - 1024)
+    # a smaller ubatch: smaller masks and activations
+    assert compute_bytes(info, ServerArgs(ctx_size=8192, ubatch=128)) < auto
+    # one output row per slot: 100 tokens of f32 logits each (the tiny files' vocabulary)
+    assert compute_bytes(info, ServerArgs(ctx_size=8192, parallel=1)) < auto
+    assert compute_bytes(info, ServerArgs(ctx_size=8192, embeddings=True)) - auto == 4 * 100 * (512 - 4)
 
 
 def test_read_estimate_sums_split_parts_and_sizes_the_projector(tmp_path: Path) -> None:
