@@ -371,6 +371,13 @@ class Pool:
             log.warning("[pool] memory = auto: cannot read the available memory here; loads are not admitted by memory")
             return None
         budget = max(0, available - self._config.memory_reserve)
+        if budget == 0:
+            log.warning(
+                "[pool] memory = auto: only %s available, less than [pool] memory_reserve (%s): every load will be "
+                "refused; lower memory_reserve, or set memory to a size or off",
+                format_size(available),
+                format_size(self._config.memory_reserve),
+            )
         log.info(
             "memory budget %s (%s available less [pool] memory_reserve %s)",
             format_size(budget),

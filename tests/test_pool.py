@@ -824,3 +824,16 @@ async def test_a_listed_repo_model_is_estimated_from_the_cache_and_never_fetched
     estimate = await pool.estimate(model, download=False)
     sizes = await trio.to_thread.run_sync(lambda: sum(os.path.getsize(part) for part in files.parts))
     assert estimate is not None and estimate.weights == sizes
+
+
+async def test_memory_auto_below_the_reserve_refuses_every_load_and_says_so(
+    make_config, start_pool, monkeypatch, caplog
+) -> None:
+    from smart_proxy.errors import ModelTooLarge
+
+    monkeypatch.setattr(pool_module, "available_memory", lambda: GiB // 2)
+    pool = await start_pool(make_config({"a": {}}, memory="auto"))
+    assert pool.memory_budget == 0
+    assert "every load will be refused; lower memory_reserve" in caplog.text
+    with trio.fail_after(1), pytest.raises(ModelTooLarge, match="budget of 0 B"):
+        await pool.acquire("a")
