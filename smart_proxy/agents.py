@@ -9,6 +9,14 @@ Theory of operation:
   ``GET /plugins`` can show its description), only the ones named in
   ``[agents] enabled`` are constructed. A folder that fails to import or construct
   is logged and listed with its error; the proxy starts regardless.
+* Plugins written to the original Ollama-proxy spec load too: a folder whose module
+  (``agent.py``, else ``plugin.py``) defines no Agent subclass but one class with
+  ``on_request(payload) -> dict`` and/or ``on_response(payload) -> dict`` (sync or
+  async), configured by ``config.json``. :class:`SpecPlugin` adapts it: it is an agent
+  like the others (its folder's name is its command, the same chain, timeouts and
+  soft failures), whose hooks hand the plugin the OpenAI request or response dict and
+  put the dict it returns in its place. Sync hooks run in a worker thread, one call at
+  a time per plugin, so they neither block the event loop nor escape the timeout.
 * Activation (:meth:`AgentRegistry.activate`): the last user message of a chat, or
   a completion's prompt, may begin with slash commands: ``/rag /parallel Tell me``.
   Leading words that name an enabled agent are taken and cut, with the whitespace
@@ -61,9 +69,10 @@ import re
 import sys
 import tomllib
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -92,6 +101,7 @@ __all__ = [
     "ERRORS_HEADER",
     "LoadedAgent",
     "MAX_DEPTH",
+    "SpecPlugin",
     "new_request_id",
     "too_deep",
 ]
@@ -104,6 +114,10 @@ ERRORS_HEADER = "X-Smart-Proxy-Agent-Errors"
 UPSTREAM_PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 AGENT_FILE = "agent.py"
 CONFIG_FILE = "config.toml"
+#: A spec plugin's module when there is no agent.py, and its config (a JSON object).
+SPEC_FILE = "plugin.py"
+SPEC_CONFIG_FILE = "config.json"
+_SPEC_HOOKS = ("on_request", "on_response")
 
 # A command: optional whitespace, a slash, a name, then whitespace or the end.
 # ``/usr/bin`` is followed by ``/``, so it is never a command.
@@ -141,6 +155,54 @@ class Agent:
 
 def _overrides(cls: type, hook: str) -> bool:
     return getattr(cls, hook) is not getattr(Agent, hook)
+
+
+def _defines(agent: Agent, hook: str) -> bool:
+    """Whether ``agent`` has its own ``hook`` (for a spec plugin: whether the plugin has it)."""
+    if isinstance(agent, SpecPlugin):
+        return hook in agent.hooks
+    return _overrides(type(agent), hook)
+
+
+class SpecPlugin(Agent):
+    """A plugin written to the original Ollama-proxy spec, as an agent.
+
+    The plugin is any object with ``on_request(payload) -> dict`` and/or
+    ``on_response(payload) -> dict``, sync or async. Its request hook gets the OpenAI
+    request body (``ctx.payload``, commands already cut) and its response hook the
+    OpenAI response (``ctx.response``); the dict each returns replaces what it was
+    given. Anything but a dict is an error, and the chain skips the hook as it skips a
+    native agent's that raises. Async hooks are awaited under Trio (so they may not use
+    asyncio); sync ones run in a worker thread, one call at a time per plugin, and a
+    call past the agent's timeout is abandoned there.
+    """
+
+    def __init__(self, plugin: object, config: Mapping[str, Any], folder: Path) -> None:
+        super().__init__(config, folder)
+        self.plugin = plugin
+        #: The hooks the plugin has: on_request, on_response or both.
+        self.hooks = frozenset(hook for hook in _SPEC_HOOKS if callable(getattr(plugin, hook, None)))
+        self._one_at_a_time = trio.CapacityLimiter(1)
+
+    async def on_request(self, ctx: AgentContext) -> None:
+        ctx.payload = await self._run("on_request", ctx.payload)
+
+    async def on_response(self, ctx: AgentContext) -> None:
+        ctx.response = await self._run("on_response", ctx.response)
+
+    async def _run(self, hook: str, payload: dict[str, Any] | None) -> dict[str, Any]:
+        method = getattr(self.plugin, hook)
+        if inspect.iscoroutinefunction(method):
+            result = await method(payload)
+        else:
+            result = await trio.to_thread.run_sync(
+                method, payload, abandon_on_cancel=True, limiter=self._one_at_a_time
+            )
+            if inspect.isawaitable(result):  # a plain function that returned a coroutine
+                result = await result
+        if not isinstance(result, dict):
+            raise TypeError(f"{type(self.plugin).__name__}.{hook}() returned {type(result).__name__}, not a dict")
+        return result
 
 
 class AgentEvents:
@@ -393,22 +455,21 @@ class LoadedAgent:
 
     @classmethod
     def wrap(cls, agent: Agent, timeout: float) -> LoadedAgent:
-        kind = type(agent)
         return cls(
             name=agent.name,
             agent=agent,
             timeout=timeout,
-            on_request=_overrides(kind, "on_request"),
-            on_response=_overrides(kind, "on_response"),
-            call=_overrides(kind, "call"),
+            on_request=_defines(agent, "on_request"),
+            on_response=_defines(agent, "on_response"),
+            call=_defines(agent, "call"),
         )
 
 
 _module_counter = 0
 
 
-def _import_agent_class(name: str, path: Path) -> type[Agent]:
-    """Import ``path`` as a fresh module and return its one Agent subclass."""
+def _import_module(name: str, path: Path) -> ModuleType:
+    """Import ``path`` as a fresh module, named uniquely for agent ``name``."""
     global _module_counter
     _module_counter += 1
     module_name = f"_smart_proxy_agent_{_module_counter}_" + re.sub(r"\W", "_", name)
@@ -422,18 +483,75 @@ def _import_agent_class(name: str, path: Path) -> type[Agent]:
     except BaseException:
         del sys.modules[module_name]
         raise
-    classes = [
-        value
-        for value in vars(module).values()
-        if inspect.isclass(value)
-        and issubclass(value, Agent)
-        and value is not Agent
-        and value.__module__ == module_name
+    return module
+
+
+def _classes(module: ModuleType) -> list[type]:
+    """The classes ``module`` defines itself (not those it imports)."""
+    return [
+        value for value in vars(module).values() if inspect.isclass(value) and value.__module__ == module.__name__
     ]
-    if len(classes) != 1:
-        found = ", ".join(sorted(c.__name__ for c in classes)) or "none"
-        raise TypeError(f"{AGENT_FILE} must define exactly one subclass of smart_proxy.agents.Agent (found: {found})")
-    return classes[0]
+
+
+def _import_agent(name: str, folder: Path) -> tuple[str, Callable[[], Agent]]:
+    """The agent in ``folder``: its description, and how to construct it (with its config).
+
+    ``agent.py`` (else ``plugin.py``) must define exactly one subclass of :class:`Agent`, or,
+    defining none, exactly one class with ``on_request``/``on_response``: a spec plugin.
+
+    Raises:
+        Exception: whatever importing the module raised; TypeError for a folder with no agent
+            class, several, or a native agent without a description.
+    """
+    path = folder / AGENT_FILE
+    if not path.is_file() and (folder / SPEC_FILE).is_file():
+        path = folder / SPEC_FILE
+    module = _import_module(name, path)
+    classes = _classes(module)
+    native = [cls for cls in classes if issubclass(cls, Agent) and cls is not Agent]
+    if len(native) == 1:
+        agent_class = native[0]
+        description = " ".join(str(agent_class.description).split())
+        if not description:
+            raise TypeError(f"{agent_class.__name__} has no description")
+        return description, lambda: agent_class(_read_config(folder), folder)
+    spec = [cls for cls in classes if any(callable(getattr(cls, hook, None)) for hook in _SPEC_HOOKS)]
+    if native or len(spec) != 1:
+        found = ", ".join(sorted(c.__name__ for c in native or spec)) or "none"
+        raise TypeError(
+            f"{path.name} must define exactly one subclass of smart_proxy.agents.Agent, or one class with "
+            f"on_request/on_response (an Ollama-proxy plugin) (found: {found})"
+        )
+    plugin_class = spec[0]
+
+    def construct() -> Agent:
+        config = _read_json_config(folder)
+        return SpecPlugin(_construct_plugin(plugin_class, config), config, folder)
+
+    return _spec_description(plugin_class, module), construct
+
+
+def _spec_description(plugin_class: type, module: ModuleType) -> str:
+    """A spec plugin's ``description`` attribute, else the first paragraph of its class's or module's docstring."""
+    for text in (getattr(plugin_class, "description", None), plugin_class.__doc__, module.__doc__):
+        if isinstance(text, str) and text.strip():
+            return " ".join(text.strip().split("\n\n")[0].split())
+    hooks = ", ".join(hook for hook in _SPEC_HOOKS if callable(getattr(plugin_class, hook, None)))
+    return f"{plugin_class.__name__}: an Ollama-proxy plugin ({hooks})"
+
+
+def _construct_plugin(plugin_class: type, config: dict[str, Any]) -> object:
+    """``plugin_class(config)`` if its constructor takes an argument (positional, or ``config=``), else ``plugin_class()``."""
+    try:
+        parameters = list(inspect.signature(plugin_class).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin's): give it the config
+        return plugin_class(config)
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    if any(parameter.kind in positional for parameter in parameters):
+        return plugin_class(config)
+    if any(parameter.name == "config" for parameter in parameters):
+        return plugin_class(config=config)
+    return plugin_class()
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -478,12 +596,9 @@ class AgentRegistry:
             found.add(name)
             description, error, agent = "", None, None
             try:
-                agent_class = _import_agent_class(name, path / AGENT_FILE)
-                description = " ".join(str(agent_class.description).split())
-                if not description:
-                    raise TypeError(f"{agent_class.__name__} has no description")
+                description, construct = _import_agent(name, path)
                 if name in enabled:
-                    agent = agent_class(_read_config(path), path)
+                    agent = construct()
                     agent.name = name
             except Exception as exc:
                 error = _describe_error(exc)
@@ -537,6 +652,18 @@ def _read_config(folder: Path) -> dict[str, Any]:
         return {}
     with open(path, "rb") as file:
         return tomllib.load(file)
+
+
+def _read_json_config(folder: Path) -> dict[str, Any]:
+    """A spec plugin's ``config.json`` (a JSON object), or ``{}`` without one."""
+    path = folder / SPEC_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    with open(path, "rb") as file:
+        config = json.load(file)
+    if not isinstance(config, dict):
+        raise TypeError(f"{SPEC_CONFIG_FILE} must hold a JSON object, not {type(config).__name__}")
+    return config
 
 
 # ---- running a chain ----------------------------------------------------------------------

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import trio
 
 from .config import PACKAGE_PREFIX, QUANT, CatalogConfig, ModelConfig, is_repo_id, resolve_path
-from .download import Download, Downloads, DownloadSnapshot, Hub, LocalFiles, plan_from_cache, resolve
+from .download import Download, DownloadFailure, Downloads, DownloadSnapshot, Hub, LocalFiles, plan_from_cache, resolve
 from .errors import BadRequest, ModelNotAllowed, ModelNotFound, ProxyError
 from .memory import model_estimate
 
@@ -191,6 +191,18 @@ class Catalog:
     def downloading(self) -> tuple[DownloadSnapshot, ...]:
         """Downloads in flight, for the pool's snapshot and /health."""
         return self._downloads.snapshot() if self._downloads is not None else ()
+
+    def download_of(self, model: ModelConfig) -> DownloadSnapshot | None:
+        """The download of ``model``'s files in flight now, if any (never for a local file)."""
+        if model.repo is None or self._downloads is None:
+            return None
+        return self._downloads.in_flight(model)
+
+    def download_failure(self, model: ModelConfig) -> DownloadFailure | None:
+        """Why the latest download of ``model``'s files failed, if it did and none has started since."""
+        if model.repo is None or self._downloads is None:
+            return None
+        return self._downloads.last_failure(model)
 
     def _require_downloads(self) -> Downloads:
         if self._downloads is None:

@@ -215,6 +215,8 @@ class ModelConfig:
     #: Extra llama-server arguments, split like a shell line.
     args: tuple[str, ...] = ()
     embeddings: bool = False
+    #: A reranker: llama-server is started with ``--reranking`` and answers ``/v1/rerank``.
+    rerank: bool = False
     #: Overrides ``[pool] idle_ttl`` for this model.
     idle_ttl: Duration | None = None
     #: Up to this many llama-servers for this model when the pool has room.
@@ -443,7 +445,11 @@ def _check_model(model: ModelConfig, base_dir: str) -> None:
             raise ConfigError(f"{where} url: {model.url!r} is not an http:// or https:// address")
         if model.repo:
             raise ConfigError(f"{where} repo: only for backend = llama")
+        if model.rerank:
+            raise ConfigError(f"{where} rerank: only for backend = llama (Ollama serves no rerank route)")
         return
+    if model.rerank and model.embeddings:
+        raise ConfigError(f"{where} rerank: give rerank or embeddings, not both (--reranking sets its own pooling)")
     if model.repo is not None:
         _check_repo_model(model, where)
         return

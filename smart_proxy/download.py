@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_QUANTS",
     "Download",
     "DownloadCancelled",
+    "DownloadFailure",
     "DownloadSnapshot",
     "DownloadStatus",
     "Downloads",
@@ -631,6 +632,15 @@ class DownloadSnapshot:
     elapsed: float
 
 
+@attrs.frozen
+class DownloadFailure:
+    """The last download of a model spec that failed, kept for display until the next one starts."""
+
+    message: str
+    #: When it failed, in seconds since the epoch.
+    at: float
+
+
 def _key(model: ModelConfig) -> tuple[str | None, ...]:
     assert model.repo is not None
     return (model.repo.lower(), model.revision or "main", model.file, model.quant and model.quant.upper(), model.mmproj)
@@ -746,6 +756,8 @@ class Downloads:
         self._jobs: dict[tuple[str | None, ...], Download] = {}
         #: Finished downloads, by spec: their files are in the cache.
         self._ready: dict[tuple[str | None, ...], Download] = {}
+        #: The last failure of each spec whose latest download failed (shown, never retried from).
+        self._failed: dict[tuple[str | None, ...], DownloadFailure] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[Downloads] = trio.TASK_STATUS_IGNORED) -> None:
@@ -778,6 +790,7 @@ class Downloads:
             raise RuntimeError("Downloads.run() is not running")
         download = Download(key, model)
         self._jobs[key] = download
+        self._failed.pop(key, None)
         self._nursery.start_soon(self._run, download)
         return download
 
@@ -808,20 +821,32 @@ class Downloads:
             log.exception("%s: download failed", job.model.name)
         finally:
             del self._jobs[job.key]
+            if job.error is not None:
+                self._failed[job.key] = DownloadFailure(job.error.message, time.time())
             job.done.set()
 
     def snapshot(self) -> tuple[DownloadSnapshot, ...]:
         """The downloads in flight, for /health."""
-        return tuple(
-            DownloadSnapshot(
-                model=job.model.name,
-                repo=job.model.repo or "",
-                files=tuple(f.name for f in job.plan.files) if job.plan else (),
-                state=job.progress.state,
-                bytes_done=job.progress.done,
-                bytes_total=job.progress.total,
-                waiting=job.waiters,
-                elapsed=round(job.progress.elapsed(), 3),
-            )
-            for job in self._jobs.values()
-        )
+        return tuple(_snapshot(job) for job in self._jobs.values())
+
+    def in_flight(self, model: ModelConfig) -> DownloadSnapshot | None:
+        """The download of repo model ``model``'s spec in flight now, if there is one."""
+        job = self._jobs.get(_key(model))
+        return _snapshot(job) if job is not None else None
+
+    def last_failure(self, model: ModelConfig) -> DownloadFailure | None:
+        """Why the latest download of ``model``'s spec failed, if it did (None once another starts)."""
+        return self._failed.get(_key(model))
+
+
+def _snapshot(job: Download) -> DownloadSnapshot:
+    return DownloadSnapshot(
+        model=job.model.name,
+        repo=job.model.repo or "",
+        files=tuple(f.name for f in job.plan.files) if job.plan else (),
+        state=job.progress.state,
+        bytes_done=job.progress.done,
+        bytes_total=job.progress.total,
+        waiting=job.waiters,
+        elapsed=round(job.progress.elapsed(), 3),
+    )

@@ -135,7 +135,8 @@ _STR_FLAGS = {
 _BOOL_FLAGS = {
     "-kvu": ("kv_unified", True), "--kv-unified": ("kv_unified", True), "-no-kvu": ("kv_unified", False),
     "--no-kv-unified": ("kv_unified", False), "--swa-full": ("swa_full", True),
-    "--embedding": ("embeddings", True), "--embeddings": ("embeddings", True),
+    "--embedding": ("embeddings", True), "--embeddings": ("embeddings", True), "--reranking": ("embeddings", True),
+    "--rerank": ("embeddings", True),
 }  # fmt: skip
 
 
@@ -396,7 +397,7 @@ def model_estimate(model: ModelConfig, parts: Sequence[str], mmproj: str | None 
     """
     if model.memory is not None:
         return declared_estimate(model.memory)
-    args = list(model.args) + (["--embeddings"] if model.embeddings else [])
+    args = list(model.args) + (["--embeddings"] if model.embeddings or model.rerank else [])
     return read_estimate(parts, args, mmproj)
 
 

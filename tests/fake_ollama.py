@@ -1,9 +1,12 @@
 """A small Ollama server on 127.0.0.1 for testing the Ollama upstream backend.
 
 It implements the documented shapes of Ollama's chat, generate, tags, show, ps,
-embed, embeddings, pull and delete routes, plus ``/v1/chat/completions`` and
-``/v1/completions`` (its OpenAI-compatible routes), with NDJSON streaming on by default. Each model answers ``tokens`` pieces
-(``piece0 piece1 ...``); a chat whose last message is ``"hold"`` sends its first
+embed, embeddings, pull and delete routes, plus ``/v1/chat/completions``,
+``/v1/completions`` and ``/v1/responses`` (its OpenAI-compatible routes; a Responses
+stream is Ollama's named events with ``sequence_number``, ending in ``response.completed``)
+and ``/v1/messages`` (its Anthropic-compatible one: Anthropic's message, ``event:``-named SSE
+events and error objects), with NDJSON streaming on by default. Each model answers ``tokens``
+pieces (``piece0 piece1 ...``); a chat whose last message is ``"hold"`` sends its first
 piece and then waits for :meth:`FakeOllama.release` before the rest, so a test
 can see that the proxy relays bytes as they come. Every request is recorded in
 :attr:`FakeOllama.requests` as ``(method, path, body)``. After
@@ -219,6 +222,8 @@ def _make_handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
                 "/api/pull": self._pull,
                 "/v1/chat/completions": self._openai_chat,
                 "/v1/completions": self._openai_completion,
+                "/v1/messages": self._anthropic_messages,
+                "/v1/responses": self._openai_responses,
             }
             route = routes.get(self.path)
             if route is None:
@@ -384,6 +389,78 @@ def _make_handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
                 self._chunk(b"data: " + json.dumps(answer(piece, None)).encode() + b"\n\n")
             self._chunk(b"data: " + json.dumps(answer("", "stop", usage=usage)).encode() + b"\n\n")
             self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")
+
+        def _anthropic_messages(self, body: dict) -> None:
+            """Ollama's Anthropic-compatible route: its errors, messages and ``event:``-named SSE events are Anthropic's."""
+            name = fake.resolve(body.get("model"))
+            if name is None:
+                error = {"type": "not_found_error", "message": f"model {body.get('model')!r} not found"}
+                self._send(404, {"type": "error", "error": error, "request_id": "req_fake"})
+                return
+            pieces = [f"piece{i} " for i in range(fake.tokens)]
+            usage = {"input_tokens": 2, "output_tokens": fake.tokens}
+            message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": name,
+                       "content": [{"type": "text", "text": "".join(pieces)}], "stop_reason": "end_turn", "usage": usage}
+            if not body.get("stream"):
+                self._send(200, message)
+                return
+
+            def event(kind: str, data: dict) -> None:
+                self._chunk(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
+
+            self._start_chunked("text/event-stream")
+            start = {**message, "content": [], "stop_reason": "", "usage": {"input_tokens": 2, "output_tokens": 0}}
+            event("message_start", {"type": "message_start", "message": start})
+            block = {"type": "text", "text": ""}
+            event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+            for piece in pieces:
+                delta = {"type": "text_delta", "text": piece}
+                event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+            event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage})
+            event("message_stop", {"type": "message_stop"})
+            self._chunk(b"")
+
+        def _openai_responses(self, body: dict) -> None:
+            name = fake.resolve(body.get("model"))
+            if name is None:
+                self._send(404, {"error": {"message": f'model "{body.get("model")}" not found', "type": "api_error"}})
+                return
+            pieces = [f"piece{i} " for i in range(fake.tokens)]
+            text = "".join(pieces)
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            item = {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+            usage = {"input_tokens": 2, "output_tokens": fake.tokens, "total_tokens": 2 + fake.tokens,
+                     "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+
+            def response(status: str, output: list, usage: dict | None) -> dict:
+                return {"id": "resp_1", "object": "response", "created_at": int(time.time()), "status": status,
+                        "model": name, "output": output, "error": None, "incomplete_details": None,
+                        "instructions": body.get("instructions"), "tools": [], "tool_choice": "auto",
+                        "parallel_tool_calls": True, "text": {"format": {"type": "text"}}, "usage": usage,
+                        "metadata": {}, "store": False, "truncation": "disabled"}
+
+            if not body.get("stream"):
+                self._send(200, response("completed", [item], usage))
+                return
+            self._start_chunked("text/event-stream")
+            sequence = iter(range(1000))
+
+            def event(kind: str, **data: object) -> None:
+                payload = {"type": kind, "sequence_number": next(sequence), **data}
+                self._chunk(b"event: " + kind.encode() + b"\ndata: " + json.dumps(payload).encode() + b"\n\n")
+
+            event("response.created", response=response("in_progress", [], None))
+            event("response.in_progress", response=response("in_progress", [], None))
+            event("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []})
+            event("response.content_part.added", item_id="msg_1", output_index=0, content_index=0, part={**part, "text": ""})
+            for piece in pieces:
+                event("response.output_text.delta", item_id="msg_1", output_index=0, content_index=0, delta=piece, logprobs=[])
+            event("response.output_text.done", item_id="msg_1", output_index=0, content_index=0, text=text, logprobs=[])
+            event("response.content_part.done", item_id="msg_1", output_index=0, content_index=0, part=part)
+            event("response.output_item.done", output_index=0, item=item)
+            event("response.completed", response=response("completed", [item], usage))
             self._chunk(b"")
 
     return Handler

@@ -6,8 +6,8 @@ a huge or non-finite number, a lone surrogate, deep nesting, or dropped; the who
 re-encoded (UTF-16, UTF-32, a BOM) or cut short. The property, per request:
 
 * the status is under 500 (501 where a route says it is not supported);
-* an error is in the route's dialect: ``{"error": "..."}`` under ``/api/``, the OpenAI
-  error object elsewhere;
+* an error is in the route's dialect: ``{"error": "..."}`` under ``/api/``, Anthropic's
+  ``{"type": "error", "error": {...}}`` under ``/v1/messages``, the OpenAI error object elsewhere;
 * nothing is logged at ERROR or with a traceback;
 * the proxy stays healthy: ``/health`` (strict JSON) and ``/api/ps`` answer 200.
 
@@ -109,6 +109,38 @@ _COMMON_OLLAMA = dict(
     format=st.sampled_from(["json", "", {"type": "object"}]), think=st.sampled_from([True, False, "low", "high"]),
 )  # fmt: skip
 
+_ANTHROPIC_BLOCK = (
+    st.fixed_dictionaries({"type": st.just("text"), "text": TEXT})
+    | st.fixed_dictionaries({"type": st.just("image"), "source": st.fixed_dictionaries(
+        {"type": st.just("base64"), "media_type": st.just("image/png"), "data": st.just("aGk=")})})
+    | st.fixed_dictionaries({"type": st.just("tool_result"), "tool_use_id": st.text(max_size=5), "content": TEXT})
+    | st.fixed_dictionaries({"type": st.just("tool_use"), "id": st.text(max_size=5), "name": st.text(max_size=5),
+                             "input": st.dictionaries(st.text(max_size=3), SCALARS, max_size=2)})
+)  # fmt: skip
+_ANTHROPIC_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant"]), "content": TEXT | st.lists(_ANTHROPIC_BLOCK, min_size=1, max_size=3)}
+)
+_ANTHROPIC = dict(
+    system=TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2),
+    tools=st.lists(st.fixed_dictionaries({"name": st.text(max_size=5), "input_schema": st.just({"type": "object"})}), max_size=1),
+    tool_choice=st.sampled_from([{"type": "auto"}, {"type": "any"}, {"type": "none"}, {"type": "tool", "name": "f"}]),
+    temperature=st.floats(0, 1), top_p=st.floats(0, 1), top_k=st.integers(0, 50),
+    stop_sequences=st.lists(st.text(max_size=3), max_size=2), metadata=st.just({"user_id": "u"}),
+)  # fmt: skip
+_RESPONSES_PART = st.fixed_dictionaries({"type": st.just("input_text"), "text": TEXT}) | st.fixed_dictionaries(
+    {"type": st.just("input_image"), "image_url": st.just("data:image/png;base64,aGk=")}
+)
+_RESPONSES_ITEM = _with(
+    {"role": st.sampled_from(["user", "system", "developer", "assistant"]),
+     "content": TEXT | st.lists(_RESPONSES_PART, max_size=2)},
+    type=st.just("message"),
+) | st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": st.just("c1"), "output": TEXT})
+_RERANK = _with(
+    {"model": st.sampled_from(["r", "a"]) | _MODEL, "query": TEXT, "documents": st.lists(TEXT, min_size=1, max_size=3)},
+    top_n=st.integers(0, 4),
+    return_documents=st.booleans(),
+)
+
 SCHEMAS: dict[str, st.SearchStrategy[dict]] = {
     "/v1/chat/completions": _with(
         {"model": _MODEL, "messages": st.lists(_OPENAI_MESSAGE, min_size=1, max_size=3)},
@@ -119,6 +151,12 @@ SCHEMAS: dict[str, st.SearchStrategy[dict]] = {
     ),
     "/v1/completions": _with({"model": _MODEL, "prompt": TEXT | st.lists(TEXT, max_size=2)}, stream=st.booleans(), **_SAMPLING),
     "/v1/embeddings": _with({"model": _MODEL, "input": TEXT | st.lists(TEXT, max_size=3)}, encoding_format=st.just("float")),
+    "/v1/responses": _with(
+        {"model": _MODEL, "input": TEXT | st.lists(_RESPONSES_ITEM, min_size=1, max_size=3)},
+        stream=st.booleans(), instructions=TEXT, max_output_tokens=st.integers(1, 8), temperature=st.floats(0, 2),
+        tools=st.lists(st.fixed_dictionaries({"type": st.just("function"), "name": st.text(max_size=5)}), max_size=1),
+    ),
+    **{path: _RERANK for path in ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking")},
     "/api/chat": _with(
         {"model": _MODEL, "messages": st.lists(_OLLAMA_MESSAGE, max_size=3)},
         tools=st.lists(st.fixed_dictionaries({"type": st.just("function")}), max_size=1),
@@ -150,10 +188,22 @@ SCHEMAS: dict[str, st.SearchStrategy[dict]] = {
     "/api/copy": _with({"source": _MODEL, "destination": _MODEL}),
     "/api/push": _with({"model": _MODEL}),
     "/api/blobs/<path:digest>": st.just({}),
+    "/v1/messages": _with(
+        {"model": _MODEL, "max_tokens": st.integers(1, 8), "messages": st.lists(_ANTHROPIC_MESSAGE, min_size=1, max_size=3)},
+        stream=st.booleans(),
+        **_ANTHROPIC,
+    ),
+    "/v1/messages/count_tokens": _with(
+        {"model": _MODEL, "messages": st.lists(_ANTHROPIC_MESSAGE, min_size=1, max_size=3)}, **_ANTHROPIC
+    ),
 }
+#: The OpenAI routes without ``/v1``, as llama-server serves them: fuzzed as the routes they stand for.
+SCHEMAS.update(
+    {path.removeprefix("/v1"): SCHEMAS[path] for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")}
+)
 #: Routes with no body: any query string and headers.
-BODILESS = ["/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/health", "/health/ready", "/health/upstreams",
-            "/metrics", "/plugins"]  # fmt: skip
+BODILESS = ["/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/models", "/health", "/health/ready",
+            "/health/upstreams", "/metrics", "/plugins"]  # fmt: skip
 #: The method each rule is fuzzed with (the app's own, checked by test_every_route_is_fuzzed).
 METHODS = {"/api/delete": "DELETE", **{path: "GET" for path in BODILESS}}
 #: Routes that answer 501 by design.
@@ -244,6 +294,9 @@ def check_answer(rule: str, response: httpx.Response) -> None:
     body = response.json()
     if rule.startswith("/api/"):
         assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
+    elif rule.startswith("/v1/messages"):
+        assert body["type"] == "error" and isinstance(body["error"]["message"], str) and body["error"]["message"], body
+        assert isinstance(body["error"]["type"], str) and body["error"]["type"], body
     else:
         error = body["error"]
         assert isinstance(error["message"], str) and isinstance(error["type"], str) and error["code"] == status, body
@@ -267,8 +320,9 @@ async def proxy_url(make_config, start_proxy, tmp_path) -> str:
     root.mkdir()
     copy_bundled(root, "json", "constrain = true\n")
     config = make_config(
-        {"a": {"content": '{"ok": 1}', "load_delay": 0.01}, "e": {"content": "[1, 2]", "load_delay": 0.01}},
-        model_options={"a": {"embeddings": "true"}, "e": {"embeddings": "true"}},
+        {"a": {"content": '{"ok": 1}', "load_delay": 0.01}, "e": {"content": "[1, 2]", "load_delay": 0.01},
+         "r": {"load_delay": 0.01}},
+        model_options={"a": {"embeddings": "true"}, "e": {"embeddings": "true"}, "r": {"rerank": "true"}},
         size=2,
     )
     return await start_proxy(with_agents(config, root, "json"))

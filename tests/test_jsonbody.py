@@ -94,7 +94,7 @@ def test_decode_agrees_with_the_stdlib_on_json_it_takes(value: object, ensure_as
 
 #: Every route that reads a JSON body.
 BODY_ROUTES = [
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/chat/completions", "/v1/responses", "/v1/rerank",
     "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show", "/api/pull",
 ]  # fmt: skip
 _HOSTILE = {

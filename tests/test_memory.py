@@ -74,6 +74,7 @@ def _gemma(tmp_path: Path, **keys: object):
             ServerArgs(ctx_size=2, ubatch=256, batch=128, embeddings=True),
         ),
         (["--jinja", "-ngl", "99", "-c", "x", "--mmproj", "p.gguf", "-c"], ServerArgs(mmproj="p.gguf")),
+        (["--reranking", "-fa", "OFF"], ServerArgs(embeddings=True, flash_attn="off")),
     ],
 )
 def test_parse_server_args(args: list[str], parsed: ServerArgs) -> None:

@@ -9,7 +9,10 @@ from contextlib import aclosing
 from functools import partial
 
 import httpx
+import openai
 import trio
+
+from .test_ollama import backend_requests
 
 
 async def test_chat_non_stream_and_stream(make_config, start_proxy, http: httpx.AsyncClient) -> None:
@@ -284,3 +287,48 @@ async def test_a_hung_llama_server_gives_502_and_request_timeout_504(make_config
     assert response.status_code == 504
     error = response.json()["error"]
     assert error["type"] == "upstream_timeout" and "request_timeout (0.3s)" in error["message"]
+
+
+
+def _timeless(value: object) -> object:
+    """An answer without its ``created`` times (the fake stamps each answer with the second it made it)."""
+    if isinstance(value, dict):
+        return {key: _timeless(item) for key, item in value.items() if key != "created"}
+    if isinstance(value, list):
+        return [_timeless(item) for item in value]
+    return value
+
+
+async def test_paths_without_v1_are_the_same_routes(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    """``/chat/completions``, ``/completions``, ``/embeddings`` and ``/models``: llama-server's aliases, same answers."""
+    url = await start_proxy(make_config({"m": {"tokens": 3}}, model_options={"m": {"embeddings": "true"}}))
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    requests = [
+        ("/chat/completions", chat),
+        ("/chat/completions", {**chat, "stream": True}),
+        ("/completions", {"model": "m", "prompt": "Once"}),
+        ("/embeddings", {"model": "m", "input": ["a", "b"]}),
+        ("/chat/completions", {"model": "nope", "messages": []}),
+        ("/completions", {"model": "m"}),
+    ]
+    for path, body in requests:
+        answers = [await http.post(url + prefix + path, json=body) for prefix in ("/v1", "")]
+        assert answers[0].status_code == answers[1].status_code, path
+        assert answers[0].headers["content-type"] == answers[1].headers["content-type"]
+        if body.get("stream"):
+            events = [[line for line in a.text.splitlines() if line] for a in answers]
+            assert events[0][-1] == events[1][-1] == "data: [DONE]"
+            parsed = [[json.loads(line.removeprefix("data: ")) for line in e[:-1]] for e in events]
+            assert _timeless(parsed[0]) == _timeless(parsed[1])
+        else:
+            assert _timeless(answers[0].json()) == _timeless(answers[1].json()), path
+    sent = await backend_requests(http, url, "m")
+    assert [r["path"] for r in sent] == [p for path, _ in requests[:4] for p in ["/v1" + path] * 2]  # both to /v1
+    models = [(await http.get(url + path)).json() for path in ("/v1/models", "/models")]
+    assert _timeless(models[0]) == _timeless(models[1])
+
+    def ask() -> str | None:  # the official client with a base URL without /v1, as some clients are set up
+        with openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=15) as client:
+            return client.chat.completions.create(model="m", messages=chat["messages"]).choices[0].message.content
+
+    assert await trio.to_thread.run_sync(ask) == "tok0 tok1 tok2 "

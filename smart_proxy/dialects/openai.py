@@ -6,6 +6,8 @@ forwarded unchanged (llama-server speaks this dialect natively), so this module 
 checks what it must (a JSON object, ``model``, the route's required field), wraps an
 upstream's error that is not an OpenAI error object, and replays a whole answer as the
 SSE stream that would have carried it (for an agent chain that buffered the answer).
+``/v1/models`` entries carry a ``status`` object shaped like llama-server's router mode's
+(:func:`status_object`), and ``?status=`` filters them (:func:`status_filter`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import json
 
 from .. import jsonbody
 from ..errors import BadRequest, ProxyError
+from ..pool import STATUS_VALUES, ModelStatus
 from ..upstream.relay import answer_text
 
 __all__ = [
+    "ALIASES",
     "REQUIRED",
     "SSE_HEADERS",
     "error_body",
@@ -24,6 +28,8 @@ __all__ = [
     "replay_sse",
     "required_field",
     "sse_error",
+    "status_filter",
+    "status_object",
     "upstream_error_body",
 ]
 
@@ -31,6 +37,8 @@ __all__ = [
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: The field each model route requires besides ``model``.
 REQUIRED = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/embeddings": "input"}
+#: Paths without the ``/v1`` prefix, as llama-server serves them, and the route each stands for.
+ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions", "/embeddings": "/v1/embeddings"}
 #: The routes whose requests agents may take, and the kind of request each is to them.
 AGENT_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
@@ -120,3 +128,47 @@ def replay_sse(response: dict, kind: str) -> bytes:
         chunks[-1]["usage"] = response["usage"]
     events = [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks]
     return b"".join(events) + b"data: [DONE]\n\n"
+
+
+def status_filter(values: list[str]) -> frozenset[str] | None:
+    """The statuses ``GET /v1/models?status=...`` asks for (each value comma-separated); None for all.
+
+    Raises:
+        BadRequest: an empty or unknown value (the message lists the known ones).
+    """
+    if not values:
+        return None
+    wanted = [part.strip() for value in values for part in value.split(",")]
+    unknown = [part for part in wanted if part not in STATUS_VALUES]
+    if unknown:
+        raise BadRequest(
+            f"status: unknown value {unknown[0]!r}; give one or more of {', '.join(STATUS_VALUES)}, comma-separated"
+        )
+    return frozenset(wanted)
+
+
+def status_object(status: ModelStatus) -> dict:
+    """A model's ``status`` in the model list: llama-server router mode's ``value`` (and its
+    ``failed``/``exit_code`` for a failure), with ``progress`` for a download or a load and the
+    ``error`` and its time (``failed_at``, seconds since the epoch) for a failure."""
+    body: dict = {"value": status.value}
+    download = status.download
+    if download is not None:
+        total = download.bytes_total
+        body["progress"] = {
+            "stage": download.state,  # resolving, downloading or verifying
+            "done": download.bytes_done,
+            "total": total,
+            "percent": round(100 * download.bytes_done / total, 1) if total else None,
+            "elapsed": download.elapsed,
+            "files": list(download.files),
+        }
+    if status.loading_for is not None:
+        body["progress"] = {"elapsed": status.loading_for, "timeout": status.load_timeout}
+    if status.value == "failed":
+        body["failed"] = True
+        if status.exit_code is not None:
+            body["exit_code"] = status.exit_code
+        body["error"] = status.error
+        body["failed_at"] = status.failed_at
+    return body

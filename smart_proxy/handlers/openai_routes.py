@@ -1,6 +1,8 @@
 """OpenAI's routes over the pool: chat and text completions, embeddings, and the model list.
 
-Theory of operation: :func:`model_route` serves all three model routes. It checks the
+Theory of operation: :func:`model_route` serves all three model routes, and their aliases
+without ``/v1`` (``/chat/completions``, ...), which llama-server also serves: an alias is
+answered as the ``/v1`` route it stands for, and sent upstream to that route. It checks the
 body once (:mod:`smart_proxy.dialects.openai`) and finds the model in the catalog. A
 chat or completion whose user text starts with agent commands (``/rag ...``) runs the
 agent chain (:mod:`smart_proxy.agents`), for either kind of model. Otherwise a model
@@ -23,7 +25,7 @@ from ..config import ModelConfig
 from ..dialects import openai as dialect
 from ..errors import ProxyError
 from ..metrics import note_model
-from ..pool import Lease
+from ..pool import Lease, ModelStatus
 from ..upstream import ollama_server
 from ..upstream.relay import RelayBody, SSELines, UpstreamAnswer, open_upstream, send_leased
 from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, relay_answer
@@ -31,21 +33,22 @@ from .state import ProxyState
 
 __all__ = ["ROUTES", "model_route", "models", "open_relay"]
 
-#: The model routes :func:`model_route` serves (``POST``).
-ROUTES = tuple(dialect.REQUIRED)
+#: The model routes :func:`model_route` serves (``POST``), and their aliases without ``/v1``.
+ROUTES = (*dialect.REQUIRED, *dialect.ALIASES)
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _SSE_HEADERS = {name.lower(): value for name, value in dialect.SSE_HEADERS.items()}
 
 
 async def model_route(proxy: ProxyState, request: Request) -> Reply:
-    """``POST /v1/chat/completions``, ``/v1/completions`` or ``/v1/embeddings``; see the module docstring.
+    """``POST /v1/chat/completions``, ``/v1/completions`` or ``/v1/embeddings`` (or an alias); see the module docstring.
 
     Raises:
         BadRequest: the body is not a JSON object, or lacks ``model`` or the route's required field.
         ModelNotFound, ModelNotAllowed: as :meth:`smart_proxy.catalog.Catalog.get`.
         ProxyError: whatever loading the model or reaching its upstream raised.
     """
+    request.path = dialect.ALIASES.get(request.path, request.path)  # an alias is served as the route it stands for
     path, raw = request.path, request.body
     payload = dialect.parse_body(raw)
     target = proxy.catalog.get(dialect.required_field(path, payload))
@@ -131,19 +134,44 @@ async def _memory(proxy: ProxyState, model: ModelConfig) -> int | None:
     return estimate.total if estimate is not None else None
 
 
-async def models(proxy: ProxyState) -> Reply:
-    """``GET /v1/models``: every catalog model, with whether it is loaded and the memory one server of it holds."""
-    loaded = {s.name: s.state.value for s in proxy.pool.servers()}
-    data = [
-        {
-            "id": model.name,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "ollama" if model.backend == "ollama" else "smart-proxy",
-            "loaded": loaded.get(model.name) == "ready",
-            "state": "upstream" if model.backend == "ollama" else loaded.get(model.name, "stopped"),
-            "memory": await _memory(proxy, model),
-        }
-        for model in proxy.catalog
-    ]
+async def models(proxy: ProxyState, status: list[str] | None = None) -> Reply:
+    """``GET /v1/models``: every catalog model with its status (those of ``status`` only when given) and
+    the memory one llama-server of it holds (``memory``, bytes; None for an upstream's model or one not on disk).
+
+    A local model's status comes from the pool (:meth:`smart_proxy.pool.Pool.model_status`); a
+    model of an Ollama upstream is ``loaded`` when that server's ``/api/ps`` lists it, else
+    ``unloaded``, or ``failed`` with the reason when the server does not answer. ``loaded`` and
+    ``state`` are the list's older fields, kept for the clients that read them.
+
+    Raises:
+        BadRequest: an unknown ``status`` value.
+    """
+    wanted = dialect.status_filter(status or [])
+    catalog = list(proxy.catalog)
+    upstream = await ollama_server.loaded_models(proxy.client, catalog)
+    created = int(time.time())
+    data = []
+    for model in catalog:
+        if model.backend == "ollama":
+            known = upstream.get(model.name, False)
+            if isinstance(known, str):
+                current = ModelStatus("failed", "upstream", error=known, failed_at=round(time.time(), 3))
+            else:
+                current = ModelStatus("loaded" if known else "unloaded", "upstream")
+        else:
+            current = proxy.pool.model_status(model)
+        if wanted is not None and current.value not in wanted:
+            continue
+        data.append(
+            {
+                "id": model.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "ollama" if model.backend == "ollama" else "smart-proxy",
+                "loaded": current.value == "loaded",
+                "state": current.state,
+                "status": dialect.status_object(current),
+                "memory": await _memory(proxy, model),
+            }
+        )
     return json_reply({"object": "list", "data": data})

@@ -5,7 +5,8 @@ a stream: an object entered with ``async with`` and iterated for its pieces (a
 :class:`~smart_proxy.upstream.relay.RelayBody`, or :class:`Generated`). The web layer
 sends a whole body with its ``Content-Length`` in one message, a stream piece by piece.
 Errors are replies too, in the dialect of the route's path (:func:`error_reply`):
-Ollama's ``{"error": "..."}`` under ``/api/``, OpenAI's error object everywhere else.
+Ollama's ``{"error": "..."}`` under ``/api/``, Anthropic's error object under
+``/v1/messages``, OpenAI's error object everywhere else.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any, Protocol
 
 import attrs
 
+from .. import logs
+from ..dialects import anthropic as anthropic_dialect
 from ..dialects import ollama as ollama_dialect
 from ..dialects import openai as openai_dialect
 from ..errors import ProxyError
@@ -104,6 +107,8 @@ def error_reply(exc: ProxyError, path: str, headers: Mapping[str, str] | None = 
     """``exc`` in the dialect of ``path``, with Retry-After where it applies, and ``headers``."""
     if is_ollama_route(path):
         body = ollama_dialect.error_body(exc.message)
+    elif anthropic_dialect.is_anthropic_route(path):
+        body = anthropic_dialect.error_body(exc, logs.request_id.get())
     else:
         body = openai_dialect.error_body(exc)
     extra = dict(headers or {})

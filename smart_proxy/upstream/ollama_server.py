@@ -21,7 +21,8 @@ is sent once more, in turn (Ollama had not begun it: it sent nothing back). Both
 go by httpx's ``trace`` request extension, which reports each connection's
 opening and the answer's head. :func:`health` probes every upstream
 for ``/health``, and :func:`list_models` reads their ``/api/tags`` and
-``/api/ps`` concurrently, each within a short timeout.
+``/api/ps`` concurrently, each within a short timeout (:func:`loaded_models` reads
+``/api/ps`` to say which of our models each has loaded).
 
 Agents (:mod:`smart_proxy.agents`) speak OpenAI; a request with agent commands
 for such a model reaches it through the same ``/v1`` routes, by :func:`send`.
@@ -44,7 +45,7 @@ from ..config import ModelConfig
 from ..errors import UpstreamError, UpstreamTimeout
 from .relay import UpstreamAnswer, describe, open_httpx
 
-__all__ = ["OPENING", "health", "list_models", "remote_name", "send"]
+__all__ = ["OPENING", "health", "list_models", "loaded_models", "remote_name", "send"]
 
 log = logging.getLogger(__name__)
 
@@ -276,4 +277,31 @@ async def list_models(http: httpx.AsyncClient, models: Iterable[ModelConfig], ro
                 if isinstance(entry, dict) and (entry.get("name") in wanted or entry.get("model") in wanted):
                     found[model.name] = entry
                     break
+    return found
+
+
+async def loaded_models(http: httpx.AsyncClient, models: Iterable[ModelConfig]) -> dict[str, bool | str]:
+    """Whether each of our upstream models is loaded on its Ollama server, by its ``/api/ps``.
+
+    Returns ``{catalog name: True (listed), False (not listed), or why the upstream did not answer}``.
+    """
+    by_url = _upstreams(models)
+    results = await _gather(http, [url + "/api/ps" for url in by_url])
+    found: dict[str, bool | str] = {}
+    for url, served in by_url.items():
+        body, error = results[url + "/api/ps"]
+        entries = body.get("models") if isinstance(body, dict) else None
+        if not isinstance(entries, list):
+            why = error or f"{url}/api/ps did not list models"
+            found.update((model.name, why) for model in served)
+            continue
+        names = {
+            name
+            for entry in entries
+            if isinstance(entry, dict)
+            for name in (entry.get("name"), entry.get("model"))
+            if isinstance(name, str)
+        }
+        for model in served:
+            found[model.name] = bool(names & {remote_name(model), f"{remote_name(model)}:latest"})
     return found

@@ -101,7 +101,7 @@ def _json(body: object, status: int = 200) -> Response:
 
 
 async def _models() -> Response:
-    return _response(await openai_routes.models(state()))
+    return _response(await openai_routes.models(state(), request.args.getlist("status")))
 
 
 async def _tags() -> Response:
@@ -202,6 +202,7 @@ async def plugins() -> Response:
 #: (rule, methods, view) of every route the app answers.
 _ROUTES = [
     ("/v1/models", ["GET"], _models),
+    ("/models", ["GET"], _models),
     ("/api/tags", ["GET"], _tags),
     ("/api/ps", ["GET"], _ps),
     ("/api/version", ["GET"], _version),

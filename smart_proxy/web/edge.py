@@ -70,7 +70,7 @@ _UNCOUNTED = PUBLIC_PATHS | {"/metrics"}
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 _CORS_METHODS = "GET, POST, DELETE, OPTIONS"
-_CORS_HEADERS = "authorization, content-type, x-api-key, x-request-id"
+_CORS_HEADERS = "anthropic-version, authorization, content-type, x-api-key, x-request-id"
 #: (path, method) pairs whose route is remembered; paths are the client's, so the cache is bounded.
 _ROUTE_CACHE = 1024
 #: The status counted for a request whose client left before any answer was sent (nginx's choice).

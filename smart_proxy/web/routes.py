@@ -15,7 +15,7 @@ would give, in the route's dialect; ``OPTIONS`` gets the ``Allow`` answer Quart 
 from __future__ import annotations
 
 from ..errors import ProxyError
-from ..handlers import ollama_routes, openai_routes
+from ..handlers import anthropic_routes, ollama_routes, openai_routes, rerank_routes, responses_routes
 from ..handlers.reply import Reply, error_reply
 from ..handlers.state import ProxyState
 from .asgi import Handler, Receive, Scope, Send, answer, send_reply
@@ -25,6 +25,8 @@ __all__ = ["ROUTES", "dispatch"]
 #: Path -> (method, handler).
 ROUTES: dict[str, tuple[str, Handler]] = {
     **{path: ("POST", openai_routes.model_route) for path in openai_routes.ROUTES},
+    **{path: ("POST", responses_routes.responses) for path in responses_routes.ROUTES},
+    **{path: ("POST", rerank_routes.rerank) for path in rerank_routes.ROUTES},
     "/api/chat": ("POST", ollama_routes.chat),
     "/api/generate": ("POST", ollama_routes.generate),
     "/api/embed": ("POST", ollama_routes.embed),
@@ -32,6 +34,8 @@ ROUTES: dict[str, tuple[str, Handler]] = {
     "/api/show": ("POST", ollama_routes.show),
     "/api/pull": ("POST", ollama_routes.pull),
     "/api/delete": ("DELETE", ollama_routes.delete),
+    "/v1/messages": ("POST", anthropic_routes.messages),
+    "/v1/messages/count_tokens": ("POST", anthropic_routes.count_tokens),
 }
 
 

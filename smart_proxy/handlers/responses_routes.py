@@ -1,0 +1,123 @@
+"""OpenAI's Responses API over the pool: ``POST /v1/responses``.
+
+Theory of operation: :func:`responses` checks the body once
+(:mod:`smart_proxy.dialects.responses`) and finds the model in the catalog. Without agent
+commands the request is relayed byte for byte, to a llama-server from the pool (which
+serves ``/v1/responses`` itself) or, for a model with ``backend = ollama``, to its Ollama
+server's ``/v1/responses``; the answer comes back as it arrives, a stream line by line.
+A stream is complete only once a terminal event came (``response.completed``, ...): one
+cut short ends with an ``error`` and a ``response.failed`` event instead
+(:class:`~smart_proxy.dialects.responses.ResponsesLines`).
+
+Agent commands are read from the last user input's text. Agents see OpenAI chat shapes,
+so the request is translated to a chat completion request
+(:func:`~smart_proxy.dialects.responses.to_chat`) and the chain runs buffered whatever
+its hooks: the chat answer it ends with becomes a Response object, replayed as the
+Responses event sequence when the client asked for a stream. A chain with only request
+hooks therefore does not stream as the model generates on this route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .. import logs
+from ..agents import Chain
+from ..dialects import openai as openai_dialect
+from ..dialects import responses as dialect
+from ..errors import ProxyError
+from ..metrics import note_model
+from ..upstream import ollama_server
+from ..upstream.relay import RelayBody, UpstreamAnswer
+from .openai_routes import open_relay
+from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers
+from .state import ProxyState
+
+__all__ = ["ROUTES", "responses"]
+
+#: The routes :func:`responses` serves (``POST``).
+ROUTES = ("/v1/responses",)
+
+_SSE_HEADERS = {name.lower(): value for name, value in openai_dialect.SSE_HEADERS.items()}
+
+
+async def responses(proxy: ProxyState, request: Request) -> Reply:
+    """``POST /v1/responses``; see the module docstring.
+
+    Raises:
+        BadRequest: the body is not a JSON object, lacks ``model`` or ``input``, or (with agent
+            commands) holds input that cannot be read as chat messages.
+        ModelNotFound, ModelNotAllowed: as :meth:`smart_proxy.catalog.Catalog.get`.
+        ProxyError: whatever loading the model or reaching its upstream raised.
+    """
+    raw = request.body
+    payload = openai_dialect.parse_body(raw)
+    target = proxy.catalog.get(dialect.model_of(payload))
+    note_model(target.name)
+    chain = _activate(proxy, payload)
+    if chain is not None:
+        return await _with_agents(proxy, request, payload, chain)
+    if target.backend == "ollama":
+        upstream = await ollama_server.send(proxy.client, target, "POST", request.path, payload=payload, raw=raw)
+        request.opened.append(upstream)
+        return await _relay(proxy, upstream, target.name)
+    lease, upstream = await open_relay(proxy, request.path, target.name, raw)
+    request.opened.append(upstream)
+    return await _relay(proxy, upstream, target.name, lease.release)
+
+
+def _activate(proxy: ProxyState, payload: dict) -> Chain | None:
+    """The agent chain the input's leading commands name.
+
+    The request is translated only when its text names an agent, so a request without
+    commands goes on untouched even if it holds what the translation cannot read.
+    """
+    text = dialect.user_text(payload)
+    if text is None or not text.lstrip().startswith("/"):
+        return None
+    if proxy.agents.activate({"messages": [{"role": "user", "content": text}]}, "chat") is None:
+        return None
+    return proxy.agents.activate(dialect.to_chat(payload), "chat")
+
+
+async def _relay(
+    proxy: ProxyState, upstream: UpstreamAnswer, model: str, release: Callable[[], object] | None = None
+) -> Reply:
+    """The upstream's answer as it comes: a stream judged by its events, else read whole (an error wrapped as OpenAI's)."""
+    limit = proxy.config.proxy.max_answer
+    content_type = upstream.headers.get("content-type", "")
+    if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
+        lines = dialect.ResponsesLines(limit, model)
+        relayed = RelayBody(upstream, on_error=lines.error, on_done=release, lines=lines)
+        return Reply(200, merge_headers(upstream.headers, _SSE_HEADERS), stream=relayed)
+    try:
+        answer = await upstream.read(limit)
+    finally:
+        if release is not None:
+            release()
+    headers = upstream.headers
+    wrapped = openai_dialect.upstream_error_body(upstream.status_code, answer)
+    if wrapped is not None:
+        answer, headers["content-type"] = wrapped, "application/json"
+    return Reply(upstream.status_code, merge_headers(headers), answer)
+
+
+async def _with_agents(proxy: ProxyState, request: Request, payload: dict, chain: Chain) -> Reply:
+    """Run the chain (buffered) on the chat translation; answer a Response, or its event sequence.
+
+    Every answer carries the chain's failures (``ctx.headers()``), an error answer too.
+    """
+    ctx = await chain.prepare(
+        proxy.pool, proxy.llama, logs.request_id.get(), catalog=proxy.catalog, client=proxy.client
+    )
+    try:
+        completion = await chain.respond(ctx)
+    except ProxyError as exc:
+        if not ctx.failures:
+            raise
+        return error_reply(exc, request.path, ctx.headers())
+    response = dialect.from_chat(completion, payload)
+    if payload.get("stream") is True:
+        headers = {"content-type": "text/event-stream", **_SSE_HEADERS, **ctx.headers()}
+        return Reply(200, encode_headers(headers), dialect.replay_sse(response))
+    return json_reply(response, headers=ctx.headers())
