@@ -22,8 +22,10 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import importlib.util
+import logging
 import os
 import re
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -41,8 +43,11 @@ from .download import (
     resolve,
 )
 from .errors import BadRequest, ModelNotAllowed, ModelNotFound, ProxyError
+from .memory import model_estimate
 
 __all__ = ["HF_PREFIXES", "Catalog", "LocalFiles", "describe", "parse_hf_name", "projector_beside"]
+
+log = logging.getLogger(__name__)
 
 #: Request names that mean "this Hugging Face repo" (the first is the canonical one).
 HF_PREFIXES = ("hf.co/", "huggingface.co/")
@@ -239,31 +244,52 @@ class Catalog:
 
 
 def describe(model: ModelConfig, base_dir: str, hub: Hub) -> dict[str, object]:
-    """One row of ``smart-proxy models``: name, source, size (bytes or None), local, files."""
+    """One row of ``smart-proxy models``: name, source, size (bytes or None), local, files, and
+    memory: what one llama-server of it holds (its ``memory``, else the estimate; None until its files are here).
+    """
     row: dict[str, object] = {"name": model.name}
     if model.backend == "ollama":
-        return {**row, "source": f"ollama {model.url}", "size": None, "local": None, "files": []}
+        return {**row, "source": f"ollama {model.url}", "size": None, "local": None, "files": [], "memory": None}
     if model.repo is None:
         assert model.path is not None
         if model.path.startswith(PACKAGE_PREFIX):
-            installed = importlib.util.find_spec(model.path.removeprefix(PACKAGE_PREFIX)) is not None
-            return {**row, "source": model.path, "size": None, "local": installed, "files": []}
+            package = model.path.removeprefix(PACKAGE_PREFIX)
+            installed = importlib.util.find_spec(package) is not None
+            memory = _memory(model, lambda: [str(importlib.import_module(package).assemble())]) if installed else None
+            return {**row, "source": model.path, "size": None, "local": installed, "files": [], "memory": memory}
         paths = [str(resolve_path(model.path, base_dir))]
         if model.mmproj == AUTO_MMPROJ:
             paths += [found] if (found := projector_beside(paths[0])) else []
         elif model.mmproj:
             paths.append(str(resolve_path(model.mmproj, base_dir)))
         sizes = [os.path.getsize(p) for p in paths if os.path.isfile(p)]
-        return {**row, "source": paths[0], "size": sum(sizes), "local": len(sizes) == len(paths), "files": paths}
+        memory = _memory(model, lambda: paths[:1], paths[1] if len(paths) > 1 else None)
+        local = len(sizes) == len(paths)
+        return {**row, "source": paths[0], "size": sum(sizes), "local": local, "files": paths, "memory": memory}
     source = f"hf.co/{model.repo} " + (f"file {model.file}" if model.file else f"quant {model.quant or 'default'}")
     source += f" @{model.revision}" if model.revision else ""
     source += f" + mmproj {model.mmproj}" if model.mmproj else ""
     try:
         plan = resolve(model, hub)
     except ProxyError as exc:
-        return {**row, "source": source, "size": None, "local": False, "files": [], "error": exc.message}
+        return {**row, "source": source, "size": None, "local": False, "files": [], "error": exc.message, "memory": None}
     local = plan.from_cache or all(hub.has(plan.repo, f) for f in plan.files)
-    return {**row, "source": source, "size": plan.size, "local": local, "files": [f.name for f in plan.files]}
+    memory = model.memory
+    cached = plan if plan.snapshot is not None or not local else plan_from_cache(model, hub)
+    if cached is not None and cached.snapshot is not None:
+        snapshot, parts = cached.snapshot, [f.name for f in cached.model]
+        mmproj = os.path.join(snapshot, cached.mmproj.name) if cached.mmproj else None
+        memory = _memory(model, lambda: [os.path.join(snapshot, name) for name in parts], mmproj)
+    return {**row, "source": source, "size": plan.size, "local": local, "files": [f.name for f in plan.files], "memory": memory}
+
+
+def _memory(model: ModelConfig, parts: Callable[[], list[str]], mmproj: str | None = None) -> int | None:
+    """The bytes one llama-server of ``model`` holds, or None if its files cannot be read."""
+    try:
+        return model_estimate(model, parts(), mmproj).total
+    except (OSError, ImportError, AttributeError) as exc:
+        log.debug("%s: no memory estimate: %s", model.name, exc)
+        return model.memory
 
 
 def projector_beside(path: str) -> str | None:

@@ -2,7 +2,7 @@
 
     smart-proxy [--config proxy.ini] [--host H] [--port P] [--log-format json]   serve (or: smart-proxy serve)
     smart-proxy pull NAME [--config proxy.ini]               download a model ahead of time
-    smart-proxy models [--config proxy.ini] [--json]         list the catalog: source, size, local?
+    smart-proxy models [--config proxy.ini] [--json]         list the catalog: source, size, memory, local?
     smart-proxy doctor [--config proxy.ini] [--model NAME]   can this machine serve? (exit 0: yes)
 
 Options may come before or after the subcommand. A config error is one line and exit status 2;
@@ -25,6 +25,7 @@ from .config import Config, load_config
 from .download import Hub, Progress, fetch, resolve
 from .errors import ConfigError, ProxyError
 from .logs import setup_logging
+from .memory import format_size
 from .server import serve
 
 __all__ = ["main"]
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull_parser = commands.add_parser("pull", help="download a catalog model's files ahead of time")
     pull_parser.add_argument("name", help="a [model:NAME] of proxy.ini (or hf.co/ORG/REPO:QUANT if allowed)")
     common(pull_parser, top=False)
-    models_parser = commands.add_parser("models", help="list the catalog: source, size, and whether it is local")
+    models_parser = commands.add_parser("models", help="list the catalog: source, size, memory, and whether it is local")
     models_parser.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     common(models_parser, top=False)
     doctor_parser = commands.add_parser(
@@ -163,19 +164,20 @@ def _bar(description: str, total: int):
 
 
 def models(config: Config, *, as_json: bool = False) -> int:
-    """Print every catalog model: where it comes from, its size, and whether it is on disk."""
+    """Print every catalog model: where it comes from, its size, whether it is on disk, and the memory one server holds."""
     hub = Hub.from_env()
     rows = [describe(model, config.base_dir, hub) for model in config.models.values()]
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = [("NAME", "SOURCE", "SIZE", "LOCAL")]
+    table = [("NAME", "SOURCE", "SIZE", "MEMORY", "LOCAL")]
     for row in rows:
         local = "-" if row["local"] is None else ("yes" if row["local"] else "no")
-        table.append((row["name"], row["source"], _size(row["size"]), local))
-    widths = [max(len(line[i]) for line in table) for i in range(3)]
+        memory = format_size(row["memory"]) if isinstance(row["memory"], int) else "?"
+        table.append((row["name"], row["source"], _size(row["size"]), memory, local))
+    widths = [max(len(line[i]) for line in table) for i in range(4)]
     for line, row in zip(table, [None, *rows], strict=True):
-        text = "  ".join(cell.ljust(width) for cell, width in zip(line[:3], widths, strict=True)) + "  " + line[3]
+        text = "  ".join(cell.ljust(width) for cell, width in zip(line[:4], widths, strict=True)) + "  " + line[4]
         if row is not None and row.get("error"):
             text += f"   ({row['error']})"
         print(text)

@@ -29,6 +29,7 @@ from .errors import ConfigError
 
 __all__ = [
     "AGENT_NAME",
+    "AUTO_MEMORY",
     "AUTO_MMPROJ",
     "AgentsConfig",
     "CatalogConfig",
@@ -39,19 +40,25 @@ __all__ = [
     "is_repo_id",
     "is_repo_pattern",
     "load_config",
+    "parse_budget",
     "parse_duration",
     "parse_size",
 ]
 
 #: Seconds, written in proxy.ini as ``250ms``, ``30s``, ``5m``, ``1h`` or a bare number.
 Duration = NewType("Duration", float)
-#: Bytes, written in proxy.ini as ``512k``, ``64m``, ``1g`` (powers of 1024, as nginx reads them) or a bare number.
+#: Bytes, written in proxy.ini as ``512k``, ``64m``, ``1g``, ``2GiB``, ``1.5t`` (powers of 1024, as nginx reads
+#: them; ``512MB`` is 512 MiB) or a bare number.
 Size = NewType("Size", int)
+#: ``[pool] memory``: bytes, or AUTO_MEMORY (``auto``), or 0 (``off``).
+Budget = NewType("Budget", int)
+#: ``[pool] memory = auto``: what is available when the pool starts, less ``memory_reserve``.
+AUTO_MEMORY = -1
 
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*(?:([kmg])(?:i?b)?|b)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {None: 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -95,14 +102,27 @@ def parse_duration(text: str | float | int) -> float:
 
 
 def parse_size(text: str | int) -> int:
-    """``"64m"`` -> 67108864, ``"512KB"`` -> 524288; numbers are bytes."""
+    """``"64m"`` -> 67108864, ``"512KB"`` -> 524288, ``"1.5GiB"`` -> 1610612736; numbers are bytes."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text
     match = _SIZE.match(str(text))
     if match is None:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512k, 64m, 1g, or bytes)")
+        raise ValueError(f"not a size: {text!r} (use e.g. 512k, 64m, 1g, 2GiB, or bytes)")
     unit = match.group(2).lower() if match.group(2) else None
-    return int(match.group(1)) * _SIZE_UNITS[unit]
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_budget(text: str | int) -> int:
+    """``[pool] memory``: ``auto`` -> AUTO_MEMORY, ``off`` or 0 -> 0, else a size."""
+    lowered = str(text).strip().lower()
+    if lowered == "auto":
+        return AUTO_MEMORY
+    if lowered in ("off", "none"):
+        return 0
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(f"not auto, off or a size: {text!r} (use e.g. auto, off, 12GiB)") from None
 
 
 def _parse_bool(text: str | bool) -> bool:
@@ -175,6 +195,11 @@ class PoolConfig:
     health_failures: int = 3
     #: How long a request may wait for the first byte of llama-server's answer before it gets 504; 0 = no limit.
     request_timeout: Duration = Duration(0.0)
+    #: Memory the llama-servers may hold together (by their estimates): ``auto`` (available at start
+    #: less ``memory_reserve``), a size, or ``off``. A load evicts idle servers until it fits.
+    memory: Budget = Budget(AUTO_MEMORY)
+    #: With ``memory = auto``: what is left for everything else (the proxy, the system, other programs).
+    memory_reserve: Size = Size(1024**3)
 
 
 @attrs.frozen
@@ -213,6 +238,12 @@ class ModelConfig:
     url: str | None = None
     #: With ``backend = ollama``: the model's name on that server, if not NAME.
     upstream_model: str | None = None
+    #: What one llama-server of this model holds, overriding the estimate from its GGUF and args.
+    memory: Size | None = None
+    #: Never stopped by the pool (not to make room, not for idle_ttl or an unload request); counts against the budget.
+    pin: bool = False
+    #: Among idle servers, the lower priority is evicted first; then the least recently used.
+    priority: int = 0
 
 
 @attrs.frozen
@@ -253,6 +284,7 @@ def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True)
     converter.register_structure_hook(Duration, lambda value, _: Duration(parse_duration(value)))
     converter.register_structure_hook(Size, lambda value, _: Size(parse_size(value)))
+    converter.register_structure_hook(Budget, lambda value, _: Budget(parse_budget(value)))
     converter.register_structure_hook(bool, lambda value, _: _parse_bool(value))
     converter.register_structure_hook(int, lambda value, _: int(str(value).strip()))
     converter.register_structure_hook_func(lambda cls: cls == tuple[str, ...], lambda value, _: _parse_args(value))
@@ -310,7 +342,7 @@ def _format_exception(exc: BaseException, type_: type | None) -> str:
     if isinstance(exc, ValueError) and str(exc) and not str(exc).startswith("invalid literal"):
         return str(exc)
     name = getattr(type_, "__name__", str(type_))
-    expected = {"Duration": "a duration", "Size": "a size"}.get(name, name)
+    expected = {"Duration": "a duration", "Size": "a size", "Budget": "auto, off or a size"}.get(name, name)
     return f"invalid value, expected {expected}"
 
 
@@ -396,6 +428,11 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(f"[model:{model.name}] request_timeout: must be 0 (no limit) or more")
         if model.backend not in ("llama", "ollama"):
             raise ConfigError(f"[model:{model.name}] backend: must be llama or ollama, not {model.backend!r}")
+        if model.memory is not None and model.memory < 1:
+            raise ConfigError(f"[model:{model.name}] memory: must be at least 1 byte")
+        for key, unset in (("memory", None), ("pin", False), ("priority", 0)):
+            if model.backend == "ollama" and getattr(model, key) != unset:
+                raise ConfigError(f"[model:{model.name}] {key}: only for backend = llama (the pool runs no server for it)")
     agents = config.agents
     for name in agents.enabled:
         if not AGENT_NAME.match(name):

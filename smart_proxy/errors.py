@@ -17,7 +17,9 @@ Ollama's ``{"error": ...}``); nothing else needs to know about HTTP.
     │   └── ModelLoadFailed         502  llama-server exited or failed while loading
     ├── ModelLoadTimeout            504  llama-server not ready within load_timeout
     ├── UpstreamTimeout             504  no first byte of an answer within request_timeout
-    └── InsufficientStorage         507  no room on disk for a model download
+    ├── InsufficientStorage         507  no room on disk for a model download
+    └── ModelTooLarge               507  a model that cannot fit in the pool's memory budget even with
+                                         every other server stopped (never queued: waiting cannot help)
 
 ConfigError is separate: it stops start-up and is never sent to a client.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "ModelLoadTimeout",
     "ModelNotAllowed",
     "ModelNotFound",
+    "ModelTooLarge",
     "PayloadTooLarge",
     "PoolBusy",
     "ProxyError",
@@ -136,6 +139,17 @@ class UpstreamTimeout(ProxyError):
 class InsufficientStorage(ProxyError):
     status = 507
     kind = "insufficient_storage"
+
+
+class ModelTooLarge(ProxyError):
+    """The model needs more memory than ``[pool] memory`` leaves it: refused at once, not queued.
+
+    507 rather than 503: 503 says "busy, retry later", and a retry cannot succeed until
+    the configuration (or the pinned models) changes.
+    """
+
+    status = 507
+    kind = "insufficient_memory"
 
 
 def too_large(limit: int) -> PayloadTooLarge:

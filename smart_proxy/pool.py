@@ -9,12 +9,19 @@ Theory of operation:
   slot first; a STARTING one is joined, not duplicated) or makes room and spawns
   one, so N concurrent first requests start exactly one process. The lock is held
   only for that decision; waiting for the load happens outside it.
-* Making room: with fewer than ``size`` live servers there is room. Otherwise the
-  least recently used server that is READY with nothing in flight and nobody
-  waiting is stopped, by SIGKILL since it has nothing to finish and a request waits
-  for its place; a loading or busy server is never evicted. When nothing can
-  be evicted the request queues, first come first served, at most ``max_queue``
-  deep and ``queue_timeout`` long; past either bound it gets PoolBusy (503).
+* Making room: a load needs a place (fewer than ``size`` live servers) and, with a
+  memory budget (``[pool] memory``), its estimate (:mod:`smart_proxy.memory`, or the
+  model's ``memory``) on top of the estimates of the live servers within the budget.
+  Without both, idle servers (READY, nothing in flight, nobody waiting) are
+  evicted, lowest ``priority`` first and then least recently used, as many as it
+  takes and only if that is enough; by SIGKILL, since they have nothing to finish
+  and a request waits for their place. A loading or busy server is never evicted,
+  nor a pinned one (``pin``). When eviction cannot make room the request queues,
+  first come first served, at most ``max_queue`` deep and ``queue_timeout`` long;
+  past either bound it gets PoolBusy (503). A model that cannot fit even when
+  every server that may ever be stopped is stopped (it is larger than the budget
+  less the pinned servers, or pinned servers hold every place) is refused at once
+  with ModelTooLarge (507): waiting could not help.
 * A lease is a place on a server, not yet a slot in it: at most ``slots``
   requests are in flight to one llama-server (its ``/props`` total_slots, the
   server's ``trio.CapacityLimiter``), and :meth:`Lease.take_slot` waits for one
@@ -33,7 +40,8 @@ Theory of operation:
 * A lease carries the model's ``request_timeout``: how long its request may wait for
   the first byte of an answer before it gets 504.
 * An idle server (nothing in flight) is stopped ``idle_ttl`` after its last use;
-  a request can override that with Ollama's ``keep_alive``.
+  a request can override that with Ollama's ``keep_alive``. A pinned model's server
+  is not: it stops only with the pool, or when it crashes (and then reloads on demand).
 * A Hugging Face model is downloaded (:meth:`Catalog.download`) before the request
   asks for a place: a download can take minutes and must neither hold a place nor
   evict anyone. The snapshot shows downloads in flight beside the servers.
@@ -53,6 +61,7 @@ import contextvars
 import enum
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -62,9 +71,10 @@ import httpx
 import trio
 
 from .catalog import Catalog
-from .config import Config, ModelConfig
-from .download import DownloadSnapshot
-from .errors import ModelLoadFailed, PoolBusy, ProxyError, UpstreamError
+from .config import AUTO_MEMORY, Config, ModelConfig
+from .download import DownloadSnapshot, split_info
+from .errors import ModelLoadFailed, ModelTooLarge, PoolBusy, ProxyError, UpstreamError
+from .memory import MemoryEstimate, available_memory, declared_estimate, format_size, model_estimate
 from .process import Lifeline, ServerProcess, describe_exit, exit_message, free_port
 
 __all__ = [
@@ -128,6 +138,9 @@ class ServerSnapshot:
     last_used: float
     #: When an idle server will be stopped (seconds since the epoch), or None for never.
     expires_at: float | None
+    #: What it is expected to hold (its estimate, or its model's ``memory``), in bytes.
+    memory: int = 0
+    pinned: bool = False
 
 
 @attrs.frozen
@@ -154,6 +167,10 @@ class PoolSnapshot:
     models: tuple[ModelSnapshot, ...]
     #: Hugging Face downloads in flight (state ``downloading``, bytes done / total).
     downloads: tuple[DownloadSnapshot, ...] = ()
+    #: ``[pool] memory`` in bytes, or None when loads are not admitted by memory.
+    memory_budget: int | None = None
+    #: The live servers' estimates together, in bytes.
+    memory_used: int = 0
 
 
 #: A model's status values, as llama-server's router mode names them (plus ``failed``), in lifecycle order.
@@ -222,8 +239,10 @@ class PoolEvents:
 class Server:
     """One life of one llama-server in the pool."""
 
-    def __init__(self, model: ModelConfig, port: int, now: float, request_timeout: float = 0.0) -> None:
+    def __init__(self, model: ModelConfig, port: int, now: float, request_timeout: float = 0.0, memory: int = 0) -> None:
         self.model = model
+        #: What it is expected to hold, in bytes: counted against ``[pool] memory`` while it is live.
+        self.memory = memory
         #: Seconds a request may wait for the first byte of an answer (0: no limit).
         self.request_timeout = model.request_timeout if model.request_timeout is not None else request_timeout
         self.name = model.name
@@ -253,6 +272,11 @@ class Server:
     @property
     def idle(self) -> bool:
         return self.state is State.READY and self.in_flight == 0 and self.waiters == 0
+
+    @property
+    def evictable(self) -> bool:
+        """Idle, and not pinned: the pool may stop it to make room."""
+        return self.idle and not self.model.pin
 
     def __repr__(self) -> str:
         return f"<Server {self.name} {self.state.value} port={self.port} in_flight={self.in_flight}>"
@@ -347,11 +371,15 @@ class Pool:
         self._keep_spare = self._config.spare_lifeline and (
             config.catalog.allow_hf or any(model.backend == "llama" for model in config.models.values())
         )
+        #: Bytes the live servers may hold together; None: no memory budget. ``auto`` is read in run().
+        self._budget: int | None = self._config.memory if self._config.memory > 0 else None
 
     # ---- life of the pool ------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[Pool] = trio.TASK_STATUS_IGNORED) -> None:
         """Supervise the servers until cancelled; cancelling stops every llama-server."""
+        if self._config.memory == AUTO_MEMORY:
+            self._budget = self._auto_budget()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -376,6 +404,32 @@ class Pool:
             await server.gone.wait()
         if spare is not None:
             await spare.done.wait()
+
+    def _auto_budget(self) -> int | None:
+        available = available_memory()
+        if available is None:
+            log.warning("[pool] memory = auto: cannot read the available memory here; loads are not admitted by memory")
+            return None
+        budget = max(0, available - self._config.memory_reserve)
+        if budget == 0:
+            log.warning(
+                "[pool] memory = auto: only %s available, less than [pool] memory_reserve (%s): every load will be "
+                "refused; lower memory_reserve, or set memory to a size or off",
+                format_size(available),
+                format_size(self._config.memory_reserve),
+            )
+        log.info(
+            "memory budget %s (%s available less [pool] memory_reserve %s)",
+            format_size(budget),
+            format_size(available),
+            format_size(self._config.memory_reserve),
+        )
+        return budget
+
+    @property
+    def memory_budget(self) -> int | None:
+        """The bytes the live servers may hold together; None when loads are not admitted by memory."""
+        return self._budget
 
     @property
     def spare(self) -> Lifeline | None:
@@ -444,8 +498,9 @@ class Pool:
                 server = self._choose(model)
                 if server is None:
                     self._check_backoff(model)
-                    await self._make_room(deadline)
-                    server = self._spawn(model)
+                    need = await self._need(model)
+                    await self._make_room(deadline, model, need)
+                    server = self._spawn(model, need)
             finally:
                 lock.release()
             if server.state is not State.READY:
@@ -486,7 +541,7 @@ class Pool:
             await server.settled.wait()
         finally:
             server.waiters -= 1
-            if server.waiters == 0 and server.state is State.STARTING:
+            if server.waiters == 0 and server.state is State.STARTING and not server.model.pin:
                 log.info("%s: every request waiting on the load has gone; cancelling it", server.name)
                 self._stop(server, "load abandoned")
 
@@ -499,7 +554,7 @@ class Pool:
         if free:
             return min(free, key=lambda s: s.in_flight)
         starting = any(s.state is State.STARTING for s in live)
-        if len(live) < model.replicas and not starting and self._live_count() < self._config.size:
+        if len(live) < model.replicas and not starting and self._has_room(live[0].memory):
             return None  # every slot busy and room for another replica
         return min(live, key=lambda s: s.in_flight + s.waiters)
 
@@ -516,9 +571,92 @@ class Pool:
     def _live_count(self) -> int:
         return sum(1 for s in self._servers if s.state in _LIVE)
 
-    async def _make_room(self, deadline: float) -> None:
-        """Return when a new server may start: room, an eviction, or a turn in the queue."""
-        if not self._queue and await self._take_room():
+    def _memory_used(self) -> int:
+        return sum(s.memory for s in self._servers if s.state in _LIVE)
+
+    def _has_room(self, need: int) -> bool:
+        """A place, and ``need`` bytes within the budget, with no one stopped."""
+        if self._live_count() >= self._config.size:
+            return False
+        return self._budget is None or self._memory_used() + need <= self._budget
+
+    async def _need(self, model: ModelConfig) -> int:
+        """The bytes a new server of ``model`` is admitted for: its ``memory``, else its estimate.
+
+        Without a budget the estimate is still made (the snapshot shows it). A model whose
+        files cannot be read yet counts as 0: its load fails with the reason.
+        """
+        estimate = await self.estimate(model)
+        return estimate.total if estimate is not None else 0
+
+    async def estimate(self, model: ModelConfig, *, download: bool = True) -> MemoryEstimate | None:
+        """What one llama-server of ``model`` will hold: its ``[model] memory``, else estimated from its files.
+
+        Args:
+            download: False: a Hugging Face model is read from the cache, never fetched (for
+                lists, which must not download gigabytes nor ask the hub): None if it is not
+                there; its projector, if any, is not counted.
+
+        Returns:
+            None when the model's files cannot be read (missing, not downloaded).
+        """
+        if model.memory is not None:
+            return declared_estimate(model.memory)
+        if model.backend != "llama":
+            return None
+        try:
+            if model.repo is not None and not download:
+                # the cache's copy, never the hub: a split model's parts beside its first; no projector
+                first = await self._catalog.gguf_path(model)
+                stem, _, total = split_info(os.path.basename(first))
+                folder = os.path.dirname(first)
+                parts = [os.path.join(folder, f"{stem}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
+                return await trio.to_thread.run_sync(model_estimate, model, parts if total > 1 else [first])
+            files = await self._catalog.local_files(model)
+            parts = [part for part in files.parts if part != files.mmproj] or [files.model]
+            return await trio.to_thread.run_sync(model_estimate, model, parts, files.mmproj)
+        except (OSError, ImportError, AttributeError, ProxyError) as exc:
+            log.debug("%s: no memory estimate: %s", model.name, exc)
+            return None
+
+    def _check_fits(self, model: ModelConfig, need: int) -> None:
+        """Refuse at once a model that could not start even with every evictable server stopped.
+
+        Raises:
+            ModelTooLarge: it is larger than the budget, or than what pinned servers leave of it,
+                or pinned servers hold every place.
+        """
+        pinned = [s for s in self._servers if s.state in _LIVE and s.model.pin]
+        if len(pinned) >= self._config.size:
+            names = ", ".join(sorted({s.name for s in pinned}))
+            raise ModelTooLarge(
+                f"model {model.name!r} cannot be loaded: pinned models ({names}) hold all "
+                f"{self._config.size} places of the pool ([pool] size)"
+            )
+        if self._budget is None:
+            return
+        if need > self._budget:
+            raise ModelTooLarge(
+                f"model {model.name!r} needs {format_size(need)} of memory, more than the pool's budget of "
+                f"{format_size(self._budget)} ([pool] memory); give it a smaller context (-c) or raise the budget"
+            )
+        held = sum(s.memory for s in pinned)
+        if need > self._budget - held:
+            names = ", ".join(sorted({s.name for s in pinned}))
+            raise ModelTooLarge(
+                f"model {model.name!r} needs {format_size(need)} of memory; the pool's budget is "
+                f"{format_size(self._budget)} ([pool] memory) and pinned models ({names}) hold {format_size(held)}"
+            )
+
+    async def _make_room(self, deadline: float, model: ModelConfig, need: int) -> None:
+        """Return when a new server of ``need`` bytes may start: room, evictions, or a turn in the queue.
+
+        Raises:
+            ModelTooLarge: it cannot fit even in a pool of nothing but pinned servers (now, or while it waits).
+            PoolBusy: the queue is full, or queue_timeout passed.
+        """
+        self._check_fits(model, need)
+        if not self._queue and await self._take_room(need):
             return
         if len(self._queue) >= self._config.max_queue:
             raise self._busy(f"the pool is full and {len(self._queue)} requests are queued (max_queue)")
@@ -527,9 +665,11 @@ class Pool:
         queued_at = trio.current_time()
         try:
             with trio.move_on_at(deadline):
-                while not (self._queue[0] is ticket and await self._take_room()):
+                while True:
+                    self._check_fits(model, need)  # a pinned model loaded meanwhile may have made it hopeless
+                    if self._queue[0] is ticket and await self._take_room(need):
+                        return
                     await self._changed_lot.park()
-                return
             raise self._busy(f"no room in the pool within queue_timeout ({self._config.queue_timeout:g}s)")
         finally:
             self._queue.remove(ticket)
@@ -537,27 +677,50 @@ class Pool:
             self._events.queued(trio.current_time() - queued_at)
 
     def _busy(self, why: str) -> PoolBusy:
+        budget = f" (memory budget {format_size(self._budget)})" if self._budget is not None else ""
         return PoolBusy(
-            f"{why}: all {self._config.size} llama-servers are busy or loading; retry later",
+            f"{why}: all {self._config.size} llama-servers{budget} are busy or loading; retry later",
             retry_after=self._retry_after(),
         )
 
-    async def _take_room(self) -> bool:
-        if self._live_count() < self._config.size:
+    def _victims(self, need: int) -> list[Server] | None:
+        """The fewest idle servers to evict, in eviction order, for a place and ``need`` bytes; None if no set is enough."""
+        count, used = self._live_count(), self._memory_used()
+        victims: list[Server] = []
+        # lower priority first, then least recently used; pinned and busy servers are not candidates
+        for server in sorted((s for s in self._servers if s.evictable), key=lambda s: (s.model.priority, s.last_used)):
+            if count < self._config.size and (self._budget is None or used + need <= self._budget):
+                break
+            victims.append(server)
+            count -= 1
+            used -= server.memory
+        if count < self._config.size and (self._budget is None or used + need <= self._budget):
+            return victims
+        return None
+
+    async def _take_room(self, need: int) -> bool:
+        if self._has_room(need):
             return True
         stopping = [s for s in self._servers if s.state is State.STOPPING]
         if stopping:  # a place is about to free itself (abandoned load, idle ttl): take it, evict no one
             await stopping[0].gone.wait()
-            return self._live_count() < self._config.size
-        idle = [s for s in self._servers if s.idle]
-        if not idle:
+            return self._has_room(need)
+        victims = self._victims(need)
+        if not victims:  # eviction cannot make room (busy or loading servers hold it): wait
             return False
-        victim = min(idle, key=lambda s: s.last_used)
-        log.info("%s: evicted (least recently used idle server) to make room", victim.name)
-        self._stop(victim, "evicted", kill=True)
-        self._events.evicted(victim.name)
-        await victim.gone.wait()
-        return self._live_count() < self._config.size
+        for victim in victims:
+            log.info(
+                "%s: evicted (idle, priority %d, %s) to make room for a load of %s",
+                victim.name,
+                victim.model.priority,
+                format_size(victim.memory),
+                format_size(need),
+            )
+            self._stop(victim, "evicted", kill=True)
+            self._events.evicted(victim.name)
+        for victim in victims:
+            await victim.gone.wait()
+        return self._has_room(need)
 
     def _busy_slots(self, server: Server) -> PoolBusy:
         return PoolBusy(
@@ -576,9 +739,9 @@ class Pool:
 
     # ---- one server's life -----------------------------------------------------------
 
-    def _spawn(self, model: ModelConfig) -> Server:
+    def _spawn(self, model: ModelConfig, memory: int = 0) -> Server:
         assert self._nursery is not None, "Pool.run() is not running"
-        server = Server(model, free_port(), trio.current_time(), self._config.request_timeout)
+        server = Server(model, free_port(), trio.current_time(), self._config.request_timeout, memory)
         self._servers.append(server)
         # the server outlives the request that started it: its task must not inherit that
         # request's context (its id in every log line, its metrics exchange)
@@ -703,6 +866,9 @@ class Pool:
     async def unload(self, name: str) -> int:
         """Stop every idle server of model ``name`` now; return how many were stopped."""
         model = self._catalog.get(name)
+        if model.pin:
+            log.info("%s: unload requested, but the model is pinned ([model:%s] pin): it stays", model.name, model.name)
+            return 0
         servers = [s for s in self._servers if s.name == model.name and s.idle]
         for server in servers:
             self._stop(server, "unload requested")
@@ -714,6 +880,8 @@ class Pool:
 
     def _expiry(self, server: Server) -> float:
         """When an idle server should stop (trio clock), or inf."""
+        if server.model.pin:
+            return math.inf
         ttl = server.keep_alive
         if ttl is None:
             ttl = server.model.idle_ttl if server.model.idle_ttl is not None else self._config.idle_ttl
@@ -801,6 +969,8 @@ class Pool:
                     slots=s.slots,
                     last_used=to_wall(s.last_used),
                     expires_at=None if math.isinf(expiry) else to_wall(expiry),
+                    memory=s.memory,
+                    pinned=s.model.pin,
                 )
             )
         models = tuple(
@@ -823,4 +993,6 @@ class Pool:
             servers=tuple(servers),
             models=models,
             downloads=self._catalog.downloading(),
+            memory_budget=self._budget,
+            memory_used=self._memory_used(),
         )

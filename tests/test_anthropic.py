@@ -513,7 +513,10 @@ async def agents_url(make_config, start_proxy, tmp_path: Path) -> str:
     write_agent(root, "tag", TAG)
     write_agent(root, "mark", marker("mark"))
     write_agent(root, "boom", BOOM)
-    config = make_config({"echo": {"echo": True, "vision": True}, "m": {"tokens": 3, "vision": True}, "bad": {"reject": {"status": 400, "message": "too long"}}})
+    config = make_config(
+        {"echo": {"echo": True, "vision": True}, "m": {"tokens": 3, "vision": True},
+         "bad": {"reject": {"status": 400, "message": "too long"}}}
+    )  # fmt: skip
     return await start_proxy(with_agents(config, root, "tag", "mark", "boom"))
 
 

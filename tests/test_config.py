@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from smart_proxy.config import load_config, parse_duration, parse_size, structure
+from smart_proxy.config import AUTO_MEMORY, load_config, parse_duration, parse_size, structure
 from smart_proxy.errors import ConfigError
 
 
@@ -23,7 +23,7 @@ def test_durations(text: str, seconds: float) -> None:
 @pytest.mark.parametrize(
     ("text", "size"),
     [("1024", 1024), ("512k", 512 * 1024), ("64m", 64 * 1024**2), ("64MB", 64 * 1024**2), ("1GiB", 1024**3),
-     ("10b", 10)],
+     ("10b", 10), ("2GiB", 2 * 1024**3), ("512MB", 512 * 1024**2), ("1TiB", 1024**4), ("1.5g", 3 * 1024**3 // 2)],
 )
 def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
@@ -191,3 +191,35 @@ def test_cli_missing_binary_says_how_to_install(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "[pool] llama_server: /nonexistent/llama-server is not an executable file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_memory_keys(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    pool = structure({}).pool
+    assert (pool.memory, pool.memory_reserve) == (AUTO_MEMORY, 1024**3)
+    for text, budget in (("auto", AUTO_MEMORY), ("off", 0), ("0", 0), ("12GiB", 12 * 1024**3), (" 512m ", 512 * 1024**2)):
+        assert structure({"pool": {"memory": text}}).pool.memory == budget
+    assert structure({"pool": {"memory_reserve": "2g"}}).pool.memory_reserve == 2 * 1024**3
+    model = structure(
+        {"model:m": {"path": "m.gguf", "memory": "1TiB", "pin": "true", "priority": "-3"}}, base_dir=str(tmp_path)
+    ).models["m"]
+    assert (model.memory, model.pin, model.priority) == (1024**4, True, -3)
+    plain = structure({"model:m": {"path": "m.gguf"}}, base_dir=str(tmp_path)).models["m"]
+    assert (plain.memory, plain.pin, plain.priority) == (None, False, 0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"pool": {"memory": "lots"}}, "[pool] memory: not auto, off or a size: 'lots'"),
+        ({"pool": {"memory_reserve": "-1g"}}, "[pool] memory_reserve: not a size"),
+        ({"model:m": {"path": "m.gguf", "memory": "0"}}, "[model:m] memory: must be at least 1 byte"),
+        ({"model:m": {"path": "m.gguf", "priority": "high"}}, "[model:m] priority: invalid value"),
+        ({"model:o": {"backend": "ollama", "url": "http://h:1", "pin": "true"}}, "[model:o] pin: only for backend = llama"),
+    ],
+)
+def test_memory_key_errors(tmp_path: Path, raw: dict, message: str) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ConfigError) as info:
+        structure(raw, base_dir=str(tmp_path))
+    assert message in str(info.value)

@@ -32,6 +32,7 @@ from smart_proxy.download import (
     select,
 )
 from smart_proxy.errors import InsufficientStorage, ModelNotFound, UpstreamError
+from smart_proxy.memory import read_estimate
 
 from .fake_hub import FakeHub, HubFile, environ_for, split_bytes
 
@@ -616,7 +617,9 @@ def test_cli_pull_and_models(hub: FakeHub, tmp_path: Path) -> None:
         "size": len(gguf(1)),
         "local": True,
         "files": [str(tmp_path / "local.gguf")],
+        "memory": read_estimate([str(tmp_path / "local.gguf")], []).total,
     }
+    assert rows["tiny"]["memory"] is None  # not downloaded: nothing to read yet
 
     pulled = run_cli(["--config", str(ini), "pull", "tiny"], env)
     assert pulled.returncode == 0, pulled.stderr
@@ -628,10 +631,11 @@ def test_cli_pull_and_models(hub: FakeHub, tmp_path: Path) -> None:
     after = run_cli(["models", "--config", str(ini), "--json"], env)
     rows = {row["name"]: row for row in json.loads(after.stdout)}
     assert rows["tiny"]["local"] is True and rows["split"]["local"] is False
+    assert rows["tiny"]["memory"] == read_estimate([pulled.stdout.strip()], []).total
     table = run_cli(["models", "--config", str(ini)], env)
     assert table.returncode == 0
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "SOURCE", "SIZE", "LOCAL"]
+    assert lines[0].split() == ["NAME", "SOURCE", "SIZE", "MEMORY", "LOCAL"]
     assert any(line.split()[0] == "tiny" and line.split()[-1] == "yes" for line in lines[1:])
 
     missing = run_cli(["pull", "nope", "--config", str(ini)], env)

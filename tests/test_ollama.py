@@ -435,6 +435,8 @@ async def test_tags_show_and_ps(make_config, start_proxy) -> None:
     await in_thread(with_client, url, lambda c: c.generate(model="b", prompt="x"))
     (running,) = (await _ps(url)).models
     assert running.model == "b:latest" and running.context_length == 4096 and running.expires_at.year > 2200
+    (server,) = (await in_thread(lambda: httpx.get(f"{url}/health").json()))["pool"]["servers"]
+    assert running.size == server["memory"] > 0 and running.size_vram == 0
 
 
 async def test_model_info_from_a_real_gguf_header(tmp_path: Path) -> None:

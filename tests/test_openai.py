@@ -49,6 +49,19 @@ async def test_models_lists_catalog_with_loaded_state(make_config, start_proxy, 
     assert {m["id"]: m["loaded"] for m in data} == {"a": True, "b": False}
 
 
+async def test_models_show_the_memory_one_server_holds(make_config, start_proxy, http: httpx.AsyncClient) -> None:
+    from smart_proxy.memory import read_estimate
+
+    config = make_config({"a": {}, "b": {}, "d": {}}, {"d": {"memory": "3GiB"}})
+    url = await start_proxy(config)
+    await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x"})
+    memory = {m["id"]: m["memory"] for m in (await http.get(f"{url}/v1/models")).json()["data"]}
+    (server,) = (await http.get(f"{url}/health")).json()["pool"]["servers"]
+    assert memory["a"] == server["memory"] > 0  # the loaded server's, as admitted
+    assert memory["b"] == read_estimate([config.models["b"].path], []).total  # estimated, not loaded
+    assert memory["d"] == 3 * 1024**3  # declared
+
+
 async def test_health_shows_pool(make_config, start_proxy, http: httpx.AsyncClient) -> None:
     url = await start_proxy(make_config({"a": {}}, size=3))
     await http.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x"})

@@ -644,3 +644,196 @@ async def test_a_busy_server_that_answers_its_probes_is_left_alone(make_config, 
         )
         assert b"data: [DONE]" in await answer.read()  # a second of tokens, probed twenty times
     assert pool.snapshot().models[0].crashes == 0
+
+
+# ---- memory budget, pins and priorities ------------------------------------------------------
+
+GiB = 1024**3
+
+
+def _memory_config(make_config, sizes: dict[str, str], budget: str = "2.5g", size: int = 8, **options):
+    """Fake models with declared ``memory`` (``sizes``), under a ``[pool] memory`` budget; ``options`` per model."""
+    per_model = {name: {"memory": memory, **options.get(name, {})} for name, memory in sizes.items()}
+    pool_keys = {key: value for key, value in options.items() if key not in sizes}
+    return make_config({name: {} for name in sizes}, per_model, size=size, memory=budget, **pool_keys)
+
+
+async def _use(pool, *names: str) -> None:
+    for name in names:
+        async with pool.lease(name):
+            pass
+
+
+def _loaded(pool) -> list[str]:
+    return sorted(s.name for s in pool.servers() if s.state is State.READY)
+
+
+async def test_a_load_evicts_the_lru_idle_server_when_memory_runs_out(make_config, start_pool) -> None:
+    pool = await start_pool(_memory_config(make_config, {"a": "1g", "b": "1g", "c": "1g"}))
+    await _use(pool, "a", "b", "a")
+    assert _loaded(pool) == ["a", "b"] and pool.snapshot().memory_used == 2 * GiB
+    await _use(pool, "c")  # 3 GiB would not fit 2.5: b, the least recently used, goes
+    assert _loaded(pool) == ["a", "c"]
+    snapshot = pool.snapshot()
+    assert (snapshot.memory_budget, snapshot.memory_used) == (int(2.5 * GiB), 2 * GiB)
+    assert [s.memory for s in snapshot.servers] == [GiB, GiB]
+
+
+async def test_a_load_evicts_as_many_idle_servers_as_it_needs_and_no_more(make_config, start_pool) -> None:
+    pool = await start_pool(_memory_config(make_config, {"a": "1g", "b": "1g", "d": "1g", "big": "2g"}, budget="3g"))
+    await _use(pool, "a", "b", "d")
+    await _use(pool, "big")  # needs 2 of the 3 GiB: the two least recently used go, d stays
+    assert _loaded(pool) == ["big", "d"]
+
+
+async def test_idle_servers_are_not_evicted_when_that_would_not_be_enough(make_config, start_pool) -> None:
+    pool = await start_pool(_memory_config(make_config, {"a": "1g", "b": "1g", "big": "2g"}, budget="2g"))
+    await _use(pool, "b")
+    lease_a = await pool.acquire("a")  # busy: holds its GiB
+    got_big = trio.Event()
+
+    async def want_big() -> None:
+        async with pool.lease("big"):
+            got_big.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(want_big)
+        await trio.sleep(0.3)
+        # evicting b alone cannot make 2 GiB while a is busy: b keeps serving, big waits
+        assert not got_big.is_set() and _loaded(pool) == ["a", "b"] and pool.snapshot().queued == 1
+        await _use(pool, "b")
+        lease_a.release()
+        with trio.fail_after(5):
+            await got_big.wait()
+    assert _loaded(pool) == ["big"]
+
+
+async def test_a_model_larger_than_the_budget_is_refused_at_once(make_config, start_pool) -> None:
+    from smart_proxy.errors import ModelTooLarge
+
+    pool = await start_pool(_memory_config(make_config, {"a": "1g", "huge": "1TiB"}, budget="2g"))
+    await _use(pool, "a")
+    with trio.fail_after(1), pytest.raises(ModelTooLarge) as info:
+        await pool.acquire("huge")
+    assert info.value.status == 507
+    assert "'huge' needs 1.0 TiB" in info.value.message and "budget of 2.0 GiB" in info.value.message
+    assert _loaded(pool) == ["a"] and pool.snapshot().queued == 0  # nobody was evicted for it
+
+
+async def test_a_pinned_model_survives_any_sequence_of_requests(make_config, start_pool) -> None:
+    config = _memory_config(make_config, {"p": "1g", "a": "1g", "b": "1g"}, budget="2g", p={"pin": "true"})
+    pool = await start_pool(config)
+    await _use(pool, "p")
+    pinned = pool.servers("p")[0]
+    for name in ("a", "b", "a", "b", "b", "a"):  # p is the least recently used every time
+        await _use(pool, name)
+        assert _loaded(pool) == sorted(["p", name])
+    assert pool.servers("p") == [pinned] and pinned.state is State.READY
+    assert await pool.unload("p") == 0
+    async with pool.lease("p", keep_alive=0):  # Ollama's "unload after this request"
+        pass
+    await trio.sleep(0.2)
+    assert pool.servers("p") == [pinned] and pool.snapshot().models[0].loads == 1
+    assert [s.pinned for s in pool.snapshot().servers if s.model == "p"] == [True]
+
+
+async def test_a_pinned_model_is_not_stopped_by_idle_ttl(make_config, start_pool) -> None:
+    config = _memory_config(make_config, {"p": "1g", "a": "1g"}, budget="off", idle_ttl="200ms", p={"pin": "true"})
+    pool = await start_pool(config)
+    await _use(pool, "p", "a")
+    a = pool.servers("a")[0]
+    with trio.fail_after(3):
+        await a.gone.wait()
+    await trio.sleep(0.3)
+    assert _loaded(pool) == ["p"] and pool.snapshot().servers[0].expires_at is None
+
+
+async def test_what_pinned_models_leave_is_the_budget_for_the_rest(make_config, start_pool) -> None:
+    from smart_proxy.errors import ModelTooLarge
+
+    config = _memory_config(make_config, {"p": "1.5g", "a": "1g"}, budget="2g", p={"pin": "true"})
+    pool = await start_pool(config)
+    await _use(pool, "p")
+    with trio.fail_after(1), pytest.raises(ModelTooLarge, match=r"pinned models \(p\) hold 1.5 GiB"):
+        await pool.acquire("a")
+
+
+async def test_pinned_models_holding_every_place_refuse_the_rest_at_once(make_config, start_pool) -> None:
+    from smart_proxy.errors import ModelTooLarge
+
+    config = make_config({"p": {}, "a": {}}, {"p": {"pin": "true"}}, size=1, memory="off")
+    pool = await start_pool(config)
+    await _use(pool, "p")
+    with trio.fail_after(1), pytest.raises(ModelTooLarge, match=r"pinned models \(p\) hold all 1 places"):
+        await pool.acquire("a")
+
+
+async def test_lower_priority_is_evicted_before_the_least_recently_used(make_config, start_pool) -> None:
+    config = _memory_config(
+        make_config, {"hi": "1g", "lo": "1g", "c": "1g"}, budget="2g", hi={"priority": "5"}, lo={"priority": "-1"}
+    )
+    pool = await start_pool(config)
+    await _use(pool, "hi", "lo")  # hi is the least recently used, but lo has the lower priority
+    await _use(pool, "c")
+    assert _loaded(pool) == ["c", "hi"]
+    await _use(pool, "lo")  # c (priority 0) goes before hi (5), though hi is older
+    assert _loaded(pool) == ["hi", "lo"]
+
+
+async def test_the_count_cap_still_holds_under_a_memory_budget(make_config, start_pool) -> None:
+    pool = await start_pool(_memory_config(make_config, {"a": "1m", "b": "1m", "c": "1m"}, budget="1g", size=2))
+    await _use(pool, "a", "b", "c")
+    assert _loaded(pool) == ["b", "c"]
+
+
+async def test_memory_auto_is_what_is_available_less_the_reserve(make_config, start_pool, monkeypatch) -> None:
+    monkeypatch.setattr(pool_module, "available_memory", lambda: 5 * GiB)
+    pool = await start_pool(make_config({"a": {}}, memory="auto", memory_reserve="1.5g"))
+    assert pool.memory_budget == pool.snapshot().memory_budget == int(3.5 * GiB)
+    monkeypatch.setattr(pool_module, "available_memory", lambda: None)  # no /proc/meminfo: no budget
+    assert (await start_pool(make_config({"a": {}}, memory="auto"))).memory_budget is None
+    assert (await start_pool(make_config({"a": {}}, memory="off"))).memory_budget is None
+
+
+async def test_an_undeclared_model_is_admitted_by_its_estimate(make_config, start_pool) -> None:
+    from smart_proxy.memory import BASE_BYTES
+
+    pool = await start_pool(make_config({"a": {}}, memory="1g"))
+    estimate = await pool.estimate(pool._catalog.get("a"))
+    assert estimate is not None and estimate.declared is None and estimate.total > BASE_BYTES
+    await _use(pool, "a")
+    assert pool.snapshot().servers[0].memory == estimate.total == pool.snapshot().memory_used
+
+
+async def test_a_listed_repo_model_is_estimated_from_the_cache_and_never_fetched(hub, tmp_path, http) -> None:
+    from smart_proxy.catalog import Catalog
+    from smart_proxy.config import structure
+    from smart_proxy.download import Downloads, fetch, resolve
+    from smart_proxy.pool import Pool
+
+    from .test_download import REPO, tiny_repo
+
+    tiny_repo(hub)
+    model = ModelConfig(name="split", repo=REPO, quant="F16")
+    downloads = Downloads()
+    pool = Pool(structure({}), Catalog({"split": model}, str(tmp_path), downloads=downloads), http, "llama-server")
+    assert await pool.estimate(model, download=False) is None
+    assert hub.requests == []
+    files = await trio.to_thread.run_sync(lambda: fetch(resolve(model, downloads.hub), downloads.hub))
+    assert len(files.parts) == 3
+    estimate = await pool.estimate(model, download=False)
+    sizes = await trio.to_thread.run_sync(lambda: sum(os.path.getsize(part) for part in files.parts))
+    assert estimate is not None and estimate.weights == sizes
+
+
+async def test_memory_auto_below_the_reserve_refuses_every_load_and_says_so(
+    make_config, start_pool, monkeypatch, caplog
+) -> None:
+    from smart_proxy.errors import ModelTooLarge
+
+    monkeypatch.setattr(pool_module, "available_memory", lambda: GiB // 2)
+    pool = await start_pool(make_config({"a": {}}, memory="auto"))
+    assert pool.memory_budget == 0
+    assert "every load will be refused; lower memory_reserve" in caplog.text
+    with trio.fail_after(1), pytest.raises(ModelTooLarge, match="budget of 0 B"):
+        await pool.acquire("a")

@@ -589,7 +589,8 @@ async def tags(proxy: ProxyState) -> Reply:
 
 
 async def ps(proxy: ProxyState) -> Reply:
-    """``GET /api/ps``: loaded models, ready llama-servers (with when they will be stopped), and upstream ones loaded there."""
+    """``GET /api/ps``: loaded models, ready llama-servers (with when they will be stopped and the memory they
+    hold, ``size``), and upstream ones loaded there."""
     now = time.time()
     newest: dict[str, tuple[float, int]] = {}
     for snap in proxy.pool.snapshot().servers:
@@ -608,9 +609,10 @@ async def ps(proxy: ProxyState) -> Reply:
         # whatever a request's keep_alive left there (NaN, a year past 9999), this list must still be answered
         forever = not math.isfinite(expires) or expires - now > dialect.MAX_KEEP_ALIVE
         entry["expires_at"] = dialect.far_future() if forever else dialect.iso_time(expires)
-        entry["size_vram"] = 0
+        entry["size_vram"] = 0  # llama-servers run on the CPU: no model memory is on a GPU
         server = servers.get(port)
         if server is not None:
+            entry["size"] = server.memory  # in /api/ps, Ollama's size is the memory the loaded model holds
             n_ctx = ((await server_props(proxy.client, server)).get("default_generation_settings") or {}).get("n_ctx")
             if isinstance(n_ctx, int):
                 entry["context_length"] = n_ctx

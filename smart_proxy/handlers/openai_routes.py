@@ -23,6 +23,7 @@ import time
 
 from .. import logs
 from ..agents import Chain
+from ..config import ModelConfig
 from ..dialects import openai as dialect
 from ..errors import ProxyError
 from ..metrics import note_model
@@ -144,8 +145,18 @@ async def _with_agents(proxy: ProxyState, request: Request, chain: Chain) -> Rep
     return json_reply(response, headers=ctx.headers())
 
 
+async def _memory(proxy: ProxyState, model: ModelConfig) -> int | None:
+    """Bytes one llama-server of ``model`` holds: a live server's admitted size, else the estimate (None: unknown)."""
+    live = [server.memory for server in proxy.pool.servers(model.name)]
+    if live:
+        return live[0]
+    estimate = await proxy.pool.estimate(model, download=False)
+    return estimate.total if estimate is not None else None
+
+
 async def models(proxy: ProxyState, status: list[str] | None = None) -> Reply:
-    """``GET /v1/models``: every catalog model with its status, those of ``status`` only when given.
+    """``GET /v1/models``: every catalog model with its status (those of ``status`` only when given) and
+    the memory one llama-server of it holds (``memory``, bytes; None for an upstream's model or one not on disk).
 
     A local model's status comes from the pool (:meth:`smart_proxy.pool.Pool.model_status`); a
     model of an Ollama upstream is ``loaded`` when that server's ``/api/ps`` lists it, else
@@ -180,6 +191,7 @@ async def models(proxy: ProxyState, status: list[str] | None = None) -> Reply:
                 "loaded": current.value == "loaded",
                 "state": current.state,
                 "status": dialect.status_object(current),
+                "memory": await _memory(proxy, model),
             }
         )
     return json_reply({"object": "list", "data": data})
