@@ -102,7 +102,9 @@ def main(argv: list[str]) -> int:
     pid = os.fork()
     if pid == 0:
         _child(argv, parent, libc)
-    print(f"lifeline: pid {pid}", flush=True)
+    # one write, so the line reaches the pipe whole whatever the command writes at once (an unbuffered
+    # print writes the text and its newline apart, and the two outputs could interleave between them)
+    os.write(sys.stdout.fileno(), f"lifeline: pid {pid}\n".encode())
 
     def forward(signum: int, frame: object) -> None:
         try:
