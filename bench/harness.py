@@ -40,7 +40,8 @@ REPO = BENCH_DIR.parent
 PROXY_REPO = REPO
 PROXY_CPU = 1
 LOAD_CPU = 0
-BENCH_VENV = Path(os.environ.get("BENCH_VENV", "/work/bench-venv"))
+#: The benchmarks' helper venv (LiteLLM, matplotlib, py-spy): ``$BENCH_VENV``, else ``.venv-bench/`` in the checkout.
+BENCH_VENV = Path(os.environ.get("BENCH_VENV") or REPO / ".venv-bench")
 
 _started: list[subprocess.Popen] = []
 

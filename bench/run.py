@@ -9,7 +9,7 @@ their results into the existing results.json, so the report always shows the
 latest figures of every scenario (each with its own date and commit).
 
 Run it with the project's venv (``. .venv/bin/activate``); plotting and LiteLLM live
-in a separate venv (``$BENCH_VENV``, default /work/bench-venv), created on first use.
+in a separate venv (``$BENCH_VENV``, default ``.venv-bench/`` in the checkout), created on first use.
 Needs go, wrk and taskset (installed from Debian when missing and run as root).
 """
 
