@@ -153,7 +153,8 @@ class Exchange:
     def body_sent(self, chunk: bytes) -> None:
         if not chunk:
             return
-        if self.streaming and self.first_byte is None:
+        # an SSE comment (": loading MODEL 3 s" while a stream waits for its load) is not a token
+        if self.streaming and self.first_byte is None and not chunk.startswith(b":"):
             self.first_byte = trio.current_time()
         if self.usage is not None:
             self.usage.feed(chunk)
