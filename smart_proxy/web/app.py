@@ -14,7 +14,10 @@ The proxy's own routes: the probes, the detailed health view, the metrics, and t
 view of the pool (no upstream call). ``/health/ready`` is readiness: 200 only
 while the proxy takes new requests, 503 while starting or draining. Both are
 public; ``/metrics`` is Prometheus text and needs a key when keys are set.
-``/plugins`` lists the agents found at start-up.
+``/plugins`` lists the agents found at start-up. ``/events`` (the live event stream) and
+``/logs/MODEL`` (a model's llama-server output) are made in
+:mod:`smart_proxy.handlers.watch_routes`; their streamed replies become Quart streamed
+responses (:func:`_streamed`), which Quart-Trio cancels when the client disconnects.
 
 Public means anyone may probe, so ``/health`` tells anyone only the status, the
 phase and the pool's counts. Its detail (every server's port, pid and state, each
