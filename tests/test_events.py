@@ -248,3 +248,49 @@ def test_docs_name_every_event_kind() -> None:
                  "upstream", "request", "lost", "line"):  # fmt: skip
         assert f"`{kind}`" in text, kind
 
+
+
+async def test_a_request_summary_names_the_agents_that_ran(make_config, start_proxy, http, tmp_path) -> None:
+    from .test_agents import copy_bundled, with_agents
+
+    root = tmp_path / "agents"
+    root.mkdir()
+    copy_bundled(root, "json", "constrain = true\n")
+    url = await start_proxy(with_agents(make_config({"a": {"content": '{"ok": 1}'}}), root, "json"))
+    async with http.stream("GET", url + "/events") as response:
+        events = SSEReader(response)
+        await events.next()
+        body = {"model": "a", "messages": [{"role": "user", "content": "/json give me JSON"}]}
+        assert (await http.post(url + "/v1/chat/completions", json=body)).status_code == 200
+        _, summary = await events.until("request")
+        assert summary["agents"] == ["json"] and summary["status"] == 200
+        assert (await http.post(url + "/v1/chat/completions", json=chat())).status_code == 200
+        _, summary = await events.until("request")
+        assert summary["agents"] == []
+
+
+async def test_a_stream_that_falls_behind_gets_lost_then_a_fresh_snapshot(make_config, start_pool, http) -> None:
+    from smart_proxy.catalog import Catalog
+    from smart_proxy.handlers import watch_routes
+    from smart_proxy.handlers.state import ProxyState
+    from smart_proxy.lifecycle import Phase
+
+    config = make_config({"a": {}})
+    proxy = ProxyState(config, Catalog(config.models, config.base_dir), await start_pool(config), http)
+    proxy.lifecycle.move(Phase.READY)
+    reply = await watch_routes.events(proxy)
+    assert reply.stream is not None
+    async with reply.stream as pieces:
+        first = await anext(pieces)
+        assert first.startswith(b"event: snapshot\n")
+        for i in range(3000):  # more than a subscriber's buffer, published while it does not read
+            proxy.bus.publish("tick", n=i)
+        piece = await anext(pieces)
+        messages = piece.split(b"\n\n")
+        assert messages[0].startswith(b"event: lost\n") and b'"count":3000' in messages[0]
+        assert messages[1].startswith(b"event: snapshot\n")
+        proxy.bus.publish("tick", n=3000)
+        assert b'"n":3000' in await anext(pieces)  # and on it goes
+        proxy.lifecycle.move(Phase.DRAINING)
+        with trio.fail_after(2):
+            assert [piece async for piece in pieces] == []  # the stream ends when the proxy drains
