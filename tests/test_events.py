@@ -294,3 +294,36 @@ async def test_a_stream_that_falls_behind_gets_lost_then_a_fresh_snapshot(make_c
         proxy.lifecycle.move(Phase.DRAINING)
         with trio.fail_after(2):
             assert [piece async for piece in pieces] == []  # the stream ends when the proxy drains
+
+
+async def test_a_client_that_leaves_is_unsubscribed(make_config, start_pool, http) -> None:
+    from smart_proxy.catalog import Catalog
+    from smart_proxy.handlers.state import ProxyState
+    from smart_proxy.lifecycle import Phase
+    from smart_proxy.web.app import create_app
+
+    from .asgi_driver import scope
+
+    config = make_config({"a": {}})
+    proxy = ProxyState(config, Catalog(config.models, config.base_dir), await start_pool(config), http)
+    proxy.lifecycle.move(Phase.READY)
+    app = create_app(proxy)
+    request = {**scope("/events", b""), "method": "GET", "headers": [(b"host", b"proxy")]}
+    to_app, receive = trio.open_memory_channel[dict](4)
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    to_app.send_nowait({"type": "http.request", "body": b"", "more_body": False})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(app, request, receive.receive, send)
+        with trio.fail_after(5):
+            while not any(m.get("body", b"").startswith(b"event: snapshot") for m in sent):
+                await trio.sleep(0.01)
+        assert proxy.bus.subscribers == 1 and sent[0]["status"] == 200
+        to_app.send_nowait({"type": "http.disconnect"})
+        with trio.fail_after(5):
+            while proxy.bus.subscribers:
+                await trio.sleep(0.01)
+    assert proxy.bus.subscribers == 0
