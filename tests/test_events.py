@@ -327,3 +327,19 @@ async def test_a_client_that_leaves_is_unsubscribed(make_config, start_pool, htt
             while proxy.bus.subscribers:
                 await trio.sleep(0.01)
     assert proxy.bus.subscribers == 0
+
+
+async def test_an_idle_stop_and_an_unload_say_why(make_config, start_proxy, http) -> None:
+    url = await start_proxy(make_config({"a": {"load_delay": 0.05}, "b": {"load_delay": 0.05}}, idle_ttl=0.5))
+    async with http.stream("GET", url + "/events") as response:
+        events = SSEReader(response)
+        await events.next()
+        assert (await http.post(url + "/v1/chat/completions", json=chat("a"))).status_code == 200
+        seen, stopping = await events.until("stopping", model="a")
+        assert stopping["reason"] == "idle" and kinds(seen, "a") == ["loading", "loaded", "stopping"]
+        await events.until("stopped", model="a")
+        assert (await http.post(url + "/v1/chat/completions", json=chat("b"))).status_code == 200
+        unload = await http.post(url + "/api/generate", json={"model": "b", "keep_alive": 0})
+        assert unload.status_code == 200 and unload.json()["done_reason"] == "unload"
+        seen, stopping = await events.until("stopping", model="b")
+        assert stopping["reason"] == "unload requested"
