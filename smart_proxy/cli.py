@@ -4,10 +4,15 @@
     smart-proxy pull NAME [--config proxy.ini]               download a model ahead of time
     smart-proxy models [--config proxy.ini] [--json]         list the catalog: source, size, memory, local?
     smart-proxy doctor [--config proxy.ini] [--model NAME]   can this machine serve? (exit 0: yes)
+    smart-proxy ps [--url URL] [--api-key KEY] [--json]      a running proxy's llama-servers
+    smart-proxy stop MODEL [--url URL] [--api-key KEY]       unload a model of a running proxy
+    smart-proxy logs MODEL [-f] [--url URL] [--api-key KEY]  a model's llama-server output (-f: follow)
 
 Options may come before or after the subcommand. A config error is one line and exit status 2;
 a failed pull is one line and exit status 1. Serving: the first SIGINT or SIGTERM drains and
 exits 0; a second SIGINT stops at once and exits 130 (see :mod:`smart_proxy.server`).
+``ps``, ``stop`` and ``logs`` talk to a running proxy through its API (:mod:`smart_proxy.control`);
+when it does not answer, one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 
 import trio
 
-from . import doctor
+from . import control, doctor
 from .catalog import Catalog, describe
 from .config import Config, load_config
 from .download import Hub, Progress, fetch, resolve
@@ -71,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smart-proxy", description="A Trio smart proxy for local LLMs.")
     common(parser, top=True)
     listen(parser, top=True)
-    commands = parser.add_subparsers(dest="command", metavar="{serve,pull,models,doctor}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,pull,models,doctor,ps,stop,logs}")
     serve_parser = commands.add_parser("serve", help="run the proxy (the default)")
     common(serve_parser, top=False)
     listen(serve_parser, top=False)
@@ -86,7 +92,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor_parser.add_argument("--model", help="the catalog model to answer one token (default: the embedded one)")
     common(doctor_parser, top=False)
+    add_control_commands(commands)
     return parser
+
+
+def add_control_commands(commands: argparse._SubParsersAction) -> None:
+    """``ps``, ``stop`` and ``logs``: clients of a running proxy (see :mod:`smart_proxy.control`)."""
+
+    def remote(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--url", default=control.DEFAULT_URL, help=f"the running proxy (default: {control.DEFAULT_URL})")
+        parser.add_argument(
+            "--api-key",
+            default=os.environ.get("SMART_PROXY_API_KEY"),
+            help="its API key, when it has keys (default: $SMART_PROXY_API_KEY)",
+        )
+
+    ps_parser = commands.add_parser("ps", help="a running proxy's llama-servers: state, memory, slots, expiry")
+    ps_parser.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    remote(ps_parser)
+    stop_parser = commands.add_parser("stop", help="unload a model of a running proxy (a pinned one stays)")
+    stop_parser.add_argument("model", help="the model to unload")
+    remote(stop_parser)
+    logs_parser = commands.add_parser("logs", help="the last lines a model's llama-server printed")
+    logs_parser.add_argument("model", help="the model whose llama-server output to show")
+    logs_parser.add_argument("-f", "--follow", action="store_true", help="then print new lines as they come, until Ctrl-C")
+    remote(logs_parser)
+
+
+def run_control(args: argparse.Namespace) -> int:
+    """Run ``ps``, ``stop`` or ``logs`` against the proxy at ``--url``."""
+    try:
+        if args.command == "ps":
+            return control.ps(args.url, args.api_key, as_json=args.json)
+        if args.command == "stop":
+            return control.stop(args.url, args.api_key, args.model)
+        return control.logs(args.url, args.api_key, args.model, follow=args.follow)
+    except control.ControlError as exc:
+        print(f"smart-proxy {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(level, args.log_format)
     if command == "doctor":
         return doctor.run(args.config, args.model)
+    if command in ("ps", "stop", "logs"):
+        return run_control(args)
     try:
         config = load_config(args.config)
         if command == "pull":

@@ -168,6 +168,12 @@ class ProxyConfig:
     max_answer: Size = Size(64 * 1024**2)
     #: A Hypercorn TOML file for the settings proxy.ini does not own (TLS, timeouts, h2...).
     hypercorn_config: str | None = None
+    #: How often a quiet ``GET /events`` or ``/logs/MODEL?follow=1`` stream gets a comment line,
+    #: so proxies in front (nginx's proxy_read_timeout is 60 s) do not close it.
+    heartbeat: Duration = Duration(15.0)
+    #: While an OpenAI stream request waits this long for its model (download, queue, load), its
+    #: status is sent and a ``: loading MODEL ...`` comment follows every as long; 0 = never.
+    loading_comments: Duration = Duration(3.0)
 
 
 @attrs.frozen
@@ -200,6 +206,8 @@ class PoolConfig:
     memory: Budget = Budget(AUTO_MEMORY)
     #: With ``memory = auto``: what is left for everything else (the proxy, the system, other programs).
     memory_reserve: Size = Size(1024**3)
+    #: Lines of each model's llama-server output kept in memory for ``GET /logs/MODEL``.
+    log_lines: int = 500
 
 
 @attrs.frozen
@@ -415,6 +423,12 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError("[pool] health_timeout: must be more than 0")
     if config.pool.health_failures < 1:
         raise ConfigError("[pool] health_failures: must be at least 1")
+    if config.pool.log_lines < 1:
+        raise ConfigError("[pool] log_lines: must be at least 1")
+    if config.proxy.heartbeat <= 0:
+        raise ConfigError("[proxy] heartbeat: must be more than 0")
+    if config.proxy.loading_comments < 0:
+        raise ConfigError("[proxy] loading_comments: must be 0 (off) or more")
     for pattern in config.catalog.allow_repos:
         parts = pattern.split("/")
         if pattern != "*" and not (

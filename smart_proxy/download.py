@@ -53,6 +53,7 @@ import trio
 
 from .config import AUTO_MMPROJ, ModelConfig, is_repo_pattern
 from .errors import InsufficientStorage, ModelNotFound, ProxyError, UpstreamError
+from .eventbus import EventBus
 
 __all__ = [
     "DEFAULT_QUANTS",
@@ -89,6 +90,8 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 #: How long shutdown waits for a worker thread to drop its download and clean up.
 _STOP_GRACE = 5.0
+#: Seconds between ``download`` events of a download in flight (when its bytes or stage changed).
+_REPORT_EVERY = 0.5
 _LOG_EVERY = 10.0
 _HASH_BLOCK = 4 * 1024 * 1024
 
@@ -792,10 +795,16 @@ async def _in_thread(progress: Progress, fn: Callable[..., object], *args: objec
 
 
 class Downloads:
-    """Every model download in flight, one per model spec; a service for the root nursery."""
+    """Every model download in flight, one per model spec; a service for the root nursery.
 
-    def __init__(self, hub: Hub | None = None) -> None:
+    With a ``bus``, each download is published as ``download`` events (docs/events.md): its
+    start, its progress every ``_REPORT_EVERY`` seconds while it changes, and its end (``done``
+    or ``failed`` with the error), in that order.
+    """
+
+    def __init__(self, hub: Hub | None = None, *, bus: EventBus | None = None) -> None:
         self.hub = hub or Hub.from_env()
+        self._bus = bus
         self._jobs: dict[tuple[str | None, ...], Download] = {}
         #: Finished downloads, by spec: their files are in the cache.
         self._ready: dict[tuple[str | None, ...], Download] = {}
@@ -848,8 +857,36 @@ class Downloads:
             return files
         return await self.start(model).wait()
 
+    def _publish(self, job: Download, state: str, error: str | None = None) -> None:
+        if self._bus is None:
+            return
+        done, total = job.progress.done, job.progress.total
+        self._bus.publish(
+            "download",
+            model=job.model.name,
+            repo=job.model.repo,
+            state=state,
+            bytes_done=done,
+            bytes_total=total,
+            percent=round(100 * done / total, 1) if total else None,
+            **({"error": error} if error is not None else {}),
+        )
+
+    async def _report(self, job: Download) -> None:
+        """Publish ``job``'s progress while it runs, when it changed since the last report."""
+        last = None
+        while not job.done.is_set():
+            now = (job.progress.state, job.progress.done, job.progress.total)
+            if now != last and now[0] != "done":  # the end is published by _run, once
+                last = now
+                self._publish(job, job.progress.state)
+            with trio.move_on_after(_REPORT_EVERY):
+                await job.done.wait()
+
     async def _run(self, job: Download) -> None:
         try:
+            if self._bus is not None and self._nursery is not None:
+                self._nursery.start_soon(self._report, job)
             job.plan = await _in_thread(job.progress, resolve, job.model, self.hub)
             job.files = await _in_thread(job.progress, fetch, job.plan, self.hub, job.progress)
             self._ready[job.key] = job
@@ -867,6 +904,7 @@ class Downloads:
             if job.error is not None:
                 self._failed[job.key] = DownloadFailure(job.error.message, time.time())
             job.done.set()
+            self._publish(job, "failed" if job.error is not None else "done", job.error.message if job.error else None)
 
     def snapshot(self) -> tuple[DownloadSnapshot, ...]:
         """The downloads in flight, for /health."""

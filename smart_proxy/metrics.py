@@ -12,8 +12,10 @@ test process keep separate counts). Facts reach it three ways:
   label set stays bounded). An answer that fails after its status went out (a
   stream the upstream broke off) is counted with the status of the error that ends
   it (:func:`note_failed`), not as the 200 it started as.
-* Pool events. :class:`Metrics` is the pool's :class:`~smart_proxy.pool.PoolEvents`:
-  loads, load durations, failures, evictions, crashes, restarts, queue waits.
+* Pool events. The pool publishes them on the proxy's :class:`~smart_proxy.eventbus.EventBus`
+  (:class:`~smart_proxy.pool.PublishedEvents`), and :meth:`Metrics.hear` listens there:
+  loads, load durations, failures, evictions, crashes, restarts, queue waits. (Metrics
+  is still a :class:`~smart_proxy.pool.PoolEvents` a pool may be given directly.)
 * Agents. :class:`Metrics` serves as the agent chains' :class:`~smart_proxy.agents.AgentEvents`
   (by its :meth:`Metrics.agent_run`; agents sit above this module, so it is not a subclass):
   each hook run, its duration and result (ok, error, timeout, cancelled).
@@ -47,6 +49,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from .eventbus import Event
 from .lifecycle import Lifecycle
 from .pool import Pool, PoolEvents, State
 
@@ -137,6 +140,8 @@ class Exchange:
     first_byte: float | None = None
     streaming: bool = False
     usage: UsageScanner | None = None
+    #: The agents that ran for it, in the order they first ran.
+    agents: list[str] = attrs.Factory(list)
 
     def response_started(self, status: int, content_type: str) -> None:
         self.status = status
@@ -148,7 +153,8 @@ class Exchange:
     def body_sent(self, chunk: bytes) -> None:
         if not chunk:
             return
-        if self.streaming and self.first_byte is None:
+        # an SSE comment (": loading MODEL 3 s" while a stream waits for its load) is not a token
+        if self.streaming and self.first_byte is None and not chunk.startswith(b":"):
             self.first_byte = trio.current_time()
         if self.usage is not None:
             self.usage.feed(chunk)
@@ -254,6 +260,23 @@ class Metrics(PoolEvents):
 
     # ---- pool events -------------------------------------------------------------------
 
+    def hear(self, event: Event) -> None:
+        """Count one event of the bus the pool publishes on (:class:`~smart_proxy.pool.PublishedEvents`)."""
+        data = event.data
+        match event.kind:
+            case "loading":
+                self.load_started(data["model"], data["restart"])
+            case "loaded" | "load_failed":
+                self.load_finished(data["model"], data["seconds"], event.kind == "loaded")
+            case "evicted":
+                self.evicted(data["model"])
+            case "crash":
+                self.crashed(data["model"])
+            case "queued":
+                self.queued(data["seconds"])
+            case "slot_waited":
+                self.slot_waited(data["model"], data["seconds"])
+
     def load_started(self, model: str, restart: bool) -> None:
         self.loads.labels(model).inc()
         if restart:
@@ -282,6 +305,9 @@ class Metrics(PoolEvents):
     def agent_run(self, name: str, seconds: float, ok: bool, *, result: str | None = None) -> None:
         """Count one run of agent ``name`` that took ``seconds``; ``ok`` False counts an error."""
         self.agent_runs.labels(name, result or ("ok" if ok else "error")).inc()
+        exchange = current_exchange.get()
+        if exchange is not None and name not in exchange.agents:
+            exchange.agents.append(name)
         self.agent_duration.labels(name).observe(seconds)
 
     @contextmanager

@@ -50,8 +50,13 @@ Theory of operation:
   start. The next spare starts ``_SPARE_DELAY`` after one is taken: while llama-server
   loads (seconds), not in the first moments of the load, when the proxy's core takes
   in the requests that wait for it. None is kept when no model can use llama-server.
-* Loads, evictions, crashes and queue waits are told to an optional
-  :class:`PoolEvents` observer (the metrics); the pool never waits on it.
+* Loads, evictions, stops, failures, crashes and queue waits are told to an optional
+  :class:`PoolEvents` observer; the pool never waits on it. The proxy's is
+  :class:`PublishedEvents`, which puts each on the :class:`~smart_proxy.eventbus.EventBus`
+  that the metrics and ``GET /events`` both hear.
+* The last ``[pool] log_lines`` lines of each model's llama-server output are kept
+  (:meth:`Pool.output`, a :class:`~smart_proxy.eventbus.LineLog` per model, across its
+  servers' lives) for ``GET /logs/MODEL``.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ from .catalog import Catalog
 from .config import AUTO_MEMORY, Config, ModelConfig
 from .download import DownloadSnapshot, split_info
 from .errors import ModelLoadFailed, ModelTooLarge, PoolBusy, ProxyError, UpstreamError
+from .eventbus import EventBus, LineLog
 from .memory import MemoryEstimate, available_memory, declared_estimate, format_size, model_estimate
 from .process import Lifeline, ServerProcess, describe_exit, exit_message, free_port
 
@@ -84,6 +90,7 @@ __all__ = [
     "Pool",
     "PoolEvents",
     "PoolSnapshot",
+    "PublishedEvents",
     "ServerSnapshot",
     "Slot",
     "State",
@@ -214,6 +221,13 @@ class _ModelStats:
     retry_at: float = -math.inf
 
 
+@attrs.define(eq=False)
+class _Ticket:
+    """A request's place in the queue for room."""
+
+    model: str
+
+
 class PoolEvents:
     """What the pool tells an observer as it happens; subclass and override. Methods must not block."""
 
@@ -234,6 +248,50 @@ class PoolEvents:
 
     def slot_waited(self, model: str, seconds: float) -> None:
         """A request found every slot of ``model``'s server busy and waited ``seconds``: got one, PoolBusy, or left."""
+
+    def stopping(self, model: str, why: str) -> None:
+        """The proxy began stopping a server of ``model``: ``why`` is evicted, idle, unload requested, ..."""
+
+    def stopped(self, model: str) -> None:
+        """A server the proxy stopped has exited."""
+
+    def failed(self, model: str, error: str, crashed: bool, exit_code: int | None) -> None:
+        """A server of ``model`` ended on its own: a load that failed, or (``crashed``) a ready server; ``error`` says why."""
+
+
+class PublishedEvents(PoolEvents):
+    """Each pool event as an event on ``bus`` (its kinds and fields are in docs/events.md)."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+
+    def load_started(self, model: str, restart: bool) -> None:
+        self._bus.publish("loading", model=model, restart=restart)
+
+    def load_finished(self, model: str, seconds: float, ok: bool) -> None:
+        # a failure is streamed by failed(), with its reason
+        self._bus.publish("loaded" if ok else "load_failed", stream=ok, model=model, seconds=round(seconds, 3))
+
+    def evicted(self, model: str) -> None:
+        self._bus.publish("evicted", stream=False, model=model)  # streamed as stopping, reason evicted
+
+    def crashed(self, model: str) -> None:
+        self._bus.publish("crash", stream=False, model=model)
+
+    def queued(self, seconds: float) -> None:
+        self._bus.publish("queued", stream=False, seconds=seconds)
+
+    def slot_waited(self, model: str, seconds: float) -> None:
+        self._bus.publish("slot_waited", stream=False, model=model, seconds=seconds)
+
+    def stopping(self, model: str, why: str) -> None:
+        self._bus.publish("stopping", model=model, reason=why)
+
+    def stopped(self, model: str) -> None:
+        self._bus.publish("stopped", model=model)
+
+    def failed(self, model: str, error: str, crashed: bool, exit_code: int | None) -> None:
+        self._bus.publish("crashed" if crashed else "failed", model=model, error=error, exit_code=exit_code)
 
 
 class Server:
@@ -373,6 +431,8 @@ class Pool:
         )
         #: Bytes the live servers may hold together; None: no memory budget. ``auto`` is read in run().
         self._budget: int | None = self._config.memory if self._config.memory > 0 else None
+        #: Each model's llama-server output, its last ``log_lines`` lines (see :meth:`output`).
+        self._output: dict[str, LineLog] = {}
 
     # ---- life of the pool ------------------------------------------------------------
 
@@ -660,7 +720,7 @@ class Pool:
             return
         if len(self._queue) >= self._config.max_queue:
             raise self._busy(f"the pool is full and {len(self._queue)} requests are queued (max_queue)")
-        ticket = object()
+        ticket = _Ticket(model.name)
         self._queue.append(ticket)
         queued_at = trio.current_time()
         try:
@@ -783,6 +843,7 @@ class Pool:
                         health_interval=self._config.health_interval,
                         health_timeout=self._config.health_timeout,
                         health_failures=self._config.health_failures,
+                        output=self.output(server.name, create=True),
                     )
                     server.process = process
                     stats.loads += 1
@@ -819,6 +880,7 @@ class Pool:
             stats.last_exit_code = process.returncode
         if server.state is State.STOPPING:
             self._set_state(server, State.STOPPED)
+            self._events.stopped(server.name)
         else:
             crashed = server.state is State.READY
             self._set_state(server, State.FAILED)
@@ -828,6 +890,7 @@ class Pool:
             stats.consecutive = 1 if crashed and up_for > _STABLE_AFTER else stats.consecutive + 1
             stats.crashes += crashed
             stats.failures += not crashed
+            self._events.failed(server.name, server.error.message, crashed, process.returncode if process is not None else None)
             if crashed:
                 self._events.crashed(server.name)
             else:
@@ -862,6 +925,7 @@ class Pool:
                 server.process.kill_on_stop = True
             self._set_state(server, State.STOPPING)
             server.cancel_scope.cancel()
+            self._events.stopping(server.name, why)
 
     async def unload(self, name: str) -> int:
         """Stop every idle server of model ``name`` now; return how many were stopped."""
@@ -908,6 +972,25 @@ class Pool:
                 await self._reaper_lot.park()
 
     # ---- looking in ------------------------------------------------------------------
+
+    def output(self, name: str, *, create: bool = False) -> LineLog | None:
+        """The last ``[pool] log_lines`` lines model ``name``'s llama-servers printed; None if none ran (and not ``create``)."""
+        lines = self._output.get(name)
+        if lines is None and create:
+            lines = self._output[name] = LineLog(self._config.log_lines)
+        return lines
+
+    def queue_depths(self) -> dict[str, int]:
+        """Requests waiting, by model: for room in the pool, for a load, or for a free slot (models with none left out)."""
+        depths: collections.Counter[str] = collections.Counter()
+        for ticket in self._queue:
+            if isinstance(ticket, _Ticket):
+                depths[ticket.model] += 1
+        for server in self._servers:
+            waiting = server.waiters + server.limiter.statistics().tasks_waiting
+            if waiting:
+                depths[server.name] += waiting
+        return dict(depths)
 
     def servers(self, name: str | None = None) -> list[Server]:
         return [s for s in self._servers if name is None or s.name == name]

@@ -4,7 +4,8 @@ Theory of operation: :meth:`ServerProcess.run` is the whole life of one process,
 and it runs as a task in the pool's nursery (so, in the end, in the root nursery
 beside Hypercorn). It starts llama-server through :func:`trio.run_process`, reads
 its output into a short tail (and the debug log) a line at a time, in linear time and
-bounded memory (:class:`OutputLines`: a line is cut at ``_MAX_LINE`` bytes), polls ``/health`` until it
+bounded memory (:class:`OutputLines`: a line is cut at ``_MAX_LINE`` bytes), and into the
+model's :class:`~smart_proxy.eventbus.LineLog` if it is given one (``GET /logs/MODEL``), polls ``/health`` until it
 answers 200, sets :attr:`ServerProcess.ready`, then waits for the process to exit.
 
 Readiness is noticed promptly, since a model swap waits on it: the polls start
@@ -61,6 +62,7 @@ import httpx
 import trio
 
 from .errors import ConfigError, ModelLoadFailed, ModelLoadTimeout, ProxyError, UpstreamError
+from .eventbus import LineLog
 
 __all__ = ["Exit", "Lifeline", "OutputLines", "ServerProcess", "describe_exit", "find_llama_server", "free_port"]
 
@@ -361,6 +363,7 @@ class ServerProcess:
         health_interval: float = 0.0,
         health_timeout: float = 5.0,
         health_failures: int = 3,
+        output: LineLog | None = None,
     ) -> None:
         self.argv = list(argv)
         #: A spare to take rather than start a lifeline (see the module docstring).
@@ -380,6 +383,8 @@ class ServerProcess:
         self.ready = trio.Event()
         self.exited = trio.Event()
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        #: Every line of output goes here too (the model's log, kept across its servers' lives).
+        self._output = output
         self._output_done = trio.Event()
         #: Set by a line in _READY_HINTS; _wait_healthy polls at once and replaces it.
         self._hint = trio.Event()
@@ -556,7 +561,10 @@ class ServerProcess:
         finally:
             last = lines.close()
             if last is not None and last.strip():
-                self.tail.append(last.decode("utf-8", "replace").rstrip())
+                text = last.decode("utf-8", "replace").rstrip()
+                self.tail.append(text)
+                if self._output is not None:
+                    self._output.append(text)
             self._output_done.set()
 
     def _take_line(self, line: bytes) -> None:
@@ -572,6 +580,8 @@ class ServerProcess:
             )
         elif text:
             self.tail.append(text)
+            if self._output is not None:
+                self._output.append(text)
             log.debug("[%s] %s", self.name, text)
             if any(hint in text for hint in _READY_HINTS):
                 self._hint.set()

@@ -43,10 +43,11 @@ from .catalog import Catalog
 from .config import Config, resolve_path
 from .download import Downloads
 from .errors import ConfigError
+from .eventbus import EventBus
 from .handlers.state import ProxyState
 from .lifecycle import Lifecycle, Phase
 from .metrics import Metrics
-from .pool import Pool
+from .pool import Pool, PublishedEvents
 from .process import find_llama_server
 from .upstream.ollama_server import UpstreamMonitor
 from .upstream.relay import make_client, make_llama_client
@@ -201,10 +202,12 @@ async def serve(
         KeyboardInterrupt: a second SIGINT cut the drain short; raised after everything has stopped.
     """
     binary = find_llama_server(config.pool.llama_server)
-    downloads = Downloads()
+    metrics = Metrics()
+    bus = EventBus()
+    bus.listen(metrics.hear)
+    downloads = Downloads(bus=bus)
     catalog = Catalog(config.models, config.base_dir, config.catalog, downloads)
     api_keys = ApiKeys.from_config(config.proxy, config.base_dir)
-    metrics = Metrics()
     agents = AgentRegistry.load(config.agents, config.base_dir, events=metrics)
     host = host or config.proxy.host
     port = config.proxy.port if port is None else port
@@ -219,10 +222,10 @@ async def serve(
             trigger = signals.drain.wait
         await nursery.start(downloads.run)
         await nursery.start(llama.run)
-        pool = Pool(config, catalog, client, binary, events=metrics)
+        pool = Pool(config, catalog, client, binary, events=PublishedEvents(bus))
         await nursery.start(pool.run)
         metrics.track(pool, lifecycle)
-        upstreams = UpstreamMonitor(client, catalog)
+        upstreams = UpstreamMonitor(client, catalog, bus=bus)
         await nursery.start(upstreams.run)
         proxy_state = ProxyState(
             config,
@@ -235,6 +238,7 @@ async def serve(
             api_keys=api_keys,
             upstreams=upstreams,
             agents=agents,
+            bus=bus,
         )
         app = create_app(proxy_state)
         stopped = trio.Event()

@@ -203,7 +203,9 @@ SCHEMAS.update(
 )
 #: Routes with no body: any query string and headers.
 BODILESS = ["/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/models", "/health", "/health/ready",
-            "/health/upstreams", "/metrics", "/plugins"]  # fmt: skip
+            "/health/upstreams", "/metrics", "/plugins", "/events", "/logs/<path:model>"]  # fmt: skip
+#: Routes whose 200 is a stream that does not end by itself: its head and first piece are checked.
+STREAMING = {"/events", "/logs/<path:model>"}
 #: The method each rule is fuzzed with (the app's own, checked by test_every_route_is_fuzzed).
 METHODS = {"/api/delete": "DELETE", **{path: "GET" for path in BODILESS}}
 #: Routes that answer 501 by design.
@@ -277,7 +279,11 @@ HEADERS = st.fixed_dictionaries(
         "Accept": st.sampled_from(["*/*", "application/x-ndjson", "text/event-stream"]),
     },
 )
-QUERY = st.dictionaries(st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=5), st.text(max_size=5), max_size=2)
+QUERY = st.dictionaries(
+    st.sampled_from(["format", "follow", "status"]) | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=5),
+    st.sampled_from(["json", "text", "1", "0"]) | st.text(max_size=5),
+    max_size=2,
+)
 
 # ---- the property ---------------------------------------------------------------------------
 
@@ -338,17 +344,29 @@ async def test_fuzz_route(rule: str, proxy_url: str, http: httpx.AsyncClient, ca
         if rule in SCHEMAS
         else st.tuples(st.just(None), st.just("utf-8"), st.just(0), HEADERS, QUERY)
     )
-    digests = st.sampled_from(["sha256:" + "0" * 64, "x", "..%2f..", "%00"])
+    digests = st.sampled_from(["sha256:" + "0" * 64, "x", "..%2f..", "%00", "a", "e", "a/b"])
 
     async def send(path: str, content: bytes | None, headers: dict, query: dict) -> httpx.Response:
         with trio.fail_after(10):
-            return await http.request(method, url + path, content=content, headers=headers, params=query)
+            if rule not in STREAMING:
+                return await http.request(method, url + path, content=content, headers=headers, params=query)
+            request = http.build_request(method, url + path, content=content, headers=headers, params=query)
+            response = await http.send(request, stream=True)
+            try:
+                if response.headers.get("content-type", "").startswith("text/event-stream"):
+                    first = await anext(response.aiter_raw())
+                    assert first.startswith((b"event: ", b": ")), first  # the snapshot, a line, or a comment
+                else:
+                    await response.aread()
+            finally:
+                await response.aclose()
+            return response
 
     @SETTINGS
     @given(request=requests, digest=digests)
     def fuzz(request: tuple, digest: str) -> None:
         body, encoding, cut, headers, query = request
-        path = rule.replace("<path:digest>", digest)
+        path = rule.replace("<path:digest>", digest).replace("<path:model>", digest)
         content = None if body is None else encode(body, encoding, cut)
         seen = len(caplog.records)
         response = trio.from_thread.run(send, path, content, headers, query)

@@ -16,7 +16,7 @@ PACKAGE = Path(smart_proxy.__file__).parent
 
 #: Each module (dotted, without ``smart_proxy.``; a package's name stands for its modules) by layer.
 LAYERS: list[set[str]] = [
-    {"errors", "config", "logs", "jsonbody", "lifecycle", "auth", "binary", "modelinfo", "memory", "lifeline"},
+    {"errors", "config", "logs", "jsonbody", "lifecycle", "auth", "binary", "modelinfo", "memory", "lifeline", "eventbus"},
     {"download", "catalog", "process", "pool", "metrics"},  # models and servers
     {"upstream"},  # talking to llama-servers and Ollama servers, relaying their answers
     {"dialects"},  # the APIs clients speak, no I/O
@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"handlers"},  # one function per route
     {"web"},  # the edge, the model routes on raw ASGI, the Quart-Trio app
     {"server"},  # the root nursery
-    {"doctor", "cli", "__init__", "__main__"},
+    {"doctor", "cli", "control", "__init__", "__main__"},
 ]
 
 

@@ -27,10 +27,11 @@ from ..config import ModelConfig
 from ..dialects import openai as dialect
 from ..errors import ProxyError
 from ..metrics import note_model
-from ..pool import Lease, ModelStatus
+from ..pool import Lease, ModelStatus, State
 from ..upstream import ollama_server
 from ..upstream.props import check_images
 from ..upstream.relay import RelayBody, SSELines, UpstreamAnswer, open_upstream, send_leased
+from .loading_stream import LoadingStream
 from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, relay_answer
 from .state import ProxyState
 
@@ -96,7 +97,22 @@ async def _relay(
     headers: dict[str, str] | None = None,
     images: bool = False,
 ) -> Reply:
-    """POST ``body`` to a llama-server for ``model`` and relay its answer (a stream as it arrives)."""
+    """POST ``body`` to a llama-server for ``model`` and relay its answer (a stream as it arrives).
+
+    A stream request for a model with no ready llama-server is a :class:`LoadingStream`:
+    comment lines while it waits ``[proxy] loading_comments`` seconds or more for the load.
+    """
+    interval = proxy.config.proxy.loading_comments
+    if stream and interval > 0 and not any(s.state is State.READY for s in proxy.pool.servers(model)):
+        waiting = LoadingStream(
+            proxy.pool,
+            proxy.catalog.get(model),
+            lambda: open_relay(proxy, request.path, model, body, images=images),
+            interval=interval,
+            limit=proxy.config.proxy.max_answer,
+            opened=request.opened,
+        )
+        return Reply(200, merge_headers({"content-type": "text/event-stream"}, _SSE_HEADERS, headers or {}), stream=waiting)
     lease, upstream = await open_relay(proxy, request.path, model, body, images=images)
     request.opened.append(upstream)
     limit = proxy.config.proxy.max_answer

@@ -9,6 +9,7 @@ from ..agents import AgentRegistry
 from ..auth import ApiKeys
 from ..catalog import Catalog
 from ..config import Config
+from ..eventbus import EventBus
 from ..lifecycle import Lifecycle
 from ..metrics import Metrics
 from ..pool import Pool
@@ -35,3 +36,5 @@ class ProxyState:
     upstreams: UpstreamMonitor = attrs.Factory(lambda self: UpstreamMonitor(self.client, ()), takes_self=True)
     #: The slash-command agents loaded at start-up (none unless [agents] enables some).
     agents: AgentRegistry = attrs.Factory(AgentRegistry)
+    #: What happens in the proxy (the pool's events, downloads, upstreams, finished requests), for ``GET /events``.
+    bus: EventBus = attrs.Factory(EventBus)

@@ -43,6 +43,7 @@ import trio
 
 from ..config import ModelConfig
 from ..errors import UpstreamError, UpstreamTimeout
+from ..eventbus import EventBus
 from .relay import UpstreamAnswer, describe, open_httpx
 
 __all__ = ["OPENING", "health", "list_models", "loaded_models", "remote_name", "send"]
@@ -237,24 +238,36 @@ async def health(http: httpx.AsyncClient, models: Iterable[ModelConfig]) -> list
 
 class UpstreamMonitor:
     """Probes every Ollama upstream now and then, so ``/health`` can say which are down
-    without calling them on the probe's own time."""
+    without calling them on the probe's own time. With a ``bus``, an upstream whose status
+    changed (``ok``, ``down``) is published as an ``upstream`` event, its report entry the data."""
 
-    def __init__(self, http: httpx.AsyncClient, models: Iterable[ModelConfig], interval: float = 10.0) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, models: Iterable[ModelConfig], interval: float = 10.0, *, bus: EventBus | None = None
+    ) -> None:
         self._http = http
         self._models = list(models)
         self._interval = interval
+        self._bus = bus
         #: The last probe's report, as :func:`health` gives it; empty with no upstreams.
         self.report: list[dict[str, Any]] = []
+
+    def _update(self, report: list[dict[str, Any]]) -> None:
+        before = {entry["url"]: entry["status"] for entry in self.report}
+        self.report = report
+        if self._bus is not None:
+            for entry in report:
+                if before.get(entry["url"]) != entry["status"]:
+                    self._bus.publish("upstream", **entry)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if not _upstreams(self._models):
             task_status.started()
             return
-        self.report = await health(self._http, self._models)
+        self._update(await health(self._http, self._models))
         task_status.started()
         while True:
             await trio.sleep(self._interval)
-            self.report = await health(self._http, self._models)
+            self._update(await health(self._http, self._models))
 
 
 async def list_models(http: httpx.AsyncClient, models: Iterable[ModelConfig], route: str) -> dict[str, dict[str, Any]]:

@@ -14,7 +14,10 @@ The proxy's own routes: the probes, the detailed health view, the metrics, and t
 view of the pool (no upstream call). ``/health/ready`` is readiness: 200 only
 while the proxy takes new requests, 503 while starting or draining. Both are
 public; ``/metrics`` is Prometheus text and needs a key when keys are set.
-``/plugins`` lists the agents found at start-up.
+``/plugins`` lists the agents found at start-up. ``/events`` (the live event stream) and
+``/logs/MODEL`` (a model's llama-server output) are made in
+:mod:`smart_proxy.handlers.watch_routes`; their streamed replies become Quart streamed
+responses (:func:`_streamed`), which Quart-Trio cancels when the client disconnects.
 
 Public means anyone may probe, so ``/health`` tells anyone only the status, the
 phase and the pool's counts. Its detail (every server's port, pid and state, each
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import AsyncIterator
 
 import attrs
 from quart import Quart, Response, current_app, request
@@ -37,7 +41,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..errors import ProxyError, Unauthorized, too_large
-from ..handlers import ollama_routes, openai_routes
+from ..handlers import ollama_routes, openai_routes, watch_routes
 from ..handlers.reply import Reply, error_reply, json_reply
 from ..handlers.state import ProxyState
 from ..upstream import ollama_server
@@ -91,6 +95,21 @@ def _response(reply: Reply) -> Response:
     """A whole :class:`~smart_proxy.handlers.reply.Reply` as Quart's response."""
     headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in reply.headers]
     return Response(reply.body, status=reply.status, headers=headers)
+
+
+def _streamed(reply: Reply) -> Response:
+    """A :class:`~smart_proxy.handlers.reply.Reply` with a stream as Quart's streamed response (a whole one as ``_response``)."""
+    if reply.stream is None:
+        return _response(reply)
+    stream = reply.stream
+
+    async def pieces() -> AsyncIterator[bytes]:
+        async with stream as iterator:
+            async for piece in iterator:
+                yield piece
+
+    headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in reply.headers]
+    return Response(pieces(), status=reply.status, headers=headers)
 
 
 def _json(body: object, status: int = 200) -> Response:
@@ -194,6 +213,16 @@ async def metrics() -> Response:
     return Response(body, content_type=content_type)
 
 
+async def events() -> Response:
+    """``GET /events``: what happens in the proxy, as Server-Sent Events (docs/events.md)."""
+    return _streamed(await watch_routes.events(state()))
+
+
+async def model_logs(model: str) -> Response:
+    """``GET /logs/MODEL``: the last lines its llama-servers printed (``?format=json``, ``?follow=1``)."""
+    return _streamed(await watch_routes.logs(state(), model, request.args))
+
+
 async def plugins() -> Response:
     """Every discovered agent: name, description, enabled, loaded, or the error that stopped it."""
     return _json({"agents": state().agents.describe()})
@@ -216,4 +245,6 @@ _ROUTES = [
     ("/health/ready", ["GET"], ready),
     ("/metrics", ["GET"], metrics),
     ("/plugins", ["GET"], plugins),
+    ("/events", ["GET"], events),
+    ("/logs/<path:model>", ["GET"], model_logs),
 ]

@@ -17,9 +17,11 @@ For each request it
    framings are how request smuggling works);
 5. hands it to its route: a model route's path to :func:`smart_proxy.web.routes.dispatch`
    on raw ASGI, any other to the Quart-Trio app;
-6. counts it in flight for the drain (probes and scrapes are not counted, so they
-   never hold a shutdown up), and as the last byte goes out (or once the client
-   has gone), hands the exchange to the metrics and writes one access line.
+6. counts it in flight for the drain (probes, scrapes and the watching streams,
+   ``/events`` and ``/logs/MODEL``, are not counted, so they never hold a shutdown up),
+   and as the last byte goes out (or once the client has gone), hands the exchange to
+   the metrics, writes one access line, and for a model route publishes a ``request``
+   summary on the event bus (docs/events.md).
 
 The probes (``/health``, ``/health/ready``) are public and answered in every
 phase; ``/metrics`` is answered while draining but needs a key like the API.
@@ -47,8 +49,9 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RoutingException
 
 from .. import logs
+from ..dialects.anthropic import is_anthropic_route
 from ..errors import BadRequest, ProxyError, ShuttingDown, too_large
-from ..handlers.reply import Reply, encode_headers, error_reply
+from ..handlers.reply import Reply, encode_headers, error_reply, is_ollama_route
 from ..handlers.state import ProxyState
 from ..metrics import Exchange, current_exchange
 from .asgi import send_reply
@@ -103,6 +106,37 @@ def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw if name in _WANTED}
 
 
+def _dialect(path: str) -> str:
+    if is_ollama_route(path):
+        return "ollama"
+    return "anthropic" if is_anthropic_route(path) else "openai"
+
+
+def _summary(exchange: Exchange, request_id: str, method: str, path: str, seconds: float) -> dict[str, Any]:
+    """The ``request`` event of a finished model-route request (docs/events.md)."""
+    tokens = exchange.usage.tokens() if exchange.usage is not None else None
+    ttft = exchange.first_byte - exchange.started if exchange.first_byte is not None else None
+    completion = tokens[1] if tokens is not None else None
+    # generation time: from the first byte of a stream, else the whole request
+    generating = seconds - ttft if ttft is not None else seconds
+    rate = round(completion / generating, 2) if completion and generating > 0 else None
+    return {
+        "id": request_id,
+        "method": method,
+        "path": path,
+        "dialect": _dialect(path),
+        "model": exchange.model or None,
+        "status": exchange.status,
+        "streamed": exchange.streaming,
+        "seconds": round(seconds, 4),
+        "ttft": round(ttft, 4) if ttft is not None else None,
+        "prompt_tokens": tokens[0] if tokens is not None else None,
+        "completion_tokens": completion,
+        "tokens_per_second": rate,
+        "agents": list(exchange.agents),
+    }
+
+
 class EdgeMiddleware:
     def __init__(self, app: Quart, proxy: ProxyState) -> None:
         self._app = app.asgi_app
@@ -128,7 +162,7 @@ class EdgeMiddleware:
             request_id = _new_request_id()
         exchange = Exchange(route=self._route(path, method), started=trio.current_time())
         lifecycle = self._proxy.lifecycle
-        counted = path not in _UNCOUNTED
+        counted = path not in _UNCOUNTED and path != "/events" and not path.startswith("/logs/")
         extra = self._extra_headers(request_id, headers.get("origin"), scope)
 
         async def send_observed(message: Message) -> None:
@@ -163,6 +197,8 @@ class EdgeMiddleware:
                 exchange.status = _CLIENT_GONE
             self._proxy.metrics.observe(exchange)
             seconds = trio.current_time() - exchange.started
+            if path in ROUTES:
+                self._proxy.bus.publish("request", **_summary(exchange, request_id, method, path, seconds))
             log.log(
                 logging.INFO if counted else logging.DEBUG,
                 "%s %s %d %.3fs%s",
