@@ -278,6 +278,9 @@ async def test_openai_num_ctx_extension_reaches_the_pool_and_is_forwarded_as_is(
         ("/api/chat", {"options": {"num_ctx": [1]}}, "options.num_ctx"),  # a load request too
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "num_ctx": "big"}, "num_ctx"),
         ("/v1/completions", {"prompt": "x", "num_ctx": 0}, "num_ctx"),
+        ("/v1/embeddings", {"input": "x", "num_ctx": {}}, "num_ctx"),
+        ("/v1/responses", {"input": "x", "num_ctx": "big"}, "num_ctx"),
+        ("/v1/messages", {"max_tokens": 3, "messages": [{"role": "user", "content": "x"}], "num_ctx": 2.5}, "num_ctx"),
     ],
 )
 async def test_a_bad_num_ctx_is_a_400_in_the_callers_dialect(make_config, start_proxy, http, path, body, error) -> None:
@@ -286,5 +289,25 @@ async def test_a_bad_num_ctx_is_a_400_in_the_callers_dialect(make_config, start_
     assert response.status_code == 400
     payload = response.json()
     message = payload["error"] if path.startswith("/api/") else payload["error"]["message"]
+    if path == "/v1/messages":
+        assert payload["type"] == "error" and payload["error"]["type"] == "invalid_request_error"
     assert message.startswith(f"{error} must be")
     assert (await http.get(url + "/health")).json()["pool"]["servers"] == []  # nothing was loaded for it
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/responses", {"input": "hi"}),
+        ("/v1/messages", {"max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/embeddings", {"input": "hi"}),
+    ],
+)
+async def test_num_ctx_on_the_other_relayed_routes(make_config, start_proxy, http, path, body) -> None:
+    url = await start_proxy(make_config({"m": {"tokens": 1}}, {"m": {"args": "-c 4096", "embeddings": "true"}}))
+    response = await http.post(url + path, content=json.dumps({"model": "m", "num_ctx": 12288, **body}))
+    assert response.status_code == 200, response.text
+    server = await _only_server(http, url)
+    assert server["context"] == 12288
+    command = (await http.get(f"http://127.0.0.1:{server['port']}/argv")).json()
+    assert ctx_flags(command) == ["4096", "12288"]
