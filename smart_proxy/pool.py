@@ -562,6 +562,7 @@ class Pool:
                     self._check_backoff(model)
                     plan = await self.plan_context(model, num_ctx)
                     need = await self._need(model, plan)
+                    self._check_fits(model, need)  # a hopeless load must not stop the smaller servers first
                     await self._retire_smaller(model, plan.context)
                     await self._make_room(deadline, model, need)
                     server = self._spawn(model, need, plan)

@@ -311,3 +311,24 @@ async def test_num_ctx_on_the_other_relayed_routes(make_config, start_proxy, htt
     assert server["context"] == 12288
     command = (await http.get(f"http://127.0.0.1:{server['port']}/argv")).json()
     assert ctx_flags(command) == ["4096", "12288"]
+
+
+async def test_a_context_refused_by_the_budget_leaves_the_smaller_server_loaded(make_config, start_pool, monkeypatch) -> None:
+    """The estimate grows with the context (here 1 KiB per token of --ctx-size, else 4 MiB): 16384 does not fit."""
+    from smart_proxy.memory import declared_estimate, parse_server_args
+    from smart_proxy.pool import Pool
+
+    async def estimate(self, model, *, download=True):
+        ctx = parse_server_args(model.args).ctx_size
+        return declared_estimate(ctx * 1024 if ctx > 4096 else 4 * 1024**2)
+
+    monkeypatch.setattr(Pool, "estimate", estimate)
+    pool = await start_pool(make_config({"m": {}}, {"m": {"args": "-c 4096"}}, memory="10MiB"))
+    async with pool.lease("m", num_ctx=4096) as lease:
+        small = lease.server
+    async with pool.lease("m", num_ctx=8192) as lease:  # 8 MiB: fits once the 4 MiB one stops
+        larger = lease.server
+    assert larger.context == 8192 and small.state.value == "stopped"
+    with pytest.raises(ModelTooLarge, match=r"needs 16\.0 MiB of memory, more than the pool's budget of 10\.0 MiB"):
+        await pool.acquire("m", num_ctx=16384)
+    assert pool.servers() == [larger] and larger.state.value == "ready"  # not stopped for a load that could not be
