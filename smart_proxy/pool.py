@@ -142,6 +142,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 #: States that hold a place in the pool (a stopping process still holds its memory).
 _LIVE = frozenset({State.STARTING, State.READY, State.STOPPING})
+#: States of a server that serves, or will, its model's requests.
+_SERVING = frozenset({State.STARTING, State.READY})
 
 
 @attrs.frozen
@@ -560,7 +562,9 @@ class Pool:
                 server = self._choose(model, num_ctx)
                 if server is None:
                     self._check_backoff(model)
-                    plan = await self.plan_context(model, num_ctx)
+                    # a replica beside a larger server matches it: a smaller one would stop once idle, and start again
+                    live = [s.context or 0 for s in self._servers if s.name == model.name and s.state in _SERVING]
+                    plan = await self.plan_context(model, max([num_ctx or 0, *live]) or None)
                     need = await self._need(model, plan)
                     self._check_fits(model, need)  # a hopeless load must not stop the smaller servers first
                     await self._retire_smaller(model, plan.context)

@@ -332,3 +332,13 @@ async def test_a_context_refused_by_the_budget_leaves_the_smaller_server_loaded(
     with pytest.raises(ModelTooLarge, match=r"needs 16\.0 MiB of memory, more than the pool's budget of 10\.0 MiB"):
         await pool.acquire("m", num_ctx=16384)
     assert pool.servers() == [larger] and larger.state.value == "ready"  # not stopped for a load that could not be
+
+
+async def test_a_replica_beside_a_larger_server_gets_its_context(make_config, start_pool, http) -> None:
+    pool = await start_pool(make_config({"m": {"slots": 1}}, {"m": {"args": "-c 4096", "replicas": "2"}}, size=2))
+    large = await pool.acquire("m", num_ctx=8192)  # its one slot busy
+    async with pool.lease("m") as lease:  # no num_ctx: a second replica starts
+        assert lease.server is not large.server
+        assert lease.server.context == 8192 and ctx_flags(await argv(http, lease.server)) == ["4096", "8192"]
+    large.release()
+    assert pool.snapshot().models[0].loads == 2 and len(pool.servers()) == 2  # neither is superseded
