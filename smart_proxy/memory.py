@@ -48,6 +48,7 @@ __all__ = [
     "ServerArgs",
     "available_memory",
     "compute_bytes",
+    "ctx_size_for",
     "declared_estimate",
     "estimate",
     "format_size",
@@ -56,6 +57,7 @@ __all__ = [
     "parse_meminfo",
     "parse_server_args",
     "read_estimate",
+    "slot_context",
 ]
 
 #: llama-server's defaults (common/common.h, common/arg.cpp for the server).
@@ -284,6 +286,36 @@ def context_cells(info: ModelInfo, args: ServerArgs) -> int:
     if args.unified:
         return n_ctx
     return _pad(n_ctx // args.slots) * args.slots
+
+
+def slot_context(args: ServerArgs, trained: int | None) -> int | None:
+    """The context one request may use on a llama-server started with ``args``: its ``/props``
+    ``default_generation_settings.n_ctx``, as llama-server sizes it.
+
+    With one unified cache (``--parallel`` auto, or ``--kv-unified``) every slot may use the
+    whole context; with ``-np N`` streams of their own each slot has a Nth. ``trained``: the
+    model's GGUF ``context_length``, the context when ``-c`` is absent or 0; None if unknown
+    (and then so is the answer, unless ``-c`` says it).
+    """
+    n_ctx = args.ctx_size
+    if n_ctx <= 0 and args.per_slot > 0:
+        n_ctx = args.slots * args.per_slot
+    if n_ctx <= 0:
+        if not trained:
+            return None
+        n_ctx = trained
+    n_ctx = _pad(n_ctx)
+    return n_ctx if args.unified else _pad(n_ctx // args.slots)
+
+
+def ctx_size_for(args: ServerArgs, per_slot: int) -> int:
+    """The ``--ctx-size`` that gives each of the slots of a server started with ``args`` ``per_slot`` tokens.
+
+    A unified cache is shared: each slot may use all of it, so the context is ``per_slot``
+    (requests in flight together share those cells). Separate streams divide it, so it is
+    ``per_slot`` times the slots.
+    """
+    return per_slot if args.unified else per_slot * args.slots
 
 
 def _swa_cells(info: ModelInfo, args: ServerArgs, cells: int) -> tuple[int, int]:

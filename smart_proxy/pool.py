@@ -22,6 +22,14 @@ Theory of operation:
   every server that may ever be stopped is stopped (it is larger than the budget
   less the pinned servers, or pinned servers hold every place) is refused at once
   with ModelTooLarge (507): waiting could not help.
+* A request may need a context (``num_ctx``: Ollama's ``options.num_ctx``): a server
+  serves it if its context (per slot, planned from its args and then read from its
+  ``/props``) is at least that large, the largest first. Else a new one starts with
+  ``--ctx-size`` sized for it (:meth:`Pool.plan_context`), admitted by its estimate at that
+  context, after the model's smaller idle servers stop; a smaller server that goes idle
+  beside a larger READY one stops too. So the larger server stays and serves the smaller
+  requests: different sizes never reload back and forth. More than the model's trained
+  context (GGUF ``context_length``) is a BadRequest.
 * A lease is a place on a server, not yet a slot in it: at most ``slots``
   requests are in flight to one llama-server (its ``/props`` total_slots, the
   server's ``trio.CapacityLimiter``), and :meth:`Lease.take_slot` waits for one
@@ -78,13 +86,24 @@ import trio
 from .catalog import Catalog
 from .config import AUTO_MEMORY, Config, ModelConfig
 from .download import DownloadSnapshot, split_info
-from .errors import ModelLoadFailed, ModelTooLarge, PoolBusy, ProxyError, UpstreamError
+from .errors import BadRequest, ModelLoadFailed, ModelTooLarge, PoolBusy, ProxyError, UpstreamError
 from .eventbus import EventBus, LineLog
-from .memory import MemoryEstimate, available_memory, declared_estimate, format_size, model_estimate
+from .memory import (
+    MemoryEstimate,
+    available_memory,
+    ctx_size_for,
+    declared_estimate,
+    format_size,
+    model_estimate,
+    parse_server_args,
+    slot_context,
+)
+from .modelinfo import read_model_info
 from .process import Lifeline, ServerProcess, describe_exit, exit_message, free_port
 
 __all__ = [
     "STATUS_VALUES",
+    "ContextPlan",
     "Lease",
     "ModelStatus",
     "Pool",
@@ -130,6 +149,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 #: States that hold a place in the pool (a stopping process still holds its memory).
 _LIVE = frozenset({State.STARTING, State.READY, State.STOPPING})
+#: States of a server that serves, or will, its model's requests.
+_SERVING = frozenset({State.STARTING, State.READY})
 
 
 @attrs.frozen
@@ -148,6 +169,8 @@ class ServerSnapshot:
     #: What it is expected to hold (its estimate, or its model's ``memory``), in bytes.
     memory: int = 0
     pinned: bool = False
+    #: The context one request may use on it (llama-server's per-slot ``n_ctx``), None if unknown.
+    context: int | None = None
 
 
 @attrs.frozen
@@ -294,11 +317,40 @@ class PublishedEvents(PoolEvents):
         self._bus.publish("crashed" if crashed else "failed", model=model, error=error, exit_code=exit_code)
 
 
+@attrs.frozen
+class ContextPlan:
+    """The context a new server of a model is started with (see :meth:`Pool.plan_context`)."""
+
+    #: Arguments after the model's own (``--ctx-size N``), or none to start it as configured.
+    args: tuple[str, ...] = ()
+    #: The context one request may use on it, None if unknown before it starts.
+    context: int | None = None
+
+
+def _serves(server: Server, num_ctx: int | None) -> bool:
+    """``server`` gives a request asking for ``num_ctx`` tokens of context at least that many (unknown: yes)."""
+    return num_ctx is None or server.context is None or server.context >= num_ctx
+
+
 class Server:
     """One life of one llama-server in the pool."""
 
-    def __init__(self, model: ModelConfig, port: int, now: float, request_timeout: float = 0.0, memory: int = 0) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        port: int,
+        now: float,
+        request_timeout: float = 0.0,
+        memory: int = 0,
+        context: ContextPlan | None = None,
+    ) -> None:
         self.model = model
+        plan = context or ContextPlan()
+        #: Arguments after the model's own: ``--ctx-size N`` when started for a request's larger context.
+        self.extra_args = plan.args
+        #: The context one request may use on it (per slot): planned from its arguments, then what
+        #: its ``/props`` says once READY; None while unknown.
+        self.context = plan.context
         #: What it is expected to hold, in bytes: counted against ``[pool] memory`` while it is live.
         self.memory = memory
         #: Seconds a request may wait for the first byte of an answer (0: no limit).
@@ -429,6 +481,8 @@ class Pool:
         self._keep_spare = self._config.spare_lifeline and (
             config.catalog.allow_hf or any(model.backend == "llama" for model in config.models.values())
         )
+        #: Each model's trained context (GGUF ``context_length``), by model name: (file, its mtime, the context).
+        self._trained: dict[str, tuple[str, float, int | None]] = {}
         #: Bytes the live servers may hold together; None: no memory budget. ``auto`` is read in run().
         self._budget: int | None = self._config.memory if self._config.memory > 0 else None
         #: Each model's llama-server output, its last ``log_lines`` lines (see :meth:`output`).
@@ -528,16 +582,25 @@ class Pool:
 
     # ---- acquiring and releasing -----------------------------------------------------
 
-    async def acquire(self, name: str, *, keep_alive: float | None = None) -> Lease:
+    async def acquire(self, name: str, *, keep_alive: float | None = None, num_ctx: int | None = None) -> Lease:
         """A lease on a READY server for model ``name``, starting one if needed.
+
+        ``num_ctx``: the context the request needs (Ollama's ``options.num_ctx``): a server whose
+        context is at least that large serves it; if none is live, one is started with a
+        context that fits (see :meth:`plan_context`), and smaller idle ones of the model stop.
 
         Raises:
             ModelNotFound: the catalog has no such model.
+            BadRequest: ``num_ctx`` is larger than the model's trained context.
+            ModelTooLarge: the model, at that context, cannot fit the memory budget.
             PoolBusy: no room in the pool within the queue's bounds.
             ModelLoadFailed, ModelLoadTimeout: the load failed.
         """
         model = self._catalog.get(name)
         await self._catalog.download(model)
+        if num_ctx is not None:
+            await self._check_context(model, num_ctx)
+        joined_smaller = False
         # One deadline for the whole wait for a place, however many turns it takes.
         deadline = trio.current_time() + self._config.queue_timeout
         while True:
@@ -554,19 +617,30 @@ class Pool:
                     await lock.acquire()
                 if waiting.cancelled_caught:
                     raise self._busy(f"no room in the pool within queue_timeout ({self._config.queue_timeout:g}s)") from None
+            spawned = False
             try:
-                server = self._choose(model)
+                server = self._choose(model, num_ctx)
                 if server is None:
                     self._check_backoff(model)
-                    need = await self._need(model)
+                    # a replica beside a larger server matches it: a smaller one would stop once idle, and start again
+                    live = [s.context or 0 for s in self._servers if s.name == model.name and s.state in _SERVING]
+                    plan = await self.plan_context(model, max([num_ctx or 0, *live]) or None)
+                    need = await self._need(model, plan)
+                    self._check_fits(model, need)  # a hopeless load must not stop the smaller servers first
+                    await self._retire_smaller(model, plan.context)
                     await self._make_room(deadline, model, need)
-                    server = self._spawn(model, need)
+                    server = self._spawn(model, need, plan)
+                    spawned = True
             finally:
                 lock.release()
             if server.state is not State.READY:
                 settling = trio.current_time()
                 await self._wait_settled(server)
                 deadline += trio.current_time() - settling  # the load is load_timeout's to bound
+            if server.state is State.READY and not spawned and not joined_smaller and not _serves(server, num_ctx):
+                # joined a load whose context was unknown, and its /props says it is smaller: start one that fits
+                joined_smaller = True
+                continue
             if server.state is State.READY:
                 if keep_alive is not None:
                     server.keep_alive = keep_alive
@@ -578,8 +652,10 @@ class Pool:
             # stopped under us (evicted or unloaded before we got it): try again
 
     @asynccontextmanager
-    async def lease(self, name: str, *, keep_alive: float | None = None) -> AsyncIterator[Lease]:
-        lease = await self.acquire(name, keep_alive=keep_alive)
+    async def lease(
+        self, name: str, *, keep_alive: float | None = None, num_ctx: int | None = None
+    ) -> AsyncIterator[Lease]:
+        lease = await self.acquire(name, keep_alive=keep_alive, num_ctx=num_ctx)
         try:
             yield lease
         finally:
@@ -589,6 +665,7 @@ class Pool:
         server.in_flight -= 1
         server.last_used = trio.current_time()
         if server.in_flight == 0:  # idle (evictable, reapable): the only change a waiter needs
+            self._stop_superseded(server.name)
             self._changed_lot.unpark_all()  # requests queued for room (nothing to do when none are)
             if self._expiry(server) < self._reap_at:
                 # Only then: waking the reaper on every request that leaves a server idle
@@ -605,14 +682,22 @@ class Pool:
                 log.info("%s: every request waiting on the load has gone; cancelling it", server.name)
                 self._stop(server, "load abandoned")
 
-    def _choose(self, model: ModelConfig) -> Server | None:
-        """A live server to use for ``model``, or None to start one."""
-        live = [s for s in self._servers if s.name == model.name and s.state in (State.STARTING, State.READY)]
+    def _choose(self, model: ModelConfig, num_ctx: int | None = None) -> Server | None:
+        """A live server to use for ``model`` with at least ``num_ctx`` of context, or None to start one.
+
+        Among free servers the largest context goes first, so a smaller one left beside it
+        drains and stops (:meth:`_stop_superseded`).
+        """
+        live = [
+            s
+            for s in self._servers
+            if s.name == model.name and s.state in (State.STARTING, State.READY) and _serves(s, num_ctx)
+        ]
         if not live:
             return None
         free = [s for s in live if s.state is State.READY and s.in_flight < s.slots]
         if free:
-            return min(free, key=lambda s: s.in_flight)
+            return min(free, key=lambda s: (-(s.context or 0), s.in_flight))
         starting = any(s.state is State.STARTING for s in live)
         if len(live) < model.replicas and not starting and self._has_room(live[0].memory):
             return None  # every slot busy and room for another replica
@@ -640,14 +725,90 @@ class Pool:
             return False
         return self._budget is None or self._memory_used() + need <= self._budget
 
-    async def _need(self, model: ModelConfig) -> int:
-        """The bytes a new server of ``model`` is admitted for: its ``memory``, else its estimate.
+    async def _need(self, model: ModelConfig, plan: ContextPlan | None = None) -> int:
+        """The bytes a new server of ``model`` (started as ``plan`` says) is admitted for: its ``memory``,
+        else its estimate.
 
         Without a budget the estimate is still made (the snapshot shows it). A model whose
         files cannot be read yet counts as 0: its load fails with the reason.
         """
+        if plan is not None and plan.args:
+            model = attrs.evolve(model, args=(*model.args, *plan.args))
         estimate = await self.estimate(model)
         return estimate.total if estimate is not None else 0
+
+    # ---- context per request -----------------------------------------------------------
+
+    async def trained_context(self, model: ModelConfig) -> int | None:
+        """``model``'s trained context (its GGUF ``context_length``); None if its file says none or is not GGUF.
+
+        Read once per file (and again when the file changes): a GGUF header with a large
+        vocabulary takes a while to read.
+        """
+        if model.backend != "llama":
+            return None
+        try:
+            path = await self._catalog.gguf_path(model)
+            mtime = (await trio.Path(path).stat()).st_mtime
+        except (OSError, ProxyError):
+            return None
+        known = self._trained.get(model.name)
+        if known is not None and known[:2] == (path, mtime):
+            return known[2]
+        try:
+            info = await trio.to_thread.run_sync(read_model_info, path)
+        except (OSError, ValueError, ImportError, AttributeError) as exc:
+            log.debug("%s: cannot read its trained context: %s", model.name, exc)
+            return None
+        trained = info.context_length if info.is_gguf else None
+        self._trained[model.name] = (path, mtime, trained)
+        return trained
+
+    async def _check_context(self, model: ModelConfig, num_ctx: int) -> None:
+        """Raises BadRequest when ``num_ctx`` is more than ``model`` was trained for."""
+        trained = await self.trained_context(model)
+        if trained is not None and num_ctx > trained:
+            raise BadRequest(
+                f"num_ctx {num_ctx} is larger than the context model {model.name!r} was trained for ({trained})"
+            )
+
+    async def plan_context(self, model: ModelConfig, num_ctx: int | None) -> ContextPlan:
+        """How to start a new server of ``model`` for a request needing ``num_ctx`` tokens of context.
+
+        As configured when that context is enough (or none is asked for, or it cannot be
+        told); else with ``--ctx-size`` after the model's args, sized so that each slot has
+        ``num_ctx`` (:func:`smart_proxy.memory.ctx_size_for`: ``--parallel`` auto and
+        ``--kv-unified`` share one cache of that size; ``-np N`` divides it, so N times).
+        """
+        parsed = parse_server_args(model.args)
+        trained = await self.trained_context(model)
+        configured = slot_context(parsed, trained)
+        if num_ctx is None or (configured is not None and configured >= num_ctx):
+            return ContextPlan((), configured)
+        args = ("--ctx-size", str(ctx_size_for(parsed, num_ctx)))
+        return ContextPlan(args, slot_context(parse_server_args((*model.args, *args)), trained))
+
+    async def _retire_smaller(self, model: ModelConfig, context: int | None) -> None:
+        """Stop ``model``'s idle servers whose context is less than ``context``: a larger one replaces them."""
+        if context is None:
+            return
+        smaller = [
+            s for s in self._servers if s.name == model.name and s.evictable and s.context is not None and s.context < context
+        ]
+        for server in smaller:
+            self._stop(server, f"replaced by one with a larger context ({context})", kill=True)
+        for server in smaller:
+            await server.gone.wait()
+
+    def _stop_superseded(self, name: str) -> None:
+        """Stop idle servers of model ``name`` that a READY one with a larger context replaces."""
+        ready = [s for s in self._servers if s.name == name and s.state is State.READY and s.context is not None]
+        if len(ready) < 2:
+            return
+        largest = max(s.context or 0 for s in ready)
+        for server in ready:
+            if server.evictable and (server.context or 0) < largest:
+                self._stop(server, f"a server of it with a larger context ({largest}) is ready")
 
     async def estimate(self, model: ModelConfig, *, download: bool = True) -> MemoryEstimate | None:
         """What one llama-server of ``model`` will hold: its ``[model] memory``, else estimated from its files.
@@ -799,9 +960,9 @@ class Pool:
 
     # ---- one server's life -----------------------------------------------------------
 
-    def _spawn(self, model: ModelConfig, memory: int = 0) -> Server:
+    def _spawn(self, model: ModelConfig, memory: int = 0, context: ContextPlan | None = None) -> Server:
         assert self._nursery is not None, "Pool.run() is not running"
-        server = Server(model, free_port(), trio.current_time(), self._config.request_timeout, memory)
+        server = Server(model, free_port(), trio.current_time(), self._config.request_timeout, memory, context)
         self._servers.append(server)
         # the server outlives the request that started it: its task must not inherit that
         # request's context (its id in every log line, its metrics exchange)
@@ -833,7 +994,7 @@ class Pool:
                     server.error = ModelLoadFailed(f"model {server.name!r}: cannot get its GGUF file: {exc}")
                 else:
                     process = ServerProcess(
-                        self._argv(server.model, files.model, server.port) + list(files.args()),
+                        self._argv(server.model, files.model, server.port) + list(files.args()) + list(server.extra_args),
                         name=server.name,
                         port=server.port,
                         http=self._http,
@@ -868,10 +1029,13 @@ class Pool:
         assert server.process is not None
         server.slots = server.process.slots
         server.limiter.total_tokens = server.slots
+        if server.process.context is not None:
+            server.context = server.process.context
         server.ready_at = server.last_used = trio.current_time()
         self._set_state(server, State.READY)
         self._events.load_finished(server.name, server.ready_at - server.started_at, ok=True)
         server.settled.set()
+        self._stop_superseded(server.name)
         self._changed()
 
     def _on_gone(self, server: Server, stats: _ModelStats) -> None:
@@ -1054,6 +1218,7 @@ class Pool:
                     expires_at=None if math.isinf(expiry) else to_wall(expiry),
                     memory=s.memory,
                     pinned=s.model.pin,
+                    context=s.context,
                 )
             )
         models = tuple(

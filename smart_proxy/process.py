@@ -392,6 +392,8 @@ class ServerProcess:
         self._on_ready = on_ready
         #: Requests llama-server decodes at once (its /props total_slots).
         self.slots = 1
+        #: The context one request may use (its /props default_generation_settings.n_ctx), None if not said.
+        self.context: int | None = None
         #: Stop by SIGKILL rather than SIGTERM (set before cancelling run()).
         self.kill_on_stop = False
         #: Watching a ready server (see :meth:`_watch`): probe every ``interval`` s, each within
@@ -534,10 +536,18 @@ class ServerProcess:
                 return
 
     async def _read_slots(self) -> int:
-        """llama-server's ``total_slots``; else ``--parallel`` from the command line; else 1."""
+        """llama-server's ``total_slots``; else ``--parallel`` from the command line; else 1.
+
+        The same ``/props`` gives :attr:`context`.
+        """
         try:
             response = await self._http.get(f"{self.base_url}/props", timeout=5.0)
-            slots = response.json().get("total_slots")
+            props = response.json()
+            settings = props.get("default_generation_settings")
+            n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+            if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0:
+                self.context = n_ctx
+            slots = props.get("total_slots")
             if isinstance(slots, int) and slots > 0:
                 return slots
         except (httpx.HTTPError, ValueError, AttributeError):

@@ -14,7 +14,8 @@ behave, so each catalog entry in a test can act differently::
      "slots": 4,              # /props total_slots
      "ignore_sigterm": false, # only SIGKILL stops it
      "vision": false,         # /props modalities.vision
-     "n_ctx": 4096,           # /props default_generation_settings.n_ctx
+     "n_ctx": 4096,           # /props default_generation_settings.n_ctx without -c / --ctx-size; with it,
+                              # each slot's context as llama-server divides it (see slot_context)
      "reasoning": "hmm",      # chat answers carry this reasoning_content first
      "tool_call": {"name": "f", "arguments": {"x": 1}},  # chat with tools answers this call
                               # (a list: these calls, in parallel; streamed in fragments, interleaved;
@@ -91,10 +92,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--alias", default="fake")
     parser.add_argument("--parallel", "-np", type=int, default=None)
+    parser.add_argument("--kv-unified", "-kvu", action="store_true")
     parser.add_argument("--mmproj", default=None)
     parser.add_argument("--reranking", "--rerank", action="store_true")
     args, _unknown = parser.parse_known_args(argv)
     args.argv = argv
+    # by hand: argparse would read llama-server's -ctk, -cb ... as -c with a value attached
+    args.ctx_size = None
+    for i, item in enumerate(argv):
+        flag, eq, value = item.partition("=")
+        if flag in ("-c", "--ctx-size"):
+            args.ctx_size = int(value if eq else argv[i + 1])
     if args.mmproj is not None and not os.path.isfile(args.mmproj):
         raise SystemExit(f"clip_model_load: failed to open mmproj {args.mmproj}")
     return args, json.loads(read_model(args.model))
@@ -114,6 +122,17 @@ def read_model(path: str) -> bytes:
     return data
 
 
+def slot_context(args: argparse.Namespace, behaviour: dict) -> int:
+    """The context of one slot, as llama-server sizes it from ``-c`` (the last one given), padded to 256: the whole
+    context with ``--parallel`` auto or ``--kv-unified`` (one cache every slot may use), else a ``-np``th of it."""
+    if not args.ctx_size:
+        return int(behaviour.get("n_ctx", 4096))
+    n_ctx = -(-args.ctx_size // 256) * 256
+    if args.parallel is None or args.kv_unified:
+        return n_ctx
+    return -(-(n_ctx // max(1, args.parallel)) // 256) * 256
+
+
 class State:
     def __init__(self, args: argparse.Namespace, behaviour: dict) -> None:
         self.alias = args.alias
@@ -125,6 +144,7 @@ class State:
         #: Set when the "model" has loaded: /health answers 200 from then on.
         self.loaded = threading.Event()
         self.slots = args.parallel or int(behaviour.get("slots", 2))
+        self.context = slot_context(args, behaviour)
         self.busy = 0
         self.lock = threading.Lock()
         self.requests: list[dict] = []
@@ -230,7 +250,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                     "model_path": state.model_path,
                     "mmproj": state.mmproj,
                     "modalities": {"vision": bool(state.behaviour.get("vision", False))},
-                    "default_generation_settings": {"n_ctx": int(state.behaviour.get("n_ctx", 4096))},
+                    "default_generation_settings": {"n_ctx": state.context},
                     "fake_busy": busy,
                 })
             elif self.path == "/faults":

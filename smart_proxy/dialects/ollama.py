@@ -9,9 +9,10 @@ in :mod:`smart_proxy.handlers.ollama_routes` hold the lease and move the bytes.
   ``system`` and ``prompt`` as a system and a user message, so the model's chat
   template applies as in Ollama; with ``raw: true`` -> ``/v1/completions``, the
   prompt untouched. ``/api/embed`` and ``/api/embeddings`` -> ``/v1/embeddings``.
-* ``options`` map onto llama-server's sampling fields (:data:`SAMPLING`); load-time
-  options are set per model in proxy.ini and ignored per request (:data:`LOAD_TIME`);
-  a wrong type is a 400. ``format`` becomes ``response_format`` (a grammar in
+* ``options`` map onto llama-server's sampling fields (:data:`SAMPLING`); ``num_ctx``
+  is for the pool (:func:`requested_context`: a server with at least that context);
+  other load-time options are set per model in proxy.ini and ignored per request
+  (:data:`LOAD_TIME`); a wrong type is a 400. ``format`` becomes ``response_format`` (a grammar in
   llama-server), ``think`` becomes ``chat_template_kwargs.enable_thinking`` and
   ``reasoning_effort``, images become ``image_url`` content parts, tool calls
   change their ``arguments`` between a JSON object (Ollama) and a JSON string (OpenAI).
@@ -46,6 +47,7 @@ import attrs
 from ..download import DownloadStatus, FileStatus
 from ..errors import BadRequest, ProxyError, UpstreamError
 from ..upstream.relay import answer_text
+from .openai import num_ctx_value
 
 __all__ = [
     "JSON_TYPE",
@@ -65,6 +67,7 @@ __all__ = [
     "iso_time",
     "ndjson",
     "parse_keep_alive",
+    "requested_context",
     "upstream_failure",
 ]
 
@@ -93,9 +96,10 @@ SAMPLING = {
 }
 _INTEGER_OPTIONS = {"top_k", "seed", "num_predict", "repeat_last_n", "mirostat", "num_keep"}
 #: Options that shape the loaded model, not one request: set them in proxy.ini ``args``.
+#: (``num_ctx`` shapes it too, but the pool serves it: see :func:`requested_context`.)
 LOAD_TIME = frozenset(
     {
-        "num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
+        "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
         "vocab_only", "use_mmap", "use_mlock", "embedding_only", "num_thread", "numa",
     }
 )  # fmt: skip
@@ -206,6 +210,20 @@ class Translated:
     def kind(self) -> str:
         """``chat`` or ``completion``: which OpenAI shape ``body`` has (what agents see)."""
         return "chat" if self.path == "/v1/chat/completions" else "completion"
+
+
+def requested_context(payload: dict[str, Any]) -> int | None:
+    """The context the request needs (``options.num_ctx``), or None when it names none.
+
+    Raises:
+        BadRequest: ``options`` is not an object, or ``num_ctx`` is not a positive integer.
+    """
+    options = payload.get("options")
+    if options is None:
+        return None
+    if not isinstance(options, dict):
+        raise BadRequest("options must be a JSON object")
+    return num_ctx_value(options.get("num_ctx"), "options.num_ctx")
 
 
 def _sampling(options: object) -> dict[str, Any]:

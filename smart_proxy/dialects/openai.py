@@ -7,6 +7,9 @@ checks what it must (a JSON object, ``model``, the route's required field; wheth
 carries images, which only a model with a projector takes), wraps an
 upstream's error that is not an OpenAI error object, and replays a whole answer as the
 SSE stream that would have carried it (for an agent chain that buffered the answer).
+A request may name the context it needs in a top-level ``num_ctx`` (our extension, the
+name Ollama's option has; llama-server ignores the field, so it is forwarded as it is):
+:func:`requested_context` checks it for the pool.
 ``/v1/models`` entries carry a ``status`` object shaped like llama-server's router mode's
 (:func:`status_object`), and ``?status=`` filters them (:func:`status_filter`).
 """
@@ -24,9 +27,12 @@ __all__ = [
     "ALIASES",
     "REQUIRED",
     "SSE_HEADERS",
+    "MAX_NUM_CTX",
     "error_body",
     "has_images",
+    "num_ctx_value",
     "parse_body",
+    "requested_context",
     "replay_sse",
     "required_field",
     "sse_error",
@@ -96,6 +102,38 @@ def required_field(path: str, payload: dict) -> str:
     if required not in payload:
         raise BadRequest(f"missing {required!r}")
     return model
+
+
+#: The largest ``num_ctx`` taken: llama.cpp's context sizes are 32-bit signed integers.
+MAX_NUM_CTX = 2**31 - 1
+
+
+def num_ctx_value(value: object, field: str) -> int | None:
+    """A request's context size (``field`` names it in the message): None if absent, else a positive integer.
+
+    A whole float (``8192.0``) is taken as that integer, as JSON numbers from some clients are.
+
+    Raises:
+        BadRequest: not a number, not whole, less than 1, or more than :data:`MAX_NUM_CTX`.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{field} must be an integer (tokens of context), not {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise BadRequest(f"{field} must be an integer (tokens of context), not {value!r}")
+    if not 1 <= value <= MAX_NUM_CTX:
+        raise BadRequest(f"{field} must be between 1 and {MAX_NUM_CTX} (tokens of context), not {value!r}")
+    return int(value)
+
+
+def requested_context(payload: dict) -> int | None:
+    """The context the request asks its llama-server for: its top-level ``num_ctx``, or None.
+
+    Raises:
+        BadRequest: see :func:`num_ctx_value`.
+    """
+    return num_ctx_value(payload.get("num_ctx"), "num_ctx")
 
 
 def has_images(payload: dict) -> bool:

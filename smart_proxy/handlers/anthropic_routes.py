@@ -33,6 +33,7 @@ from .. import logs
 from ..agents import Chain
 from ..config import ModelConfig
 from ..dialects import anthropic as dialect
+from ..dialects.openai import requested_context
 from ..errors import ProxyError
 from ..metrics import note_model
 from ..upstream import ollama_server
@@ -98,7 +99,8 @@ async def _forward(
         upstream = await ollama_server.send(proxy.client, target, "POST", request.path, payload=payload, raw=raw)
         return await _relayed(upstream, limit, None, headers)
     body = raw if raw is not None else json.dumps(payload).encode()
-    lease, upstream = await open_relay(proxy, request.path, target.name, body, images=dialect.has_images(payload))
+    images, num_ctx = dialect.has_images(payload), requested_context(payload)
+    lease, upstream = await open_relay(proxy, request.path, target.name, body, images=images, num_ctx=num_ctx)
     request.opened.append(upstream)
     return await _relayed(upstream, limit, lease.release, headers)
 

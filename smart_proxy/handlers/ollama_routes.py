@@ -175,12 +175,18 @@ async def _post(llama: LlamaClient, lease: Lease, path: str, body: dict[str, Any
 
 
 async def open_generation(
-    proxy: ProxyState, name: str, call: dialect.Translated, keep_alive: float | None, answer: dialect.Answer
+    proxy: ProxyState,
+    name: str,
+    call: dialect.Translated,
+    keep_alive: float | None,
+    answer: dialect.Answer,
+    num_ctx: int | None = None,
 ) -> tuple[Lease, UpstreamAnswer]:
-    """Send ``call`` to a llama-server for ``name``; its answer's headers are in, and the lease is the caller's."""
+    """Send ``call`` to a llama-server for ``name`` with at least ``num_ctx`` of context; its answer's
+    headers are in, and the lease is the caller's."""
 
     async def acquire() -> Lease:
-        lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
+        lease = await proxy.pool.acquire(name, keep_alive=keep_alive, num_ctx=num_ctx)
         answer.loaded()
         return lease
 
@@ -205,8 +211,9 @@ async def _generate(
     keep_alive: float | None,
     answer: dialect.Answer,
     headers: dict[str, str] | None = None,
+    num_ctx: int | None = None,
 ) -> Reply:
-    lease, upstream = await open_generation(proxy, name, call, keep_alive, answer)
+    lease, upstream = await open_generation(proxy, name, call, keep_alive, answer, num_ctx)
     request.opened.append(upstream)
     limit = proxy.config.proxy.max_answer
     return await _answered(upstream, call, answer, llama_server(lease), lease.release, headers, limit)
@@ -273,12 +280,15 @@ async def answer_body(
     return json.dumps(reply, ensure_ascii=False).encode()
 
 
-async def _load_or_unload(proxy: ProxyState, name: str, keep_alive: float | None, answer: dialect.Answer) -> Reply:
-    """An empty request: load the model (``load``), or with keep_alive 0 unload it (``unload``)."""
+async def _load_or_unload(
+    proxy: ProxyState, name: str, keep_alive: float | None, answer: dialect.Answer, num_ctx: int | None = None
+) -> Reply:
+    """An empty request: load the model (``load``, with at least ``num_ctx`` of context), or with
+    keep_alive 0 unload it (``unload``)."""
     if keep_alive == 0:
         await _unload(proxy, name)
         return _json(answer.load_only("unload"))
-    lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
+    lease = await proxy.pool.acquire(name, keep_alive=keep_alive, num_ctx=num_ctx)
     lease.release()
     return _json(answer.load_only("load"))
 
@@ -344,6 +354,8 @@ class Generation:
     call: dialect.Translated | None
     #: The agents the request's leading slash commands switch on, or None.
     chain: Chain | None
+    #: The context the request needs (``options.num_ctx``), or None.
+    num_ctx: int | None = None
 
     @property
     def relayed(self) -> bool:
@@ -365,12 +377,13 @@ def plan_generation(asked: Asked, path: str) -> Generation | None:
     if model.backend == "ollama" and asked.proxy.agents.activate(payload, "chat" if chat else "completion") is None:
         return None  # no agent command (read from the Ollama body as from the OpenAI one)
     keep_alive = dialect.parse_keep_alive(payload.get("keep_alive"))
+    num_ctx = dialect.requested_context(payload)
     answer = dialect.Answer(asked.name, chat=chat, started=asked.started)
     empty = not payload.get("messages") if chat else not (payload.get("prompt") or payload.get("images"))
     if empty:
-        return Generation(keep_alive, answer, None, None)
+        return Generation(keep_alive, answer, None, None, num_ctx)
     call = (dialect.chat_request if chat else dialect.generate_request)(payload, model.name)
-    return Generation(keep_alive, answer, call, asked.proxy.agents.activate(call.body, call.kind))
+    return Generation(keep_alive, answer, call, asked.proxy.agents.activate(call.body, call.kind), num_ctx)
 
 
 async def _complete(proxy: ProxyState, request: Request, *, chat: bool) -> Reply:
@@ -382,11 +395,11 @@ async def _complete(proxy: ProxyState, request: Request, *, chat: bool) -> Reply
         return await asked.to_upstream(request.path)
     keep_alive, answer, call, chain = generation.keep_alive, generation.answer, generation.call, generation.chain
     if call is None:
-        return await _load_or_unload(proxy, name, keep_alive, answer)
+        return await _load_or_unload(proxy, name, keep_alive, answer, generation.num_ctx)
     await _check_think(proxy, model, name, payload.get("think"))
     if chain is not None:
         return await _generate_with_agents(proxy, request, asked, call, keep_alive, answer, chain)
-    return await _generate(proxy, request, name, call, keep_alive, answer)
+    return await _generate(proxy, request, name, call, keep_alive, answer, num_ctx=generation.num_ctx)
 
 
 # ---- agents: a chat or generate that starts with /commands ---------------------------------
@@ -458,7 +471,12 @@ def _check_embeds(model: ModelConfig, name: str) -> None:
 
 
 async def _embed(
-    proxy: ProxyState, model: ModelConfig, name: str, inputs: list[str], keep_alive: float | None
+    proxy: ProxyState,
+    model: ModelConfig,
+    name: str,
+    inputs: list[str],
+    keep_alive: float | None,
+    num_ctx: int | None = None,
 ) -> tuple[dict[str, Any], float]:
     """(llama-server's ``/v1/embeddings`` answer, seconds spent getting the model loaded)."""
     _check_embeds(model, name)
@@ -468,7 +486,7 @@ async def _embed(
 
     async def acquire() -> Lease:
         nonlocal load
-        lease = await proxy.pool.acquire(name, keep_alive=keep_alive)
+        lease = await proxy.pool.acquire(name, keep_alive=keep_alive, num_ctx=num_ctx)
         load = time.perf_counter() - before
         return lease
 
@@ -498,6 +516,7 @@ async def embed(proxy: ProxyState, request: Request) -> Reply:
     if model.backend == "ollama":
         return await asked.to_upstream("/api/embed")
     keep_alive = dialect.parse_keep_alive(payload.get("keep_alive"))
+    num_ctx = dialect.requested_context(payload)
     inputs = payload.get("input")
     if isinstance(inputs, str):
         inputs = [inputs] if inputs else []
@@ -507,9 +526,9 @@ async def embed(proxy: ProxyState, request: Request) -> Reply:
         raise BadRequest("input must be a string or a list of strings")
     if not inputs:  # Ollama loads the model and answers no embeddings
         _check_embeds(model, name)
-        await _load_or_unload(proxy, name, keep_alive, dialect.Answer(name, chat=False, started=started))
+        await _load_or_unload(proxy, name, keep_alive, dialect.Answer(name, chat=False, started=started), num_ctx)
         return _json({"model": name, "embeddings": []})
-    body, load = await _embed(proxy, model, name, inputs, keep_alive)
+    body, load = await _embed(proxy, model, name, inputs, keep_alive, num_ctx)
     vectors, tokens = dialect.embeddings_from(body, payload.get("dimensions"))
     return _json(
         {
@@ -529,14 +548,15 @@ async def embeddings(proxy: ProxyState, request: Request) -> Reply:
     if model.backend == "ollama":
         return await asked.to_upstream("/api/embeddings")
     keep_alive = dialect.parse_keep_alive(payload.get("keep_alive"))
+    num_ctx = dialect.requested_context(payload)
     prompt = payload.get("prompt") or ""
     if not isinstance(prompt, str):
         raise BadRequest("prompt must be a string")
     if not prompt:
         _check_embeds(model, name)
-        await _load_or_unload(proxy, name, keep_alive, dialect.Answer(name, chat=False, started=started))
+        await _load_or_unload(proxy, name, keep_alive, dialect.Answer(name, chat=False, started=started), num_ctx)
         return _json({"embedding": []})
-    body, _load = await _embed(proxy, model, name, [prompt], keep_alive)
+    body, _load = await _embed(proxy, model, name, [prompt], keep_alive, num_ctx)
     vectors, _tokens = dialect.embeddings_from(body)
     return _json({"embedding": vectors[0] if vectors else []})
 

@@ -11,7 +11,8 @@ with ``backend = ollama`` is forwarded to its Ollama server's ``/v1`` routes
 the pool, the body byte for byte: llama-server is started with ``--alias NAME``, so the
 ``model`` it reports is already the name the client asked for. Tools, tool calls and
 ``image_url`` parts pass through as they are; a chat with images for a server without
-vision is refused here with a 400 (llama-server itself would answer 500). The answer is relayed as
+vision is refused here with a 400 (llama-server itself would answer 500). A top-level
+``num_ctx`` (our extension) asks the pool for a server with at least that context. The answer is relayed as
 it comes (a stream piece by piece, a whole answer once read, under ``[proxy]
 max_answer``); the lease is released when the upstream answer is closed.
 """
@@ -66,16 +67,19 @@ async def model_route(proxy: ProxyState, request: Request) -> Reply:
         upstream = await ollama_server.send(proxy.client, target, "POST", path, payload=payload, raw=raw)
         return await relay_answer(upstream, limit)
     images = dialect.has_images(payload)
-    return await _relay(proxy, request, target.name, raw, stream=payload.get("stream") is True, images=images)
+    num_ctx = dialect.requested_context(payload)
+    stream = payload.get("stream") is True
+    return await _relay(proxy, request, target.name, raw, stream=stream, images=images, num_ctx=num_ctx)
 
 
 async def open_relay(
-    proxy: ProxyState, path: str, model: str, body: bytes, *, images: bool = False
+    proxy: ProxyState, path: str, model: str, body: bytes, *, images: bool = False, num_ctx: int | None = None
 ) -> tuple[Lease, UpstreamAnswer]:
     """POST ``body`` to a llama-server for ``model``; its answer's headers are in, and the lease is the caller's.
 
     ``images``: the body carries images, so the server must have vision
-    (:func:`smart_proxy.upstream.props.check_images`, a 400 otherwise).
+    (:func:`smart_proxy.upstream.props.check_images`, a 400 otherwise). ``num_ctx``: the
+    server must have at least that context (:meth:`smart_proxy.pool.Pool.acquire`).
     """
 
     async def send(lease: Lease) -> UpstreamAnswer:
@@ -84,7 +88,7 @@ async def open_relay(
         url = lease.base_url + path
         return await open_upstream(proxy.llama, "POST", url, content=body, headers=_JSON_HEADERS, lease=lease)
 
-    return await send_leased(lambda: proxy.pool.acquire(model), send)
+    return await send_leased(lambda: proxy.pool.acquire(model, num_ctx=num_ctx), send)
 
 
 async def _relay(
@@ -96,6 +100,7 @@ async def _relay(
     stream: bool,
     headers: dict[str, str] | None = None,
     images: bool = False,
+    num_ctx: int | None = None,
 ) -> Reply:
     """POST ``body`` to a llama-server for ``model`` and relay its answer (a stream as it arrives).
 
@@ -107,13 +112,13 @@ async def _relay(
         waiting = LoadingStream(
             proxy.pool,
             proxy.catalog.get(model),
-            lambda: open_relay(proxy, request.path, model, body, images=images),
+            lambda: open_relay(proxy, request.path, model, body, images=images, num_ctx=num_ctx),
             interval=interval,
             limit=proxy.config.proxy.max_answer,
             opened=request.opened,
         )
         return Reply(200, merge_headers({"content-type": "text/event-stream"}, _SSE_HEADERS, headers or {}), stream=waiting)
-    lease, upstream = await open_relay(proxy, request.path, model, body, images=images)
+    lease, upstream = await open_relay(proxy, request.path, model, body, images=images, num_ctx=num_ctx)
     request.opened.append(upstream)
     limit = proxy.config.proxy.max_answer
     if stream and upstream.status_code == 200:

@@ -61,7 +61,8 @@ async def responses(proxy: ProxyState, request: Request) -> Reply:
         upstream = await ollama_server.send(proxy.client, target, "POST", request.path, payload=payload, raw=raw)
         request.opened.append(upstream)
         return await _relay(proxy, upstream, target.name)
-    lease, upstream = await open_relay(proxy, request.path, target.name, raw)
+    num_ctx = openai_dialect.requested_context(payload)
+    lease, upstream = await open_relay(proxy, request.path, target.name, raw, num_ctx=num_ctx)
     request.opened.append(upstream)
     return await _relay(proxy, upstream, target.name, lease.release)
 
