@@ -49,6 +49,7 @@ from .metrics import Metrics
 from .pool import Pool
 from .process import find_llama_server
 from .upstream.ollama_server import UpstreamMonitor
+from .upstream.peers import Fleet
 from .upstream.relay import make_client, make_llama_client
 from .web.app import create_app
 
@@ -224,6 +225,10 @@ async def serve(
         metrics.track(pool, lifecycle)
         upstreams = UpstreamMonitor(client, catalog)
         await nursery.start(upstreams.run)
+        fleet = Fleet(client, config.peers.values(), events=metrics)
+        if fleet:
+            metrics.track_peers(fleet.gauges)
+            await nursery.start(fleet.run)
         proxy_state = ProxyState(
             config,
             catalog,
@@ -235,6 +240,7 @@ async def serve(
             api_keys=api_keys,
             upstreams=upstreams,
             agents=agents,
+            fleet=fleet,
         )
         app = create_app(proxy_state)
         stopped = trio.Event()

@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
@@ -53,6 +53,7 @@ from ..upstream import ollama_server as upstreams
 from ..upstream.client import LlamaClient
 from ..upstream.props import check_images, server_props
 from ..upstream.relay import MAX_ANSWER, RelayBody, UpstreamAnswer, open_upstream, send_leased
+from . import fleet
 from .reply import Generated, Reply, Request, encode_headers, error_reply, json_reply, relay_answer
 from .state import ProxyState
 
@@ -308,10 +309,11 @@ class Asked:
     model: ModelConfig
 
     @classmethod
-    def parse(cls, proxy: ProxyState, request: Request) -> Asked:
-        """The request, its body checked and its model found in the catalog."""
+    def parse(cls, proxy: ProxyState, request: Request, payload: dict[str, Any] | None = None) -> Asked:
+        """The request, its body checked (unless ``payload`` is the body, read already) and its model found in the catalog."""
         raw, started = request.body, request.started
-        payload = parse_body(raw or b"{}")
+        if payload is None:
+            payload = parse_body(raw or b"{}")
         name = _model_name(payload)
         model = proxy.catalog.get(name)
         note_model(model.name)
@@ -324,14 +326,23 @@ class Asked:
         return await relay_answer(upstream, proxy.config.proxy.max_answer)
 
 
+async def _routed(
+    proxy: ProxyState, request: Request, here: Callable[[ProxyState, Request, dict[str, Any]], Awaitable[Reply]]
+) -> Reply:
+    """The request served here (``here(proxy, request, payload)``) or on a peer that has its model
+    (:func:`smart_proxy.handlers.fleet.serve`)."""
+    payload = parse_body(request.body or b"{}")
+    return await fleet.serve(proxy, request, _model_name(payload), lambda: here(proxy, request, payload))
+
+
 async def chat(proxy: ProxyState, request: Request) -> Reply:
     """``POST /api/chat``."""
-    return await _complete(proxy, request, chat=True)
+    return await _routed(proxy, request, _complete)
 
 
 async def generate(proxy: ProxyState, request: Request) -> Reply:
     """``POST /api/generate``."""
-    return await _complete(proxy, request, chat=False)
+    return await _routed(proxy, request, _complete)
 
 
 @attrs.frozen
@@ -373,9 +384,9 @@ def plan_generation(asked: Asked, path: str) -> Generation | None:
     return Generation(keep_alive, answer, call, asked.proxy.agents.activate(call.body, call.kind))
 
 
-async def _complete(proxy: ProxyState, request: Request, *, chat: bool) -> Reply:
-    """``/api/chat`` (``chat``) or ``/api/generate``: translated to llama-server's OpenAI routes."""
-    asked = Asked.parse(proxy, request)
+async def _complete(proxy: ProxyState, request: Request, payload: dict[str, Any]) -> Reply:
+    """``/api/chat`` or ``/api/generate`` served here: translated to llama-server's OpenAI routes."""
+    asked = Asked.parse(proxy, request, payload)
     payload, name, model = asked.payload, asked.name, asked.model
     generation = plan_generation(asked, request.path)
     if generation is None:
@@ -493,7 +504,11 @@ async def _embed(
 
 async def embed(proxy: ProxyState, request: Request) -> Reply:
     """``POST /api/embed``."""
-    asked = Asked.parse(proxy, request)
+    return await _routed(proxy, request, _embed_here)
+
+
+async def _embed_here(proxy: ProxyState, request: Request, payload: dict[str, Any]) -> Reply:
+    asked = Asked.parse(proxy, request, payload)
     started, payload, name, model = asked.started, asked.payload, asked.name, asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/embed")
@@ -524,7 +539,11 @@ async def embed(proxy: ProxyState, request: Request) -> Reply:
 
 async def embeddings(proxy: ProxyState, request: Request) -> Reply:
     """The legacy single-prompt route: ``{"prompt"}`` -> ``{"embedding": [...]}``."""
-    asked = Asked.parse(proxy, request)
+    return await _routed(proxy, request, _embeddings_here)
+
+
+async def _embeddings_here(proxy: ProxyState, request: Request, payload: dict[str, Any]) -> Reply:
+    asked = Asked.parse(proxy, request, payload)
     started, payload, name, model = asked.started, asked.payload, asked.name, asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/embeddings")
@@ -585,6 +604,10 @@ async def tags(proxy: ProxyState) -> Reply:
             listed.append(_upstream_entry(model, remote.get(model.name)))
         else:
             listed.append(_local_entry(model.name, await _info(proxy, model)))
+    if proxy.fleet:
+        for entry in listed:
+            entry["served_by"] = fleet.served_by(proxy, entry["name"], local=True)
+        listed.extend(fleet.tag_entries(proxy))
     return _json({"models": listed})
 
 
@@ -643,8 +666,12 @@ def _modelfile(model: ModelConfig, info: ModelInfo | None, projector: str | None
 
 
 async def show(proxy: ProxyState, request: Request) -> Reply:
-    """``POST /api/show``: what the model is (from its GGUF) and how it is served."""
-    asked = Asked.parse(proxy, request)
+    """``POST /api/show``: what the model is (from its GGUF) and how it is served (a peer's: as it says)."""
+    return await _routed(proxy, request, _show_here)
+
+
+async def _show_here(proxy: ProxyState, request: Request, payload: dict[str, Any]) -> Reply:
+    asked = Asked.parse(proxy, request, payload)
     model = asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/show")

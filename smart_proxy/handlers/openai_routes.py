@@ -31,6 +31,7 @@ from ..pool import Lease, ModelStatus
 from ..upstream import ollama_server
 from ..upstream.props import check_images
 from ..upstream.relay import RelayBody, SSELines, UpstreamAnswer, open_upstream, send_leased
+from . import fleet
 from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, relay_answer
 from .state import ProxyState
 
@@ -52,9 +53,15 @@ async def model_route(proxy: ProxyState, request: Request) -> Reply:
         ProxyError: whatever loading the model or reaching its upstream raised.
     """
     request.path = dialect.ALIASES.get(request.path, request.path)  # an alias is served as the route it stands for
+    payload = dialect.parse_body(request.body)
+    name = dialect.required_field(request.path, payload)
+    return await fleet.serve(proxy, request, name, lambda: _here(proxy, request, payload, name))
+
+
+async def _here(proxy: ProxyState, request: Request, payload: dict, name: str) -> Reply:
+    """:func:`model_route` served by this proxy: agents, an Ollama upstream, or the pool."""
     path, raw = request.path, request.body
-    payload = dialect.parse_body(raw)
-    target = proxy.catalog.get(dialect.required_field(path, payload))
+    target = proxy.catalog.get(name)
     note_model(target.name)
     kind = dialect.AGENT_KINDS.get(path)
     chain = proxy.agents.activate(payload, kind) if kind is not None else None
@@ -194,4 +201,8 @@ async def models(proxy: ProxyState, status: list[str] | None = None) -> Reply:
                 "memory": await _memory(proxy, model),
             }
         )
+    if proxy.fleet:
+        for entry in data:
+            entry["served_by"] = fleet.served_by(proxy, entry["id"], local=True)
+        data.extend(fleet.model_entries(proxy, created, wanted))
     return json_reply({"object": "list", "data": data})

@@ -14,6 +14,7 @@ from ..metrics import Metrics
 from ..pool import Pool
 from ..upstream.client import LlamaClient
 from ..upstream.ollama_server import UpstreamMonitor
+from ..upstream.peers import Fleet
 
 __all__ = ["ProxyState"]
 
@@ -35,3 +36,5 @@ class ProxyState:
     upstreams: UpstreamMonitor = attrs.Factory(lambda self: UpstreamMonitor(self.client, ()), takes_self=True)
     #: The slash-command agents loaded at start-up (none unless [agents] enables some).
     agents: AgentRegistry = attrs.Factory(AgentRegistry)
+    #: The ``[peer:NAME]`` servers and what they have (none unless proxy.ini names some).
+    fleet: Fleet = attrs.Factory(lambda self: Fleet(self.client), takes_self=True)
