@@ -15,6 +15,7 @@ import logging
 from functools import partial
 from pathlib import Path
 
+import attrs
 import httpx
 import ollama
 import openai
@@ -280,3 +281,35 @@ async def test_only_peers_have_it_and_all_are_down(tmp_path, fake_binary, nurser
     second = await http.post(f"{router.url}/v1/chat/completions", json={"model": "remote", "messages": USER})
     assert second.status_code == 503 and second.headers["retry-after"] == "5"
     assert "served by peers that are down" in second.json()["error"]["message"]
+
+
+async def test_local_queue_full_spills_over_to_a_peer(tmp_path, fake_binary, nursery, http) -> None:
+    slow = {"slots": 1, "tokens": 40, "token_delay": 0.05}
+    # the node's model file is the larger, so its cold start costs more: the first request stays here
+    node = await Node(nursery, config(tmp_path, fake_binary, {"shared": {"padding": "x" * 4096}}, {})).start()
+    router_config = config(tmp_path, fake_binary, {"shared": slow}, {"node": {"url": node.url, "refresh": "0.2s"}})
+    router_config = attrs.evolve(router_config, pool=attrs.evolve(router_config.pool, max_queue=1))
+    router = await Node(nursery, router_config).start()
+    body = {"model": "shared", "messages": USER, "stream": True}
+    async with http.stream("POST", f"{router.url}/v1/chat/completions", json=body) as holding:
+        assert "x-served-by" not in holding.headers  # the router's own pool: its one slot is now busy
+        waiting = trio.Event()
+
+        async def second() -> None:
+            answer = await http.post(f"{router.url}/v1/chat/completions", json={**body, "stream": False})
+            assert answer.status_code == 200 and "x-served-by" not in answer.headers  # waited for the local slot
+            waiting.set()
+
+        nursery.start_soon(second)
+        await wait_for(lambda: _waiters(http, router.url, 1), "the second request to wait for the local slot")
+        third = await http.post(f"{router.url}/v1/chat/completions", json={**body, "stream": False})
+        assert third.status_code == 200 and third.headers["x-served-by"] == "peer:node"  # the local queue was full
+        async for _ in holding.aiter_bytes():
+            pass
+    with trio.fail_after(10):
+        await waiting.wait()
+
+
+async def _waiters(http: httpx.AsyncClient, url: str, count: int) -> bool:
+    servers = (await http.get(f"{url}/health")).json()["pool"]["servers"]
+    return sum(max(0, server["in_flight"] - server["slots"]) for server in servers) >= count

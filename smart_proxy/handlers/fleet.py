@@ -172,7 +172,8 @@ async def _local(proxy: ProxyState, model: ModelConfig) -> Candidate:
     ready = [server for server in proxy.pool.servers(model.name) if server.state is State.READY]
     if ready:
         free = sum(max(0, server.slots - server.in_flight) for server in ready)
-        waiting = sum(server.waiters for server in ready)
+        # leases beyond a server's slots wait for one (see smart_proxy.pool.Lease.take_slot)
+        waiting = sum(max(0, server.in_flight - server.slots) + server.waiters for server in ready)
         full = free == 0 and waiting >= proxy.config.pool.max_queue
         return Candidate(LOCAL, loaded=True, free_slots=free, queue=waiting, queue_full=full, cold_cost=0.0)
     queued = proxy.pool.snapshot().queued
