@@ -265,11 +265,17 @@ class Fleet:
             results: dict[str, Any] = {}
 
             async def get(route: str) -> None:
-                results[route] = await self._get_json(peer, route)
+                try:
+                    results[route] = await self._get_json(peer, route)
+                except _ReadFailed as exc:  # kept, not raised: both reads failing must not make a group
+                    results[route] = exc
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(get, "/api/tags")
                 nursery.start_soon(get, "/api/ps")
+            for route in ("/api/tags", "/api/ps"):
+                if isinstance(results[route], _ReadFailed):
+                    raise _ReadFailed(f"{route}: {results[route]}")
             return _ollama_models(results["/api/tags"], results["/api/ps"])
         body = await self._get_json(peer, "/v1/models")
         return _openai_models(body, own_only=kind == "smart-proxy")
