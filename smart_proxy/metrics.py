@@ -137,6 +137,8 @@ class Exchange:
     first_byte: float | None = None
     streaming: bool = False
     usage: UsageScanner | None = None
+    #: The peer that served it (``[peer:NAME]``), or "" when this proxy did.
+    peer: str = ""
 
     def response_started(self, status: int, content_type: str) -> None:
         self.status = status
@@ -162,6 +164,13 @@ def note_model(name: str) -> None:
     exchange = current_exchange.get()
     if exchange is not None:
         exchange.model = name
+
+
+def note_peer(name: str) -> None:
+    """The current request is being served by peer ``name`` (the last one tried, when one failed first)."""
+    exchange = current_exchange.get()
+    if exchange is not None:
+        exchange.peer = name
 
 
 def note_failed(status: int = 502) -> None:

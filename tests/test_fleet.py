@@ -184,7 +184,8 @@ async def test_ollama_route_for_an_openai_peer_model_is_refused_clearly(tmp_path
 # ---- smart-proxy peers -------------------------------------------------------------------------
 
 
-async def test_smart_proxy_peer_serves_every_dialect_with_its_key(tmp_path, fake_binary, nursery, http) -> None:
+async def test_smart_proxy_peer_serves_every_dialect_with_its_key(tmp_path, fake_binary, nursery, http, caplog) -> None:
+    caplog.set_level(logging.INFO, "smart_proxy.access")
     node = await Node(
         nursery, config(tmp_path, fake_binary, {"node-only": {"tokens": 3}}, {}, api_keys=NODE_KEY)
     ).start()
@@ -208,6 +209,11 @@ async def test_smart_proxy_peer_serves_every_dialect_with_its_key(tmp_path, fake
         json={"model": "node-only", "max_tokens": 8, "messages": USER, "stream": True},
     )
     assert messages.status_code == 200 and "event: message_stop" in messages.text and "event: error" not in messages.text
+    # the router's access lines and metrics name the peer that served
+    assert "POST /v1/chat/completions 200" in caplog.text and "model=node-only peer=node" in caplog.text
+    metrics = (await http.get(f"{router.url}/metrics")).text
+    assert 'smart_proxy_peer_requests_total{outcome="ok",peer="node"} 4.0' in metrics
+    assert 'route="/v1/chat/completions",status="200"' in metrics and 'model="node-only"' in metrics
     # without the key the node refuses: the router sent it
     assert (await http.post(f"{node.url}/v1/chat/completions", json={"model": "node-only", "messages": USER})).status_code == 401
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import BadRequest, ProxyError, UpstreamError
+from ..metrics import note_model, note_peer
 from ..pool import State
 from ..routing import LOCAL, Candidate, rank
 from ..upstream.peers import Peer, PeerModel, model_key
@@ -117,10 +118,12 @@ async def serve(
     ranked = rank(candidates)[:2]  # the first, and the one retry
     for attempt, candidate in enumerate(ranked):
         last = attempt == len(ranked) - 1
+        note_peer("" if candidate.local else candidate.where)
         try:
             if candidate.local:
                 return await here()
             peer, found = peers[candidate.where]
+            note_model(found.name)  # a name from the peer's own list, not the client's
             return await _to_peer(proxy, request, peer, relay, last=last)
         except ProxyError as exc:
             if last or exc.status not in _RETRY_STATUSES:

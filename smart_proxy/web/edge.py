@@ -165,12 +165,13 @@ class EdgeMiddleware:
             seconds = trio.current_time() - exchange.started
             log.log(
                 logging.INFO if counted else logging.DEBUG,
-                "%s %s %d %.3fs%s",
+                "%s %s %d %.3fs%s%s",
                 method,
                 path,
                 exchange.status,
                 seconds,
                 f" model={exchange.model}" if exchange.model else "",
+                f" peer={exchange.peer}" if exchange.peer else "",
             )
 
         id_token = logs.request_id.set(request_id)
