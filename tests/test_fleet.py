@@ -158,6 +158,8 @@ async def test_ollama_peer_models_are_served_by_name_in_both_dialects(
     await wait_for(
         lambda: _status(http, url, "remote-llm:7b", "loaded"), "the router to see remote-llm:7b loaded"
     )
+    running = [m["name"] for m in (await http.get(f"{url}/api/ps")).json()["models"]]
+    assert "remote-llm:7b" in running and "remote-embed:latest" not in running  # loaded on the peer, as its /api/ps says
     assert NODE_KEY not in caplog.text  # the key went to the peer, never to the log
     health = (await http.get(f"{url}/health")).json()
     assert health["peers"][0]["name"] == "box" and health["peers"][0]["status"] == "ok"

@@ -23,7 +23,8 @@ model only an OpenAI peer has is refused with a 400 that says which routes to us
 (this proxy does not translate Ollama's dialect for peers).
 
 The lists: :func:`model_entries` and :func:`tag_entries` add the peers' models to
-``/v1/models`` and ``/api/tags``, and :func:`served_by` says where each lives.
+``/v1/models``, ``/api/tags`` and (those loaded on a peer) ``/api/ps``, and
+:func:`served_by` says where each lives.
 """
 
 from __future__ import annotations
@@ -220,12 +221,15 @@ def model_entries(proxy: ProxyState, created: int, wanted: Collection[str] | Non
     return list(entries.values())
 
 
-def tag_entries(proxy: ProxyState) -> list[dict[str, Any]]:
-    """``/api/tags`` entries of the peers' models the catalog does not name: an Ollama peer's as it lists them."""
+def tag_entries(proxy: ProxyState, *, loaded: bool = False) -> list[dict[str, Any]]:
+    """``/api/tags`` entries of the peers' models the catalog does not name: an Ollama peer's as it lists them.
+
+    ``loaded``: only those loaded on a peer (for ``/api/ps``).
+    """
     entries: dict[str, dict[str, Any]] = {}
     for peer, found in proxy.fleet.listed():
         key = model_key(found.name)
-        if proxy.catalog.find(found.name) is not None or key in entries:
+        if proxy.catalog.find(found.name) is not None or key in entries or (loaded and not found.loaded):
             continue
         tagged = found.name if ":" in found.name else f"{found.name}:latest"
         entry = dict(found.entry) if peer.config.kind == "ollama" else {"size": found.size or 0, "digest": "", "details": {}}

@@ -645,6 +645,8 @@ async def ps(proxy: ProxyState) -> Reply:
     for model in upstream_models:
         if model.name in remote:
             listed.append(_upstream_entry(model, remote[model.name]))
+    if proxy.fleet:
+        listed.extend(fleet.tag_entries(proxy, loaded=True))
     return _json({"models": listed})
 
 
