@@ -225,7 +225,7 @@ async def serve(
         metrics.track(pool, lifecycle)
         upstreams = UpstreamMonitor(client, catalog)
         await nursery.start(upstreams.run)
-        fleet = Fleet(client, config.peers.values(), events=metrics)
+        fleet = Fleet(client, config.peers.values(), events=metrics, llama=llama)
         if fleet:
             metrics.track_peers(fleet.gauges)
             await nursery.start(fleet.run)

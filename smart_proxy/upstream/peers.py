@@ -26,7 +26,9 @@ models that fails, or a request that cannot be sent or gets no answer head withi
 While out, its task sleeps until the breaker's ``cooldown`` is over, then sends one
 half-open probe (the same read); a success brings the peer back. :meth:`Fleet.send`
 relays one request to a peer with its ``api_key`` as ``Authorization: Bearer``; the
-key is never logged or shown (errors name the peer and its URL only).
+key is never logged or shown (errors name the peer and its URL only). An ``http://``
+peer is reached through the proxy's own HTTP/1.1 client (the one of the hop to
+llama-servers, :mod:`smart_proxy.upstream.client`), an ``https://`` one through httpx.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ from ..breaker import Breaker, BreakerState
 from ..config import PeerConfig
 from ..errors import UpstreamError, UpstreamTimeout
 from ..metrics import PeerGauge
-from .relay import UpstreamAnswer, describe, open_httpx
+from .client import LlamaClient
+from .relay import UpstreamAnswer, describe, open_httpx, open_upstream
 
 __all__ = ["Fleet", "Peer", "PeerEvents", "PeerModel", "model_key"]
 
@@ -121,8 +124,16 @@ class Peer:
 class Fleet:
     """Every peer, what each has, and the task that keeps that fresh; see the module docstring."""
 
-    def __init__(self, http: httpx.AsyncClient, peers: Iterable[PeerConfig] = (), events: PeerEvents | None = None) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        peers: Iterable[PeerConfig] = (),
+        events: PeerEvents | None = None,
+        llama: LlamaClient | None = None,
+    ) -> None:
         self._http = http
+        #: The proxy's own HTTP/1.1 client, for requests to ``http://`` peers (httpx for ``https://``).
+        self._llama = llama
         self.peers: dict[str, Peer] = {config.name: Peer(config) for config in peers}
         self._events = events
 
@@ -190,23 +201,33 @@ class Fleet:
             UpstreamTimeout: no answer head within its ``request_timeout`` (504); counted likewise.
         """
         who = f"peer {peer.name!r}"
-        request = self._http.build_request(
-            method, peer.base_url + path, content=content, headers={"Content-Type": "application/json", **peer.headers()}
-        )
+        url = peer.base_url + path
+        headers = {"Content-Type": "application/json", **peer.headers()}
         first_byte = peer.config.request_timeout or math.inf
+        answer: UpstreamAnswer | None = None
         try:
-            with trio.move_on_after(first_byte):
-                answer = await open_httpx(self._http, request, name=who)
-                peer.breaker.success()
-                peer.in_flight += 1
-                peer.served += 1
-                self._note(peer, "ok")
-                return answer
-            raise UpstreamTimeout(f"{who} did not answer within request_timeout ({first_byte:g}s)")
+            if self._llama is not None and url.startswith("http://"):
+                try:
+                    answer = await open_upstream(self._llama, method, url, content=content, headers=headers,
+                                                 first_byte=peer.config.request_timeout)  # fmt: skip
+                except (UpstreamError, UpstreamTimeout) as exc:
+                    exc.message = f"{who}: {exc.message}"
+                    raise
+            else:
+                request = self._http.build_request(method, url, content=content, headers=headers)
+                with trio.move_on_after(first_byte):
+                    answer = await open_httpx(self._http, request, name=who)
+                if answer is None:
+                    raise UpstreamTimeout(f"{who} did not answer within request_timeout ({first_byte:g}s)")
         except (UpstreamError, UpstreamTimeout) as exc:
             self._failed(peer, exc.message)
             self._note(peer, "failed")
             raise
+        peer.breaker.success()
+        peer.in_flight += 1
+        peer.served += 1
+        self._note(peer, "ok")
+        return answer
 
     def _note(self, peer: Peer, outcome: str) -> None:
         if self._events is not None:
