@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from functools import partial
 from pathlib import Path
 
@@ -321,3 +322,29 @@ async def test_local_queue_full_spills_over_to_a_peer(tmp_path, fake_binary, nur
 async def _waiters(http: httpx.AsyncClient, url: str, count: int) -> bool:
     servers = (await http.get(f"{url}/health")).json()["pool"]["servers"]
     return sum(max(0, server["in_flight"] - server["slots"]) for server in servers) >= count
+
+
+def children(parent: int) -> list[str]:
+    """The command lines of ``parent``'s running child processes."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] not in ("Z", "X"):
+            found.append(cmdline)
+    return found
+
+
+async def test_a_router_without_models_starts_no_process_and_serves_peers(tmp_path, fake_binary, nursery, http, tagged_ollama) -> None:
+    router = Node(nursery, config(tmp_path, fake_binary, {}, {"box": {"url": tagged_ollama.url, "kind": "ollama"}}))
+    await router.start()
+    assert children(os.getpid()) == []  # no llama-server, no spare lifeline: the pool has nothing it could load
+    answer = await http.post(f"{router.url}/api/chat", json={"model": "remote-llm:7b", "messages": USER, "stream": False})
+    assert answer.status_code == 200 and answer.json()["message"]["content"] == "piece0 piece1 piece2 "
+    missing = await http.post(f"{router.url}/api/chat", json={"model": "nowhere", "messages": USER})
+    assert missing.status_code == 404 and "not found" in missing.json()["error"]
+    health = (await http.get(f"{router.url}/health")).json()
+    assert health["pool"]["servers"] == [] and health["peers"][0]["status"] == "ok"
