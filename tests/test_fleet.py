@@ -172,16 +172,25 @@ async def _status(http: httpx.AsyncClient, url: str, model: str, value: str) -> 
     return any(entry["id"] == model and entry["status"]["value"] == value for entry in data)
 
 
-async def test_ollama_route_for_an_openai_peer_model_is_refused_clearly(tmp_path, fake_binary, nursery, http) -> None:
-    node = await Node(nursery, config(tmp_path, fake_binary, {"only-openai": {}}, {})).start()
+async def test_an_openai_peer_takes_ollama_chat_translated_and_refuses_the_rest(
+    tmp_path, fake_binary, nursery, http
+) -> None:
+    node = await Node(nursery, config(tmp_path, fake_binary, {"only-openai": {"tokens": 3}}, {})).start()
     router = await Node(
         nursery, config(tmp_path, fake_binary, {}, {"vllm": {"url": node.url, "kind": "openai"}})
     ).start()
     ok = await http.post(f"{router.url}/v1/chat/completions", json={"model": "only-openai", "messages": USER})
     assert ok.status_code == 200 and ok.headers["x-served-by"] == "peer:vllm"
-    refused = await http.post(f"{router.url}/api/chat", json={"model": "only-openai", "messages": USER})
+    with ollama.Client(host=router.url) as client:  # translated to /v1/chat/completions and back, as for llama-server
+        parts = await in_thread(lambda: list(client.chat(model="only-openai", messages=USER, stream=True)))
+        assert "".join(p.message.content for p in parts) == "tok0 tok1 tok2 " and parts[-1].done
+        whole = await in_thread(client.generate, model="only-openai", prompt="x")
+        assert whole.response == "tok0 tok1 tok2 " and whole.done and whole.model == "only-openai"
+    refused = await http.post(f"{router.url}/api/embed", json={"model": "only-openai", "input": "x"})
     assert refused.status_code == 400
-    assert "does not take /api/chat" in refused.json()["error"] and "/v1/chat/completions" in refused.json()["error"]
+    assert "does not take /api/embed" in refused.json()["error"] and "/v1/embeddings" in refused.json()["error"]
+    load = await http.post(f"{router.url}/api/chat", json={"model": "only-openai", "messages": []})
+    assert load.status_code == 400  # a load request: nothing an OpenAI server can be asked
 
 
 # ---- smart-proxy peers -------------------------------------------------------------------------
@@ -338,7 +347,9 @@ def children(parent: int) -> list[str]:
     return found
 
 
-async def test_a_router_without_models_starts_no_process_and_serves_peers(tmp_path, fake_binary, nursery, http, tagged_ollama) -> None:
+async def test_a_router_without_models_starts_no_process_and_serves_peers(
+    tmp_path, fake_binary, nursery, http, tagged_ollama
+) -> None:
     router = Node(nursery, config(tmp_path, fake_binary, {}, {"box": {"url": tagged_ollama.url, "kind": "ollama"}}))
     await router.start()
     assert children(os.getpid()) == []  # no llama-server, no spare lifeline: the pool has nothing it could load

@@ -18,9 +18,10 @@ dialect, so it does not look finished.
 
 The dialects a peer takes: a smart-proxy peer every route; an Ollama peer Ollama's
 generation, embedding and show routes and its ``/v1`` chat, completion, embedding,
-Responses and Messages routes; an OpenAI peer the ``/v1`` routes. An Ollama route for a
-model only an OpenAI peer has is refused with a 400 that says which routes to use
-(this proxy does not translate Ollama's dialect for peers).
+Responses and Messages routes; an OpenAI peer the ``/v1`` routes, and Ollama's chat and
+generate translated to them as for a local llama-server (the route hands :func:`serve` a
+``translate``). Any other Ollama route for a model only an OpenAI peer has is refused
+with a 400 that says which routes to use.
 
 The lists: :func:`model_entries` and :func:`tag_entries` add the peers' models to
 ``/v1/models``, ``/api/tags`` and (those loaded on a peer) ``/api/ps``, and
@@ -33,6 +34,8 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
+
+import attrs
 
 from ..config import ModelConfig
 from ..errors import BadRequest, ProxyError, UpstreamError
@@ -67,6 +70,20 @@ OLLAMA_PEER_ROUTES = frozenset(
 _RETRY_STATUSES = frozenset({502, 503, 504})
 
 
+@attrs.frozen
+class Translated:
+    """A request rewritten for a peer that does not take its route: an OpenAI peer's ``/v1`` route for an Ollama one."""
+
+    path: str
+    body: bytes
+    #: How its answer comes back in the caller's dialect: ``relay(answer, on_done)``.
+    relay: Relay
+
+
+#: Makes the :class:`Translated` request for a peer, given the model's name there (None: cannot be translated).
+Translate = Callable[[str], "Translated | None"]
+
+
 class PeerDown(ProxyError):
     status = 503
     kind = "peer_unavailable"
@@ -87,13 +104,20 @@ Relay = Callable[[UpstreamAnswer, Callable[[], object]], Awaitable[Reply]]
 
 
 async def serve(
-    proxy: ProxyState, request: Request, name: str, here: Callable[[], Awaitable[Reply]], relay: Relay | None = None
+    proxy: ProxyState,
+    request: Request,
+    name: str,
+    here: Callable[[], Awaitable[Reply]],
+    relay: Relay | None = None,
+    translate: Translate | None = None,
 ) -> Reply:
     """Serve ``request`` for model ``name`` here (``here()``) or on a peer; see the module docstring.
 
     ``relay`` relays a peer's answer as the route relays its upstream's (a stream judged
     by the route's own end event); by default :func:`smart_proxy.handlers.reply.relay_answer`
-    (SSE ending in ``[DONE]``, or NDJSON ending in ``done``).
+    (SSE ending in ``[DONE]``, or NDJSON ending in ``done``). ``translate`` rewrites the
+    request for an OpenAI peer, which does not take the route as it is (Ollama's chat and
+    generate, translated as for a local llama-server).
 
     Raises:
         PeerDown: only peers have the model, and none of them is up (503).
@@ -105,15 +129,21 @@ async def serve(
     if not holders:
         return await here()
     model = proxy.catalog.find(name)
-    peers: dict[str, tuple[Peer, PeerModel]] = {}
+    peers: dict[str, tuple[Peer, PeerModel, Translated | None]] = {}
     candidates = [] if model is None else [await _local(proxy, model)]
     for peer, found in holders:
-        if peer.up and takes(peer.config.kind, request.path):
-            peers[peer.name] = (peer, found)
-            cold = 0.0 if found.loaded else (float(found.size) if found.size else math.inf)
-            candidates.append(
-                Candidate(peer.name, found.loaded, queue=peer.in_flight, cold_cost=cold, weight=peer.config.weight)
-            )
+        if not peer.up:
+            continue
+        translated = None
+        if not takes(peer.config.kind, request.path):
+            translated = translate(found.name) if translate is not None and peer.config.kind == "openai" else None
+            if translated is None:
+                continue
+        peers[peer.name] = (peer, found, translated)
+        cold = 0.0 if found.loaded else (float(found.size) if found.size else math.inf)
+        candidates.append(
+            Candidate(peer.name, found.loaded, queue=peer.in_flight, cold_cost=cold, weight=peer.config.weight)
+        )
     if not candidates:
         raise _nowhere(name, request.path, holders)
     ranked = rank(candidates)[:2]  # the first, and the one retry
@@ -123,9 +153,9 @@ async def serve(
         try:
             if candidate.local:
                 return await here()
-            peer, found = peers[candidate.where]
+            peer, found, translated = peers[candidate.where]
             note_model(found.name)  # a name from the peer's own list, not the client's
-            return await _to_peer(proxy, request, peer, relay, last=last)
+            return await _to_peer(proxy, request, peer, relay, translated, last=last)
         except ProxyError as exc:
             if last or exc.status not in _RETRY_STATUSES:
                 raise
@@ -134,9 +164,16 @@ async def serve(
     raise AssertionError("unreachable")
 
 
-async def _to_peer(proxy: ProxyState, request: Request, peer: Peer, relay: Relay | None, *, last: bool) -> Reply:
-    """The request relayed to ``peer`` at its own path; a retryable error status raises unless ``last``."""
-    upstream = await proxy.fleet.send(peer, "POST", request.path, request.body)
+async def _to_peer(
+    proxy: ProxyState, request: Request, peer: Peer, relay: Relay | None, translated: Translated | None, *, last: bool
+) -> Reply:
+    """The request relayed to ``peer`` at its own path (or as ``translated``); a retryable error status raises
+    unless ``last``."""
+    if translated is not None:
+        path, body, relay = translated.path, translated.body, translated.relay
+    else:
+        path, body = request.path, request.body
+    upstream = await proxy.fleet.send(peer, "POST", path, body)
     request.opened.append(upstream)
     if upstream.status_code in _RETRY_STATUSES and not last:
         try:

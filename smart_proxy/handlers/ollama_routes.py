@@ -327,22 +327,47 @@ class Asked:
 
 
 async def _routed(
-    proxy: ProxyState, request: Request, here: Callable[[ProxyState, Request, dict[str, Any]], Awaitable[Reply]]
+    proxy: ProxyState,
+    request: Request,
+    here: Callable[[ProxyState, Request, dict[str, Any]], Awaitable[Reply]],
+    *,
+    translatable: bool = False,
 ) -> Reply:
     """The request served here (``here(proxy, request, payload)``) or on a peer that has its model
-    (:func:`smart_proxy.handlers.fleet.serve`)."""
+    (:func:`smart_proxy.handlers.fleet.serve`); ``translatable``: a chat or generate, which an
+    OpenAI peer takes translated to its ``/v1`` route."""
     payload = parse_body(request.body or b"{}")
-    return await fleet.serve(proxy, request, _model_name(payload), lambda: here(proxy, request, payload))
+    translate = (lambda remote: _for_openai_peer(proxy, request, payload, remote)) if translatable else None
+    return await fleet.serve(proxy, request, _model_name(payload), lambda: here(proxy, request, payload), None, translate)
+
+
+def _for_openai_peer(proxy: ProxyState, request: Request, payload: dict[str, Any], remote: str) -> fleet.Translated | None:
+    """``/api/chat`` or ``/api/generate`` translated for an OpenAI peer's model ``remote``, as for a local llama-server.
+
+    None for an empty request (a load or unload: nothing an OpenAI server can be asked).
+    """
+    chat = request.path == "/api/chat"
+    if (not payload.get("messages")) if chat else not (payload.get("prompt") or payload.get("images")):
+        return None
+    call = (dialect.chat_request if chat else dialect.generate_request)(payload, remote)
+    answer = dialect.Answer(_model_name(payload), chat=chat, started=request.started)
+    limit = proxy.config.proxy.max_answer
+
+    async def relay(upstream: UpstreamAnswer, on_done: Callable[[], object]) -> Reply:
+        answer.loaded()  # the peer's own load, if any, counts as prompt time
+        return await _answered(upstream, call, answer, f"the peer serving {remote!r}", on_done, None, limit)
+
+    return fleet.Translated(call.path, json.dumps(call.body, ensure_ascii=False).encode(), relay)
 
 
 async def chat(proxy: ProxyState, request: Request) -> Reply:
     """``POST /api/chat``."""
-    return await _routed(proxy, request, _complete)
+    return await _routed(proxy, request, _complete, translatable=True)
 
 
 async def generate(proxy: ProxyState, request: Request) -> Reply:
     """``POST /api/generate``."""
-    return await _routed(proxy, request, _complete)
+    return await _routed(proxy, request, _complete, translatable=True)
 
 
 @attrs.frozen
