@@ -221,10 +221,13 @@ async def test_smart_proxy_peer_serves_every_dialect_with_its_key(tmp_path, fake
         json={"model": "node-only", "max_tokens": 8, "messages": USER, "stream": True},
     )
     assert messages.status_code == 200 and "event: message_stop" in messages.text and "event: error" not in messages.text
+    responses = await http.post(f"{router.url}/v1/responses", json={"model": "node-only", "input": "hi", "stream": True})
+    assert responses.status_code == 200 and responses.headers["x-served-by"] == "peer:node"
+    assert "response.completed" in responses.text and "response.failed" not in responses.text  # judged by its own end
     # the router's access lines and metrics name the peer that served
     assert "POST /v1/chat/completions 200" in caplog.text and "model=node-only peer=node" in caplog.text
     metrics = (await http.get(f"{router.url}/metrics")).text
-    assert 'smart_proxy_peer_requests_total{outcome="ok",peer="node"} 4.0' in metrics
+    assert 'smart_proxy_peer_requests_total{outcome="ok",peer="node"} 5.0' in metrics
     assert 'route="/v1/chat/completions",status="200"' in metrics and 'model="node-only"' in metrics
     # without the key the node refuses: the router sent it
     assert (await http.post(f"{node.url}/v1/chat/completions", json={"model": "node-only", "messages": USER})).status_code == 401
@@ -359,3 +362,21 @@ async def test_a_router_without_models_starts_no_process_and_serves_peers(
     assert missing.status_code == 404 and "not found" in missing.json()["error"]
     health = (await http.get(f"{router.url}/health")).json()
     assert health["pool"]["servers"] == [] and health["peers"][0]["status"] == "ok"
+
+
+async def test_a_peer_stream_cut_after_its_first_byte_ends_with_an_error_and_is_not_retried(
+    tmp_path, fake_binary, nursery, http
+) -> None:
+    a = await Node(nursery, config(tmp_path, fake_binary, {"cut": {"tokens": 6, "break_after": 2}}, {})).start()
+    b = await Node(nursery, config(tmp_path, fake_binary, {"cut": {"tokens": 6, "padding": "x" * 4096}}, {})).start()
+    router = await Node(nursery, config(tmp_path, fake_binary, {}, {"a": {"url": a.url}, "b": {"url": b.url}})).start()
+    body = {"model": "cut", "messages": USER, "stream": True}
+    answer = await http.post(f"{router.url}/v1/chat/completions", json=body)
+    assert answer.status_code == 200 and answer.headers["x-served-by"] == "peer:a"  # a's cold start is the cheaper
+    assert "tok0" in answer.text and "\"error\"" in answer.text and "data: [DONE]" not in answer.text.splitlines()
+    with openai.OpenAI(base_url=f"{router.url}/v1", api_key="none", max_retries=0) as client:
+        with pytest.raises(openai.APIError):
+            await in_thread(lambda: list(client.chat.completions.create(model="cut", messages=USER, stream=True)))
+    metrics = (await http.get(f"{router.url}/metrics")).text
+    assert 'smart_proxy_peer_requests_total{outcome="ok",peer="a"} 2.0' in metrics
+    assert 'peer="b"' not in metrics.split("smart_proxy_peer_requests_total", 1)[1].split("# HELP", 1)[0]  # never retried

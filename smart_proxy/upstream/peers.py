@@ -93,7 +93,7 @@ class Peer:
         self.learned_at: float | None = None
         #: Why the last read failed, or None.
         self.error: str | None = None
-        #: Requests relayed to it, by outcome (``ok``, ``failed``).
+        #: Requests relayed to it (their answer's head came).
         self.served = 0
 
     @property
@@ -177,6 +177,7 @@ class Fleet:
                 "models": sorted(model.name for model in peer.models.values()),
                 "loaded": sorted(model.name for model in peer.models.values() if model.loaded),
                 "in_flight": peer.in_flight,
+                "served": peer.served,
                 "trips": breaker.trips,
                 "refreshed_ago": None if peer.learned_at is None else round(now - peer.learned_at, 3),
             }
