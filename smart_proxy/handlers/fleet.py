@@ -47,7 +47,18 @@ from ..upstream.relay import UpstreamAnswer, answer_text
 from .reply import Reply, Request, relay_answer
 from .state import ProxyState
 
-__all__ = ["OLLAMA_PEER_ROUTES", "PeerDown", "model_entries", "serve", "served_by", "tag_entries", "takes"]
+__all__ = [
+    "OLLAMA_PEER_ROUTES",
+    "PeerDown",
+    "Relay",
+    "Translate",
+    "Translated",
+    "model_entries",
+    "serve",
+    "served_by",
+    "tag_entries",
+    "takes",
+]
 
 log = logging.getLogger(__name__)
 

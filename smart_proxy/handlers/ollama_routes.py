@@ -1,6 +1,9 @@
 """Ollama's routes over the pool, and over Ollama upstreams.
 
-Theory of operation: every model route resolves its ``model`` in the catalog first.
+Theory of operation: every model route reads its ``model`` first; a model a peer has may
+be served there instead (:func:`smart_proxy.handlers.fleet.serve` decides; an OpenAI peer
+gets chat and generate translated, as a llama-server does). Served here, the route resolves
+its ``model`` in the catalog.
 A model with ``backend = ollama`` is passed to its Ollama server untouched
 (:mod:`smart_proxy.upstream.ollama_server`). A local model is served by a llama-server
 from the pool: the request is translated by :mod:`smart_proxy.dialects.ollama`, sent to

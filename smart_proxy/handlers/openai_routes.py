@@ -3,7 +3,8 @@
 Theory of operation: :func:`model_route` serves all three model routes, and their aliases
 without ``/v1`` (``/chat/completions``, ...), which llama-server also serves: an alias is
 answered as the ``/v1`` route it stands for, and sent upstream to that route. It checks the
-body once (:mod:`smart_proxy.dialects.openai`) and finds the model in the catalog. A
+body once (:mod:`smart_proxy.dialects.openai`); a model a peer has may be served there
+instead (:func:`smart_proxy.handlers.fleet.serve` decides). Served here, it finds the model in the catalog. A
 chat or completion whose user text starts with agent commands (``/rag ...``) runs the
 agent chain (:mod:`smart_proxy.agents`), for either kind of model. Otherwise a model
 with ``backend = ollama`` is forwarded to its Ollama server's ``/v1`` routes
