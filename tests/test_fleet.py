@@ -131,6 +131,8 @@ async def test_ollama_peer_models_are_served_by_name_in_both_dialects(
         # /api/tags merges the catalog's model with every model the peer has
         assert set(listed) == {"local:latest", "remote-llm:latest", "remote-llm:7b", "remote-embed:latest"}
         assert listed["remote-llm:7b"].details.parameter_size == "7B"
+        shown = await in_thread(client.show, "remote-llm:7b")
+        assert shown.modelfile == "FROM remote-llm:7b\n" and shown.details.parameter_size == "7B"
         local_answer = await in_thread(client.generate, model="local", prompt="x")
         assert local_answer.done
     tags = (await http.get(f"{url}/api/tags")).json()["models"]
