@@ -35,6 +35,8 @@ __all__ = [
     "CatalogConfig",
     "Config",
     "ModelConfig",
+    "PEER_KINDS",
+    "PeerConfig",
     "PoolConfig",
     "ProxyConfig",
     "is_repo_id",
@@ -134,6 +136,13 @@ def _parse_bool(text: str | bool) -> bool:
     if lowered in _FALSE:
         return False
     raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+def _parse_number(text: str | float) -> float:
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        raise ValueError(f"not a number: {text!r} (use e.g. 1 or 2.5)") from None
 
 
 def _parse_args(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -277,6 +286,41 @@ class CatalogConfig:
     allow_repos: tuple[str, ...] = ("*",)
 
 
+#: What a ``[peer:NAME]`` may be: another smart-proxy, an Ollama server, or any OpenAI-compatible server.
+PEER_KINDS = ("smart-proxy", "ollama", "openai")
+
+
+@attrs.frozen
+class PeerConfig:
+    """A ``[peer:NAME]`` section: another server whose models this proxy serves too (see docs/fleet.md)."""
+
+    name: str
+    #: The peer's base URL, e.g. ``http://10.0.0.2:8080``.
+    url: str
+    #: ``smart-proxy``, ``ollama`` or ``openai``: which routes it takes and how its models are learned.
+    kind: str = "smart-proxy"
+    #: Sent to the peer as ``Authorization: Bearer``; never logged, never shown.
+    api_key: str | None = attrs.field(default=None, repr=False)
+    #: The peer's models this proxy serves: ``*`` (all it lists) or names.
+    models: tuple[str, ...] = ("*",)
+    #: The routing preference among places that can serve a model (see smart_proxy.routing).
+    weight: float = 1.0
+    #: How often the peer's models and their states are read again.
+    refresh: Duration = Duration(5.0)
+    #: How long one read of its model list may take.
+    timeout: Duration = Duration(3.0)
+    #: How long a request may wait for the head of the peer's answer; 0 = no limit.
+    request_timeout: Duration = Duration(0.0)
+    #: Failures in a row (requests or reads) that take the peer out (its circuit breaker opens).
+    failures: int = 2
+    #: How long a peer stays out before one probe may bring it back.
+    cooldown: Duration = Duration(5.0)
+
+    def serves(self, name: str) -> bool:
+        """Whether ``models`` lets this proxy serve the peer's model ``name``."""
+        return "*" in self.models or name in self.models or name.removesuffix(":latest") in self.models
+
+
 @attrs.frozen
 class Config:
     proxy: ProxyConfig = ProxyConfig()
@@ -284,6 +328,8 @@ class Config:
     agents: AgentsConfig = AgentsConfig()
     catalog: CatalogConfig = CatalogConfig()
     models: dict[str, ModelConfig] = attrs.Factory(dict)
+    #: ``[peer:NAME]`` sections: other servers whose models are served here too.
+    peers: dict[str, PeerConfig] = attrs.Factory(dict)
     #: The folder proxy.ini is in; relative paths in it are relative to this.
     base_dir: str = "."
 
@@ -322,6 +368,16 @@ def _make_converter() -> cattrs.Converter:
             allow_repos=cattrs.gen.override(struct_hook=lambda value, _: _parse_list(value)),
         ),
     )
+    converter.register_structure_hook(
+        PeerConfig,
+        make_dict_structure_fn(
+            PeerConfig,
+            converter,
+            _cattrs_forbid_extra_keys=True,
+            models=cattrs.gen.override(struct_hook=lambda value, _: _parse_list(value)),
+            weight=cattrs.gen.override(struct_hook=lambda value, _: _parse_number(value)),
+        ),
+    )
     return converter
 
 
@@ -333,6 +389,8 @@ def _where(path: str) -> str:
     parts = [part.strip("[]'\"") for part in re.split(r"\.|(?=\[)", path.removeprefix("$").lstrip(".")) if part]
     if parts[:1] == ["models"] and len(parts) >= 2:
         section, rest = f"model:{parts[1]}", parts[2:]
+    elif parts[:1] == ["peers"] and len(parts) >= 2:
+        section, rest = f"peer:{parts[1]}", parts[2:]
     elif parts[:2] == ["agents", "timeouts"] and len(parts) >= 3:
         section, rest = "agents", [_AGENT_TIMEOUT_PREFIX + parts[2]]
     elif parts:
@@ -370,19 +428,24 @@ def _error_line(exc: Exception) -> str:
 
 def structure(raw: dict[str, dict[str, str]], base_dir: str = ".") -> Config:
     """Turn ``{section: {key: value}}`` into a :class:`Config`, or raise ConfigError."""
-    data: dict[str, object] = {"models": {}, "base_dir": base_dir}
+    data: dict[str, object] = {"models": {}, "peers": {}, "base_dir": base_dir}
     for section, values in raw.items():
         if section.startswith("model:"):
             name = section.removeprefix("model:").strip()
             if not name:
                 raise ConfigError(f"[{section}]: a model section needs a name, e.g. [model:gemma3-270m]")
             data["models"][name] = {"name": name, **values}  # type: ignore[index]
+        elif section.startswith("peer:"):
+            name = section.removeprefix("peer:").strip()
+            if not name:
+                raise ConfigError(f"[{section}]: a peer section needs a name, e.g. [peer:gpu-box]")
+            data["peers"][name] = {"name": name, **values}  # type: ignore[index]
         elif section == "agents":
             data[section] = _gather_agent_timeouts(values)
         elif section in ("proxy", "pool", "catalog"):
             data[section] = dict(values)
         else:
-            raise ConfigError(f"[{section}]: unknown section (known: proxy, pool, agents, catalog, model:NAME)")
+            raise ConfigError(f"[{section}]: unknown section (known: proxy, pool, agents, catalog, model:NAME, peer:NAME)")
     try:
         config = _converter.structure(data, Config)
     except Exception as exc:  # cattrs raises ClassValidationError/ValueError/TypeError
@@ -390,7 +453,28 @@ def structure(raw: dict[str, dict[str, str]], base_dir: str = ".") -> Config:
     _check_ranges(config)
     for model in config.models.values():
         _check_model(model, base_dir)
+    for peer in config.peers.values():
+        _check_peer(peer)
     return config
+
+
+def _check_peer(peer: PeerConfig) -> None:
+    where = f"[peer:{peer.name}]"
+    if not re.match(r"^https?://[^/\s]+", peer.url):
+        raise ConfigError(f"{where} url: {peer.url!r} is not an http:// or https:// address")
+    if peer.kind not in PEER_KINDS:
+        raise ConfigError(f"{where} kind: must be one of {', '.join(PEER_KINDS)}, not {peer.kind!r}")
+    if not (0 < peer.weight < math.inf):
+        raise ConfigError(f"{where} weight: must be more than 0")
+    if not peer.models:
+        raise ConfigError(f"{where} models: give * (every model the peer has) or names")
+    if peer.failures < 1:
+        raise ConfigError(f"{where} failures: must be at least 1")
+    for key in ("refresh", "timeout", "cooldown"):
+        if not 0 < getattr(peer, key) < math.inf:
+            raise ConfigError(f"{where} {key}: must be more than 0")
+    if not 0 <= peer.request_timeout < math.inf:
+        raise ConfigError(f"{where} request_timeout: must be 0 (no limit) or more")
 
 
 def _gather_agent_timeouts(values: dict[str, str]) -> dict[str, object]:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextvars
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import attrs
@@ -142,6 +142,8 @@ class Exchange:
     usage: UsageScanner | None = None
     #: The agents that ran for it, in the order they first ran.
     agents: list[str] = attrs.Factory(list)
+    #: The peer that served it (``[peer:NAME]``), or "" when this proxy did.
+    peer: str = ""
 
     def response_started(self, status: int, content_type: str) -> None:
         self.status = status
@@ -168,6 +170,13 @@ def note_model(name: str) -> None:
     exchange = current_exchange.get()
     if exchange is not None:
         exchange.model = name
+
+
+def note_peer(name: str) -> None:
+    """The current request is being served by peer ``name`` (the last one tried, when one failed first)."""
+    exchange = current_exchange.get()
+    if exchange is not None:
+        exchange.peer = name
 
 
 def note_failed(status: int = 502) -> None:
@@ -231,10 +240,22 @@ class Metrics(PoolEvents):
             _PREFIX + "agent_runs", "Agent hook runs, by agent and result (ok, error, timeout, cancelled).", ["agent", "result"],
             registry=r,
         )
+        self.peer_requests = Counter(
+            _PREFIX + "peer_requests", "Requests relayed to peers, by peer and outcome (ok, failed).", ["peer", "outcome"],
+            registry=r,
+        )
         self.agent_duration = Histogram(
             _PREFIX + "agent_run_duration_seconds", "How long agent hook runs took.", ["agent"], buckets=_AGENT_BUCKETS,
             registry=r,
         )
+
+    def peer_request(self, peer: str, outcome: str) -> None:
+        """Count a request relayed to ``peer``: ``ok`` (its answer's head came) or ``failed``."""
+        self.peer_requests.labels(peer, outcome).inc()
+
+    def track_peers(self, peers: Callable[[], Iterable[PeerGauge]]) -> None:
+        """Report every peer's state at every scrape; ``peers()`` gives them as they are now."""
+        self.registry.register(_PeerCollector(peers))
 
     def track(self, pool: Pool, lifecycle: Lifecycle) -> None:
         """Report the pool's and the lifecycle's present state at every scrape."""
@@ -356,4 +377,44 @@ class _LiveCollector:
             GaugeMetricFamily(_PREFIX + "pool_capacity", "llama-servers the pool may run at once."),
             GaugeMetricFamily(_PREFIX + "requests_in_flight", "Requests being served (probes left out)."),
             GaugeMetricFamily(_PREFIX + "ready", "1 while the proxy takes new requests, 0 starting or draining."),
+        ]
+
+
+@attrs.frozen
+class PeerGauge:
+    """One peer as ``/metrics`` shows it."""
+
+    name: str
+    up: bool
+    breaker: str
+    models: int
+    in_flight: int
+
+
+class _PeerCollector:
+    """Reads the peers' states at scrape time."""
+
+    def __init__(self, peers: Callable[[], Iterable[PeerGauge]]) -> None:
+        self._peers = peers
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._families()
+        up, breaker, models, in_flight = families
+        for peer in self._peers():
+            up.add_metric([peer.name], 1 if peer.up else 0)
+            breaker.add_metric([peer.name, peer.breaker], 1)
+            models.add_metric([peer.name], peer.models)
+            in_flight.add_metric([peer.name], peer.in_flight)
+        return families
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(_PREFIX + "peer_up", "1 while a peer takes requests, 0 while it is out.", labels=["peer"]),
+            GaugeMetricFamily(_PREFIX + "peer_breaker", "A peer's circuit breaker state.", labels=["peer", "state"]),
+            GaugeMetricFamily(_PREFIX + "peer_models", "Models a peer has, as last read.", labels=["peer"]),
+            GaugeMetricFamily(_PREFIX + "peer_requests_in_flight", "Requests in flight to a peer.", labels=["peer"]),
         ]

@@ -50,6 +50,7 @@ from .metrics import Metrics
 from .pool import Pool, PublishedEvents
 from .process import find_llama_server
 from .upstream.ollama_server import UpstreamMonitor
+from .upstream.peers import Fleet
 from .upstream.relay import make_client, make_llama_client
 from .web.app import create_app
 
@@ -227,6 +228,10 @@ async def serve(
         metrics.track(pool, lifecycle)
         upstreams = UpstreamMonitor(client, catalog, bus=bus)
         await nursery.start(upstreams.run)
+        fleet = Fleet(client, config.peers.values(), events=metrics, llama=llama)
+        if fleet:
+            metrics.track_peers(fleet.gauges)
+            await nursery.start(fleet.run)
         proxy_state = ProxyState(
             config,
             catalog,
@@ -239,6 +244,7 @@ async def serve(
             upstreams=upstreams,
             agents=agents,
             bus=bus,
+            fleet=fleet,
         )
         app = create_app(proxy_state)
         stopped = trio.Event()

@@ -223,3 +223,40 @@ def test_memory_key_errors(tmp_path: Path, raw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         structure(raw, base_dir=str(tmp_path))
     assert message in str(info.value)
+
+
+def test_peer_sections() -> None:
+    config = structure(
+        {
+            "peer:gpu": {"url": "http://10.0.0.2:8080", "api_key": "sk-secret", "models": "qwen3:8b, gemma", "weight": "2"},
+            "peer:box": {"url": "https://box:11434", "kind": "ollama", "refresh": "2s", "cooldown": "1s"},
+        }
+    )
+    gpu, box = config.peers["gpu"], config.peers["box"]
+    assert (gpu.kind, gpu.models, gpu.weight, gpu.api_key) == ("smart-proxy", ("qwen3:8b", "gemma"), 2.0, "sk-secret")
+    assert (box.kind, box.models, box.refresh, box.cooldown, box.failures) == ("ollama", ("*",), 2.0, 1.0, 2)
+    assert gpu.serves("gemma:latest") and gpu.serves("qwen3:8b") and not gpu.serves("qwen3:4b")
+    assert box.serves("anything:7b")
+    assert "sk-secret" not in repr(gpu) and "sk-secret" not in repr(config)  # the key is never shown
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"peer:": {"url": "http://h"}}, "[peer:]: a peer section needs a name"),
+        ({"peer:a": {}}, "[peer:a] url: required key missing"),
+        ({"peer:a": {"url": "h:8080"}}, "[peer:a] url: 'h:8080' is not an http://"),
+        ({"peer:a": {"url": "http://h", "kind": "vllm"}}, "[peer:a] kind: must be one of smart-proxy, ollama, openai"),
+        ({"peer:a": {"url": "http://h", "weight": "0"}}, "[peer:a] weight: must be more than 0"),
+        ({"peer:a": {"url": "http://h", "weight": "nan"}}, "[peer:a] weight: must be more than 0"),
+        ({"peer:a": {"url": "http://h", "weight": "heavy"}}, "[peer:a] weight: not a number: 'heavy'"),
+        ({"peer:a": {"url": "http://h", "failures": "0"}}, "[peer:a] failures: must be at least 1"),
+        ({"peer:a": {"url": "http://h", "refresh": "0"}}, "[peer:a] refresh: must be more than 0"),
+        ({"peer:a": {"url": "http://h", "models": ""}}, "[peer:a] models: give * (every model the peer has) or names"),
+        ({"peer:a": {"url": "http://h", "colour": "red"}}, "[peer:a] colour: unknown key"),
+    ],
+)
+def test_peer_errors_name_section_and_key(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        structure(raw)
+    assert message in str(caught.value)

@@ -38,6 +38,7 @@ from ..errors import ProxyError
 from ..metrics import note_model
 from ..upstream import ollama_server
 from ..upstream.relay import RelayBody, UpstreamAnswer
+from . import fleet
 from .openai_routes import open_relay
 from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers
 from .state import ProxyState
@@ -59,7 +60,13 @@ async def messages(proxy: ProxyState, request: Request) -> Reply:
         ProxyError: whatever loading the model or reaching its upstream raised.
     """
     payload = dialect.parse_body(request.body)
-    target = proxy.catalog.get(dialect.check_request(request.path, payload))
+    name = dialect.check_request(request.path, payload)
+    return await fleet.serve(proxy, request, name, lambda: _messages_here(proxy, request, payload, name), _peer_relay(proxy))
+
+
+async def _messages_here(proxy: ProxyState, request: Request, payload: dict[str, Any], name: object) -> Reply:
+    """:func:`messages` served by this proxy: agents, an Ollama upstream, or the pool."""
+    target = proxy.catalog.get(name)
     note_model(target.name)
     chain = _activate(proxy, payload)
     if chain is not None:
@@ -75,7 +82,21 @@ async def count_tokens(proxy: ProxyState, request: Request) -> Reply:
         NotSupported: the model is an Ollama upstream's (501).
     """
     payload = dialect.parse_body(request.body)
-    target = proxy.catalog.get(dialect.check_request(request.path, payload))
+    name = dialect.check_request(request.path, payload)
+    return await fleet.serve(
+        proxy, request, name, lambda: _count_here(proxy, request, payload, name), _peer_relay(proxy)
+    )
+
+
+def _peer_relay(proxy: ProxyState) -> fleet.Relay:
+    """A peer's answer relayed as an upstream's is on these routes (a stream complete at ``message_stop``)."""
+    limit = proxy.config.proxy.max_answer
+    return lambda upstream, done: _relayed(upstream, limit, done, None)
+
+
+async def _count_here(proxy: ProxyState, request: Request, payload: dict[str, Any], name: object) -> Reply:
+    """:func:`count_tokens` served by this proxy."""
+    target = proxy.catalog.get(name)
     note_model(target.name)
     if target.backend == "ollama":
         raise NotSupported(

@@ -1,6 +1,9 @@
 """Ollama's routes over the pool, and over Ollama upstreams.
 
-Theory of operation: every model route resolves its ``model`` in the catalog first.
+Theory of operation: every model route reads its ``model`` first; a model a peer has may
+be served there instead (:func:`smart_proxy.handlers.fleet.serve` decides; an OpenAI peer
+gets chat and generate translated, as a llama-server does). Served here, the route resolves
+its ``model`` in the catalog.
 A model with ``backend = ollama`` is passed to its Ollama server untouched
 (:mod:`smart_proxy.upstream.ollama_server`). A local model is served by a llama-server
 from the pool: the request is translated by :mod:`smart_proxy.dialects.ollama`, sent to
@@ -31,7 +34,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
@@ -53,6 +56,7 @@ from ..upstream import ollama_server as upstreams
 from ..upstream.client import LlamaClient
 from ..upstream.props import check_images, server_props
 from ..upstream.relay import MAX_ANSWER, RelayBody, UpstreamAnswer, open_upstream, send_leased
+from . import fleet
 from .reply import Generated, Reply, Request, encode_headers, error_reply, json_reply, relay_answer
 from .state import ProxyState
 
@@ -318,10 +322,11 @@ class Asked:
     model: ModelConfig
 
     @classmethod
-    def parse(cls, proxy: ProxyState, request: Request) -> Asked:
-        """The request, its body checked and its model found in the catalog."""
+    def parse(cls, proxy: ProxyState, request: Request, payload: dict[str, Any] | None = None) -> Asked:
+        """The request, its body checked (unless ``payload`` is the body, read already) and its model found in the catalog."""
         raw, started = request.body, request.started
-        payload = parse_body(raw or b"{}")
+        if payload is None:
+            payload = parse_body(raw or b"{}")
         name = _model_name(payload)
         model = proxy.catalog.get(name)
         note_model(model.name)
@@ -334,14 +339,48 @@ class Asked:
         return await relay_answer(upstream, proxy.config.proxy.max_answer)
 
 
+async def _routed(
+    proxy: ProxyState,
+    request: Request,
+    here: Callable[[ProxyState, Request, dict[str, Any]], Awaitable[Reply]],
+    *,
+    translatable: bool = False,
+) -> Reply:
+    """The request served here (``here(proxy, request, payload)``) or on a peer that has its model
+    (:func:`smart_proxy.handlers.fleet.serve`); ``translatable``: a chat or generate, which an
+    OpenAI peer takes translated to its ``/v1`` route."""
+    payload = parse_body(request.body or b"{}")
+    translate = (lambda remote: _for_openai_peer(proxy, request, payload, remote)) if translatable else None
+    return await fleet.serve(proxy, request, _model_name(payload), lambda: here(proxy, request, payload), None, translate)
+
+
+def _for_openai_peer(proxy: ProxyState, request: Request, payload: dict[str, Any], remote: str) -> fleet.Translated | None:
+    """``/api/chat`` or ``/api/generate`` translated for an OpenAI peer's model ``remote``, as for a local llama-server.
+
+    None for an empty request (a load or unload: nothing an OpenAI server can be asked).
+    """
+    chat = request.path == "/api/chat"
+    if (not payload.get("messages")) if chat else not (payload.get("prompt") or payload.get("images")):
+        return None
+    call = (dialect.chat_request if chat else dialect.generate_request)(payload, remote)
+    answer = dialect.Answer(_model_name(payload), chat=chat, started=request.started)
+    limit = proxy.config.proxy.max_answer
+
+    async def relay(upstream: UpstreamAnswer, on_done: Callable[[], object]) -> Reply:
+        answer.loaded()  # the peer's own load, if any, counts as prompt time
+        return await _answered(upstream, call, answer, f"the peer serving {remote!r}", on_done, None, limit)
+
+    return fleet.Translated(call.path, json.dumps(call.body, ensure_ascii=False).encode(), relay)
+
+
 async def chat(proxy: ProxyState, request: Request) -> Reply:
     """``POST /api/chat``."""
-    return await _complete(proxy, request, chat=True)
+    return await _routed(proxy, request, _complete, translatable=True)
 
 
 async def generate(proxy: ProxyState, request: Request) -> Reply:
     """``POST /api/generate``."""
-    return await _complete(proxy, request, chat=False)
+    return await _routed(proxy, request, _complete, translatable=True)
 
 
 @attrs.frozen
@@ -386,9 +425,9 @@ def plan_generation(asked: Asked, path: str) -> Generation | None:
     return Generation(keep_alive, answer, call, asked.proxy.agents.activate(call.body, call.kind), num_ctx)
 
 
-async def _complete(proxy: ProxyState, request: Request, *, chat: bool) -> Reply:
-    """``/api/chat`` (``chat``) or ``/api/generate``: translated to llama-server's OpenAI routes."""
-    asked = Asked.parse(proxy, request)
+async def _complete(proxy: ProxyState, request: Request, payload: dict[str, Any]) -> Reply:
+    """``/api/chat`` or ``/api/generate`` served here: translated to llama-server's OpenAI routes."""
+    asked = Asked.parse(proxy, request, payload)
     payload, name, model = asked.payload, asked.name, asked.model
     generation = plan_generation(asked, request.path)
     if generation is None:
@@ -511,7 +550,11 @@ async def _embed(
 
 async def embed(proxy: ProxyState, request: Request) -> Reply:
     """``POST /api/embed``."""
-    asked = Asked.parse(proxy, request)
+    return await _routed(proxy, request, _embed_here)
+
+
+async def _embed_here(proxy: ProxyState, request: Request, payload: dict[str, Any]) -> Reply:
+    asked = Asked.parse(proxy, request, payload)
     started, payload, name, model = asked.started, asked.payload, asked.name, asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/embed")
@@ -543,7 +586,11 @@ async def embed(proxy: ProxyState, request: Request) -> Reply:
 
 async def embeddings(proxy: ProxyState, request: Request) -> Reply:
     """The legacy single-prompt route: ``{"prompt"}`` -> ``{"embedding": [...]}``."""
-    asked = Asked.parse(proxy, request)
+    return await _routed(proxy, request, _embeddings_here)
+
+
+async def _embeddings_here(proxy: ProxyState, request: Request, payload: dict[str, Any]) -> Reply:
+    asked = Asked.parse(proxy, request, payload)
     started, payload, name, model = asked.started, asked.payload, asked.name, asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/embeddings")
@@ -605,6 +652,10 @@ async def tags(proxy: ProxyState) -> Reply:
             listed.append(_upstream_entry(model, remote.get(model.name)))
         else:
             listed.append(_local_entry(model.name, await _info(proxy, model)))
+    if proxy.fleet:
+        for entry in listed:
+            entry["served_by"] = fleet.served_by(proxy, entry["name"], local=True)
+        listed.extend(fleet.tag_entries(proxy))
     return _json({"models": listed})
 
 
@@ -642,6 +693,8 @@ async def ps(proxy: ProxyState) -> Reply:
     for model in upstream_models:
         if model.name in remote:
             listed.append(_upstream_entry(model, remote[model.name]))
+    if proxy.fleet:
+        listed.extend(fleet.tag_entries(proxy, loaded=True))
     return _json({"models": listed})
 
 
@@ -663,8 +716,12 @@ def _modelfile(model: ModelConfig, info: ModelInfo | None, projector: str | None
 
 
 async def show(proxy: ProxyState, request: Request) -> Reply:
-    """``POST /api/show``: what the model is (from its GGUF) and how it is served."""
-    asked = Asked.parse(proxy, request)
+    """``POST /api/show``: what the model is (from its GGUF) and how it is served (a peer's: as it says)."""
+    return await _routed(proxy, request, _show_here)
+
+
+async def _show_here(proxy: ProxyState, request: Request, payload: dict[str, Any]) -> Reply:
+    asked = Asked.parse(proxy, request, payload)
     model = asked.model
     if model.backend == "ollama":
         return await asked.to_upstream("/api/show")

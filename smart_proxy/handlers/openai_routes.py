@@ -3,7 +3,8 @@
 Theory of operation: :func:`model_route` serves all three model routes, and their aliases
 without ``/v1`` (``/chat/completions``, ...), which llama-server also serves: an alias is
 answered as the ``/v1`` route it stands for, and sent upstream to that route. It checks the
-body once (:mod:`smart_proxy.dialects.openai`) and finds the model in the catalog. A
+body once (:mod:`smart_proxy.dialects.openai`); a model a peer has may be served there
+instead (:func:`smart_proxy.handlers.fleet.serve` decides). Served here, it finds the model in the catalog. A
 chat or completion whose user text starts with agent commands (``/rag ...``) runs the
 agent chain (:mod:`smart_proxy.agents`), for either kind of model. Otherwise a model
 with ``backend = ollama`` is forwarded to its Ollama server's ``/v1`` routes
@@ -32,6 +33,7 @@ from ..pool import Lease, ModelStatus, State
 from ..upstream import ollama_server
 from ..upstream.props import check_images
 from ..upstream.relay import RelayBody, SSELines, UpstreamAnswer, open_upstream, send_leased
+from . import fleet
 from .loading_stream import LoadingStream
 from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, relay_answer
 from .state import ProxyState
@@ -54,9 +56,15 @@ async def model_route(proxy: ProxyState, request: Request) -> Reply:
         ProxyError: whatever loading the model or reaching its upstream raised.
     """
     request.path = dialect.ALIASES.get(request.path, request.path)  # an alias is served as the route it stands for
+    payload = dialect.parse_body(request.body)
+    name = dialect.required_field(request.path, payload)
+    return await fleet.serve(proxy, request, name, lambda: _here(proxy, request, payload, name))
+
+
+async def _here(proxy: ProxyState, request: Request, payload: dict, name: str) -> Reply:
+    """:func:`model_route` served by this proxy: agents, an Ollama upstream, or the pool."""
     path, raw = request.path, request.body
-    payload = dialect.parse_body(raw)
-    target = proxy.catalog.get(dialect.required_field(path, payload))
+    target = proxy.catalog.get(name)
     note_model(target.name)
     kind = dialect.AGENT_KINDS.get(path)
     chain = proxy.agents.activate(payload, kind) if kind is not None else None
@@ -215,4 +223,8 @@ async def models(proxy: ProxyState, status: list[str] | None = None) -> Reply:
                 "memory": await _memory(proxy, model),
             }
         )
+    if proxy.fleet:
+        for entry in data:
+            entry["served_by"] = fleet.served_by(proxy, entry["id"], local=True)
+        data.extend(fleet.model_entries(proxy, created, wanted))
     return json_reply({"object": "list", "data": data})

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -145,17 +145,29 @@ def _ndjson_error(reason: str) -> bytes:
     return ollama_dialect.error_body(reason) + b"\n"
 
 
-async def relay_answer(upstream: UpstreamAnswer, limit: int, headers: Mapping[str, str] | None = None) -> Reply:
-    """An Ollama upstream's answer as it came: a stream (SSE or NDJSON) relayed a line at a time, else read whole.
+async def relay_answer(
+    upstream: UpstreamAnswer,
+    limit: int,
+    headers: Mapping[str, str] | None = None,
+    on_done: Callable[[], object] | None = None,
+) -> Reply:
+    """An Ollama upstream's (or a peer's) answer as it came: a stream (SSE or NDJSON) relayed a line at a time,
+    else read whole.
 
     ``headers`` are added to the answer's own; ``limit`` bounds an answer read whole and a
-    line of a stream (``[proxy] max_answer``).
+    line of a stream (``[proxy] max_answer``); ``on_done`` runs once the answer is closed.
     """
     content_type = upstream.headers.get("content-type", "")
     if upstream.status_code == 200 and content_type.startswith(_STREAM_TYPES):
         sse = content_type.startswith("text/event-stream")
         lines = SSELines(limit) if sse else NDJSONLines(limit)
-        body = RelayBody(upstream, on_error=openai_dialect.sse_error if sse else _ndjson_error, lines=lines)
+        body = RelayBody(
+            upstream, on_error=openai_dialect.sse_error if sse else _ndjson_error, on_done=on_done, lines=lines
+        )
         return Reply(200, merge_headers(upstream.headers, _NO_CACHE, headers or {}), stream=body)
-    answer = await upstream.read(limit)
+    try:
+        answer = await upstream.read(limit)
+    finally:
+        if on_done is not None:
+            on_done()
     return Reply(upstream.status_code, merge_headers(upstream.headers, headers or {}), answer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from ..dialects import openai as dialect
 from ..errors import BadRequest
 from ..metrics import note_model
+from . import fleet
 from .openai_routes import open_relay
 from .reply import Reply, Request, merge_headers
 from .state import ProxyState
@@ -40,6 +41,11 @@ async def rerank(proxy: ProxyState, request: Request) -> Reply:
         raise BadRequest("missing 'model': name the model to use")
     if "query" not in payload:
         raise BadRequest("missing 'query'")
+    return await fleet.serve(proxy, request, model, lambda: _here(proxy, request, model))
+
+
+async def _here(proxy: ProxyState, request: Request, model: str) -> Reply:
+    """:func:`rerank` served by this proxy's pool."""
     target = proxy.catalog.get(model)
     note_model(target.name)
     if target.backend == "ollama":

@@ -29,6 +29,7 @@ from ..errors import ProxyError
 from ..metrics import note_model
 from ..upstream import ollama_server
 from ..upstream.relay import RelayBody, UpstreamAnswer
+from . import fleet
 from .openai_routes import open_relay
 from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers
 from .state import ProxyState
@@ -50,9 +51,18 @@ async def responses(proxy: ProxyState, request: Request) -> Reply:
         ModelNotFound, ModelNotAllowed: as :meth:`smart_proxy.catalog.Catalog.get`.
         ProxyError: whatever loading the model or reaching its upstream raised.
     """
+    payload = openai_dialect.parse_body(request.body)
+    name = dialect.model_of(payload)
+    return await fleet.serve(
+        proxy, request, name, lambda: _here(proxy, request, payload, name),
+        lambda upstream, done: _relay(proxy, upstream, name, done),
+    )
+
+
+async def _here(proxy: ProxyState, request: Request, payload: dict, name: str) -> Reply:
+    """:func:`responses` served by this proxy: agents, an Ollama upstream, or the pool."""
     raw = request.body
-    payload = openai_dialect.parse_body(raw)
-    target = proxy.catalog.get(dialect.model_of(payload))
+    target = proxy.catalog.get(name)
     note_model(target.name)
     chain = _activate(proxy, payload)
     if chain is not None:

@@ -15,6 +15,7 @@ from ..metrics import Metrics
 from ..pool import Pool
 from ..upstream.client import LlamaClient
 from ..upstream.ollama_server import UpstreamMonitor
+from ..upstream.peers import Fleet
 
 __all__ = ["ProxyState"]
 
@@ -38,3 +39,5 @@ class ProxyState:
     agents: AgentRegistry = attrs.Factory(AgentRegistry)
     #: What happens in the proxy (the pool's events, downloads, upstreams, finished requests), for ``GET /events``.
     bus: EventBus = attrs.Factory(EventBus)
+    #: The ``[peer:NAME]`` servers and what they have (none unless proxy.ini names some).
+    fleet: Fleet = attrs.Factory(lambda self: Fleet(self.client), takes_self=True)

@@ -157,15 +157,21 @@ async def health() -> Response:
     proxy = state()
     snapshot = proxy.pool.snapshot()
     upstreams = proxy.upstreams.report
-    degraded = any(upstream["status"] != "ok" for upstream in upstreams)
+    peers = proxy.fleet.report() if proxy.fleet else []
+    degraded = any(upstream["status"] != "ok" for upstream in [*upstreams, *peers])
     body = {"status": "degraded" if degraded else "ok", "phase": proxy.lifecycle.phase.value}
     if not _may_see_detail(proxy):
         loaded = sum(server.state == "ready" for server in snapshot.servers)
         body["pool"] = {"capacity": snapshot.capacity, "queued": snapshot.queued, "loaded": loaded}
+        if peers:
+            up = sum(peer["status"] == "ok" for peer in peers)
+            body["peers"] = {"up": up, "down": len(peers) - up}
         return _json(body)
     body["pool"] = attrs.asdict(snapshot)
     if upstreams:
         body["upstreams"] = upstreams
+    if peers:
+        body["peers"] = peers
     return _json(body)
 
 

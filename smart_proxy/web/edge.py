@@ -201,12 +201,13 @@ class EdgeMiddleware:
                 self._proxy.bus.publish("request", **_summary(exchange, request_id, method, path, seconds))
             log.log(
                 logging.INFO if counted else logging.DEBUG,
-                "%s %s %d %.3fs%s",
+                "%s %s %d %.3fs%s%s",
                 method,
                 path,
                 exchange.status,
                 seconds,
                 f" model={exchange.model}" if exchange.model else "",
+                f" peer={exchange.peer}" if exchange.peer else "",
             )
 
         id_token = logs.request_id.set(request_id)
