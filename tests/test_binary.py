@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from smart_proxy import binary
@@ -166,13 +167,19 @@ def test_the_running_llama_server_loads_the_variant_for_this_cpu(llama_server_bi
         stderr=subprocess.DEVNULL,
     )
     try:
-        loaded: set[str] = set()
+        # ggml opens every variant to score it and closes all but the best, so the maps are read
+        # once llama-server answers /health: by then the backends are settled
         deadline = time.monotonic() + 60
-        while not loaded and time.monotonic() < deadline and process.poll() is None:
-            maps = Path(f"/proc/{process.pid}/maps").read_text()
-            loaded = {m.group(1) for m in (binary.VARIANT.match(Path(line.split()[-1]).name) for line in maps.splitlines()) if m}
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
             time.sleep(0.1)
         assert process.poll() is None, f"llama-server exited with {process.returncode}"
+        maps = Path(f"/proc/{process.pid}/maps").read_text()
+        loaded = {m.group(1) for m in (binary.VARIANT.match(Path(line.split()[-1]).name) for line in maps.splitlines()) if m}
         assert loaded == {build.chosen(cpu_flags())}
         assert "amx" not in build.variants[loaded.pop()]
     finally:
