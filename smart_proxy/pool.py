@@ -18,7 +18,13 @@ Theory of operation:
   and a request waits for their place. A loading or busy server is never evicted,
   nor a pinned one (``pin``). When eviction cannot make room the request queues,
   first come first served, at most ``max_queue`` deep and ``queue_timeout`` long;
-  past either bound it gets PoolBusy (503). A model that cannot fit even when
+  past either bound it gets PoolBusy (503). That is ``[pool] queueing = fifo``; under
+  ``swap-aware`` (the default) :mod:`smart_proxy.queueing` decides instead: the queue takes
+  turns by model, oldest waiting model first; a server in use keeps its place for
+  ``min_residency`` (an idle one, while idle less than its load took); past that, the
+  servers the turn's load needs *give way*: they take no new request (those queue), finish
+  what they have, and are evicted once idle. A queued request whose model's server stops
+  giving way joins it. A model that cannot fit even when
   every server that may ever be stopped is stopped (it is larger than the budget
   less the pinned servers, or pinned servers hold every place) is refused at once
   with ModelTooLarge (507): waiting could not help.

@@ -930,8 +930,7 @@ async def test_a_model_kept_busy_does_not_starve_the_other(make_config, http) ->
     assert min(fifo.served.values()) == 0 and max(fifo.busy.values()) > 0  # one model held the pool
     assert swap.busy == {"a": 0, "b": 0}
     assert min(swap.served.values()) >= 20  # each model had turns
-    assert swap.loads >= 3
-    assert max(swap.waits) < 2.0  # queue_timeout
+    assert swap.loads >= 3  # turns: a, b, a at least
 
 
 async def test_queue_timeout_holds_while_a_long_request_keeps_its_server(make_config, start_pool) -> None:
