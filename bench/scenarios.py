@@ -1030,6 +1030,6 @@ def queueing(ctx: Context) -> dict:
             "plot": {"kind": "none", "rows": rows}}
 
 
-#: In the issue's order: 1 to 7.
+#: In the issue's order: 1 to 7 (issue 8), then 8 (queueing, issue 20).
 SCENARIOS = {"overhead": overhead, "fanout": fanout, "throughput": throughput, "coldload": coldload, "swap": swap,
              "aborts": aborts, "realmodel": realmodel, "queueing": queueing}
