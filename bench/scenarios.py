@@ -8,6 +8,7 @@ what they are: nothing here asserts; a missed target is reported as missed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -906,6 +907,129 @@ def swap(ctx: Context) -> dict:
             "plot": {"kind": "swap", "rows": rows}}
 
 
-#: In the issue's order: 1 to 7.
+# ---- 8. swap-aware queueing (issue 20) -------------------------------------------------------
+
+
+def _sse_client(url: str, model: str, stop_at: float, think_ms: tuple[float, float], seed: int,
+                out: list[dict]) -> None:
+    """One closed-loop client: a streamed chat, read to the end, then a pause, until ``stop_at``."""
+    import http.client
+    import random
+    from urllib.parse import urlparse
+
+    rng = random.Random(seed)
+    where = urlparse(url)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}], "stream": True,
+                       "max_tokens": QUEUE_TOKENS, "x_first_ms": QUEUE_FIRST_MS, "x_interval_ms": QUEUE_INTERVAL_MS})
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=300)
+    while time.monotonic() < stop_at:
+        start = time.monotonic()
+        first = None
+        try:
+            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            complete = False
+            while True:
+                line = response.readline()
+                if not line:
+                    break
+                if first is None:
+                    first = time.monotonic() - start
+                if line.strip() == b"data: [DONE]":
+                    complete = True
+            status = response.status
+        except (OSError, http.client.HTTPException) as exc:
+            status, complete = f"error {type(exc).__name__}", False
+            conn.close()
+            conn = http.client.HTTPConnection(where.hostname, where.port, timeout=300)
+        out.append({"model": model, "status": status, "complete": complete and status == 200,
+                    "ttfb_s": first if first is not None else time.monotonic() - start,
+                    "total_s": time.monotonic() - start})
+        time.sleep(rng.uniform(*think_ms) / 1000)
+    conn.close()
+
+
+#: The fake upstream's answer: this many tokens, the first after QUEUE_FIRST_MS, then one every QUEUE_INTERVAL_MS.
+QUEUE_TOKENS, QUEUE_FIRST_MS, QUEUE_INTERVAL_MS = 8, 20.0, 5.0
+#: The fake llama-server's load: /health answers 503 this long after it starts.
+QUEUE_LOAD_MS = 300
+QUEUE_SLOTS = 4
+#: A client's pause between an answer and its next request (ms, uniform): per load.
+QUEUE_LOADS = {"steady": (0.0, 200.0), "bursty": (500.0, 2500.0)}
+
+
+def queueing(ctx: Context) -> dict:
+    """Pool of one, 16 clients per model on two models: ``[pool] queueing = fifo`` against ``swap-aware``.
+
+    Each client sends a streamed chat (8 tokens, ~55 ms of service), reads it to the end,
+    pauses and sends the next: 0-200 ms (steady: a model's server is never idle, so under
+    fifo the other model waits for ever) or 0.5-2.5 s (bursty: every model's server is
+    idle now and then, so under fifo each pause is a swap). The two configurations run one
+    after the other in the same run, on the same Go fake llama-servers (a 300 ms load, 4 slots).
+    """
+    import threading
+
+    title = "8. Swap-aware queueing (pool size 1, two models, 16 clients each)"
+    seconds = ctx.seconds(60.0)
+    clients = 16
+    queue_timeout, min_residency = 30.0, 2.0
+    rows = []
+    for (load, think), mode in itertools.product(QUEUE_LOADS.items(), ("fifo", "swap-aware")):
+        models = {name: {"slots": QUEUE_SLOTS, "load_delay_ms": QUEUE_LOAD_MS} for name in ("a", "b")}
+        ini = h.fake_model_ini(ctx.work, ctx.go, models, size=1, queueing=mode, min_residency=f"{min_residency:g}s",
+                               queue_timeout=f"{queue_timeout:g}s", spare_lifeline="true")
+        proxy = h.SmartProxy(ctx.work, f"s8-{load}-{mode}", ini)
+        url = f"{proxy.url}/v1/chat/completions"
+        out: list[dict] = []
+        stop_at = time.monotonic() + seconds
+        started = time.monotonic()
+        threads = [threading.Thread(target=_sse_client, args=(url, name, stop_at, think, i * 2 + (name == "b"), out))
+                   for i in range(clients) for name in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+        loads = sum(m["loads"] for m in proxy.health()["pool"]["models"])
+        proxy.stop()
+        served = [r for r in out if r["complete"]]
+        waits = sorted(max(0.0, r["ttfb_s"] - QUEUE_FIRST_MS / 1000) for r in served)
+        per_model = {name: sum(1 for r in served if r["model"] == name) for name in ("a", "b")}
+        refused = [r for r in out if not r["complete"]]
+        rows.append({"load": load, "queueing": mode, "swaps": max(0, loads - 1), "requests": len(out), "served_a": per_model["a"],
+                     "served_b": per_model["b"], "failed": len(refused),
+                     "rps": round(len(served) / elapsed, 1), "wait_p50_s": round(_pct(waits, 50), 3),
+                     "wait_p99_s": round(_pct(waits, 99), 3), "wait_max_s": round(waits[-1], 3) if waits else None,
+                     "statuses": sorted({str(r["status"]) for r in refused})})
+    targets = []
+    for load in QUEUE_LOADS:
+        fifo, swap = (next(r for r in rows if r["load"] == load and r["queueing"] == m) for m in ("fifo", "swap-aware"))
+        fewer = ratio(fifo["swaps"], swap["swaps"])
+        longest = swap["wait_max_s"] or 0.0
+        targets += [
+            target(f"{load}: swaps, fifo / swap-aware", ">= 2x", f"{fifo['swaps']} / {swap['swaps']} = {fewer:.1f}x",
+                   fewer >= 2),
+            target(f"{load}: swap-aware requests failed or past queue_timeout", "0",
+                   f"{swap['failed']} failed; longest wait {longest:.3f} s of {queue_timeout:g} s (fifo: "
+                   f"{fifo['failed']} failed, longest {fifo['wait_max_s']} s)",
+                   swap["failed"] == 0 and longest < queue_timeout),
+        ]
+    return {"title": title, "rows": rows,
+            "columns": ["load", "queueing", "swaps", "requests", "served_a", "served_b", "failed", "rps", "wait_p50_s",
+                        "wait_p99_s", "wait_max_s"],
+            "targets": targets,
+            "notes": [f"{clients} clients per model, closed loop: a streamed chat of {QUEUE_TOKENS} tokens "
+                      f"(first after {QUEUE_FIRST_MS:g} ms, then every {QUEUE_INTERVAL_MS:g} ms), read to the end, "
+                      "then a pause: " + ", ".join(f"{k} {a:g}-{b:g} ms" for k, (a, b) in QUEUE_LOADS.items())
+                      + f"; {seconds:g} s per load and configuration; Go fake "
+                      f"llama-servers with a {QUEUE_LOAD_MS} ms load and {QUEUE_SLOTS} slots; [pool] size = 1, "
+                      f"queue_timeout = {queue_timeout:g}s, min_residency = {min_residency:g}s",
+                      "swaps = loads - 1 (the first load is not a swap), from /health; wait = time to the first "
+                      f"byte less the upstream's own {QUEUE_FIRST_MS:g} ms (queue, load and slot waits); failed = "
+                      "any answer not 200 or not ended by [DONE] (a 503 past queue_timeout counts here)"],
+            "plot": {"kind": "none", "rows": rows}}
+
+
+#: In the issue's order: 1 to 7 (issue 8), then 8 (queueing, issue 20).
 SCENARIOS = {"overhead": overhead, "fanout": fanout, "throughput": throughput, "coldload": coldload, "swap": swap,
-             "aborts": aborts, "realmodel": realmodel}
+             "aborts": aborts, "realmodel": realmodel, "queueing": queueing}

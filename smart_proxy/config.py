@@ -217,6 +217,12 @@ class PoolConfig:
     memory_reserve: Size = Size(1024**3)
     #: Lines of each model's llama-server output kept in memory for ``GET /logs/MODEL``.
     log_lines: int = 500
+    #: How requests that wait for a place take turns: ``swap-aware`` (grouped by model, oldest
+    #: model first, a loaded model kept ``min_residency``) or ``fifo`` (first come first served).
+    queueing: str = "swap-aware"
+    #: With ``queueing = swap-aware``: how long a loaded model in use keeps its place while
+    #: another model waits for it, before it stops taking new requests and is swapped out.
+    min_residency: Duration = Duration(10.0)
 
 
 @attrs.frozen
@@ -491,6 +497,17 @@ def _gather_agent_timeouts(values: dict[str, str]) -> dict[str, object]:
     return section
 
 
+#: ``[pool] queueing`` values.
+QUEUEING = ("swap-aware", "fifo")
+
+
+def _check_queueing(pool: PoolConfig) -> None:
+    if pool.queueing not in QUEUEING:
+        raise ConfigError(f"[pool] queueing: must be swap-aware or fifo, not {pool.queueing!r}")
+    if not 0 <= pool.min_residency < math.inf:
+        raise ConfigError("[pool] min_residency: must be 0 or more")
+
+
 def _check_ranges(config: Config) -> None:
     if config.proxy.max_body < 1:
         raise ConfigError("[proxy] max_body: must be at least 1 byte")
@@ -513,6 +530,7 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError("[proxy] heartbeat: must be more than 0")
     if config.proxy.loading_comments < 0:
         raise ConfigError("[proxy] loading_comments: must be 0 (off) or more")
+    _check_queueing(config.pool)
     for pattern in config.catalog.allow_repos:
         parts = pattern.split("/")
         if pattern != "*" and not (

@@ -18,7 +18,13 @@ Theory of operation:
   and a request waits for their place. A loading or busy server is never evicted,
   nor a pinned one (``pin``). When eviction cannot make room the request queues,
   first come first served, at most ``max_queue`` deep and ``queue_timeout`` long;
-  past either bound it gets PoolBusy (503). A model that cannot fit even when
+  past either bound it gets PoolBusy (503). That is ``[pool] queueing = fifo``; under
+  ``swap-aware`` (the default) :mod:`smart_proxy.queueing` decides instead: the queue takes
+  turns by model, oldest waiting model first; a server in use keeps its place for
+  ``min_residency`` (an idle one, while idle less than its load took); past that, the
+  servers the turn's load needs *give way*: they take no new request (those queue), finish
+  what they have, and are evicted once idle. A queued request whose model's server stops
+  giving way joins it. A model that cannot fit even when
   every server that may ever be stopped is stopped (it is larger than the budget
   less the pinned servers, or pinned servers hold every place) is refused at once
   with ModelTooLarge (507): waiting could not help.
@@ -100,6 +106,7 @@ from .memory import (
 )
 from .modelinfo import read_model_info
 from .process import Lifeline, ServerProcess, describe_exit, exit_message, free_port
+from .queueing import Resident, Waiting, may_evict, next_change, next_turn, plan, to_drain
 
 __all__ = [
     "STATUS_VALUES",
@@ -244,11 +251,13 @@ class _ModelStats:
     retry_at: float = -math.inf
 
 
-@attrs.define(eq=False)
+@attrs.frozen(eq=False)
 class _Ticket:
-    """A request's place in the queue for room."""
+    """A request's place in the queue for room: its model, when it came (trio clock), the bytes its load needs."""
 
     model: str
+    since: float
+    need: int
 
 
 class PoolEvents:
@@ -469,7 +478,7 @@ class Pool:
         self._servers: list[Server] = []
         self._locks: collections.defaultdict[str, trio.Lock] = collections.defaultdict(trio.Lock)
         self._stats: collections.defaultdict[str, _ModelStats] = collections.defaultdict(_ModelStats)
-        self._queue: collections.deque[object] = collections.deque()
+        self._queue: collections.deque[_Ticket] = collections.deque()
         self._changed_lot = trio.lowlevel.ParkingLot()
         #: Where the idle reaper sleeps, and when it next looks (trio clock) unless woken sooner.
         self._reaper_lot = trio.lowlevel.ParkingLot()
@@ -619,7 +628,7 @@ class Pool:
                     raise self._busy(f"no room in the pool within queue_timeout ({self._config.queue_timeout:g}s)") from None
             spawned = False
             try:
-                server = self._choose(model, num_ctx)
+                server = self._pick(model, num_ctx)
                 if server is None:
                     self._check_backoff(model)
                     # a replica beside a larger server matches it: a smaller one would stop once idle, and start again
@@ -628,7 +637,8 @@ class Pool:
                     need = await self._need(model, plan)
                     self._check_fits(model, need)  # a hopeless load must not stop the smaller servers first
                     await self._retire_smaller(model, plan.context)
-                    await self._make_room(deadline, model, need)
+                    if not await self._make_room(deadline, model, need, num_ctx):
+                        continue  # a server of the model took requests again while it waited: join it
                     server = self._spawn(model, need, plan)
                     spawned = True
             finally:
@@ -869,33 +879,110 @@ class Pool:
                 f"{format_size(self._budget)} ([pool] memory) and pinned models ({names}) hold {format_size(held)}"
             )
 
-    async def _make_room(self, deadline: float, model: ModelConfig, need: int) -> None:
-        """Return when a new server of ``need`` bytes may start: room, evictions, or a turn in the queue.
+    async def _make_room(self, deadline: float, model: ModelConfig, need: int, num_ctx: int | None = None) -> bool:
+        """Return True when a new server of ``need`` bytes may start: room, evictions, or a turn in the queue.
+
+        Returns False (swap-aware queueing only) when, while it waited, a live server of the
+        model with at least ``num_ctx`` takes requests again (it no longer gives way): the request
+        joins it instead.
 
         Raises:
             ModelTooLarge: it cannot fit even in a pool of nothing but pinned servers (now, or while it waits).
             PoolBusy: the queue is full, or queue_timeout passed.
         """
         self._check_fits(model, need)
+        swap_aware = self._config.queueing == "swap-aware"
+        if swap_aware and self._pick(model, num_ctx) is not None:  # one became free while its size was estimated
+            return False
         if not self._queue and await self._take_room(need):
-            return
+            return True
         if len(self._queue) >= self._config.max_queue:
             raise self._busy(f"the pool is full and {len(self._queue)} requests are queued (max_queue)")
-        ticket = _Ticket(model.name)
+        ticket = _Ticket(model.name, deadline - self._config.queue_timeout, need)
         self._queue.append(ticket)
         queued_at = trio.current_time()
         try:
             with trio.move_on_at(deadline):
                 while True:
                     self._check_fits(model, need)  # a pinned model loaded meanwhile may have made it hopeless
-                    if self._queue[0] is ticket and await self._take_room(need):
-                        return
-                    await self._changed_lot.park()
+                    if swap_aware and self._pick(model, num_ctx) is not None:
+                        return False
+                    if self._is_turn(ticket) and await self._take_room(need):
+                        return True
+                    with trio.move_on_at(self._wake_at(deadline)):
+                        await self._changed_lot.park()
             raise self._busy(f"no room in the pool within queue_timeout ({self._config.queue_timeout:g}s)")
         finally:
             self._queue.remove(ticket)
             self._changed()  # the next in line may go
             self._events.queued(trio.current_time() - queued_at)
+
+    # ---- swap-aware queueing (see smart_proxy.queueing) ------------------------------------
+
+    def _pick(self, model: ModelConfig, num_ctx: int | None = None) -> Server | None:
+        """:meth:`_choose`, but not a server that is giving way to a waiting model (it takes no new request)."""
+        server = self._choose(model, num_ctx)
+        if server is not None and self._queue and server in self._giving_way():
+            return None
+        return server
+
+    def _giving_way(self) -> list[Server]:
+        """The live servers draining so the queued model whose turn it is can load; none under fifo."""
+        if self._config.queueing != "swap-aware" or not self._queue:
+            return []
+        drained = to_drain(
+            self._residents(),
+            self._waiting(),
+            now=trio.current_time(),
+            min_residency=self._config.min_residency,
+            size=self._config.size,
+            budget=self._budget,
+        )
+        return [r.key for r in drained]  # type: ignore[misc]
+
+    def _swap_victims(self, need: int) -> list[Server] | None:
+        """swap-aware :meth:`_victims`: the policy's plan, once every server in it may be evicted now."""
+        now, residency = trio.current_time(), self._config.min_residency
+        chosen = plan(
+            self._residents(), need, now=now, min_residency=residency, size=self._config.size, budget=self._budget
+        )
+        if not chosen or not all(may_evict(r, now=now, min_residency=residency) for r in chosen):
+            return None
+        return [r.key for r in chosen]  # type: ignore[misc]
+
+    def _wake_at(self, deadline: float) -> float:
+        """When a queued request looks again without being woken: its deadline, or sooner when a residency ends."""
+        if self._config.queueing != "swap-aware":
+            return deadline
+        change = next_change(self._residents(), now=trio.current_time(), min_residency=self._config.min_residency)
+        return deadline if change is None else min(deadline, change)
+
+    def _resident(self, server: Server) -> Resident:
+        return Resident(
+            model=server.name,
+            ready_at=server.ready_at if server.state is State.READY else None,
+            busy=not server.idle,
+            pinned=server.model.pin,
+            priority=server.model.priority,
+            last_used=server.last_used,
+            load_seconds=(server.ready_at - server.started_at) if server.ready_at is not None else 0.0,
+            memory=server.memory,
+            stopping=server.state is State.STOPPING,
+            key=server,
+        )
+
+    def _residents(self) -> list[Resident]:
+        return [self._resident(s) for s in self._servers if s.state in _LIVE]
+
+    def _waiting(self) -> list[Waiting]:
+        return [Waiting(t.model, t.since, t.need) for t in self._queue]
+
+    def _is_turn(self, ticket: _Ticket) -> bool:
+        """fifo: first in the queue. swap-aware: its model's oldest request is the oldest queued one."""
+        if self._config.queueing != "swap-aware":
+            return self._queue[0] is ticket
+        turn = next_turn(self._waiting())
+        return turn is not None and turn.model == ticket.model and turn.since == ticket.since
 
     def _busy(self, why: str) -> PoolBusy:
         budget = f" (memory budget {format_size(self._budget)})" if self._budget is not None else ""
@@ -906,6 +993,8 @@ class Pool:
 
     def _victims(self, need: int) -> list[Server] | None:
         """The fewest idle servers to evict, in eviction order, for a place and ``need`` bytes; None if no set is enough."""
+        if self._config.queueing == "swap-aware":
+            return self._swap_victims(need)
         count, used = self._live_count(), self._memory_used()
         victims: list[Server] = []
         # lower priority first, then least recently used; pinned and busy servers are not candidates

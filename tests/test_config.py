@@ -62,6 +62,12 @@ def test_defaults_and_types(tmp_path: Path) -> None:
     assert config.base_dir == str(tmp_path.resolve())
 
 
+def test_queueing_settings() -> None:
+    assert (structure({}).pool.queueing, structure({}).pool.min_residency) == ("swap-aware", 10.0)
+    config = structure({"pool": {"queueing": "fifo", "min_residency": "2m"}})
+    assert (config.pool.queueing, config.pool.min_residency) == ("fifo", 120.0)
+
+
 def test_liveness_settings() -> None:
     config = structure({"pool": {"health_interval": "2s", "request_timeout": "1m"},
                         "model:a": {"path": "/etc/hostname", "request_timeout": "30s"}, "model:b": {"path": "/etc/hostname"}})
@@ -129,6 +135,9 @@ def test_agents_defaults() -> None:
         ({"pool": {"health_timeout": "0"}}, "[pool] health_timeout: must be more than 0"),
         ({"pool": {"health_failures": "0"}}, "[pool] health_failures: must be at least 1"),
         ({"pool": {"request_timeout": "-5s"}}, "[pool] request_timeout: must be 0 (off) or more"),
+        ({"pool": {"queueing": "lifo"}}, "[pool] queueing: must be swap-aware or fifo, not 'lifo'"),
+        ({"pool": {"min_residency": "-1s"}}, "[pool] min_residency: must be 0 or more"),
+        ({"pool": {"min_residency": "soon"}}, "[pool] min_residency: not a duration"),
         ({"model:a": {"path": "/etc/hostname", "request_timeout": "-1s"}}, "[model:a] request_timeout: must be 0"),
     ],
 )

@@ -17,7 +17,7 @@ PACKAGE = Path(smart_proxy.__file__).parent
 #: Each module (dotted, without ``smart_proxy.``; a package's name stands for its modules) by layer.
 LAYERS: list[set[str]] = [
     {"errors", "config", "logs", "jsonbody", "lifecycle", "auth", "binary", "modelinfo", "memory", "lifeline", "eventbus",
-     "placement", "breaker", "routing"},
+     "placement", "breaker", "routing", "queueing"},
     {"download", "catalog", "process", "pool", "metrics"},  # models and servers
     {"upstream"},  # talking to llama-servers and Ollama servers, relaying their answers
     {"dialects"},  # the APIs clients speak, no I/O

@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from smart_proxy import pool as pool_module
+from smart_proxy.catalog import Catalog
 from smart_proxy.config import ModelConfig
 from smart_proxy.errors import ModelLoadFailed, ModelLoadTimeout, ModelNotFound, PoolBusy, UpstreamError
 from smart_proxy.pool import State
@@ -837,3 +838,185 @@ async def test_memory_auto_below_the_reserve_refuses_every_load_and_says_so(
     assert "every load will be refused; lower memory_reserve" in caplog.text
     with trio.fail_after(1), pytest.raises(ModelTooLarge, match="budget of 0 B"):
         await pool.acquire("a")
+
+
+# ---- swap-aware queueing (smart_proxy.queueing): turns by model, residency, no starvation --------
+
+
+@attrs.define
+class _Load:
+    """What a two-model workload saw: requests served and refused per model, waits, and loads."""
+
+    served: dict = attrs.Factory(dict)
+    busy: dict = attrs.Factory(dict)
+    waits: list = attrs.Factory(list)
+    loads: int = 0
+
+
+async def _workload(pool, models, *, clients: int, seconds: float, work: float, think: float) -> _Load:
+    """``clients`` closed-loop clients per model for ``seconds``: lease, a slot for ``work`` s, release, ``think`` s."""
+    seen = _Load(served=dict.fromkeys(models, 0), busy=dict.fromkeys(models, 0))
+
+    async def client(name: str, index: int) -> None:
+        await trio.sleep(index * think / clients)  # spread the clients over one think time
+        while True:
+            start = trio.current_time()
+            try:
+                async with pool.lease(name) as lease:
+                    slot = await lease.take_slot()
+                    seen.waits.append(trio.current_time() - start)
+                    try:
+                        await trio.sleep(work)
+                    finally:
+                        slot.release()
+            except PoolBusy:
+                seen.busy[name] += 1
+            else:
+                seen.served[name] += 1
+            await trio.sleep(think)
+
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as nursery:
+            for name in models:
+                for index in range(clients):
+                    nursery.start_soon(client, name, index)
+    seen.loads = sum(m.loads for m in pool.snapshot().models)
+    return seen
+
+
+async def test_swap_aware_at_size_1_swaps_far_less_than_fifo_and_refuses_nobody(make_config, http) -> None:
+    """Two models with clients that pause between requests: fifo swaps in every pause, swap-aware takes turns."""
+    results = {}
+    for queueing in ("fifo", "swap-aware"):
+        config = make_config(
+            {"a": {"load_delay": 0.1, "slots": 2}, "b": {"load_delay": 0.1, "slots": 2}},
+            size=1, queue_timeout="5s", queueing=queueing, min_residency="1s",
+        )
+        async with trio.open_nursery() as nursery:
+            pool = pool_module.Pool(config, Catalog(config.models, config.base_dir), http, config.pool.llama_server)
+            await nursery.start(pool.run)
+            results[queueing] = await _workload(pool, ("a", "b"), clients=4, seconds=4.0, work=0.02, think=0.05)
+            await pool.stop_all()
+            nursery.cancel_scope.cancel()
+    fifo, swap = results["fifo"], results["swap-aware"]
+    print(f"fifo: {fifo.loads} loads, served {fifo.served}, busy {fifo.busy}; "
+          f"swap-aware: {swap.loads} loads, served {swap.served}, busy {swap.busy}")
+    assert swap.loads * 2 <= fifo.loads, (swap.loads, fifo.loads)
+    assert swap.busy == {"a": 0, "b": 0}
+    assert min(swap.served.values()) > 0  # both models served: nobody starves
+    assert max(swap.waits) < 5.0
+
+
+async def _run_workload(make_config, http, queueing: str, **workload) -> _Load:
+    config = make_config(
+        {"a": {"load_delay": 0.1, "slots": 2}, "b": {"load_delay": 0.1, "slots": 2}},
+        size=1, queue_timeout="2s", queueing=queueing, min_residency="0.5s",
+    )
+    async with trio.open_nursery() as nursery:
+        pool = pool_module.Pool(config, Catalog(config.models, config.base_dir), http, config.pool.llama_server)
+        await nursery.start(pool.run)
+        seen = await _workload(pool, ("a", "b"), **workload)
+        await pool.stop_all()
+        nursery.cancel_scope.cancel()
+    return seen
+
+
+async def test_a_model_kept_busy_does_not_starve_the_other(make_config, http) -> None:
+    """Clients that never pause keep a server busy for ever: fifo lets the other model's requests time out."""
+    fifo = await _run_workload(make_config, http, "fifo", clients=4, seconds=4.0, work=0.02, think=0.0)
+    swap = await _run_workload(make_config, http, "swap-aware", clients=4, seconds=4.0, work=0.02, think=0.0)
+    print(f"fifo: {fifo.loads} loads, served {fifo.served}, busy {fifo.busy}; "
+          f"swap-aware: {swap.loads} loads, served {swap.served}, busy {swap.busy}")
+    assert min(fifo.served.values()) == 0 and max(fifo.busy.values()) > 0  # one model held the pool
+    assert swap.busy == {"a": 0, "b": 0}
+    assert min(swap.served.values()) >= 20  # each model had turns
+    assert swap.loads >= 3  # turns: a, b, a at least
+
+
+async def test_queue_timeout_holds_while_a_long_request_keeps_its_server(make_config, start_pool) -> None:
+    """llama-swap #588: a request in flight is never cut short for another model's turn; the wait stays bounded."""
+    pool = await start_pool(
+        make_config({"a": {}, "b": {}}, size=1, queue_timeout="600ms", queueing="swap-aware", min_residency="100ms")
+    )
+    lease = await pool.acquire("a")  # a long job: holds its slot well past min_residency and queue_timeout
+    server, pid = lease.server, lease.server.process.pid
+    slot = await lease.take_slot()
+    start = trio.current_time()
+    with trio.fail_after(3), pytest.raises(PoolBusy, match=r"queue_timeout \(0.6s\)"):
+        await pool.acquire("b")
+    assert 0.6 <= trio.current_time() - start < 0.6 + 0.3
+    assert server.state is State.READY and server.process.pid == pid  # never stopped under its job
+    slot.release()
+    lease.release()
+    async with pool.lease("a") as again:  # nobody waits any more: a takes requests again, no reload
+        assert again.server is server
+    assert pool.snapshot().models[0].loads == 1
+
+
+async def test_a_draining_server_finishes_its_jobs_then_the_waiting_model_loads(make_config, start_pool) -> None:
+    pool = await start_pool(
+        make_config({"a": {}, "b": {}}, size=1, queue_timeout="5s", queueing="swap-aware", min_residency="200ms")
+    )
+    lease = await pool.acquire("a")
+    server = lease.server
+    got_b = trio.Event()
+    order = []
+
+    async def want(name: str, event: trio.Event | None = None) -> None:
+        async with pool.lease(name) as held:
+            order.append((name, held.server.name))
+            if event is not None:
+                event.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(want, "b", got_b)
+        await trio.sleep(0.4)  # a is past its residency with b waiting: it drains
+        assert not got_b.is_set() and server.state is State.READY
+        nursery.start_soon(want, "a")  # a new request for a queues behind b instead of joining
+        await trio.sleep(0.2)
+        assert order == [] and pool.snapshot().queued == 2
+        lease.release()  # a's last job ends: a is evicted, b loads and serves, then a's turn comes
+        with trio.fail_after(5):
+            await got_b.wait()
+    assert order == [("b", "b"), ("a", "a")]
+
+
+async def test_a_model_left_alone_gives_way_at_once_despite_min_residency(make_config, start_pool) -> None:
+    """A user switching models waits for no residency: the idle server was not used for longer than its load took."""
+    pool = await start_pool(
+        make_config({"a": {"load_delay": 0.1}, "b": {}}, size=1, queueing="swap-aware", min_residency="30s")
+    )
+    async with pool.lease("a") as lease:
+        load = lease.server.ready_at - lease.server.started_at
+    await trio.sleep(load + 0.05)
+    start = trio.current_time()
+    async with pool.lease("b"):
+        pass
+    assert trio.current_time() - start < 5  # its load and nothing like 30 s
+
+
+async def test_a_model_in_use_keeps_its_place_for_its_idle_allowance(make_config, start_pool) -> None:
+    """Just used and idle for less than its load took: it is kept a moment, then gives way (no min_residency wait)."""
+    pool = await start_pool(
+        make_config({"a": {"load_delay": 0.4}, "b": {}}, size=1, queueing="swap-aware", min_residency="30s")
+    )
+    async with pool.lease("a") as lease:
+        server = lease.server
+    start = trio.current_time()
+    async with pool.lease("b") as lease:
+        kept = lease.server.started_at - server.last_used  # a's place went to b this long after a's last use
+    allowance = server.ready_at - server.started_at
+    assert server.state is State.STOPPED
+    assert allowance - 0.01 <= kept < allowance + 1  # kept while a swap back would cost more than the wait
+    assert trio.current_time() - start < 10  # nothing like min_residency
+
+
+async def test_fifo_evicts_an_idle_server_at_once(make_config, start_pool) -> None:
+    pool = await start_pool(
+        make_config({"a": {"load_delay": 0.4}, "b": {}}, size=1, queueing="fifo", min_residency="30s")
+    )
+    async with pool.lease("a") as lease:
+        server = lease.server
+    async with pool.lease("b") as lease:
+        kept = lease.server.started_at - server.last_used
+    assert kept < (server.ready_at - server.started_at) / 2  # no allowance under fifo
