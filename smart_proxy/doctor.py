@@ -72,7 +72,7 @@ def run(config_path: str, model: str | None = None, out: Callable[[str], None] =
         if binary is not None:
             _generation(config, model, report)
         sizes = _sizes(config)
-        _memory(sizes, report)
+        _memory(_needs(config, sizes), report)
         _disk(config, sizes, report)
     failed = sum(c.status == "FAIL" for c in checks)
     out("all checks passed" if not failed else f"{failed} check{'s' if failed > 1 else ''} failed")
@@ -241,20 +241,34 @@ def _gb(size: int) -> str:
     return f"{size / 1e9:.1f} GB"
 
 
-def _memory(sizes: dict[str, tuple[int | None, bool]], report: Callable[[Check], None]) -> None:
+def _needs(config: Config, sizes: dict[str, tuple[int | None, bool]]) -> dict[str, int]:
+    """What one llama-server of each model holds: the pool's estimate (``smart-proxy models``' MEMORY:
+    weights, KV cache, buffers; see docs/scheduling.md), else its files and a fifth when they cannot be read."""
+    hub = Hub.from_env()
+    needs: dict[str, int] = {}
+    for model in config.models.values():
+        if model.backend == "ollama":
+            continue
+        memory = describe(model, config.base_dir, hub).get("memory")
+        size = sizes.get(model.name, (None, False))[0]
+        if isinstance(memory, int):
+            needs[model.name] = memory
+        elif size:
+            needs[model.name] = int(size * 1.2)  # weights are mapped whole; KV and buffers come on top
+    return needs
+
+
+def _memory(needs: dict[str, int], report: Callable[[Check], None]) -> None:
     available = _meminfo("MemAvailable")
-    known = {name: size for name, (size, _) in sizes.items() if size}
-    if available is None or not known:
+    if available is None or not needs:
         report(Check("warn", "memory", "free memory or model sizes unknown: not checked"))
         return
-    name, largest = max(known.items(), key=lambda item: item[1])
-    # weights are mapped whole; the KV cache and compute buffers come on top (a fifth is a floor)
-    needs = int(largest * 1.2)
-    if needs > available:
-        report(Check("FAIL", "memory", f"{_gb(available)} available; {name} needs at least {_gb(needs)}",
-                     "free memory, or use a smaller quantization of the model"))
+    name, largest = max(needs.items(), key=lambda item: item[1])
+    if largest > available:
+        report(Check("FAIL", "memory", f"{_gb(available)} available; {name} needs about {_gb(largest)}",
+                     "free memory, or use a smaller quantization or context of the model"))
     else:
-        report(Check("ok", "memory", f"{_gb(available)} available; the largest model, {name}, needs about {_gb(needs)}"))
+        report(Check("ok", "memory", f"{_gb(available)} available; the largest model, {name}, needs about {_gb(largest)}"))
 
 
 def _disk(config: Config, sizes: dict[str, tuple[int | None, bool]], report: Callable[[Check], None]) -> None:

@@ -104,3 +104,20 @@ def test_doctor_passes_on_this_machine_with_the_project_config(llama_server_bina
     assert any(line.startswith("ok    build: ") and "portable" in line for line in lines)
     assert any(line.startswith("ok    generation: gemma3-270m answered in ") for line in lines)
     assert lines[-1] == "all checks passed"
+
+
+def test_memory_is_judged_by_the_pools_estimate(tmp_path: Path) -> None:
+    """A model's declared ``memory`` (else the estimate) is what the memory check weighs, not its file's size."""
+    from smart_proxy.config import load_config
+
+    ini = tmp_path / "proxy.ini"
+    model = tmp_path / "a.json"
+    model.write_text("{}")  # a few bytes: by its size alone it would fit anywhere
+    ini.write_text(f"[pool]\nllama_server = /bin/true\nmemory = off\n[model:a]\npath = {model}\nmemory = 1TiB\n")
+    config = load_config(str(ini))
+    needs = doctor._needs(config, doctor._sizes(config))
+    assert needs == {"a": 1 << 40}
+    checks: list[doctor.Check] = []
+    doctor._memory(needs, checks.append)
+    assert [c.status for c in checks] == ["FAIL"]
+    assert checks[0].text.endswith("a needs about 1099.5 GB") and "smaller quantization or context" in (checks[0].fix or "")
