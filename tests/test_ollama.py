@@ -922,3 +922,21 @@ async def test_an_upstream_model_answers_504_past_its_request_timeout(http) -> N
     with trio.fail_after(5), pytest.raises(UpstreamTimeout, match=r"request_timeout \(0.3s\)"):
         await backend.send(http, model, "POST", "/api/chat", payload={"messages": USER})
     await listener.aclose()
+
+
+async def test_health_upstreams_probes_every_upstream_now(tmp_path, fake_binary, start_proxy, fake_ollama, http) -> None:
+    """``GET /health/upstreams``: each Ollama upstream asked now, with its models, and why a down one is down."""
+    from smart_proxy.process import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = upstream_config(tmp_path, fake_binary, fake_ollama.url)
+    models = {**config.models, "gone": attrs.evolve(config.models["up"], name="gone", url=dead)}
+    url = await start_proxy(attrs.evolve(config, models=models))
+    response = await http.get(f"{url}/health/upstreams")
+    assert response.status_code == 200
+    by_url = {entry["url"]: entry for entry in response.json()["upstreams"]}
+    assert set(by_url) == {fake_ollama.url.rstrip("/"), dead}
+    up = by_url[fake_ollama.url.rstrip("/")]
+    assert up["status"] == "ok" and up["models"] == ["up", "up-embed"] and isinstance(up["version"], str)
+    down = by_url[dead]
+    assert down["status"] == "down" and down["models"] == ["gone"] and "ConnectError" in down["error"]
