@@ -40,7 +40,7 @@ from ..upstream import ollama_server
 from ..upstream.relay import RelayBody, UpstreamAnswer
 from . import fleet
 from .openai_routes import open_relay
-from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers
+from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, read_answer
 from .state import ProxyState
 
 __all__ = ["count_tokens", "messages"]
@@ -138,16 +138,7 @@ async def _relayed(
     if upstream.status_code == 200 and upstream.headers.get("content-type", "").startswith("text/event-stream"):
         relayed = RelayBody(upstream, on_error=dialect.sse_error, on_done=on_done, lines=dialect.MessageLines(limit))
         return Reply(200, merge_headers(upstream.headers, dialect.SSE_HEADERS, extra), stream=relayed)
-    try:
-        answer = await upstream.read(limit)
-    finally:
-        if on_done is not None:
-            on_done()
-    answer_headers = upstream.headers
-    wrapped = dialect.upstream_error_body(upstream.status_code, answer)
-    if wrapped is not None:
-        answer, answer_headers["content-type"] = wrapped, "application/json"
-    return Reply(upstream.status_code, merge_headers(answer_headers, extra), answer)
+    return await read_answer(upstream, limit, on_done=on_done, wrap=dialect.upstream_error_body, headers=extra)
 
 
 def _activate(proxy: ProxyState, payload: dict[str, Any]) -> Chain | None:

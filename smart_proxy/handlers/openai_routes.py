@@ -35,7 +35,7 @@ from ..upstream.props import check_images
 from ..upstream.relay import RelayBody, SSELines, UpstreamAnswer, open_upstream, send_leased
 from . import fleet
 from .loading_stream import LoadingStream
-from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, relay_answer
+from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, read_answer, relay_answer
 from .state import ProxyState
 
 __all__ = ["ROUTES", "model_route", "models", "open_relay"]
@@ -132,15 +132,7 @@ async def _relay(
     if stream and upstream.status_code == 200:
         relayed = RelayBody(upstream, on_error=dialect.sse_error, on_done=lease.release, lines=SSELines(limit))
         return Reply(upstream.status_code, merge_headers(upstream.headers, _SSE_HEADERS, headers or {}), stream=relayed)
-    try:
-        answer = await upstream.read(limit)
-    finally:
-        lease.release()
-    relayed_headers = upstream.headers
-    wrapped = dialect.upstream_error_body(upstream.status_code, answer)
-    if wrapped is not None:
-        answer, relayed_headers["content-type"] = wrapped, "application/json"
-    return Reply(upstream.status_code, merge_headers(relayed_headers, headers or {}), answer)
+    return await read_answer(upstream, limit, on_done=lease.release, wrap=dialect.upstream_error_body, headers=headers)
 
 
 async def _with_agents(proxy: ProxyState, request: Request, chain: Chain) -> Reply:

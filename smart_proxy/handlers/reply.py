@@ -37,6 +37,7 @@ __all__ = [
     "internal_error",
     "is_ollama_route",
     "json_reply",
+    "read_answer",
     "relay_answer",
 ]
 
@@ -165,9 +166,29 @@ async def relay_answer(
             upstream, on_error=openai_dialect.sse_error if sse else _ndjson_error, on_done=on_done, lines=lines
         )
         return Reply(200, merge_headers(upstream.headers, _NO_CACHE, headers or {}), stream=body)
+    return await read_answer(upstream, limit, on_done=on_done, headers=headers)
+
+
+async def read_answer(
+    upstream: UpstreamAnswer,
+    limit: int,
+    *,
+    on_done: Callable[[], object] | None = None,
+    wrap: Callable[[int, bytes], bytes | None] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Reply:
+    """An upstream's whole answer, read under ``limit``, with ``headers`` added to its own.
+
+    ``on_done`` runs once the answer is read, or reading it failed. ``wrap`` (a dialect's
+    ``upstream_error_body``) turns an error answer that is not in the dialect's shape into one.
+    """
     try:
         answer = await upstream.read(limit)
     finally:
         if on_done is not None:
             on_done()
-    return Reply(upstream.status_code, merge_headers(upstream.headers, headers or {}), answer)
+    answer_headers = upstream.headers
+    wrapped = wrap(upstream.status_code, answer) if wrap is not None else None
+    if wrapped is not None:
+        answer, answer_headers["content-type"] = wrapped, "application/json"
+    return Reply(upstream.status_code, merge_headers(answer_headers, headers or {}), answer)

@@ -31,7 +31,7 @@ from ..upstream import ollama_server
 from ..upstream.relay import RelayBody, UpstreamAnswer
 from . import fleet
 from .openai_routes import open_relay
-from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers
+from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, read_answer
 from .state import ProxyState
 
 __all__ = ["ROUTES", "responses"]
@@ -101,16 +101,7 @@ async def _relay(
         lines = dialect.ResponsesLines(limit, model)
         relayed = RelayBody(upstream, on_error=lines.error, on_done=release, lines=lines)
         return Reply(200, merge_headers(upstream.headers, _SSE_HEADERS), stream=relayed)
-    try:
-        answer = await upstream.read(limit)
-    finally:
-        if release is not None:
-            release()
-    headers = upstream.headers
-    wrapped = openai_dialect.upstream_error_body(upstream.status_code, answer)
-    if wrapped is not None:
-        answer, headers["content-type"] = wrapped, "application/json"
-    return Reply(upstream.status_code, merge_headers(headers), answer)
+    return await read_answer(upstream, limit, on_done=release, wrap=openai_dialect.upstream_error_body)
 
 
 async def _with_agents(proxy: ProxyState, request: Request, payload: dict, chain: Chain) -> Reply:
