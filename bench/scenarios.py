@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import harness as h
+from scale import scale
 
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
 
@@ -1030,6 +1031,6 @@ def queueing(ctx: Context) -> dict:
             "plot": {"kind": "none", "rows": rows}}
 
 
-#: In the issue's order: 1 to 7 (issue 8), then 8 (queueing, issue 20).
+#: In the issue's order: 1 to 7 (issue 8), then 8 (queueing, issue 20), 9 (scale, issue 23).
 SCENARIOS = {"overhead": overhead, "fanout": fanout, "throughput": throughput, "coldload": coldload, "swap": swap,
-             "aborts": aborts, "realmodel": realmodel, "queueing": queueing}
+             "aborts": aborts, "realmodel": realmodel, "queueing": queueing, "scale": scale}
