@@ -832,7 +832,7 @@ class Pool:
             None when the model's files cannot be read (missing, not downloaded).
         """
         if model.memory is not None:
-            return declared_estimate(model.memory)
+            return declared_estimate(model.memory, model.layers or 0)
         if model.backend != "llama":
             return None
         try:
