@@ -765,7 +765,7 @@ class Pool:
         if free:
             return min(free, key=lambda s: (-(s.context or 0), s.in_flight))
         starting = any(s.state is State.STARTING for s in live)
-        if len(live) < model.replicas and not starting and self._has_room(live[0].memory):
+        if len(live) < model.replicas and not starting and self._has_room(live[0].memory) and self._gpus_take(live[0]):
             return None  # every slot busy and room for another replica
         return min(live, key=lambda s: s.in_flight + s.waiters)
 
@@ -830,6 +830,16 @@ class Pool:
         """``placement`` fits on the GPUs as the live servers leave them now."""
         free = self._gpu_free()
         return all(free.get(index, 0) >= placement.on(index) for index in set(placement.gpus))
+
+    def _gpus_take(self, server: Server) -> bool:
+        """The GPUs have room for another server like ``server`` now (no eviction), or it is not on them."""
+        if server.placement is None:
+            return True
+        try:
+            place(server.name, server.placement.vram, 0, self._gpu_free())
+        except ModelTooLarge:
+            return False
+        return True
 
     def _try_place(
         self, model: ModelConfig, estimate: MemoryEstimate, without: set[Server], partial: bool
