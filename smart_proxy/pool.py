@@ -28,6 +28,16 @@ Theory of operation:
   every server that may ever be stopped is stopped (it is larger than the budget
   less the pinned servers, or pinned servers hold every place) is refused at once
   with ModelTooLarge (507): waiting could not help.
+* GPUs (``[pool] gpus``: ``auto`` reads ``nvidia-smi`` once in :meth:`Pool.run`, through a
+  worker thread; or declared): a load is placed by :func:`smart_proxy.placement.place` on the
+  memory free on each GPU (the inventory less what the live servers' placements hold), its
+  estimate's GPU part (:attr:`MemoryEstimate.offloadable`): one GPU, a split, or, with
+  ``allow_partial``, some of its layers. Idle servers on the GPUs are evicted (the same order
+  as for memory) when that makes it fit whole; busy ones make it wait; a model that would not
+  fit with only the pinned servers left is refused at once (ModelTooLarge). What a placement
+  leaves on the CPU (the base, or a partial offload's other layers) is what the server counts
+  against ``[pool] memory``. The placement becomes llama-server's ``CUDA_VISIBLE_DEVICES`` and
+  flags; a model whose args set GPU flags of their own is not placed.
 * A request may need a context (``num_ctx``: Ollama's ``options.num_ctx``): a server
   serves it if its context (per slot, planned from its args and then read from its
   ``/props``) is at least that large, the largest first. Else a new one starts with
