@@ -422,6 +422,11 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def vram(self) -> int:
+        """Bytes it holds on GPUs, by its placement (``memory`` is the rest)."""
+        return self.placement.vram if self.placement is not None else 0
+
+    @property
     def idle(self) -> bool:
         return self.state is State.READY and self.in_flight == 0 and self.waiters == 0
 
@@ -1504,7 +1509,7 @@ class Pool:
                     memory=s.memory,
                     pinned=s.model.pin,
                     context=s.context,
-                    vram=s.placement.vram if s.placement is not None else 0,
+                    vram=s.vram,
                     gpus=s.placement.gpus if s.placement is not None else (),
                     gpu_layers=s.placement.gpu_layers if s.placement is not None else None,
                 )

@@ -458,6 +458,8 @@ async def test_ps_and_health_show_what_is_on_the_gpus(make_config, start_proxy) 
     servers = {s["model"]: s for s in pool["servers"]}
     assert (servers["a"]["gpus"], servers["a"]["vram"], servers["a"]["memory"]) == ([1], 6 * gib, 0)
     assert (servers["huge"]["gpus"], servers["huge"]["gpu_layers"], servers["huge"]["memory"]) == ([0, 1], 52, 14 * gib)
+    listed = {m["id"]: m for m in (await in_thread(lambda: httpx.get(f"{url}/v1/models").json()))["data"]}
+    assert (listed["a"]["memory"], listed["huge"]["memory"]) == (6 * gib, 40 * gib)  # host and GPU parts together
 
 
 async def test_model_info_from_a_real_gguf_header(tmp_path: Path) -> None:

@@ -683,10 +683,9 @@ async def ps(proxy: ProxyState) -> Reply:
         entry["size_vram"] = 0
         server = servers.get(port)
         if server is not None:
-            vram = server.placement.vram if server.placement is not None else 0
             # in /api/ps, Ollama's size is the memory the loaded model holds, size_vram the part on GPUs
-            entry["size"] = server.memory + vram
-            entry["size_vram"] = vram
+            entry["size"] = server.memory + server.vram
+            entry["size_vram"] = server.vram
             n_ctx = ((await server_props(proxy.client, server)).get("default_generation_settings") or {}).get("n_ctx")
             if isinstance(n_ctx, int):
                 entry["context_length"] = n_ctx
