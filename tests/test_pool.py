@@ -1187,3 +1187,25 @@ async def test_a_model_that_sets_its_own_gpu_flags_is_started_as_configured(make
     argv, env = await _started(http, server)
     assert argv[-2:] == ["-ngl", "10"] and "--device" not in argv and "CUDA_VISIBLE_DEVICES" not in env
     assert (server.placement, server.memory, _gpu_use(pool)) == (None, 20 * GiB, {0: 0, 1: 0})  # all on the host's count
+
+
+async def test_swap_aware_evicts_for_a_gpu_once_the_idle_allowance_is_over(make_config, start_pool, http) -> None:
+    config = _memory_config(make_config, {"a": "20g", "b": "20g", "c": "20g"}, budget="off", gpus="0:24GiB, 1:24GiB")
+    assert config.pool.queueing == "swap-aware"
+    pool = await start_pool(config)
+    await _use(pool, "a", "b")
+    with trio.fail_after(5):  # b was used last: a goes, once idle longer than its load took
+        await _use(pool, "c")
+    assert _loaded(pool) == ["b", "c"]
+    assert (await _started(http, pool.servers("c")[0]))[1]["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+async def test_a_partial_offload_takes_what_busy_servers_leave_rather_than_wait(make_config, start_pool, http) -> None:
+    config = _gpu_config(make_config, {"a": "20g", "huge": "40g"}, gpus="0:24GiB", allow_partial="true", huge={"layers": "80"})
+    pool = await start_pool(config)
+    async with pool.lease("a"):
+        with trio.fail_after(5):
+            await _use(pool, "huge")
+    argv, _ = await _started(http, pool.servers("huge")[0])
+    assert argv[argv.index("--n-gpu-layers") + 1] == "8"  # 4 GiB free beside busy a: 8 layers of 0.5 GiB
+    assert _loaded(pool) == ["a", "huge"] and pool.servers("huge")[0].memory == 36 * GiB
