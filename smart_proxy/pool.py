@@ -915,6 +915,13 @@ class Pool:
                     victims.add(candidate)
                     placement = self._try_place(model, estimate, victims, partial)
                 if placement is not None:
+                    # spare those that were taken in turn but are not needed (their GPU was too small anyway),
+                    # the most recently used first
+                    for candidate in reversed(candidates):
+                        if candidate in victims:
+                            again = self._try_place(model, estimate, victims - {candidate}, partial)
+                            if again is not None:
+                                victims, placement = victims - {candidate}, again
                     break
             if placement is not None and not victims:
                 log.info("%s: placed on %s", model.name, placement.describe())

@@ -1209,3 +1209,10 @@ async def test_a_partial_offload_takes_what_busy_servers_leave_rather_than_wait(
     argv, _ = await _started(http, pool.servers("huge")[0])
     assert argv[argv.index("--n-gpu-layers") + 1] == "8"  # 4 GiB free beside busy a: 8 layers of 0.5 GiB
     assert _loaded(pool) == ["a", "huge"] and pool.servers("huge")[0].memory == 36 * GiB
+
+
+async def test_only_the_servers_whose_gpu_it_needs_are_evicted(make_config, start_pool) -> None:
+    pool = await start_pool(_gpu_config(make_config, {"a": "10g", "b": "20g", "c": "20g"}, gpus="0:12GiB, 1:24GiB"))
+    await _use(pool, "a", "b")  # a on GPU 0 (the smallest that holds it), b on GPU 1; a is the LRU
+    await _use(pool, "c")  # a goes first in LRU order, but its GPU is too small for c: only b is evicted
+    assert _loaded(pool) == ["a", "c"] and pool.servers("c")[0].placement.gpus == (1,)
