@@ -167,8 +167,9 @@ async def _with_agents(proxy: ProxyState, request: Request, chain: Chain) -> Rep
 
 
 async def _memory(proxy: ProxyState, model: ModelConfig) -> int | None:
-    """Bytes one llama-server of ``model`` holds: a live server's admitted size, else the estimate (None: unknown)."""
-    live = [server.memory for server in proxy.pool.servers(model.name)]
+    """Bytes one llama-server of ``model`` holds: a live server's admitted size (host and GPUs), else the estimate
+    (None: unknown)."""
+    live = [server.memory + server.vram for server in proxy.pool.servers(model.name)]
     if live:
         return live[0]
     estimate = await proxy.pool.estimate(model, download=False)
