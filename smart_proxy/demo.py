@@ -23,12 +23,14 @@ the dialect's proper end (a ``finish_reason`` and ``data: [DONE]``, ``done: true
 otherwise, and the row shows it. ``first`` is the time to the answer's first event (the
 loading comments do not count), ``total`` the time to its last byte. The command exits 0
 when every row passed, 1 otherwise. With ``--keep`` the proxy goes on serving after the
-table until Ctrl-C.
+table until Ctrl-C (or SIGTERM), then stops as a served proxy does, and the exit status is
+the table's.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -440,9 +442,13 @@ async def _together(calls: list[Callable[[], Awaitable[Row]]]) -> list[Row]:
 async def _demo(config: Config, port: int, agents: bool, keep: bool) -> int:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            lambda task_status: serve(config, port=port, shutdown_trigger=stop.wait, task_status=task_status)
-        )
+        try:
+            binds = await nursery.start(
+                lambda task_status: serve(config, port=port, shutdown_trigger=stop.wait, task_status=task_status)
+            )
+        except (ConfigError, ProxyError) as exc:  # before it served: no llama-server, a port in use...
+            print(f"smart-proxy demo: the proxy did not start: {exc}", file=sys.stderr)
+            return 2
         url = binds[0]
         print(f"smart-proxy demo: a proxy at {url}, serving the embedded model as {MODEL_A} and {MODEL_B} in a pool of 1")
         timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=10.0)
@@ -454,7 +460,9 @@ async def _demo(config: Config, port: int, agents: bool, keep: bool) -> int:
         print(f"in {trio.current_time() - started:.1f} s")
         if keep:
             print(f"\nthe proxy goes on serving at {url} (Ctrl-C stops it)")
-            await trio.sleep_forever()
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
         stop.set()
     return 0 if all(row.passed or row.skipped is not None for row in rows) else 1
 

@@ -121,3 +121,10 @@ def test_the_config_serves_one_model_under_two_names_in_a_pool_of_one(tmp_path) 
     config = load_config(ini)
     assert config.pool.size == 1 and sorted(config.models) == ["demo-a", "demo-b"]
     assert config.models["demo-a"].path == config.models["demo-b"].path
+
+
+def test_a_proxy_that_cannot_start_is_exit_2(capsys) -> None:
+    from smart_proxy import demo
+
+    assert demo.run(llama_server="/nonexistent/llama-server") == 2
+    assert "the proxy did not start: [pool] llama_server" in capsys.readouterr().err
