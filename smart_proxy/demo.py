@@ -275,7 +275,7 @@ def demo_ini(llama_server: str, agents: Path | None, template: Path | None = Non
         model += f"chat_template = {template}\n"
     text = f"""[proxy]
 host = 127.0.0.1
-loading_comments = 1s
+loading_comments = 500ms
 
 [pool]
 size = 1
