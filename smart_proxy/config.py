@@ -214,8 +214,9 @@ class ProxyConfig:
     #: How often a quiet ``GET /events`` or ``/logs/MODEL?follow=1`` stream gets a comment line,
     #: so proxies in front (nginx's proxy_read_timeout is 60 s) do not close it.
     heartbeat: Duration = Duration(15.0)
-    #: While an OpenAI stream request waits this long for its model (download, queue, load), its
-    #: status is sent and a ``: loading MODEL ...`` comment follows every as long; 0 = never.
+    #: While an SSE stream request (OpenAI, Anthropic, Responses) waits this long for its model
+    #: (download, queue, load), its status is sent and a ``: loading MODEL ...`` comment follows
+    #: every as long; 0 = never.
     loading_comments: Duration = Duration(3.0)
     #: Processes serving the port, for a router (no ``[model:NAME]``, only peers); see smart_proxy.workers.
     workers: int = 1
