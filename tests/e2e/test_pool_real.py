@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 
 import httpx
@@ -99,8 +100,17 @@ def test_kill_9_mid_stream(proxy_process, llama_server_binary, gemma_path) -> No
 
 def test_all_clients_of_a_loading_model_leave(proxy_process, llama_server_binary, gemma_path) -> None:
     proxy = proxy_process(_ini(llama_server_binary, gemma_path, size=2))
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{proxy.url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 1}, timeout=0.3)
+    body = json.dumps({"model": "a", "prompt": "x", "max_tokens": 1}).encode()
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while not _health(proxy)["pool"]["servers"]:  # the load has begun
+            assert time.monotonic() < deadline, "the load did not begin"
+            time.sleep(0.02)
+        assert _health(proxy)["pool"]["servers"][0]["state"] != "ready"
+    # the only client has left while its model loads
     deadline = time.monotonic() + 10
     while _health(proxy)["pool"]["servers"] and time.monotonic() < deadline:
         time.sleep(0.05)
