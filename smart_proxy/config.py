@@ -339,6 +339,20 @@ class Config:
     #: The folder proxy.ini is in; relative paths in it are relative to this.
     base_dir: str = "."
 
+    @property
+    def role(self) -> str:
+        """``router`` when this proxy has peers and can load no model itself, else ``node``.
+
+        A router has ``[peer:NAME]`` sections, no ``backend = llama`` model and ``[catalog]
+        allow_hf`` off: it serves its peers' models (and any ``backend = ollama`` ones), so it
+        runs no pool, needs no llama-server, and keeps nothing a request needs between
+        requests: several routers with one proxy.ini behind a load balancer answer alike
+        (docs/deploy.md).
+        """
+        if not self.peers or self.catalog.allow_hf or any(model.backend == "llama" for model in self.models.values()):
+            return "node"
+        return "router"
+
 
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True)
