@@ -379,6 +379,16 @@ async def test_a_router_without_models_starts_no_pool_and_serves_peers(
     assert 'smart_proxy_peer_up{peer="box"} 1.0' in metrics
     for path in ("/v1/models", "/api/tags", "/api/ps"):  # the lists work without a pool
         assert (await http.get(f"{router.url}{path}")).status_code == 200, path
+    logs = await http.get(f"{router.url}/logs/remote-llm:7b")
+    assert logs.status_code == 404 and f"'box' ({tagged_ollama.url}/logs/remote-llm:7b)" in logs.json()["error"]["message"]
+    async with http.stream("GET", f"{router.url}/events") as events:
+        assert events.status_code == 200
+        async for line in events.aiter_lines():
+            if line.startswith("data:"):
+                snapshot = json.loads(line[5:])
+                break
+    assert snapshot["role"] == "router" and snapshot["models"] == []
+    assert snapshot["peers"][0]["name"] == "box" and "remote-llm:7b" in snapshot["peers"][0]["models"]
 
 
 async def test_a_peer_stream_cut_after_its_first_byte_ends_with_an_error_and_is_not_retried(
