@@ -1143,14 +1143,20 @@ def fleet(ctx: Context) -> dict:
     duration = ctx.seconds(10)
     rows = []
 
-    def run(name: str, url: str, clients: int, seconds: float) -> dict:
+    def run(name: str, url: str, clients: int, seconds: float, proxies: list[int] = ()) -> dict:
+        """wrk at ``clients``; with ``proxies`` (pids), the CPU they spent per request together."""
         h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=1.0, body=body)
-        result = h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=seconds, body=body)
+        with h.CpuMeter({f"proxy{i}": pid for i, pid in enumerate(proxies)}) as cpu:
+            result = h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=seconds, body=body)
+        spent = sum(cpu.cpu_seconds.values())
+        cpu_ms = round(spent * 1000 / max(1, result["requests"]), 3) if proxies else None
         row = {"target": name, "clients": clients, "rps": round(result["rps"]), "p50_ms": round(result["p50_ms"], 3),
-               "p99_ms": round(result["p99_ms"], 3), "errors": result["errors"]}
+               "p99_ms": round(result["p99_ms"], 3), "errors": result["errors"], "proxy_cpu_ms_per_req": cpu_ms,
+               "cpu_load_core": round(cpu.cores.get(h.LOAD_CPU, 0), 1),
+               "cpu_proxy_core": round(cpu.cores.get(h.PROXY_CPU, 0), 1)}
         rows.append(row)
         h.log(f"  9: {name:26} c={clients:<3} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:.3f} ms  "
-              f"p99 {result['p99_ms']:.3f} ms  errors {result['errors']}")
+              f"p99 {result['p99_ms']:.3f} ms  errors {result['errors']}  proxy CPU {cpu_ms} ms/request")
         return row
 
     # the hop: a node (smart-proxy over the fake upstream) directly, and through a router whose peer it is
@@ -1158,8 +1164,8 @@ def fleet(ctx: Context) -> dict:
     assert h.post_json(f"{node.url}/v1/chat/completions", CHAT)[0] == 200
     hop_router = h.SmartProxy(ctx.work, "fleet-hop-router", _router_ini({"node": {"url": node.url}}))
     assert h.post_json(f"{hop_router.url}/v1/chat/completions", CHAT)[0] == 200
-    direct = run("node direct", node.url, 1, ctx.seconds(8))
-    hopped = run("router -> node", hop_router.url, 1, ctx.seconds(8))
+    direct = run("node direct", node.url, 1, ctx.seconds(8), [node.pid])
+    hopped = run("router -> node", hop_router.url, 1, ctx.seconds(8), [hop_router.pid, node.pid])
     hop_router.stop()
     node.stop()
 
@@ -1171,12 +1177,12 @@ def fleet(ctx: Context) -> dict:
     for router in routers:
         assert h.post_json(f"{router.url}/v1/chat/completions", CHAT)[0] == 200
     run("upstream direct", upstream_url, FLEET_CLIENTS, duration)
-    one = run("1 router", routers[0].url, FLEET_CLIENTS, duration)
+    one = run("1 router", routers[0].url, FLEET_CLIENTS, duration, [routers[0].pid])
     nginx1, nginx1_url = start_nginx(ctx.work, [routers[0].port])
-    behind_one = run("nginx -> 1 router", nginx1_url, FLEET_CLIENTS, duration)
+    behind_one = run("nginx -> 1 router", nginx1_url, FLEET_CLIENTS, duration, [routers[0].pid])
     h.stop(nginx1)
     nginx2, nginx2_url = start_nginx(ctx.work, [router.port for router in routers])
-    behind_two = run("nginx -> 2 routers", nginx2_url, FLEET_CLIENTS, duration)
+    behind_two = run("nginx -> 2 routers", nginx2_url, FLEET_CLIENTS, duration, [router.pid for router in routers])
     h.stop(nginx2)
     for router in routers:
         router.stop()
@@ -1187,12 +1193,15 @@ def fleet(ctx: Context) -> dict:
     added_p50 = hopped["p50_ms"] - direct["p50_ms"]
     added_p99 = hopped["p99_ms"] - direct["p99_ms"]
     scale = ratio(behind_two["rps"], behind_one["rps"])
+    per_core = round(ratio(1000, one["proxy_cpu_ms_per_req"])) if one["proxy_cpu_ms_per_req"] else 0
     out = [
         target("router hop, added p50 at 1 client", "<= 1 ms", f"{added_p50:.3f} ms", added_p50 <= 1.0),
         target("router hop, added p99 at 1 client", "<= 5 ms", f"{added_p99:.3f} ms", added_p99 <= 5.0),
         target(f"2 routers vs 1 behind nginx, {FLEET_CLIENTS} clients", "more requests/s",
                f"{scale:.2f}x ({behind_two['rps']:,} vs {behind_one['rps']:,}; 1 router alone {one['rps']:,})",
                behind_two["rps"] > behind_one["rps"]),
+        target("one router's requests/s per core (1000 / its CPU ms per request)", ">= 1,000",
+               f"{per_core:,} ({one['proxy_cpu_ms_per_req']} ms per request)", per_core >= 1000),
         target("requests failed when the serving node is killed", "0", str(failover["errors"]), failover["errors"] == 0),
         target("node marked down after its kill", "<= 1 s",
                f"{failover['marked_down_s']} s" if failover["marked_down_s"] is not None else "never",
@@ -1204,7 +1213,8 @@ def fleet(ctx: Context) -> dict:
         f"replicas: routers whose only peer is the Go fake upstream (kind = openai), wrk with {FLEET_CLIENTS} "
         f"clients; router 1 on core {h.PROXY_CPU}, router 2 on core {h.LOAD_CPU} with wrk, nginx (1 worker) and "
         "the fake upstream: on this 2-core machine the second router takes CPU from the load generator, "
-        "so two cannot double one",
+        "so two cannot double one; proxy_cpu_ms_per_req is the CPU the routers (the hop rows: router and node) "
+        "spent per request together, which says what one core carries whatever the machine's load",
         f"failover: two nodes behind one router (failures = 2), one client sending requests one after another; "
         f"node a (which served all {failover['before']} requests before: {failover['before_served_by']}) killed by "
         f"SIGKILL; after the kill {failover['after']} requests, {failover['errors']} failed; the first answer "
@@ -1212,7 +1222,8 @@ def fleet(ctx: Context) -> dict:
         f"{failover['slowest_request_after_kill_ms']} ms); a was marked down after {failover['marked_down_s']} s",
     ]
     return {"title": "9. Fleet: a router hop, router replicas behind nginx, failover", "rows": rows,
-            "columns": ["target", "clients", "rps", "p50_ms", "p99_ms", "errors"],
+            "columns": ["target", "clients", "rps", "p50_ms", "p99_ms", "errors", "proxy_cpu_ms_per_req", "cpu_load_core",
+                        "cpu_proxy_core"],
             "targets": out, "notes": notes, "plot": {"kind": "none", "rows": rows}, "failover": failover}
 
 
