@@ -28,12 +28,13 @@ import trio
 
 from . import control, doctor
 from .catalog import Catalog, describe
-from .config import Config, load_config
+from .config import Config, check_workers, load_config
 from .download import Hub, Progress, fetch, resolve
 from .errors import ConfigError, ProxyError
 from .logs import setup_logging
 from .memory import format_size
 from .server import serve
+from .workers import is_worker, supervise
 
 __all__ = ["main"]
 
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--host", default=default, help="address to listen on (default: [proxy] host)")
         parser.add_argument(
             "--port", type=int, default=default, help="port to listen on; 0 picks a free one (default: [proxy] port)"
+        )
+        parser.add_argument(
+            "--workers", type=int, default=default,
+            help="processes sharing the port, for a router with peers only (default: [proxy] workers, 1)",
         )
 
     parser = argparse.ArgumentParser(prog="smart-proxy", description="A Trio smart proxy for local LLMs.")
@@ -158,8 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             return pull(config, args.name)
         if command == "models":
             return models(config, as_json=args.json)
+        workers = config.proxy.workers if args.workers is None else args.workers
+        check_workers(config, workers)
+        if workers > 1 and not is_worker():
+            if (config.proxy.port if args.port is None else args.port) == 0:
+                raise ConfigError("--workers: the workers share one port; give one (--port N), not 0")
+            trio.run(supervise, sys.argv[1:] if argv is None else argv, workers, config.proxy.grace)
+            return 0
         tune_gc()
-        trio.run(lambda: serve(config, host=args.host, port=args.port))
+        trio.run(lambda: serve(config, host=args.host, port=args.port, reuse_port=workers > 1))
     except ConfigError as exc:
         print(f"smart-proxy: {exc}", file=sys.stderr)
         return 2

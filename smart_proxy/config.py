@@ -183,6 +183,8 @@ class ProxyConfig:
     #: While an OpenAI stream request waits this long for its model (download, queue, load), its
     #: status is sent and a ``: loading MODEL ...`` comment follows every as long; 0 = never.
     loading_comments: Duration = Duration(3.0)
+    #: Processes serving the port, for a router (no ``[model:NAME]``, only peers); see smart_proxy.workers.
+    workers: int = 1
 
 
 @attrs.frozen
@@ -522,6 +524,22 @@ def _check_queueing(pool: PoolConfig) -> None:
         raise ConfigError("[pool] min_residency: must be 0 or more")
 
 
+def check_workers(config: Config, workers: int) -> None:
+    """``workers`` processes for ``config``: at least 1, and more only for a router (:attr:`Config.role`).
+
+    Raises:
+        ConfigError: what is wrong, and why.
+    """
+    if workers < 1:
+        raise ConfigError("[proxy] workers: must be at least 1")
+    if workers > 1 and config.role != "router":
+        raise ConfigError(
+            f"[proxy] workers: {workers} processes need a router, a proxy.ini with [peer:NAME] sections, no "
+            "[model:NAME] served by llama-server and [catalog] allow_hf off: a pool of llama-servers cannot be "
+            "shared between processes; run several routers in front of this proxy instead (docs/deploy.md)"
+        )
+
+
 def _check_ranges(config: Config) -> None:
     if config.proxy.max_body < 1:
         raise ConfigError("[proxy] max_body: must be at least 1 byte")
@@ -544,6 +562,7 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError("[proxy] heartbeat: must be more than 0")
     if config.proxy.loading_comments < 0:
         raise ConfigError("[proxy] loading_comments: must be 0 (off) or more")
+    check_workers(config, config.proxy.workers)
     _check_queueing(config.pool)
     for pattern in config.catalog.allow_repos:
         parts = pattern.split("/")

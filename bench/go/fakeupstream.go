@@ -9,7 +9,6 @@
 //	GET  /props                {"total_slots": N, ...}
 //	POST /v1/chat/completions  canned chat JSON, or with "stream": true an SSE stream
 //	POST /v1/completions       the same
-//	GET  /v1/models            its one model (the alias), as an OpenAI-compatible server lists it
 //	GET  /bench/stats          requests seen, in flight, and every aborted request
 //	POST /bench/reset          forget the stats
 //
@@ -137,9 +136,9 @@ func main() {
 		writeJSON(w, 200, []byte(`{"version":"0.0.0-bench"}`))
 	})
 	mux.HandleFunc("/api/chat", ollamaChat)
-	// what an OpenAI-compatible server lists: its one model (a router may name it as a peer of kind openai)
-	models := []byte(fmt.Sprintf(`{"object":"list","data":[{"id":%q,"object":"model","owned_by":"bench"}]}`, alias))
-	mux.HandleFunc("/v1/models", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, 200, models) })
+	mux.HandleFunc("/v1/models", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, 200, []byte(fmt.Sprintf(`{"object":"list","data":[{"id":%q,"object":"model","owned_by":"bench"}]}`, alias)))
+	})
 	listener, err := net.Listen("tcp", net.JoinHostPort(host, port))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "listen:", err)
