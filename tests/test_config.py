@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from smart_proxy.config import AUTO_MEMORY, load_config, parse_duration, parse_size, structure
+from smart_proxy.config import AUTO_MEMORY, check_workers, load_config, parse_duration, parse_size, structure
 from smart_proxy.errors import ConfigError
 
 
@@ -281,3 +281,6 @@ def test_role_is_router_only_with_peers_and_nothing_to_load(tmp_path: Path) -> N
     assert structure({**peer, "catalog": {"allow_hf": "true"}}).role == "node"  # it may load a Hugging Face model
     local = {"model:m": {"path": str(tmp_path / "m.gguf")}}
     assert structure({**peer, **local}, base_dir=str(tmp_path)).role == "node"
+    check_workers(structure({**peer, **ollama}), 4)  # several processes: only a router
+    with pytest.raises(ConfigError, match="workers: 2 processes need a router"):
+        check_workers(structure({**peer, "catalog": {"allow_hf": "true"}}), 2)
