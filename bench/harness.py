@@ -425,15 +425,15 @@ def project_python() -> str:
 
 
 class SmartProxy:
-    """smart-proxy as a process pinned to the proxy core, with models served by the fake upstream."""
+    """smart-proxy as a process pinned to the proxy core (or ``cpu``), with models served by the fake upstream."""
 
-    def __init__(self, workdir: Path, name: str, ini: str) -> None:
+    def __init__(self, workdir: Path, name: str, ini: str, cpu: int = PROXY_CPU) -> None:
         self.config = workdir / f"{name}.ini"
         self.config.write_text(ini)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = start(
-            pinned(PROXY_CPU, [project_python(), "-m", "smart_proxy", "--config", str(self.config), "--port",
+            pinned(cpu, [project_python(), "-m", "smart_proxy", "--config", str(self.config), "--port",
                                str(self.port), "--log-level", os.environ.get("BENCH_PROXY_LOG", "warning")]),
             log_path=workdir / f"{name}.log", cwd=PROXY_REPO,
             env={**os.environ, "PYTHONPATH": str(PROXY_REPO)},

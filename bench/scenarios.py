@@ -8,10 +8,15 @@ what they are: nothing here asserts; a missed target is reported as missed.
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -1030,6 +1035,199 @@ def queueing(ctx: Context) -> dict:
             "plot": {"kind": "none", "rows": rows}}
 
 
-#: In the issue's order: 1 to 7 (issue 8), then 8 (queueing, issue 20), 9 (scale, issue 23).
+# ---- 10. fleet: a router hop, router replicas behind nginx, failover (issue 21) --------------
+
+FLEET_CLIENTS = 64
+
+
+def _router_ini(peers: dict[str, dict[str, str]]) -> str:
+    lines = ["[proxy]", "host = 127.0.0.1", "grace = 2s"]
+    for name, settings in peers.items():
+        lines += [f"[peer:{name}]", *(f"{key} = {value}" for key, value in settings.items())]
+    return "\n".join(lines) + "\n"
+
+
+def start_nginx(work: Path, ports: list[int]) -> tuple[subprocess.Popen, str]:
+    """nginx (one worker, on the load core) in front of 127.0.0.1:``ports``, as docs/deploy.md's router site."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    port = h.free_port()
+    prefix = work / f"nginx-{port}"
+    prefix.mkdir()
+    servers = "".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;\n" for p in ports)
+    temp = "".join(f"    {kind}_temp_path {prefix / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (prefix / "nginx.conf").write_text(
+        f"worker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
+        f"events {{ worker_connections 4096; }}\nhttp {{\n    access_log off;\n{temp}"
+        f"    upstream routers {{\n{servers}        keepalive 256;\n    }}\n"
+        f"    server {{\n        listen 127.0.0.1:{port};\n        location / {{\n"
+        "            proxy_pass http://routers;\n            proxy_http_version 1.1;\n"
+        '            proxy_set_header Connection "";\n'
+        "            proxy_next_upstream error timeout http_502 http_503 non_idempotent;\n"
+        "            proxy_next_upstream_tries 2;\n            proxy_buffering off;\n        }\n    }\n}\n"
+    )
+    process = h.start(h.pinned(h.LOAD_CPU, [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+                                            "-g", "daemon off;"]), log_path=prefix / "out.log")
+    h.wait_listening(port, process, "nginx", timeout=10)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def _post(connection: http.client.HTTPConnection, body: bytes) -> tuple[int, str]:
+    connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    response.read()
+    return response.status, response.getheader("x-served-by") or ""
+
+
+def _failover(ctx: Context) -> dict:
+    """Two nodes behind one router, the one serving killed (SIGKILL): what the clients see, and when it is out."""
+    nodes = {name: h.SmartProxy(ctx.work, f"fleet-{name}", h.fake_model_ini(ctx.work, ctx.go, {"bench": {"slots": 8}}))
+             for name in ("a", "b")}  # fmt: skip
+    for node in nodes.values():
+        assert h.post_json(f"{node.url}/v1/chat/completions", CHAT)[0] == 200  # both loaded
+    router = h.SmartProxy(ctx.work, "fleet-failover-router", _router_ini(
+        {name: {"url": node.url, "refresh": "1s", "failures": "2", "cooldown": "30s"} for name, node in nodes.items()}))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        peers = router.health().get("peers", [])
+        if len(peers) == 2 and all(peer.get("loaded") == ["bench"] for peer in peers):
+            break
+        time.sleep(0.1)
+    body = json.dumps(CHAT).encode()
+    seen: list[tuple[float, float, int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", router.port, timeout=30)
+        while not stop.is_set():
+            began = time.monotonic()
+            try:
+                status, served = _post(connection, body)
+            except OSError:
+                status, served = 0, ""
+                connection.close()
+            seen.append((began, time.monotonic(), status, served))
+            time.sleep(0.005)
+
+    worker = threading.Thread(target=client)
+    worker.start()
+    time.sleep(1.0)
+    killed = time.monotonic()
+    os.killpg(nodes["a"].pid, signal.SIGKILL)
+    marked_down = None
+    while time.monotonic() < killed + 15:
+        peers = {peer["name"]: peer for peer in router.health().get("peers", [])}
+        if peers.get("a", {}).get("status") == "down":
+            marked_down = time.monotonic() - killed
+            break
+        time.sleep(0.005)
+    time.sleep(1.0)
+    stop.set()
+    worker.join(30)
+    router.stop()
+    for node in nodes.values():
+        node.stop()
+    before = [r for r in seen if r[1] < killed]
+    after = [r for r in seen if r[1] >= killed]
+    errors = sum(1 for r in after if r[2] != 200)
+    first_b = next((r for r in after if r[2] == 200 and r[3] == "peer:b"), None)
+    around = [r[1] - r[0] for r in after[:5]]
+    return {"before": len(before), "before_served_by": sorted({r[3] for r in before}), "after": len(after),
+            "errors": errors, "first_answer_from_b_s": round(first_b[1] - killed, 4) if first_b else None,
+            "slowest_request_after_kill_ms": round(max(around) * 1000, 2) if around else None,
+            "marked_down_s": round(marked_down, 4) if marked_down is not None else None}
+
+
+def fleet(ctx: Context) -> dict:
+    """A router hop's added latency; one router against two behind nginx; failover when a node dies."""
+    body = json.dumps(CHAT)
+    duration = ctx.seconds(10)
+    rows = []
+
+    def run(name: str, url: str, clients: int, seconds: float, proxies: list[int] = ()) -> dict:
+        """wrk at ``clients``; with ``proxies`` (pids), the CPU they spent per request together."""
+        h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=1.0, body=body)
+        with h.CpuMeter({f"proxy{i}": pid for i, pid in enumerate(proxies)}) as cpu:
+            result = h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=seconds, body=body)
+        spent = sum(cpu.cpu_seconds.values())
+        cpu_ms = round(spent * 1000 / max(1, result["requests"]), 3) if proxies else None
+        row = {"target": name, "clients": clients, "rps": round(result["rps"]), "p50_ms": round(result["p50_ms"], 3),
+               "p99_ms": round(result["p99_ms"], 3), "errors": result["errors"], "proxy_cpu_ms_per_req": cpu_ms,
+               "cpu_load_core": round(cpu.cores.get(h.LOAD_CPU, 0), 1),
+               "cpu_proxy_core": round(cpu.cores.get(h.PROXY_CPU, 0), 1)}
+        rows.append(row)
+        h.log(f"  10: {name:26} c={clients:<3} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:.3f} ms  "
+              f"p99 {result['p99_ms']:.3f} ms  errors {result['errors']}  proxy CPU {cpu_ms} ms/request")
+        return row
+
+    # the hop: a node (smart-proxy over the fake upstream) directly, and through a router whose peer it is
+    node = h.SmartProxy(ctx.work, "fleet-node", h.fake_model_ini(ctx.work, ctx.go, {"bench": {"slots": 64}}))
+    assert h.post_json(f"{node.url}/v1/chat/completions", CHAT)[0] == 200
+    hop_router = h.SmartProxy(ctx.work, "fleet-hop-router", _router_ini({"node": {"url": node.url}}))
+    assert h.post_json(f"{hop_router.url}/v1/chat/completions", CHAT)[0] == 200
+    direct = run("node direct", node.url, 1, ctx.seconds(8), [node.pid])
+    hopped = run("router -> node", hop_router.url, 1, ctx.seconds(8), [hop_router.pid, node.pid])
+    hop_router.stop()
+    node.stop()
+
+    # replicas: routers whose peer is the Go fake upstream itself (kind = openai), so a router is the limit
+    upstream, upstream_url = h.start_fakeupstream(ctx.work, ctx.go, {"slots": 512})
+    router_ini = _router_ini({"up": {"url": upstream_url, "kind": "openai"}})
+    routers = [h.SmartProxy(ctx.work, "fleet-r1", router_ini, cpu=h.PROXY_CPU),
+               h.SmartProxy(ctx.work, "fleet-r2", router_ini, cpu=h.LOAD_CPU)]
+    for router in routers:
+        assert h.post_json(f"{router.url}/v1/chat/completions", CHAT)[0] == 200
+    run("upstream direct", upstream_url, FLEET_CLIENTS, duration)
+    one = run("1 router", routers[0].url, FLEET_CLIENTS, duration, [routers[0].pid])
+    nginx1, nginx1_url = start_nginx(ctx.work, [routers[0].port])
+    behind_one = run("nginx -> 1 router", nginx1_url, FLEET_CLIENTS, duration, [routers[0].pid])
+    h.stop(nginx1)
+    nginx2, nginx2_url = start_nginx(ctx.work, [router.port for router in routers])
+    behind_two = run("nginx -> 2 routers", nginx2_url, FLEET_CLIENTS, duration, [router.pid for router in routers])
+    h.stop(nginx2)
+    for router in routers:
+        router.stop()
+    h.stop(upstream)
+
+    failover = _failover(ctx)
+    h.log(f"  10: failover {failover}")
+    added_p50 = hopped["p50_ms"] - direct["p50_ms"]
+    added_p99 = hopped["p99_ms"] - direct["p99_ms"]
+    scale = ratio(behind_two["rps"], behind_one["rps"])
+    per_core = round(ratio(1000, one["proxy_cpu_ms_per_req"])) if one["proxy_cpu_ms_per_req"] else 0
+    out = [
+        target("router hop, added p50 at 1 client", "<= 1 ms", f"{added_p50:.3f} ms", added_p50 <= 1.0),
+        target("router hop, added p99 at 1 client", "<= 5 ms", f"{added_p99:.3f} ms", added_p99 <= 5.0),
+        target(f"2 routers vs 1 behind nginx, {FLEET_CLIENTS} clients", "more requests/s",
+               f"{scale:.2f}x ({behind_two['rps']:,} vs {behind_one['rps']:,}; 1 router alone {one['rps']:,})",
+               behind_two["rps"] > behind_one["rps"]),
+        target("one router's requests/s per core (1000 / its CPU ms per request)", ">= 1,000",
+               f"{per_core:,} ({one['proxy_cpu_ms_per_req']} ms per request)", per_core >= 1000),
+        target("requests failed when the serving node is killed", "0", str(failover["errors"]), failover["errors"] == 0),
+        target("node marked down after its kill", "<= 1 s",
+               f"{failover['marked_down_s']} s" if failover["marked_down_s"] is not None else "never",
+               failover["marked_down_s"] is not None and failover["marked_down_s"] <= 1.0),
+    ]
+    notes = [
+        "router hop: wrk with 1 keep-alive client, the node (smart-proxy over the Go fake upstream) directly and "
+        "through a router whose only peer it is (kind = smart-proxy); node and router share the proxy core",
+        f"replicas: routers whose only peer is the Go fake upstream (kind = openai), wrk with {FLEET_CLIENTS} "
+        f"clients; router 1 on core {h.PROXY_CPU}, router 2 on core {h.LOAD_CPU} with wrk, nginx (1 worker) and "
+        "the fake upstream: on this 2-core machine the second router takes CPU from the load generator, "
+        "so two cannot double one; proxy_cpu_ms_per_req is the CPU the routers (the hop rows: router and node) "
+        "spent per request together, which says what one core carries whatever the machine's load",
+        f"failover: two nodes behind one router (failures = 2), one client sending requests one after another; "
+        f"node a (which served all {failover['before']} requests before: {failover['before_served_by']}) killed by "
+        f"SIGKILL; after the kill {failover['after']} requests, {failover['errors']} failed; the first answer "
+        f"from b came {failover['first_answer_from_b_s']} s after the kill (slowest of the first five "
+        f"{failover['slowest_request_after_kill_ms']} ms); a was marked down after {failover['marked_down_s']} s",
+    ]
+    return {"title": "10. Fleet: a router hop, router replicas behind nginx, failover", "rows": rows,
+            "columns": ["target", "clients", "rps", "p50_ms", "p99_ms", "errors", "proxy_cpu_ms_per_req", "cpu_load_core",
+                        "cpu_proxy_core"],
+            "targets": out, "notes": notes, "plot": {"kind": "none", "rows": rows}, "failover": failover}
+
+
+
+#: In the issue's order: 1 to 7 (issue 8), then 8 (queueing, issue 20), 9 (scale, issue 23), 10 (fleet, issue 21).
 SCENARIOS = {"overhead": overhead, "fanout": fanout, "throughput": throughput, "coldload": coldload, "swap": swap,
-             "aborts": aborts, "realmodel": realmodel, "queueing": queueing, "scale": scale}
+             "aborts": aborts, "realmodel": realmodel, "queueing": queueing, "scale": scale, "fleet": fleet}

@@ -2,7 +2,8 @@
 
     smart-proxy [--config proxy.ini] [--host H] [--port P] [--log-format json]   serve (or: smart-proxy serve)
     smart-proxy pull NAME [--config proxy.ini]               download a model ahead of time
-    smart-proxy models [--config proxy.ini] [--json]         list the catalog: source, size, memory, local?
+    smart-proxy models [--config proxy.ini] [--json]         list the catalog: source, size, memory, local?; the peers
+    smart-proxy models --url URL [--api-key KEY] [--json]    a running proxy's models: where each lives, its state
     smart-proxy doctor [--config proxy.ini] [--model NAME]   can this machine serve? (exit 0: yes)
     smart-proxy ps [--url URL] [--api-key KEY] [--json]      a running proxy's llama-servers
     smart-proxy stop MODEL [--url URL] [--api-key KEY]       unload a model of a running proxy
@@ -92,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(pull_parser, top=False)
     models_parser = commands.add_parser("models", help="list the catalog: source, size, memory, and whether it is local")
     models_parser.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    models_parser.add_argument(
+        "--url", help="ask this running proxy instead of reading proxy.ini: its models and its peers', with their states"
+    )
+    models_parser.add_argument(
+        "--api-key", default=os.environ.get("SMART_PROXY_API_KEY"), help="its API key (default: $SMART_PROXY_API_KEY)"
+    )
     common(models_parser, top=False)
     doctor_parser = commands.add_parser(
         "doctor", help="check that this machine can serve: llama-server, CPU, a one-token answer, memory, disk"
@@ -138,6 +145,8 @@ def run_control(args: argparse.Namespace) -> int:
             return control.ps(args.url, args.api_key, as_json=args.json)
         if args.command == "stop":
             return control.stop(args.url, args.api_key, args.model)
+        if args.command == "models":
+            return control.models(args.url, args.api_key, as_json=args.json)
         return control.logs(args.url, args.api_key, args.model, follow=args.follow)
     except control.ControlError as exc:
         print(f"smart-proxy {args.command}: {exc}", file=sys.stderr)
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(level, args.log_format)
     if command == "doctor":
         return doctor.run(args.config, args.model)
-    if command in ("ps", "stop", "logs"):
+    if command in ("ps", "stop", "logs") or (command == "models" and args.url):
         return run_control(args)
     if command == "demo":
         try:
@@ -235,9 +244,19 @@ def _bar(description: str, total: int):
 
 
 def models(config: Config, *, as_json: bool = False) -> int:
-    """Print every catalog model: where it comes from, its size, whether it is on disk, and the memory one server holds."""
+    """Print every catalog model: where it comes from, its size, whether it is on disk, and the memory one server holds.
+
+    Then a row for each name a ``[peer:NAME]`` section's ``models`` lets through (``*``: every
+    model the peer has), its source ``peer:NAME (URL)``: what a peer has is known only to a
+    running proxy (``smart-proxy models --url``).
+    """
     hub = Hub.from_env()
     rows = [describe(model, config.base_dir, hub) for model in config.models.values()]
+    for peer in config.peers.values():
+        for name in peer.models:
+            source = f"peer:{peer.name} ({peer.url})"
+            rows.append({"name": name, "source": source, "peer": peer.name, "kind": peer.kind, "size": None,
+                         "memory": None, "local": None})  # fmt: skip
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -389,6 +389,20 @@ class Config:
     #: The folder proxy.ini is in; relative paths in it are relative to this.
     base_dir: str = "."
 
+    @property
+    def role(self) -> str:
+        """``router`` when this proxy has peers and can load no model itself, else ``node``.
+
+        A router has ``[peer:NAME]`` sections, no ``backend = llama`` model and ``[catalog]
+        allow_hf`` off: it serves its peers' models (and any ``backend = ollama`` ones), so it
+        runs no pool, needs no llama-server, and keeps nothing a request needs between
+        requests: several routers with one proxy.ini behind a load balancer answer alike
+        (docs/deploy.md).
+        """
+        if not self.peers or self.catalog.allow_hf or any(model.backend == "llama" for model in self.models.values()):
+            return "node"
+        return "router"
+
 
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True)
@@ -559,18 +573,18 @@ def _check_queueing(pool: PoolConfig) -> None:
 
 
 def check_workers(config: Config, workers: int) -> None:
-    """``workers`` processes for ``config``: at least 1, and more only for a router (no models of its own).
+    """``workers`` processes for ``config``: at least 1, and more only for a router (:attr:`Config.role`).
 
     Raises:
         ConfigError: what is wrong, and why.
     """
     if workers < 1:
         raise ConfigError("[proxy] workers: must be at least 1")
-    if workers > 1 and config.models:
+    if workers > 1 and config.role != "router":
         raise ConfigError(
-            f"[proxy] workers: {workers} processes need a router, a proxy.ini with [peer:NAME] sections and no "
-            f"[model:NAME] (this one has {len(config.models)}): a pool of llama-servers cannot be shared between "
-            "processes; run several routers in front of this proxy instead (docs/deploy.md)"
+            f"[proxy] workers: {workers} processes need a router, a proxy.ini with [peer:NAME] sections, no "
+            "[model:NAME] served by llama-server and [catalog] allow_hf off: a pool of llama-servers cannot be "
+            "shared between processes; run several routers in front of this proxy instead (docs/deploy.md)"
         )
 
 

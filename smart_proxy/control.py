@@ -1,4 +1,4 @@
-"""``smart-proxy ps``, ``stop`` and ``logs``: a running proxy, looked at and driven through its HTTP API.
+"""``smart-proxy ps``, ``stop``, ``logs`` and ``models --url``: a running proxy, looked at and driven through its HTTP API.
 
 Theory of operation: these commands never read proxy.ini nor touch the pool; they are
 clients of a proxy at ``--url`` (default ``http://127.0.0.1:8080``), with ``--api-key`` (or
@@ -14,6 +14,11 @@ clients of a proxy at ``--url`` (default ``http://127.0.0.1:8080``), with ``--ap
   servers are stopped; run ``stop`` again when they are done).
 * ``logs MODEL`` prints ``GET /logs/MODEL``; with ``-f``, follows ``?follow=1`` (SSE
   ``line`` events) until Ctrl-C.
+* ``models --url URL`` reads ``GET /v1/models`` (every model the proxy serves, its own and
+  its peers', with ``served_by`` and ``status``) and ``GET /health`` (each peer: its state,
+  its models, the loaded ones; shown only to a caller with a key, or a direct loopback
+  client when the proxy has no keys): every model with where it lives and its state, then
+  every peer.
 
 A proxy that does not answer, a missing or wrong key, and an unknown model are one line on
 stderr and exit status 1.
@@ -29,7 +34,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["DEFAULT_URL", "ControlError", "logs", "ps", "stop"]
+__all__ = ["DEFAULT_URL", "ControlError", "logs", "models", "models_rows", "ps", "stop"]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 _TIMEOUT = httpx.Timeout(10.0, read=None)
@@ -257,3 +262,70 @@ def logs(url: str, api_key: str | None, model: str, *, follow: bool = False) -> 
     except httpx.HTTPError as exc:
         raise _connect_error(url, exc) from None
     return 0
+
+
+def models_rows(listed: dict[str, Any], health: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Every model (name, where it lives, state) of a ``/v1/models`` answer, and every peer of a ``/health`` one."""
+    rows = []
+    for entry in listed.get("data", []):
+        status = entry.get("status")
+        state = status.get("value") if isinstance(status, dict) else None
+        rows.append(
+            {
+                "name": entry.get("id"),
+                "where": entry.get("served_by") or ["local"],
+                "state": state or ("loaded" if entry.get("loaded") else "unknown"),
+                "memory": entry.get("memory"),
+            }
+        )
+    peers = health.get("peers")
+    peer_rows = []
+    if isinstance(peers, list):  # the detail; a caller without it sees only counts
+        for peer in peers:
+            peer_rows.append(
+                {
+                    "name": peer["name"],
+                    "url": peer.get("url"),
+                    "kind": peer.get("kind"),
+                    "state": peer.get("status"),
+                    "breaker": peer.get("breaker"),
+                    "models": peer.get("models", []),
+                    "loaded": peer.get("loaded", []),
+                    "error": peer.get("error"),
+                }
+            )
+    return {"role": health.get("role"), "models": rows, "peers": peer_rows, "peers_hidden": isinstance(peers, dict)}
+
+
+def models(url: str, api_key: str | None, *, as_json: bool = False) -> int:
+    """Print every model the running proxy serves, where each lives (``local``, ``peer:NAME``) and its state; then its peers."""
+    try:
+        with _client(url, api_key) as client:
+            listed = client.get("/v1/models")
+            _check(listed, url)
+            health = client.get("/health")
+            _check(health, url)
+    except httpx.HTTPError as exc:
+        raise _connect_error(url, exc) from None
+    found = models_rows(listed.json(), health.json())
+    if as_json:
+        print(json.dumps(found, indent=2))
+        return 0
+    _table([("NAME", "WHERE", "STATE", "MEMORY")]
+           + [(row["name"], ", ".join(row["where"]), row["state"], _size(row["memory"])) for row in found["models"]])
+    if found["peers"]:
+        print()
+        _table([("PEER", "STATE", "KIND", "URL", "MODELS", "LOADED")] + [
+            (peer["name"], peer["state"] + ("" if peer["error"] is None else f" ({peer['error']})"), peer["kind"] or "-",
+             peer["url"] or "-", str(len(peer["models"])), ", ".join(peer["loaded"]) or "-")
+            for peer in found["peers"]
+        ])  # fmt: skip
+    elif found["peers_hidden"]:
+        print("\n(peers: give --api-key to see them)")
+    return 0
+
+
+def _table(lines: list[tuple[str, ...]]) -> None:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())

@@ -193,7 +193,8 @@ class Metrics(PoolEvents):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            _PREFIX + "requests", "HTTP requests served, by route, model and status.", ["route", "model", "status"],
+            _PREFIX + "requests", "HTTP requests served, by route, model, status and the peer that served (\"\": here).",
+            ["route", "model", "status", "peer"],
             registry=r,
         )
         self.latency = Histogram(
@@ -270,7 +271,7 @@ class Metrics(PoolEvents):
     def observe(self, exchange: Exchange) -> None:
         """Count a finished request; call once, when its last byte has gone (or the client has)."""
         route, model = exchange.route, exchange.model
-        self.requests.labels(route, model, str(exchange.status)).inc()
+        self.requests.labels(route, model, str(exchange.status), exchange.peer).inc()
         self.latency.labels(route, model).observe(trio.current_time() - exchange.started)
         if exchange.first_byte is not None:
             self.ttft.labels(route, model).observe(exchange.first_byte - exchange.started)

@@ -19,6 +19,10 @@ The order, best first (``docs/fleet.md`` has the table of cases):
    to a peer, whatever the peer's state.
 
 Ties go to the local pool (no network hop), then the higher weight, then the name.
+
+Loops: each forward to a peer carries :data:`HOPS_HEADER`, the count of proxies the
+request has passed; a request that has passed :data:`MAX_HOPS` has no peer among its
+candidates (see :func:`smart_proxy.handlers.fleet.serve`).
 """
 
 from __future__ import annotations
@@ -28,10 +32,24 @@ from collections.abc import Iterable
 
 import attrs
 
-__all__ = ["LOCAL", "Candidate", "rank", "tier"]
+__all__ = ["HOPS_HEADER", "LOCAL", "MAX_HOPS", "Candidate", "hops", "rank", "tier"]
 
 #: The ``where`` of the local pool.
 LOCAL = "local"
+#: The request header that counts the proxies a request has been forwarded by (a proxy sends its own count + 1).
+HOPS_HEADER = "x-smart-proxy-hops"
+#: A request forwarded this many times already is not forwarded again: it is served here or refused
+#: (508), so proxies that are each other's peers cannot pass a request round for ever.
+MAX_HOPS = 3
+
+
+def hops(value: bytes | str | None) -> int:
+    """The hop count a request's :data:`HOPS_HEADER` says (0 when absent or not a number)."""
+    if value is None:
+        return 0
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    text = text.strip()
+    return min(int(text), 1_000) if text.isdigit() and len(text) <= 6 else 0
 
 
 @attrs.frozen

@@ -4,7 +4,9 @@
 keys and the Hypercorn settings (so a mistake stops start-up with one line), loads
 the agents, opens the shared HTTP client, starts the Hugging Face downloads service,
 the pool and then Hypercorn in one nursery, marks the proxy ready and reports the
-bound addresses through ``task_status``. A connection its client closes is closed
+bound addresses through ``task_status``. A router (:attr:`smart_proxy.config.Config.role`:
+no model it could load itself) looks for no llama-server and starts neither the
+downloads nor the pool; its pool stays empty and only answers what it holds (nothing). A connection its client closes is closed
 at once, not at ``keep_alive_timeout`` (:func:`free_closed_connections`).
 
 Draining: when ``shutdown_trigger`` returns (by default, the first SIGINT or
@@ -224,7 +226,9 @@ async def serve(
     Raises:
         KeyboardInterrupt: a second SIGINT cut the drain short; raised after everything has stopped.
     """
-    binary = find_llama_server(config.pool.llama_server)
+    router = config.role == "router"
+    # a router loads nothing: it needs no llama-server binary, and its pool is never started
+    binary = "" if router else find_llama_server(config.pool.llama_server)
     metrics = Metrics()
     bus = EventBus()
     bus.listen(metrics.hear)
@@ -245,10 +249,11 @@ async def serve(
         if trigger is None:
             signals = await nursery.start(StopSignals().run)
             trigger = signals.drain.wait
-        await nursery.start(downloads.run)
         await nursery.start(llama.run)
         pool = Pool(config, catalog, client, binary, events=PublishedEvents(bus))
-        await nursery.start(pool.run)
+        if not router:
+            await nursery.start(downloads.run)
+            await nursery.start(pool.run)
         metrics.track(pool, lifecycle)
         upstreams = UpstreamMonitor(client, catalog, bus=bus)
         await nursery.start(upstreams.run)
@@ -287,7 +292,10 @@ async def serve(
         if lifecycle.phase is Phase.STARTING:  # a signal during start-up may have begun the drain already
             lifecycle.move(Phase.READY)
         for bind in binds:
-            log.info("smart-proxy listening on %s (llama-server: %s)", bind, binary)
+            if router:
+                log.info("smart-proxy listening on %s (router: %d peers, no pool)", bind, len(config.peers))
+            else:
+                log.info("smart-proxy listening on %s (llama-server: %s)", bind, binary)
         if api_keys.required:
             log.info("API keys are required (Authorization: Bearer or x-api-key)")
         task_status.started(binds)

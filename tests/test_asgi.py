@@ -76,7 +76,7 @@ async def test_an_answer_is_counted_before_its_last_message_goes_out(make_config
 
             async def send(message: dict) -> None:
                 if message["type"] == "http.response.body" and not message.get("more_body", False):
-                    labels = {"route": "/v1/chat/completions", "model": "a", "status": "200"}
+                    labels = {"route": "/v1/chat/completions", "model": "a", "status": "200", "peer": ""}
                     counted_when_sent.append(proxy.metrics.registry.get_sample_value("smart_proxy_requests_total", labels))
                 self.sent.append(message)
                 await trio.lowlevel.checkpoint()

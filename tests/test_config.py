@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from smart_proxy.config import AUTO_MEMORY, gpu_setting, load_config, parse_duration, parse_size, structure
+from smart_proxy.config import AUTO_MEMORY, check_workers, gpu_setting, load_config, parse_duration, parse_size, structure
 from smart_proxy.errors import ConfigError
 
 
@@ -314,3 +314,18 @@ def test_peer_errors_name_section_and_key(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         structure(raw)
     assert message in str(caught.value)
+
+
+def test_role_is_router_only_with_peers_and_nothing_to_load(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    peer = {"peer:node": {"url": "http://10.0.0.2:8080"}}
+    ollama = {"model:remote": {"backend": "ollama", "url": "http://10.0.0.3:11434"}}
+    assert structure(peer).role == "router"
+    assert structure({**peer, **ollama}).role == "router"  # an Ollama upstream's model needs no pool either
+    assert structure({}).role == "node"  # nothing at all: not a router of nothing
+    assert structure({**peer, "catalog": {"allow_hf": "true"}}).role == "node"  # it may load a Hugging Face model
+    local = {"model:m": {"path": str(tmp_path / "m.gguf")}}
+    assert structure({**peer, **local}, base_dir=str(tmp_path)).role == "node"
+    check_workers(structure({**peer, **ollama}), 4)  # several processes: only a router
+    with pytest.raises(ConfigError, match="workers: 2 processes need a router"):
+        check_workers(structure({**peer, "catalog": {"allow_hf": "true"}}), 2)

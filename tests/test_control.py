@@ -120,6 +120,35 @@ def test_the_api_key_comes_from_the_option_or_the_environment(proxy_process, fak
     assert "llama_server" in cli("logs", "a", "--url", proxy.url, "--api-key", "sk-one").stdout
 
 
+def test_models_shows_every_peer_its_state_and_its_models(proxy_process, fake_binary, tmp_path) -> None:
+    node = proxy_process(ini(tmp_path, fake_binary))
+    load(node.url, "a")
+    router_ini = tmp_path / "router.ini"
+    router_ini.write_text(
+        f"[peer:node]\nurl = {node.url}\nrefresh = 0.2s\n[peer:gone]\nurl = http://127.0.0.1:9\nmodels = x, y\nfailures = 1\n"
+    )
+    router = proxy_process(router_ini.read_text())
+
+    done = cli("models", "--url", router.url, "--json")
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["role"] == "router"
+    assert {row["name"]: (row["where"], row["state"]) for row in found["models"]} == {
+        "a": (["peer:node"], "loaded"),
+        "p": (["peer:node"], "unloaded"),
+    }
+    peers = {peer["name"]: peer for peer in found["peers"]}
+    assert peers["node"]["state"] == "ok" and peers["node"]["models"] == ["a", "p"] and peers["node"]["loaded"] == ["a"]
+    assert peers["gone"]["state"] == "down" and "127.0.0.1:9" in peers["gone"]["error"]
+    table = cli("models", "--url", router.url).stdout
+    assert "a     peer:node  loaded" in table and "PEER" in table and "gone  down" in table
+
+    # without --url: the catalog (none here) and the peers as proxy.ini names them
+    configured = cli("models", "--config", str(router_ini), "--json")
+    rows = [(row["name"], row["source"]) for row in json.loads(configured.stdout)]
+    assert rows == [("*", f"peer:node ({node.url})"), ("x", "peer:gone (http://127.0.0.1:9)"), ("y", "peer:gone (http://127.0.0.1:9)")]
+
+
 def test_ps_says_where_each_server_is_as_ollama_ps_does() -> None:
     from smart_proxy.control import _processor, ps_rows
 

@@ -101,7 +101,7 @@ async def requests_counted(http: httpx.AsyncClient, url: str, route: str) -> dic
     """``smart_proxy_requests_total`` for model m on ``route``, by status."""
     text = (await http.get(f"{url}/metrics")).text
     counted: dict[str, float] = {}
-    pattern = r'smart_proxy_requests_total\{model="m",route="' + re.escape(route) + r'",status="(\d+)"\} (\S+)'
+    pattern = r'smart_proxy_requests_total\{model="m",peer="",route="' + re.escape(route) + r'",status="(\d+)"\} (\S+)'
     for status, value in re.findall(pattern, text):
         counted[status] = float(value)
     return counted

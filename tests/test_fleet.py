@@ -23,7 +23,11 @@ import openai
 import pytest
 import trio
 
+from smart_proxy import server as server_module
 from smart_proxy.config import Config, structure
+from smart_proxy.download import Downloads
+from smart_proxy.pool import Pool
+from smart_proxy.process import free_port
 from smart_proxy.server import serve
 
 from . import fake_ollama as fake_ollama_module
@@ -230,7 +234,7 @@ async def test_smart_proxy_peer_serves_every_dialect_with_its_key(tmp_path, fake
     assert "POST /v1/chat/completions 200" in caplog.text and "model=node-only peer=node" in caplog.text
     metrics = (await http.get(f"{router.url}/metrics")).text
     assert 'smart_proxy_peer_requests_total{outcome="ok",peer="node"} 5.0' in metrics
-    assert 'route="/v1/chat/completions",status="200"' in metrics and 'model="node-only"' in metrics
+    assert 'smart_proxy_requests_total{model="node-only",peer="node",route="/v1/chat/completions",status="200"} 2.0' in metrics
     # without the key the node refuses: the router sent it
     assert (await http.post(f"{node.url}/v1/chat/completions", json={"model": "node-only", "messages": USER})).status_code == 401
 
@@ -352,18 +356,39 @@ def children(parent: int) -> list[str]:
     return found
 
 
-async def test_a_router_without_models_starts_no_process_and_serves_peers(
-    tmp_path, fake_binary, nursery, http, tagged_ollama
+async def test_a_router_without_models_starts_no_pool_and_serves_peers(
+    tmp_path, fake_binary, nursery, http, tagged_ollama, monkeypatch
 ) -> None:
-    router = Node(nursery, config(tmp_path, fake_binary, {}, {"box": {"url": tagged_ollama.url, "kind": "ollama"}}))
-    await router.start()
-    assert children(os.getpid()) == []  # no llama-server, no spare lifeline: the pool has nothing it could load
+    def never(*args, **kwargs):
+        raise AssertionError("a router must not look for llama-server, nor start its pool or downloads")
+
+    monkeypatch.setattr(server_module, "find_llama_server", never)
+    monkeypatch.setattr(Pool, "run", never)
+    monkeypatch.setattr(Downloads, "run", never)
+    router_config = config(tmp_path, fake_binary, {}, {"box": {"url": tagged_ollama.url, "kind": "ollama"}})
+    assert router_config.role == "router"
+    router = await Node(nursery, router_config).start()
+    assert children(os.getpid()) == []  # no llama-server, no spare lifeline
     answer = await http.post(f"{router.url}/api/chat", json={"model": "remote-llm:7b", "messages": USER, "stream": False})
     assert answer.status_code == 200 and answer.json()["message"]["content"] == "piece0 piece1 piece2 "
     missing = await http.post(f"{router.url}/api/chat", json={"model": "nowhere", "messages": USER})
     assert missing.status_code == 404 and "not found" in missing.json()["error"]
     health = (await http.get(f"{router.url}/health")).json()
-    assert health["pool"]["servers"] == [] and health["peers"][0]["status"] == "ok"
+    assert health["role"] == "router" and "pool" not in health and health["peers"][0]["status"] == "ok"
+    metrics = (await http.get(f"{router.url}/metrics")).text
+    assert 'smart_proxy_peer_up{peer="box"} 1.0' in metrics
+    for path in ("/v1/models", "/api/tags", "/api/ps"):  # the lists work without a pool
+        assert (await http.get(f"{router.url}{path}")).status_code == 200, path
+    logs = await http.get(f"{router.url}/logs/remote-llm:7b")
+    assert logs.status_code == 404 and f"'box' ({tagged_ollama.url}/logs/remote-llm:7b)" in logs.json()["error"]["message"]
+    async with http.stream("GET", f"{router.url}/events") as events:
+        assert events.status_code == 200
+        async for line in events.aiter_lines():
+            if line.startswith("data:"):
+                snapshot = json.loads(line[5:])
+                break
+    assert snapshot["role"] == "router" and snapshot["models"] == []
+    assert snapshot["peers"][0]["name"] == "box" and "remote-llm:7b" in snapshot["peers"][0]["models"]
 
 
 async def test_a_peer_stream_cut_after_its_first_byte_ends_with_an_error_and_is_not_retried(
@@ -382,3 +407,34 @@ async def test_a_peer_stream_cut_after_its_first_byte_ends_with_an_error_and_is_
     metrics = (await http.get(f"{router.url}/metrics")).text
     assert 'smart_proxy_peer_requests_total{outcome="ok",peer="a"} 2.0' in metrics
     assert 'peer="b"' not in metrics.split("smart_proxy_peer_requests_total", 1)[1].split("# HELP", 1)[0]  # never retried
+
+
+async def test_proxies_that_list_each_others_models_refuse_a_loop_quickly(tmp_path, fake_binary, nursery, http) -> None:
+    # c has the model but refuses every request with a 503 (so each proxy tries its next candidate); a and b
+    # name each other as OpenAI peers, which lists every model the other serves, its peers' included
+    c = await Node(nursery, config(tmp_path, fake_binary, {"m": {"reject": {"status": 503, "message": "busy"}}}, {})).start()
+    a_port, b_port = free_port(), free_port()
+    fast = {"refresh": "0.2s"}
+    a = Node(nursery, config(tmp_path, fake_binary, {}, {"c": {"url": c.url, **fast},
+                                                         "b": {"url": f"http://127.0.0.1:{b_port}", "kind": "openai", **fast}}))
+    b = Node(nursery, config(tmp_path, fake_binary, {}, {"c": {"url": c.url, **fast},
+                                                         "a": {"url": f"http://127.0.0.1:{a_port}", "kind": "openai", **fast}}))
+    a.port, b.port = a_port, b_port
+    await a.start()
+    await b.start()
+
+    async def both_list_each_other() -> bool:
+        reports = [await peer_report(http, node.url) for node in (a, b)]
+        return reports[0]["b"]["models"] == ["m"] and reports[1]["a"]["models"] == ["m"]
+
+    await wait_for(both_list_each_other, "a and b to list m from each other")
+    with trio.fail_after(10):
+        answer = await http.post(f"{a.url}/v1/chat/completions", json={"model": "m", "messages": USER})
+        ollama_answer = await http.post(f"{b.url}/api/chat", json={"model": "m", "messages": USER})
+    assert answer.status_code == 508 and answer.json()["error"]["type"] == "loop_detected"
+    assert "forwarded by 3 proxies" in answer.json()["error"]["message"]
+    assert ollama_answer.status_code == 508 and "not forwarded again" in ollama_answer.json()["error"]
+    direct = await http.post(
+        f"{a.url}/v1/chat/completions", json={"model": "m", "messages": USER}, headers={"X-Smart-Proxy-Hops": "3"}
+    )
+    assert direct.status_code == 508  # a request that says it has passed 3 proxies goes to no peer

@@ -92,7 +92,7 @@ async def test_a_load_that_fails_after_the_comments_is_an_error_event(make_confi
         await in_thread(ask_openai, url, "bad")
     # counted as the failure it was
     metrics = (await http.get(url + "/metrics")).text
-    assert 'smart_proxy_requests_total{model="bad",route="/v1/chat/completions",status="502"} 2.0' in metrics
+    assert 'smart_proxy_requests_total{model="bad",peer="",route="/v1/chat/completions",status="502"} 2.0' in metrics
 
 
 async def test_a_quick_failure_keeps_its_status(make_config, start_proxy, http) -> None:

@@ -96,7 +96,7 @@ async def test_health_is_liveness_with_the_pool_and_ready_is_readiness(make_conf
     assert [(s["model"], s["state"]) for s in servers] == [("a", "ready")]
 
 
-_PUBLIC_HEALTH = {"status", "phase", "pool"}
+_PUBLIC_HEALTH = {"status", "phase", "role", "pool"}
 
 
 def _public_only(body: dict, text: str, *secrets: object) -> None:
@@ -119,7 +119,9 @@ async def test_health_detail_needs_a_key_when_keys_are_set(make_config, start_pr
         public = await http.get(url + "/health", headers=headers)
         assert public.status_code == 200
         _public_only(public.json(), public.text, server["pid"], server["port"], failed["last_error"], "servers")
-        assert public.json() == {"status": "ok", "phase": "ready", "pool": {"capacity": 2, "queued": 0, "loaded": 1}}
+        assert public.json() == {
+            "status": "ok", "phase": "ready", "role": "node", "pool": {"capacity": 2, "queued": 0, "loaded": 1}
+        }
     bearer = (await http.get(url + "/health", headers={"Authorization": "Bearer sk-one"})).json()
     assert bearer["pool"]["servers"][0]["pid"] == server["pid"]
 
@@ -160,7 +162,7 @@ async def test_metrics_after_one_chat_request_show_request_load_and_tokens(make_
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")
     found = samples(metrics.text)
-    assert value(found, "smart_proxy_requests_total", route=CHAT, model="a", status="200") == 1
+    assert value(found, "smart_proxy_requests_total", route=CHAT, model="a", status="200", peer="") == 1
     assert value(found, "smart_proxy_request_duration_seconds_count", route=CHAT, model="a") == 1
     assert value(found, "smart_proxy_model_loads_total", model="a") == 1
     load_seconds = value(found, "smart_proxy_model_load_duration_seconds_sum", model="a")
@@ -183,7 +185,7 @@ async def test_metrics_of_a_stream_count_its_tokens_and_time_to_first_token(make
         body = b"".join([chunk async for chunk in response.aiter_bytes()])
     assert body.endswith(b"data: [DONE]\n\n")
     found = samples((await http.get(url + "/metrics")).text)
-    assert value(found, "smart_proxy_requests_total", route=CHAT, model="a", status="200") == 2
+    assert value(found, "smart_proxy_requests_total", route=CHAT, model="a", status="200", peer="") == 2
     assert value(found, "smart_proxy_prompt_tokens_total", model="a") == 3 + 3
     assert value(found, "smart_proxy_completion_tokens_total", model="a") == 1 + 6
     assert value(found, "smart_proxy_time_to_first_token_seconds_count", route=CHAT, model="a") == 1
@@ -225,9 +227,9 @@ async def test_metrics_count_errors_by_status_and_unknown_models_get_no_label(ma
     assert (await http.post(url + CHAT, content=b"{not json")).status_code == 400
     assert (await http.get(url + "/no/such/route")).status_code == 404
     found = samples((await http.get(url + "/metrics")).text)
-    assert value(found, "smart_proxy_requests_total", route=CHAT, model="", status="404") == 1
-    assert value(found, "smart_proxy_requests_total", route=CHAT, model="", status="400") == 1
-    assert value(found, "smart_proxy_requests_total", route="other", model="", status="404") == 1
+    assert value(found, "smart_proxy_requests_total", route=CHAT, model="", status="404", peer="") == 1
+    assert value(found, "smart_proxy_requests_total", route=CHAT, model="", status="400", peer="") == 1
+    assert value(found, "smart_proxy_requests_total", route="other", model="", status="404", peer="") == 1
     assert not [key for key in found if ("model", "no-such") in key[1]]
 
 
@@ -299,7 +301,7 @@ async def test_metrics_count_load_failures(make_config, start_proxy, http) -> No
     assert (await http.post(url + CHAT, json=chat("bad"))).status_code == 502
     found = samples((await http.get(url + "/metrics")).text)
     assert value(found, "smart_proxy_model_load_failures_total", model="bad") == 1
-    assert value(found, "smart_proxy_requests_total", route=CHAT, model="bad", status="502") == 1
+    assert value(found, "smart_proxy_requests_total", route=CHAT, model="bad", status="502", peer="") == 1
 
 
 async def test_agent_metrics_api() -> None:

@@ -87,7 +87,7 @@ async def test_the_ollama_routes_answer(make_config, start_pool, http, nursery):
     app, _ = await make_app(make_config, start_pool, http, nursery, tokens=3)
     assert await _statuses(app, OLLAMA_REQUESTS) == [200, 200, 200, 200, 404, 400, 400, 400]
     metrics = app.extensions["smart_proxy"].metrics.registry
-    labels = {"route": "/api/chat", "model": "a", "status": "200"}  # labelled with their model
+    labels = {"route": "/api/chat", "model": "a", "status": "200", "peer": ""}  # labelled with their model
     assert metrics.get_sample_value("smart_proxy_requests_total", labels) == 2
     status, headers, body = _answer(await Exchange(app, OLLAMA_CHAT, "/api/chat").run())
     lines = [json.loads(line) for line in body.splitlines()]
@@ -214,7 +214,7 @@ async def test_a_client_leaving_before_its_body_is_in_takes_nothing(make_config,
         await app(exchange.scope, exchange._receive.receive, send)
     assert sent == [] and pool.servers() == []  # no answer, and no model was loaded for it
     metrics = app.extensions["smart_proxy"].metrics.registry
-    labels = {"route": "/v1/chat/completions", "model": "", "status": "499"}
+    labels = {"route": "/v1/chat/completions", "model": "", "status": "499", "peer": ""}
     assert metrics.get_sample_value("smart_proxy_requests_total", labels) == 1
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from smart_proxy.routing import LOCAL, Candidate, rank, tier
+from smart_proxy.routing import HOPS_HEADER, LOCAL, MAX_HOPS, Candidate, hops, rank, tier
 
 DOC = Path(__file__).parent.parent / "docs" / "fleet.md"
 GIB = 1024**3
@@ -81,3 +81,9 @@ def test_parser_reads_what_the_doc_says() -> None:
     c = parse_candidate("local: loaded free=2 queue=3 weight=2")
     assert (c.where, c.loaded, c.free_slots, c.queue, c.weight, c.cold_cost) == (LOCAL, True, 2, 3, 2.0, 0.0)
     assert re.search(r"\| local queue full: spill over to a peer \|", DOC.read_text())
+
+
+def test_hops_reads_the_header_and_ignores_what_is_not_a_count() -> None:
+    values = (None, b"", b"0", b"2", " 3 ", b"-1", b"x", b"1e3", b"9999999")
+    assert [hops(value) for value in values] == [0, 0, 0, 2, 3, 0, 0, 0, 0]
+    assert hops(b"5000") == 1000 and MAX_HOPS == 3 and HOPS_HEADER == "x-smart-proxy-hops"

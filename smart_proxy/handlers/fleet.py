@@ -16,6 +16,12 @@ broke off while being read), the second is tried, once. A stream that breaks off
 after its first byte went out is never retried: it ends with the error in its
 dialect, so it does not look finished.
 
+Loops: a request forwarded to a peer tells it how many proxies it has passed
+(:data:`smart_proxy.routing.HOPS_HEADER`). One that has passed
+:data:`smart_proxy.routing.MAX_HOPS` is served here if the catalog has its model and
+is refused with :class:`TooManyHops` (508) otherwise: proxies that list each other's
+models cannot pass a request round for ever.
+
 The dialects a peer takes: a smart-proxy peer every route; an Ollama peer Ollama's
 generation, embedding and show routes and its ``/v1`` chat, completion, embedding,
 Responses and Messages routes; an OpenAI peer the ``/v1`` routes, and Ollama's chat and
@@ -41,7 +47,7 @@ from ..config import ModelConfig
 from ..errors import BadRequest, ProxyError, UpstreamError
 from ..metrics import note_model, note_peer
 from ..pool import State
-from ..routing import LOCAL, Candidate, rank
+from ..routing import HOPS_HEADER, LOCAL, MAX_HOPS, Candidate, rank
 from ..upstream.peers import Peer, PeerModel, model_key
 from ..upstream.relay import UpstreamAnswer, answer_text
 from .reply import Reply, Request, relay_answer
@@ -51,6 +57,7 @@ __all__ = [
     "OLLAMA_PEER_ROUTES",
     "PeerDown",
     "Relay",
+    "TooManyHops",
     "Translate",
     "Translated",
     "model_entries",
@@ -101,6 +108,13 @@ class PeerDown(ProxyError):
     retry_after = 5
 
 
+class TooManyHops(ProxyError):
+    """A request that has passed ``MAX_HOPS`` proxies, for a model only peers have: a loop among peers."""
+
+    status = 508
+    kind = "loop_detected"
+
+
 def takes(kind: str, path: str) -> bool:
     """Whether a peer of ``kind`` takes a request to ``path`` as it is."""
     if kind == "smart-proxy":
@@ -140,6 +154,13 @@ async def serve(
     if not holders:
         return await here()
     model = proxy.catalog.find(name)
+    if request.hops >= MAX_HOPS:  # forwarded round too often: here, or nowhere
+        if model is not None:
+            return await here()
+        raise TooManyHops(
+            f"model {name!r}: the request has been forwarded by {request.hops} proxies ({HOPS_HEADER}) and is not "
+            f"forwarded again; do peers list each other's models (kind = openai between smart-proxies)?"
+        )
     peers: dict[str, tuple[Peer, PeerModel, Translated | None]] = {}
     candidates = [] if model is None else [await _local(proxy, model)]
     for peer, found in holders:
@@ -184,7 +205,7 @@ async def _to_peer(
         path, body, relay = translated.path, translated.body, translated.relay
     else:
         path, body = request.path, request.body
-    upstream = await proxy.fleet.send(peer, "POST", path, body)
+    upstream = await proxy.fleet.send(peer, "POST", path, body, hops=request.hops)
     request.opened.append(upstream)
     if upstream.status_code in _RETRY_STATUSES and not last:
         try:

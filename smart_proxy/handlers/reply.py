@@ -73,6 +73,8 @@ class Request:
     path: str
     body: bytes
     started: float
+    #: Proxies that forwarded it here (``X-Smart-Proxy-Hops``; 0 from a client).
+    hops: int = 0
     #: UpstreamAnswer answers the route opened: closed at once when the client leaves (see smart_proxy.web.asgi).
     opened: list[UpstreamAnswer] = attrs.Factory(list)
 

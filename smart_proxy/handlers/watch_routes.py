@@ -93,6 +93,7 @@ def snapshot(proxy: ProxyState) -> dict[str, Any]:
     return {
         "time": _now(),
         "phase": proxy.lifecycle.phase.value,
+        "role": proxy.config.role,
         "pool": {
             "capacity": pool.capacity,
             "queued": pool.queued,
@@ -103,6 +104,7 @@ def snapshot(proxy: ProxyState) -> dict[str, Any]:
         "models": models,
         "queues": depths,
         "upstreams": proxy.upstreams.report,
+        "peers": proxy.fleet.report() if proxy.fleet else [],
     }
 
 
@@ -170,7 +172,7 @@ async def logs(proxy: ProxyState, name: str, query: Mapping[str, str]) -> Reply:
     """``GET /logs/MODEL``: the model's last llama-server lines; see the module docstring.
 
     Raises:
-        ModelNotFound: no model of that name, or one served by an Ollama upstream.
+        ModelNotFound: no model of that name, or one served by an Ollama upstream or a peer (the message says where).
         BadRequest: ``format`` is not text or json, or ``follow`` not a boolean.
     """
     fmt = query.get("format", "text").strip().lower() or "text"
@@ -180,6 +182,10 @@ async def logs(proxy: ProxyState, name: str, query: Mapping[str, str]) -> Reply:
     output = proxy.pool.output(name)
     if output is None:
         model = proxy.catalog.find(name)
+        holders = proxy.fleet.holders(name) if model is None and proxy.fleet else []
+        if holders:
+            where = ", ".join(f"{peer.name!r} ({peer.base_url}/logs/{found.name})" for peer, found in holders)
+            raise ModelNotFound(f"model {name!r} is served by peers: its logs are theirs: {where}")
         if model is None:
             known = ", ".join(m.name for m in list(proxy.catalog)[:8]) or "none configured"
             raise ModelNotFound(f"model {name!r} not found; known models: {known}")

@@ -46,6 +46,7 @@ from ..breaker import Breaker, BreakerState
 from ..config import PeerConfig
 from ..errors import UpstreamError, UpstreamTimeout
 from ..metrics import PeerGauge
+from ..routing import HOPS_HEADER
 from .client import LlamaClient
 from .relay import UpstreamAnswer, describe, open_httpx, open_upstream
 
@@ -192,10 +193,11 @@ class Fleet:
 
     # ---- requests -----------------------------------------------------------------------
 
-    async def send(self, peer: Peer, method: str, path: str, content: bytes) -> UpstreamAnswer:
+    async def send(self, peer: Peer, method: str, path: str, content: bytes, *, hops: int = 0) -> UpstreamAnswer:
         """Send a request to ``peer`` at ``path``; return once the answer's head is in, counted in ``in_flight``.
 
-        The caller calls ``peer.done()`` when the answer is closed.
+        ``hops``: the proxies the request had passed before this one; the peer is told one more
+        (:data:`smart_proxy.routing.HOPS_HEADER`). The caller calls ``peer.done()`` when the answer is closed.
 
         Raises:
             UpstreamError: the peer cannot be reached (502); counted against its breaker.
@@ -203,7 +205,7 @@ class Fleet:
         """
         who = f"peer {peer.name!r}"
         url = peer.base_url + path
-        headers = {"Content-Type": "application/json", **peer.headers()}
+        headers = {"Content-Type": "application/json", HOPS_HEADER: str(hops + 1), **peer.headers()}
         first_byte = peer.config.request_timeout or math.inf
         answer: UpstreamAnswer | None = None
         try:

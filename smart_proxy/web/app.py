@@ -147,7 +147,10 @@ async def _not_supported(digest: str | None = None) -> Response:
 
 
 async def health() -> Response:
-    """200 while the proxy serves, with its phase and the pool's counts; the detail for those allowed it.
+    """200 while the proxy serves, with its phase, its role and the pool's counts; the detail for those allowed it.
+
+    ``role`` is ``router`` for a proxy that loads no model itself (it has no pool, so no
+    ``pool`` key), else ``node`` (see :attr:`smart_proxy.config.Config.role`).
 
     The detail (see the module docstring): every server's state, each model's history,
     downloads, and the Ollama upstreams as the background monitor last saw them (no
@@ -155,19 +158,22 @@ async def health() -> Response:
     the HTTP code stays 200.
     """
     proxy = state()
+    role = proxy.config.role
     snapshot = proxy.pool.snapshot()
     upstreams = proxy.upstreams.report
     peers = proxy.fleet.report() if proxy.fleet else []
     degraded = any(upstream["status"] != "ok" for upstream in [*upstreams, *peers])
-    body = {"status": "degraded" if degraded else "ok", "phase": proxy.lifecycle.phase.value}
+    body = {"status": "degraded" if degraded else "ok", "phase": proxy.lifecycle.phase.value, "role": role}
     if not _may_see_detail(proxy):
-        loaded = sum(server.state == "ready" for server in snapshot.servers)
-        body["pool"] = {"capacity": snapshot.capacity, "queued": snapshot.queued, "loaded": loaded}
+        if role == "node":
+            loaded = sum(server.state == "ready" for server in snapshot.servers)
+            body["pool"] = {"capacity": snapshot.capacity, "queued": snapshot.queued, "loaded": loaded}
         if peers:
             up = sum(peer["status"] == "ok" for peer in peers)
             body["peers"] = {"up": up, "down": len(peers) - up}
         return _json(body)
-    body["pool"] = attrs.asdict(snapshot)
+    if role == "node":
+        body["pool"] = attrs.asdict(snapshot)
     if upstreams:
         body["upstreams"] = upstreams
     if peers:

@@ -27,6 +27,7 @@ import trio
 from ..errors import BodyTimeout, ProxyError, too_large
 from ..handlers.reply import Reply, Request, error_reply, internal_error
 from ..handlers.state import ProxyState
+from ..routing import HOPS_HEADER, hops
 from ..upstream.relay import UpstreamAnswer
 
 __all__ = ["BODY_TIMEOUT", "Handler", "answer", "read_body", "send_reply"]
@@ -40,6 +41,14 @@ Handler = Callable[[ProxyState, Request], Awaitable[Reply]]
 
 #: Seconds a client has to send its request body (Quart's ``BODY_TIMEOUT`` too).
 BODY_TIMEOUT = 300
+_HOPS = HOPS_HEADER.encode()
+
+
+def _hops(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == _HOPS:
+            return hops(value)
+    return 0
 
 
 async def answer(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, handler: Handler, length: int | None) -> None:
@@ -56,7 +65,7 @@ async def answer(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, 
         return
     if raw is None:
         return  # the client left before its request was in
-    request = Request(path, raw, started)
+    request = Request(path, raw, started, hops=_hops(scope))
     begun = False
 
     async def send_start(message: Message) -> None:

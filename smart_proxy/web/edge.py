@@ -126,6 +126,7 @@ def _summary(exchange: Exchange, request_id: str, method: str, path: str, second
         "path": path,
         "dialect": _dialect(path),
         "model": exchange.model or None,
+        "peer": exchange.peer or None,
         "status": exchange.status,
         "streamed": exchange.streaming,
         "seconds": round(seconds, 4),

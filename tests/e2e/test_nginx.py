@@ -44,7 +44,7 @@ def find_nginx() -> str:
 
 def render_site(proxy_port: int, nginx_port: int, edits: dict[str, str]) -> str:
     """The documented site, listening on 127.0.0.1:nginx_port and proxying to proxy_port."""
-    site = deploy_doc_block("nginx", "upstream smart_proxy")
+    site = deploy_doc_block("nginx", "upstream smart_proxy {")
     for old, new in [
         ("server 127.0.0.1:8080;", f"server 127.0.0.1:{proxy_port};"),
         ("listen 80;", f"listen 127.0.0.1:{nginx_port};"),
