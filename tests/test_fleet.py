@@ -111,6 +111,11 @@ def tagged_ollama(monkeypatch: pytest.MonkeyPatch, fake_ollama):
     return fake_ollama
 
 
+def last_post(fake) -> tuple:
+    """The last request the fake took that was not a GET (its lists are read in the background, any time)."""
+    return next(r for r in reversed(fake.requests) if r[0] != "GET")
+
+
 async def test_ollama_peer_models_are_served_by_name_in_both_dialects(
     tmp_path, fake_binary, nursery, http, tagged_ollama, caplog
 ) -> None:
@@ -125,8 +130,8 @@ async def test_ollama_peer_models_are_served_by_name_in_both_dialects(
     with ollama.Client(host=url) as client:
         reply = await in_thread(client.chat, model="remote-llm:7b", messages=USER)
         assert reply.message.content == "piece0 piece1 piece2 "
-        assert tagged_ollama.requests[-1][:2] == ("POST", "/api/chat")
-        assert tagged_ollama.requests[-1][2]["model"] == "remote-llm:7b"  # the body as the client sent it
+        assert last_post(tagged_ollama)[:2] == ("POST", "/api/chat")
+        assert last_post(tagged_ollama)[2]["model"] == "remote-llm:7b"  # the body as the client sent it
         parts = await in_thread(lambda: list(client.generate(model="remote-llm:7b", prompt="x", stream=True)))
         assert "".join(p.response for p in parts) == "piece0 piece1 piece2 " and parts[-1].done
         embedded = await in_thread(client.embed, model="remote-embed", input=["ab", "c"])
@@ -149,7 +154,7 @@ async def test_ollama_peer_models_are_served_by_name_in_both_dialects(
     with openai.OpenAI(base_url=f"{url}/v1", api_key="none") as client:
         completion = await in_thread(client.chat.completions.create, model="remote-llm:7b", messages=USER)
         assert completion.choices[0].message.content == "piece0 piece1 piece2 "
-        assert tagged_ollama.requests[-1][:2] == ("POST", "/v1/chat/completions")
+        assert last_post(tagged_ollama)[:2] == ("POST", "/v1/chat/completions")
         stream = await in_thread(
             lambda: list(client.chat.completions.create(model="remote-llm:7b", messages=USER, stream=True))
         )

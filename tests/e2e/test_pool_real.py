@@ -79,7 +79,8 @@ def test_kill_9_mid_stream(proxy_process, llama_server_binary, gemma_path) -> No
     assert _complete(proxy, "b").status_code == 200
     events = []
     with httpx.stream(
-        "POST", f"{proxy.url}/v1/completions", json={"model": "a", "prompt": "Tell a story", "max_tokens": 400, "stream": True, "ignore_eos": True},
+        "POST", f"{proxy.url}/v1/completions",
+        json={"model": "a", "prompt": "Tell a story", "max_tokens": 400, "stream": True, "ignore_eos": True},
         timeout=120,
     ) as stream:
         for line in stream.iter_lines():
