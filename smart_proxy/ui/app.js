@@ -45,7 +45,7 @@ function el(tag, props, ...children) {
 }
 
 function bytes(size) {
-  if (!size) return "–";
+  if (size === null || size === undefined) return "–";
   const units = ["B", "KB", "MB", "GB", "TB"];
   let i = 0;
   while (size >= 1024 && i < units.length - 1) {
@@ -511,7 +511,10 @@ async function sendChat(event) {
   $("chat-stop").disabled = false;
   let reply = "";
   try {
-    const response = await post("v1/chat/completions", { model, messages: chat, stream: true }, abort.signal);
+    const body = { model, messages: chat, stream: true };
+    const limit = Number($("chat-max-tokens").value);
+    if (limit > 0) body.max_tokens = limit;
+    const response = await post("v1/chat/completions", body, abort.signal);
     if (!response.ok) throw new Error(await errorText(response));
     await readSSE(
       response,
