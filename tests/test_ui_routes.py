@@ -28,6 +28,7 @@ async def test_the_page_and_its_files_are_served_without_a_key(make_config, star
         assert response.status_code == 200, (name, response.text)
         assert response.headers["content-type"] == content_type
         assert response.headers["x-content-type-options"] == "nosniff"
+        assert "default-src 'self'" in response.headers["content-security-policy"]
         assert response.content == UI.joinpath(name).read_bytes()
     page = await http.get(url + "/ui/")
     assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"

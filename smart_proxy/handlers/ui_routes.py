@@ -35,6 +35,9 @@ ASSETS = {
 }
 #: The page and its files change only with the package; a browser revalidates each time.
 _CACHE = "no-cache"
+#: The page loads and calls nothing but the proxy's own URLs, and is framed by no other site
+#: (its buttons load and unload models).
+_POLICY = "default-src 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'"
 
 
 @functools.cache
@@ -67,5 +70,11 @@ async def asset(name: str) -> Reply:
     content_type = ASSETS.get(name)
     if content_type is None:
         raise _not_found(name)
-    headers = {"content-type": content_type, "cache-control": _CACHE, "x-content-type-options": "nosniff"}
+    headers = {
+        "content-type": content_type,
+        "cache-control": _CACHE,
+        "x-content-type-options": "nosniff",
+        "content-security-policy": _POLICY,
+        "referrer-policy": "no-referrer",
+    }
     return Reply(200, encode_headers(headers), _read(name))

@@ -1,13 +1,19 @@
-"""The dashboard (``/ui``) in a real browser, against a real proxy, llama-server and gemma-3-270m.
+"""The dashboard (``/ui``) in a real browser, against a real proxy process.
 
 Debian's ``chromium`` (``.ci/install-chromium``) is driven by Playwright's sync API through
 ``executable_path``: Playwright's own browsers are never downloaded. The tests are plain
-functions (Playwright's sync API runs its own loop) and the proxy is a process. Each opens
-``/ui``, sees the model, presses *load* and waits for ``loaded``, opens the model's log and
-sees llama-server's lines, and sends a playground message whose answer is seen growing as
-it streams: with API keys off, on (the page asks; a wrong key is asked for again), and
-through real nginx at a sub-path. With ``SMART_PROXY_UI_SCREENSHOTS=DIR`` the screenshots
-go to DIR (docs/ui holds the ones docs/ui.md shows).
+functions (Playwright's sync API runs its own loop) and the proxy is a process.
+
+With the real llama-server and gemma-3-270m (``real``), each opens ``/ui``, sees the model,
+presses *load* and waits for ``loaded``, opens the model's log and sees llama-server's
+lines, and sends a playground message whose answer is seen growing as it streams: with API
+keys off, on (the page asks; a wrong key is asked for again), and through real nginx at a
+sub-path. With the fake hub and the fake llama-server, one more sees what the real model
+does not show on demand: a pull's progress bar, a failed load's error, a load's bar and a
+request queued for a busy slot.
+
+With ``SMART_PROXY_UI_SCREENSHOTS=DIR`` the screenshots go to DIR (docs/ui holds the ones
+docs/ui.md shows).
 """
 
 from __future__ import annotations
@@ -25,8 +31,6 @@ from smart_proxy.process import free_port
 
 from ..conftest import _missing
 from .test_nginx import Nginx, find_nginx, render_site
-
-pytestmark = pytest.mark.real
 
 KEY = "sk-ui-browser"
 UI_DOC = Path(__file__).parents[2] / "docs" / "ui.md"
@@ -90,6 +94,7 @@ def drive_dashboard(page, url: str, key: str | None, tmp_path: Path, shots: bool
 
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None)
     page.goto(url + "/ui")
     assert page.url == url + "/ui/"  # the relative redirect
     if key:
@@ -168,6 +173,7 @@ def drive_dashboard(page, url: str, key: str | None, tmp_path: Path, shots: bool
     assert errors == []
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("key", [None, KEY], ids=["keys-off", "keys-on"])
 def test_the_dashboard_drives_the_real_model(
     browser, proxy_process, llama_server_binary: str, gemma_path: str, tmp_path: Path, key: str | None
@@ -184,6 +190,7 @@ def ui_location() -> str:
     return blocks[0]
 
 
+@pytest.mark.real
 def test_the_dashboard_behind_nginx_at_a_sub_path(
     browser, proxy_process, llama_server_binary: str, gemma_path: str, tmp_path: Path
 ) -> None:
@@ -205,3 +212,75 @@ def test_the_dashboard_behind_nginx_at_a_sub_path(
     for path in ("/llm/ui/app.js", "/llm/events", "/llm/v1/models", "/llm/api/generate", "/llm/logs/gemma?follow=1",
                  "/llm/v1/chat/completions"):  # fmt: skip
         assert f" {path} " in access, path
+
+
+def test_the_dashboard_shows_downloads_failures_and_queues(browser, proxy_process, hub, fake_binary: str, tmp_path: Path):
+    """With the fake hub and llama-server: a pull's progress bar, a failed load's error, a load's bar, a queue."""
+    import threading
+
+    import httpx
+    from playwright.sync_api import expect
+
+    from ..test_download import REPO, tiny_repo
+
+    tiny_repo(hub, pad=24 * 1024 * 1024)  # huggingface_hub reports progress every 10 MiB
+    hub.faults.slow["tiny-Q4_K_M.gguf"] = 0.1  # a few seconds for 24 MiB
+    (tmp_path / "a.json").write_text('{"load_delay": 1.5, "slots": 1, "token_delay": 0.25, "tokens": 8}')
+    (tmp_path / "broken.json").write_text('{"exit_on_load": 3}')
+    proxy = proxy_process(
+        f"[pool]\nllama_server = {fake_binary}\nload_timeout = 10s\nstop_timeout = 2s\n"
+        f"[model:tiny]\nrepo = {REPO}\nquant = Q4_K_M\n"
+        f"[model:a]\npath = {tmp_path / 'a.json'}\n[model:broken]\npath = {tmp_path / 'broken.json'}\n"
+    )
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None)
+    page.goto(proxy.url + "/ui/")
+    rows = {name: page.locator(f'#models tr[data-model="{name}"]') for name in ("tiny", "a", "broken")}
+    for row in rows.values():
+        expect(row).to_have_attribute("data-status", "unloaded")
+
+    # pull: the row's progress bar moves, the status line follows Ollama's progress, then it is done
+    rows["tiny"].locator("button.pull").click()
+    bar = rows["tiny"].locator("progress.download")
+    expect(bar).to_be_visible(timeout=20_000)
+    values = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and bar.count():
+        try:
+            value = bar.evaluate("node => node.position >= 0 ? node.value : null", timeout=1000)
+        except Exception:  # re-drawn or gone between the look and the read
+            continue
+        if value is not None:
+            values.add(round(value))
+            if 0 < value < 100 and os.environ.get("SMART_PROXY_UI_SCREENSHOTS"):
+                screenshot(page, "download.png", tmp_path)
+        time.sleep(0.05)
+    expect(page.locator("#action-status")).to_have_text("pull tiny: success", timeout=30_000)
+    assert any(0 < value < 100 for value in values), values
+    expect(rows["tiny"]).to_have_attribute("data-status", "unloaded")
+
+    # a load that fails shows why
+    rows["broken"].locator("button.load").click()
+    expect(rows["broken"]).to_have_attribute("data-status", "failed", timeout=20_000)
+    expect(rows["broken"].locator("td.progress.error")).not_to_be_empty()
+    expect(page.locator("#action-status")).to_contain_text("load broken:")
+
+    # two answers for a one-slot model: a load's bar, then one of them queued
+    def ask() -> None:
+        body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with httpx.Client(timeout=30) as client:
+            client.post(proxy.url + "/v1/chat/completions", json=body).raise_for_status()
+
+    askers = [threading.Thread(target=ask) for _ in range(2)]
+    for asker in askers:
+        asker.start()
+    expect(rows["a"].locator("progress.loading")).to_be_visible(timeout=10_000)
+    expect(rows["a"].locator("td.queued")).to_have_text("1", timeout=10_000)
+    expect(rows["a"]).to_have_attribute("data-status", "loaded", timeout=10_000)
+    for asker in askers:
+        asker.join(30)
+    expect(page.locator("#activity tbody tr", has_text="/v1/chat/completions (stream)")).to_have_count(2, timeout=10_000)
+    expect(rows["a"].locator("td.queued")).to_have_text("0")
+    assert errors == []
