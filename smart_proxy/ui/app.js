@@ -514,6 +514,8 @@ async function sendChat(event) {
     const body = { model, messages: chat, stream: true };
     const limit = Number($("chat-max-tokens").value);
     if (limit > 0) body.max_tokens = limit;
+    const temperature = $("chat-temperature").value;
+    if (temperature !== "") body.temperature = Number(temperature);
     const response = await post("v1/chat/completions", body, abort.signal);
     if (!response.ok) throw new Error(await errorText(response));
     await readSSE(

@@ -34,7 +34,7 @@ from .test_nginx import Nginx, find_nginx, render_site
 
 KEY = "sk-ui-browser"
 UI_DOC = Path(__file__).parents[2] / "docs" / "ui.md"
-#: Gemma's own chat format (llama-server's built-in guess for this GGUF is not it).
+#: Gemma's own chat format (for this GGUF llama-server falls back to ChatML, whose markers the model then echoes).
 TEMPLATE = Path(__file__).parents[2] / "templates" / "gemma3-tools.jinja"
 #: Without the networking flags chromium's background connections are refused on a closed network.
 CHROMIUM_ARGS = [
@@ -141,7 +141,8 @@ def drive_dashboard(page, url: str, key: str | None, tmp_path: Path, shots: bool
 
     # the playground: the answer is seen growing, chunk by chunk
     page.fill("#chat-max-tokens", "40")
-    page.fill("#chat-input", "Count from one to twenty, in words.")
+    page.fill("#chat-temperature", "0")
+    page.fill("#chat-input", "What is the capital of France? Answer in one sentence.")
     page.click("#chat-send")
     answer = page.locator("#chat-log .message.assistant").last
     lengths: list[int] = []
