@@ -218,6 +218,7 @@ function onEvent(kind, text) {
       break;
     case "queue":
       for (const model of state.models.values()) model.queued = data.depths[model.model] || 0;
+      refreshSoon();
       break;
     case "request":
       addActivity(data);
@@ -229,13 +230,17 @@ function onEvent(kind, text) {
   render();
 }
 
-// A fresh snapshot (servers, slots, memory) shortly after a change: the first event of a new
-// events stream, which is then closed.
+// A fresh snapshot (servers, slots in use, memory) shortly after a change: the first event
+// of a new events stream, which is then closed. At most one is pending, so a busy proxy's
+// stream of request events asks for a few a second, and never starves them.
 let refreshTimer = null;
 
-function refreshSoon() {
-  clearTimeout(refreshTimer);
-  refreshTimer = setTimeout(refreshSnapshot, 300);
+function refreshSoon(delay = 300) {
+  if (refreshTimer !== null) return;
+  refreshTimer = setTimeout(() => {
+    refreshTimer = null;
+    refreshSnapshot();
+  }, delay);
 }
 
 async function refreshSnapshot() {
@@ -516,6 +521,7 @@ async function sendChat(event) {
     if (limit > 0) body.max_tokens = limit;
     const temperature = $("chat-temperature").value;
     if (temperature !== "") body.temperature = Number(temperature);
+    setTimeout(() => refreshSoon(0), 1000); // its slot in use, once it has one
     const response = await post("v1/chat/completions", body, abort.signal);
     if (!response.ok) throw new Error(await errorText(response));
     await readSSE(
