@@ -7,6 +7,7 @@
     smart-proxy ps [--url URL] [--api-key KEY] [--json]      a running proxy's llama-servers
     smart-proxy stop MODEL [--url URL] [--api-key KEY]       unload a model of a running proxy
     smart-proxy logs MODEL [-f] [--url URL] [--api-key KEY]  a model's llama-server output (-f: follow)
+    smart-proxy demo [--port P] [--keep]                     see it work: requests of every dialect, a table (exit 0: all passed)
 
 Options may come before or after the subcommand. A config error is one line and exit status 2;
 a failed pull is one line and exit status 1. Serving: the first SIGINT or SIGTERM drains and
@@ -25,14 +26,15 @@ import sys
 
 import trio
 
-from . import control, doctor
+from . import control, demo, doctor
 from .catalog import Catalog, describe
-from .config import Config, load_config
+from .config import Config, check_workers, load_config
 from .download import Hub, Progress, fetch, resolve
 from .errors import ConfigError, ProxyError
 from .logs import setup_logging
 from .memory import format_size
 from .server import serve
+from .workers import is_worker, supervise
 
 __all__ = ["main"]
 
@@ -73,11 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             "--port", type=int, default=default, help="port to listen on; 0 picks a free one (default: [proxy] port)"
         )
+        parser.add_argument(
+            "--workers", type=int, default=default,
+            help="processes sharing the port, for a router with peers only (default: [proxy] workers, 1)",
+        )
 
     parser = argparse.ArgumentParser(prog="smart-proxy", description="A Trio smart proxy for local LLMs.")
     common(parser, top=True)
     listen(parser, top=True)
-    commands = parser.add_subparsers(dest="command", metavar="{serve,pull,models,doctor,ps,stop,logs}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,pull,models,doctor,ps,stop,logs,demo}")
     serve_parser = commands.add_parser("serve", help="run the proxy (the default)")
     common(serve_parser, top=False)
     listen(serve_parser, top=False)
@@ -93,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     doctor_parser.add_argument("--model", help="the catalog model to answer one token (default: the embedded one)")
     common(doctor_parser, top=False)
     add_control_commands(commands)
+    demo_parser = commands.add_parser(
+        "demo", help="start a proxy on the embedded model, send it requests of every dialect, print what happened"
+    )
+    demo_parser.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port to listen on (default: a free one)")
+    demo_parser.add_argument("--keep", action="store_true", help="keep the proxy serving after the table, until Ctrl-C")
+    common(demo_parser, top=False)
     return parser
 
 
@@ -143,14 +155,26 @@ def main(argv: list[str] | None = None) -> int:
         return doctor.run(args.config, args.model)
     if command in ("ps", "stop", "logs"):
         return run_control(args)
+    if command == "demo":
+        try:
+            return demo.run(port=args.port or 0, keep=args.keep)
+        except KeyboardInterrupt:
+            return INTERRUPTED
     try:
         config = load_config(args.config)
         if command == "pull":
             return pull(config, args.name)
         if command == "models":
             return models(config, as_json=args.json)
+        workers = config.proxy.workers if args.workers is None else args.workers
+        check_workers(config, workers)
+        if workers > 1 and not is_worker():
+            if (config.proxy.port if args.port is None else args.port) == 0:
+                raise ConfigError("--workers: the workers share one port; give one (--port N), not 0")
+            trio.run(supervise, sys.argv[1:] if argv is None else argv, workers, config.proxy.grace)
+            return 0
         tune_gc()
-        trio.run(lambda: serve(config, host=args.host, port=args.port))
+        trio.run(lambda: serve(config, host=args.host, port=args.port, reuse_port=workers > 1))
     except ConfigError as exc:
         print(f"smart-proxy: {exc}", file=sys.stderr)
         return 2

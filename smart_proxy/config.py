@@ -29,6 +29,7 @@ from .errors import ConfigError
 
 __all__ = [
     "AGENT_NAME",
+    "AUTO_GPUS",
     "AUTO_MEMORY",
     "AUTO_MMPROJ",
     "AgentsConfig",
@@ -44,6 +45,8 @@ __all__ = [
     "load_config",
     "parse_budget",
     "parse_duration",
+    "gpu_setting",
+    "parse_gpu_list",
     "parse_size",
 ]
 
@@ -56,6 +59,10 @@ Size = NewType("Size", int)
 Budget = NewType("Budget", int)
 #: ``[pool] memory = auto``: what is available when the pool starts, less ``memory_reserve``.
 AUTO_MEMORY = -1
+#: ``[pool] gpus = auto``: the GPUs ``nvidia-smi`` reports when the pool starts (none without it).
+AUTO_GPUS = "auto"
+#: ``[pool] gpus`` values that mean no GPU placement at all.
+NO_GPUS = ("none", "off", "")
 
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -127,6 +134,33 @@ def parse_budget(text: str | int) -> int:
         raise ValueError(f"not auto, off or a size: {text!r} (use e.g. auto, off, 12GiB)") from None
 
 
+def parse_gpu_list(text: str) -> tuple[tuple[int, int], ...]:
+    """``[pool] gpus`` declared: ``"0:24GiB, 1:24GiB"`` -> ``((0, 24 GiB), (1, 24 GiB))``: index and bytes for models.
+
+    Raises:
+        ValueError: an entry is not ``INDEX:SIZE``, an index repeats, a size is not one or is 0.
+    """
+    gpus: list[tuple[int, int]] = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        index, sep, size = entry.partition(":")
+        if not sep or not index.strip().isdigit():
+            raise ValueError(f"not a GPU: {entry!r} (use auto, none, or INDEX:SIZE, e.g. 0:24GiB, 1:24GiB)")
+        try:
+            bytes_ = parse_size(size.strip())
+        except ValueError:
+            raise ValueError(f"not a size for GPU {index.strip()}: {size.strip()!r} (use e.g. 24GiB)") from None
+        if bytes_ < 1:
+            raise ValueError(f"GPU {index.strip()} has no memory: {entry!r}")
+        gpus.append((int(index), bytes_))
+    if not gpus:
+        raise ValueError(f"no GPU in {text!r} (use auto, none, or INDEX:SIZE, e.g. 0:24GiB)")
+    if len({index for index, _ in gpus}) != len(gpus):
+        raise ValueError(f"a GPU index is given twice in {text!r}")
+    return tuple(gpus)
+
+
 def _parse_bool(text: str | bool) -> bool:
     if isinstance(text, bool):
         return text
@@ -180,9 +214,12 @@ class ProxyConfig:
     #: How often a quiet ``GET /events`` or ``/logs/MODEL?follow=1`` stream gets a comment line,
     #: so proxies in front (nginx's proxy_read_timeout is 60 s) do not close it.
     heartbeat: Duration = Duration(15.0)
-    #: While an OpenAI stream request waits this long for its model (download, queue, load), its
-    #: status is sent and a ``: loading MODEL ...`` comment follows every as long; 0 = never.
+    #: While an SSE stream request (OpenAI, Anthropic, Responses) waits this long for its model
+    #: (download, queue, load), its status is sent and a ``: loading MODEL ...`` comment follows
+    #: every as long; 0 = never.
     loading_comments: Duration = Duration(3.0)
+    #: Processes serving the port, for a router (no ``[model:NAME]``, only peers); see smart_proxy.workers.
+    workers: int = 1
 
 
 @attrs.frozen
@@ -223,6 +260,15 @@ class PoolConfig:
     #: With ``queueing = swap-aware``: how long a loaded model in use keeps its place while
     #: another model waits for it, before it stops taking new requests and is swapped out.
     min_residency: Duration = Duration(10.0)
+    #: The GPUs models are placed on: ``auto`` (``nvidia-smi``'s, read when the pool starts; none
+    #: without it), ``none`` (llama-server is started without GPU flags), or declared as
+    #: ``INDEX:SIZE, ...`` (``0:24GiB, 1:24GiB``: the bytes models may use on each).
+    gpus: str = AUTO_GPUS
+    #: With ``gpus = auto``: what is left free on each GPU (CUDA contexts, the display, other programs).
+    gpu_reserve: Size = Size(512 * 1024**2)
+    #: A model that fits on no GPU whole (nor split) runs with only some of its layers offloaded,
+    #: the rest on the CPU (counted against ``memory``); else it is refused. A model's own overrides it.
+    allow_partial: bool = False
 
 
 @attrs.frozen
@@ -267,6 +313,10 @@ class ModelConfig:
     pin: bool = False
     #: Among idle servers, the lower priority is evicted first; then the least recently used.
     priority: int = 0
+    #: Overrides ``[pool] allow_partial`` for this model.
+    allow_partial: bool | None = None
+    #: Its layer count for a partial GPU offload, overriding its GGUF's (needed with a declared ``memory``).
+    layers: int | None = None
 
 
 @attrs.frozen
@@ -508,6 +558,42 @@ def _check_queueing(pool: PoolConfig) -> None:
         raise ConfigError("[pool] min_residency: must be 0 or more")
 
 
+def check_workers(config: Config, workers: int) -> None:
+    """``workers`` processes for ``config``: at least 1, and more only for a router (no models of its own).
+
+    Raises:
+        ConfigError: what is wrong, and why.
+    """
+    if workers < 1:
+        raise ConfigError("[proxy] workers: must be at least 1")
+    if workers > 1 and config.models:
+        raise ConfigError(
+            f"[proxy] workers: {workers} processes need a router, a proxy.ini with [peer:NAME] sections and no "
+            f"[model:NAME] (this one has {len(config.models)}): a pool of llama-servers cannot be shared between "
+            "processes; run several routers in front of this proxy instead (docs/deploy.md)"
+        )
+
+
+def _check_gpus(pool: PoolConfig) -> None:
+    setting = pool.gpus.strip().lower()
+    if setting == AUTO_GPUS or setting in NO_GPUS:
+        return
+    try:
+        parse_gpu_list(pool.gpus)
+    except ValueError as exc:
+        raise ConfigError(f"[pool] gpus: {exc}") from None
+
+
+def gpu_setting(pool: PoolConfig) -> str | tuple[tuple[int, int], ...]:
+    """``[pool] gpus`` read: ``"auto"``, ``"none"``, or the declared GPUs (index, bytes)."""
+    setting = pool.gpus.strip().lower()
+    if setting == AUTO_GPUS:
+        return AUTO_GPUS
+    if setting in NO_GPUS:
+        return "none"
+    return parse_gpu_list(pool.gpus)
+
+
 def _check_ranges(config: Config) -> None:
     if config.proxy.max_body < 1:
         raise ConfigError("[proxy] max_body: must be at least 1 byte")
@@ -530,7 +616,9 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError("[proxy] heartbeat: must be more than 0")
     if config.proxy.loading_comments < 0:
         raise ConfigError("[proxy] loading_comments: must be 0 (off) or more")
+    check_workers(config, config.proxy.workers)
     _check_queueing(config.pool)
+    _check_gpus(config.pool)
     for pattern in config.catalog.allow_repos:
         parts = pattern.split("/")
         if pattern != "*" and not (
@@ -546,7 +634,9 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(f"[model:{model.name}] backend: must be llama or ollama, not {model.backend!r}")
         if model.memory is not None and model.memory < 1:
             raise ConfigError(f"[model:{model.name}] memory: must be at least 1 byte")
-        for key, unset in (("memory", None), ("pin", False), ("priority", 0)):
+        if model.layers is not None and model.layers < 1:
+            raise ConfigError(f"[model:{model.name}] layers: must be at least 1")
+        for key, unset in (("memory", None), ("pin", False), ("priority", 0), ("allow_partial", None), ("layers", None)):
             if model.backend == "ollama" and getattr(model, key) != unset:
                 raise ConfigError(f"[model:{model.name}] {key}: only for backend = llama (the pool runs no server for it)")
     agents = config.agents

@@ -122,6 +122,16 @@ def _size(size: int | None) -> str:
     raise AssertionError("unreachable")
 
 
+def _processor(row: dict[str, Any]) -> str:
+    """Where a server's memory is, as ``ollama ps`` says it: ``100% GPU 0``, ``30%/70% CPU/GPU 0,1``, ``100% CPU``."""
+    vram, total = row["vram"], (row["memory"] or 0) + row["vram"]
+    if not vram or not total:
+        return "100% CPU"
+    on = ",".join(str(index) for index in row["gpus"])
+    gpu = round(100 * vram / total)
+    return f"100% GPU {on}" if gpu == 100 else f"{100 - gpu}%/{gpu}% CPU/GPU {on}"
+
+
 def ps_rows(state: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per live llama-server, and per model downloading, from a ``snapshot``."""
     rows = []
@@ -132,6 +142,8 @@ def ps_rows(state: dict[str, Any]) -> list[dict[str, Any]]:
                     "name": model["model"],
                     "state": server["state"],
                     "memory": server["memory"],
+                    "vram": server.get("vram", 0),
+                    "gpus": server.get("gpus", []),
                     "in_flight": server["in_flight"],
                     "slots": server["slots"],
                     "waiting": model["queued"],
@@ -149,6 +161,8 @@ def ps_rows(state: dict[str, Any]) -> list[dict[str, Any]]:
                     "name": model["model"],
                     "state": "downloading" + (f" {percent:.0f}%" if percent is not None else ""),
                     "memory": None,
+                    "vram": 0,
+                    "gpus": [],
                     "in_flight": 0,
                     "slots": 0,
                     "waiting": model["queued"],
@@ -168,10 +182,15 @@ def ps(url: str, api_key: str | None, *, as_json: bool = False) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     now = time.time()
-    table = [("NAME", "STATE", "MEMORY", "IN USE", "UNTIL")]
+    gpus = any(row["vram"] for row in rows)  # the PROCESSOR column only where models are on GPUs
+    table: list[tuple[str, ...]] = [("NAME", "STATE", "MEMORY", *(("PROCESSOR",) if gpus else ()), "IN USE", "UNTIL")]
     for row in rows:
         in_use = f"{row['in_flight']}/{row['slots']}" + (f" +{row['waiting']} waiting" if row["waiting"] else "")
-        table.append((row["name"], row["state"], _size(row["memory"]), in_use, _until(row["expires_at"], row["pinned"], now)))
+        memory = (row["memory"] or 0) + row["vram"]
+        processor = (_processor(row),) if gpus else ()
+        table.append(
+            (row["name"], row["state"], _size(memory), *processor, in_use, _until(row["expires_at"], row["pinned"], now))
+        )
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())

@@ -5,7 +5,8 @@ relevant features; the build's instruction sets against them (:mod:`smart_proxy.
 one-token generation on the embedded model (or ``--model NAME``) through the whole proxy, started
 in-process on a free port as ``serve`` would run it, so the answer comes the way a client's
 would (a llama-server that dies by a signal is named there); free memory against the largest model;
-free disk in the Hugging Face cache against what is still to download.
+the GPUs models are placed on (``[pool] gpus``) against the largest model; free disk in the Hugging
+Face cache against what is still to download.
 
 A check is ``ok``, ``warn`` (worth knowing, not a failure) or ``FAIL``. :func:`run` returns 0
 only when nothing failed.
@@ -27,9 +28,10 @@ import trio
 from .auth import ApiKeys
 from .binary import cpu_flags, cpu_name, inspect_build
 from .catalog import describe
-from .config import PACKAGE_PREFIX, Config, ModelConfig, load_config
+from .config import AUTO_GPUS, PACKAGE_PREFIX, Config, ModelConfig, gpu_setting, load_config
 from .download import Hub
 from .errors import ConfigError
+from .placement import Gpu, read_nvidia_smi
 from .process import find_llama_server
 from .server import serve
 
@@ -72,7 +74,9 @@ def run(config_path: str, model: str | None = None, out: Callable[[str], None] =
         if binary is not None:
             _generation(config, model, report)
         sizes = _sizes(config)
-        _memory(_needs(config, sizes), report)
+        needs = _needs(config, sizes)
+        _memory(needs, report)
+        _gpus(config, needs, report)
         _disk(config, sizes, report)
     failed = sum(c.status == "FAIL" for c in checks)
     out("all checks passed" if not failed else f"{failed} check{'s' if failed > 1 else ''} failed")
@@ -269,6 +273,36 @@ def _memory(needs: dict[str, int], report: Callable[[Check], None]) -> None:
                      "free memory, or use a smaller quantization or context of the model"))
     else:
         report(Check("ok", "memory", f"{_gb(available)} available; the largest model, {name}, needs about {_gb(largest)}"))
+
+
+def _gpus(config: Config, needs: dict[str, int], report: Callable[[Check], None]) -> None:
+    """The GPUs models would be placed on, and whether the largest model fits them together."""
+    setting = gpu_setting(config.pool)
+    if setting == "none":
+        report(Check("ok", "gpus", "none ([pool] gpus = none): llama-server gets no GPU flags"))
+        return
+    if setting == AUTO_GPUS:
+        reserve = config.pool.gpu_reserve
+        gpus = tuple(Gpu(gpu.index, max(0, gpu.memory - reserve)) for gpu in read_nvidia_smi())
+        if not gpus:
+            report(Check("ok", "gpus", "none found (no nvidia-smi, or it failed): models run on the CPU"))
+            return
+        where = "free less [pool] gpu_reserve"
+    else:
+        gpus, where = tuple(Gpu(index, size) for index, size in setting), "declared in [pool] gpus"
+    listed = ", ".join(f"GPU {gpu.index} {_gb(gpu.memory)}" for gpu in gpus)
+    total = sum(gpu.memory for gpu in gpus)
+    if not needs:
+        report(Check("ok", "gpus", f"{listed} ({where})"))
+        return
+    name, largest = max(needs.items(), key=lambda item: item[1])
+    model = config.models[name]
+    partial = model.allow_partial if model.allow_partial is not None else config.pool.allow_partial
+    if largest > total and not partial:
+        report(Check("warn", "gpus", f"{listed} ({where}); {name} needs about {_gb(largest)}, more than all of them",
+                     f"it will be refused (507): allow_partial = true in [model:{name}] or [pool] runs it partly on the CPU"))
+    else:
+        report(Check("ok", "gpus", f"{listed} ({where}); the largest model, {name}, needs about {_gb(largest)}"))
 
 
 def _disk(config: Config, sizes: dict[str, tuple[int | None, bool]], report: Callable[[Check], None]) -> None:

@@ -18,6 +18,10 @@ set (this program dies, llama-server dies), and then:
 * kills llama-server when its stdin reaches EOF: the proxy is gone, however it died;
 * exits the way llama-server exited (same code, or the same signal).
 
+The command may begin with ``--env NAME=VALUE`` pairs: those variables are set in
+llama-server's environment on top of the one inherited (a GPU placement's
+``CUDA_VISIBLE_DEVICES``), as ``env NAME=VALUE CMD`` would, without a process more.
+
 A spare reads one message from stdin: the length in bytes of what follows, in decimal, and
 a newline; then every argument followed by a NUL byte (an argument may hold a newline, never
 a NUL). It reads no further: stdin stays the pipe it watches for EOF. EOF before the whole
@@ -43,9 +47,20 @@ import sys
 _PR_SET_PDEATHSIG = 1
 
 
-def _child(argv: list[str], parent: int, libc: ctypes.CDLL | None) -> None:
-    """In the forked child: die with this lifeline, stdin from /dev/null, exec llama-server."""
+def _split_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Leading ``--env NAME=VALUE`` pairs of a command, and the command after them."""
+    env: dict[str, str] = {}
+    while len(argv) >= 2 and argv[0] == "--env" and "=" in argv[1]:
+        name, _, value = argv[1].partition("=")
+        env[name] = value
+        argv = argv[2:]
+    return env, argv
+
+
+def _child(argv: list[str], parent: int, libc: ctypes.CDLL | None, env: dict[str, str]) -> None:
+    """In the forked child: die with this lifeline, stdin from /dev/null, its variables set, exec llama-server."""
     try:
+        os.environ.update(env)
         if libc is not None:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
@@ -95,13 +110,14 @@ def main(argv: list[str]) -> int:
         if command is None:
             return 0
         argv = command
+    env, argv = _split_env(argv)
     if not argv:
         print("usage: lifeline.py COMMAND [ARGS...], or the command on stdin", file=sys.stderr)
         return 2
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _child(argv, parent, libc)
+        _child(argv, parent, libc, env)
     # one write, so the line reaches the pipe whole whatever the command writes at once (an unbuffered
     # print writes the text and its newline apart, and the two outputs could interleave between them)
     os.write(sys.stdout.fileno(), f"lifeline: pid {pid}\n".encode())

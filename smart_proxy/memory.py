@@ -192,12 +192,24 @@ class MemoryEstimate:
     slots: int = 0
     #: Given by ``[model:NAME] memory``, not estimated: only ``total`` means anything.
     declared: int | None = None
+    #: The model's repeating layers (GGUF ``block_count``, or ``[model:NAME] layers``), 0 if unknown:
+    #: what ``--n-gpu-layers`` counts in a partial GPU offload.
+    layers: int = 0
 
     @property
     def total(self) -> int:
         if self.declared is not None:
             return self.declared
         return self.weights + self.kv_cache + self.compute + self.projector + self.base
+
+    @property
+    def offloadable(self) -> int:
+        """The bytes that go to GPUs when every layer is offloaded: all but llama-server's own base.
+
+        The weights, KV cache, compute buffers and projector move to the GPUs; the process's code,
+        threads, HTTP server and tokenizer stay in host memory. A declared figure is taken whole.
+        """
+        return self.total if self.declared is not None else self.total - self.base
 
     def as_dict(self) -> dict[str, object]:
         """The estimate for JSON answers: ``total`` and, if estimated, its parts."""
@@ -213,6 +225,7 @@ class MemoryEstimate:
             "base": self.base,
             "context": self.context,
             "slots": self.slots,
+            "layers": self.layers,
         }
 
     def describe(self) -> str:
@@ -227,8 +240,8 @@ class MemoryEstimate:
         return f"{format_size(self.total)} ({', '.join(parts)})"
 
 
-def declared_estimate(size: int) -> MemoryEstimate:
-    return MemoryEstimate(declared=size)
+def declared_estimate(size: int, layers: int = 0) -> MemoryEstimate:
+    return MemoryEstimate(declared=size, layers=layers)
 
 
 def format_size(size: int) -> str:
@@ -406,6 +419,7 @@ def estimate(
         base=BASE_BYTES,
         context=cells,
         slots=parsed.slots,
+        layers=_int(info.metadata, f"{info.architecture}.block_count") or 0,
     )
 
 
@@ -431,9 +445,10 @@ def model_estimate(model: ModelConfig, parts: Sequence[str], mmproj: str | None 
         OSError: a file is missing.
     """
     if model.memory is not None:
-        return declared_estimate(model.memory)
+        return declared_estimate(model.memory, model.layers or 0)
     args = list(model.args) + (["--embeddings"] if model.embeddings or model.rerank else [])
-    return read_estimate(parts, args, mmproj)
+    found = read_estimate(parts, args, mmproj)
+    return attrs.evolve(found, layers=model.layers) if model.layers else found
 
 
 def parse_meminfo(text: str) -> int | None:

@@ -2,10 +2,10 @@
 
 Theory of operation: the inventory is a list of :class:`Gpu` (an index as ``nvidia-smi``
 numbers it, and the bytes free for models on it), read from ``nvidia-smi`` or declared
-(``0:24GiB, 1:24GiB``: :func:`parse_inventory`). :func:`place` takes what the model needs
-on a GPU (its memory estimate less what stays in host memory), its layer count and the
-free bytes per GPU now (the inventory less what the pool's live servers hold there), and
-answers a :class:`Placement`:
+(``[pool] gpus = 0:24GiB, 1:24GiB``: :func:`parse_inventory`). :func:`place` takes what the
+model needs on a GPU (its memory estimate less what stays in host memory), its layer count
+and the free bytes per GPU now (the inventory less what the pool's live servers hold
+there), and answers a :class:`Placement`:
 
 * **one GPU** when it fits whole on one: the one with the least free memory that still
   fits (best fit: the large GPUs stay free for the large models), lowest index on a tie;
@@ -18,15 +18,16 @@ answers a :class:`Placement`:
   memory budget.
 
 A placement becomes llama-server's environment and flags (:meth:`Placement.env`,
-:meth:`Placement.args`): ``CUDA_VISIBLE_DEVICES`` lists the chosen GPUs, so inside the
-process they are ``CUDA0``, ``CUDA1`` ... in that order, which ``--device`` names; then
-``--split-mode`` (``none`` for one GPU, ``layer`` for a split), ``--tensor-split`` and
-``--n-gpu-layers`` (``all``, or K). Flag names as llama-server 11434's ``--help`` gives
-them. Everything here is pure but :func:`read_nvidia_smi`, which runs ``nvidia-smi``
-(blocking: call it through ``trio.to_thread.run_sync``).
-
-Not wired into the pool yet: ``[pool] gpus`` and ``[model:NAME] allow_partial`` are the
-configuration this is for (see docs/scheduling.md).
+:meth:`Placement.args`): ``CUDA_VISIBLE_DEVICES`` lists the chosen GPUs (and
+``CUDA_DEVICE_ORDER=PCI_BUS_ID``, so CUDA numbers them as ``nvidia-smi`` does), so inside
+the process they are ``CUDA0``, ``CUDA1`` ... in that order, which ``--device`` names; then
+``--split-mode`` (``none`` for one GPU, ``layer`` for a split), ``--tensor-split``,
+``--n-gpu-layers`` (``all``, or K) and ``--fit off`` (llama-server would otherwise shrink
+what it was not told to fit what it finds free). Flag names as llama-server 11434's
+``--help`` gives them. A model whose own ``args`` set any of :data:`GPU_FLAGS` is not
+placed (:func:`sets_gpu_flags`): its flags win, and the pool starts it as configured.
+Everything here is pure but :func:`read_nvidia_smi`, which runs ``nvidia-smi`` (blocking:
+call it through ``trio.to_thread.run_sync``).
 """
 
 from __future__ import annotations
@@ -37,14 +38,33 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from .config import parse_size
+from .config import parse_gpu_list
 from .errors import ModelTooLarge
 
-__all__ = ["Gpu", "Placement", "parse_inventory", "parse_nvidia_smi", "place", "read_nvidia_smi"]
+__all__ = [
+    "GPU_FLAGS",
+    "Gpu",
+    "Placement",
+    "parse_inventory",
+    "parse_nvidia_smi",
+    "place",
+    "read_nvidia_smi",
+    "sets_gpu_flags",
+]
 
 MIB = 1024**2
 #: ``nvidia-smi``'s query for the inventory (memory in MiB, no header, no units).
 NVIDIA_SMI = ["nvidia-smi", "--query-gpu=index,memory.total,memory.used", "--format=csv,noheader,nounits"]
+#: llama-server's flags that say where a model goes: a model's ``args`` with any of them is not placed.
+GPU_FLAGS = frozenset(
+    {"-ngl", "--gpu-layers", "--n-gpu-layers", "-dev", "--device", "-sm", "--split-mode", "-ts", "--tensor-split",
+     "-mg", "--main-gpu", "-fit", "--fit"}
+)  # fmt: skip
+
+
+def sets_gpu_flags(args: Sequence[str]) -> bool:
+    """The arguments set where the model goes themselves (any of :data:`GPU_FLAGS`, also as ``--flag=value``)."""
+    return any(arg.partition("=")[0] in GPU_FLAGS for arg in args)
 
 
 @attrs.frozen
@@ -70,9 +90,27 @@ class Placement:
     def partial(self) -> bool:
         return self.gpu_layers is not None
 
+    @property
+    def vram(self) -> int:
+        """Bytes it puts on GPUs, all of them together."""
+        return sum(self.shares)
+
+    def on(self, index: int) -> int:
+        """Bytes it puts on GPU ``index``."""
+        return sum(share for gpu, share in zip(self.gpus, self.shares, strict=True) if gpu == index)
+
+    def describe(self) -> str:
+        """For logs: ``GPU 1`` / ``GPUs 1,0 (split)`` / ``GPU 0, 20 layers (partial)`` / ``no GPU``."""
+        if not self.gpus:
+            return "no GPU"
+        where = f"GPU {self.gpus[0]}" if len(self.gpus) == 1 else f"GPUs {','.join(map(str, self.gpus))}"
+        if self.partial:
+            return f"{where}, {self.gpu_layers} layers (partial)"
+        return where if len(self.gpus) == 1 else f"{where} (split)"
+
     def env(self) -> dict[str, str]:
-        """The environment llama-server needs: the chosen GPUs only (none: no GPU is seen)."""
-        return {"CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in self.gpus)}
+        """The environment llama-server needs: the chosen GPUs only (none: no GPU is seen), numbered as nvidia-smi does."""
+        return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in self.gpus)}
 
     def args(self) -> tuple[str, ...]:
         """llama-server's flags for this placement (after the model's own ``args``, so they win)."""
@@ -81,9 +119,11 @@ class Placement:
         devices = ",".join(f"CUDA{i}" for i in range(len(self.gpus)))
         layers = "all" if self.gpu_layers is None else str(self.gpu_layers)
         if len(self.gpus) == 1:
-            return ("--device", devices, "--split-mode", "none", "--n-gpu-layers", layers)
+            return ("--device", devices, "--split-mode", "none", "--n-gpu-layers", layers, "--fit", "off")
         split = ",".join(str(max(1, share // MIB)) for share in self.shares)
-        return ("--device", devices, "--split-mode", "layer", "--tensor-split", split, "--n-gpu-layers", layers)
+        return (
+            "--device", devices, "--split-mode", "layer", "--tensor-split", split, "--n-gpu-layers", layers, "--fit", "off",
+        )  # fmt: skip
 
 
 def parse_inventory(text: str) -> tuple[Gpu, ...]:
@@ -92,17 +132,7 @@ def parse_inventory(text: str) -> tuple[Gpu, ...]:
     Raises:
         ValueError: an entry is not ``INDEX:SIZE``, an index repeats or is negative, or a size is not one.
     """
-    gpus: list[Gpu] = []
-    for entry in (part.strip() for part in text.split(",")):
-        if not entry:
-            continue
-        index, sep, size = entry.partition(":")
-        if not sep or not index.strip().isdigit():
-            raise ValueError(f"not a GPU: {entry!r} (use INDEX:SIZE, e.g. 0:24GiB)")
-        gpus.append(Gpu(int(index), parse_size(size.strip())))
-    if len({gpu.index for gpu in gpus}) != len(gpus):
-        raise ValueError(f"a GPU index is given twice in {text!r}")
-    return tuple(gpus)
+    return tuple(Gpu(index, size) for index, size in parse_gpu_list(text))
 
 
 def parse_nvidia_smi(text: str) -> tuple[Gpu, ...]:
@@ -178,7 +208,12 @@ def place(
             return Placement(tuple(used), _proportional(on_gpu, [free[i] for i in used]), count)
     gib = 1024**3
     where = ", ".join(f"GPU {i}: {free[i] / gib:.1f} GiB" for i in sorted(free)) or "no GPU"
-    hint = "" if allow_partial else f"; allow_partial = true in [model:{name}] would offload only some layers"
+    if not allow_partial:
+        hint = f"; allow_partial = true ([pool] or [model:{name}]) would offload only some layers"
+    elif layers <= 0:
+        hint = f"; a partial offload needs its layer count ([model:{name}] layers)"
+    else:
+        hint = "; not even one layer fits"
     raise ModelTooLarge(
         f"model {name!r} needs {need / gib:.1f} GiB of GPU memory and fits on no GPU nor across them "
         f"(free: {where}){hint}"

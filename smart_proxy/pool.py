@@ -28,6 +28,16 @@ Theory of operation:
   every server that may ever be stopped is stopped (it is larger than the budget
   less the pinned servers, or pinned servers hold every place) is refused at once
   with ModelTooLarge (507): waiting could not help.
+* GPUs (``[pool] gpus``: ``auto`` reads ``nvidia-smi`` once in :meth:`Pool.run`, through a
+  worker thread; or declared): a load is placed by :func:`smart_proxy.placement.place` on the
+  memory free on each GPU (the inventory less what the live servers' placements hold), its
+  estimate's GPU part (:attr:`MemoryEstimate.offloadable`): one GPU, a split, or, with
+  ``allow_partial``, some of its layers. Idle servers on the GPUs are evicted (the same order
+  as for memory) when that makes it fit whole; busy ones make it wait; a model that would not
+  fit with only the pinned servers left is refused at once (ModelTooLarge). What a placement
+  leaves on the CPU (the base, or a partial offload's other layers) is what the server counts
+  against ``[pool] memory``. The placement becomes llama-server's ``CUDA_VISIBLE_DEVICES`` and
+  flags; a model whose args set GPU flags of their own is not placed.
 * A request may need a context (``num_ctx``: Ollama's ``options.num_ctx``): a server
   serves it if its context (per slot, planned from its args and then read from its
   ``/props``) is at least that large, the largest first. Else a new one starts with
@@ -90,7 +100,7 @@ import httpx
 import trio
 
 from .catalog import Catalog
-from .config import AUTO_MEMORY, Config, ModelConfig
+from .config import AUTO_GPUS, AUTO_MEMORY, Config, ModelConfig, gpu_setting
 from .download import DownloadSnapshot, split_info
 from .errors import BadRequest, ModelLoadFailed, ModelTooLarge, PoolBusy, ProxyError, UpstreamError
 from .eventbus import EventBus, LineLog
@@ -105,12 +115,14 @@ from .memory import (
     slot_context,
 )
 from .modelinfo import read_model_info
+from .placement import Gpu, Placement, place, read_nvidia_smi, sets_gpu_flags
 from .process import Lifeline, ServerProcess, describe_exit, exit_message, free_port
 from .queueing import Resident, Waiting, may_evict, next_change, next_turn, plan, to_drain
 
 __all__ = [
     "STATUS_VALUES",
     "ContextPlan",
+    "GpuSnapshot",
     "Lease",
     "ModelStatus",
     "Pool",
@@ -178,6 +190,21 @@ class ServerSnapshot:
     pinned: bool = False
     #: The context one request may use on it (llama-server's per-slot ``n_ctx``), None if unknown.
     context: int | None = None
+    #: Bytes it holds on GPUs (``memory`` is the part in host memory), and on which (nvidia-smi's indexes).
+    vram: int = 0
+    gpus: tuple[int, ...] = ()
+    #: Layers offloaded in a partial offload; None when every layer is (or no GPU is used).
+    gpu_layers: int | None = None
+
+
+@attrs.frozen
+class GpuSnapshot:
+    #: nvidia-smi's index.
+    index: int
+    #: Bytes models may use on it (declared, or free when the pool started less ``gpu_reserve``).
+    memory: int
+    #: Bytes the live servers hold on it, by their placements.
+    used: int
 
 
 @attrs.frozen
@@ -206,8 +233,10 @@ class PoolSnapshot:
     downloads: tuple[DownloadSnapshot, ...] = ()
     #: ``[pool] memory`` in bytes, or None when loads are not admitted by memory.
     memory_budget: int | None = None
-    #: The live servers' estimates together, in bytes.
+    #: The live servers' estimates together, in bytes (the host part of those on GPUs).
     memory_used: int = 0
+    #: The GPUs models are placed on (``[pool] gpus``), none when they are not.
+    gpus: tuple[GpuSnapshot, ...] = ()
 
 
 #: A model's status values, as llama-server's router mode names them (plus ``failed``), in lifecycle order.
@@ -352,15 +381,19 @@ class Server:
         request_timeout: float = 0.0,
         memory: int = 0,
         context: ContextPlan | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.model = model
+        #: Where it goes among the GPUs (its environment and flags); None: started without GPU flags.
+        self.placement = placement
         plan = context or ContextPlan()
         #: Arguments after the model's own: ``--ctx-size N`` when started for a request's larger context.
         self.extra_args = plan.args
         #: The context one request may use on it (per slot): planned from its arguments, then what
         #: its ``/props`` says once READY; None while unknown.
         self.context = plan.context
-        #: What it is expected to hold, in bytes: counted against ``[pool] memory`` while it is live.
+        #: What it is expected to hold in host memory, in bytes: counted against ``[pool] memory``
+        #: while it is live (on GPUs: what its placement leaves on the CPU).
         self.memory = memory
         #: Seconds a request may wait for the first byte of an answer (0: no limit).
         self.request_timeout = model.request_timeout if model.request_timeout is not None else request_timeout
@@ -387,6 +420,11 @@ class Server:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def vram(self) -> int:
+        """Bytes it holds on GPUs, by its placement (``memory`` is the rest)."""
+        return self.placement.vram if self.placement is not None else 0
 
     @property
     def idle(self) -> bool:
@@ -496,6 +534,9 @@ class Pool:
         self._budget: int | None = self._config.memory if self._config.memory > 0 else None
         #: Each model's llama-server output, its last ``log_lines`` lines (see :meth:`output`).
         self._output: dict[str, LineLog] = {}
+        setting = gpu_setting(self._config)
+        #: The GPUs models are placed on; none: llama-server gets no GPU flags. ``auto`` is read in run().
+        self._gpus: tuple[Gpu, ...] = () if isinstance(setting, str) else tuple(Gpu(i, size) for i, size in setting)
 
     # ---- life of the pool ------------------------------------------------------------
 
@@ -503,6 +544,8 @@ class Pool:
         """Supervise the servers until cancelled; cancelling stops every llama-server."""
         if self._config.memory == AUTO_MEMORY:
             self._budget = self._auto_budget()
+        if gpu_setting(self._config) == AUTO_GPUS:
+            self._gpus = await self._auto_gpus()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -548,6 +591,25 @@ class Pool:
             format_size(self._config.memory_reserve),
         )
         return budget
+
+    async def _auto_gpus(self) -> tuple[Gpu, ...]:
+        """``[pool] gpus = auto``: what ``nvidia-smi`` says is free on each GPU now, less ``gpu_reserve``."""
+        found = await trio.to_thread.run_sync(read_nvidia_smi)
+        if not found:
+            log.debug("[pool] gpus = auto: no GPU found (no nvidia-smi, or it failed); llama-server gets no GPU flags")
+            return ()
+        gpus = tuple(Gpu(gpu.index, max(0, gpu.memory - self._config.gpu_reserve)) for gpu in found)
+        log.info(
+            "GPUs for models: %s (free less [pool] gpu_reserve %s)",
+            ", ".join(f"{gpu.index}: {format_size(gpu.memory)}" for gpu in gpus),
+            format_size(self._config.gpu_reserve),
+        )
+        return gpus
+
+    @property
+    def gpus(self) -> tuple[Gpu, ...]:
+        """The GPUs models are placed on, with the bytes models may use on each; none when they are not."""
+        return self._gpus
 
     @property
     def memory_budget(self) -> int | None:
@@ -634,12 +696,21 @@ class Pool:
                     # a replica beside a larger server matches it: a smaller one would stop once idle, and start again
                     live = [s.context or 0 for s in self._servers if s.name == model.name and s.state in _SERVING]
                     plan = await self.plan_context(model, max([num_ctx or 0, *live]) or None)
-                    need = await self._need(model, plan)
-                    self._check_fits(model, need)  # a hopeless load must not stop the smaller servers first
+                    estimate = await self._estimate_for(model, plan)
+                    need = estimate.total
+                    placed = self._placed(model)
+                    if placed:  # a hopeless load must not stop the smaller servers first
+                        self._check_fits(model, self._host_part(estimate, self._check_gpus(model, estimate)))
+                    else:
+                        self._check_fits(model, need)
                     await self._retire_smaller(model, plan.context)
-                    if not await self._make_room(deadline, model, need, num_ctx):
+                    placement = await self._gpu_room(deadline, model, estimate) if placed else None
+                    host = self._host_part(estimate, placement)
+                    if not await self._make_room(deadline, model, host, num_ctx):
                         continue  # a server of the model took requests again while it waited: join it
-                    server = self._spawn(model, need, plan)
+                    if placement is not None and not self._gpus_hold(placement):
+                        continue  # another load took its GPU memory meanwhile: place it again
+                    server = self._spawn(model, host, plan, placement)
                     spawned = True
             finally:
                 lock.release()
@@ -709,7 +780,7 @@ class Pool:
         if free:
             return min(free, key=lambda s: (-(s.context or 0), s.in_flight))
         starting = any(s.state is State.STARTING for s in live)
-        if len(live) < model.replicas and not starting and self._has_room(live[0].memory):
+        if len(live) < model.replicas and not starting and self._has_room(live[0].memory) and self._gpus_take(live[0]):
             return None  # every slot busy and room for another replica
         return min(live, key=lambda s: s.in_flight + s.waiters)
 
@@ -735,17 +806,146 @@ class Pool:
             return False
         return self._budget is None or self._memory_used() + need <= self._budget
 
-    async def _need(self, model: ModelConfig, plan: ContextPlan | None = None) -> int:
-        """The bytes a new server of ``model`` (started as ``plan`` says) is admitted for: its ``memory``,
-        else its estimate.
+    async def _estimate_for(self, model: ModelConfig, plan: ContextPlan | None = None) -> MemoryEstimate:
+        """What a new server of ``model`` (started as ``plan`` says) is admitted for: its ``memory``, else its estimate.
 
         Without a budget the estimate is still made (the snapshot shows it). A model whose
-        files cannot be read yet counts as 0: its load fails with the reason.
+        files cannot be read yet counts as 0 (an empty estimate): its load fails with the reason.
         """
         if plan is not None and plan.args:
             model = attrs.evolve(model, args=(*model.args, *plan.args))
         estimate = await self.estimate(model)
-        return estimate.total if estimate is not None else 0
+        return estimate if estimate is not None else MemoryEstimate()
+
+    # ---- GPUs ------------------------------------------------------------------------
+
+    def _placed(self, model: ModelConfig) -> bool:
+        """``model`` is placed on the GPUs: there are some, and its own args do not say where it goes."""
+        return bool(self._gpus) and model.backend == "llama" and not sets_gpu_flags(model.args)
+
+    def _allow_partial(self, model: ModelConfig) -> bool:
+        return model.allow_partial if model.allow_partial is not None else self._config.allow_partial
+
+    @staticmethod
+    def _host_part(estimate: MemoryEstimate, placement: Placement | None) -> int:
+        """What a server of ``estimate`` holds in host memory: all of it, or what ``placement`` leaves on the CPU."""
+        return estimate.total if placement is None else max(0, estimate.total - placement.vram)
+
+    def _gpu_free(self, without: frozenset[Server] | set[Server] = frozenset()) -> dict[int, int]:
+        """Bytes free on each GPU: what models may use less what the live servers (but ``without``) hold."""
+        free = {gpu.index: gpu.memory for gpu in self._gpus}
+        for server in self._servers:
+            if server.state in _LIVE and server.placement is not None and server not in without:
+                for index, share in zip(server.placement.gpus, server.placement.shares, strict=True):
+                    if index in free:
+                        free[index] = max(0, free[index] - share)
+        return free
+
+    def _gpus_hold(self, placement: Placement) -> bool:
+        """``placement`` fits on the GPUs as the live servers leave them now."""
+        free = self._gpu_free()
+        return all(free.get(index, 0) >= placement.on(index) for index in set(placement.gpus))
+
+    def _gpus_take(self, server: Server) -> bool:
+        """The GPUs have room for another server like ``server`` now (no eviction), or it is not on them."""
+        if server.placement is None:
+            return True
+        try:
+            place(server.name, server.placement.vram, 0, self._gpu_free())
+        except ModelTooLarge:
+            return False
+        return True
+
+    def _try_place(
+        self, model: ModelConfig, estimate: MemoryEstimate, without: set[Server], partial: bool
+    ) -> Placement | None:
+        try:
+            return place(model.name, estimate.offloadable, estimate.layers, self._gpu_free(without), allow_partial=partial)
+        except ModelTooLarge:
+            return None
+
+    def _check_gpus(self, model: ModelConfig, estimate: MemoryEstimate) -> Placement:
+        """Where ``model`` would go with every server that may ever be stopped stopped (only pinned ones left).
+
+        Raises:
+            ModelTooLarge: it fits on no GPU nor across them even then, and a partial offload is
+                not allowed or could not take one layer.
+        """
+        unpinned = {s for s in self._servers if not s.model.pin}
+        free = self._gpu_free(unpinned)
+        return place(model.name, estimate.offloadable, estimate.layers, free, allow_partial=self._allow_partial(model))
+
+    async def _gpu_room(self, deadline: float, model: ModelConfig, estimate: MemoryEstimate) -> Placement:
+        """Where a new server of ``model`` goes on the GPUs now, evicting idle servers if that makes it fit.
+
+        Whole (one GPU, else a split) if it fits with no one stopped, or with the fewest idle
+        servers evicted (lowest priority, then least recently used; under swap-aware queueing not
+        one still within its residency); else, if the model allows it, a partial offload with the
+        GPU memory free now (evicting idle servers only until one layer fits); else it waits for
+        busy and loading servers to go, until ``deadline``.
+
+        Raises:
+            PoolBusy: the GPUs stayed too full until ``deadline``.
+        """
+        swap_aware = self._config.queueing == "swap-aware"
+        while True:
+            stopping = [s for s in self._servers if s.state is State.STOPPING and s.placement is not None]
+            if stopping:  # its GPU memory is about to be free: take it before evicting anyone
+                await stopping[0].gone.wait()
+                continue
+            now = trio.current_time()
+            candidates = sorted(
+                (
+                    s
+                    for s in self._servers
+                    if s.evictable
+                    and s.placement is not None
+                    and s.placement.gpus
+                    and (not swap_aware or may_evict(self._resident(s), now=now, min_residency=self._config.min_residency))
+                ),
+                key=lambda s: (s.model.priority, s.last_used),
+            )
+            modes = (False, True) if self._allow_partial(model) else (False,)
+            for partial in modes:
+                victims: set[Server] = set()
+                placement = self._try_place(model, estimate, victims, partial)
+                for candidate in candidates:
+                    if placement is not None:
+                        break
+                    victims.add(candidate)
+                    placement = self._try_place(model, estimate, victims, partial)
+                if placement is not None:
+                    # spare those that were taken in turn but are not needed (their GPU was too small anyway),
+                    # the most recently used first
+                    for candidate in reversed(candidates):
+                        if candidate in victims:
+                            again = self._try_place(model, estimate, victims - {candidate}, partial)
+                            if again is not None:
+                                victims, placement = victims - {candidate}, again
+                    break
+            if placement is not None and not victims:
+                log.info("%s: placed on %s", model.name, placement.describe())
+                return placement
+            if placement is not None:
+                for victim in sorted(victims, key=lambda s: (s.model.priority, s.last_used)):
+                    log.info(
+                        "%s: evicted (idle, priority %d, %s on GPU) to make room on the GPUs for %s",
+                        victim.name,
+                        victim.model.priority,
+                        format_size(victim.placement.vram if victim.placement else 0),
+                        model.name,
+                    )
+                    self._stop(victim, "evicted", kill=True)
+                    self._events.evicted(victim.name)
+                for victim in victims:
+                    await victim.gone.wait()
+                continue  # placed again as the GPUs are now
+            if trio.current_time() >= deadline:
+                raise self._busy(
+                    f"no room on the GPUs for model {model.name!r} within queue_timeout ({self._config.queue_timeout:g}s)"
+                )
+            with trio.move_on_at(self._wake_at(deadline)):
+                await self._changed_lot.park()
 
     # ---- context per request -----------------------------------------------------------
 
@@ -832,7 +1032,7 @@ class Pool:
             None when the model's files cannot be read (missing, not downloaded).
         """
         if model.memory is not None:
-            return declared_estimate(model.memory)
+            return declared_estimate(model.memory, model.layers or 0)
         if model.backend != "llama":
             return None
         try:
@@ -1049,9 +1249,11 @@ class Pool:
 
     # ---- one server's life -----------------------------------------------------------
 
-    def _spawn(self, model: ModelConfig, memory: int = 0, context: ContextPlan | None = None) -> Server:
+    def _spawn(
+        self, model: ModelConfig, memory: int = 0, context: ContextPlan | None = None, placement: Placement | None = None
+    ) -> Server:
         assert self._nursery is not None, "Pool.run() is not running"
-        server = Server(model, free_port(), trio.current_time(), self._config.request_timeout, memory, context)
+        server = Server(model, free_port(), trio.current_time(), self._config.request_timeout, memory, context, placement)
         self._servers.append(server)
         # the server outlives the request that started it: its task must not inherit that
         # request's context (its id in every log line, its metrics exchange)
@@ -1082,8 +1284,12 @@ class Pool:
                 except Exception as exc:
                     server.error = ModelLoadFailed(f"model {server.name!r}: cannot get its GGUF file: {exc}")
                 else:
+                    placement = server.placement
                     process = ServerProcess(
-                        self._argv(server.model, files.model, server.port) + list(files.args()) + list(server.extra_args),
+                        self._argv(server.model, files.model, server.port)
+                        + list(files.args())
+                        + list(server.extra_args)
+                        + list(placement.args() if placement is not None else ()),
                         name=server.name,
                         port=server.port,
                         http=self._http,
@@ -1094,6 +1300,7 @@ class Pool:
                         health_timeout=self._config.health_timeout,
                         health_failures=self._config.health_failures,
                         output=self.output(server.name, create=True),
+                        env=placement.env() if placement is not None else None,
                     )
                     server.process = process
                     stats.loads += 1
@@ -1287,6 +1494,7 @@ class Pool:
 
     def snapshot(self) -> PoolSnapshot:
         now, wall = trio.current_time(), time.time()
+        free = self._gpu_free()
 
         def to_wall(t: float) -> float:
             return wall - (now - t)
@@ -1308,6 +1516,9 @@ class Pool:
                     memory=s.memory,
                     pinned=s.model.pin,
                     context=s.context,
+                    vram=s.vram,
+                    gpus=s.placement.gpus if s.placement is not None else (),
+                    gpu_layers=s.placement.gpu_layers if s.placement is not None else None,
                 )
             )
         models = tuple(
@@ -1332,4 +1543,5 @@ class Pool:
             downloads=self._catalog.downloading(),
             memory_budget=self._budget,
             memory_used=self._memory_used(),
+            gpus=tuple(GpuSnapshot(gpu.index, gpu.memory, gpu.memory - free[gpu.index]) for gpu in self._gpus),
         )

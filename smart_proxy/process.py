@@ -53,7 +53,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -321,7 +321,7 @@ class Lifeline:
         """
         assert self.available and self.process is not None and self.process.stdin is not None
         self._owner = owner
-        payload = b"".join(os.fsencode(arg) + b"\0" for arg in owner.argv)
+        payload = b"".join(os.fsencode(arg) + b"\0" for arg in owner.command)
         try:
             await self.process.stdin.send_all(b"%d\n" % len(payload) + payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -364,8 +364,11 @@ class ServerProcess:
         health_timeout: float = 5.0,
         health_failures: int = 3,
         output: LineLog | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.argv = list(argv)
+        #: Variables set in llama-server's environment on top of the proxy's (a GPU placement's).
+        self.env = dict(env or {})
         #: A spare to take rather than start a lifeline (see the module docstring).
         self._lifeline = lifeline
         #: The load took the spare.
@@ -402,6 +405,12 @@ class ServerProcess:
         #: Why a ready server was stopped by the proxy itself (it stopped answering); None otherwise.
         self.hung: ProxyError | None = None
 
+    @property
+    def command(self) -> list[str]:
+        """What the lifeline is given: ``--env NAME=VALUE`` for each of :attr:`env`, then llama-server's argv."""
+        prefix = [item for name, value in self.env.items() for item in ("--env", f"{name}={value}")]
+        return [*prefix, *self.argv]
+
     def tail_text(self, lines: int = 12) -> str:
         return "\n".join(list(self.tail)[-lines:])
 
@@ -425,7 +434,7 @@ class ServerProcess:
                     process = await nursery.start(
                         partial(
                             trio.run_process,
-                            [sys.executable, "-S", _LIFELINE, "--", *self.argv],
+                            [sys.executable, "-S", _LIFELINE, "--", *self.command],
                             **_lifeline_options(self._terminate),
                         )
                     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import tomllib
 from collections.abc import Awaitable, Callable
 
@@ -138,6 +139,25 @@ def hypercorn_config(config: Config, host: str, port: int) -> hypercorn.config.C
     return hc
 
 
+def shared_port(host: str, port: int) -> str:
+    """A socket bound to ``host:port`` with ``SO_REUSEPORT``, as a Hypercorn ``fd://`` bind.
+
+    Every worker of :mod:`smart_proxy.workers` binds its own, and the kernel spreads new
+    connections over them. Hypercorn takes the descriptor over (and listens on it); it does
+    not set ``TCP_NODELAY`` on an ``fd://`` socket, so that is set here, as for its own binds.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return f"fd://{sock.detach()}"
+
+
 def free_closed_connections() -> None:
     """Make Hypercorn close a connection as soon as its client has closed it; idempotent.
 
@@ -191,6 +211,7 @@ async def serve(
     host: str | None = None,
     port: int | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy until ``shutdown_trigger`` returns; then drain and stop every llama-server.
@@ -198,6 +219,7 @@ async def serve(
     Args:
         shutdown_trigger: returns when the proxy should drain and stop; None: on SIGINT or
             SIGTERM (see :class:`StopSignals`).
+        reuse_port: listen with ``SO_REUSEPORT``, beside the other workers of :mod:`smart_proxy.workers`.
 
     Raises:
         KeyboardInterrupt: a second SIGINT cut the drain short; raised after everything has stopped.
@@ -213,6 +235,8 @@ async def serve(
     host = host or config.proxy.host
     port = config.proxy.port if port is None else port
     hc = hypercorn_config(config, host, port)
+    if reuse_port:
+        hc.bind = [shared_port(host, port)]
     free_closed_connections()
     lifecycle = Lifecycle()
     signals: StopSignals | None = None

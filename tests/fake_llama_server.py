@@ -53,8 +53,9 @@ stream ending in ``response.completed``, without ``data: [DONE]``), with the sam
 Jina's shape (TEI's for ``texts``) when started with ``--reranking``, and 501 otherwise.
 ``GET /requests`` lists the bodies of the POSTs received so far
 (``[{"path": ..., "body": ...}]``), so tests can see what the proxy sent; ``GET /argv``
-the command line it was started with. A chat with ``image_url`` parts to a server without
-``"vision"`` is refused as llama-server refuses it (a 500 naming the missing mmproj).
+the command line it was started with; ``GET /env`` that and the variables of its environment
+that say where a model goes (``CUDA_*``, ``LLAMA_ARG_*``), as ``{"argv": [...], "env": {...}}``. A chat with ``image_url``
+parts to a server without ``"vision"`` is refused as llama-server refuses it (a 500 naming the missing mmproj).
 
 Like llama-server, it loads a split model (``x-00001-of-00003.gguf``) from its first
 part and finds the others beside it: the JSON is the parts' bytes joined in order. A
@@ -83,6 +84,9 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+#: The environment variables ``GET /env`` shows.
+ENV_PREFIXES = ("CUDA_", "LLAMA_ARG_")
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
@@ -265,6 +269,9 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 timer.start()
             elif self.path == "/argv":
                 self._json(200, state.argv)
+            elif self.path == "/env":
+                env = {key: value for key, value in os.environ.items() if key.startswith(ENV_PREFIXES)}
+                self._json(200, {"argv": state.argv, "env": env})
             elif self.path == "/requests":
                 with state.lock:
                     self._json(200, list(state.requests))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from smart_proxy.config import AUTO_MEMORY, load_config, parse_duration, parse_size, structure
+from smart_proxy.config import AUTO_MEMORY, gpu_setting, load_config, parse_duration, parse_size, structure
 from smart_proxy.errors import ConfigError
 
 
@@ -228,6 +228,51 @@ def test_memory_keys(tmp_path: Path) -> None:
     ],
 )
 def test_memory_key_errors(tmp_path: Path, raw: dict, message: str) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ConfigError) as info:
+        structure(raw, base_dir=str(tmp_path))
+    assert message in str(info.value)
+
+
+def test_gpu_keys(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    pool = structure({}).pool
+    assert (pool.gpus, pool.gpu_reserve, pool.allow_partial) == ("auto", 512 * 1024**2, False)
+    assert gpu_setting(pool) == "auto"
+    for text in ("none", "off", "NONE", ""):
+        assert gpu_setting(structure({"pool": {"gpus": text}}).pool) == "none"
+    declared = structure({"pool": {"gpus": "0:24GiB, 1:24GiB", "allow_partial": "yes", "gpu_reserve": "1g"}}).pool
+    assert gpu_setting(declared) == ((0, 24 * 1024**3), (1, 24 * 1024**3))
+    assert (declared.allow_partial, declared.gpu_reserve) == (True, 1024**3)
+    assert gpu_setting(structure({"pool": {"gpus": "3:512MB,"}}).pool) == ((3, 512 * 1024**2),)
+    model = structure(
+        {"model:m": {"path": "m.gguf", "allow_partial": "true", "layers": "80"}}, base_dir=str(tmp_path)
+    ).models["m"]
+    assert (model.allow_partial, model.layers) == (True, 80)
+    plain = structure({"model:m": {"path": "m.gguf"}}, base_dir=str(tmp_path)).models["m"]
+    assert (plain.allow_partial, plain.layers) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"pool": {"gpus": "all"}}, "[pool] gpus: not a GPU: 'all' (use auto, none, or INDEX:SIZE, e.g. 0:24GiB, 1:24GiB)"),
+        ({"pool": {"gpus": "0:24GiB 1:24GiB"}}, "[pool] gpus: not a size for GPU 0: '24GiB 1:24GiB'"),
+        ({"pool": {"gpus": "0:lots"}}, "[pool] gpus: not a size for GPU 0: 'lots'"),
+        ({"pool": {"gpus": "0:8g, 0:8g"}}, "[pool] gpus: a GPU index is given twice in '0:8g, 0:8g'"),
+        ({"pool": {"gpus": "-1:8g"}}, "[pool] gpus: not a GPU: '-1:8g'"),
+        ({"pool": {"gpus": "0:0"}}, "[pool] gpus: GPU 0 has no memory: '0:0'"),
+        ({"pool": {"gpus": ","}}, "[pool] gpus: no GPU in ','"),
+        ({"pool": {"allow_partial": "maybe"}}, "[pool] allow_partial: not a boolean: 'maybe'"),
+        ({"pool": {"gpu_reserve": "some"}}, "[pool] gpu_reserve: not a size"),
+        ({"model:m": {"path": "m.gguf", "layers": "0"}}, "[model:m] layers: must be at least 1"),
+        (
+            {"model:o": {"backend": "ollama", "url": "http://h:1", "allow_partial": "true"}},
+            "[model:o] allow_partial: only for backend = llama",
+        ),
+    ],
+)
+def test_gpu_key_errors(tmp_path: Path, raw: dict, message: str) -> None:
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(ConfigError) as info:
         structure(raw, base_dir=str(tmp_path))

@@ -118,3 +118,18 @@ def test_the_api_key_comes_from_the_option_or_the_environment(proxy_process, fak
     assert from_env.returncode == 0 and [row["name"] for row in json.loads(from_env.stdout)] == ["a"]
     assert cli("stop", "a", "--url", proxy.url, env={"SMART_PROXY_API_KEY": "sk-one"}).stdout == "stopped a\n"
     assert "llama_server" in cli("logs", "a", "--url", proxy.url, "--api-key", "sk-one").stdout
+
+
+def test_ps_says_where_each_server_is_as_ollama_ps_does() -> None:
+    from smart_proxy.control import _processor, ps_rows
+
+    server = {"state": "ready", "memory": 0, "vram": 6, "gpus": [1], "in_flight": 0, "slots": 4, "pinned": False,
+              "expires_at": None, "pid": 1, "port": 2}  # fmt: skip
+    state = {"models": [{"model": "a", "queued": 0, "pinned": False, "servers": [server]}]}
+    (row,) = ps_rows(state)
+    assert (row["vram"], row["gpus"]) == (6, [1])
+    assert _processor(row) == "100% GPU 1"
+    assert _processor({**row, "memory": 14, "vram": 26, "gpus": [0, 1]}) == "35%/65% CPU/GPU 0,1"
+    assert _processor({**row, "memory": 5, "vram": 0, "gpus": []}) == "100% CPU"
+    older = {key: value for key, value in server.items() if key not in ("vram", "gpus")}  # a proxy without GPU fields
+    assert ps_rows({"models": [{"model": "a", "queued": 0, "pinned": False, "servers": [older]}]})[0]["vram"] == 0

@@ -121,3 +121,25 @@ def test_memory_is_judged_by_the_pools_estimate(tmp_path: Path) -> None:
     doctor._memory(needs, checks.append)
     assert [c.status for c in checks] == ["FAIL"]
     assert checks[0].text.endswith("a needs about 1099.5 GB") and "smaller quantization or context" in (checks[0].fix or "")
+
+
+def test_gpus_are_listed_against_the_largest_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from smart_proxy.config import structure
+    from smart_proxy.placement import Gpu
+
+    def checks(pool: dict, needs: dict[str, int], model: dict | None = None) -> list[doctor.Check]:
+        config = structure({"pool": pool, "model:a": {"path": "/etc/hostname", **(model or {})}})
+        found: list[doctor.Check] = []
+        doctor._gpus(config, needs, found.append)
+        return found
+
+    (none,) = checks({"gpus": "none"}, {"a": 1})
+    assert (none.status, none.text) == ("ok", "none ([pool] gpus = none): llama-server gets no GPU flags")
+    monkeypatch.setattr(doctor, "read_nvidia_smi", lambda: ())
+    assert checks({}, {"a": 1})[0].text == "none found (no nvidia-smi, or it failed): models run on the CPU"
+    monkeypatch.setattr(doctor, "read_nvidia_smi", lambda: (Gpu(0, 8 * 10**9),))
+    (auto,) = checks({"gpu_reserve": "0"}, {"a": 4 * 10**9})
+    assert auto.text == "GPU 0 8.0 GB (free less [pool] gpu_reserve); the largest model, a, needs about 4.0 GB"
+    (big,) = checks({"gpus": "0:1GiB, 1:1GiB"}, {"a": 4 * 10**9})
+    assert big.status == "warn" and "a needs about 4.0 GB, more than all of them" in big.text and "allow_partial" in big.fix
+    assert checks({"gpus": "0:1GiB"}, {"a": 4 * 10**9}, {"allow_partial": "true"})[0].status == "ok"

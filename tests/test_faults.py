@@ -212,10 +212,18 @@ async def test_a_client_that_leaves_frees_a_hung_upstream(fault: str, dialect: s
     """Nothing bounds a hung answer but the client (or a configured timeout): its leaving closes the upstream."""
     with trio.fail_after(CEILING):
         url = await start_proxy(make_config({"m": {"fault": fault}}))
-        with trio.move_on_after(0.5):
-            async with http.stream("POST", f"{url}{ROUTE[dialect]}", json={"model": "m", "messages": USER, "stream": True}) as r:
-                async for _ in r.aiter_raw():
-                    pass
+        async with trio.open_nursery() as nursery:
+
+            async def ask() -> None:
+                body = {"model": "m", "messages": USER, "stream": True}
+                async with http.stream("POST", f"{url}{ROUTE[dialect]}", json=body) as r:
+                    async for _ in r.aiter_raw():
+                        pass
+
+            nursery.start_soon(ask)
+            await _wait_answering(http, url)
+            await trio.sleep(0.3)  # the request on its way to the fake, which hangs on it (or answers without end)
+            nursery.cancel_scope.cancel()  # the client leaves
         await _wait_released(http, url, 1)
 
 
@@ -275,6 +283,15 @@ def _with_max_answer(config, limit: int):
     import attrs
 
     return attrs.evolve(config, proxy=attrs.evolve(config.proxy, max_answer=limit))
+
+
+async def _wait_answering(http: httpx.AsyncClient, url: str) -> None:
+    """Until the model's server is loaded and holds the request (a slot leased to it)."""
+    while True:
+        servers = (await http.get(f"{url}/health")).json()["pool"]["servers"]
+        if servers and servers[0]["state"] == "ready" and servers[0]["in_flight"] >= 1:
+            return
+        await trio.sleep(0.05)
 
 
 async def _wait_released(http: httpx.AsyncClient, url: str, count: int) -> None:

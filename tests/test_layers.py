@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"handlers"},  # one function per route
     {"web"},  # the edge, the model routes on raw ASGI, the Quart-Trio app
     {"server"},  # the root nursery
-    {"doctor", "cli", "control", "__init__", "__main__"},
+    {"doctor", "cli", "control", "workers", "demo", "__init__", "__main__"},
 ]
 
 

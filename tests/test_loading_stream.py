@@ -136,3 +136,142 @@ async def test_a_client_that_leaves_while_waiting_cancels_the_load(make_config, 
         assert stopping["reason"] == "load abandoned"
         _, summary = await events.until("request")
         assert summary["status"] == 200 and summary["ttft"] is None
+
+
+# ---- the other SSE dialects: Anthropic messages, Responses (one mechanism, their own framing) -------
+
+
+def messages(model: str = "a") -> dict:
+    return {"model": model, "max_tokens": 16, "messages": USER, "stream": True}
+
+
+def responses(model: str = "a") -> dict:
+    return {"model": model, "input": "hi", "stream": True}
+
+
+async def raw_post(http, url: str, path: str, body: dict) -> tuple[int, bytes]:
+    async with http.stream("POST", url + path, json=body) as response:
+        return response.status_code, await response.aread()
+
+
+def comments_then_events(raw: bytes) -> tuple[list[str], list[str]]:
+    """The comment lines before the first event, and the event names, in order."""
+    head, first, _ = raw.partition(b"event: ")
+    comments = [line for line in head.decode().split("\n") if line.startswith(":")]
+    names = [line[7:] for line in raw.decode().split("\n") if line.startswith("event: ")]
+    assert first and head.count(b"\n\n") == len(comments)  # each comment an event of its own, all before the answer
+    return comments, names
+
+
+def ask_anthropic(url: str, model: str) -> str:
+    import anthropic
+
+    with anthropic.Anthropic(base_url=url, api_key="none", max_retries=0, timeout=15) as client:
+        text = ""
+        with client.messages.stream(model=model, max_tokens=16, messages=USER) as stream:
+            for piece in stream.text_stream:
+                text += piece
+            assert stream.get_final_message().stop_reason in ("end_turn", "max_tokens")
+        return text
+
+
+def ask_responses(url: str, model: str) -> str:
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=15) as client:
+        text = ""
+        for event in client.responses.create(model=model, input="hi", stream=True):
+            if event.type == "response.output_text.delta":
+                text += event.delta
+            if event.type == "response.completed":
+                return text
+        raise AssertionError("no response.completed")
+
+
+async def test_an_anthropic_stream_waiting_for_a_load_gets_comments_then_the_same_answer(make_config, start_proxy, http) -> None:
+    url = await start_proxy(with_proxy(make_config({"a": {"load_delay": 1.2, "tokens": 4}}), loading_comments=0.3))
+    status, cold = await raw_post(http, url, "/v1/messages", messages())
+    assert status == 200 and cold.startswith(b": loading a 0 s\n\n")
+    comments, names = comments_then_events(cold)
+    assert 2 <= len(comments) <= 5 and all(line.startswith(": loading a ") for line in comments), comments
+    assert names[0] == "message_start" and names[-1] == "message_stop"
+    _, warm = await raw_post(http, url, "/v1/messages", messages())
+    assert not warm.startswith(b":") and cold[cold.index(b"event: "):] .count(b"event: ") == warm.count(b"event: ")
+    # the official client reads through the comments, to the same text
+    url = await start_proxy(with_proxy(make_config({"b": {"load_delay": 0.8, "tokens": 3}}), loading_comments=0.2))
+    assert await in_thread(ask_anthropic, url, "b") == await in_thread(ask_anthropic, url, "b") != ""
+
+
+async def test_a_responses_stream_waiting_for_a_load_gets_comments_then_the_same_answer(make_config, start_proxy, http) -> None:
+    url = await start_proxy(with_proxy(make_config({"a": {"load_delay": 1.2, "tokens": 4}}), loading_comments=0.3))
+    status, cold = await raw_post(http, url, "/v1/responses", responses())
+    assert status == 200 and cold.startswith(b": loading a 0 s\n\n")
+    comments, names = comments_then_events(cold)
+    assert 2 <= len(comments) <= 5 and all(line.startswith(": loading a ") for line in comments), comments
+    assert names[0] == "response.created" and names[-1] == "response.completed"
+    _, warm = await raw_post(http, url, "/v1/responses", responses())
+    assert not warm.startswith(b":") and names == comments_then_events(warm)[1]
+    url = await start_proxy(with_proxy(make_config({"b": {"load_delay": 0.8, "tokens": 3}}), loading_comments=0.2))
+    assert await in_thread(ask_responses, url, "b") == await in_thread(ask_responses, url, "b") != ""
+
+
+async def test_a_load_that_fails_after_the_comments_ends_in_each_dialects_error(make_config, start_proxy, http) -> None:
+    config = with_proxy(make_config({"bad": {"exit_on_load": 3, "load_delay": 0.8}}), loading_comments=0.2)
+    url = await start_proxy(config)
+    status, raw = await raw_post(http, url, "/v1/messages", messages("bad"))
+    assert status == 200 and raw.startswith(b": loading bad ")
+    _, names = comments_then_events(raw)
+    assert names == ["error"]  # never a message_stop
+    error = json.loads(raw.decode().split("data: ")[-1])
+    assert error["type"] == "error" and "exited with code 3" in error["error"]["message"]
+    status, raw = await raw_post(http, url, "/v1/responses", responses("bad"))
+    assert status == 200 and raw.startswith(b": loading bad ")
+    _, names = comments_then_events(raw)
+    assert names == ["error"]  # never a response.completed
+    assert "exited with code 3" in json.loads(raw.decode().split("data: ")[-1])["message"]
+    # the official anthropic client raises it
+    import anthropic
+
+    with pytest.raises(anthropic.APIStatusError, match="exited with code 3"):
+        await in_thread(ask_anthropic, url, "bad")
+    # and the openai client's Responses stream too
+    with pytest.raises(openai.APIError, match="exited with code 3"):
+        await in_thread(ask_responses, url, "bad")
+
+
+async def test_a_quick_answer_or_failure_is_as_before_in_the_other_dialects(make_config, start_proxy, http) -> None:
+    config = with_proxy(make_config({"bad": {"exit_on_load": 3, "load_delay": 0.01}, "a": {"tokens": 2}}), loading_comments=2)
+    url = await start_proxy(config)
+    for path, body in (("/v1/messages", messages("bad")), ("/v1/responses", responses("bad"))):
+        status, raw = await raw_post(http, url, path, body)
+        assert status == 502 and "exited with code 3" in raw.decode(), (path, raw)
+    for path, body in (("/v1/messages", messages()), ("/v1/responses", responses())):
+        status, raw = await raw_post(http, url, path, body)
+        assert status == 200 and not raw.startswith(b":"), (path, raw)
+
+
+async def test_an_ollama_stream_waiting_for_a_load_gets_nothing_until_its_first_line(make_config, start_proxy, http) -> None:
+    url = await start_proxy(with_proxy(make_config({"a": {"load_delay": 0.8, "tokens": 3}}), loading_comments=0.2))
+    status, raw = await raw_post(http, url, "/api/chat", {"model": "a", "messages": USER, "stream": True})
+    lines = [json.loads(line) for line in raw.splitlines()]
+    assert status == 200 and raw.startswith(b"{") and lines[-1]["done"] is True
+
+
+@pytest.mark.parametrize("keepalive", [b"\n", b"{}\n", b" \n"])
+def test_the_ollama_client_takes_no_keepalive_line_so_ollama_streams_wait_silently(keepalive: bytes) -> None:
+    """NDJSON has no comment line: whatever a proxy sent while it waits, the official ollama client fails on it."""
+    import httpx
+    import ollama
+
+    last = {"model": "a", "created_at": "2025-01-01T00:00:00Z", "message": {"role": "assistant", "content": "hi"},
+            "done": True, "done_reason": "stop"}  # fmt: skip
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=keepalive + json.dumps(last).encode() + b"\n")
+
+    client = ollama.Client(host="http://ollama.test", transport=httpx.MockTransport(answer))
+    with pytest.raises(Exception) as caught:  # noqa: B017 (JSONDecodeError or pydantic's ValidationError)
+        list(client.chat(model="a", messages=USER, stream=True))
+    assert type(caught.value).__name__ in ("JSONDecodeError", "ValidationError")
+    # without it, the same answer reads
+    quiet = ollama.Client(host="http://ollama.test", transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, content=json.dumps(last).encode() + b"\n")))  # fmt: skip
+    assert [part.message.content for part in quiet.chat(model="a", messages=USER, stream=True)] == ["hi"]

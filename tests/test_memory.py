@@ -143,6 +143,8 @@ def test_estimate_sums_its_parts(tmp_path: Path) -> None:
     assert (est.projector, est.base, est.context, est.slots) == (1000, BASE_BYTES, 1024, 4)
     assert est.total == est.weights + est.kv_cache + est.compute + est.projector + est.base
     assert est.as_dict()["total"] == est.total and est.as_dict()["declared"] is False
+    assert est.layers == est.as_dict()["layers"] == 4  # block_count: what --n-gpu-layers counts
+    assert est.offloadable == est.total - BASE_BYTES  # on a GPU: all but llama-server's own base
     assert est.describe().startswith(format_size(est.total)) and "at 1024 ctx" in est.describe()
 
 
@@ -190,10 +192,15 @@ def test_a_file_that_is_not_gguf_is_its_size_and_the_base(tmp_path: Path) -> Non
     assert (est.weights, est.kv_cache, est.base) == (5000, 0, BASE_BYTES)
 
 
+GIB = 1024**3
+
+
 def test_a_declared_size_is_the_total() -> None:
     est = declared_estimate(3 * 1024**3)
     assert est.total == 3 * 1024**3 and est.describe() == "3.0 GiB (declared)"
     assert est.as_dict() == {"total": 3 * 1024**3, "declared": True}
+    assert (est.offloadable, est.layers) == (3 * 1024**3, 0)  # taken whole onto a GPU
+    assert declared_estimate(GIB, 80).layers == 80
 
 
 def test_parse_meminfo() -> None:

@@ -439,6 +439,29 @@ async def test_tags_show_and_ps(make_config, start_proxy) -> None:
     assert running.size == server["memory"] > 0 and running.size_vram == 0
 
 
+async def test_ps_and_health_show_what_is_on_the_gpus(make_config, start_proxy) -> None:
+    config = make_config(
+        {"a": {}, "huge": {}},
+        model_options={"a": {"memory": "6g"}, "huge": {"memory": "40g", "layers": "80", "allow_partial": "true"}},
+        gpus="0:24GiB, 1:8GiB",
+        memory="off",
+    )
+    url = await start_proxy(config)
+    for name in ("a", "huge"):
+        await in_thread(with_client, url, lambda c, name=name: c.generate(model=name, prompt="x"))
+    running = {m.model: m for m in (await _ps(url)).models}
+    gib = 1024**3
+    assert (running["a:latest"].size, running["a:latest"].size_vram) == (6 * gib, 6 * gib)  # whole on GPU 1
+    assert (running["huge:latest"].size, running["huge:latest"].size_vram) == (40 * gib, 26 * gib)  # 52 of 80 layers
+    pool = (await in_thread(lambda: httpx.get(f"{url}/health").json()))["pool"]
+    assert pool["gpus"] == [{"index": 0, "memory": 24 * gib, "used": 24 * gib}, {"index": 1, "memory": 8 * gib, "used": 8 * gib}]
+    servers = {s["model"]: s for s in pool["servers"]}
+    assert (servers["a"]["gpus"], servers["a"]["vram"], servers["a"]["memory"]) == ([1], 6 * gib, 0)
+    assert (servers["huge"]["gpus"], servers["huge"]["gpu_layers"], servers["huge"]["memory"]) == ([0, 1], 52, 14 * gib)
+    listed = {m["id"]: m for m in (await in_thread(lambda: httpx.get(f"{url}/v1/models").json()))["data"]}
+    assert (listed["a"]["memory"], listed["huge"]["memory"]) == (6 * gib, 40 * gib)  # host and GPU parts together
+
+
 async def test_model_info_from_a_real_gguf_header(tmp_path: Path) -> None:
     import gguf
 

@@ -13,7 +13,7 @@ import trio.testing
 from smart_proxy import pool as pool_module
 from smart_proxy.catalog import Catalog
 from smart_proxy.config import ModelConfig
-from smart_proxy.errors import ModelLoadFailed, ModelLoadTimeout, ModelNotFound, PoolBusy, UpstreamError
+from smart_proxy.errors import ModelLoadFailed, ModelLoadTimeout, ModelNotFound, ModelTooLarge, PoolBusy, UpstreamError
 from smart_proxy.pool import State
 
 from .conftest import lifelines, open_pipes, pids_alive
@@ -109,8 +109,14 @@ async def test_queue_timeout_and_queue_full_give_pool_busy(make_config, start_po
             await pool.acquire("c")
         assert info.value.retry_after >= 1
     lease.release()
-    async with pool.lease("b"):  # and the pool still serves
-        pass
+    # and the pool still serves (stopping a for b may outlast the short queue_timeout on a busy machine)
+    with trio.fail_after(20):
+        while True:
+            try:
+                async with pool.lease("b"):
+                    break
+            except PoolBusy:
+                await trio.sleep(0.1)
 
 
 async def _expect_busy(pool, name: str) -> None:
@@ -1020,3 +1026,199 @@ async def test_fifo_evicts_an_idle_server_at_once(make_config, start_pool) -> No
     async with pool.lease("b") as lease:
         kept = lease.server.started_at - server.last_used
     assert kept < (server.ready_at - server.started_at) / 2  # no allowance under fifo
+
+
+# ---- GPU placement (declared inventories; the fake records its environment and flags) ----------
+
+
+def _gpu_config(make_config, sizes: dict[str, str], gpus: str = "0:24GiB, 1:24GiB", budget: str = "off", **options):
+    """Fake models with declared ``memory`` placed on the declared ``gpus``; ``options`` per model or for the pool."""
+    return _memory_config(make_config, sizes, budget=budget, gpus=gpus, queueing="fifo", **options)
+
+
+async def _started(http, server) -> tuple[list[str], dict[str, str]]:
+    """What the fake llama-server behind ``server`` was started with: its arguments and its CUDA_ variables."""
+    answer = (await http.get(f"{server.base_url}/env")).json()
+    return answer["argv"], answer["env"]
+
+
+def _gpu_use(pool) -> dict[int, int]:
+    return {gpu.index: gpu.used for gpu in pool.snapshot().gpus}
+
+
+async def test_two_models_two_gpus_one_model_on_each(make_config, start_pool, http, monkeypatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    pool = await start_pool(_gpu_config(make_config, {"a": "20g", "b": "20g"}))
+    await _use(pool, "a", "b")
+    (a,), (b,) = pool.servers("a"), pool.servers("b")
+    argv_a, env_a = await _started(http, a)
+    argv_b, env_b = await _started(http, b)
+    assert env_a == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "0"}  # best fit, lowest index on a tie
+    assert env_b == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "1"}  # GPU 0 has 4 GiB left
+    whole = ["--device", "CUDA0", "--split-mode", "none", "--n-gpu-layers", "all", "--fit", "off"]
+    assert argv_a[-len(whole) :] == argv_b[-len(whole) :] == whole
+    assert _gpu_use(pool) == {0: 20 * GiB, 1: 20 * GiB}
+    snapshot = {s.model: s for s in pool.snapshot().servers}
+    assert (snapshot["a"].gpus, snapshot["a"].vram, snapshot["a"].memory, snapshot["a"].gpu_layers) == ((0,), 20 * GiB, 0, None)
+    assert snapshot["b"].gpus == (1,)
+    assert pool.snapshot().memory_used == 0  # declared sizes go whole onto the GPU
+
+
+async def test_the_smallest_gpu_that_holds_it(make_config, start_pool, http) -> None:
+    pool = await start_pool(_gpu_config(make_config, {"small": "8g"}, gpus="0:24GiB, 1:12GiB"))
+    await _use(pool, "small")
+    assert (await _started(http, pool.servers("small")[0]))[1]["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+async def test_a_model_larger_than_any_gpu_is_split_in_proportion(make_config, start_pool, http) -> None:
+    pool = await start_pool(_gpu_config(make_config, {"70b": "36g"}, gpus="0:16GiB, 1:24GiB, 2:8GiB"))
+    await _use(pool, "70b")
+    argv, env = await _started(http, pool.servers("70b")[0])
+    assert env["CUDA_VISIBLE_DEVICES"] == "1,0"  # the fewest GPUs, the largest first
+    split = argv[argv.index("--device") :]
+    assert split == [
+        "--device", "CUDA0,CUDA1", "--split-mode", "layer", "--tensor-split", "22118,14745", "--n-gpu-layers", "all",
+        "--fit", "off",
+    ]  # fmt: skip
+    assert _gpu_use(pool) == {0: 36 * GiB * 16 // 40, 1: 36 * GiB * 24 // 40, 2: 0}  # 24:16 of 36 GiB
+
+
+async def test_a_partial_offload_leaves_the_rest_on_the_cpu_against_the_budget(make_config, start_pool, http) -> None:
+    config = _gpu_config(
+        make_config, {"huge": "40g", "other": "4g"}, gpus="0:10GiB", budget="35g", allow_partial="true", huge={"layers": "80"}
+    )
+    pool = await start_pool(config)
+    await _use(pool, "huge")
+    (server,) = pool.servers("huge")
+    argv, env = await _started(http, server)
+    assert env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert argv[argv.index("--n-gpu-layers") + 1] == "20"  # 0.5 GiB a layer, 10 GiB free: 20 of 80
+    assert (server.placement.vram, server.memory) == (10 * GiB, 30 * GiB)  # the rest counts in host memory
+    assert pool.snapshot().memory_used == 30 * GiB and pool.snapshot().servers[0].gpu_layers == 20
+    # a model that fits whole once the idle partial one is evicted goes whole, rather than partial beside it
+    await _use(pool, "other")
+    assert _loaded(pool) == ["other"] and pool.servers("other")[0].placement.gpu_layers is None
+    assert pool.snapshot().memory_used == 0
+
+
+async def test_a_partial_offload_whose_cpu_part_exceeds_the_budget_is_refused(make_config, start_pool) -> None:
+    config = _gpu_config(
+        make_config, {"huge": "40g"}, gpus="0:10GiB", budget="25g", allow_partial="true", huge={"layers": "80"}
+    )
+    pool = await start_pool(config)
+    with trio.fail_after(1), pytest.raises(ModelTooLarge, match=r"'huge' needs 30\.0 GiB of memory, more than .* 25\.0 GiB"):
+        await pool.acquire("huge")
+    assert pool.servers() == []
+
+
+async def test_a_model_that_fits_nowhere_is_refused_at_once_naming_need_and_capacity(make_config, start_pool) -> None:
+    pool = await start_pool(_gpu_config(make_config, {"a": "4g", "huge": "40g"}, gpus="0:24GiB, 1:8GiB"))
+    await _use(pool, "a")
+    with trio.fail_after(1), pytest.raises(ModelTooLarge) as info:
+        await pool.acquire("huge")
+    assert info.value.status == 507
+    assert info.value.message == (
+        "model 'huge' needs 40.0 GiB of GPU memory and fits on no GPU nor across them "
+        "(free: GPU 0: 24.0 GiB, GPU 1: 8.0 GiB); allow_partial = true ([pool] or [model:huge]) would offload only some layers"
+    )  # what it would have with every unpinned server stopped, so a is not evicted for nothing
+    assert _loaded(pool) == ["a"]
+    # a model's own allow_partial and layer count
+    config = _gpu_config(make_config, {"huge": "40g"}, gpus="0:24GiB", huge={"allow_partial": "true"})
+    with pytest.raises(ModelTooLarge, match=r"needs its layer count \(\[model:huge\] layers\)"):
+        await (await start_pool(config)).acquire("huge")
+
+
+async def test_a_load_evicts_the_lru_idle_server_on_the_gpu_it_needs(make_config, start_pool, http) -> None:
+    config = _gpu_config(
+        make_config, {"a": "20g", "b": "20g", "c": "20g", "p": "20g"}, queue_timeout="300ms", p={"pin": "true"}
+    )
+    pool = await start_pool(config)
+    await _use(pool, "a", "b", "a")  # a on GPU 0, b on GPU 1; b is the least recently used
+    await _use(pool, "c")
+    assert _loaded(pool) == ["a", "c"]
+    assert (await _started(http, pool.servers("c")[0]))[1]["CUDA_VISIBLE_DEVICES"] == "1"  # b's GPU
+    # a pinned model takes the LRU one's GPU (a's), and is never evicted itself
+    await _use(pool, "p", "c", "a")
+    assert _loaded(pool) == ["a", "p"]
+    assert {s.name: s.placement.gpus for s in pool.servers()} == {"p": (0,), "a": (1,)}
+    # busy servers hold the GPUs: the load waits, and gets 503 at queue_timeout
+    async with pool.lease("a"):
+        with trio.fail_after(2), pytest.raises(PoolBusy, match="no room on the GPUs for model 'b' within queue_timeout"):
+            await pool.acquire("b")
+    assert _loaded(pool) == ["a", "p"]
+    # with every unpinned server stopped, the pinned one still holds GPU 0: a model needing more is refused at once
+    pinned = await start_pool(_gpu_config(make_config, {"p": "20g", "d": "30g"}, p={"pin": "true"}))
+    await _use(pinned, "p")
+    with trio.fail_after(1), pytest.raises(ModelTooLarge, match=r"free: GPU 0: 4\.0 GiB, GPU 1: 24\.0 GiB"):
+        await pinned.acquire("d")
+
+
+async def test_gpus_none_starts_llama_server_exactly_as_before(make_config, start_pool, http, monkeypatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for gpus in ("none", "auto"):  # auto without nvidia-smi: no GPU
+        monkeypatch.setattr(pool_module, "read_nvidia_smi", lambda: ())
+        config = make_config({"a": {}}, {"a": {"args": "-c 2048"}}, gpus=gpus)
+        pool = await start_pool(config)
+        await _use(pool, "a")
+        (server,) = pool.servers("a")
+        argv, env = await _started(http, server)
+        path = config.models["a"].path
+        port = str(server.port)
+        assert argv == ["-m", path, "--host", "127.0.0.1", "--port", port, "--alias", "a", "-c", "2048"]
+        assert env == {} and server.placement is None and pool.snapshot().gpus == ()
+        assert pool.snapshot().servers[0].vram == 0
+
+
+async def test_gpus_auto_reads_nvidia_smi_once_less_the_reserve(make_config, start_pool, http, monkeypatch) -> None:
+    from smart_proxy.placement import Gpu
+
+    calls = []
+
+    def fake_smi() -> tuple[Gpu, ...]:
+        calls.append(1)
+        return (Gpu(0, 8 * GiB), Gpu(1, 24 * GiB))
+
+    monkeypatch.setattr(pool_module, "read_nvidia_smi", fake_smi)
+    pool = await start_pool(_gpu_config(make_config, {"a": "20g"}, gpus="auto", gpu_reserve="1g"))
+    assert [(gpu.index, gpu.memory) for gpu in pool.gpus] == [(0, 7 * GiB), (1, 23 * GiB)]
+    await _use(pool, "a", "a")
+    assert (await _started(http, pool.servers("a")[0]))[1]["CUDA_VISIBLE_DEVICES"] == "1"
+    assert calls == [1]
+
+
+async def test_a_model_that_sets_its_own_gpu_flags_is_started_as_configured(make_config, start_pool, http) -> None:
+    pool = await start_pool(_gpu_config(make_config, {"a": "20g"}, a={"args": "-ngl 10"}))
+    await _use(pool, "a")
+    (server,) = pool.servers("a")
+    argv, env = await _started(http, server)
+    assert argv[-2:] == ["-ngl", "10"] and "--device" not in argv and "CUDA_VISIBLE_DEVICES" not in env
+    assert (server.placement, server.memory, _gpu_use(pool)) == (None, 20 * GiB, {0: 0, 1: 0})  # all on the host's count
+
+
+async def test_swap_aware_evicts_for_a_gpu_once_the_idle_allowance_is_over(make_config, start_pool, http) -> None:
+    config = _memory_config(make_config, {"a": "20g", "b": "20g", "c": "20g"}, budget="off", gpus="0:24GiB, 1:24GiB")
+    assert config.pool.queueing == "swap-aware"
+    pool = await start_pool(config)
+    await _use(pool, "a", "b")
+    with trio.fail_after(5):  # b was used last: a goes, once idle longer than its load took
+        await _use(pool, "c")
+    assert _loaded(pool) == ["b", "c"]
+    assert (await _started(http, pool.servers("c")[0]))[1]["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+async def test_a_partial_offload_takes_what_busy_servers_leave_rather_than_wait(make_config, start_pool, http) -> None:
+    config = _gpu_config(make_config, {"a": "20g", "huge": "40g"}, gpus="0:24GiB", allow_partial="true", huge={"layers": "80"})
+    pool = await start_pool(config)
+    async with pool.lease("a"):
+        with trio.fail_after(5):
+            await _use(pool, "huge")
+    argv, _ = await _started(http, pool.servers("huge")[0])
+    assert argv[argv.index("--n-gpu-layers") + 1] == "8"  # 4 GiB free beside busy a: 8 layers of 0.5 GiB
+    assert _loaded(pool) == ["a", "huge"] and pool.servers("huge")[0].memory == 36 * GiB
+
+
+async def test_only_the_servers_whose_gpu_it_needs_are_evicted(make_config, start_pool) -> None:
+    pool = await start_pool(_gpu_config(make_config, {"a": "10g", "b": "20g", "c": "20g"}, gpus="0:12GiB, 1:24GiB"))
+    await _use(pool, "a", "b")  # a on GPU 0 (the smallest that holds it), b on GPU 1; a is the LRU
+    await _use(pool, "c")  # a goes first in LRU order, but its GPU is too small for c: only b is evicted
+    assert _loaded(pool) == ["a", "c"] and pool.servers("c")[0].placement.gpus == (1,)

@@ -411,3 +411,19 @@ async def test_a_huge_line_of_output_is_read_in_bounded_memory(
     assert peak < 4 * 1024 * 1024  # never the whole line, let alone copies of it
     longest = max(len(line) for line in server.tail)
     assert 8000 < longest <= process._MAX_LINE + len(OutputLines.CUT_MARK)
+
+
+@pytest.mark.parametrize("spare", [True, False])
+async def test_variables_reach_the_command_through_the_lifeline(
+    spare: bool, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    argv = ["sh", "-c", 'printf "<%s|%s|%s>\\n" "$CUDA_VISIBLE_DEVICES" "$CUDA_DEVICE_ORDER" "$1"; exit 3', "sh", "--env"]
+    env = {"CUDA_VISIBLE_DEVICES": "1,0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    async with trio.open_nursery() as nursery:
+        lifeline = await _spare(nursery) if spare else None
+        server = ServerProcess(argv, name="m", port=free_port(), http=http, lifeline=lifeline, env=env)
+        assert server.command[:4] == ["--env", "CUDA_VISIBLE_DEVICES=1,0", "--env", "CUDA_DEVICE_ORDER=PCI_BUS_ID"]
+        with trio.fail_after(5):
+            await server.run(10.0)
+    assert server.took_spare is spare and server.returncode == 3
+    assert server.tail_text().endswith("<1,0|PCI_BUS_ID|--env>")  # the command's own --env is its argument

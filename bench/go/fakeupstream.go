@@ -136,6 +136,9 @@ func main() {
 		writeJSON(w, 200, []byte(`{"version":"0.0.0-bench"}`))
 	})
 	mux.HandleFunc("/api/chat", ollamaChat)
+	mux.HandleFunc("/v1/models", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, 200, []byte(fmt.Sprintf(`{"object":"list","data":[{"id":%q,"object":"model","owned_by":"bench"}]}`, alias)))
+	})
 	listener, err := net.Listen("tcp", net.JoinHostPort(host, port))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "listen:", err)

@@ -9,6 +9,9 @@ stream that breaks off, or ends before ``message_stop``, ends with Anthropic's `
 event), a whole answer once read, an error answer in Anthropic's shape whatever shape
 llama-server gave it. A request with ``image`` blocks for a server without vision is a 400
 before it is sent (:func:`smart_proxy.upstream.props.check_images`), not llama-server's 500.
+A stream that waits for its model's load gets SSE comments meanwhile
+(:func:`~smart_proxy.handlers.openai_routes.waiting_reply`), and ends with the ``error``
+event if the load then fails.
 A model with ``backend = ollama`` is sent to its Ollama server's own
 Anthropic-compatible ``/v1/messages`` route and relayed the same way; Ollama has no token
 counting route, so ``count_tokens`` for such a model is a 501 that says so.
@@ -39,7 +42,8 @@ from ..metrics import note_model
 from ..upstream import ollama_server
 from ..upstream.relay import RelayBody, UpstreamAnswer
 from . import fleet
-from .openai_routes import open_relay
+from .loading_stream import Framing
+from .openai_routes import open_relay, waiting_reply
 from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, read_answer
 from .state import ProxyState
 
@@ -121,6 +125,10 @@ async def _forward(
         return await _relayed(upstream, limit, None, headers)
     body = raw if raw is not None else json.dumps(payload).encode()
     images, num_ctx = dialect.has_images(payload), requested_context(payload)
+    if payload.get("stream") is True and request.path == dialect.MESSAGES:
+        waiting = waiting_reply(proxy, request, target.name, body, _WAITING, images=images, num_ctx=num_ctx, headers=headers)
+        if waiting is not None:
+            return waiting
     lease, upstream = await open_relay(proxy, request.path, target.name, body, images=images, num_ctx=num_ctx)
     request.opened.append(upstream)
     return await _relayed(upstream, limit, lease.release, headers)
@@ -136,9 +144,22 @@ async def _relayed(
     """
     extra = headers or {}
     if upstream.status_code == 200 and upstream.headers.get("content-type", "").startswith("text/event-stream"):
-        relayed = RelayBody(upstream, on_error=dialect.sse_error, on_done=on_done, lines=dialect.MessageLines(limit))
+        relayed = _stream(upstream, "", limit, on_done)
         return Reply(200, merge_headers(upstream.headers, dialect.SSE_HEADERS, extra), stream=relayed)
     return await read_answer(upstream, limit, on_done=on_done, wrap=dialect.upstream_error_body, headers=extra)
+
+
+def _stream(upstream: UpstreamAnswer, model: str, limit: int, on_done: Callable[[], object] | None) -> RelayBody:
+    """A message stream relayed a line at a time, complete at ``message_stop`` (else it ends with an ``error`` event)."""
+    return RelayBody(upstream, on_error=dialect.sse_error, on_done=on_done, lines=dialect.MessageLines(limit))
+
+
+def _error_event(exc: ProxyError, model: str) -> bytes:
+    return dialect.sse_event("error", dialect.error_object(exc.status, exc.message))
+
+
+#: A message stream that waits for its load (:func:`~smart_proxy.handlers.openai_routes.waiting_reply`).
+_WAITING = Framing(_stream, _error_event)
 
 
 def _activate(proxy: ProxyState, payload: dict[str, Any]) -> Chain | None:

@@ -1,4 +1,4 @@
-"""An OpenAI stream request that waits for its model: SSE comment lines until the answer starts.
+"""A stream request that waits for its model: SSE comment lines until the answer starts.
 
 Theory of operation: a ``"stream": true`` request whose model has no ready llama-server may
 wait long before the upstream's first byte (a download, the queue, a load), and nginx and
@@ -6,18 +6,24 @@ clients with read timeouts give up on a silent connection. :class:`LoadingStream
 relay (:func:`~smart_proxy.handlers.openai_routes.open_relay`) in a task of its own and
 waits up to ``[proxy] loading_comments`` seconds for it:
 
-* The relay opened within that time: nothing changes. A 200 is relayed as the usual
-  :class:`~smart_proxy.upstream.relay.RelayBody`; an error (the load failed, the pool is
-  busy, llama-server refused the request) is raised from ``__aenter__``, before any byte
-  went out, so the client gets it with its real status in the OpenAI error shape.
+* The relay opened within that time: nothing changes. A 200 is relayed as the dialect's
+  usual :class:`~smart_proxy.upstream.relay.RelayBody`; an error (the load failed, the pool
+  is busy, llama-server refused the request) is raised from ``__aenter__``, before any byte
+  went out, so the client gets it with its real status in the dialect's error shape.
 * Still waiting: the status (200) and the SSE headers go out, and a comment line every
   ``loading_comments`` seconds says what the request waits for (``: downloading MODEL 42%``,
-  ``: loading MODEL 3 s``, ``: waiting for MODEL 5 s``). Clients skip comments, so the answer
-  is unchanged. When the relay opens with a 200, its pieces follow. When it fails, the
-  stream's last piece is an SSE error event (``data: {"error": {...}}``) and there is no
-  ``data: [DONE]``: an answer the upstream did not give never looks finished, and the
-  official openai client raises ``APIError``. The failure is counted with its own status
-  (:func:`~smart_proxy.metrics.note_failed`).
+  ``: loading MODEL 3 s``, ``: waiting for MODEL 5 s``). SSE clients skip comments, so the
+  answer is unchanged. When the relay opens with a 200, its pieces follow. When it fails, the
+  stream's last piece is the dialect's error event and the stream never ends as a finished
+  one does, so an answer the upstream did not give never looks finished. The failure is
+  counted with its own status (:func:`~smart_proxy.metrics.note_failed`).
+
+The dialects that stream SSE share this class; a :class:`Framing` holds what differs
+between them: how the upstream's answer is relayed (OpenAI chat and completions, Anthropic
+messages, Responses each judge their stream's end their own way) and the event that ends
+a stream whose wait failed. Comments are the same in all three: the SSE standard's, which
+the official openai and anthropic clients skip. Ollama's NDJSON has no comment or
+keep-alive line its clients skip, so Ollama streams wait silently.
 
 The task lives in a nursery this stream opens in ``__aenter__`` and closes in ``__aexit__``,
 so it is the request's and ends with it: a client that leaves cancels the wait (and, if it
@@ -33,6 +39,7 @@ import math
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
+import attrs
 import trio
 
 from ..config import ModelConfig
@@ -42,11 +49,22 @@ from ..metrics import note_failed
 from ..pool import Lease, Pool
 from ..upstream.relay import RelayBody, SSELines, UpstreamAnswer
 
-__all__ = ["LoadingStream", "waiting_comment"]
+__all__ = ["OPENAI", "Framing", "LoadingStream", "waiting_comment"]
 
 log = logging.getLogger(__name__)
 
 Opener = Callable[[], Awaitable[tuple[Lease, UpstreamAnswer]]]
+
+
+@attrs.frozen
+class Framing:
+    """What a dialect's waiting stream does its own way (see the module docstring)."""
+
+    #: The upstream's 200 answer relayed in the dialect: ``relay(answer, model, limit, on_done)``,
+    #: ``on_done`` releasing the lease once the answer is closed.
+    relay: Callable[[UpstreamAnswer, str, int, Callable[[], object]], RelayBody]
+    #: The last piece of a stream whose wait failed, for the model named.
+    error_event: Callable[[ProxyError, str], bytes]
 
 
 def waiting_comment(pool: Pool, model: ModelConfig, waited: float) -> bytes:
@@ -71,19 +89,36 @@ def _message(status: int, body: bytes) -> str:
     return message if isinstance(message, str) and message else f"llama-server answered HTTP {status}"
 
 
-def _error_event(exc: ProxyError) -> bytes:
+def _openai_relay(upstream: UpstreamAnswer, model: str, limit: int, on_done: Callable[[], object]) -> RelayBody:
+    return RelayBody(upstream, on_error=dialect.sse_error, on_done=on_done, lines=SSELines(limit))
+
+
+def _openai_error(exc: ProxyError, model: str) -> bytes:
     return b"data: " + dialect.error_body(exc) + b"\n\n"
 
 
+#: OpenAI's chat and completion streams: complete at ``data: [DONE]``; an error is a ``data: {"error": ...}`` event.
+OPENAI = Framing(_openai_relay, _openai_error)
+
+
 class LoadingStream:
-    """A :class:`~smart_proxy.handlers.reply.Stream` for an OpenAI stream request; see the module docstring."""
+    """A :class:`~smart_proxy.handlers.reply.Stream` for a stream request in ``framing``'s dialect; see the module docstring."""
 
     def __init__(
-        self, pool: Pool, model: ModelConfig, open_relay: Opener, *, interval: float, limit: int, opened: list[UpstreamAnswer]
+        self,
+        pool: Pool,
+        model: ModelConfig,
+        open_relay: Opener,
+        *,
+        interval: float,
+        limit: int,
+        opened: list[UpstreamAnswer],
+        framing: Framing = OPENAI,
     ) -> None:
         self._pool = pool
         self._model = model
         self._open = open_relay
+        self._framing = framing
         self._interval = interval
         self._limit = limit
         #: The request's open upstream answers (closed at once if the client leaves).
@@ -166,7 +201,7 @@ class LoadingStream:
     def _relay_body(self) -> RelayBody:
         assert self._upstream is not None and self._lease is not None
         lease, self._lease = self._lease, None  # the relay releases it now
-        return RelayBody(self._upstream, on_error=dialect.sse_error, on_done=lease.release, lines=SSELines(self._limit))
+        return self._framing.relay(self._upstream, self._model.name, self._limit, lease.release)
 
     async def _refused(self) -> ProxyError:
         """llama-server answered the request with an error: that error, and the lease let go."""
@@ -201,6 +236,6 @@ class LoadingStream:
         if self._error is not None:
             self._ended = True
             note_failed(self._error.status)
-            return _error_event(self._error)
+            return self._framing.error_event(self._error, self._model.name)
         self._relay = self._relay_body()
         return await self._relay.__anext__()

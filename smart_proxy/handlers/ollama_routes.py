@@ -680,10 +680,12 @@ async def ps(proxy: ProxyState) -> Reply:
         # whatever a request's keep_alive left there (NaN, a year past 9999), this list must still be answered
         forever = not math.isfinite(expires) or expires - now > dialect.MAX_KEEP_ALIVE
         entry["expires_at"] = dialect.far_future() if forever else dialect.iso_time(expires)
-        entry["size_vram"] = 0  # llama-servers run on the CPU: no model memory is on a GPU
+        entry["size_vram"] = 0
         server = servers.get(port)
         if server is not None:
-            entry["size"] = server.memory  # in /api/ps, Ollama's size is the memory the loaded model holds
+            # in /api/ps, Ollama's size is the memory the loaded model holds, size_vram the part on GPUs
+            entry["size"] = server.memory + server.vram
+            entry["size_vram"] = server.vram
             n_ctx = ((await server_props(proxy.client, server)).get("default_generation_settings") or {}).get("n_ctx")
             if isinstance(n_ctx, int):
                 entry["context_length"] = n_ctx

@@ -15,13 +15,17 @@ the pool, the body byte for byte: llama-server is started with ``--alias NAME``,
 vision is refused here with a 400 (llama-server itself would answer 500). A top-level
 ``num_ctx`` (our extension) asks the pool for a server with at least that context. The answer is relayed as
 it comes (a stream piece by piece, a whole answer once read, under ``[proxy]
-max_answer``); the lease is released when the upstream answer is closed.
+max_answer``); the lease is released when the upstream answer is closed. A stream request
+whose model has no ready llama-server gets SSE comments while it waits
+(:func:`waiting_reply`, which the Anthropic and Responses routes use too, each with its
+own :class:`~smart_proxy.handlers.loading_stream.Framing`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 
 from .. import logs
 from ..agents import Chain
@@ -34,11 +38,11 @@ from ..upstream import ollama_server
 from ..upstream.props import check_images
 from ..upstream.relay import RelayBody, SSELines, UpstreamAnswer, open_upstream, send_leased
 from . import fleet
-from .loading_stream import LoadingStream
+from .loading_stream import OPENAI, Framing, LoadingStream
 from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, read_answer, relay_answer
 from .state import ProxyState
 
-__all__ = ["ROUTES", "model_route", "models", "open_relay"]
+__all__ = ["ROUTES", "model_route", "models", "open_relay", "waiting_reply"]
 
 #: The model routes :func:`model_route` serves (``POST``), and their aliases without ``/v1``.
 ROUTES = (*dialect.REQUIRED, *dialect.ALIASES)
@@ -99,6 +103,36 @@ async def open_relay(
     return await send_leased(lambda: proxy.pool.acquire(model, num_ctx=num_ctx), send)
 
 
+def waiting_reply(
+    proxy: ProxyState,
+    request: Request,
+    model: str,
+    body: bytes,
+    framing: Framing,
+    *,
+    images: bool = False,
+    num_ctx: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Reply | None:
+    """A stream request's reply while ``model`` has no ready llama-server: a :class:`LoadingStream`
+    in ``framing``'s dialect, SSE comments while it waits ``[proxy] loading_comments`` seconds or
+    more for the load; None when a server is ready or the comments are off (relay as usual).
+    """
+    interval = proxy.config.proxy.loading_comments
+    if interval <= 0 or any(s.state is State.READY for s in proxy.pool.servers(model)):
+        return None
+    waiting = LoadingStream(
+        proxy.pool,
+        proxy.catalog.get(model),
+        lambda: open_relay(proxy, request.path, model, body, images=images, num_ctx=num_ctx),
+        interval=interval,
+        limit=proxy.config.proxy.max_answer,
+        opened=request.opened,
+        framing=framing,
+    )
+    return Reply(200, merge_headers({"content-type": "text/event-stream"}, _SSE_HEADERS, headers or {}), stream=waiting)
+
+
 async def _relay(
     proxy: ProxyState,
     request: Request,
@@ -112,20 +146,12 @@ async def _relay(
 ) -> Reply:
     """POST ``body`` to a llama-server for ``model`` and relay its answer (a stream as it arrives).
 
-    A stream request for a model with no ready llama-server is a :class:`LoadingStream`:
-    comment lines while it waits ``[proxy] loading_comments`` seconds or more for the load.
+    A stream request for a model with no ready llama-server is a :func:`waiting_reply`.
     """
-    interval = proxy.config.proxy.loading_comments
-    if stream and interval > 0 and not any(s.state is State.READY for s in proxy.pool.servers(model)):
-        waiting = LoadingStream(
-            proxy.pool,
-            proxy.catalog.get(model),
-            lambda: open_relay(proxy, request.path, model, body, images=images, num_ctx=num_ctx),
-            interval=interval,
-            limit=proxy.config.proxy.max_answer,
-            opened=request.opened,
-        )
-        return Reply(200, merge_headers({"content-type": "text/event-stream"}, _SSE_HEADERS, headers or {}), stream=waiting)
+    if stream:
+        waiting = waiting_reply(proxy, request, model, body, OPENAI, images=images, num_ctx=num_ctx, headers=headers)
+        if waiting is not None:
+            return waiting
     lease, upstream = await open_relay(proxy, request.path, model, body, images=images, num_ctx=num_ctx)
     request.opened.append(upstream)
     limit = proxy.config.proxy.max_answer
@@ -167,8 +193,9 @@ async def _with_agents(proxy: ProxyState, request: Request, chain: Chain) -> Rep
 
 
 async def _memory(proxy: ProxyState, model: ModelConfig) -> int | None:
-    """Bytes one llama-server of ``model`` holds: a live server's admitted size, else the estimate (None: unknown)."""
-    live = [server.memory for server in proxy.pool.servers(model.name)]
+    """Bytes one llama-server of ``model`` holds: a live server's admitted size (host and GPUs), else the estimate
+    (None: unknown)."""
+    live = [server.memory + server.vram for server in proxy.pool.servers(model.name)]
     if live:
         return live[0]
     estimate = await proxy.pool.estimate(model, download=False)

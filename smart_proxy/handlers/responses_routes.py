@@ -7,7 +7,10 @@ serves ``/v1/responses`` itself) or, for a model with ``backend = ollama``, to i
 server's ``/v1/responses``; the answer comes back as it arrives, a stream line by line.
 A stream is complete only once a terminal event came (``response.completed``, ...): one
 cut short ends with an ``error`` and a ``response.failed`` event instead
-(:class:`~smart_proxy.dialects.responses.ResponsesLines`).
+(:class:`~smart_proxy.dialects.responses.ResponsesLines`). A stream that waits for its
+model's load gets SSE comments meanwhile
+(:func:`~smart_proxy.handlers.openai_routes.waiting_reply`), and ends with an ``error``
+event if the load then fails.
 
 Agent commands are read from the last user input's text. Agents see OpenAI chat shapes,
 so the request is translated to a chat completion request
@@ -30,7 +33,8 @@ from ..metrics import note_model
 from ..upstream import ollama_server
 from ..upstream.relay import RelayBody, UpstreamAnswer
 from . import fleet
-from .openai_routes import open_relay
+from .loading_stream import Framing
+from .openai_routes import open_relay, waiting_reply
 from .reply import Reply, Request, encode_headers, error_reply, json_reply, merge_headers, read_answer
 from .state import ProxyState
 
@@ -72,6 +76,10 @@ async def _here(proxy: ProxyState, request: Request, payload: dict, name: str) -
         request.opened.append(upstream)
         return await _relay(proxy, upstream, target.name)
     num_ctx = openai_dialect.requested_context(payload)
+    if payload.get("stream") is True:
+        waiting = waiting_reply(proxy, request, target.name, raw, _WAITING, num_ctx=num_ctx)
+        if waiting is not None:
+            return waiting
     lease, upstream = await open_relay(proxy, request.path, target.name, raw, num_ctx=num_ctx)
     request.opened.append(upstream)
     return await _relay(proxy, upstream, target.name, lease.release)
@@ -98,10 +106,23 @@ async def _relay(
     limit = proxy.config.proxy.max_answer
     content_type = upstream.headers.get("content-type", "")
     if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
-        lines = dialect.ResponsesLines(limit, model)
-        relayed = RelayBody(upstream, on_error=lines.error, on_done=release, lines=lines)
+        relayed = _stream(upstream, model, limit, release)
         return Reply(200, merge_headers(upstream.headers, _SSE_HEADERS), stream=relayed)
     return await read_answer(upstream, limit, on_done=release, wrap=openai_dialect.upstream_error_body)
+
+
+def _stream(upstream: UpstreamAnswer, model: str, limit: int, on_done: Callable[[], object] | None) -> RelayBody:
+    """A Responses stream relayed a line at a time, complete at a terminal event (else ``error``, ``response.failed``)."""
+    lines = dialect.ResponsesLines(limit, model)
+    return RelayBody(upstream, on_error=lines.error, on_done=on_done, lines=lines)
+
+
+def _error_event(exc: ProxyError, model: str) -> bytes:
+    return dialect.error_events(exc.message, model=model)
+
+
+#: A Responses stream that waits for its load (:func:`~smart_proxy.handlers.openai_routes.waiting_reply`).
+_WAITING = Framing(_stream, _error_event)
 
 
 async def _with_agents(proxy: ProxyState, request: Request, payload: dict, chain: Chain) -> Reply:

@@ -98,6 +98,7 @@ def snapshot(proxy: ProxyState) -> dict[str, Any]:
             "queued": pool.queued,
             "memory_budget": pool.memory_budget,
             "memory_used": pool.memory_used,
+            "gpus": [attrs.asdict(gpu) for gpu in pool.gpus],
         },
         "models": models,
         "queues": depths,
