@@ -203,7 +203,8 @@ SCHEMAS.update(
 )
 #: Routes with no body: any query string and headers.
 BODILESS = ["/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/models", "/health", "/health/ready",
-            "/health/upstreams", "/metrics", "/plugins", "/events", "/logs/<path:model>"]  # fmt: skip
+            "/health/upstreams", "/metrics", "/plugins", "/events", "/logs/<path:model>",
+            "/ui", "/ui/", "/ui/<path:name>"]  # fmt: skip
 #: Routes whose 200 is a stream that does not end by itself: its head and first piece are checked.
 STREAMING = {"/events", "/logs/<path:model>"}
 #: The method each rule is fuzzed with (the app's own, checked by test_every_route_is_fuzzed).
@@ -344,7 +345,7 @@ async def test_fuzz_route(rule: str, proxy_url: str, http: httpx.AsyncClient, ca
         if rule in SCHEMAS
         else st.tuples(st.just(None), st.just("utf-8"), st.just(0), HEADERS, QUERY)
     )
-    digests = st.sampled_from(["sha256:" + "0" * 64, "x", "..%2f..", "%00", "a", "e", "a/b"])
+    digests = st.sampled_from(["sha256:" + "0" * 64, "x", "..%2f..", "%00", "a", "e", "a/b", "app.js", "index.html"])
 
     async def send(path: str, content: bytes | None, headers: dict, query: dict) -> httpx.Response:
         with trio.fail_after(10):
@@ -366,7 +367,7 @@ async def test_fuzz_route(rule: str, proxy_url: str, http: httpx.AsyncClient, ca
     @given(request=requests, digest=digests)
     def fuzz(request: tuple, digest: str) -> None:
         body, encoding, cut, headers, query = request
-        path = rule.replace("<path:digest>", digest).replace("<path:model>", digest)
+        path = rule.replace("<path:digest>", digest).replace("<path:model>", digest).replace("<path:name>", digest)
         content = None if body is None else encode(body, encoding, cut)
         seen = len(caplog.records)
         response = trio.from_thread.run(send, path, content, headers, query)

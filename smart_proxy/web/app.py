@@ -14,7 +14,8 @@ The proxy's own routes: the probes, the detailed health view, the metrics, and t
 view of the pool (no upstream call). ``/health/ready`` is readiness: 200 only
 while the proxy takes new requests, 503 while starting or draining. Both are
 public; ``/metrics`` is Prometheus text and needs a key when keys are set.
-``/plugins`` lists the agents found at start-up. ``/events`` (the live event stream) and
+``/plugins`` lists the agents found at start-up. ``/ui`` is the dashboard, static files
+(:mod:`smart_proxy.handlers.ui_routes`) that need no key: the page asks for one. ``/events`` (the live event stream) and
 ``/logs/MODEL`` (a model's llama-server output) are made in
 :mod:`smart_proxy.handlers.watch_routes`; their streamed replies become Quart streamed
 responses (:func:`_streamed`), which Quart-Trio cancels when the client disconnects.
@@ -41,7 +42,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..errors import ProxyError, Unauthorized, too_large
-from ..handlers import ollama_routes, openai_routes, watch_routes
+from ..handlers import ollama_routes, openai_routes, ui_routes, watch_routes
 from ..handlers.reply import Reply, error_reply, json_reply
 from ..handlers.state import ProxyState
 from ..upstream import ollama_server
@@ -235,6 +236,21 @@ async def model_logs(model: str) -> Response:
     return _streamed(await watch_routes.logs(state(), model, request.args))
 
 
+async def ui_redirect() -> Response:
+    """``GET /ui``: to ``ui/``, where the dashboard's relative URLs resolve (docs/ui.md)."""
+    return _response(await ui_routes.redirect())
+
+
+async def ui_page() -> Response:
+    """``GET /ui/``: the dashboard (docs/ui.md)."""
+    return _response(await ui_routes.page())
+
+
+async def ui_asset(name: str) -> Response:
+    """``GET /ui/NAME``: the dashboard's script and style sheet."""
+    return _response(await ui_routes.asset(name))
+
+
 async def plugins() -> Response:
     """Every discovered agent: name, description, enabled, loaded, or the error that stopped it."""
     return _json({"agents": state().agents.describe()})
@@ -259,4 +275,7 @@ _ROUTES = [
     ("/plugins", ["GET"], plugins),
     ("/events", ["GET"], events),
     ("/logs/<path:model>", ["GET"], model_logs),
+    ("/ui", ["GET"], ui_redirect),
+    ("/ui/", ["GET"], ui_page),
+    ("/ui/<path:name>", ["GET"], ui_asset),
 ]

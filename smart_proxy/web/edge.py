@@ -23,8 +23,9 @@ For each request it
    the metrics, writes one access line, and for a model route publishes a ``request``
    summary on the event bus (docs/events.md).
 
-The probes (``/health``, ``/health/ready``) are public and answered in every
-phase; ``/metrics`` is answered while draining but needs a key like the API.
+The probes (``/health``, ``/health/ready``) and the dashboard's static files (``/ui``,
+``/ui/...``: the page must load to ask for a key) are public and answered in every phase;
+``/metrics`` is answered while draining but needs a key like the API.
 
 No route speaks WebSocket: an upgrade is refused here, before the app sees it,
 with the answer an HTTP request to the path would get for a missing key (401), or
@@ -57,7 +58,7 @@ from ..metrics import Exchange, current_exchange
 from .asgi import send_reply
 from .routes import ROUTES, dispatch
 
-__all__ = ["PUBLIC_PATHS", "EdgeMiddleware"]
+__all__ = ["PUBLIC_PATHS", "EdgeMiddleware", "is_public"]
 
 log = logging.getLogger("smart_proxy.access")
 
@@ -68,6 +69,15 @@ Send = Callable[[Message], Awaitable[None]]
 
 #: Answered without a key and in every phase.
 PUBLIC_PATHS = frozenset({"/health", "/health/ready"})
+#: The dashboard's page and files (static, public) are at this path and under it.
+_UI = "/ui"
+
+
+def is_public(path: str) -> bool:
+    """Whether ``path`` is answered without a key and in every phase: the probes and the dashboard's files."""
+    return path in PUBLIC_PATHS or path == _UI or path.startswith(_UI + "/")
+
+
 #: Answered while draining and not counted in flight.
 _UNCOUNTED = PUBLIC_PATHS | {"/metrics"}
 
@@ -248,7 +258,7 @@ class EdgeMiddleware:
             return error_reply(error, path, {"connection": "close"})
         if self._origins and method == "OPTIONS" and "access-control-request-method" in headers:
             return self._preflight(headers)
-        if path in PUBLIC_PATHS:
+        if is_public(path):
             return None
         try:
             if not self._proxy.lifecycle.accepting and path not in _UNCOUNTED:
@@ -266,7 +276,7 @@ class EdgeMiddleware:
         headers = _wanted_headers(scope["headers"])
         path = scope["path"]
         try:
-            if path not in PUBLIC_PATHS:
+            if not is_public(path):
                 self._proxy.api_keys.check(headers.get("authorization"), headers.get("x-api-key"))
             error = ProxyError(f"{path} does not speak WebSocket: smart-proxy's routes are plain HTTP")
             error.status, error.kind = 404, "not_found"
