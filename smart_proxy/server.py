@@ -257,7 +257,7 @@ async def serve(
         metrics.track(pool, lifecycle)
         upstreams = UpstreamMonitor(client, catalog, bus=bus)
         await nursery.start(upstreams.run)
-        fleet = Fleet(client, config.peers.values(), events=metrics, llama=llama)
+        fleet = Fleet(client, config.peers.values(), events=metrics, llama=llama, bus=bus)
         if fleet:
             metrics.track_peers(fleet.gauges)
             await nursery.start(fleet.run)

@@ -245,7 +245,7 @@ def test_docs_name_every_event_kind() -> None:
 
     text = (Path(__file__).parent.parent / "docs" / "events.md").read_text()
     for kind in ("snapshot", "download", "loading", "loaded", "failed", "crashed", "stopping", "stopped", "queue",
-                 "upstream", "request", "lost", "line"):  # fmt: skip
+                 "upstream", "peer", "request", "lost", "line"):  # fmt: skip
         assert f"`{kind}`" in text, kind
 
 

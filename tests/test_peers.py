@@ -10,6 +10,7 @@ import trio
 
 from smart_proxy.config import structure
 from smart_proxy.errors import UpstreamError
+from smart_proxy.eventbus import EventBus
 from smart_proxy.upstream.peers import Fleet, _ollama_models, _openai_models, _ReadFailed, model_key
 
 KEY = "sk-peer-7e57"
@@ -88,7 +89,7 @@ async def test_refresh_send_and_breaker_with_the_key() -> None:
         assert [g.up for g in fleet.gauges()] == [False]
 
 
-async def test_run_probes_half_open_and_brings_the_peer_back(autojump_clock) -> None:
+async def test_run_probes_half_open_brings_the_peer_back_and_publishes_both(autojump_clock) -> None:
     down = True
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -96,15 +97,22 @@ async def test_run_probes_half_open_and_brings_the_peer_back(autojump_clock) -> 
             raise httpx.ConnectError("refused", request=request)
         return httpx.Response(200, json={"models": [{"name": "x:1b", "size": 1}]})
 
+    bus = EventBus()
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        fleet = Fleet(http, peer_configs(o={"url": "http://o:1", "kind": "ollama", "failures": 1, "cooldown": "5s"}))
+        fleet = Fleet(http, peer_configs(o={"url": "http://o:1", "kind": "ollama", "failures": 1, "cooldown": "5s"}), bus=bus)
         peer = fleet.peers["o"]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(fleet.run)
-            assert not peer.up  # the first read failed: out at once with failures = 1
-            await trio.sleep(4)
-            assert not peer.up and peer.breaker.trips == 1
-            down = False
-            await trio.sleep(2)  # past the cooldown: the half-open probe succeeded
-            assert peer.up and [m.name for m in peer.models.values()] == ["x:1b"]
-            nursery.cancel_scope.cancel()
+        with bus.subscribe() as events:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(fleet.run)
+                assert not peer.up  # the first read failed: out at once with failures = 1
+                await trio.sleep(4)
+                assert not peer.up and peer.breaker.trips == 1
+                down = False
+                await trio.sleep(2)  # past the cooldown: the half-open probe succeeded
+                assert peer.up and [m.name for m in peer.models.values()] == ["x:1b"]
+                nursery.cancel_scope.cancel()
+            seen = [(e.kind, e.data) for e in await events.get()]
+    # its going out and its coming back, each once (the probes while it was out are not news)
+    assert [kind for kind, _ in seen] == ["peer", "peer"]
+    assert seen[0][1]["name"] == "o" and seen[0][1]["status"] == "down" and "refused" in seen[0][1]["error"]
+    assert seen[1][1] == {"name": "o", "status": "ok", "models": ["x:1b"]}

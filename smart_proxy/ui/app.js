@@ -18,6 +18,8 @@ const state = {
   pool: null,
   models: new Map(), // name -> the snapshot's entry, kept current by the events
   memory: new Map(), // name -> /v1/models' memory estimate (bytes)
+  role: "node", // "router": no pool of its own, every model is a peer's
+  peers: [], // the [peer:NAME] servers as /health reports them
 };
 
 // ---- small helpers --------------------------------------------------------------------------
@@ -173,6 +175,8 @@ function applySnapshot(snapshot) {
   state.phase = snapshot.phase;
   state.pool = snapshot.pool;
   state.models = new Map(snapshot.models.map((model) => [model.model, model]));
+  state.role = snapshot.role || "node";
+  state.peers = snapshot.peers || [];
   render();
   refreshMemory();
 }
@@ -223,6 +227,9 @@ function onEvent(kind, text) {
     case "request":
       addActivity(data);
       refreshSoon();
+      break;
+    case "peer":
+      refreshSoon(0);
       break;
     default:
       return;
@@ -359,13 +366,42 @@ function render() {
   }
   const body = $("models").tBodies[0];
   body.replaceChildren(...[...state.models.values()].map(modelRow));
+  renderPeers();
   const select = $("chat-model");
   const chosen = select.value;
   const names = [...state.models.keys()];
+  for (const peer of state.peers) {
+    if (peer.status !== "ok") continue;
+    for (const name of peer.models) if (!names.includes(name)) names.push(name);
+  }
   if (names.join("\n") !== [...select.options].map((option) => option.value).join("\n")) {
     select.replaceChildren(...names.map((name) => el("option", { value: name }, name)));
     if (names.includes(chosen)) select.value = chosen;
   }
+}
+
+function renderPeers() {
+  const section = $("peers-section");
+  section.hidden = !state.peers.length;
+  $("role").textContent = state.role === "router" ? "router: every model is a peer's" : "";
+  $("peers").tBodies[0].replaceChildren(
+    ...state.peers.map((peer) => {
+      const models = peer.models.map((name) =>
+        el("span", { class: peer.loaded.includes(name) ? "peer-model loaded" : "peer-model" }, name));
+      const why = peer.status === "ok" ? "" : peer.error || "";
+      return el(
+        "tr",
+        { dataset: { peer: peer.name, status: peer.status } },
+        el("td", { class: "name", title: peer.url }, peer.name),
+        el("td", {}, peer.kind),
+        el("td", {}, el("span", { class: `status badge ${peer.status === "ok" ? "loaded" : "failed"}` }, peer.status)),
+        el("td", { class: "error muted", title: why }, why.slice(0, 120)),
+        el("td", { class: "peer-models" }, ...models),
+        el("td", { class: "in-flight" }, String(peer.in_flight)),
+        el("td", { class: "served" }, String(peer.served)),
+      );
+    }),
+  );
 }
 
 // The loading seconds count up between events.

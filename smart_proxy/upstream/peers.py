@@ -45,6 +45,7 @@ import trio
 from ..breaker import Breaker, BreakerState
 from ..config import PeerConfig
 from ..errors import UpstreamError, UpstreamTimeout
+from ..eventbus import EventBus
 from ..metrics import PeerGauge
 from ..routing import HOPS_HEADER
 from .client import LlamaClient
@@ -131,8 +132,11 @@ class Fleet:
         peers: Iterable[PeerConfig] = (),
         events: PeerEvents | None = None,
         llama: LlamaClient | None = None,
+        bus: EventBus | None = None,
     ) -> None:
         self._http = http
+        #: Where a peer's going out and coming back is published (a ``peer`` event).
+        self._bus = bus
         #: The proxy's own HTTP/1.1 client, for requests to ``http://`` peers (httpx for ``https://``).
         self._llama = llama
         self.peers: dict[str, Peer] = {config.name: Peer(config) for config in peers}
@@ -226,7 +230,7 @@ class Fleet:
             self._failed(peer, exc.message)
             self._note(peer, "failed")
             raise
-        peer.breaker.success()
+        self._succeeded(peer)
         peer.in_flight += 1
         peer.served += 1
         self._note(peer, "ok")
@@ -241,6 +245,23 @@ class Fleet:
         peer.breaker.failure(trio.current_time(), reason)
         if was_up and not peer.up:
             log.warning("peer %r is taken out (circuit open for %gs): %s", peer.name, peer.breaker.cooldown, reason)
+            self._publish(peer)
+
+    def _succeeded(self, peer: Peer) -> None:
+        was_up = peer.up
+        peer.breaker.success()
+        if not was_up and peer.up:
+            log.info("peer %r is back (%d models)", peer.name, len(peer.models))
+            self._publish(peer)
+
+    def _publish(self, peer: Peer) -> None:
+        """A ``peer`` event: ``peer`` has gone out (``down``, with why) or come back (``ok``, with its models)."""
+        if self._bus is None:
+            return
+        if peer.up:
+            self._bus.publish("peer", name=peer.name, status="ok", models=sorted(m.name for m in peer.models.values()))
+        else:
+            self._bus.publish("peer", name=peer.name, status="down", error=peer.breaker.reason)
 
     # ---- the background task ------------------------------------------------------------
 
@@ -275,12 +296,9 @@ class Fleet:
             peer.error = str(exc)
             self._failed(peer, f"cannot read the models of peer {peer.name!r} ({peer.base_url}): {exc}")
             return False
-        was_up = peer.up
         peer.models = {model_key(model.name): model for model in models if peer.config.serves(model.name)}
         peer.learned_at, peer.error = trio.current_time(), None
-        peer.breaker.success()
-        if not was_up and peer.up:
-            log.info("peer %r is back (%d models)", peer.name, len(peer.models))
+        self._succeeded(peer)
         return True
 
     async def _learn(self, peer: Peer) -> list[PeerModel]:

@@ -285,3 +285,32 @@ def test_the_dashboard_shows_downloads_failures_and_queues(browser, proxy_proces
     expect(page.locator("#activity tbody tr", has_text="/v1/chat/completions (stream)")).to_have_count(2, timeout=10_000)
     expect(rows["a"].locator("td.queued")).to_have_text("0")
     assert errors == []
+
+
+def test_a_router_dashboard_shows_its_peers_going_down_and_back(browser, proxy_process, fake_binary: str, tmp_path: Path):
+    """A router's page: its peer, the peer's models (in the playground's list too), the peer out and back."""
+    from playwright.sync_api import expect
+
+    (tmp_path / "remote.json").write_text("{}")
+    node_ini = f"[pool]\nllama_server = {fake_binary}\nload_timeout = 10s\n[model:remote]\npath = {tmp_path / 'remote.json'}\n"
+    node = proxy_process(node_ini)
+    router = proxy_process(
+        f"[peer:node]\nurl = {node.url}\nkind = smart-proxy\nrefresh = 1s\nfailures = 1\ncooldown = 1s\n"
+    )
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(router.url + "/ui/")
+    row = page.locator('#peers tr[data-peer="node"]')
+    expect(row).to_have_attribute("data-status", "ok", timeout=20_000)
+    expect(row.locator("td.peer-models")).to_have_text("remote")
+    expect(page.locator("#role")).to_contain_text("router")
+    expect(page.locator("#chat-model option[value='remote']")).to_have_count(1)
+
+    port = node.url.rsplit(":", 1)[1]
+    node.stop()
+    expect(row).to_have_attribute("data-status", "down", timeout=20_000)
+    expect(row.locator("td.error")).not_to_be_empty()
+    proxy_process(node_ini, "--port", port)  # the node again, on its port: the router's probe brings it back
+    expect(row).to_have_attribute("data-status", "ok", timeout=30_000)
+    assert errors == []
