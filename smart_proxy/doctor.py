@@ -8,6 +8,9 @@ would (a llama-server that dies by a signal is named there); free memory against
 the GPUs models are placed on (``[pool] gpus``) against the largest model; free disk in the Hugging
 Face cache against what is still to download.
 
+A router (``[peer:NAME]`` sections and nothing it could load: ``Config.role``) runs no
+llama-server: its checks are the config, the CPU, and each peer answering its list of models.
+
 A check is ``ok``, ``warn`` (worth knowing, not a failure) or ``FAIL``. :func:`run` returns 0
 only when nothing failed.
 """
@@ -28,7 +31,7 @@ import trio
 from .auth import ApiKeys
 from .binary import cpu_flags, cpu_name, inspect_build
 from .catalog import describe
-from .config import AUTO_GPUS, PACKAGE_PREFIX, Config, ModelConfig, gpu_setting, load_config
+from .config import AUTO_GPUS, PACKAGE_PREFIX, Config, ModelConfig, PeerConfig, gpu_setting, load_config
 from .download import Hub
 from .errors import ConfigError
 from .placement import Gpu, read_nvidia_smi
@@ -64,6 +67,13 @@ def run(config_path: str, model: str | None = None, out: Callable[[str], None] =
             out(f"      -> {check.fix}")
 
     config = _config(config_path, report)
+    if config is not None and config.role == "router":
+        report(Check("ok", "cpu", f"{cpu_name()}, {os.cpu_count()} cores (a router: no llama-server runs here)"))
+        for peer in config.peers.values():
+            _peer(peer, report)
+        failed = sum(c.status == "FAIL" for c in checks)
+        out("all checks passed" if not failed else f"{failed} check{'s' if failed > 1 else ''} failed")
+        return 1 if failed else 0
     binary = _llama_server(config.pool.llama_server if config else "auto", report)
     flags = cpu_flags()
     have = [f for f in _FEATURES if f in flags]
@@ -81,6 +91,32 @@ def run(config_path: str, model: str | None = None, out: Callable[[str], None] =
     failed = sum(c.status == "FAIL" for c in checks)
     out("all checks passed" if not failed else f"{failed} check{'s' if failed > 1 else ''} failed")
     return 1 if failed else 0
+
+
+#: The route a peer of each kind lists its models on.
+_PEER_LISTS = {"smart-proxy": "/v1/models", "openai": "/v1/models", "ollama": "/api/tags"}
+
+
+def _peer(peer: PeerConfig, report: Callable[[Check], None]) -> None:
+    """Whether ``peer`` answers its list of models (with its key), and how many it has."""
+    route = _PEER_LISTS[peer.kind]
+    headers = {"Authorization": f"Bearer {peer.api_key}"} if peer.api_key else {}
+    name = f"peer {peer.name}"
+    try:
+        response = httpx.get(peer.url.rstrip("/") + route, headers=headers, timeout=max(peer.timeout, 5.0))
+        body = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError) as exc:
+        report(Check("FAIL", name, f"{peer.url}{route}: {exc.__class__.__name__}: {exc}",
+                     f"start it, or fix [peer:{peer.name}] url (and the network between)"))
+        return
+    if body is None:
+        fix = f"set [peer:{peer.name}] api_key" if response.status_code in (401, 403) else "see the peer's own log"
+        report(Check("FAIL", name, f"{peer.url}{route} answered {response.status_code}", fix))
+        return
+    models = body.get("models") if peer.kind == "ollama" else body.get("data")
+    count = len(models) if isinstance(models, list) else 0
+    report(Check("ok" if count else "warn", name, f"{peer.kind} at {peer.url}: {count} models",
+                 None if count else "it serves nothing yet: pull or configure a model there"))
 
 
 def _config(path: str, report: Callable[[Check], None]) -> Config | None:

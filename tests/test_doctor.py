@@ -143,3 +143,25 @@ def test_gpus_are_listed_against_the_largest_model(tmp_path: Path, monkeypatch: 
     (big,) = checks({"gpus": "0:1GiB, 1:1GiB"}, {"a": 4 * 10**9})
     assert big.status == "warn" and "a needs about 4.0 GB, more than all of them" in big.text and "allow_partial" in big.fix
     assert checks({"gpus": "0:1GiB"}, {"a": 4 * 10**9}, {"allow_partial": "true"})[0].status == "ok"
+
+
+def test_a_router_is_checked_by_its_peers_not_a_llama_server(tmp_path: Path, fake_ollama) -> None:
+    ini = tmp_path / "router.ini"
+    ini.write_text(
+        "[pool]\nllama_server = /nonexistent/llama-server\n"
+        f"[peer:box]\nurl = {fake_ollama.url}\nkind = ollama\n"
+        "[peer:gone]\nurl = http://127.0.0.1:9\nkind = smart-proxy\n"
+    )
+    code, lines = _run(str(ini))
+    assert code == 1
+    assert lines[0].startswith("ok    config:") and "a router: no llama-server runs here" in lines[1]
+    assert not any("llama-server" in line.split(":")[0] for line in lines)  # no llama-server check at all
+    box = next(line for line in lines if line.startswith(("ok    peer box", "warn  peer box")))
+    assert f"ollama at {fake_ollama.url}" in box
+    gone = lines.index(next(line for line in lines if line.startswith("FAIL  peer gone")))
+    assert "http://127.0.0.1:9/v1/models" in lines[gone] and "start it, or fix [peer:gone] url" in lines[gone + 1]
+    assert lines[-1] == "1 check failed"
+
+    ini.write_text(ini.read_text().split("[peer:gone]")[0])
+    code, lines = _run(str(ini))
+    assert code == 0 and lines[-1] == "all checks passed"
