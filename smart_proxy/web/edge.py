@@ -199,7 +199,8 @@ class EdgeMiddleware:
             seconds = trio.current_time() - exchange.started
             if path in ROUTES:
                 self._proxy.bus.publish("request", **_summary(exchange, request_id, method, path, seconds))
-            log.log(
+            logs.emit(
+                log,
                 logging.INFO if counted else logging.DEBUG,
                 "%s %s %d %.3fs%s%s",
                 method,
