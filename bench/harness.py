@@ -425,16 +425,23 @@ def project_python() -> str:
 
 
 class SmartProxy:
-    """smart-proxy as a process pinned to the proxy core (or ``cpu``), with models served by the fake upstream."""
+    """smart-proxy as a process pinned to the proxy core (or ``cpu``), with models served by the fake upstream.
 
-    def __init__(self, workdir: Path, name: str, ini: str, cpu: int = PROXY_CPU) -> None:
+    It logs at ``log_level`` (default: ``$BENCH_PROXY_LOG`` or ``info``, the level users
+    run) in ``log_format`` (default: ``$BENCH_PROXY_FORMAT`` or ``text``), to a file.
+    """
+
+    def __init__(self, workdir: Path, name: str, ini: str, cpu: int = PROXY_CPU, *, log_level: str | None = None,
+                 log_format: str | None = None) -> None:
         self.config = workdir / f"{name}.ini"
         self.config.write_text(ini)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log_level = log_level or os.environ.get("BENCH_PROXY_LOG", "info")
+        self.log_format = log_format or os.environ.get("BENCH_PROXY_FORMAT", "text")
         self.process = start(
             pinned(cpu, [project_python(), "-m", "smart_proxy", "--config", str(self.config), "--port",
-                               str(self.port), "--log-level", os.environ.get("BENCH_PROXY_LOG", "warning")]),
+                         str(self.port), "--log-level", self.log_level, "--log-format", self.log_format]),
             log_path=workdir / f"{name}.log", cwd=PROXY_REPO,
             env={**os.environ, "PYTHONPATH": str(PROXY_REPO)},
         )

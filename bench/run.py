@@ -55,9 +55,10 @@ def machine() -> dict:
 
 
 def python_loop_ms() -> float:
-    """A speed index of the proxy's core right now: ms for 3 million iterations of a Python loop.
+    """The Python speed index of the proxy's core right now: ms for 3 million iterations of a Python loop.
 
-    About 150-200 ms on an idle modern core; several times that when the machine is shared.
+    Lower is faster. It names how fast the machine ran Python when the figures beside it were
+    taken, so tables from two machines (or one machine idle and busy) can be read side by side.
     """
     code = (
         "import time\nt = time.perf_counter()\ns = 0\nfor i in range(3_000_000): s += i\n"
@@ -65,6 +66,27 @@ def python_loop_ms() -> float:
     )
     done = subprocess.run(h.pinned(h.PROXY_CPU, [sys.executable, "-c", code]), capture_output=True, text=True)
     return round(float(done.stdout.strip() or "nan"))
+
+
+def machine_label(machine: dict) -> str:
+    """The CPU model and its Python speed index, as every table of the report names them."""
+    return f"{machine['cpu']}, Python speed index {machine.get('python_loop_ms', '?')} ms"
+
+
+def cpu_tag(cpu: str) -> str:
+    """A results.json tag for a CPU model: ``AMD EPYC`` -> ``amd-epyc``."""
+    words = "".join(c if c.isalnum() else " " for c in cpu.lower()).split()
+    return "-".join(w for w in words if w not in ("cpu", "processor", "r", "tm"))[:40] or "cpu"
+
+
+def keep_other_machine(results: dict, key: str, machine: dict) -> None:
+    """Move ``results[key]`` to ``KEY@CPU`` if it was measured on another CPU model, so a new run keeps it."""
+    old = results.get(key)
+    if old is None:
+        return
+    cpu = old["meta"]["machine"]["cpu"]
+    if cpu != machine["cpu"]:
+        results[f"{key}@{cpu_tag(cpu)}"] = old
 
 
 def commit() -> str:
@@ -105,6 +127,8 @@ def targets(result: dict) -> list[str]:
 
 def print_result(result: dict) -> None:
     print(f"\n## {result['title']}\n")
+    if "meta" in result:
+        print(f"_{machine_label(result['meta']['machine'])}_\n")
     print("\n".join(table(result)))
     print()
     print("\n".join(targets(result)))
@@ -132,25 +156,32 @@ def write_report(all_results: dict) -> None:
         "same time; treat differences of a few percent as noise, and compare targets within one run.",
         "",
     ]
-    lines += ["## Targets at a glance", "", "| scenario | target | goal | measured | met |", "|---|---|---|---|---|"]
+    lines += ["The **Python speed index** beside every table is the time of a fixed 3-million-iteration Python loop "
+              "on the proxy core at the start of the scenario (`bench/run.py` `python_loop_ms`): lower is faster. "
+              "Compare figures only between tables with the same CPU model and a similar index; results of an "
+              "earlier machine are kept under their own heading (`SCENARIO@CPU`), not overwritten.", ""]
+    lines += ["## Targets at a glance", "", "| scenario | CPU, Python speed index | target | goal | measured | met |",
+              "|---|---|---|---|---|---|"]
     for name, result in all_results.items():
         if "@" in name:
-            continue  # tagged runs (another checkout) are shown below, not summarised
+            continue  # tagged runs (another checkout or machine) are shown below, not summarised
+        label = machine_label(result["meta"]["machine"])
         for t in result["targets"]:
             met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
-            lines.append(f"| {result['title'].split(' (')[0]} | {t['what']} | {t['goal']} | {t['measured']} | {met} |")
+            lines.append(f"| {result['title'].split(' (')[0]} | {label} | {t['what']} | {t['goal']} | "
+                         f"{t['measured']} | {met} |")
     lines.append("")
     for name, result in all_results.items():
         meta = result["meta"]
         m = meta["machine"]
         tag = f" [{name.split('@', 1)[1]}]" if "@" in name else ""
-        lines += [f"## {result['title']}{tag}", "",
+        lines += [f"## {result['title']}{tag}", "", f"**CPU: {machine_label(m)}.** ",
                   f"_{meta['date']}, commit `{meta['commit']}`{' (quick run)' if meta.get('quick') else ''}"
                   f"{', niceness ' + str(meta['nice']) if meta.get('nice') else ''}; "
                   f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Linux {m['kernel']}, Python {m['python']} "
                   f"(trio {m['trio']}, httpx {m['httpx']}, h11 {m['h11']}), {m['go']}; "
                   f"load average {m['load_avg_at_start']:.2f} at start; Python speed index "
-                  f"{m.get('python_loop_ms', '?')} ms (3M-iteration loop on the proxy core; ~150-200 ms when idle)._", ""]
+                  f"{m.get('python_loop_ms', '?')} ms (3M-iteration loop on the proxy core; lower is faster)._", ""]
         lines += table(result) + [""] + targets(result) + [""]
         lines += [f"- {note}" for note in result["notes"]]
         png = name.replace("@", "-") + ".png"
@@ -218,7 +249,9 @@ def main() -> int:
             result = scenarios.SCENARIOS[name](ctx)
             result["meta"] = {**stamp, "seconds": round(time.monotonic() - began, 1)}
             print_result(result)
-            results[f"{name}@{args.tag}" if args.tag else name] = result
+            key = f"{name}@{args.tag}" if args.tag else name
+            keep_other_machine(results, key, stamp["machine"])
+            results[key] = result
             if not args.no_report:
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
                 RESULTS.write_text(json.dumps(results, indent=1))

@@ -43,7 +43,7 @@ class Router:
         self.port = h.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [h.project_python(), "-m", "smart_proxy", "--config", str(self.config), "--port", str(self.port),
-                "--log-level", os.environ.get("BENCH_PROXY_LOG", "warning"), "--workers", str(workers)]
+                "--log-level", os.environ.get("BENCH_PROXY_LOG", "info"), "--workers", str(workers)]
         self.process = h.start(["taskset", "-c", cpus, *argv], log_path=workdir / f"{name}.log", cwd=h.PROXY_REPO,
                                env={**os.environ, "PYTHONPATH": str(h.PROXY_REPO)})
         self.workers = workers

@@ -58,18 +58,33 @@ BARE_NOTE = ("trio-bare = bench/floor.py --bare: the same relay behind a hand-wr
 # ---- 1. request overhead -------------------------------------------------------------------
 
 
+#: The overhead scenario's smart-proxy rows: (row name, --log-level, --log-format). The first is
+#: what users run (the default level, text); JSON lines are the other format; warning, which
+#: writes no line per request, is there only to show what the lines cost.
+PROXY_ROWS = (("smart-proxy", "info", "text"), ("smart-proxy (json logs)", "info", "json"),
+              ("smart-proxy (warning)", "warning", "text"))
+PROXY_ROWS_NOTE = ("smart-proxy runs as users run it: the default log level (info: an access line per request) "
+                   "in text, with proxy.ini's default Hypercorn settings and its metrics; "
+                   "'smart-proxy (json logs)' is the same with --log-format json, and 'smart-proxy (warning)' "
+                   "(--log-level warning: no line per request) is only a comparison, for what the lines cost")
+
+
 def overhead(ctx: Context) -> dict:
     """Non-streamed chat through each target, 1 / 64 / 256 keep-alive clients (wrk)."""
     body = json.dumps(CHAT)
-    proxy = h.SmartProxy(ctx.work, "s1", h.fake_model_ini(ctx.work, ctx.go, {"bench": {"slots": 4}}))
-    status, _ = h.post_json(f"{proxy.url}/v1/chat/completions", CHAT)
-    assert status == 200, status
+    proxies = {}
+    for i, (name, level, fmt) in enumerate(PROXY_ROWS):
+        ini = h.fake_model_ini(ctx.work, ctx.go, {"bench": {"slots": 4}})
+        proxies[name] = h.SmartProxy(ctx.work, f"s1-{i}", ini, log_level=level, log_format=fmt)
+        status, _ = h.post_json(f"{proxies[name].url}/v1/chat/completions", CHAT)
+        assert status == 200, status
+    proxy = proxies["smart-proxy"]
     upstream = f"http://127.0.0.1:{proxy.upstream_port('bench')}"
     _, go_url = h.start_goproxy(ctx.work, ctx.go, upstream)
     floor, floor_url = h.start_floor(ctx.work, upstream)
     targets = {"direct": (upstream, None), "go-httputil": (go_url, None), "hypercorn-floor": (floor_url, floor.pid),
-               "smart-proxy": (proxy.url, proxy.pid)}
-    notes = [FLOOR_NOTE]
+               **{name: (p.url, p.pid) for name, p in proxies.items()}}
+    notes = [FLOOR_NOTE, PROXY_ROWS_NOTE]
     litellm = None
     auth = {"litellm": ""}
     if ctx.litellm_status == "ok" and h.litellm_binary():
@@ -111,7 +126,8 @@ def overhead(ctx: Context) -> dict:
                   f"p99 {result['p99_ms']:.3f} ms  errors {result['errors']}  {cpu.summary()}")
     if litellm is not None:
         litellm.stop()
-    proxy.stop()
+    for p in proxies.values():
+        p.stop()
     h.stop(floor)
 
     def row(name: str, clients: int) -> dict:
@@ -128,7 +144,24 @@ def overhead(ctx: Context) -> dict:
         base = row("direct", r["clients"])
         r["added_p50_ms"] = round(r["p50_ms"] - base["p50_ms"], 3)
         r["vs_go_rps"] = round(ratio(r["rps"], row("go-httputil", r["clients"])["rps"]), 2)
+    cpu = {(r["target"], r["clients"]): r["cpu_ms_per_req"] for r in rows if r["cpu_ms_per_req"] is not None}
+
+    def cpu_ratio(a: tuple[str, int], b: tuple[str, int]) -> float:
+        return ratio(cpu.get(a, 0), cpu.get(b, 0))
+
+    vs_floor = {c: cpu_ratio(("smart-proxy", c), ("hypercorn-floor", c)) for c in (1, 64, 256)}
+    growth, floor_growth = cpu_ratio(("smart-proxy", 256), ("smart-proxy", 64)), cpu_ratio(
+        ("hypercorn-floor", 256), ("hypercorn-floor", 64))
+    line_cost = {fmt: cpu_ratio((name, 1), ("smart-proxy (warning)", 1)) - 1
+                 for fmt, name in (("text", "smart-proxy"), ("json", "smart-proxy (json logs)"))}
     targets_out = [
+        target("CPU per request vs the Hypercorn floor (1 / 64 / 256 clients)", "<= 1.25x",
+               " / ".join(f"{vs_floor[c]:.2f}x" for c in (1, 64, 256)), max(vs_floor.values()) <= 1.25),
+        target("CPU per request at 256 vs 64 clients", "<= 1.10x",
+               f"{growth:.2f}x (floor: {floor_growth:.2f}x)", growth <= 1.10),
+        target("access lines' share of CPU per request at 1 client (info vs warning)", "<= 5 % (text, json)",
+               f"{100 * line_cost['text']:+.1f} % / {100 * line_cost['json']:+.1f} %",
+               max(line_cost.values()) <= 0.05),
         target("added p50 at 1 client", "<= 0.8 ms", f"{added_p50:.3f} ms (Go: {go1['p50_ms'] - direct1['p50_ms']:.3f}; "
                f"floor: {fl1['p50_ms'] - direct1['p50_ms']:.3f})", added_p50 <= 0.8),
         target("added p99 at 1 client", "<= 3 ms", f"{added_p99:.3f} ms (floor: {fl1['p99_ms'] - direct1['p99_ms']:.3f})",

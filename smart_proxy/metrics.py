@@ -268,14 +268,16 @@ class Metrics(PoolEvents):
 
     # ---- requests ----------------------------------------------------------------------
 
-    def observe(self, exchange: Exchange) -> None:
-        """Count a finished request; call once, when its last byte has gone (or the client has)."""
+    def observe(self, exchange: Exchange, tokens: tuple[int, int] | None) -> None:
+        """Count a finished request; call once, when its last byte has gone (or the client has).
+
+        ``tokens``: ``exchange.usage.tokens()`` (read once by the caller, who needs them too), or None.
+        """
         route, model = exchange.route, exchange.model
         self.requests.labels(route, model, str(exchange.status), exchange.peer).inc()
         self.latency.labels(route, model).observe(trio.current_time() - exchange.started)
         if exchange.first_byte is not None:
             self.ttft.labels(route, model).observe(exchange.first_byte - exchange.started)
-        tokens = exchange.usage.tokens() if exchange.usage is not None else None
         if tokens is not None:
             self.prompt_tokens.labels(model).inc(tokens[0])
             self.completion_tokens.labels(model).inc(tokens[1])

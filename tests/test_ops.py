@@ -20,6 +20,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from smart_proxy import logs
 from smart_proxy.auth import ApiKeys
 from smart_proxy.config import Config, load_config
 from smart_proxy.errors import ConfigError, Unauthorized
@@ -592,6 +593,77 @@ def test_text_logs_tag_lines_with_the_request_id(proxy_process, fake_binary: str
     assert any(" smart_proxy.access [rid-7]: POST /v1/chat/completions 200 " in line for line in lines)
     # llama-server outlives the request that started it: its output carries no request id
     assert any("smart_proxy.process: [a] main: server is listening" in line for line in lines)
+
+
+def _record(message: str, *args: object, exc: bool = False, rid: str | None = None) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            import sys
+
+            exc_info = sys.exc_info()
+    record = logging.LogRecord("smart_proxy.access", logging.INFO, "", 0, message, args, exc_info)
+    token = logs.request_id.set(rid)
+    try:
+        logs.RequestIdFilter().filter(record)
+    finally:
+        logs.request_id.reset(token)
+    return record
+
+
+@pytest.mark.parametrize("rid", ["rid-1", None])
+@pytest.mark.parametrize("exc", [False, True])
+def test_text_lines_are_the_stdlib_formatters(rid: str | None, exc: bool) -> None:
+    record = _record("%s %s %d %.3fs", "POST", "/v1/chat/completions", 200, 0.0125, exc=exc, rid=rid)
+    ours = logs.TextFormatter().format(record)
+    assert ours == logging.Formatter(logs._TEXT_FORMAT).format(record)
+    assert (f" [{rid}]: " if rid else "smart_proxy.access: ") in ours and ("ValueError: boom" in ours) == exc
+
+
+@pytest.mark.parametrize("rid", ["rid-1", None])
+@pytest.mark.parametrize("exc", [False, True])
+def test_json_lines_are_what_json_dumps_writes(rid: str | None, exc: bool) -> None:
+    record = _record('say "%s"\n\u00e9t\u00e9 \\ %d', "h\u00e9llo \U0001f600", 3, exc=exc, rid=rid)
+    line = logs.JsonFormatter().format(record)
+    entry = json.loads(line)
+    expected = {"time": entry["time"], "level": "info", "logger": "smart_proxy.access", "message": record.getMessage()}
+    if rid:
+        expected["request_id"] = rid
+    if exc:
+        expected["exc"] = entry["exc"]
+        assert entry["exc"].startswith("Traceback") and "ValueError: boom" in entry["exc"]
+    assert line == json.dumps(expected, ensure_ascii=False)
+    assert time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) == entry["time"][:19]
+    assert entry["time"].endswith(f".{int(record.msecs):03d}Z")
+
+
+def test_emit_logs_only_at_an_enabled_level(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("smart_proxy.test_emit")
+    with caplog.at_level(logging.INFO, logger="smart_proxy.test_emit"):
+        logs.emit(logger, logging.DEBUG, "not %s", "this")
+        logs.emit(logger, logging.INFO, "GET %s %d", "/v1/models", 200)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.INFO, "GET /v1/models 200")]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_no_access_line_is_lost_at_shutdown(proxy_process, fake_binary: str, tmp_path: Path, fmt: str) -> None:
+    requests = 300
+    proxy = proxy_process(_ini(tmp_path, fake_binary, {}), "--log-level", "info", "--log-format", fmt)
+    with httpx.Client(base_url=proxy.url, timeout=30) as client:
+        for n in range(requests):
+            assert client.get("/v1/models", headers={"X-Request-Id": f"last-{n}"}).status_code == 200
+    proxy.process.send_signal(signal.SIGTERM)  # at once: the last lines are the newest
+    assert proxy.process.wait(30) == 0
+    text = proxy.log()
+    if fmt == "json":
+        access = [entry for entry in map(json.loads, text.splitlines()) if entry["logger"] == "smart_proxy.access"]
+        ids = [entry["request_id"] for entry in access if entry["message"].startswith("GET /v1/models 200 ")]
+    else:
+        ids = [line.split(" [", 1)[1].split("]", 1)[0] for line in text.splitlines() if "]: GET /v1/models 200 " in line]
+    assert ids == [f"last-{n}" for n in range(requests)]
+    assert "stopped listening" in text
 
 
 # ---- drain ----------------------------------------------------------------------------------

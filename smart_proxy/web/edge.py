@@ -122,9 +122,10 @@ def _dialect(path: str) -> str:
     return "anthropic" if is_anthropic_route(path) else "openai"
 
 
-def _summary(exchange: Exchange, request_id: str, method: str, path: str, seconds: float) -> dict[str, Any]:
+def _summary(
+    exchange: Exchange, tokens: tuple[int, int] | None, request_id: str, method: str, path: str, seconds: float
+) -> dict[str, Any]:
     """The ``request`` event of a finished model-route request (docs/events.md)."""
-    tokens = exchange.usage.tokens() if exchange.usage is not None else None
     ttft = exchange.first_byte - exchange.started if exchange.first_byte is not None else None
     completion = tokens[1] if tokens is not None else None
     # generation time: from the first byte of a stream, else the whole request
@@ -206,11 +207,14 @@ class EdgeMiddleware:
             finished = True
             if not exchange.status:
                 exchange.status = _CLIENT_GONE
-            self._proxy.metrics.observe(exchange)
+            # the usage report is found by scanning the answer's head and tail: once, for both
+            tokens = exchange.usage.tokens() if exchange.usage is not None else None
+            self._proxy.metrics.observe(exchange, tokens)
             seconds = trio.current_time() - exchange.started
             if path in ROUTES:
-                self._proxy.bus.publish("request", **_summary(exchange, request_id, method, path, seconds))
-            log.log(
+                self._proxy.bus.publish("request", **_summary(exchange, tokens, request_id, method, path, seconds))
+            logs.emit(
+                log,
                 logging.INFO if counted else logging.DEBUG,
                 "%s %s %d %.3fs%s%s",
                 method,

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Instructions per request, whatever else the machine runs: ``python bench/instructions.py``.
+
+CPU time per request moves by tens of percent on a shared machine; the number of
+instructions the proxy runs per request does not. This runs smart-proxy under
+``valgrind --tool=callgrind`` (instrumentation off until the load is warm) behind
+the Go fake upstream, drives it with one long wrk run per load level, and counts
+the instructions of a window of that run (``callgrind_control -i on``, ``-z``,
+``-d``), divided by the access lines written in the window. Loads run one after
+another (``--parallel`` runs them at once: valgrind's counts do not depend on it).
+User-space instructions only: system calls' kernel time, cache misses and the
+clock are not in them, so read them beside ``bench/run.py``'s CPU time, not
+instead of it. ``--line`` counts the instructions of one access line instead
+(``smart_proxy.logs``'s handler into a line-buffered file, 2,000 lines against none).
+``--keep DIR`` keeps the callgrind files (``callgrind_annotate FILE``).
+
+Needs valgrind (with ``callgrind_control``), go and wrk; the proxy runs about fifty times slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness as h  # noqa: E402
+import scenarios  # noqa: E402
+
+_LINE_SCRIPT = """
+import logging, sys
+from smart_proxy import logs
+fmt, n, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+logs.setup_logging("info", fmt, open(path, "w", buffering=1))
+log = logging.getLogger("smart_proxy.access")
+logs.request_id.set("9dd79f1d1ad0983b00000000c5a31f99")
+for _ in range(200 + n):
+    logs.emit(log, logging.INFO, "%s %s %d %.3fs%s%s", "POST", "/v1/chat/completions", 200, 0.0012, " model=bench", "")
+"""
+
+
+def _collected(argv: list[str], env: dict) -> int:
+    done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+                          capture_output=True, text=True, env=env)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if found is None:
+        raise RuntimeError(done.stderr[-2000:])
+    return int(found.group(1))
+
+
+def line_cost(fmt: str, work: Path) -> int:
+    """Instructions of one access line in ``fmt``: 2,000 lines' run minus an empty run."""
+    env = {**os.environ, "PYTHONPATH": str(h.PROXY_REPO)}
+    argv = [h.project_python(), "-c", _LINE_SCRIPT, fmt]
+    runs = [_collected([*argv, str(n), str(work / f"lines-{n}.log")], env) for n in (0, 2000)]
+    return (runs[1] - runs[0]) // 2000
+
+
+def _total(path: str) -> int:
+    with open(path) as file:
+        for line in file:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    return 0
+
+
+def per_request(work: Path, go: h.GoBinaries, clients: int, args: argparse.Namespace) -> dict:
+    """Instructions per request at ``clients`` keep-alive wrk clients (see the module docstring)."""
+    ini = work / f"c{clients}.ini"
+    ini.write_text(h.fake_model_ini(work, go, {"bench": {"slots": args.slots}}))
+    port = h.free_port()
+    out = work / f"callgrind.c{clients}.out"
+    log_path = work / f"c{clients}.log"
+    argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+            h.project_python(), "-m", "smart_proxy", "--config", str(ini), "--port", str(port),
+            "--log-level", "info", "--log-format", args.log_format]
+    process = h.start(argv, log_path=log_path, cwd=h.PROXY_REPO, env={**os.environ, "PYTHONPATH": str(h.PROXY_REPO)})
+
+    def lines() -> int:
+        return log_path.read_text(errors="replace").count("smart_proxy.access")
+
+    try:
+        url = f"http://127.0.0.1:{port}"
+        h.wait_http(f"{url}/health", timeout=300, process=process)
+        assert h.post_json(f"{url}/v1/chat/completions", scenarios.CHAT, timeout=120)[0] == 200
+        outcome: dict = {}
+        load = threading.Thread(target=lambda: outcome.update(h.wrk(
+            f"{url}/v1/chat/completions", connections=clients, duration=args.warm + args.window + 30,
+            body=json.dumps(scenarios.CHAT), timeout=120)))
+        load.start()
+        control = ["callgrind_control"]
+        time.sleep(args.warm)
+        subprocess.run([*control, "-i", "on", str(process.pid)], check=True, capture_output=True)
+        time.sleep(5)  # code is instrumented anew as it runs: count from after that
+        subprocess.run([*control, "-z", str(process.pid)], check=True, capture_output=True)
+        first = lines()
+        time.sleep(args.window)
+        subprocess.run([*control, "-d", str(process.pid)], check=True, capture_output=True)
+        requests = lines() - first
+        load.join()
+    finally:
+        h.stop(process)
+    dumps = sorted(work.glob(f"{out.name}.*"), key=lambda p: p.stat().st_mtime)
+    total = _total(str(dumps[-1])) if dumps else 0
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+        for dump in dumps:
+            shutil.copy(dump, Path(args.keep) / dump.name)
+    return {"clients": clients, "requests": requests, "instructions": total,
+            "per_request": round(total / max(1, requests)), "wrk_errors": outcome.get("errors")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="1,64,256", help="load levels, comma-separated (default 1,64,256)")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    parser.add_argument("--slots", type=int, default=4, help="total_slots the fake upstream reports")
+    parser.add_argument("--warm", type=float, default=40, help="seconds of load before counting")
+    parser.add_argument("--window", type=float, default=60, help="seconds counted")
+    parser.add_argument("--parallel", action="store_true", help="run the load levels at once")
+    parser.add_argument("--line", action="store_true", help="count one access line (text and JSON) instead")
+    parser.add_argument("--keep", help="copy the callgrind files here")
+    parser.add_argument("--proxy-repo", type=Path, default=h.REPO, help="measure another checkout's smart_proxy")
+    args = parser.parse_args()
+    h.PROXY_REPO = args.proxy_repo.resolve()
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        sys.exit("needs valgrind (apt-get install valgrind)")
+    work = h.Workdir()
+    try:
+        if args.line:
+            for fmt in ("text", "json"):
+                print(json.dumps({"format": fmt, "instructions_per_line": line_cost(fmt, work.path)}))
+            return 0
+        h.require_tools()
+        go = h.GoBinaries(work.path)
+        levels = [int(c) for c in args.clients.split(",")]
+        results: dict[int, dict] = {}
+        runs = [threading.Thread(target=lambda c=c: results.update({c: per_request(work.path, go, c, args)}))
+                for c in levels]
+        for run in runs:
+            run.start()
+            if not args.parallel:
+                run.join()
+        for run in runs:
+            run.join()
+        for c in levels:
+            print(json.dumps(results.get(c, {"clients": c, "error": "see the log above"})))
+    finally:
+        h.stop_all()
+        work.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
