@@ -91,6 +91,7 @@ from .upstream.relay import open_upstream
 if TYPE_CHECKING:
     from .catalog import Catalog
     from .pool import Pool
+    from .upstream.peers import Fleet, Peer, PeerModel
 
 __all__ = [
     "Agent",
@@ -256,6 +257,8 @@ class AgentContext:
     catalog: Catalog | None = attrs.field(default=None, repr=False)
     #: The proxy's HTTP client, for those upstreams.
     client: httpx.AsyncClient | None = attrs.field(default=None, repr=False)
+    #: The proxy's peers: a model the catalog does not have is asked of a peer that has it.
+    fleet: Fleet | None = attrs.field(default=None, repr=False)
 
     @property
     def model(self) -> str:
@@ -314,6 +317,10 @@ class AgentContext:
             raise BadRequest("missing 'model': name the model to use")
         body = {key: value for key, value in payload.items() if key != "stream_options"}
         body["stream"] = False
+        if self.fleet and self.catalog is not None and self.catalog.find(model) is None:
+            holders = [(peer, found) for peer, found in self.fleet.holders(model) if peer.up]
+            if holders:
+                return await self._post_to_peer(holders, body)
         target = self.catalog.get(model) if self.catalog is not None else None
         if target is not None and target.backend == "ollama":
             if self.client is None:
@@ -337,6 +344,18 @@ class AgentContext:
             return upstream.status_code, await upstream.read()
         finally:
             lease.release()
+
+
+    async def _post_to_peer(self, holders: list[tuple[Peer, PeerModel]], body: dict[str, Any]) -> tuple[int, bytes]:
+        """``body`` sent to the peer that has its model loaded (else the first that has it), as it names it."""
+        assert self.fleet is not None
+        peer, found = next(((p, m) for p, m in holders if m.loaded), holders[0])
+        body = {**body, "model": found.name}
+        upstream = await self.fleet.send(peer, "POST", UPSTREAM_PATHS[self.kind], json.dumps(body).encode())
+        try:
+            return upstream.status_code, await upstream.read()  # (read closes the answer, whatever happens)
+        finally:
+            peer.done()
 
 
 def _upstream_failure(status: int, body: bytes) -> ProxyError:
@@ -716,11 +735,13 @@ class Chain:
         keep_alive: float | None = None,
         catalog: Catalog | None = None,
         client: httpx.AsyncClient | None = None,
+        fleet: Fleet | None = None,
     ) -> AgentContext:
         """Make the request's context and run every request hook, in the order written.
 
         ``keep_alive`` (seconds; an Ollama client's) applies to every lease ``ctx.complete`` takes.
-        With ``catalog`` and ``client``, ``ctx.complete`` reaches models of Ollama upstreams too.
+        With ``catalog`` and ``client``, ``ctx.complete`` reaches models of Ollama upstreams too;
+        with ``fleet``, the models of peers.
         """
         ctx = AgentContext(
             request_id=request_id or new_request_id(),
@@ -733,6 +754,7 @@ class Chain:
             llama=llama,
             catalog=catalog,
             client=client,
+            fleet=fleet,
         )
         for name in self.missing:
             log.warning("request %s: /%s is enabled but not loaded; skipped", ctx.request_id, name)

@@ -443,3 +443,28 @@ async def test_proxies_that_list_each_others_models_refuse_a_loop_quickly(tmp_pa
         f"{a.url}/v1/chat/completions", json={"model": "m", "messages": USER}, headers={"X-Smart-Proxy-Hops": "3"}
     )
     assert direct.status_code == 508  # a request that says it has passed 3 proxies goes to no peer
+
+
+async def test_an_agent_reaches_a_peers_model(tmp_path, fake_binary, nursery, http, tagged_ollama) -> None:
+    """``ctx.complete`` asks a peer for a model the catalog does not have: /parallel over a local and a peer's model."""
+    from .test_agents import chat, copy_bundled, parallel_config, with_agents
+
+    agent_dir = tmp_path / "agents"
+    agent_dir.mkdir()
+    copy_bundled(agent_dir, "parallel", parallel_config(["local", "remote-llm:7b"], samples=1, mode="all"))
+    node = Node(
+        nursery,
+        with_agents(config(tmp_path, fake_binary, {"local": {}},
+                           {"box": {"url": tagged_ollama.url, "kind": "ollama", "refresh": "0.2s"}}), agent_dir, "parallel"),
+    )
+    url = (await node.start()).url
+    response = await http.post(url + "/v1/chat/completions", json=chat("/parallel hi", model="local"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [c["message"]["content"] for c in body["choices"]] == ["tok0 tok1 tok2 tok3 tok4 ", "piece0 piece1 piece2 "]
+    rows = body["smart_proxy"]["parallel"]["candidates"]
+    assert [(row["model"], row["status"]) for row in rows] == [("local", "ok"), ("remote-llm:7b", "ok")]
+    method, path, sent = last_post(tagged_ollama)
+    assert (method, path, sent["model"], sent["stream"]) == ("POST", "/v1/chat/completions", "remote-llm:7b", False)
+    peer = (await http.get(url + "/health")).json()["peers"][0]
+    assert peer["served"] == 1 and peer["in_flight"] == 0  # counted, and let go

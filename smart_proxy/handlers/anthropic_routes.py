@@ -175,7 +175,9 @@ def _activate(proxy: ProxyState, payload: dict[str, Any]) -> Chain | None:
 
 async def _with_agents(proxy: ProxyState, request: Request, payload: dict[str, Any], chain: Chain) -> Reply:
     """Run the chain's hooks around the upstream call; see the module docstring."""
-    ctx = await chain.prepare(proxy.pool, proxy.llama, logs.request_id.get(), catalog=proxy.catalog, client=proxy.client)
+    ctx = await chain.prepare(
+        proxy.pool, proxy.llama, logs.request_id.get(), catalog=proxy.catalog, client=proxy.client, fleet=proxy.fleet
+    )
     try:
         if chain.live:
             rewritten = dialect.request_from_openai(ctx.payload, payload)

@@ -467,7 +467,8 @@ async def _generate_with_agents(
     """
     name, model, payload = asked.name, asked.model, asked.payload
     ctx = await chain.prepare(
-        proxy.pool, proxy.llama, logs.request_id.get(), keep_alive=keep_alive, catalog=proxy.catalog, client=proxy.client
+        proxy.pool, proxy.llama, logs.request_id.get(), keep_alive=keep_alive,
+        catalog=proxy.catalog, client=proxy.client, fleet=proxy.fleet,
     )
     try:
         if chain.live:

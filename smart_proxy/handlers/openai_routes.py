@@ -169,7 +169,7 @@ async def _with_agents(proxy: ProxyState, request: Request, chain: Chain) -> Rep
     an error answer too.
     """
     ctx = await chain.prepare(
-        proxy.pool, proxy.llama, logs.request_id.get(), catalog=proxy.catalog, client=proxy.client
+        proxy.pool, proxy.llama, logs.request_id.get(), catalog=proxy.catalog, client=proxy.client, fleet=proxy.fleet
     )
     try:
         if chain.live:

@@ -131,7 +131,7 @@ async def _with_agents(proxy: ProxyState, request: Request, payload: dict, chain
     Every answer carries the chain's failures (``ctx.headers()``), an error answer too.
     """
     ctx = await chain.prepare(
-        proxy.pool, proxy.llama, logs.request_id.get(), catalog=proxy.catalog, client=proxy.client
+        proxy.pool, proxy.llama, logs.request_id.get(), catalog=proxy.catalog, client=proxy.client, fleet=proxy.fleet
     )
     try:
         completion = await chain.respond(ctx)
