@@ -85,13 +85,13 @@ from .errors import BadRequest, ProxyError, UpstreamError
 from .jsonbody import MAX_DEPTH
 from .upstream import ollama_server as ollama_backend
 from .upstream.client import LlamaClient
+from .upstream.peers import Fleet, Peer, PeerModel
 from .upstream.props import check_images
 from .upstream.relay import open_upstream
 
 if TYPE_CHECKING:
     from .catalog import Catalog
     from .pool import Pool
-    from .upstream.peers import Fleet, Peer, PeerModel
 
 __all__ = [
     "Agent",
@@ -318,9 +318,9 @@ class AgentContext:
         body = {key: value for key, value in payload.items() if key != "stream_options"}
         body["stream"] = False
         if self.fleet and self.catalog is not None and self.catalog.find(model) is None:
-            holders = [(peer, found) for peer, found in self.fleet.holders(model) if peer.up]
-            if holders:
-                return await self._post_to_peer(holders, body)
+            best = self.fleet.best(model)
+            if best is not None:
+                return await self._post_to_peer(*best, body)
         target = self.catalog.get(model) if self.catalog is not None else None
         if target is not None and target.backend == "ollama":
             if self.client is None:
@@ -346,10 +346,9 @@ class AgentContext:
             lease.release()
 
 
-    async def _post_to_peer(self, holders: list[tuple[Peer, PeerModel]], body: dict[str, Any]) -> tuple[int, bytes]:
-        """``body`` sent to the peer that has its model loaded (else the first that has it), as it names it."""
+    async def _post_to_peer(self, peer: Peer, found: PeerModel, body: dict[str, Any]) -> tuple[int, bytes]:
+        """``body`` sent to ``peer``, for its model as it names it."""
         assert self.fleet is not None
-        peer, found = next(((p, m) for p, m in holders if m.loaded), holders[0])
         body = {**body, "model": found.name}
         upstream = await self.fleet.send(peer, "POST", UPSTREAM_PATHS[self.kind], json.dumps(body).encode())
         try:

@@ -172,10 +172,7 @@ async def serve(
             if translated is None:
                 continue
         peers[peer.name] = (peer, found, translated)
-        cold = 0.0 if found.loaded else (float(found.size) if found.size else math.inf)
-        candidates.append(
-            Candidate(peer.name, found.loaded, queue=peer.in_flight, cold_cost=cold, weight=peer.config.weight)
-        )
+        candidates.append(peer.candidate(found))
     if not candidates:
         raise _nowhere(name, request.path, holders)
     ranked = rank(candidates)[:2]  # the first, and the one retry

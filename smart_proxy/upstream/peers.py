@@ -47,7 +47,7 @@ from ..config import PeerConfig
 from ..errors import UpstreamError, UpstreamTimeout
 from ..eventbus import EventBus
 from ..metrics import PeerGauge
-from ..routing import HOPS_HEADER
+from ..routing import HOPS_HEADER, Candidate, rank
 from .client import LlamaClient
 from .relay import UpstreamAnswer, describe, open_httpx, open_upstream
 
@@ -122,6 +122,11 @@ class Peer:
         """A request relayed to it has ended (its answer closed)."""
         self.in_flight -= 1
 
+    def candidate(self, found: PeerModel) -> Candidate:
+        """This peer as a place to serve ``found`` (:func:`smart_proxy.routing.rank`)."""
+        cold = 0.0 if found.loaded else (float(found.size) if found.size else math.inf)
+        return Candidate(self.name, found.loaded, queue=self.in_flight, cold_cost=cold, weight=self.config.weight)
+
 
 class Fleet:
     """Every peer, what each has, and the task that keeps that fresh; see the module docstring."""
@@ -155,6 +160,13 @@ class Fleet:
             if model is not None:
                 found.append((peer, model))
         return found
+
+    def best(self, name: str) -> tuple[Peer, PeerModel] | None:
+        """The peer that is up and has model ``name`` that routing prefers, with its entry; None if none."""
+        up = {peer.name: (peer, found) for peer, found in self.holders(name) if peer.up}
+        if not up:
+            return None
+        return up[rank([peer.candidate(found) for peer, found in up.values()])[0].where]
 
     def listed(self) -> list[tuple[Peer, PeerModel]]:
         """Every model of every peer that is up, peer by peer."""
