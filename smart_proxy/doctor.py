@@ -68,26 +68,9 @@ def run(config_path: str, model: str | None = None, out: Callable[[str], None] =
 
     config = _config(config_path, report)
     if config is not None and config.role == "router":
-        report(Check("ok", "cpu", f"{cpu_name()}, {os.cpu_count()} cores (a router: no llama-server runs here)"))
-        for peer in config.peers.values():
-            _peer(peer, report)
-        failed = sum(c.status == "FAIL" for c in checks)
-        out("all checks passed" if not failed else f"{failed} check{'s' if failed > 1 else ''} failed")
-        return 1 if failed else 0
-    binary = _llama_server(config.pool.llama_server if config else "auto", report)
-    flags = cpu_flags()
-    have = [f for f in _FEATURES if f in flags]
-    report(Check("ok", "cpu", f"{cpu_name()}, {os.cpu_count()} cores; {' '.join(have) or 'no vector extensions listed'}"))
-    if binary is not None:
-        _build(binary, flags, report)
-    if config is not None:
-        if binary is not None:
-            _generation(config, model, report)
-        sizes = _sizes(config)
-        needs = _needs(config, sizes)
-        _memory(needs, report)
-        _gpus(config, needs, report)
-        _disk(config, sizes, report)
+        _router(config, report)
+    else:
+        _node(config, model, report)
     failed = sum(c.status == "FAIL" for c in checks)
     out("all checks passed" if not failed else f"{failed} check{'s' if failed > 1 else ''} failed")
     return 1 if failed else 0
@@ -117,6 +100,31 @@ def _peer(peer: PeerConfig, report: Callable[[Check], None]) -> None:
     count = len(models) if isinstance(models, list) else 0
     report(Check("ok" if count else "warn", name, f"{peer.kind} at {peer.url}: {count} models",
                  None if count else "it serves nothing yet: pull or configure a model there"))
+
+
+def _router(config: Config, report: Callable[[Check], None]) -> None:
+    """A router's checks: the CPU, and each peer answering its list of models."""
+    report(Check("ok", "cpu", f"{cpu_name()}, {os.cpu_count()} cores (a router: no llama-server runs here)"))
+    for peer in config.peers.values():
+        _peer(peer, report)
+
+
+def _node(config: Config | None, model: str | None, report: Callable[[Check], None]) -> None:
+    """The checks of a proxy that runs llama-servers (or of a config that did not load)."""
+    binary = _llama_server(config.pool.llama_server if config else "auto", report)
+    flags = cpu_flags()
+    have = [f for f in _FEATURES if f in flags]
+    report(Check("ok", "cpu", f"{cpu_name()}, {os.cpu_count()} cores; {' '.join(have) or 'no vector extensions listed'}"))
+    if binary is not None:
+        _build(binary, flags, report)
+    if config is not None:
+        if binary is not None:
+            _generation(config, model, report)
+        sizes = _sizes(config)
+        needs = _needs(config, sizes)
+        _memory(needs, report)
+        _gpus(config, needs, report)
+        _disk(config, sizes, report)
 
 
 def _config(path: str, report: Callable[[Check], None]) -> Config | None:
