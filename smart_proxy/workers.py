@@ -23,7 +23,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -79,49 +78,18 @@ async def _keep_running(argv: list[str], number: int, grace: float) -> None:
         log.warning("worker %d did not stop in %gs: killing it", number, grace + KILL_AFTER)
         process.kill()
 
+    # stdin: the lifeline's pipe, never written, closed when this process dies. stdout is
+    # dropped: the lifeline's first line (the worker's pid) is not for the user, and a worker
+    # logs to stderr, which it shares with this process.
+    run = partial(trio.run_process, worker_command(argv), env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                  check=False, deliver_cancel=stop, start_new_session=True)
     while True:
         started = trio.current_time()
-        # stdin: the lifeline's pipe, never written, closed when this process dies; stdout:
-        # read here, since the lifeline's first line (the worker's pid) is for this parent
         async with trio.open_nursery() as nursery:
-            process = await nursery.start(_run, env, argv, stop)
+            process: trio.Process = await nursery.start(run)
             log.info("worker %d started", number)
         code = process.returncode
         why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         pause = FIRST_PAUSE if trio.current_time() - started >= HEALTHY_AFTER else min(pause * 2, MAX_PAUSE)
         log.warning("worker %d stopped (%s); starting it again in %gs", number, why, pause)
         await trio.sleep(pause)
-
-
-async def _run(
-    env: dict[str, str], argv: list[str], stop: Callable[[trio.Process], Awaitable[None]], *,
-    task_status: trio.TaskStatus[trio.Process],
-) -> None:
-    """One worker from start to exit; starts with its lifeline's :class:`trio.Process`."""
-    async with trio.open_nursery() as nursery:
-        run = partial(trio.run_process, worker_command(argv), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                      check=False, deliver_cancel=stop, start_new_session=True)
-        process: trio.Process = await nursery.start(run)
-        task_status.started(process)
-        await _pass_stdout(process)
-
-
-async def _pass_stdout(process: trio.Process) -> None:
-    """Copy the worker's stdout to ours, but the lifeline's ``lifeline: pid N`` line."""
-    assert process.stdout is not None
-    pending = b""
-    first = True
-    async for chunk in process.stdout:
-        if first:
-            pending += chunk
-            if b"\n" not in pending:
-                continue
-            line, _, pending = pending.partition(b"\n")
-            first = False
-            if not line.startswith(b"lifeline: pid "):
-                pending = line + b"\n" + pending
-            chunk, pending = pending, b""
-            if not chunk:
-                continue
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.buffer.flush()
