@@ -128,7 +128,7 @@ async def _event_stream(proxy: ProxyState) -> AsyncIterator[bytes]:
     with proxy.bus.subscribe() as subscription:
         depths = proxy.pool.queue_depths()  # with the snapshot, before any checkpoint
         yield sse("snapshot", snapshot(proxy))
-        quiet_since = trio.current_time()
+        beat = _Heartbeat(heartbeat)
         while proxy.lifecycle.accepting:
             found, lost = await _next(subscription)
             out = []
@@ -140,13 +140,28 @@ async def _event_stream(proxy: ProxyState) -> AsyncIterator[bytes]:
             if now_depths != depths:
                 depths = now_depths
                 out.append(sse("queue", {"time": _now(), "depths": depths}))
-            now = trio.current_time()
-            if out:
-                quiet_since = now
-                yield b"".join(out)
-            elif now - quiet_since >= heartbeat:
-                quiet_since = now
-                yield b": heartbeat\n\n"
+            piece = beat.after(out)
+            if piece:
+                yield piece
+
+
+class _Heartbeat:
+    """A quiet stream's comment line, due ``every`` seconds after the last thing it sent."""
+
+    def __init__(self, every: float) -> None:
+        self._every = every
+        self._since = trio.current_time()
+
+    def after(self, out: list[bytes]) -> bytes:
+        """What to send after a tick that found ``out``: it joined, a heartbeat when due, else nothing."""
+        now = trio.current_time()
+        if out:
+            self._since = now
+            return b"".join(out)
+        if now - self._since >= self._every:
+            self._since = now
+            return b": heartbeat\n\n"
+        return b""
 
 
 async def _next(subscription: Subscription[Any]) -> tuple[list[Any], int]:
@@ -206,15 +221,11 @@ async def _follow(proxy: ProxyState, output: LineLog) -> AsyncIterator[bytes]:
     heartbeat = proxy.config.proxy.heartbeat
     with output.follow() as (kept, subscription):
         yield b"".join(sse("line", attrs.asdict(line)) for line in kept) or b": following\n\n"
-        quiet_since = trio.current_time()
+        beat = _Heartbeat(heartbeat)
         while proxy.lifecycle.accepting:
             found, lost = await _next(subscription)
             out = [sse("lost", {"time": _now(), "count": lost})] if lost else []
             out += [sse("line", attrs.asdict(line)) for line in found]
-            now = trio.current_time()
-            if out:
-                quiet_since = now
-                yield b"".join(out)
-            elif now - quiet_since >= heartbeat:
-                quiet_since = now
-                yield b": heartbeat\n\n"
+            piece = beat.after(out)
+            if piece:
+                yield piece
