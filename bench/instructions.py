@@ -6,8 +6,10 @@ instructions the proxy runs per request does not. This runs smart-proxy under
 ``valgrind --tool=callgrind`` (instrumentation off until the load is warm) behind
 the Go fake upstream, drives it with one long wrk run per load level, and counts
 the instructions of a window of that run (``callgrind_control -i on``, ``-z``,
-``-d``), divided by the access lines written in the window. Loads run one after
-another (``--parallel`` runs them at once: valgrind's counts do not depend on it).
+``-d``), divided by the requests the upstream answered in the window (its
+``/bench/stats``). ``--floor`` counts ``bench/floor.py`` the same way and prints the
+proxy's ratio to it. Loads run one after another (``--parallel`` runs them at once:
+valgrind's counts do not depend on it).
 User-space instructions only: system calls' kernel time, cache misses and the
 clock are not in them, so read them beside ``bench/run.py``'s CPU time, not
 instead of it. ``--line`` counts the instructions of one access line instead
@@ -72,25 +74,40 @@ def _total(path: str) -> int:
     return 0
 
 
-def per_request(work: Path, go: h.GoBinaries, clients: int, args: argparse.Namespace) -> dict:
-    """Instructions per request at ``clients`` keep-alive wrk clients (see the module docstring)."""
-    ini = work / f"c{clients}.ini"
-    ini.write_text(h.fake_model_ini(work, go, {"bench": {"slots": args.slots}}))
+def _upstream_requests(url: str) -> int:
+    return int(h.get_json(f"{url}/bench/stats")["requests"])
+
+
+def per_request(work: Path, go: h.GoBinaries, clients: int, args: argparse.Namespace, target: str = "proxy") -> dict:
+    """Instructions per request of ``target`` (``proxy`` or ``floor``) at ``clients`` keep-alive wrk clients.
+
+    Requests are counted where both targets send them, at the fake upstream (``/bench/stats``).
+    """
+    tag = f"{target}-c{clients}"
+    out = work / f"callgrind.{tag}.out"
+    log_path = work / f"{tag}.log"
     port = h.free_port()
-    out = work / f"callgrind.c{clients}.out"
-    log_path = work / f"c{clients}.log"
-    argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-            h.project_python(), "-m", "smart_proxy", "--config", str(ini), "--port", str(port),
-            "--log-level", "info", "--log-format", args.log_format]
-    process = h.start(argv, log_path=log_path, cwd=h.PROXY_REPO, env={**os.environ, "PYTHONPATH": str(h.PROXY_REPO)})
-
-    def lines() -> int:
-        return log_path.read_text(errors="replace").count("smart_proxy.access")
-
+    url = f"http://127.0.0.1:{port}"
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    env = {**os.environ, "PYTHONPATH": str(h.PROXY_REPO)}
+    if target == "floor":
+        _, upstream = h.start_fakeupstream(work, go, alias=f"bench-{tag}")
+        argv = [*valgrind, h.project_python(), str(h.BENCH_DIR / "floor.py"), "--port", str(port), "--target", upstream]
+    else:
+        ini = work / f"{tag}.ini"
+        ini.write_text(h.fake_model_ini(work, go, {"bench": {"slots": args.slots}}))
+        argv = [*valgrind, h.project_python(), "-m", "smart_proxy", "--config", str(ini), "--port", str(port),
+                "--log-level", "info", "--log-format", args.log_format]
+    process = h.start(argv, log_path=log_path, cwd=h.PROXY_REPO, env=env)
     try:
-        url = f"http://127.0.0.1:{port}"
-        h.wait_http(f"{url}/health", timeout=300, process=process)
+        if target == "floor":
+            h.wait_listening(port, process, "bench/floor.py", timeout=300)
+        else:
+            h.wait_http(f"{url}/health", timeout=300, process=process)
         assert h.post_json(f"{url}/v1/chat/completions", scenarios.CHAT, timeout=120)[0] == 200
+        if target != "floor":
+            server = next(s for s in h.get_json(f"{url}/health")["pool"]["servers"] if s["state"] == "ready")
+            upstream = f"http://127.0.0.1:{server['port']}"
         outcome: dict = {}
         load = threading.Thread(target=lambda: outcome.update(h.wrk(
             f"{url}/v1/chat/completions", connections=clients, duration=args.warm + args.window + 30,
@@ -101,10 +118,10 @@ def per_request(work: Path, go: h.GoBinaries, clients: int, args: argparse.Names
         subprocess.run([*control, "-i", "on", str(process.pid)], check=True, capture_output=True)
         time.sleep(5)  # code is instrumented anew as it runs: count from after that
         subprocess.run([*control, "-z", str(process.pid)], check=True, capture_output=True)
-        first = lines()
+        first = _upstream_requests(upstream)
         time.sleep(args.window)
         subprocess.run([*control, "-d", str(process.pid)], check=True, capture_output=True)
-        requests = lines() - first
+        requests = _upstream_requests(upstream) - first
         load.join()
     finally:
         h.stop(process)
@@ -114,7 +131,7 @@ def per_request(work: Path, go: h.GoBinaries, clients: int, args: argparse.Names
         Path(args.keep).mkdir(parents=True, exist_ok=True)
         for dump in dumps:
             shutil.copy(dump, Path(args.keep) / dump.name)
-    return {"clients": clients, "requests": requests, "instructions": total,
+    return {"target": target, "clients": clients, "requests": requests, "instructions": total,
             "per_request": round(total / max(1, requests)), "wrk_errors": outcome.get("errors")}
 
 
@@ -125,7 +142,8 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=4, help="total_slots the fake upstream reports")
     parser.add_argument("--warm", type=float, default=40, help="seconds of load before counting")
     parser.add_argument("--window", type=float, default=60, help="seconds counted")
-    parser.add_argument("--parallel", action="store_true", help="run the load levels at once")
+    parser.add_argument("--parallel", action="store_true", help="run the load levels (and targets) at once")
+    parser.add_argument("--floor", action="store_true", help="count bench/floor.py too, and print the ratio")
     parser.add_argument("--line", action="store_true", help="count one access line (text and JSON) instead")
     parser.add_argument("--keep", help="copy the callgrind files here")
     parser.add_argument("--proxy-repo", type=Path, default=h.REPO, help="measure another checkout's smart_proxy")
@@ -142,9 +160,10 @@ def main() -> int:
         h.require_tools()
         go = h.GoBinaries(work.path)
         levels = [int(c) for c in args.clients.split(",")]
-        results: dict[int, dict] = {}
-        runs = [threading.Thread(target=lambda c=c: results.update({c: per_request(work.path, go, c, args)}))
-                for c in levels]
+        targets = ["proxy", "floor"] if args.floor else ["proxy"]
+        results: dict[tuple[str, int], dict] = {}
+        runs = [threading.Thread(target=lambda t=t, c=c: results.update({(t, c): per_request(work.path, go, c, args, t)}))
+                for c in levels for t in targets]
         for run in runs:
             run.start()
             if not args.parallel:
@@ -152,7 +171,11 @@ def main() -> int:
         for run in runs:
             run.join()
         for c in levels:
-            print(json.dumps(results.get(c, {"clients": c, "error": "see the log above"})))
+            for t in targets:
+                print(json.dumps(results.get((t, c), {"target": t, "clients": c, "error": "see the log above"})))
+            if args.floor and all((t, c) in results for t in targets):
+                ratio = results[("proxy", c)]["per_request"] / max(1, results[("floor", c)]["per_request"])
+                print(json.dumps({"clients": c, "proxy_over_floor": round(ratio, 3)}))
     finally:
         h.stop_all()
         work.cleanup()

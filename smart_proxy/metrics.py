@@ -43,6 +43,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import attrs
 import trio
@@ -65,6 +66,9 @@ _AGENT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Content types of streamed answers, whose first byte is the time to first token.
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
 _SCANNED_TYPES = (*STREAM_TYPES, "application/json")
+
+
+_DECODER = json.JSONDecoder()
 
 
 class UsageScanner:
@@ -118,10 +122,9 @@ class UsageScanner:
     @staticmethod
     def _objects(key: re.Pattern[str], text: str) -> Iterator[dict]:
         """The JSON objects that follow ``key`` in ``text``, last first (skipping any the head or tail cut)."""
-        decoder = json.JSONDecoder()
         for match in reversed(list(key.finditer(text))):
             try:
-                found, _ = decoder.raw_decode(text, match.end())
+                found, _ = _DECODER.raw_decode(text, match.end())
             except ValueError:
                 continue
             if isinstance(found, dict):
@@ -245,6 +248,8 @@ class Metrics(PoolEvents):
             _PREFIX + "peer_requests", "Requests relayed to peers, by peer and outcome (ok, failed).", ["peer", "outcome"],
             registry=r,
         )
+        #: (metric, label values) -> its child (see :meth:`_child`); as many as prometheus_client keeps itself.
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         self.agent_duration = Histogram(
             _PREFIX + "agent_run_duration_seconds", "How long agent hook runs took.", ["agent"], buckets=_AGENT_BUCKETS,
             registry=r,
@@ -274,13 +279,21 @@ class Metrics(PoolEvents):
         ``tokens``: ``exchange.usage.tokens()`` (read once by the caller, who needs them too), or None.
         """
         route, model = exchange.route, exchange.model
-        self.requests.labels(route, model, str(exchange.status), exchange.peer).inc()
-        self.latency.labels(route, model).observe(trio.current_time() - exchange.started)
+        self._child(self.requests, (route, model, str(exchange.status), exchange.peer)).inc()
+        self._child(self.latency, (route, model)).observe(trio.current_time() - exchange.started)
         if exchange.first_byte is not None:
-            self.ttft.labels(route, model).observe(exchange.first_byte - exchange.started)
+            self._child(self.ttft, (route, model)).observe(exchange.first_byte - exchange.started)
         if tokens is not None:
-            self.prompt_tokens.labels(model).inc(tokens[0])
-            self.completion_tokens.labels(model).inc(tokens[1])
+            self._child(self.prompt_tokens, (model,)).inc(tokens[0])
+            self._child(self.completion_tokens, (model,)).inc(tokens[1])
+
+    def _child(self, metric: Counter | Histogram, labels: tuple[str, ...]) -> Any:
+        """``metric.labels(*labels)``, remembered: prometheus_client checks and looks the labels up on every call."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # ---- pool events -------------------------------------------------------------------
 

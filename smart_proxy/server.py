@@ -56,6 +56,7 @@ from .upstream.ollama_server import UpstreamMonitor
 from .upstream.peers import Fleet
 from .upstream.relay import make_client, make_llama_client
 from .web.app import create_app
+from .web.asgi import CONNECTION, ClientConnection
 
 __all__ = ["StopSignals", "free_closed_connections", "serve"]
 
@@ -171,6 +172,10 @@ def free_closed_connections() -> None:
     for this, so its ``_read_data`` is wrapped: once the read side has ended, the
     keep-alive timer is stopped, and the connection closes as soon as no request runs
     on it (a request in flight has been told ``http.disconnect`` by then, as Hypercorn does).
+    The same wrapper is where a model route on HTTP/1 learns that its client left: it
+    puts a :class:`~smart_proxy.web.asgi.ClientConnection` in the connection task's
+    context (the request tasks Hypercorn starts from ``_read_data`` inherit it) and tells
+    it when the read side ends (see :mod:`smart_proxy.web.asgi`).
     ``tests/test_ops.py`` pins the source of what this relies on.
     """
     read = TCPServer._read_data
@@ -178,7 +183,12 @@ def free_closed_connections() -> None:
         return
 
     async def _read_data(self: TCPServer) -> None:
-        await read(self)  # (an error cancels the connection's task group, the timer with it)
+        connection = ClientConnection()
+        CONNECTION.set(connection)  # the request tasks Hypercorn starts from here inherit it
+        try:
+            await read(self)  # (an error cancels the connection's task group, the timer with it)
+        finally:
+            connection.ended()
         await self.idle_task.stop()
 
     _read_data.__wrapped__ = read  # type: ignore[attr-defined]

@@ -8,6 +8,8 @@ import json
 
 import trio
 
+from smart_proxy.web.asgi import CONNECTION, ClientConnection
+
 from .asgi_driver import Exchange, make_app
 
 
@@ -62,6 +64,62 @@ async def test_a_client_leaving_mid_request_cancels_it_and_releases_the_lease(ma
     (server,) = pool.servers()
     assert exchange.sent == []  # cancelled before any answer
     assert server.in_flight == 0 and server.limiter.borrowed_tokens == 0
+
+
+async def test_on_http1_the_end_of_the_clients_connection_cancels_the_request(make_config, start_pool, http, nursery):
+    # under serve(), an HTTP/1 request learns of its client leaving from its connection
+    # (ClientConnection.ended, called when the connection's read side ends), not from a task per request
+    app, pool = await make_app(make_config, start_pool, http, nursery, token_delay=0.5)
+    payload = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    exchange = Exchange(app, payload)
+    connection = ClientConnection()
+    with trio.fail_after(8):
+        async with trio.open_nursery() as inner:
+            token = CONNECTION.set(connection)
+            inner.start_soon(exchange.run)  # inherits the connection, as Hypercorn's request task does
+            CONNECTION.reset(token)
+            while not pool.servers() or pool.servers()[0].limiter.borrowed_tokens == 0:
+                await trio.sleep(0.01)
+            (task,) = inner.child_tasks
+            assert task.child_nurseries == []  # no watcher task, nor a nursery for one
+            connection.ended()
+    (server,) = pool.servers()
+    assert exchange.sent == []
+    assert server.in_flight == 0 and server.limiter.borrowed_tokens == 0
+
+
+async def test_on_http1_a_finished_answer_is_not_cancelled_by_the_disconnect_that_follows_it(
+    make_config, start_pool, http, nursery
+):
+    app, pool = await make_app(make_config, start_pool, http, nursery)
+    payload = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    exchange = Exchange(app, payload)
+    connection = ClientConnection()
+    token = CONNECTION.set(connection)
+    try:
+        sent = await exchange.run()
+    finally:
+        CONNECTION.reset(token)
+    connection.ended()  # the client closes its connection once it has the answer: nothing to cancel
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert b"".join(m.get("body", b"") for m in sent[1:]).endswith(b"data: [DONE]\n\n")
+    (server,) = pool.servers()
+    assert server.in_flight == 0
+
+
+async def test_a_connection_that_ended_before_its_request_was_served_serves_nothing(
+    make_config, start_pool, http, nursery
+):
+    app, pool = await make_app(make_config, start_pool, http, nursery)
+    payload = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    connection = ClientConnection()
+    connection.ended()  # the client sent its request and closed at once
+    token = CONNECTION.set(connection)
+    try:
+        sent = await Exchange(app, payload).run()
+    finally:
+        CONNECTION.reset(token)
+    assert sent == [] and pool.servers() == []
 
 
 async def test_an_answer_is_counted_before_its_last_message_goes_out(make_config, start_pool, http, nursery):

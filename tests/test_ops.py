@@ -999,10 +999,53 @@ async def test_a_connection_the_client_closes_is_freed_at_once(make_config, star
     assert _sockets() <= baseline
 
 
+def _tasks_under(task: trio.lowlevel.Task):
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            yield child
+            yield from _tasks_under(child)
+
+
+def _awaiting(task: trio.lowlevel.Task) -> list[str]:
+    """The names of the coroutines ``task`` is in, outermost first."""
+    names, coro = [], task.coro
+    while hasattr(coro, "cr_frame") and coro.cr_frame is not None:
+        names.append(coro.cr_frame.f_code.co_name)
+        coro = coro.cr_await
+    return names
+
+
+async def test_under_serve_an_http1_model_request_runs_without_a_watcher_task(make_config, start_proxy, http):
+    # the request learns of its client leaving from its connection (smart_proxy.web.asgi.ClientConnection),
+    # so its task opens no nursery; the request is cancelled when the client closes, as before
+    url = await start_proxy(make_config({"m": {"tokens": 50, "token_delay": 0.1}}))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+
+            async def ask() -> None:
+                async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                    async for _ in response.aiter_raw():
+                        pass
+
+            nursery.start_soon(ask)
+            while True:
+                servers = (await http.get(f"{url}/health")).json()["pool"]["servers"]
+                if servers and servers[0]["in_flight"] == 1:
+                    break
+                await trio.sleep(0.02)
+            (request,) = [t for t in _tasks_under(trio.lowlevel.current_root_task()) if "answer" in _awaiting(t)]
+            assert request.child_nurseries == []
+            nursery.cancel_scope.cancel()  # the client leaves
+        while (await http.get(f"{url}/health")).json()["pool"]["servers"][0]["in_flight"]:
+            await trio.sleep(0.02)
+
+
 def test_the_hypercorn_internals_free_closed_connections_relies_on_are_unchanged() -> None:
     # free_closed_connections wraps TCPServer._read_data and stops its idle_task; checked against
     # Hypercorn 0.18.0. If this fails, Hypercorn changed: re-read hypercorn/trio/tcp_server.py,
     # check that a client's close still leaves the keep-alive timer running (or not), then update.
+    from hypercorn.trio.task_group import TaskGroup
     from hypercorn.trio.tcp_server import TCPServer
     from hypercorn.trio.worker_context import TrioSingleTask
 
@@ -1018,6 +1061,9 @@ def test_the_hypercorn_internals_free_closed_connections_relies_on_are_unchanged
             ("TCPServer._read_data", read.__wrapped__),
             ("TCPServer._idle_timeout", TCPServer._idle_timeout),
             ("TrioSingleTask.stop", TrioSingleTask.stop),
+            # the request's task is started from _read_data (it inherits the ClientConnection), and
+            # its receive is a memory channel's (smart_proxy.web.asgi.read_body takes what has come)
+            ("TaskGroup.spawn_app", TaskGroup.spawn_app),
         ]
     }
     assert digests == {
@@ -1025,4 +1071,5 @@ def test_the_hypercorn_internals_free_closed_connections_relies_on_are_unchanged
         "TCPServer._read_data": "7ca747d922c65cf1",
         "TCPServer._idle_timeout": "210ce1014d98e1cb",
         "TrioSingleTask.stop": "044ad384dfd2f565",
+        "TaskGroup.spawn_app": "b4c1131427529801",
     }

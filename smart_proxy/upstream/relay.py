@@ -308,8 +308,9 @@ class UpstreamAnswer:
 
     async def aclose(self) -> None:
         try:
-            with trio.CancelScope(shield=True):
-                await self.response.aclose()
+            if not self.response.closed:  # (an answer read to its end has nothing left to close)
+                with trio.CancelScope(shield=True):
+                    await self.response.aclose()
         finally:
             if self._slot is not None:
                 self._slot.release()

@@ -175,6 +175,7 @@ class EdgeMiddleware:
         exchange = Exchange(route=self._route(path, method), started=trio.current_time())
         lifecycle = self._proxy.lifecycle
         counted = path not in _UNCOUNTED and path != "/events" and not path.startswith("/logs/")
+        by_quart = path not in ROUTES
         extra = self._extra_headers(request_id, headers.get("origin"), scope)
 
         async def send_observed(message: Message) -> None:
@@ -189,13 +190,15 @@ class EdgeMiddleware:
                     # counted and logged before the last write, not after: a client that has
                     # the whole answer finds it in /metrics (and a test can rely on that)
                     finish()
-                    # Shielded: inside this send Hypercorn ends the exchange (it tells the app
-                    # http.disconnect, which the disconnect watchers take as the client leaving)
-                    # and restarts the connection's keep-alive timer; a cancellation landing
-                    # there left the timer stopped, and an idle connection open for good.
-                    with trio.CancelScope(shield=True):
-                        await send(message)
-                    return
+                    if by_quart:
+                        # Shielded: inside this send Hypercorn ends the exchange (it tells the app
+                        # http.disconnect, which Quart-Trio takes as the client leaving) and restarts
+                        # the connection's keep-alive timer; a cancellation landing there left the
+                        # timer stopped, and an idle connection open for good. (A model route's
+                        # answer ends its own way: smart_proxy.web.asgi.)
+                        with trio.CancelScope(shield=True):
+                            await send(message)
+                        return
             await send(message)
 
         finished = False
@@ -233,7 +236,7 @@ class EdgeMiddleware:
             early = self._gate(path, method, headers)
             if early is not None:
                 await send_reply(send_observed, early)
-            elif path in ROUTES:
+            elif not by_quart:
                 await dispatch(self._proxy, scope, receive, send_observed, _declared_length(headers))
             else:
                 await self._app(scope, receive, send_observed)
