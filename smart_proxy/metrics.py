@@ -335,7 +335,7 @@ class Metrics(PoolEvents):
         self.queue_wait.observe(seconds)
 
     def slot_waited(self, model: str, seconds: float) -> None:
-        self.slot_wait.labels(model).observe(seconds)
+        self._child(self.slot_wait, (model,)).observe(seconds)  # (once per queued request: remembered)
 
     # ---- agents ------------------------------------------------------------------------
 

@@ -294,7 +294,9 @@ async def serve(
 
         async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:
             try:
-                await hypercorn.trio.serve(app, hc, shutdown_trigger=trigger_then_drain, task_status=task_status)
+                # the edge itself, not the Quart app whose __call__ only hands on to it: one frame
+                # fewer for every resumption of every request's task
+                await hypercorn.trio.serve(app.asgi_app, hc, shutdown_trigger=trigger_then_drain, task_status=task_status)
             finally:
                 stopped.set()
 

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -340,6 +339,21 @@ def _unreachable(url: str, exc: ClientError | httpx.HTTPError, *, sent: bool, na
     return UpstreamError(message)
 
 
+class _Unbounded:
+    """A wait with no time limit, where a ``trio.move_on_after`` would stand: no cancel scope to enter and leave."""
+
+    cancelled_caught = False
+
+    def __enter__(self) -> _Unbounded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_UNBOUNDED = _Unbounded()
+
+
 async def open_upstream(
     llama: LlamaClient,
     method: str,
@@ -370,7 +384,7 @@ async def open_upstream(
         first_byte = lease.request_timeout if lease is not None else 0.0
     sent = False  # a request went out on an earlier attempt (the server may have acted on it)
     try:
-        with trio.move_on_after(first_byte or math.inf) as waiting:
+        with trio.move_on_after(first_byte) if first_byte else _UNBOUNDED as waiting:
             try:
                 response = await llama.request(method, url, content=content, headers=headers)
             except Disconnected as exc:

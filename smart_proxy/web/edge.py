@@ -214,7 +214,7 @@ class EdgeMiddleware:
             tokens = exchange.usage.tokens() if exchange.usage is not None else None
             self._proxy.metrics.observe(exchange, tokens)
             seconds = trio.current_time() - exchange.started
-            if path in ROUTES:
+            if path in ROUTES and self._proxy.bus.subscribers:  # for /events readers; no listener counts it
                 self._proxy.bus.publish("request", **_summary(exchange, tokens, request_id, method, path, seconds))
             logs.emit(
                 log,

@@ -14,6 +14,8 @@ would give, in the route's dialect; ``OPTIONS`` gets the ``Allow`` answer Quart 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from ..errors import ProxyError
 from ..handlers import anthropic_routes, ollama_routes, openai_routes, rerank_routes, responses_routes
 from ..handlers.reply import Reply, error_reply
@@ -39,16 +41,18 @@ ROUTES: dict[str, tuple[str, Handler]] = {
 }
 
 
-async def dispatch(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, length: int | None) -> None:
-    """Answer a request to one of :data:`ROUTES`' paths."""
+def dispatch(proxy: ProxyState, scope: Scope, receive: Receive, send: Send, length: int | None) -> Awaitable[None]:
+    """Answer a request to one of :data:`ROUTES`' paths (await what it returns).
+
+    Not a coroutine itself: it hands on the one that answers, a frame fewer on the request's stack.
+    """
     path, method = scope["path"], scope["method"]
     allowed, handler = ROUTES[path]
     if method == allowed:
-        await answer(proxy, scope, receive, send, handler, length)
-    elif method == "OPTIONS":
+        return answer(proxy, scope, receive, send, handler, length)
+    if method == "OPTIONS":
         allow = ", ".join(sorted({allowed, "OPTIONS"}))
-        await send_reply(send, Reply(200, [(b"allow", allow.encode()), (b"content-type", b"text/html; charset=utf-8")]))
-    else:
-        error = ProxyError("The method is not allowed for the requested URL.")
-        error.status, error.kind = 405, "invalid_request_error"
-        await send_reply(send, error_reply(error, path))
+        return send_reply(send, Reply(200, [(b"allow", allow.encode()), (b"content-type", b"text/html; charset=utf-8")]))
+    error = ProxyError("The method is not allowed for the requested URL.")
+    error.status, error.kind = 405, "invalid_request_error"
+    return send_reply(send, error_reply(error, path))
