@@ -106,11 +106,11 @@ class UsageScanner:
         return None
 
     def _find(self, text: str) -> tuple[int, int] | None:
-        for usage in self._objects(self._OPENAI, text):
+        for usage in self._objects('"usage"', self._OPENAI, text):
             if isinstance(usage.get("prompt_tokens"), int):
                 completion = usage.get("completion_tokens")
                 return usage["prompt_tokens"], completion if isinstance(completion, int) else 0
-        for timings in self._objects(self._TIMINGS, text):
+        for timings in self._objects('"timings"', self._TIMINGS, text):
             counts = [timings.get(key, 0) for key in ("prompt_n", "cache_n", "predicted_n")]
             if "prompt_n" in timings and all(isinstance(n, int) and n >= 0 for n in counts):
                 return counts[0] + counts[1], counts[2]  # tokens evaluated plus those reused from the cache
@@ -120,9 +120,15 @@ class UsageScanner:
         return None
 
     @staticmethod
-    def _objects(key: re.Pattern[str], text: str) -> Iterator[dict]:
-        """The JSON objects that follow ``key`` in ``text``, last first (skipping any the head or tail cut)."""
-        for match in reversed(list(key.finditer(text))):
+    def _objects(name: str, key: re.Pattern[str], text: str) -> Iterator[dict]:
+        """The JSON objects that follow ``key`` (which starts with ``name``) in ``text``, last first
+        (skipping any the head or tail cut). Found from the end: the report is in an answer's last lines."""
+        end = len(text)
+        while (at := text.rfind(name, 0, end)) >= 0:
+            end = at
+            match = key.match(text, at)  # (its look-behind sees the text before ``at``)
+            if match is None:
+                continue
             try:
                 found, _ = _DECODER.raw_decode(text, match.end())
             except ValueError:
