@@ -72,7 +72,7 @@ PROXY_ROWS_NOTE = ("smart-proxy runs as users run it: the default log level (inf
 #: The overhead scenario measures every target this many times per load, in interleaved rounds (the
 #: whole duration split between them), and reports each figure's median: on a shared virtual machine
 #: one long run of a target can fall in a slow minute that the next target's misses.
-OVERHEAD_ROUNDS = 3
+OVERHEAD_ROUNDS = 5
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -108,7 +108,9 @@ def overhead(ctx: Context) -> dict:
                **{name: (p.url, p.pid) for name, p in proxies.items()}}
     notes = [FLOOR_NOTE, PROXY_ROWS_NOTE,
              f"each row is the median of {OVERHEAD_ROUNDS} interleaved rounds per load (errors and listen "
-             "overflows: their sum); every round runs every target once, starting with a different one"]
+             "overflows: their sum); every round runs every target once, starting with a different one. The "
+             "CPU targets are medians of ratios paired by round (the proxy's CPU per request over the floor's "
+             "in the same round), so a slow minute of the machine weighs on both sides of each ratio"]
     litellm = None
     auth = {"litellm": ""}
     if ctx.litellm_status == "ok" and h.litellm_binary():
@@ -128,6 +130,7 @@ def overhead(ctx: Context) -> dict:
         notes.append(f"LiteLLM not run: {ctx.litellm_status}")
     duration = ctx.seconds(10) / OVERHEAD_ROUNDS
     rows = []
+    rounds: dict[tuple[str, int], list[dict]] = {}
     for clients in (1, 64, 256):
         names = [name for name in targets if not (name == "litellm" and clients == 256 and ctx.quick)]
         runs: dict[str, list[dict]] = {name: [] for name in names}
@@ -147,10 +150,12 @@ def overhead(ctx: Context) -> dict:
                 runs[name].append({"rps": result["rps"], "cpu_ms_per_req": cpu_ms, "p50_ms": result["p50_ms"],
                                    "p99_ms": result["p99_ms"], "errors": result["errors"], **cpu.summary()})
                 h.log(f"  1: {name:12} c={clients:<4} round {turn + 1}: {result['rps']:8.0f} req/s  "
-                      f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  errors {result['errors']}  "
+                      f"CPU {cpu_ms or 0:.3f} ms/req  p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  "
+                      f"errors {result['errors']}  "
                       f"{cpu.summary()}")
         for name in names:
             rows.append({"target": name, "clients": clients, **_median_run(runs[name])})
+            rounds[(name, clients)] = runs[name]
     if litellm is not None:
         litellm.stop()
     for p in proxies.values():
@@ -171,10 +176,13 @@ def overhead(ctx: Context) -> dict:
         base = row("direct", r["clients"])
         r["added_p50_ms"] = round(r["p50_ms"] - base["p50_ms"], 3)
         r["vs_go_rps"] = round(ratio(r["rps"], row("go-httputil", r["clients"])["rps"]), 2)
-    cpu = {(r["target"], r["clients"]): r["cpu_ms_per_req"] for r in rows if r["cpu_ms_per_req"] is not None}
-
     def cpu_ratio(a: tuple[str, int], b: tuple[str, int]) -> float:
-        return ratio(cpu.get(a, 0), cpu.get(b, 0))
+        """The median over rounds of a's CPU per request over b's in the same round (paired: the machine's
+        slow minutes weigh on both sides of each ratio)."""
+        paired = zip(rounds.get(a, []), rounds.get(b, []), strict=False)
+        pairs = [ratio(x["cpu_ms_per_req"], y["cpu_ms_per_req"]) for x, y in paired
+                 if x["cpu_ms_per_req"] and y["cpu_ms_per_req"]]
+        return h.median(pairs) if pairs else 0.0
 
     vs_floor = {c: cpu_ratio(("smart-proxy", c), ("hypercorn-floor", c)) for c in (1, 64, 256)}
     growth, floor_growth = cpu_ratio(("smart-proxy", 256), ("smart-proxy", 64)), cpu_ratio(

@@ -72,7 +72,10 @@ _DECODER = json.JSONDecoder()
 
 
 class UsageScanner:
-    """Keeps the head and tail of an answer and finds the token usage upstream reported in it."""
+    """Keeps the head and tail of an answer and finds the token usage upstream reported in it.
+
+    The tail is at least the last ``TAIL`` bytes and at most twice that.
+    """
 
     HEAD = 8 * 1024
     TAIL = 16 * 1024
@@ -92,7 +95,7 @@ class UsageScanner:
             chunk = chunk[room:]
         if chunk:
             self._tail += chunk
-            if len(self._tail) > self.TAIL:
+            if len(self._tail) > 2 * self.TAIL:  # cut back to TAIL now and then, not on every chunk of a long stream
                 del self._tail[: len(self._tail) - self.TAIL]
                 self._cut = True
 

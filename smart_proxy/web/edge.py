@@ -179,26 +179,29 @@ class EdgeMiddleware:
         extra = self._extra_headers(request_id, headers.get("origin"), scope)
 
         async def send_observed(message: Message) -> None:
+            if message.get("more_body"):  # a piece of a body, not its last (a stream's): the common case first
+                exchange.body_sent(message.get("body", b""))
+                await send(message)
+                return
             if message["type"] == "http.response.start":
                 response_headers = [*message.get("headers", ()), *extra]
                 message = {**message, "headers": response_headers}
                 content_type = next((v for k, v in response_headers if k.lower() == b"content-type"), b"")
                 exchange.response_started(message["status"], content_type.decode("latin-1"))
-            elif message["type"] == "http.response.body":
+            elif message["type"] == "http.response.body":  # the last piece
                 exchange.body_sent(message.get("body", b""))
-                if not message.get("more_body", False):
-                    # counted and logged before the last write, not after: a client that has
-                    # the whole answer finds it in /metrics (and a test can rely on that)
-                    finish()
-                    if by_quart:
-                        # Shielded: inside this send Hypercorn ends the exchange (it tells the app
-                        # http.disconnect, which Quart-Trio takes as the client leaving) and restarts
-                        # the connection's keep-alive timer; a cancellation landing there left the
-                        # timer stopped, and an idle connection open for good. (A model route's
-                        # answer ends its own way: smart_proxy.web.asgi.)
-                        with trio.CancelScope(shield=True):
-                            await send(message)
-                        return
+                # counted and logged before the last write, not after: a client that has
+                # the whole answer finds it in /metrics (and a test can rely on that)
+                finish()
+                if by_quart:
+                    # Shielded: inside this send Hypercorn ends the exchange (it tells the app
+                    # http.disconnect, which Quart-Trio takes as the client leaving) and restarts
+                    # the connection's keep-alive timer; a cancellation landing there left the
+                    # timer stopped, and an idle connection open for good. (A model route's
+                    # answer ends its own way: smart_proxy.web.asgi.)
+                    with trio.CancelScope(shield=True):
+                        await send(message)
+                    return
             await send(message)
 
         finished = False
