@@ -272,6 +272,42 @@ def median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
+#: How many interleaved rounds the scenarios that compare targets under load run (see :func:`median_row`).
+ROUNDS = 3
+
+
+def median_row(runs: list[dict], sums: tuple[str, ...] = ("errors", "lost", "listen_overflows")) -> dict:
+    """One row from a target's rounds: the median of each figure (those in ``sums``: their sum).
+
+    The scenarios that compare targets run every target once per round, each round starting
+    with another one, so a slow minute of a shared machine falls on all of them alike.
+    """
+    row: dict = {"rounds": len(runs)}
+    for key in runs[0]:
+        values = [run[key] for run in runs if run.get(key) is not None]
+        if key in sums:
+            row[key] = sum(values)
+        elif not values:
+            row[key] = None
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            row[key] = median(values)
+        else:
+            row[key] = values[0]
+    return row
+
+
+def paired(a: list[dict], b: list[dict], key: str) -> float:
+    """The median over rounds of ``a[key] / b[key]`` in the same round (0 without a pair)."""
+    ratios = [x[key] / y[key] for x, y in zip(a, b, strict=False) if x.get(key) and y.get(key)]
+    return median(ratios) if ratios else 0.0
+
+
+def interleaved(names: list[str], turn: int) -> list[str]:
+    """``names`` for round ``turn``: every one once, starting with a different one each round."""
+    start = turn % len(names)
+    return names[start:] + names[:start]
+
+
 def process_cpu_s(pid: int) -> float:
     """utime + stime of one process, in seconds (0 if it is gone)."""
     return process_cpu(pid) / os.sysconf("SC_CLK_TCK")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import harness as h
@@ -83,34 +84,53 @@ def scale(ctx) -> dict:
                "router-1": (one.url, one.pids()), "router-2": (two.url, two.pids())}
     h.log(f"  scale: router-2 workers {two.pids()}")
     rows = []
-    for streams in (64, 256, 512):
-        for name, (url, pids) in targets.items():
+    rounds: dict[tuple[str, str, int], list[dict]] = {}
+
+    def measure(kind: str, load: int, run: Callable[[str], tuple[dict, dict]]) -> None:
+        for turn in range(h.ROUNDS):
+            for name in h.interleaved(list(targets), turn):
+                record, cores = run(name)
+                rounds.setdefault((kind, name, load), []).append({**record, **cores})
+                h.log(f"  scale: {kind} {name:15} {load:<4} round {turn + 1}: {record['rate']:8.0f}/s  "
+                      f"lost {record.get('lost', 0)}  errors {record['errors']}  {cores}")
+        for name in targets:
+            row = h.median_row(rounds[(kind, name, load)])
+            rows.append({"kind": kind, "target": name, "load": load, **row, "rate": round(row["rate"]),
+                         "cpu_us_per_unit": round(row["cpu_us_per_unit"], 1) if row["cpu_us_per_unit"] else None})
+
+    def fanout(streams: int) -> Callable[[str], tuple[dict, dict]]:
+        def run(name: str) -> tuple[dict, dict]:
+            url, pids = targets[name]
             with h.CpuMeter(pids) as cpu:
                 result = h.streamclient(ctx.go.streamclient, f"{url}/v1/chat/completions", streams=streams,
                                         body=stream, expect=expect)
             cpu_s = sum(cpu.cpu_seconds.values())
-            rows.append({"kind": "fanout", "target": name, "load": streams, "rate": round(result["events_per_s"]),
-                         "cpu_us_per_unit": round(cpu_s * 1e6 / max(1, result["events"]), 1) if pids else None,
-                         "ttfc_p50_ms": round(result["ttfc_ms"].get("p50", float("nan")), 2),
-                         "gap_p99_ms": round(result["gap_ms"].get("p99", float("nan")), 2),
-                         "lost": result["lost"] + (streams - result["complete"]) * expect,
-                         "errors": sum(result["errors"].values()), **_cores(cpu)})
-            h.log(f"  scale: fanout {name:15} n={streams:<4} {result['events_per_s']:8.0f} chunks/s  "
-                  f"lost {rows[-1]['lost']}  {_cores(cpu)}")
-    duration = ctx.seconds(10)
-    body = json.dumps(CHAT)
-    for clients in (64, 256):
-        for name, (url, pids) in targets.items():
+            return {"rate": result["events_per_s"],
+                    "cpu_us_per_unit": cpu_s * 1e6 / max(1, result["events"]) if pids else None,
+                    "ttfc_p50_ms": round(result["ttfc_ms"].get("p50", float("nan")), 2),
+                    "gap_p99_ms": round(result["gap_ms"].get("p99", float("nan")), 2),
+                    "lost": result["lost"] + (streams - result["complete"]) * expect,
+                    "errors": sum(result["errors"].values())}, _cores(cpu)
+        return run
+
+    def requests(clients: int) -> Callable[[str], tuple[dict, dict]]:
+        def run(name: str) -> tuple[dict, dict]:
+            url, pids = targets[name]
             h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=1.0, body=body)
             with h.CpuMeter(pids) as cpu:
                 result = h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=duration, body=body)
             cpu_s = sum(cpu.cpu_seconds.values())
-            rows.append({"kind": "requests", "target": name, "load": clients, "rate": round(result["rps"]),
-                         "cpu_us_per_unit": round(cpu_s * 1e6 / max(1, result["requests"]), 1) if pids else None,
-                         "p50_ms": round(result["p50_ms"], 3), "p99_ms": round(result["p99_ms"], 3),
-                         "errors": result["errors"], **_cores(cpu)})
-            h.log(f"  scale: requests {name:15} c={clients:<4} {result['rps']:8.0f} req/s  errors {result['errors']}  "
-                  f"{_cores(cpu)}")
+            return {"rate": result["rps"], "cpu_us_per_unit": cpu_s * 1e6 / max(1, result["requests"]) if pids else None,
+                    "p50_ms": round(result["p50_ms"], 3), "p99_ms": round(result["p99_ms"], 3),
+                    "errors": result["errors"]}, _cores(cpu)
+        return run
+
+    for streams in (64, 256, 512):
+        measure("fanout", streams, fanout(streams))
+    duration = ctx.seconds(10) / h.ROUNDS
+    body = json.dumps(CHAT)
+    for clients in (64, 256):
+        measure("requests", clients, requests(clients))
     one.stop()
     two.stop()
     h.stop(floor)
@@ -121,9 +141,12 @@ def scale(ctx) -> dict:
 
     for r in rows:
         r["vs_floor"] = round(r["rate"] / max(1, rate(r["kind"], "hypercorn-floor", r["load"])), 3)
-    within = {n: rate("fanout", "router-1", n) / max(1, rate("fanout", "hypercorn-floor", n)) for n in (64, 256, 512)}
-    gain = rate("fanout", "router-2", 512) / max(1, rate("fanout", "router-1", 512))
-    rps_gain = {c: rate("requests", "router-2", c) / max(1, rate("requests", "router-1", c)) for c in (64, 256)}
+    def paired(kind: str, a: str, b: str, load: int) -> float:  # the median of the rounds' ratios
+        return h.paired(rounds[(kind, a, load)], rounds[(kind, b, load)], "rate")
+
+    within = {n: paired("fanout", "router-1", "hypercorn-floor", n) for n in (64, 256, 512)}
+    gain = paired("fanout", "router-2", "router-1", 512)
+    rps_gain = {c: paired("requests", "router-2", "router-1", c) for c in (64, 256)}
     errors = sum(r["errors"] + r.get("lost", 0) for r in rows if r["target"].startswith("router"))
     return {
         "title": "9. A router past one core (peers only; one process against --workers 2)",
@@ -144,6 +167,8 @@ def scale(ctx) -> dict:
             "router-1 runs on the proxy core alone; router-2's two workers may run on both cores, and the load "
             "core also runs the load generator and the fake upstream, so the second worker has what they leave",
             "hypercorn-floor = bench/floor.py on the proxy core (see the overhead scenario's note)",
+            f"each row is the median of {h.ROUNDS} interleaved rounds per load (lost chunks and errors: their sum); "
+            "the ratios (vs floor, two workers vs one) are medians of the rounds' ratios",
         ],
     }
 
