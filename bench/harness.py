@@ -296,6 +296,13 @@ def median_row(runs: list[dict], sums: tuple[str, ...] = ("errors", "lost", "lis
     return row
 
 
+def rounds_note(rounds: int = ROUNDS) -> str:
+    """The note a scenario that runs in rounds (:func:`median_row`, :func:`paired`) adds to its table."""
+    return (f"each row is the median of {rounds} interleaved rounds per load (lost chunks, errors and listen overflows: "
+            "their sum); every round runs every target once, starting with a different one, and the ratios the targets "
+            "judge are medians of the rounds' ratios (a slow minute of the machine weighs on both sides of each)")
+
+
 def paired(a: list[dict], b: list[dict], key: str) -> float:
     """The median over rounds of ``a[key] / b[key]`` in the same round (0 without a pair)."""
     ratios = [x[key] / y[key] for x, y in zip(a, b, strict=False) if x.get(key) and y.get(key)]

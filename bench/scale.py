@@ -167,8 +167,7 @@ def scale(ctx) -> dict:
             "router-1 runs on the proxy core alone; router-2's two workers may run on both cores, and the load "
             "core also runs the load generator and the fake upstream, so the second worker has what they leave",
             "hypercorn-floor = bench/floor.py on the proxy core (see the overhead scenario's note)",
-            f"each row is the median of {h.ROUNDS} interleaved rounds per load (lost chunks and errors: their sum); "
-            "the ratios (vs floor, two workers vs one) are medians of the rounds' ratios",
+            h.rounds_note(),
         ],
     }
 

@@ -69,11 +69,6 @@ PROXY_ROWS_NOTE = ("smart-proxy runs as users run it: the default log level (inf
                    "(--log-level warning: no line per request) is only a comparison, for what the lines cost")
 
 
-ROUNDS_NOTE = (f"each row is the median of {h.ROUNDS} interleaved rounds per load (lost chunks, errors and listen "
-               "overflows: their sum); every round runs every target once, starting with a different one, and the "
-               "ratios against the floor are medians of the rounds' ratios (a slow minute of the machine weighs on "
-               "both sides of each)")
-
 #: The overhead scenario measures every target this many times per load, in interleaved rounds (the
 #: whole duration split between them), and reports each figure's median: on a shared virtual machine
 #: one long run of a target can fall in a slow minute that the next target's misses.
@@ -95,11 +90,7 @@ def overhead(ctx: Context) -> dict:
     floor, floor_url = h.start_floor(ctx.work, upstream)
     targets = {"direct": (upstream, None), "go-httputil": (go_url, None), "hypercorn-floor": (floor_url, floor.pid),
                **{name: (p.url, p.pid) for name, p in proxies.items()}}
-    notes = [FLOOR_NOTE, PROXY_ROWS_NOTE,
-             f"each row is the median of {OVERHEAD_ROUNDS} interleaved rounds per load (errors and listen "
-             "overflows: their sum); every round runs every target once, starting with a different one. The "
-             "CPU targets are medians of ratios paired by round (the proxy's CPU per request over the floor's "
-             "in the same round), so a slow minute of the machine weighs on both sides of each ratio"]
+    notes = [FLOOR_NOTE, PROXY_ROWS_NOTE, h.rounds_note(OVERHEAD_ROUNDS)]
     litellm = None
     auth = {"litellm": ""}
     if ctx.litellm_status == "ok" and h.litellm_binary():
@@ -293,7 +284,7 @@ def fanout(ctx: Context) -> dict:
                        f"{worst_gap:.2f} ms (floor: {floor_gap:.2f} ms)", worst_gap <= floor_gap + 5),
                 target("lost chunks", "0", str(lost), lost == 0),
             ],
-            "notes": [FLOOR_NOTE, BARE_NOTE, ROUNDS_NOTE], "plot": {"kind": "fanout", "rows": rows, "gap_cdfs": cdfs}}
+            "notes": [FLOOR_NOTE, BARE_NOTE, h.rounds_note()], "plot": {"kind": "fanout", "rows": rows, "gap_cdfs": cdfs}}
 
 
 # ---- 3. relay throughput ---------------------------------------------------------------------
