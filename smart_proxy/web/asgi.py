@@ -33,7 +33,7 @@ import contextvars
 import functools
 import math
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 import trio
@@ -73,9 +73,9 @@ class ClientConnection:
         #: The client's side has ended.
         self.gone = False
         self._scope: trio.CancelScope | None = None
-        self._opened: list[UpstreamAnswer] = []
+        self._opened: Sequence[UpstreamAnswer] = ()
 
-    def watch(self, scope: trio.CancelScope, opened: list[UpstreamAnswer]) -> bool:
+    def watch(self, scope: trio.CancelScope, opened: Sequence[UpstreamAnswer]) -> bool:
         """Cancel ``scope`` (and close ``opened``) if the client's side ends; False if it has already."""
         if self.gone:
             return False
@@ -85,7 +85,7 @@ class ClientConnection:
 
     def unwatch(self) -> None:
         self._scope = None
-        self._opened = []
+        self._opened = ()
 
     def ended(self) -> None:
         """The client's side of the connection has ended: cancel the request being served, if one is."""
