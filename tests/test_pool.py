@@ -710,7 +710,9 @@ async def test_idle_servers_are_not_evicted_when_that_would_not_be_enough(make_c
         assert not got_big.is_set() and _loaded(pool) == ["a", "b"] and pool.snapshot().queued == 1
         await _use(pool, "b")
         lease_a.release()
-        with trio.fail_after(5):
+        # two stops and a load (load_timeout 10s) on a machine that may be slow; a lost
+        # wakeup would leave big queued until queue_timeout (60s)
+        with trio.fail_after(30):
             await got_big.wait()
     assert _loaded(pool) == ["big"]
 
