@@ -291,6 +291,56 @@ async def test_a_burst_in_one_read_is_one_piece(nursery) -> None:
         assert b"".join(pieces) == b"".join(events) and len(pieces) <= 3
 
 
+class _SendWhenTaskYields(trio.abc.Instrument):
+    """Writes ``data`` to socket ``fd`` the first time ``task`` gives way to the scheduler once armed."""
+
+    def __init__(self, task: trio.lowlevel.Task, fd: int, data: bytes) -> None:
+        self.task, self.fd, self.data, self.armed = task, fd, data, False
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.armed and task is self.task:
+            self.armed = False
+            os.write(self.fd, self.data)
+
+
+async def test_a_body_read_gives_way_first_so_it_takes_what_came_meanwhile(nursery) -> None:
+    """Under load, one piece carries what arrived while the other tasks had their turn."""
+    chunk = b"%x\r\n%s\r\n"
+    streams: list[trio.SocketStream] = []
+    finish = trio.Event()
+
+    async def answer(head: bytes, body: bytes) -> bytes:
+        await streams[-1].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk % (1, b"a"))
+        await finish.wait()
+        return b"0\r\n\r\n"
+
+    peer = Peer(answer)
+    serve = peer._serve
+
+    async def remember(stream: trio.SocketStream) -> None:
+        streams.append(stream)
+        await serve(stream)
+
+    peer._serve = remember  # type: ignore[method-assign]
+    await peer.start(nursery)
+    async with LlamaClient() as client:
+        response = await client.request("GET", peer.url())
+        assert await response.__anext__() == b"a"
+        server = streams[-1].socket.fileno()
+        os.write(server, chunk % (1, b"b"))
+        await trio.sleep(0.05)  # b has arrived
+        later = _SendWhenTaskYields(trio.lowlevel.current_task(), server, chunk % (1, b"c"))
+        trio.lowlevel.add_instrument(later)
+        try:
+            later.armed = True
+            piece = await response.__anext__()
+        finally:
+            trio.lowlevel.remove_instrument(later)
+        assert piece == b"bc"  # read after giving way: c came meanwhile
+        finish.set()
+        assert [piece async for piece in response] == []
+
+
 async def test_closing_a_body_midway_closes_the_connection(nursery) -> None:
     async def answer(head: bytes, body: bytes) -> bytes:
         return b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"z" * 1000

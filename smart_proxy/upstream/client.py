@@ -42,12 +42,17 @@ Theory of operation:
 
 Checkpoints: every coroutine here is a cancellation point (a cancelled caller
 gets ``trio.Cancelled``, and the connection in use, if any, is closed), but a
-schedule point only when it has to wait. A send that fits the socket's buffer and a read
-of bytes that have already arrived are plain socket calls: ``SocketStream``
-would wrap each in a conflict check, two context managers and a yield to the
-scheduler, paid per relayed event on the proxy's one core. A send, read or
+schedule point only when it has to wait, with one exception below. A send that fits
+the socket's buffer and a read of bytes that have already arrived are plain socket
+calls: ``SocketStream`` would wrap each in a conflict check, two context managers and a
+yield to the scheduler, paid per relayed event on the proxy's one core. A send, read or
 connect that waits is Trio's (``wait_readable``, ``send_all``, ``connect``), so
-it can be cancelled and a close wakes it. ``tests/test_client.py`` checks that a
+it can be cancelled and a close wakes it. The exception: each network read of an
+answer's body is preceded by one yield to the scheduler. A stream's task comes back
+to its socket only after every other runnable task has had its turn, so under load a
+read takes all the events that came meanwhile (one piece, one send to the client)
+instead of the one that came while its own piece was being sent; when the proxy is
+idle the yield costs one pass of an empty run queue. ``tests/test_client.py`` checks that a
 cancelled request sends nothing, even on a pooled connection, and that a
 cancelled read of body bytes that have already arrived raises ``Cancelled`` and
 closes the connection.
@@ -329,6 +334,7 @@ class LlamaResponse:
                 if self._first:
                     data, self._first = self._first, b""
                 else:
+                    await trio.lowlevel.cancel_shielded_checkpoint()  # batch under load: see the module docstring
                     data = await conn.receive()
                 if not data:
                     self._finish(False)
