@@ -233,6 +233,42 @@ class CpuMeter:
                 **{f"cpu_{name}": round(value, 1) for name, value in self.processes.items()}}
 
 
+class SyscallCounter:
+    """How many times a process entered some system calls between enter and exit (``perf stat``'s tracepoints).
+
+    ``counts`` maps each call (``sendto``) to its count, or is empty where ``perf`` or its
+    syscall tracepoints are not available: the figure is then reported as missing, not as 0.
+    """
+
+    def __init__(self, pid: int | None, calls: tuple[str, ...] = ("sendto", "recvfrom")) -> None:
+        self.pid, self.calls = pid, calls
+        self.counts: dict[str, int] = {}
+        self._perf: subprocess.Popen | None = None
+
+    def __enter__(self) -> SyscallCounter:
+        if self.pid is None or shutil.which("perf") is None:
+            return self
+        events = ",".join(f"syscalls:sys_enter_{call}" for call in self.calls)
+        self._perf = subprocess.Popen(["perf", "stat", "-x,", "-e", events, "-p", str(self.pid)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.3)  # perf attaches before the load starts
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._perf is None:
+            return
+        self._perf.send_signal(signal.SIGINT)
+        try:
+            _, err = self._perf.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._perf.kill()
+            return
+        for line in err.splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[0].isdigit() and "sys_enter_" in fields[2]:
+                self.counts[fields[2].rsplit("sys_enter_", 1)[1]] = int(fields[0])
+
+
 def process_cpu(pid: int) -> int:
     """utime + stime of one process, in clock ticks (0 if it is gone)."""
     try:
