@@ -46,6 +46,8 @@ class Peer:
         self.requests: list[tuple[int, bytes, bytes]] = []  # (connection number, head, body)
         self.closed_by_client = 0
         self.port = 0
+        #: The server's side of each connection, in the order they came.
+        self.streams: list[trio.SocketStream] = []
 
     async def start(self, nursery: trio.Nursery) -> Peer:
         (listener,) = await nursery.start(partial(trio.serve_tcp, self._serve, 0, host="127.0.0.1"))
@@ -56,6 +58,7 @@ class Peer:
         return f"http://127.0.0.1:{self.port}{path}"
 
     async def _serve(self, stream: trio.SocketStream) -> None:
+        self.streams.append(stream)
         self.connections += 1
         number = self.connections
         buffer = b""
@@ -225,25 +228,16 @@ async def test_a_chunked_body_in_odd_pieces_is_relayed_byte_for_byte(nursery) ->
 
     async def answer(head: bytes, body: bytes) -> bytes:
         # the head, then the body in pieces that cut through sizes, data and CRLFs
-        await stream_box[0].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await peer.streams[0].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         cut = 0
         while cut < len(wire):
             step = 1 + (cut * 7919) % 97
-            await stream_box[0].send_all(wire[cut : cut + step])
+            await peer.streams[0].send_all(wire[cut : cut + step])
             cut += step
             await trio.lowlevel.checkpoint()
         return b""
 
-    stream_box: list[trio.SocketStream] = []
-    peer = Peer(answer)
-    original = peer._serve
-
-    async def serve(stream: trio.SocketStream) -> None:
-        stream_box.append(stream)
-        await original(stream)
-
-    peer._serve = serve  # type: ignore[method-assign]
-    await peer.start(nursery)
+    peer = await Peer(answer).start(nursery)
     async with LlamaClient() as client:
         response = await client.request("GET", peer.url())
         assert await _read(response) == b"".join(events)
@@ -256,22 +250,13 @@ async def test_a_last_chunk_that_arrives_alone_ends_the_body(nursery) -> None:
     """The terminating chunk in a read of its own: the body ends there, the connection is pooled."""
 
     async def answer(head: bytes, body: bytes) -> bytes:
-        await streams[-1].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await peer.streams[-1].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         await trio.sleep(0.05)
-        await streams[-1].send_all(b"0\r\n")
+        await peer.streams[-1].send_all(b"0\r\n")
         await trio.sleep(0.05)
         return b"\r\n"
 
-    streams: list[trio.SocketStream] = []
-    peer = Peer(answer)
-    serve = peer._serve
-
-    async def remember(stream: trio.SocketStream) -> None:
-        streams.append(stream)
-        await serve(stream)
-
-    peer._serve = remember  # type: ignore[method-assign]
-    await peer.start(nursery)
+    peer = await Peer(answer).start(nursery)
     async with LlamaClient() as client:
         for _ in range(2):
             with trio.fail_after(2):
@@ -306,27 +291,18 @@ class _SendWhenTaskYields(trio.abc.Instrument):
 async def test_a_body_read_gives_way_first_so_it_takes_what_came_meanwhile(nursery) -> None:
     """Under load, one piece carries what arrived while the other tasks had their turn."""
     chunk = b"%x\r\n%s\r\n"
-    streams: list[trio.SocketStream] = []
     finish = trio.Event()
 
     async def answer(head: bytes, body: bytes) -> bytes:
-        await streams[-1].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk % (1, b"a"))
+        await peer.streams[-1].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk % (1, b"a"))
         await finish.wait()
         return b"0\r\n\r\n"
 
-    peer = Peer(answer)
-    serve = peer._serve
-
-    async def remember(stream: trio.SocketStream) -> None:
-        streams.append(stream)
-        await serve(stream)
-
-    peer._serve = remember  # type: ignore[method-assign]
-    await peer.start(nursery)
+    peer = await Peer(answer).start(nursery)
     async with LlamaClient() as client:
         response = await client.request("GET", peer.url())
         assert await response.__anext__() == b"a"
-        server = streams[-1].socket.fileno()
+        server = peer.streams[-1].socket.fileno()
         os.write(server, chunk % (1, b"b"))
         await trio.sleep(0.05)  # b has arrived
         later = _SendWhenTaskYields(trio.lowlevel.current_task(), server, chunk % (1, b"c"))
