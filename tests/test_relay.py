@@ -315,10 +315,12 @@ async def test_read_stops_at_the_limit() -> None:
             yield b"x" * 1000
             await trio.lowlevel.checkpoint()
 
-    upstream = UpstreamAnswer(HttpxAnswer(httpx.Response(200, content=endless())))
+    content = endless()
+    upstream = UpstreamAnswer(HttpxAnswer(httpx.Response(200, content=content)))
     with pytest.raises(UpstreamError, match="larger than 5000 bytes"):
         await upstream.read(5000)
     assert upstream.response.closed
+    await content.aclose()  # the test's own generator (httpx closes only its own, which read() did)
     declared = UpstreamAnswer(Scripted(b"x" * 6000, headers=[(b"Content-Length", b"6000")]))
     with pytest.raises(UpstreamError, match="max_answer"):
         await declared.read(5000)  # refused before reading

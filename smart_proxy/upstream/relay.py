@@ -235,6 +235,10 @@ class HttpxAnswer:
         await self.response.aclose()
 
 
+def _too_large(limit: int) -> UpstreamError:
+    return UpstreamError(f"the upstream answer is larger than {limit} bytes ([proxy] max_answer)")
+
+
 class UpstreamAnswer:
     """An upstream answer whose headers have arrived and whose body is still to come."""
 
@@ -271,17 +275,16 @@ class UpstreamAnswer:
                 is JSON cut short), or is larger than ``limit``.
         """
         response = self.response
-        too_large = UpstreamError(f"the upstream answer is larger than {limit} bytes ([proxy] max_answer)")
         try:
             length = response.header(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
-                raise too_large
+                raise _too_large(limit)
             parts = []
             size = 0
             async for piece in response:
                 size += len(piece)
                 if size > limit:
-                    raise too_large
+                    raise _too_large(limit)
                 parts.append(piece)
             body = parts[0] if len(parts) == 1 else b"".join(parts)
         except _BROKEN as exc:
