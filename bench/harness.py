@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -349,6 +350,15 @@ def interleaved(names: list[str], turn: int) -> list[str]:
     """``names`` for round ``turn``: every one once, starting with a different one each round."""
     start = turn % len(names)
     return names[start:] + names[:start]
+
+
+def in_rounds(names: list[str], count: int, measure: Callable[[str, int], dict]) -> dict[str, list[dict]]:
+    """``measure(name, turn)`` for every name once in each of ``count`` :func:`interleaved` rounds: each name's runs."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for turn in range(count):
+        for name in interleaved(names, turn):
+            runs[name].append(measure(name, turn))
+    return runs
 
 
 def process_cpu_s(pid: int) -> float:

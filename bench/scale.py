@@ -85,14 +85,18 @@ def scale(ctx) -> dict:
     h.log(f"  scale: router-2 workers {two.pids()}")
     rows = []
     rounds: dict[tuple[str, str, int], list[dict]] = {}
+    duration = ctx.seconds(10) / h.ROUNDS  # of each wrk run
+    body = json.dumps(CHAT)
 
     def measure(kind: str, load: int, run: Callable[[str], tuple[dict, dict]]) -> None:
-        for turn in range(h.ROUNDS):
-            for name in h.interleaved(list(targets), turn):
-                record, cores = run(name)
-                rounds.setdefault((kind, name, load), []).append({**record, **cores})
-                h.log(f"  scale: {kind} {name:15} {load:<4} round {turn + 1}: {record['rate']:8.0f}/s  "
-                      f"lost {record.get('lost', 0)}  errors {record['errors']}  {cores}")
+        def logged(name: str, turn: int) -> dict:
+            record, cores = run(name)
+            h.log(f"  scale: {kind} {name:15} {load:<4} round {turn + 1}: {record['rate']:8.0f}/s  "
+                  f"lost {record.get('lost', 0)}  errors {record['errors']}  {cores}")
+            return {**record, **cores}
+
+        for name, runs in h.in_rounds(list(targets), h.ROUNDS, logged).items():
+            rounds[(kind, name, load)] = runs
         for name in targets:
             row = h.median_row(rounds[(kind, name, load)])
             rows.append({"kind": kind, "target": name, "load": load, **row, "rate": round(row["rate"]),
@@ -127,8 +131,6 @@ def scale(ctx) -> dict:
 
     for streams in (64, 256, 512):
         measure("fanout", streams, fanout(streams))
-    duration = ctx.seconds(10) / h.ROUNDS
-    body = json.dumps(CHAT)
     for clients in (64, 256):
         measure("requests", clients, requests(clients))
     one.stop()

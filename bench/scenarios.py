@@ -8,6 +8,7 @@ what they are: nothing here asserts; a missed target is reported as missed.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import itertools
 import json
@@ -116,28 +117,28 @@ def overhead(ctx: Context) -> dict:
     duration = ctx.seconds(10) / OVERHEAD_ROUNDS
     rows = []
     rounds: dict[tuple[str, int], list[dict]] = {}
+
+    def measure(clients: int, name: str, turn: int) -> dict:
+        url, pid = targets[name]
+        key = auth.get(name, "")
+        if litellm is not None and name == "litellm":
+            litellm.resume()
+        elif litellm is not None:  # only the target under test runs on the proxy core
+            litellm.pause()
+        h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=min(1.0, duration), body=body, auth=key)
+        with h.CpuMeter({"target": pid} if pid else {}) as cpu:
+            result = h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=duration, body=body,
+                           auth=key)
+        cpu_ms = cpu.cpu_seconds.get("target", 0) * 1000 / max(1, result["requests"]) if pid else None
+        h.log(f"  1: {name:12} c={clients:<4} round {turn + 1}: {result['rps']:8.0f} req/s  "
+              f"CPU {cpu_ms or 0:.3f} ms/req  p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  "
+              f"errors {result['errors']}  {cpu.summary()}")
+        return {"rps": result["rps"], "cpu_ms_per_req": cpu_ms, "p50_ms": result["p50_ms"],
+                "p99_ms": result["p99_ms"], "errors": result["errors"], **cpu.summary()}
+
     for clients in (1, 64, 256):
         names = [name for name in targets if not (name == "litellm" and clients == 256 and ctx.quick)]
-        runs: dict[str, list[dict]] = {name: [] for name in names}
-        for turn in range(OVERHEAD_ROUNDS):
-            for name in h.interleaved(names, turn):
-                url, pid = targets[name]
-                key = auth.get(name, "")
-                if litellm is not None and name == "litellm":
-                    litellm.resume()
-                elif litellm is not None:  # only the target under test runs on the proxy core
-                    litellm.pause()
-                h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=min(1.0, duration), body=body, auth=key)
-                with h.CpuMeter({"target": pid} if pid else {}) as cpu:
-                    result = h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=duration, body=body,
-                                   auth=key)
-                cpu_ms = cpu.cpu_seconds.get("target", 0) * 1000 / max(1, result["requests"]) if pid else None
-                runs[name].append({"rps": result["rps"], "cpu_ms_per_req": cpu_ms, "p50_ms": result["p50_ms"],
-                                   "p99_ms": result["p99_ms"], "errors": result["errors"], **cpu.summary()})
-                h.log(f"  1: {name:12} c={clients:<4} round {turn + 1}: {result['rps']:8.0f} req/s  "
-                      f"CPU {cpu_ms or 0:.3f} ms/req  p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  "
-                      f"errors {result['errors']}  "
-                      f"{cpu.summary()}")
+        runs = h.in_rounds(names, OVERHEAD_ROUNDS, functools.partial(measure, clients))
         for name in names:
             row = h.median_row(runs[name])
             rows.append({"target": name, "clients": clients, **row, "rps": round(row["rps"]),
@@ -228,28 +229,30 @@ def fanout(ctx: Context) -> dict:
                "hypercorn-floor": (floor_url, floor.pid), "smart-proxy": (proxy.url, proxy.pid)}
     rows, cdfs = [], {}
     rounds: dict[tuple[str, int], list[dict]] = {}
+
+    def measure(streams: int, name: str, turn: int) -> dict:
+        url, pid = targets[name]
+        with h.SyscallCounter(pid) as calls, h.CpuMeter({"target": pid} if pid else {}) as cpu:
+            result = h.streamclient(ctx.go.streamclient, f"{url}/v1/chat/completions", streams=streams,
+                                    body=body, expect=expect)
+        cpu_us = cpu.cpu_seconds.get("target", 0) * 1e6 / max(1, result["events"]) if pid else None
+        sends = calls.counts["sendto"] / max(1, result["events"]) if "sendto" in calls.counts else None
+        run = {"chunks_per_s": result["events_per_s"], "cpu_us_per_chunk": cpu_us, "sends_per_chunk": sends,
+               "ttfc_p50_ms": result["ttfc_ms"].get("p50", float("nan")),
+               "ttfc_p99_ms": result["ttfc_ms"].get("p99", float("nan")),
+               "gap_p50_ms": result["gap_ms"].get("p50", float("nan")),
+               "gap_p99_ms": result["gap_ms"].get("p99", float("nan")),
+               "lost": result["lost"] + (streams - result["complete"]) * expect,
+               "errors": sum(result["errors"].values()), **cpu.summary()}
+        cdfs[f"{name}@{streams}"] = result["gap_cdf_ms"]  # the last round's
+        h.log(f"  2: {name:12} n={streams:<4} round {turn + 1}: {result['events_per_s']:8.0f} chunks/s  "
+              f"ttfc p50 {run['ttfc_p50_ms']:.2f} ms  gap p99 {run['gap_p99_ms']:.2f} ms  lost {run['lost']}  "
+              f"errors {result['errors'] or 0}  {cpu.summary()}")
+        return run
+
     for streams in (64, 256, 512):
-        for turn in range(FANOUT_ROUNDS):
-            for name in h.interleaved(list(targets), turn):
-                url, pid = targets[name]
-                with h.SyscallCounter(pid) as calls, h.CpuMeter({"target": pid} if pid else {}) as cpu:
-                    result = h.streamclient(ctx.go.streamclient, f"{url}/v1/chat/completions", streams=streams,
-                                            body=body, expect=expect)
-                errors = sum(result["errors"].values())
-                cpu_us = cpu.cpu_seconds.get("target", 0) * 1e6 / max(1, result["events"]) if pid else None
-                sends = calls.counts["sendto"] / max(1, result["events"]) if "sendto" in calls.counts else None
-                run = {"chunks_per_s": result["events_per_s"], "cpu_us_per_chunk": cpu_us, "sends_per_chunk": sends,
-                       "ttfc_p50_ms": result["ttfc_ms"].get("p50", float("nan")),
-                       "ttfc_p99_ms": result["ttfc_ms"].get("p99", float("nan")),
-                       "gap_p50_ms": result["gap_ms"].get("p50", float("nan")),
-                       "gap_p99_ms": result["gap_ms"].get("p99", float("nan")),
-                       "lost": result["lost"] + (streams - result["complete"]) * expect, "errors": errors,
-                       **cpu.summary()}
-                rounds.setdefault((name, streams), []).append(run)
-                cdfs[f"{name}@{streams}"] = result["gap_cdf_ms"]  # the last round's
-                h.log(f"  2: {name:12} n={streams:<4} round {turn + 1}: {result['events_per_s']:8.0f} chunks/s  "
-                      f"ttfc p50 {run['ttfc_p50_ms']:.2f} ms  gap p99 {run['gap_p99_ms']:.2f} ms  lost {run['lost']}  "
-                      f"errors {result['errors'] or 0}  {cpu.summary()}")
+        for name, runs in h.in_rounds(list(targets), FANOUT_ROUNDS, functools.partial(measure, streams)).items():
+            rounds[(name, streams)] = runs
         for name in targets:
             row = h.median_row(rounds[(name, streams)])
             rows.append({"target": name, "streams": streams, **row, "chunks_per_s": round(row["chunks_per_s"]),
