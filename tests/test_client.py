@@ -317,6 +317,43 @@ async def test_a_body_read_gives_way_first_so_it_takes_what_came_meanwhile(nurse
         assert [piece async for piece in response] == []
 
 
+class _LeaveWhenTaskYields(trio.abc.Instrument):
+    """What a client's leaving does (smart_proxy.web.asgi.ClientConnection.ended) the first time ``task`` gives way."""
+
+    def __init__(self, task: trio.lowlevel.Task, scope: trio.CancelScope, response: LlamaResponse) -> None:
+        self.task, self.scope, self.response = task, scope, response
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task and self.scope is not None:
+            self.scope.cancel()  # first the route's cancellation, then the close of its upstream
+            self.response.abort()
+            self.scope = None
+
+
+async def test_a_client_leaving_while_a_body_read_gives_way_cancels_it_and_does_not_break_it(nursery) -> None:
+    """The read takes the cancellation, not the closed socket (which would count as the upstream breaking off)."""
+    finish = trio.Event()
+
+    async def answer(head: bytes, body: bytes) -> bytes:
+        await peer.streams[-1].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        await finish.wait()
+        return b"0\r\n\r\n"
+
+    peer = await Peer(answer).start(nursery)
+    async with LlamaClient() as client:
+        response = await client.request("GET", peer.url())
+        assert await response.__anext__() == b"a"
+        with trio.CancelScope() as scope:
+            leave = _LeaveWhenTaskYields(trio.lowlevel.current_task(), scope, response)
+            trio.lowlevel.add_instrument(leave)
+            try:
+                await response.__anext__()
+            finally:
+                trio.lowlevel.remove_instrument(leave)
+        assert scope.cancelled_caught and leave.scope is None and response.closed
+        finish.set()
+
+
 async def test_closing_a_body_midway_closes_the_connection(nursery) -> None:
     async def answer(head: bytes, body: bytes) -> bytes:
         return b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"z" * 1000

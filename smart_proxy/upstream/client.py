@@ -52,7 +52,11 @@ answer's body is preceded by one yield to the scheduler. A stream's task comes b
 to its socket only after every other runnable task has had its turn, so under load a
 read takes all the events that came meanwhile (one piece, one send to the client)
 instead of the one that came while its own piece was being sent; when the proxy is
-idle the yield costs one pass of an empty run queue. ``tests/test_client.py`` checks that a
+idle the yield costs one pass of an empty run queue. The yield is a cancellation point
+too: a client that leaves cancels its route and then closes the route's upstream
+connection (:class:`smart_proxy.web.asgi.ClientConnection`), both while the route waits
+its turn, and the route must come back to the cancellation, not to a read of a closed
+socket (which would count as the upstream breaking off). ``tests/test_client.py`` checks that a
 cancelled request sends nothing, even on a pooled connection, and that a
 cancelled read of body bytes that have already arrived raises ``Cancelled`` and
 closes the connection.
@@ -334,7 +338,7 @@ class LlamaResponse:
                 if self._first:
                     data, self._first = self._first, b""
                 else:
-                    await trio.lowlevel.cancel_shielded_checkpoint()  # batch under load: see the module docstring
+                    await trio.lowlevel.checkpoint()  # batch under load, and take a cancellation: see the module docstring
                     data = await conn.receive()
                 if not data:
                     self._finish(False)
