@@ -7,7 +7,8 @@ the pool and then Hypercorn in one nursery, marks the proxy ready and reports th
 bound addresses through ``task_status``. A router (:attr:`smart_proxy.config.Config.role`:
 no model it could load itself) looks for no llama-server and starts neither the
 downloads nor the pool; its pool stays empty and only answers what it holds (nothing). A connection its client closes is closed
-at once, not at ``keep_alive_timeout`` (:func:`free_closed_connections`).
+at once, not at ``keep_alive_timeout``, and a keep-alive connection costs no task per request
+(:func:`adapt_hypercorn`).
 
 Draining: when ``shutdown_trigger`` returns (by default, the first SIGINT or
 SIGTERM) the lifecycle turns DRAINING at once: ``/health/ready`` answers 503 and
@@ -29,6 +30,7 @@ lifelines then kill its llama-servers).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -38,6 +40,7 @@ from collections.abc import Awaitable, Callable
 import hypercorn.config
 import hypercorn.trio
 import trio
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 
 from .agents import AgentRegistry
@@ -58,7 +61,7 @@ from .upstream.relay import make_client, make_llama_client
 from .web.app import create_app
 from .web.asgi import CONNECTION, ClientConnection
 
-__all__ = ["StopSignals", "free_closed_connections", "serve"]
+__all__ = ["KeepAliveTimer", "StopSignals", "adapt_hypercorn", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -161,26 +164,81 @@ def shared_port(host: str, port: int) -> str:
     return f"fd://{sock.detach()}"
 
 
-def free_closed_connections() -> None:
-    """Make Hypercorn close a connection as soon as its client has closed it; idempotent.
+class KeepAliveTimer:
+    """One connection's keep-alive timer: one task for the connection's life, whose deadline moves.
 
-    Hypercorn's trio ``TCPServer`` (checked against Hypercorn 0.18.0) reads until the
-    client's EOF, then waits for its connection's task group before it closes the socket.
-    Between requests that group holds the keep-alive timer (``idle_task``), so a client
-    that closes an idle keep-alive connection would leave its socket in CLOSE-WAIT,
-    descriptor and buffers held, until ``keep_alive_timeout``. Hypercorn offers no setting or hook
-    for this, so its ``_read_data`` is wrapped: once the read side has ended, the
-    keep-alive timer is stopped, and the connection closes as soon as no request runs
-    on it (a request in flight has been told ``http.disconnect`` by then, as Hypercorn does).
-    The same wrapper is where a model route on HTTP/1 learns that its client left: it
-    puts a :class:`~smart_proxy.web.asgi.ClientConnection` in the connection task's
-    context (the request tasks Hypercorn starts from ``_read_data`` inherit it) and tells
-    it when the read side ends (see :mod:`smart_proxy.web.asgi`).
-    ``tests/test_ops.py`` pins the source of what this relies on.
+    It stands in for Hypercorn's ``idle_task`` (a ``TrioSingleTask`` running
+    ``TCPServer._idle_timeout``), which starts a task each time the connection turns idle
+    and cancels it when the next request comes: a task started, scheduled and torn down
+    for every request. Here a request only moves a deadline. The behaviour is
+    Hypercorn's: a connection idle for ``keep_alive_timeout``, or idle while the server
+    stops (``context.terminated``), is closed with ``_initiate_server_close``; a request
+    in flight is never cut by it. Hypercorn calls :meth:`restart` when the connection
+    turns idle and :meth:`stop` when a request comes; :meth:`end` (from
+    :func:`adapt_hypercorn`'s ``_read_data``) lets the task go once the read side has ended.
     """
-    read = TCPServer._read_data
+
+    def __init__(self, server: TCPServer) -> None:
+        self._server = server
+        self._scope = trio.CancelScope()
+        self._idle = False
+        self._running = False
+        self._ended = False
+
+    async def restart(self, task_group: TaskGroup, action: object) -> None:
+        self._idle = True
+        if self._server.context.terminated.is_set():
+            self._scope.deadline = -math.inf
+        else:
+            self._scope.deadline = trio.current_time() + self._server.config.keep_alive_timeout
+        if not self._running:
+            self._running = True
+            task_group.spawn(self._run)
+
+    async def stop(self) -> None:
+        self._idle = False
+        self._scope.deadline = math.inf
+
+    def end(self) -> None:
+        self._ended = True
+        self._scope.cancel()
+
+    async def _run(self) -> None:
+        with self._scope:
+            await self._server.context.terminated.wait()
+            if not self._idle:
+                await trio.sleep_forever()  # the server stops during a request: restart() ends this after it
+        if not self._ended:
+            with trio.CancelScope(shield=True):
+                await self._server._initiate_server_close()
+
+
+def adapt_hypercorn() -> None:
+    """Two changes to Hypercorn's trio ``TCPServer`` (checked against Hypercorn 0.18.0); idempotent.
+
+    Hypercorn offers no setting or hook for either, so ``__init__`` and ``_read_data`` are
+    wrapped; ``tests/test_ops.py`` pins the source of what this relies on.
+
+    - **A closed connection is freed at once.** ``TCPServer`` reads until the client's
+      EOF, then waits for its connection's task group before it closes the socket.
+      Between requests that group holds the keep-alive timer, so a client that closes an
+      idle keep-alive connection would leave its socket in CLOSE-WAIT, descriptor and
+      buffers held, until ``keep_alive_timeout``. Once the read side has ended, the
+      timer is let go, and the connection closes as soon as no request runs on it (a
+      request in flight has been told ``http.disconnect`` by then, as Hypercorn does).
+      The same wrapper is where a model route on HTTP/1 learns that its client left: it
+      puts a :class:`~smart_proxy.web.asgi.ClientConnection` in the connection task's
+      context (the request tasks Hypercorn starts from ``_read_data`` inherit it) and
+      tells it when the read side ends (see :mod:`smart_proxy.web.asgi`).
+    - **The keep-alive timer costs no task per request**: :class:`KeepAliveTimer`.
+    """
+    init, read = TCPServer.__init__, TCPServer._read_data
     if getattr(read, "__wrapped__", None) is not None:
         return
+
+    def __init__(self: TCPServer, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)
+        self.idle_task = KeepAliveTimer(self)
 
     async def _read_data(self: TCPServer) -> None:
         connection = ClientConnection()
@@ -189,9 +247,11 @@ def free_closed_connections() -> None:
             await read(self)  # (an error cancels the connection's task group, the timer with it)
         finally:
             connection.ended()
-        await self.idle_task.stop()
+        self.idle_task.end()
 
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
     _read_data.__wrapped__ = read  # type: ignore[attr-defined]
+    TCPServer.__init__ = __init__  # type: ignore[method-assign]
     TCPServer._read_data = _read_data  # type: ignore[method-assign]
 
 
@@ -251,7 +311,7 @@ async def serve(
     hc = hypercorn_config(config, host, port)
     if reuse_port:
         hc.bind = [shared_port(host, port)]
-    free_closed_connections()
+    adapt_hypercorn()
     lifecycle = Lifecycle()
     signals: StopSignals | None = None
     async with make_client() as client, make_llama_client() as llama, trio.open_nursery() as nursery:

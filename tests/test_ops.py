@@ -25,7 +25,7 @@ from smart_proxy.auth import ApiKeys
 from smart_proxy.config import Config, load_config
 from smart_proxy.errors import ConfigError, Unauthorized
 from smart_proxy.metrics import Metrics, UsageScanner
-from smart_proxy.server import free_closed_connections, hypercorn_config, serve
+from smart_proxy.server import KeepAliveTimer, adapt_hypercorn, hypercorn_config, serve
 
 from .conftest import deploy_doc_block, pids_alive
 
@@ -1041,35 +1041,130 @@ async def test_under_serve_an_http1_model_request_runs_without_a_watcher_task(ma
             await trio.sleep(0.02)
 
 
-def test_the_hypercorn_internals_free_closed_connections_relies_on_are_unchanged() -> None:
-    # free_closed_connections wraps TCPServer._read_data and stops its idle_task; checked against
-    # Hypercorn 0.18.0. If this fails, Hypercorn changed: re-read hypercorn/trio/tcp_server.py,
-    # check that a client's close still leaves the keep-alive timer running (or not), then update.
+def test_the_hypercorn_internals_adapt_hypercorn_relies_on_are_unchanged() -> None:
+    # adapt_hypercorn wraps TCPServer.__init__ (its idle_task becomes a KeepAliveTimer) and
+    # _read_data (which lets the timer go when the read side ends); checked against Hypercorn
+    # 0.18.0. If this fails, Hypercorn changed: re-read hypercorn/trio/tcp_server.py and
+    # worker_context.py, check that idle_task is still driven by restart/stop from protocol_send
+    # and that _idle_timeout still closes an idle connection at keep_alive_timeout or when the
+    # server stops, then update.
     from hypercorn.trio.task_group import TaskGroup
     from hypercorn.trio.tcp_server import TCPServer
     from hypercorn.trio.worker_context import TrioSingleTask
 
-    free_closed_connections()
-    read = TCPServer._read_data
-    assert read.__wrapped__ is not read  # wrapped once, however often serve() runs
-    free_closed_connections()
-    assert TCPServer._read_data is read
+    adapt_hypercorn()
+    init, read = TCPServer.__init__, TCPServer._read_data
+    assert read.__wrapped__ is not read and init.__wrapped__ is not init  # wrapped once, however often serve() runs
+    adapt_hypercorn()
+    assert (TCPServer.__init__, TCPServer._read_data) == (init, read)
     digests = {
         name: hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
         for name, function in [
+            ("TCPServer.__init__", init.__wrapped__),
             ("TCPServer.run", TCPServer.run),
             ("TCPServer._read_data", read.__wrapped__),
+            ("TCPServer.protocol_send", TCPServer.protocol_send),
             ("TCPServer._idle_timeout", TCPServer._idle_timeout),
+            ("TCPServer._initiate_server_close", TCPServer._initiate_server_close),
+            ("TrioSingleTask.restart", TrioSingleTask.restart),
             ("TrioSingleTask.stop", TrioSingleTask.stop),
+            ("TaskGroup.spawn", TaskGroup.spawn),
             # the request's task is started from _read_data (it inherits the ClientConnection), and
             # its receive is a memory channel's (smart_proxy.web.asgi.read_body takes what has come)
             ("TaskGroup.spawn_app", TaskGroup.spawn_app),
         ]
     }
     assert digests == {
+        "TCPServer.__init__": "4c1d42457bc197b2",
         "TCPServer.run": "fd34b021d1a86c98",
         "TCPServer._read_data": "7ca747d922c65cf1",
+        "TCPServer.protocol_send": "225856426bff7be0",
         "TCPServer._idle_timeout": "210ce1014d98e1cb",
+        "TCPServer._initiate_server_close": "7c1b548a65adc8b1",
+        "TrioSingleTask.restart": "0170ab8e4418dc0e",
         "TrioSingleTask.stop": "044ad384dfd2f565",
+        "TaskGroup.spawn": "d22a14c225196987",
         "TaskGroup.spawn_app": "b4c1131427529801",
     }
+
+
+class _Connection:
+    """What a KeepAliveTimer uses of Hypercorn's TCPServer: its config, its worker's context, its close."""
+
+    def __init__(self, keep_alive_timeout: float) -> None:
+        import hypercorn.config
+        from hypercorn.trio.worker_context import WorkerContext
+
+        self.config = hypercorn.config.Config()
+        self.config.keep_alive_timeout = keep_alive_timeout
+        self.context = WorkerContext(None)
+        self.closed_at: list[float] = []
+
+    async def _initiate_server_close(self) -> None:
+        self.closed_at.append(trio.current_time())
+
+
+async def test_the_keep_alive_timer_closes_a_connection_idle_for_keep_alive_timeout(autojump_clock) -> None:
+    from hypercorn.trio.task_group import TaskGroup
+
+    connection = _Connection(5)
+    async with TaskGroup() as group:
+        timer = KeepAliveTimer(connection)  # type: ignore[arg-type]
+        await timer.restart(group, None)  # idle from the start: the connection is new
+        await trio.sleep(4)
+        await timer.stop()  # a request
+        await trio.sleep(60)  # a long answer is never cut
+        assert connection.closed_at == []
+        await timer.restart(group, None)  # answered: idle again
+        await trio.sleep(3)
+        await timer.restart(group, None)  # (idle again: the deadline moves, as Hypercorn's restart does)
+    assert connection.closed_at == [67 + 5]
+
+
+async def test_the_keep_alive_timer_closes_an_idle_connection_when_the_server_stops(autojump_clock) -> None:
+    from hypercorn.trio.task_group import TaskGroup
+
+    idle, busy = _Connection(75), _Connection(75)
+    async with TaskGroup() as group:
+        for connection in (idle, busy):
+            connection.timer = KeepAliveTimer(connection)  # type: ignore[arg-type]
+            await connection.timer.restart(group, None)
+        await trio.sleep(1)
+        await busy.timer.stop()  # a request comes on one of them
+        await trio.sleep(1)
+        for connection in (idle, busy):
+            await connection.context.terminated.set()
+        await trio.sleep(10)
+        assert (idle.closed_at, busy.closed_at) == ([2], [])  # the request runs on
+        await busy.timer.restart(group, None)  # it is answered
+    assert busy.closed_at == [12]
+
+
+async def test_the_keep_alive_timer_ends_without_closing_once_the_read_side_ended(autojump_clock) -> None:
+    from hypercorn.trio.task_group import TaskGroup
+
+    connection = _Connection(5)
+    async with TaskGroup() as group:
+        timer = KeepAliveTimer(connection)  # type: ignore[arg-type]
+        await timer.restart(group, None)
+        await trio.sleep(1)
+        timer.end()  # the client closed its side: the connection closes once no request runs
+    assert connection.closed_at == [] and trio.current_time() == 1
+
+
+async def test_a_request_longer_than_keep_alive_timeout_is_answered_on_a_connection_kept_alive(
+    make_config, start_proxy, tmp_path
+) -> None:
+    toml = tmp_path / "hypercorn.toml"
+    toml.write_text("keep_alive_timeout = 0.3\n")
+    url = await start_proxy(with_proxy(make_config({"a": {"token_delay": 0.1}}), hypercorn_config=str(toml)))
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    body = json.dumps(chat(max_tokens=8)).encode()  # 0.8 s to answer
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    stream = await trio.open_tcp_stream(host, port)
+    for _ in range(3):
+        assert await _exchange_on(stream, request) == 200
+    await trio.sleep(1.0)
+    with trio.fail_after(1):
+        assert await stream.receive_some() == b""  # idle past keep_alive_timeout: closed by the proxy
+    await stream.aclose()
