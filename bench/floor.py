@@ -12,7 +12,9 @@ hand-written keep-alive HTTP/1.1 (no httpx, no h11 on the upstream side) and
 relaying each network read of the answer as one ASGI body message. It handles
 only what the benchmark's fake upstream sends (Content-Length or chunked bodies)
 and is not a proxy anyone should deploy; it is a lower bound on the CPU a proxy
-built on this stack spends per request and per streamed chunk.
+built on this stack, as Hypercorn ships it, spends per request and per streamed
+chunk. (smart-proxy changes how Hypercorn serves HTTP/1, see
+``smart_proxy.server.adapt_hypercorn``; the floor runs Hypercorn unchanged.)
 
 Theory of operation: each request takes an idle upstream connection (LIFO) or
 opens one, writes the request head and body in one ``send_all``, reads the

@@ -49,8 +49,10 @@ def ratio(a: float, b: float) -> float:
 #: What the ``hypercorn-floor`` rows are (bench/floor.py).
 FLOOR_NOTE = ("hypercorn-floor = bench/floor.py: a raw ASGI callable on hypercorn.trio.serve with smart-proxy's "
               "Hypercorn settings, forwarding over hand-written keep-alive HTTP/1.1 (no Quart, httpx, routing, "
-              "JSON, pool or logging): the least CPU any proxy built on the design card's server spends, "
-              "so smart-proxy's own cost is the distance to this row")
+              "JSON, pool or logging): the least CPU a proxy spends on the design card's server as Hypercorn "
+              "ships it. smart-proxy changes how Hypercorn serves HTTP/1 (smart_proxy.server.adapt_hypercorn: "
+              "no task per request for the keep-alive timer, a whole answer in one send), the floor does not, "
+              "so smart-proxy can spend less than this row")
 BARE_NOTE = ("trio-bare = bench/floor.py --bare: the same relay behind a hand-written HTTP/1.1 server on "
              "trio.serve_tcp, without Hypercorn or h11 (outside the design card): what Trio itself costs, so the "
              "distance from it to hypercorn-floor is Hypercorn's")

@@ -7,8 +7,8 @@ the pool and then Hypercorn in one nursery, marks the proxy ready and reports th
 bound addresses through ``task_status``. A router (:attr:`smart_proxy.config.Config.role`:
 no model it could load itself) looks for no llama-server and starts neither the
 downloads nor the pool; its pool stays empty and only answers what it holds (nothing). A connection its client closes is closed
-at once, not at ``keep_alive_timeout``, and a keep-alive connection costs no task per request
-(:func:`adapt_hypercorn`).
+at once, not at ``keep_alive_timeout``; a keep-alive connection costs no task per request, and
+a whole answer goes out in one send (:func:`adapt_hypercorn`).
 
 Draining: when ``shutdown_trigger`` returns (by default, the first SIGINT or
 SIGTERM) the lifecycle turns DRAINING at once: ``/health/ready`` answers 503 and
@@ -37,9 +37,12 @@ import socket
 import tomllib
 from collections.abc import Awaitable, Callable
 
+import h11
 import hypercorn.config
 import hypercorn.trio
 import trio
+from hypercorn.events import RawData
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 
@@ -213,11 +216,31 @@ class KeepAliveTimer:
                 await self._server._initiate_server_close()
 
 
-def adapt_hypercorn() -> None:
-    """Two changes to Hypercorn's trio ``TCPServer`` (checked against Hypercorn 0.18.0); idempotent.
+async def _send_h11_event(self: H11Protocol, event: h11.Event) -> None:
+    """Hypercorn's ``H11Protocol._send_h11_event``, holding a Content-Length answer's head; see :func:`adapt_hypercorn`."""
+    try:
+        data = self.connection.send(event)
+    except h11.LocalProtocolError:
+        if self.connection.their_state != h11.ERROR:
+            raise
+        return
+    if type(event) is h11.Response and any(name == b"content-length" for name, _ in event.headers):
+        self._held_head = data
+        return
+    held = getattr(self, "_held_head", None)
+    if held:
+        data = held + data
+        self._held_head = None
+    if data:
+        await self.send(RawData(data=data))
 
-    Hypercorn offers no setting or hook for either, so ``__init__`` and ``_read_data`` are
-    wrapped; ``tests/test_ops.py`` pins the source of what this relies on.
+
+def adapt_hypercorn() -> None:
+    """Three changes to Hypercorn's HTTP/1 serving on Trio (checked against Hypercorn 0.18.0); idempotent.
+
+    Hypercorn offers no setting or hook for any of them, so ``TCPServer.__init__`` and
+    ``_read_data`` are wrapped and ``H11Protocol._send_h11_event`` is replaced;
+    ``tests/test_ops.py`` pins the source of what this relies on.
 
     - **A closed connection is freed at once.** ``TCPServer`` reads until the client's
       EOF, then waits for its connection's task group before it closes the socket.
@@ -231,10 +254,20 @@ def adapt_hypercorn() -> None:
       context (the request tasks Hypercorn starts from ``_read_data`` inherit it) and
       tells it when the read side ends (see :mod:`smart_proxy.web.asgi`).
     - **The keep-alive timer costs no task per request**: :class:`KeepAliveTimer`.
+    - **A whole answer goes out in one send** (HTTP/1). Hypercorn's ``H11Protocol`` writes
+      each h11 event as it comes: the head, the body, then the end of the message (nothing,
+      for a body with a Content-Length, but still a ``send_all`` and a yield to the
+      scheduler). Its ``_send_h11_event`` is replaced by :func:`_send_h11_event`, which
+      holds the head of an answer that has a Content-Length (its body follows at once: an
+      app that knows the length has the body) and sends it with the next bytes, and sends
+      nothing for an event that has no bytes. A head without a Content-Length (a stream)
+      goes out at once, as before.
     """
     init, read = TCPServer.__init__, TCPServer._read_data
     if getattr(read, "__wrapped__", None) is not None:
         return
+    _send_h11_event.__wrapped__ = H11Protocol._send_h11_event  # type: ignore[attr-defined]
+    H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
 
     def __init__(self: TCPServer, *args: object, **kwargs: object) -> None:
         init(self, *args, **kwargs)

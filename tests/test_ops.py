@@ -911,6 +911,11 @@ def test_hypercorn_config_file(make_config, tmp_path: Path) -> None:
             hypercorn_config(with_proxy(make_config({}), hypercorn_config=str(toml)), "127.0.0.1", 8080)
 
 
+def _chat_request(body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+
+
 async def _exchange_on(stream: trio.SocketStream, request: bytes) -> int:
     """Send ``request`` and read its whole answer (a Content-Length one); its status."""
     await stream.send_all(request)
@@ -1043,20 +1048,24 @@ async def test_under_serve_an_http1_model_request_runs_without_a_watcher_task(ma
 
 def test_the_hypercorn_internals_adapt_hypercorn_relies_on_are_unchanged() -> None:
     # adapt_hypercorn wraps TCPServer.__init__ (its idle_task becomes a KeepAliveTimer) and
-    # _read_data (which lets the timer go when the read side ends); checked against Hypercorn
+    # _read_data (which lets the timer go when the read side ends), and replaces
+    # H11Protocol._send_h11_event (a whole answer in one send); checked against Hypercorn
     # 0.18.0. If this fails, Hypercorn changed: re-read hypercorn/trio/tcp_server.py and
     # worker_context.py, check that idle_task is still driven by restart/stop from protocol_send
     # and that _idle_timeout still closes an idle connection at keep_alive_timeout or when the
     # server stops, then update.
+    from hypercorn.protocol.h11 import H11Protocol
+    from hypercorn.protocol.http_stream import HTTPStream
     from hypercorn.trio.task_group import TaskGroup
     from hypercorn.trio.tcp_server import TCPServer
     from hypercorn.trio.worker_context import TrioSingleTask
 
     adapt_hypercorn()
-    init, read = TCPServer.__init__, TCPServer._read_data
-    assert read.__wrapped__ is not read and init.__wrapped__ is not init  # wrapped once, however often serve() runs
+    init, read, send = TCPServer.__init__, TCPServer._read_data, H11Protocol._send_h11_event
+    for replaced in (init, read, send):  # once, however often serve() runs
+        assert replaced.__wrapped__ is not replaced
     adapt_hypercorn()
-    assert (TCPServer.__init__, TCPServer._read_data) == (init, read)
+    assert (TCPServer.__init__, TCPServer._read_data, H11Protocol._send_h11_event) == (init, read, send)
     digests = {
         name: hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
         for name, function in [
@@ -1069,6 +1078,11 @@ def test_the_hypercorn_internals_adapt_hypercorn_relies_on_are_unchanged() -> No
             ("TrioSingleTask.restart", TrioSingleTask.restart),
             ("TrioSingleTask.stop", TrioSingleTask.stop),
             ("TaskGroup.spawn", TaskGroup.spawn),
+            # _send_h11_event is Hypercorn's but for holding a head; the answer's events come this way
+            ("H11Protocol._send_h11_event", send.__wrapped__),
+            ("H11Protocol.stream_send", H11Protocol.stream_send),
+            ("H11Protocol._send_error_response", H11Protocol._send_error_response),
+            ("HTTPStream.app_send", HTTPStream.app_send),
             # the request's task is started from _read_data (it inherits the ClientConnection), and
             # its receive is a memory channel's (smart_proxy.web.asgi.read_body takes what has come)
             ("TaskGroup.spawn_app", TaskGroup.spawn_app),
@@ -1084,8 +1098,70 @@ def test_the_hypercorn_internals_adapt_hypercorn_relies_on_are_unchanged() -> No
         "TrioSingleTask.restart": "0170ab8e4418dc0e",
         "TrioSingleTask.stop": "044ad384dfd2f565",
         "TaskGroup.spawn": "d22a14c225196987",
+        "H11Protocol._send_h11_event": "5e40283daa303ec7",
+        "H11Protocol.stream_send": "56a36254a368d71a",
+        "H11Protocol._send_error_response": "58c2b47ae295d000",
+        "HTTPStream.app_send": "c806044b99736985",
         "TaskGroup.spawn_app": "b4c1131427529801",
     }
+
+
+async def test_a_whole_answer_goes_out_in_one_send(make_config, start_proxy, monkeypatch) -> None:
+    from hypercorn.events import RawData
+    from hypercorn.trio.tcp_server import TCPServer
+
+    sent: list[bytes] = []
+    protocol_send = TCPServer.protocol_send
+
+    async def recording(self, event) -> None:
+        if isinstance(event, RawData):
+            sent.append(event.data)
+        await protocol_send(self, event)
+
+    monkeypatch.setattr(TCPServer, "protocol_send", recording)
+    url = await start_proxy(make_config({"a": {}}))
+    stream = await trio.open_tcp_stream(httpx.URL(url).host, httpx.URL(url).port)
+    for request, status in ((b"GET /v1/models HTTP/1.1\r\nHost: p\r\n\r\n", 200),
+                            (b"GET /nowhere HTTP/1.1\r\nHost: p\r\n\r\n", 404), (_chat_request(chat()), 200)):
+        sent.clear()
+        assert await _exchange_on(stream, request) == status
+        assert len(sent) == 1 and sent[0].startswith(b"HTTP/1.1 %d " % status) and sent[0].endswith(b"}")
+    await stream.aclose()
+
+
+class _H11:
+    """What _send_h11_event uses of Hypercorn's H11Protocol: its h11 connection and its send."""
+
+    def __init__(self) -> None:
+        import h11
+
+        self.connection = h11.Connection(h11.SERVER)
+        self.connection.receive_data(b"GET / HTTP/1.1\r\nHost: p\r\n\r\n")
+        assert [type(self.connection.next_event()) for _ in range(2)] == [h11.Request, h11.EndOfMessage]
+        self.sent: list[bytes] = []
+
+    async def send(self, event) -> None:
+        self.sent.append(event.data)
+
+
+async def test_only_the_head_of_an_answer_with_a_content_length_waits_for_its_body() -> None:
+    import h11
+
+    adapt_hypercorn()
+    from hypercorn.protocol.h11 import H11Protocol
+
+    whole = _H11()
+    await H11Protocol._send_h11_event(whole, h11.Response(status_code=200, headers=[(b"content-length", b"2")]))
+    assert whole.sent == []  # the body follows at once
+    await H11Protocol._send_h11_event(whole, h11.Data(data=b"{}"))
+    await H11Protocol._send_h11_event(whole, h11.EndOfMessage())  # no bytes: no send
+    assert whole.sent == [b"HTTP/1.1 200 \r\ncontent-length: 2\r\n\r\n{}"]
+    stream = _H11()
+    await H11Protocol._send_h11_event(stream, h11.Response(status_code=200, headers=[(b"content-type", b"text/event-stream")]))
+    assert stream.sent == [b"HTTP/1.1 200 \r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"]
+    await H11Protocol._send_h11_event(stream, h11.Data(data=b"data: x\n\n"))
+    await H11Protocol._send_h11_event(stream, h11.EndOfMessage())
+    assert stream.sent[1:] == [b"9\r\ndata: x\n\n\r\n", b"0\r\n\r\n"]
 
 
 class _Connection:
