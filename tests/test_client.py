@@ -288,17 +288,23 @@ class _SendWhenTaskYields(trio.abc.Instrument):
             os.write(self.fd, self.data)
 
 
-async def test_a_body_read_gives_way_first_so_it_takes_what_came_meanwhile(nursery) -> None:
-    """Under load, one piece carries what arrived while the other tasks had their turn."""
-    chunk = b"%x\r\n%s\r\n"
+async def _held_stream(nursery: trio.Nursery) -> tuple[Peer, trio.Event]:
+    """A peer whose answer is chunked: ``a`` at once, the end once the event returned is set."""
     finish = trio.Event()
 
     async def answer(head: bytes, body: bytes) -> bytes:
-        await peer.streams[-1].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk % (1, b"a"))
+        await peer.streams[-1].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
         await finish.wait()
         return b"0\r\n\r\n"
 
     peer = await Peer(answer).start(nursery)
+    return peer, finish
+
+
+async def test_a_body_read_gives_way_first_so_it_takes_what_came_meanwhile(nursery) -> None:
+    """Under load, one piece carries what arrived while the other tasks had their turn."""
+    chunk = b"%x\r\n%s\r\n"
+    peer, finish = await _held_stream(nursery)
     async with LlamaClient() as client:
         response = await client.request("GET", peer.url())
         assert await response.__anext__() == b"a"
@@ -332,14 +338,7 @@ class _LeaveWhenTaskYields(trio.abc.Instrument):
 
 async def test_a_client_leaving_while_a_body_read_gives_way_cancels_it_and_does_not_break_it(nursery) -> None:
     """The read takes the cancellation, not the closed socket (which would count as the upstream breaking off)."""
-    finish = trio.Event()
-
-    async def answer(head: bytes, body: bytes) -> bytes:
-        await peer.streams[-1].send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
-        await finish.wait()
-        return b"0\r\n\r\n"
-
-    peer = await Peer(answer).start(nursery)
+    peer, finish = await _held_stream(nursery)
     async with LlamaClient() as client:
         response = await client.request("GET", peer.url())
         assert await response.__anext__() == b"a"
