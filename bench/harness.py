@@ -32,8 +32,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
+from typing import TypeVar
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -346,15 +347,19 @@ def paired(a: list[dict], b: list[dict], key: str) -> float:
     return median(ratios) if ratios else 0.0
 
 
-def interleaved(names: list[str], turn: int) -> list[str]:
+#: A target's key in a round: its name, or a (name, load) pair.
+T = TypeVar("T", bound=Hashable)
+
+
+def interleaved(names: list[T], turn: int) -> list[T]:
     """``names`` for round ``turn``: every one once, starting with a different one each round."""
     start = turn % len(names)
     return names[start:] + names[:start]
 
 
-def in_rounds(names: list[str], count: int, measure: Callable[[str, int], dict]) -> dict[str, list[dict]]:
+def in_rounds(names: list[T], count: int, measure: Callable[[T, int], dict]) -> dict[T, list[dict]]:
     """``measure(name, turn)`` for every name once in each of ``count`` :func:`interleaved` rounds: each name's runs."""
-    runs: dict[str, list[dict]] = {name: [] for name in names}
+    runs: dict[T, list[dict]] = {name: [] for name in names}
     for turn in range(count):
         for name in interleaved(names, turn):
             runs[name].append(measure(name, turn))
