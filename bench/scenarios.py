@@ -122,7 +122,8 @@ def overhead(ctx: Context) -> dict:
     rows = []
     rounds: dict[tuple[str, int], list[dict]] = {}
 
-    def measure(clients: int, name: str, turn: int) -> dict:
+    def measure(load: tuple[str, int], turn: int) -> dict:
+        name, clients = load
         url, pid = targets[name]
         key = auth.get(name, "")
         if litellm is not None and name == "litellm":
@@ -143,10 +144,10 @@ def overhead(ctx: Context) -> dict:
     # 64 and 256 clients run side by side in each round, so that a ratio between them pairs
     # runs a few seconds apart, not minutes (the shared machine's speed drifts)
     for levels in ((1,), (64, 256)):
-        pairs = [(name, clients) for name in targets for clients in levels
+        loads = [(name, clients) for name in targets for clients in levels
                  if not (name == "litellm" and clients == 256 and ctx.quick)]
-        runs = h.in_rounds(pairs, OVERHEAD_ROUNDS, lambda pair, turn: measure(pair[1], pair[0], turn))
-        for name, clients in sorted(pairs, key=lambda pair: pair[1]):
+        runs = h.in_rounds(loads, OVERHEAD_ROUNDS, measure)
+        for name, clients in sorted(loads, key=lambda load: load[1]):
             row = h.median_row(runs[(name, clients)])
             rows.append({"target": name, "clients": clients, **row, "rps": round(row["rps"]),
                          "cpu_ms_per_req": round(row["cpu_ms_per_req"], 3) if row["cpu_ms_per_req"] else None,

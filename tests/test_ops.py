@@ -15,9 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
+import h11
 import httpx
+import hypercorn.config
 import pytest
 import trio
+from hypercorn.events import RawData
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import TrioSingleTask, WorkerContext
 from prometheus_client.parser import text_string_to_metric_families
 
 from smart_proxy import logs
@@ -939,8 +947,7 @@ async def test_an_idle_keep_alive_connection_is_closed_at_keep_alive_timeout(mak
     toml.write_text("keep_alive_timeout = 0.5\n")
     url = await start_proxy(with_proxy(make_config({"a": {}}), hypercorn_config=str(toml)))
     host, port = httpx.URL(url).host, httpx.URL(url).port
-    body = json.dumps(chat()).encode()
-    relayed = b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    relayed = _chat_request(chat())
     by_quart = b"GET /v1/models HTTP/1.1\r\nHost: p\r\n\r\n"
     streams = [await trio.open_tcp_stream(host, port) for _ in range(8)]
     for n, stream in enumerate(streams):
@@ -982,8 +989,7 @@ async def test_a_connection_the_client_closes_is_freed_at_once(make_config, star
     # (and no health probe opens a socket of its own meanwhile)
     url = await start_proxy(make_config({"a": {}}, health_interval=0))
     host, port = httpx.URL(url).host, httpx.URL(url).port
-    body = json.dumps(chat()).encode()
-    relayed = b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    relayed = _chat_request(chat())
     by_quart = b"GET /v1/models HTTP/1.1\r\nHost: p\r\n\r\n"
     warm = await trio.open_tcp_stream(host, port)
     assert await _exchange_on(warm, relayed) == 200  # the model loaded, its upstream connection pooled
@@ -1054,12 +1060,6 @@ def test_the_hypercorn_internals_adapt_hypercorn_relies_on_are_unchanged() -> No
     # worker_context.py, check that idle_task is still driven by restart/stop from protocol_send
     # and that _idle_timeout still closes an idle connection at keep_alive_timeout or when the
     # server stops, then update.
-    from hypercorn.protocol.h11 import H11Protocol
-    from hypercorn.protocol.http_stream import HTTPStream
-    from hypercorn.trio.task_group import TaskGroup
-    from hypercorn.trio.tcp_server import TCPServer
-    from hypercorn.trio.worker_context import TrioSingleTask
-
     adapt_hypercorn()
     init, read, send = TCPServer.__init__, TCPServer._read_data, H11Protocol._send_h11_event
     for replaced in (init, read, send):  # once, however often serve() runs
@@ -1107,9 +1107,6 @@ def test_the_hypercorn_internals_adapt_hypercorn_relies_on_are_unchanged() -> No
 
 
 async def test_a_whole_answer_goes_out_in_one_send(make_config, start_proxy, monkeypatch) -> None:
-    from hypercorn.events import RawData
-    from hypercorn.trio.tcp_server import TCPServer
-
     sent: list[bytes] = []
     protocol_send = TCPServer.protocol_send
 
@@ -1133,8 +1130,6 @@ class _H11:
     """What _send_h11_event uses of Hypercorn's H11Protocol: its h11 connection and its send."""
 
     def __init__(self) -> None:
-        import h11
-
         self.connection = h11.Connection(h11.SERVER)
         self.connection.receive_data(b"GET / HTTP/1.1\r\nHost: p\r\n\r\n")
         assert [type(self.connection.next_event()) for _ in range(2)] == [h11.Request, h11.EndOfMessage]
@@ -1145,11 +1140,7 @@ class _H11:
 
 
 async def test_only_the_head_of_an_answer_with_a_content_length_waits_for_its_body() -> None:
-    import h11
-
     adapt_hypercorn()
-    from hypercorn.protocol.h11 import H11Protocol
-
     whole = _H11()
     await H11Protocol._send_h11_event(whole, h11.Response(status_code=200, headers=[(b"content-length", b"2")]))
     assert whole.sent == []  # the body follows at once
@@ -1168,9 +1159,6 @@ class _Connection:
     """What a KeepAliveTimer uses of Hypercorn's TCPServer: its config, its worker's context, its close."""
 
     def __init__(self, keep_alive_timeout: float) -> None:
-        import hypercorn.config
-        from hypercorn.trio.worker_context import WorkerContext
-
         self.config = hypercorn.config.Config()
         self.config.keep_alive_timeout = keep_alive_timeout
         self.context = WorkerContext(None)
@@ -1181,8 +1169,6 @@ class _Connection:
 
 
 async def test_the_keep_alive_timer_closes_a_connection_idle_for_keep_alive_timeout(autojump_clock) -> None:
-    from hypercorn.trio.task_group import TaskGroup
-
     connection = _Connection(5)
     async with TaskGroup() as group:
         timer = KeepAliveTimer(connection)  # type: ignore[arg-type]
@@ -1198,8 +1184,6 @@ async def test_the_keep_alive_timer_closes_a_connection_idle_for_keep_alive_time
 
 
 async def test_the_keep_alive_timer_closes_an_idle_connection_when_the_server_stops(autojump_clock) -> None:
-    from hypercorn.trio.task_group import TaskGroup
-
     idle, busy = _Connection(75), _Connection(75)
     async with TaskGroup() as group:
         for connection in (idle, busy):
@@ -1217,8 +1201,6 @@ async def test_the_keep_alive_timer_closes_an_idle_connection_when_the_server_st
 
 
 async def test_the_keep_alive_timer_ends_without_closing_once_the_read_side_ended(autojump_clock) -> None:
-    from hypercorn.trio.task_group import TaskGroup
-
     connection = _Connection(5)
     async with TaskGroup() as group:
         timer = KeepAliveTimer(connection)  # type: ignore[arg-type]
@@ -1235,8 +1217,7 @@ async def test_a_request_longer_than_keep_alive_timeout_is_answered_on_a_connect
     toml.write_text("keep_alive_timeout = 0.3\n")
     url = await start_proxy(with_proxy(make_config({"a": {"token_delay": 0.1}}), hypercorn_config=str(toml)))
     host, port = httpx.URL(url).host, httpx.URL(url).port
-    body = json.dumps(chat(max_tokens=8)).encode()  # 0.8 s to answer
-    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    request = _chat_request(chat(max_tokens=8))  # 0.8 s to answer
     stream = await trio.open_tcp_stream(host, port)
     for _ in range(3):
         assert await _exchange_on(stream, request) == 200
