@@ -6,9 +6,11 @@ the agents, opens the shared HTTP client, starts the Hugging Face downloads serv
 the pool and then Hypercorn in one nursery, marks the proxy ready and reports the
 bound addresses through ``task_status``. A router (:attr:`smart_proxy.config.Config.role`:
 no model it could load itself) looks for no llama-server and starts neither the
-downloads nor the pool; its pool stays empty and only answers what it holds (nothing). A connection its client closes is closed
-at once, not at ``keep_alive_timeout``; a keep-alive connection costs no task per request, and
-a whole answer goes out in one send (:func:`adapt_hypercorn`).
+downloads nor the pool; its pool stays empty and only answers what it holds (nothing).
+Hypercorn serves HTTP/1 with five changes (:func:`adapt_hypercorn`): a connection its
+client closes is closed at once, not at ``keep_alive_timeout``; a keep-alive connection
+costs no task per request; a whole answer goes out in one send; and neither a send, nor
+a read, nor a message for the app yields to the scheduler when it need not wait.
 
 Draining: when ``shutdown_trigger`` returns (by default, the first SIGINT or
 SIGTERM) the lifecycle turns DRAINING at once: ``/health/ready`` answers 503 and
@@ -29,22 +31,24 @@ lifelines then kill its llama-servers).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import signal
 import socket
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 import h11
 import hypercorn.config
 import hypercorn.trio
 import trio
-from hypercorn.events import RawData
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.task_group import TaskGroup
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
 from .agents import AgentRegistry
 from .auth import ApiKeys
@@ -67,6 +71,8 @@ from .web.asgi import CONNECTION, ClientConnection
 __all__ = ["KeepAliveTimer", "StopSignals", "adapt_hypercorn", "serve"]
 
 log = logging.getLogger(__name__)
+#: An ASGI message.
+Message = MutableMapping[str, Any]
 
 
 class StopSignals:
@@ -235,12 +241,77 @@ async def _send_h11_event(self: H11Protocol, event: h11.Event) -> None:
         await self.send(RawData(data=data))
 
 
-def adapt_hypercorn() -> None:
-    """Three changes to Hypercorn's HTTP/1 serving on Trio (checked against Hypercorn 0.18.0); idempotent.
+async def _protocol_send(self: TCPServer, event: Event) -> None:
+    """Hypercorn's ``TCPServer.protocol_send``, writing bytes at once when it can; see :func:`adapt_hypercorn`."""
+    if type(event) is RawData and type(self.stream) is trio.SocketStream and not self.send_lock.locked():
+        data = event.data
+        fd = self.stream.socket.fileno()  # -1 once closed, so a number the kernel gave out again is never written
+        try:
+            sent = os.write(fd, data) if fd >= 0 else 0
+        except OSError:  # full (BlockingIOError), or broken: Hypercorn's path waits, or reports it
+            sent = 0
+        if sent == len(data):
+            return
+        if sent:  # the rest must follow, so it goes out whatever cancels this task
+            with trio.CancelScope(shield=True):
+                await _protocol_send.__wrapped__(self, RawData(data=data[sent:]))  # type: ignore[attr-defined]
+            return
+    await _protocol_send.__wrapped__(self, event)  # type: ignore[attr-defined]
 
-    Hypercorn offers no setting or hook for any of them, so ``TCPServer.__init__`` and
-    ``_read_data`` are wrapped and ``H11Protocol._send_h11_event`` is replaced;
-    ``tests/test_ops.py`` pins the source of what this relies on.
+
+async def _read_socket(self: TCPServer) -> None:
+    """Hypercorn's ``TCPServer._read_data`` on a plain socket, reading as soon as it is readable; see :func:`adapt_hypercorn`."""
+    sock = self.stream.socket
+    timeout = self.config.read_timeout
+    waited = True
+    while True:
+        fd = sock.fileno()
+        if fd < 0:
+            break  # closed by the server (keep-alive timer, shutdown)
+        try:
+            data = os.read(fd, MAX_RECV)
+        except BlockingIOError:
+            try:
+                if timeout:
+                    with trio.fail_after(timeout):
+                        await trio.lowlevel.wait_readable(sock)
+                else:  # (no cancel scope for no deadline)
+                    await trio.lowlevel.wait_readable(sock)
+            except (trio.ClosedResourceError, trio.TooSlowError):
+                break
+            waited = True
+            continue
+        except OSError:  # reset by the client
+            break
+        if not waited:  # bytes kept coming without a wait: let the other tasks run first
+            await trio.lowlevel.checkpoint()
+        waited = False
+        await self.protocol.handle(RawData(data))
+        if not data:
+            break
+    await self.protocol.handle(Closed())
+
+
+async def _spawn_app(self: TaskGroup, *args: object) -> Callable[[Message], Awaitable[None]]:
+    """Hypercorn's ``TaskGroup.spawn_app``, whose request channel takes a message without a yield when it has room."""
+    send = await _spawn_app.__wrapped__(self, *args)  # type: ignore[attr-defined]
+    return functools.partial(_put, send.__self__)
+
+
+async def _put(channel: trio.MemorySendChannel[Message], message: Message) -> None:
+    try:
+        channel.send_nowait(message)
+    except trio.WouldBlock:
+        await channel.send(message)
+
+
+def adapt_hypercorn() -> None:
+    """Five changes to Hypercorn's HTTP/1 serving on Trio (checked against Hypercorn 0.18.0); idempotent.
+
+    Hypercorn offers no setting or hook for any of them, so ``TCPServer.__init__``,
+    ``_read_data``, ``protocol_send`` and ``TaskGroup.spawn_app`` are wrapped and
+    ``H11Protocol._send_h11_event`` is replaced; ``tests/test_ops.py`` pins the source of
+    what this relies on.
 
     - **A closed connection is freed at once.** ``TCPServer`` reads until the client's
       EOF, then waits for its connection's task group before it closes the socket.
@@ -262,12 +333,34 @@ def adapt_hypercorn() -> None:
       app that knows the length has the body) and sends it with the next bytes, and sends
       nothing for an event that has no bytes. A head without a Content-Length (a stream)
       goes out at once, as before.
+    - **Bytes go out without a yield when the socket takes them** (:func:`_protocol_send`).
+      Hypercorn's send takes the connection's send lock and then writes through Trio's
+      ``SocketStream``; each of the two yields to the scheduler, a pass of it per send.
+      When no other send holds the lock, the bytes are written at once; what the socket
+      does not take goes Hypercorn's way (lock, wait until writable), shielded, since
+      the first part has gone out. A TLS connection goes Hypercorn's way throughout.
+    - **The connection's reader reads as soon as the socket is readable**
+      (:func:`_read_socket`, plain sockets). ``SocketStream.receive_some`` yields after
+      every read, even one it woke up for, so each request cost its connection's task a
+      pass of the scheduler more. The reader yields once per read: waiting, or, when
+      bytes keep coming without a wait, before handing them on. ``read_timeout`` bounds
+      each wait, as Hypercorn's bounds each read.
+    - **A message for the app is queued without a yield** while its queue has room
+      (:func:`_spawn_app`): Hypercorn's memory channel ``send`` yields after queueing,
+      and every request ends with one (``http.disconnect``).
+
+    A kept-alive request then wakes its connection's task once and its own task twice
+    (to send the request upstream; to relay the answer).
     """
     init, read = TCPServer.__init__, TCPServer._read_data
     if getattr(read, "__wrapped__", None) is not None:
         return
     _send_h11_event.__wrapped__ = H11Protocol._send_h11_event  # type: ignore[attr-defined]
     H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
+    _protocol_send.__wrapped__ = TCPServer.protocol_send  # type: ignore[attr-defined]
+    TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
+    _spawn_app.__wrapped__ = TaskGroup.spawn_app  # type: ignore[attr-defined]
+    TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
 
     def __init__(self: TCPServer, *args: object, **kwargs: object) -> None:
         init(self, *args, **kwargs)
@@ -276,8 +369,8 @@ def adapt_hypercorn() -> None:
     async def _read_data(self: TCPServer) -> None:
         connection = ClientConnection()
         CONNECTION.set(connection)  # the request tasks Hypercorn starts from here inherit it
-        try:
-            await read(self)  # (an error cancels the connection's task group, the timer with it)
+        try:  # (an error cancels the connection's task group, the timer with it)
+            await (_read_socket(self) if type(self.stream) is trio.SocketStream else read(self))
         finally:
             connection.ended()
         self.idle_task.end()

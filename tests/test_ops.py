@@ -3,12 +3,14 @@ request ids, logs, and the drain on shutdown."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import inspect
 import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ import httpx
 import hypercorn.config
 import pytest
 import trio
-from hypercorn.events import RawData
+from hypercorn.events import Closed, RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.task_group import TaskGroup
@@ -1225,3 +1227,198 @@ async def test_a_request_longer_than_keep_alive_timeout_is_answered_on_a_connect
     with trio.fail_after(1):
         assert await stream.receive_some() == b""  # idle past keep_alive_timeout: closed by the proxy
     await stream.aclose()
+
+
+class _TaskSteps(trio.abc.Instrument):
+    """How often each task (by the last part of its name) ran a step."""
+
+    def __init__(self) -> None:
+        self.steps: collections.Counter[str] = collections.Counter()
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task.name.rsplit(".", 1)[-1]] += 1
+
+
+async def test_a_kept_alive_request_wakes_its_connection_once_and_its_own_task_twice(make_config, start_proxy) -> None:
+    # The request's task runs once to send the request upstream and once when the answer is in;
+    # the connection's task once when the request arrives. Hypercorn as shipped yields three
+    # times more in the request's task (its send lock, its socket send, its disconnect message)
+    # and once more in the connection's (after each read): 5 and 3.6 steps here.
+    url = await start_proxy(make_config({"a": {}}))
+    stream = await trio.open_tcp_stream(httpx.URL(url).host, httpx.URL(url).port)
+    request = _chat_request(chat())
+    assert await _exchange_on(stream, request) == 200  # the model is loaded
+    counting = _TaskSteps()
+    trio.lowlevel.add_instrument(counting)
+    for _ in range(10):
+        assert await _exchange_on(stream, request) == 200
+    trio.lowlevel.remove_instrument(counting)
+    await stream.aclose()
+    assert 10 <= counting.steps["_run_handler"] <= 15, counting.steps  # (a request that comes in two reads)
+    assert 20 <= counting.steps["_handle"] <= 30, counting.steps  # (so does an answer that comes in two reads)
+
+
+def _server(stream: trio.SocketStream, read_timeout: float | None = None) -> TCPServer:
+    """A Hypercorn TCPServer on ``stream`` whose protocol records what it is handed."""
+    config = hypercorn.config.Config()
+    config.read_timeout = read_timeout
+    server = TCPServer(None, config, WorkerContext(None), {}, stream)  # type: ignore[arg-type]
+    server.protocol = _Handed()  # type: ignore[assignment]
+    return server
+
+
+class _Handed:
+    """A Hypercorn protocol that records the events it is handed."""
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self.on_data: Callable[[bytes], None] = lambda data: None
+
+    async def handle(self, event: object) -> None:
+        self.events.append(event)
+        if isinstance(event, RawData):
+            self.on_data(event.data)
+
+
+async def _receive_exactly(sock: trio.socket.SocketType, size: int) -> bytes:
+    got = b""
+    while len(got) < size:
+        piece = await sock.recv(1 << 16)
+        assert piece, "closed early"
+        got += piece
+    return got
+
+
+async def test_bytes_for_a_client_go_out_without_a_yield_when_its_socket_takes_them(nursery) -> None:
+    adapt_hypercorn()
+    ours, peer = trio.socket.socketpair()
+    server = _server(trio.SocketStream(ours))
+    others_ran = []
+
+    async def other() -> None:
+        others_ran.append(True)
+
+    nursery.start_soon(other)  # runs at this task's next yield
+    await server.protocol_send(RawData(data=b"HTTP/1.1 200 \r\ncontent-length: 2\r\n\r\n{}"))
+    assert others_ran == []
+    assert await _receive_exactly(peer, 38) == b"HTTP/1.1 200 \r\ncontent-length: 2\r\n\r\n{}"
+    await trio.lowlevel.checkpoint()
+    assert others_ran == [True]
+    peer.close()
+    await server.stream.aclose()
+
+
+async def test_bytes_a_full_socket_does_not_take_follow_in_order_even_when_the_sender_is_cancelled() -> None:
+    adapt_hypercorn()
+    ours, peer = trio.socket.socketpair()
+    server = _server(trio.SocketStream(ours))
+    big = bytes(range(256)) * (16 << 10)  # 4 MiB: more than the socket holds
+    got: list[bytes] = []
+
+    async def read_later() -> None:
+        await trio.sleep(0.2)  # the socket is full till then
+        got.append(await _receive_exactly(peer, len(big) + 9))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as readers:
+            readers.start_soon(read_later)
+            with trio.CancelScope() as cancelled:
+                cancelled.cancel()  # (a client leaving, say) while part of the bytes has gone out at once
+                await server.protocol_send(RawData(data=big))  # the rest must follow
+            async with server.send_lock:  # another send holds the socket: the next one waits its turn
+                readers.start_soon(server.protocol_send, RawData(data=b"after"))
+                await trio.sleep(0.05)
+                await server.stream.send_all(b"held")
+    assert got == [big + b"heldafter"]
+    peer.close()
+    await server.stream.aclose()
+
+
+async def test_the_connection_reader_hands_on_what_comes_and_ends_at_the_client_close() -> None:
+    adapt_hypercorn()
+    ours, peer = trio.socket.socketpair()
+    server = _server(trio.SocketStream(ours))
+    await peer.send(b"GET / HTTP/1.1\r\n")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._read_data)
+        await trio.sleep(0.05)
+        await peer.send(b"Host: p\r\n\r\n")
+        await trio.sleep(0.05)
+        peer.close()
+    events = server.protocol.events  # type: ignore[attr-defined]
+    assert events == [RawData(data=b"GET / HTTP/1.1\r\n"), RawData(data=b"Host: p\r\n\r\n"), RawData(data=b""), Closed()]
+    await server.stream.aclose()
+
+
+async def test_the_connection_reader_ends_when_the_server_closes_the_connection_or_at_read_timeout() -> None:
+    adapt_hypercorn()
+    for read_timeout in (None, 0.1):
+        ours, peer = trio.socket.socketpair()
+        server = _server(trio.SocketStream(ours), read_timeout)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server._read_data)
+                await trio.sleep(0.3)
+                if read_timeout is None:
+                    await server.stream.aclose()  # the keep-alive timer, say, closes it while the reader waits
+        assert server.protocol.events == [Closed()]  # type: ignore[attr-defined]
+        peer.close()
+        await server.stream.aclose()
+
+
+async def test_the_connection_reader_lets_other_tasks_run_while_bytes_keep_coming(nursery) -> None:
+    adapt_hypercorn()
+    ours, peer = socket.socketpair()
+    server = _server(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    ticks = 0
+
+    async def other() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    seen: list[int] = []
+
+    def more(data: bytes) -> None:  # each piece brings the next at once: the reader never waits
+        seen.append(ticks)
+        if len(seen) < 4:
+            peer.send(b"more")
+        else:
+            peer.close()
+
+    server.protocol.on_data = more  # type: ignore[attr-defined]
+    peer.send(b"first")
+    nursery.start_soon(other)
+    with trio.fail_after(5):
+        await server._read_data()
+    # The reader yields before each piece that came without a wait, and the other task runs in
+    # every pass of the scheduler: at least 3 times between the first piece and the fifth.
+    assert len(seen) == 5 and seen[-1] - seen[0] >= 3
+    await server.stream.aclose()
+
+
+async def test_a_message_for_the_app_is_queued_without_a_yield_while_its_queue_has_room() -> None:
+    adapt_hypercorn()
+    config = hypercorn.config.Config()
+    config.max_app_queue_size = 2
+    received: list[dict] = []
+    app_started = trio.Event()
+
+    async def app(scope, receive, send, sync_spawn, call_soon) -> None:
+        app_started.set()
+        while len(received) < 3:
+            received.append(await receive())
+
+    async def send(message) -> None:
+        pass
+
+    async with TaskGroup() as group:
+        put = await group.spawn_app(app, config, {"type": "http"}, send)
+        await put({"n": 1})
+        await put({"n": 2})
+        assert not app_started.is_set()  # no yield yet: the app's task has not run
+        with trio.fail_after(5):
+            await put({"n": 3})  # the queue is full: this one waits for the app to take one
+        assert app_started.is_set()
+    assert received == [{"n": 1}, {"n": 2}, {"n": 3}]
