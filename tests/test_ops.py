@@ -1055,26 +1055,33 @@ async def test_under_serve_an_http1_model_request_runs_without_a_watcher_task(ma
 
 
 def test_the_hypercorn_internals_adapt_hypercorn_relies_on_are_unchanged() -> None:
-    # adapt_hypercorn wraps TCPServer.__init__ (its idle_task becomes a KeepAliveTimer) and
-    # _read_data (which lets the timer go when the read side ends), and replaces
-    # H11Protocol._send_h11_event (a whole answer in one send); checked against Hypercorn
-    # 0.18.0. If this fails, Hypercorn changed: re-read hypercorn/trio/tcp_server.py and
-    # worker_context.py, check that idle_task is still driven by restart/stop from protocol_send
-    # and that _idle_timeout still closes an idle connection at keep_alive_timeout or when the
-    # server stops, then update.
+    # adapt_hypercorn wraps TCPServer.__init__ (its idle_task becomes a KeepAliveTimer),
+    # _read_data (which lets the timer go when the read side ends, and on a plain socket reads
+    # as Hypercorn's does but with one yield per read), protocol_send (bytes written at once
+    # when the socket takes them) and TaskGroup.spawn_app (app messages queued without a
+    # yield), and replaces H11Protocol._send_h11_event (a whole answer in one send); checked
+    # against Hypercorn 0.18.0. If this fails, Hypercorn changed: re-read
+    # hypercorn/trio/tcp_server.py, task_group.py and worker_context.py, check that idle_task is
+    # still driven by restart/stop from protocol_send, that _idle_timeout still closes an idle
+    # connection at keep_alive_timeout or when the server stops, and that _read_data and
+    # protocol_send still do what smart_proxy.server's _read_socket and _protocol_send assume,
+    # then update.
     adapt_hypercorn()
-    init, read, send = TCPServer.__init__, TCPServer._read_data, H11Protocol._send_h11_event
-    for replaced in (init, read, send):  # once, however often serve() runs
+    adapted = (TCPServer.__init__, TCPServer._read_data, TCPServer.protocol_send, TaskGroup.spawn_app,
+               H11Protocol._send_h11_event)
+    for replaced in adapted:  # once, however often serve() runs
         assert replaced.__wrapped__ is not replaced
     adapt_hypercorn()
-    assert (TCPServer.__init__, TCPServer._read_data, H11Protocol._send_h11_event) == (init, read, send)
+    assert (TCPServer.__init__, TCPServer._read_data, TCPServer.protocol_send, TaskGroup.spawn_app,
+            H11Protocol._send_h11_event) == adapted
+    init, read, send = TCPServer.__init__, TCPServer._read_data, H11Protocol._send_h11_event
     digests = {
         name: hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
         for name, function in [
             ("TCPServer.__init__", init.__wrapped__),
             ("TCPServer.run", TCPServer.run),
             ("TCPServer._read_data", read.__wrapped__),
-            ("TCPServer.protocol_send", TCPServer.protocol_send),
+            ("TCPServer.protocol_send", TCPServer.protocol_send.__wrapped__),
             ("TCPServer._idle_timeout", TCPServer._idle_timeout),
             ("TCPServer._initiate_server_close", TCPServer._initiate_server_close),
             ("TrioSingleTask.restart", TrioSingleTask.restart),
@@ -1087,7 +1094,7 @@ def test_the_hypercorn_internals_adapt_hypercorn_relies_on_are_unchanged() -> No
             ("HTTPStream.app_send", HTTPStream.app_send),
             # the request's task is started from _read_data (it inherits the ClientConnection), and
             # its receive is a memory channel's (smart_proxy.web.asgi.read_body takes what has come)
-            ("TaskGroup.spawn_app", TaskGroup.spawn_app),
+            ("TaskGroup.spawn_app", TaskGroup.spawn_app.__wrapped__),
         ]
     }
     assert digests == {
