@@ -49,9 +49,9 @@ for _ in range(200 + n):
 """
 
 
-def _collected(argv: list[str], env: dict) -> int:
+def _collected(argv: list[str], env: dict, cwd: Path | None = None) -> int:
     done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, cwd=cwd)
     found = re.search(r"Collected : (\d+)", done.stderr)
     if found is None:
         raise RuntimeError(done.stderr[-2000:])
@@ -62,7 +62,8 @@ def line_cost(fmt: str, work: Path) -> int:
     """Instructions of one access line in ``fmt``: 2,000 lines' run minus an empty run."""
     env = {**os.environ, "PYTHONPATH": str(h.PROXY_REPO)}
     argv = [h.project_python(), "-c", _LINE_SCRIPT, fmt]
-    runs = [_collected([*argv, str(n), str(work / f"lines-{n}.log")], env) for n in (0, 2000)]
+    # (run from the checkout measured: ``python -c`` looks in its working directory first)
+    runs = [_collected([*argv, str(n), str(work / f"lines-{n}.log")], env, h.PROXY_REPO) for n in (0, 2000)]
     return (runs[1] - runs[0]) // 2000
 
 

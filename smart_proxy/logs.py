@@ -9,13 +9,16 @@ worked for without passing ids around. llama-server output arrives through
 :mod:`smart_proxy.process` at debug level as ``[MODEL] line``.
 
 Every request writes an access line at info, the level users run, so a line is
-kept cheap: :func:`emit` skips the stdlib's search for the caller's file and
-line (no format here shows it), :func:`setup_logging` turns off the thread and
-process names a record would otherwise look up (documented switches of the
-logging module; no format here shows them either), and both formatters make the
-text of the time once a second, not once a line. Each line is written to the
-stream as it is logged (a line-buffered ``stderr``), so a line logged before the
-process ends is never lost in a buffer.
+kept cheap. :func:`emit` skips the stdlib's search for the caller's file and line
+(no format here shows it) and, while the logging set-up is the one
+:func:`setup_logging` made, writes the line the handler would write for the record
+without making the record (:meth:`LineHandler.write_line`, with the formatter's
+:meth:`LineFormatter.line`, which formats records too). :func:`setup_logging` turns
+off the thread and process names a record would otherwise look up (documented
+switches of the logging module; no format here shows them either), and both
+formatters make the text of the time once a second, not once a line. Each line is
+written to the stream as it is logged (a line-buffered ``stderr``), so a line logged
+before the process ends is never lost in a buffer.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-__all__ = ["JsonFormatter", "RequestIdFilter", "TextFormatter", "emit", "request_id", "setup_logging"]
+__all__ = ["JsonFormatter", "LineFormatter", "LineHandler", "RequestIdFilter", "TextFormatter", "emit", "request_id",
+           "setup_logging"]
 
 #: The id of the request being served, or None outside a request.
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -38,12 +42,93 @@ _encode_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def emit(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
-    """``logger.log(level, msg, *args)``, without looking up the caller's file and line.
+    """``logger.log(level, msg, *args)`` for the lines logged on every request, at less cost.
 
-    For the lines logged on every request; the record's ``pathname`` is empty and its ``lineno`` 0.
+    The caller's file and line are not looked up (the record's ``pathname`` is empty and
+    its ``lineno`` 0). While the logging set-up is the one :func:`setup_logging` made
+    (:func:`_sole_handler`), the line is written as that handler would write the record,
+    without making one (:meth:`LineHandler.write_line`); otherwise (another handler, a
+    filter, a record factory: a plugin's or a test's) the record goes the stdlib's way.
     """
     if logger.isEnabledFor(level):
-        logger.handle(logger.makeRecord(logger.name, level, "", 0, msg, args, None))
+        handler = _sole_handler(logger, level)
+        if handler is not None:
+            handler.write_line(level, logger.name, msg % args if args else msg)
+        else:
+            logger.handle(logger.makeRecord(logger.name, level, "", 0, msg, args, None))
+
+
+#: The handler :func:`setup_logging` installed, and its filter.
+_installed: tuple[LineHandler, RequestIdFilter] | None = None
+
+
+def _sole_handler(logger: logging.Logger, level: int) -> LineHandler | None:
+    """The handler :func:`setup_logging` installed, if a ``level`` record from ``logger`` would reach it alone, unchanged.
+
+    That is what the stdlib's ``Logger.handle`` does with it: ``logger`` is not disabled
+    and has no filter, the only handler on its way up (as far as ``propagate`` goes) is
+    the installed one, at ``level`` or below, with its own filter only, and records are
+    the stdlib's (no record factory adds to them).
+    """
+    if _installed is None or logger.disabled or logger.filters:
+        return None
+    handler, only_filter = _installed
+    if handler.level > level or len(handler.filters) != 1 or handler.filters[0] is not only_filter:
+        return None
+    if logging.getLogRecordFactory() is not logging.LogRecord:
+        return None
+    found = None
+    node: logging.Logger | None = logger
+    while node is not None:
+        for other in node.handlers:
+            if found is not None or other is not handler:
+                return None
+            found = handler
+        node = node.parent if node.propagate else None
+    return found
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A ``StreamHandler`` for a :class:`LineFormatter`, which can also write a line without a record.
+
+    The stdlib's handler calls the stream's ``flush`` after every line; a line-buffered
+    stream (``sys.stderr`` is, since Python 3.9) has already written the line by then, so
+    for such a stream the call is skipped. Any other stream is flushed after each line.
+    """
+
+    def __init__(self, stream: TextIO, formatter: LineFormatter) -> None:  # noqa: D107
+        super().__init__(stream)
+        self.setFormatter(formatter)
+        self._line = formatter.line
+        self._flushes = not getattr(stream, "line_buffering", False)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + "\n")
+            if self._flushes:
+                self.flush()
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001  # as the stdlib's handler: report it on stderr, do not raise
+            self.handleError(record)
+
+    def write_line(self, level: int, name: str, message: str) -> None:
+        """Write what :meth:`emit` writes for a record of ``name`` at ``level`` with ``message``, made now.
+
+        For a record with no exception, from :func:`emit` (which checks that this is what
+        the stdlib would do with the record); the request id is the current one, as
+        :class:`RequestIdFilter` gives it.
+        """
+        line = self._line(time.time(), logging.getLevelName(level), name, request_id.get(), message)
+        with self.lock:  # type: ignore[union-attr]  # (what acquire() takes)
+            try:
+                self.stream.write(line + "\n")
+                if self._flushes:
+                    self.stream.flush()
+            except RecursionError:
+                raise
+            except Exception:  # noqa: BLE001  # as emit: report it (with the record it stands for)
+                self.handleError(logging.makeLogRecord({"name": name, "levelno": level, "msg": message}))
 
 
 class RequestIdFilter(logging.Filter):
@@ -65,7 +150,7 @@ class _SecondCache:
         self._second = -1
         self._text = ""
 
-    def __call__(self, created: float) -> str:
+    def text(self, created: float) -> str:
         second = int(created)
         if second != self._second:
             self._text = time.strftime(self._fmt, self._convert(second))
@@ -73,12 +158,20 @@ class _SecondCache:
         return self._text
 
 
-class TextFormatter(logging.Formatter):
+class LineFormatter(logging.Formatter):
+    """A formatter whose line, for a record without an exception, is :meth:`line` of the record's fields."""
+
+    def line(self, created: float, levelname: str, name: str, rid: str | None, message: str) -> str:
+        """The line of a record made at ``created`` with these fields and no exception."""
+        raise NotImplementedError
+
+
+class TextFormatter(LineFormatter):
     """``TIME LEVEL LOGGER [REQUEST_ID]: message`` (the time in local time, to the millisecond)."""
 
     def __init__(self) -> None:
         super().__init__(_TEXT_FORMAT)
-        self._seconds = _SecondCache(self.converter, self.default_time_format)
+        self._seconds = _SecondCache(self.converter, self.default_time_format).text
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         if datefmt:
@@ -92,27 +185,36 @@ class TextFormatter(logging.Formatter):
         record.asctime = self.formatTime(record)
         return f"{record.asctime} {record.levelname} {record.name}{record.request_tag}: {record.message}"
 
+    def line(self, created: float, levelname: str, name: str, rid: str | None, message: str) -> str:
+        # the record's msecs, as the stdlib works it out
+        stamp = f"{self._seconds(created)},{int((created - int(created)) * 1000):03d}"
+        return f"{stamp} {levelname} {name} [{rid}]: {message}" if rid else f"{stamp} {levelname} {name}: {message}"
 
-class JsonFormatter(logging.Formatter):
+
+class JsonFormatter(LineFormatter):
     """One JSON object a line: time, level, logger, message, request_id, and exc if any."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._seconds = _SecondCache(time.gmtime, "%Y-%m-%dT%H:%M:%S")
+        self._seconds = _SecondCache(time.gmtime, "%Y-%m-%dT%H:%M:%S").text
 
     def format(self, record: logging.LogRecord) -> str:
+        rid = getattr(record, "request_id", None)
+        line = self.line(record.created, record.levelname, record.name, str(rid) if rid else None, record.getMessage())
+        if record.exc_info:
+            line = f'{line[:-1]}, "exc": {_encode_json(self.formatException(record.exc_info))}}}'
+        return line
+
+    def line(self, created: float, levelname: str, name: str, rid: str | None, message: str) -> str:
         # what json.dumps(dict) writes, with each string encoded on its own: the encoder's
         # fast path for a lone string skips building an encoder for the object each line
         line = (
-            f'{{"time": "{self._seconds(record.created)}.{int(record.msecs):03d}Z", '
-            f'"level": {_encode_json(record.levelname.lower())}, "logger": {_encode_json(record.name)}, '
-            f'"message": {_encode_json(record.getMessage())}'
+            f'{{"time": "{self._seconds(created)}.{int((created - int(created)) * 1000):03d}Z", '
+            f'"level": {_encode_json(levelname.lower())}, "logger": {_encode_json(name)}, '
+            f'"message": {_encode_json(message)}'
         )
-        rid = getattr(record, "request_id", None)
         if rid:
-            line += f', "request_id": {_encode_json(str(rid))}'
-        if record.exc_info:
-            line += f', "exc": {_encode_json(self.formatException(record.exc_info))}'
+            line += f', "request_id": {_encode_json(rid)}'
         return line + "}"
 
 
@@ -120,12 +222,14 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     """Send every log record to ``stream`` (stderr) as ``text`` or ``json``, at ``level`` and above."""
     # No format here shows a thread or process name or id; leaving them out of each
     # record spares a getpid() system call and two lookups per line.
+    global _installed
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler = LineHandler(stream or sys.stderr, JsonFormatter() if fmt == "json" else TextFormatter())
+    only_filter = RequestIdFilter()
+    handler.addFilter(only_filter)
+    _installed = (handler, only_filter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
@@ -655,6 +656,76 @@ def test_emit_logs_only_at_an_enabled_level(caplog: pytest.LogCaptureFixture) ->
         logs.emit(logger, logging.DEBUG, "not %s", "this")
         logs.emit(logger, logging.INFO, "GET %s %d", "/v1/models", 200)
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.INFO, "GET /v1/models 200")]
+
+
+@pytest.fixture
+def logging_set_up() -> Iterator[Callable[[str], io.StringIO]]:
+    """``logging_set_up("text")``: smart_proxy.logs.setup_logging into a StringIO; the logging set-up is put back after."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logs._installed, logging.getLogRecordFactory())
+
+    def set_up(fmt: str) -> io.StringIO:
+        out = io.StringIO()
+        logs.setup_logging("info", fmt, out)
+        return out
+
+    yield set_up
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    logs._installed = saved[2]
+    logging.setLogRecordFactory(saved[3])
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("rid", ["rid-1", None])
+def test_a_line_written_without_a_record_is_the_line_its_record_gives(logging_set_up, monkeypatch, fmt, rid) -> None:
+    out = logging_set_up(fmt)
+    handler = logging.getLogger().handlers[0]
+    monkeypatch.setattr(time, "time", lambda: 1_765_000_000.0456)  # the record's time and the line's
+    token = logs.request_id.set(rid)
+    try:
+        handler.write_line(logging.INFO, "smart_proxy.access", 'POST /v1/chat/completions 200 "\u00e9"')
+        handler.handle(logging.LogRecord("smart_proxy.access", logging.INFO, "", 0, "%s %s %d %s",
+                                         ("POST", "/v1/chat/completions", 200, '"\u00e9"'), None))
+    finally:
+        logs.request_id.reset(token)
+    direct, by_record = out.getvalue().splitlines()
+    assert direct == by_record
+    assert (",045 INFO" if fmt == "text" else '.045Z", "level": "info"') in direct and (rid is None) != ("rid-1" in direct)
+
+
+def test_emit_writes_the_line_itself_only_while_the_set_up_is_setup_loggings(logging_set_up, monkeypatch) -> None:
+    out = logging_set_up("text")
+    handler = logging.getLogger().handlers[0]
+    by_record: list[str] = []
+    monkeypatch.setattr(handler, "emit", lambda record: by_record.append(record.getMessage()))
+    access = logging.getLogger("smart_proxy.access")
+    logs.emit(access, logging.INFO, "GET %s %d", "/v1/models", 200)
+    assert out.getvalue().endswith(" INFO smart_proxy.access: GET /v1/models 200\n") and by_record == []
+    seen: list[logging.LogRecord] = []
+    other = logging.Handler()
+    other.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger("smart_proxy").addHandler(other)  # another handler (a plugin's, a test's caplog)
+    try:
+        logs.emit(access, logging.INFO, "GET %s %d", "/a", 200)
+    finally:
+        logging.getLogger("smart_proxy").removeHandler(other)
+    assert by_record == ["GET /a 200"] and [r.getMessage() for r in seen] == ["GET /a 200"]
+    access.addFilter(lambda record: False)  # a filter on the logger
+    try:
+        logs.emit(access, logging.INFO, "GET %s", "/b")
+    finally:
+        access.filters.clear()
+    assert by_record == ["GET /a 200"]
+    made: list[str] = []
+
+    def factory(*args, **kwargs) -> logging.LogRecord:  # a record factory
+        made.append(args[4])
+        return logging.LogRecord(*args, **kwargs)
+
+    logging.setLogRecordFactory(factory)
+    logs.emit(access, logging.INFO, "GET %s", "/c")
+    assert made == ["GET %s"] and by_record == ["GET /a 200", "GET /c"]
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
