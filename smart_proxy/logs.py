@@ -16,9 +16,12 @@ without making the record (:meth:`LineHandler.write_line`, with the formatter's
 :meth:`LineFormatter.line`, which formats records too). :func:`setup_logging` turns
 off the thread and process names a record would otherwise look up (documented
 switches of the logging module; no format here shows them either), and both
-formatters make the text of the time once a second, not once a line. Each line is
-written to the stream as it is logged (a line-buffered ``stderr``), so a line logged
-before the process ends is never lost in a buffer.
+formatters make the text of the time once a second, not once a line. Access lines
+to a file or pipe go out in blocks, at most :data:`BLOCK_WAIT` late; to a terminal, as
+they are logged; every other line at once. What is kept is written at exit
+(``logging.shutdown`` flushes the handler), so a line logged before the process ends
+is not lost in a block (a process killed outright loses what it kept, at most
+:data:`BLOCK_WAIT` of access lines).
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+import trio
+
 __all__ = ["JsonFormatter", "LineFormatter", "LineHandler", "RequestIdFilter", "TextFormatter", "emit", "request_id",
-           "setup_logging"]
+           "setup_logging", "write_blocks"]
 
 #: The id of the request being served, or None outside a request.
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -88,12 +93,28 @@ def _sole_handler(logger: logging.Logger, level: int) -> LineHandler | None:
     return found
 
 
+#: Lines :func:`emit` writes to a file or pipe go out in blocks of at most this many bytes. A
+#: pipe takes a write of up to ``PIPE_BUF`` (4,096 bytes on Linux) whole, so the lines of two
+#: workers sharing one ``stderr`` never mix within a line.
+BLOCK_BYTES = 4096
+#: How long (seconds) a line may wait in a block before :func:`write_blocks` writes it.
+BLOCK_WAIT = 0.1
+
+
 class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A ``StreamHandler`` for a :class:`LineFormatter`, which can also write a line without a record.
 
     The stdlib's handler calls the stream's ``flush`` after every line; a line-buffered
     stream (``sys.stderr`` is, since Python 3.9) has already written the line by then, so
-    for such a stream the call is skipped. Any other stream is flushed after each line.
+    for such a stream the call is skipped. Any other stream is flushed after each write.
+
+    Lines from :meth:`write_line` (one a request) to a stream that is not a terminal (a
+    file, a pipe to a collector) are kept and written in blocks, as the C library's
+    stdio writes to a file: one write of up to :data:`BLOCK_BYTES` rather than one per
+    line, at most :data:`BLOCK_WAIT` late (:func:`write_blocks`). Every other line (a
+    warning, an error, a start-up line) is written at once, with the kept lines before
+    it, and so are the kept lines when the handler is flushed (``logging.shutdown`` at
+    exit). A terminal sees every line as it is logged.
     """
 
     def __init__(self, stream: TextIO, formatter: LineFormatter) -> None:  # noqa: D107
@@ -101,12 +122,16 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.setFormatter(formatter)
         self._line = formatter.line
         self._flushes = not getattr(stream, "line_buffering", False)
+        try:
+            self._blocks = not stream.isatty()
+        except (AttributeError, ValueError):
+            self._blocks = True
+        self._kept: list[str] = []
+        self._kept_bytes = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.stream.write(self.format(record) + "\n")
-            if self._flushes:
-                self.flush()
+            self._write(self._take_kept() + self.format(record) + "\n")
         except RecursionError:
             raise
         except Exception:  # noqa: BLE001  # as the stdlib's handler: report it on stderr, do not raise
@@ -117,18 +142,64 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
         For a record with no exception, from :func:`emit` (which checks that this is what
         the stdlib would do with the record); the request id is the current one, as
-        :class:`RequestIdFilter` gives it.
+        :class:`RequestIdFilter` gives it. To a stream that is not a terminal, the line
+        may be kept for a block (see the class docstring).
         """
-        line = self._line(time.time(), logging.getLevelName(level), name, request_id.get(), message)
+        line = self._line(time.time(), logging.getLevelName(level), name, request_id.get(), message) + "\n"
         with self.lock:  # type: ignore[union-attr]  # (what acquire() takes)
             try:
-                self.stream.write(line + "\n")
-                if self._flushes:
-                    self.stream.flush()
+                if not self._blocks:
+                    self._write(line)
+                    return
+                size = len(line) if line.isascii() else len(line.encode())
+                if self._kept_bytes + size > BLOCK_BYTES:
+                    self._write(self._take_kept())
+                self._kept.append(line)
+                self._kept_bytes += size
             except RecursionError:
                 raise
             except Exception:  # noqa: BLE001  # as emit: report it (with the record it stands for)
                 self.handleError(logging.makeLogRecord({"name": name, "levelno": level, "msg": message}))
+
+    def write_kept(self) -> None:
+        """Write the lines kept for a block, if any."""
+        with self.lock:  # type: ignore[union-attr]
+            if self._kept:
+                try:
+                    self._write(self._take_kept())
+                except Exception:  # noqa: BLE001  # as emit
+                    self.handleError(logging.makeLogRecord({"msg": "(access lines)"}))
+
+    def flush(self) -> None:
+        self.write_kept()
+        super().flush()
+
+    def _take_kept(self) -> str:
+        kept = "".join(self._kept)
+        self._kept.clear()
+        self._kept_bytes = 0
+        return kept
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.stream.write(text)
+            if self._flushes:
+                self.stream.flush()
+
+
+async def write_blocks(every: float = BLOCK_WAIT) -> None:
+    """Write the lines :func:`setup_logging`'s handler keeps for a block every ``every`` seconds, and when cancelled.
+
+    :func:`smart_proxy.server.serve` runs it beside Hypercorn.
+    """
+    try:
+        while True:
+            await trio.sleep(every)
+            if _installed is not None:
+                _installed[0].write_kept()
+    finally:
+        if _installed is not None:
+            _installed[0].write_kept()
 
 
 class RequestIdFilter(logging.Filter):

@@ -59,6 +59,7 @@ from .errors import ConfigError
 from .eventbus import EventBus
 from .handlers.state import ProxyState
 from .lifecycle import Lifecycle, Phase
+from .logs import write_blocks
 from .metrics import Metrics
 from .pool import Pool, PublishedEvents
 from .process import find_llama_server
@@ -445,6 +446,7 @@ async def serve(
         if trigger is None:
             signals = await nursery.start(StopSignals().run)
             trigger = signals.drain.wait
+        nursery.start_soon(write_blocks)  # the access lines kept for a block (smart_proxy.logs)
         await nursery.start(llama.run)
         pool = Pool(config, catalog, client, binary, events=PublishedEvents(bus))
         if not router:

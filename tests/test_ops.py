@@ -701,6 +701,7 @@ def test_emit_writes_the_line_itself_only_while_the_set_up_is_setup_loggings(log
     monkeypatch.setattr(handler, "emit", lambda record: by_record.append(record.getMessage()))
     access = logging.getLogger("smart_proxy.access")
     logs.emit(access, logging.INFO, "GET %s %d", "/v1/models", 200)
+    handler.write_kept()
     assert out.getvalue().endswith(" INFO smart_proxy.access: GET /v1/models 200\n") and by_record == []
     seen: list[logging.LogRecord] = []
     other = logging.Handler()
@@ -726,6 +727,58 @@ def test_emit_writes_the_line_itself_only_while_the_set_up_is_setup_loggings(log
     logging.setLogRecordFactory(factory)
     logs.emit(access, logging.INFO, "GET %s", "/c")
     assert made == ["GET %s"] and by_record == ["GET /a 200", "GET /c"]
+
+
+class _Writes(io.StringIO):
+    """A stream that records each write, and says whether it is a terminal."""
+
+    def __init__(self, terminal: bool) -> None:
+        super().__init__()
+        self.terminal = terminal
+        self.writes: list[str] = []
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_access_lines_to_a_file_go_out_in_blocks_of_whole_lines_before_any_other_line() -> None:
+    out = _Writes(terminal=False)
+    handler = logs.LineHandler(out, logs.TextFormatter())
+    handler.addFilter(logs.RequestIdFilter())
+    for n in range(100):
+        handler.write_line(logging.INFO, "smart_proxy.access", f"GET /v1/models 200 0.001s {n:03d} " + "é" * 20)
+    assert out.writes and all(len(w.encode()) <= logs.BLOCK_BYTES and w.endswith("\n") for w in out.writes)
+    assert len(out.writes) < 10  # not one a line
+    written = len(out.getvalue().splitlines())
+    handler.handle(logging.LogRecord("smart_proxy.pool", logging.WARNING, "", 0, "a warning", (), None))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 101 > written and lines[-1].endswith("WARNING smart_proxy.pool: a warning")
+    assert [line.split(" 0.001s ")[1][:3] for line in lines[:100]] == [f"{n:03d}" for n in range(100)]
+    handler.write_line(logging.INFO, "smart_proxy.access", "GET /last 200")
+    handler.flush()  # as logging.shutdown does at exit
+    assert out.getvalue().endswith("smart_proxy.access: GET /last 200\n")
+
+
+def test_access_lines_to_a_terminal_go_out_one_by_one() -> None:
+    out = _Writes(terminal=True)
+    handler = logs.LineHandler(out, logs.TextFormatter())
+    for n in range(3):
+        handler.write_line(logging.INFO, "smart_proxy.access", f"GET /{n} 200")
+    assert [w.split(": ")[1] for w in out.writes] == ["GET /0 200\n", "GET /1 200\n", "GET /2 200\n"]
+
+
+async def test_kept_access_lines_go_out_within_block_wait(logging_set_up, autojump_clock, nursery) -> None:
+    out = logging_set_up("json")
+    nursery.start_soon(logs.write_blocks)
+    await trio.sleep(0.01)
+    logs.emit(logging.getLogger("smart_proxy.access"), logging.INFO, "GET %s %d", "/v1/models", 200)
+    assert out.getvalue() == ""
+    await trio.sleep(logs.BLOCK_WAIT)
+    assert json.loads(out.getvalue())["message"] == "GET /v1/models 200"
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
