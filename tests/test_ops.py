@@ -1398,6 +1398,13 @@ def _server(stream: trio.SocketStream, read_timeout: float | None = None) -> TCP
     return server
 
 
+def _socket_server(read_timeout: float | None = None) -> tuple[TCPServer, trio.socket.SocketType]:
+    """Hypercorn adapted, and a :func:`_server` on one end of a socket pair; the other end."""
+    adapt_hypercorn()
+    ours, peer = trio.socket.socketpair()
+    return _server(trio.SocketStream(ours), read_timeout), peer
+
+
 class _Handed:
     """A Hypercorn protocol that records the events it is handed."""
 
@@ -1421,9 +1428,7 @@ async def _receive_exactly(sock: trio.socket.SocketType, size: int) -> bytes:
 
 
 async def test_bytes_for_a_client_go_out_without_a_yield_when_its_socket_takes_them(nursery) -> None:
-    adapt_hypercorn()
-    ours, peer = trio.socket.socketpair()
-    server = _server(trio.SocketStream(ours))
+    server, peer = _socket_server()
     others_ran = []
 
     async def other() -> None:
@@ -1440,9 +1445,7 @@ async def test_bytes_for_a_client_go_out_without_a_yield_when_its_socket_takes_t
 
 
 async def test_bytes_a_full_socket_does_not_take_follow_in_order_even_when_the_sender_is_cancelled() -> None:
-    adapt_hypercorn()
-    ours, peer = trio.socket.socketpair()
-    server = _server(trio.SocketStream(ours))
+    server, peer = _socket_server()
     big = bytes(range(256)) * (16 << 10)  # 4 MiB: more than the socket holds
     got: list[bytes] = []
 
@@ -1466,9 +1469,7 @@ async def test_bytes_a_full_socket_does_not_take_follow_in_order_even_when_the_s
 
 
 async def test_the_connection_reader_hands_on_what_comes_and_ends_at_the_client_close() -> None:
-    adapt_hypercorn()
-    ours, peer = trio.socket.socketpair()
-    server = _server(trio.SocketStream(ours))
+    server, peer = _socket_server()
     await peer.send(b"GET / HTTP/1.1\r\n")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server._read_data)
@@ -1482,10 +1483,8 @@ async def test_the_connection_reader_hands_on_what_comes_and_ends_at_the_client_
 
 
 async def test_the_connection_reader_ends_when_the_server_closes_the_connection_or_at_read_timeout() -> None:
-    adapt_hypercorn()
     for read_timeout in (None, 0.1):
-        ours, peer = trio.socket.socketpair()
-        server = _server(trio.SocketStream(ours), read_timeout)
+        server, peer = _socket_server(read_timeout)
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server._read_data)
