@@ -1157,20 +1157,20 @@ async def test_under_serve_an_http1_model_request_runs_without_a_watcher_task(ma
     # so its task opens no nursery; the request is cancelled when the client closes, as before
     url = await start_proxy(make_config({"m": {"tokens": 50, "token_delay": 0.1}}))
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    relaying = trio.Event()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
 
             async def ask() -> None:
                 async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-                    async for _ in response.aiter_raw():
-                        pass
+                    async for piece in response.aiter_raw():
+                        if b"data:" in piece:
+                            relaying.set()
 
             nursery.start_soon(ask)
-            while True:
-                servers = (await http.get(f"{url}/health")).json()["pool"]["servers"]
-                if servers and servers[0]["in_flight"] == 1:
-                    break
-                await trio.sleep(0.02)
+            # (not before the answer comes: a stream that waited for its model's load has a nursery
+            # of its own for the wait, smart_proxy.handlers.loading_stream, until the relay opens)
+            await relaying.wait()
             (request,) = [t for t in _tasks_under(trio.lowlevel.current_root_task()) if "answer" in _awaiting(t)]
             assert request.child_nurseries == []
             nursery.cancel_scope.cancel()  # the client leaves
