@@ -131,7 +131,9 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._write(self._take_kept() + self.format(record) + "\n")
+            line = self.format(record) + "\n"
+            self._write(self._take_kept())  # (a write of its own: a block stays whole on a pipe)
+            self._write(line)
         except RecursionError:
             raise
         except Exception:  # noqa: BLE001  # as the stdlib's handler: report it on stderr, do not raise
