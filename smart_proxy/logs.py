@@ -26,6 +26,7 @@ is not lost in a block (a process killed outright loses what it kept, at most
 
 from __future__ import annotations
 
+import abc
 import contextvars
 import json
 import logging
@@ -63,8 +64,8 @@ def emit(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
             logger.handle(logger.makeRecord(logger.name, level, "", 0, msg, args, None))
 
 
-#: The handler :func:`setup_logging` installed, and its filter.
-_installed: tuple[LineHandler, RequestIdFilter] | None = None
+#: The handler :func:`setup_logging` installed.
+_installed: LineHandler | None = None
 
 
 def _sole_handler(logger: logging.Logger, level: int) -> LineHandler | None:
@@ -72,13 +73,14 @@ def _sole_handler(logger: logging.Logger, level: int) -> LineHandler | None:
 
     That is what the stdlib's ``Logger.handle`` does with it: ``logger`` is not disabled
     and has no filter, the only handler on its way up (as far as ``propagate`` goes) is
-    the installed one, at ``level`` or below, with its own filter only, and records are
+    the installed one, at ``level`` or below, with its request-id filter only, and records are
     the stdlib's (no record factory adds to them).
     """
-    if _installed is None or logger.disabled or logger.filters:
+    handler = _installed
+    if handler is None or logger.disabled or logger.filters:
         return None
-    handler, only_filter = _installed
-    if handler.level > level or len(handler.filters) != 1 or handler.filters[0] is not only_filter:
+    filters = handler.filters
+    if handler.level > level or len(filters) != 1 or filters[0] is not handler.request_ids:
         return None
     if logging.getLogRecordFactory() is not logging.LogRecord:
         return None
@@ -102,7 +104,7 @@ BLOCK_WAIT = 0.1
 
 
 class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A ``StreamHandler`` for a :class:`LineFormatter`, which can also write a line without a record.
+    """A ``StreamHandler`` for a :class:`LineFormatter`, ids by a :class:`RequestIdFilter`, writing lines without records too.
 
     The stdlib's handler calls the stream's ``flush`` after every line; a line-buffered
     stream (``sys.stderr`` is, since Python 3.9) has already written the line by then, so
@@ -120,6 +122,9 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: TextIO, formatter: LineFormatter) -> None:  # noqa: D107
         super().__init__(stream)
         self.setFormatter(formatter)
+        #: The :class:`RequestIdFilter` every record passes (:meth:`write_line` does its work itself).
+        self.request_ids = RequestIdFilter()
+        self.addFilter(self.request_ids)
         self._line = formatter.line
         self._flushes = not getattr(stream, "line_buffering", False)
         try:
@@ -194,14 +199,12 @@ async def write_blocks(every: float = BLOCK_WAIT) -> None:
 
     :func:`smart_proxy.server.serve` runs it beside Hypercorn.
     """
-    try:
-        while True:
+    while True:
+        try:
             await trio.sleep(every)
+        finally:
             if _installed is not None:
-                _installed[0].write_kept()
-    finally:
-        if _installed is not None:
-            _installed[0].write_kept()
+                _installed.write_kept()
 
 
 class RequestIdFilter(logging.Filter):
@@ -231,12 +234,12 @@ class _SecondCache:
         return self._text
 
 
-class LineFormatter(logging.Formatter):
+class LineFormatter(logging.Formatter, abc.ABC):
     """A formatter whose line, for a record without an exception, is :meth:`line` of the record's fields."""
 
+    @abc.abstractmethod
     def line(self, created: float, levelname: str, name: str, rid: str | None, message: str) -> str:
         """The line of a record made at ``created`` with these fields and no exception."""
-        raise NotImplementedError
 
 
 class TextFormatter(LineFormatter):
@@ -300,9 +303,7 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = LineHandler(stream or sys.stderr, JsonFormatter() if fmt == "json" else TextFormatter())
-    only_filter = RequestIdFilter()
-    handler.addFilter(only_filter)
-    _installed = (handler, only_filter)
+    _installed = handler
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

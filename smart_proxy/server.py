@@ -38,8 +38,7 @@ import os
 import signal
 import socket
 import tomllib
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import h11
 import hypercorn.config
@@ -67,13 +66,11 @@ from .upstream.ollama_server import UpstreamMonitor
 from .upstream.peers import Fleet
 from .upstream.relay import make_client, make_llama_client
 from .web.app import create_app
-from .web.asgi import CONNECTION, ClientConnection
+from .web.asgi import CONNECTION, ClientConnection, Message
 
 __all__ = ["KeepAliveTimer", "StopSignals", "adapt_hypercorn", "serve"]
 
 log = logging.getLogger(__name__)
-#: An ASGI message.
-Message = MutableMapping[str, Any]
 
 
 class StopSignals:

@@ -44,7 +44,7 @@ from ..handlers.state import ProxyState
 from ..routing import HOPS_HEADER, hops
 from ..upstream.relay import UpstreamAnswer
 
-__all__ = ["BODY_TIMEOUT", "CONNECTION", "ClientConnection", "Handler", "answer", "read_body", "send_reply"]
+__all__ = ["BODY_TIMEOUT", "CONNECTION", "ClientConnection", "Handler", "Message", "answer", "read_body", "send_reply"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
