@@ -37,6 +37,7 @@ import math
 import os
 import signal
 import socket
+import time
 import tomllib
 from collections.abc import Awaitable, Callable
 
@@ -68,7 +69,7 @@ from .upstream.relay import make_client, make_llama_client
 from .web.app import create_app
 from .web.asgi import CONNECTION, ClientConnection, Message
 
-__all__ = ["KeepAliveTimer", "StopSignals", "adapt_hypercorn", "serve"]
+__all__ = ["HypercornConfig", "KeepAliveTimer", "StopSignals", "adapt_hypercorn", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +115,31 @@ _OWNED_SETTINGS = frozenset(
 _CUT_AFTER = 1.0
 
 
+class HypercornConfig(hypercorn.config.Config):
+    """Hypercorn's settings, whose headers for every answer (``Date``, ``Server``) are made once a second.
+
+    Hypercorn formats the ``Date`` header anew for every answer; it only changes when the second does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[str, tuple[int, list[tuple[bytes, bytes]]]] = {}
+
+    def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
+        second = int(time.time())
+        made = self._made.get(protocol)
+        if made is None or made[0] != second:
+            made = self._made[protocol] = (second, super().response_headers(protocol))
+        return list(made[1])  # a list of its own: Hypercorn's callers add to theirs
+
+
 def hypercorn_config(config: Config, host: str, port: int) -> hypercorn.config.Config:
     """Hypercorn's settings: ``[proxy] hypercorn_config`` (TOML) if given, then ours.
 
     Raises:
         ConfigError: the TOML file is unreadable, or sets a setting Hypercorn lacks or we own.
     """
-    hc = hypercorn.config.Config()
+    hc = HypercornConfig()
     hc.keep_alive_timeout = 75  # longer than nginx's and most clients' idle pools
     # Hypercorn closes a keep-alive connection after 1,000 requests by default; a busy
     # client then pays a new TCP handshake every thousand requests for nothing.

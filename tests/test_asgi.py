@@ -5,6 +5,7 @@ cancelling its handler and releasing the lease."""
 from __future__ import annotations
 
 import json
+import logging
 
 import trio
 
@@ -122,11 +123,16 @@ async def test_a_connection_that_ended_before_its_request_was_served_serves_noth
     assert sent == [] and pool.servers() == []
 
 
-async def test_an_answer_is_counted_before_its_last_message_goes_out(make_config, start_pool, http, nursery):
-    # a client that has the whole answer and then scrapes /metrics must find it there
+async def test_an_answer_is_counted_before_its_last_message_goes_out_and_logged_after(
+    make_config, start_pool, http, nursery, caplog
+):
+    # a client that has the whole answer and then scrapes /metrics must find it there;
+    # the access line need not hold the answer back
+    caplog.set_level(logging.INFO, logger="smart_proxy.access")
     app, _ = await make_app(make_config, start_pool, http, nursery)
     proxy = app.extensions["smart_proxy"]
     counted_when_sent = []
+    lines_when_sent = []
 
     class Watched(Exchange):
         async def run(self) -> list[dict]:
@@ -136,6 +142,7 @@ async def test_an_answer_is_counted_before_its_last_message_goes_out(make_config
                 if message["type"] == "http.response.body" and not message.get("more_body", False):
                     labels = {"route": "/v1/chat/completions", "model": "a", "status": "200", "peer": ""}
                     counted_when_sent.append(proxy.metrics.registry.get_sample_value("smart_proxy_requests_total", labels))
+                    lines_when_sent.append(len([r for r in caplog.records if r.name == "smart_proxy.access"]))
                 self.sent.append(message)
                 await trio.lowlevel.checkpoint()
 
@@ -146,3 +153,7 @@ async def test_an_answer_is_counted_before_its_last_message_goes_out(make_config
         payload = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": stream}
         await Watched(app, payload).run()
     assert counted_when_sent == [1, 2]  # each counted before its last message went out
+    assert lines_when_sent == [0, 1]  # and its access line written after
+    assert [r.getMessage().split()[:3] for r in caplog.records if r.name == "smart_proxy.access"] == [
+        ["POST", "/v1/chat/completions", "200"]
+    ] * 2

@@ -1045,6 +1045,28 @@ def test_hypercorn_config_file(make_config, tmp_path: Path) -> None:
             hypercorn_config(with_proxy(make_config({}), hypercorn_config=str(toml)), "127.0.0.1", 8080)
 
 
+def test_the_headers_of_every_answer_are_made_once_a_second(make_config, monkeypatch) -> None:
+    hc = hypercorn_config(make_config({}), "127.0.0.1", 8080)
+    now = [1_700_000_000.2]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    monkeypatch.setattr(hypercorn.config, "time", lambda: now[0])  # (Hypercorn's own clock)
+    formatted = []
+    format_date = hypercorn.config.format_date_time
+    monkeypatch.setattr(hypercorn.config, "format_date_time", lambda t: formatted.append(t) or format_date(t))
+    first = hc.response_headers("h11")
+    assert first == [(b"date", b"Tue, 14 Nov 2023 22:13:20 GMT"), (b"server", b"hypercorn-h11")]
+    first.append((b"connection", b"close"))  # Hypercorn adds to the list it gets
+    now[0] += 0.7  # the same second
+    assert hc.response_headers("h11") == [(b"date", b"Tue, 14 Nov 2023 22:13:20 GMT"), (b"server", b"hypercorn-h11")]
+    assert hc.response_headers("h2") == [(b"date", b"Tue, 14 Nov 2023 22:13:20 GMT"), (b"server", b"hypercorn-h2")]
+    assert len(formatted) == 2  # once for each protocol in that second
+    now[0] += 0.2  # the next
+    assert hc.response_headers("h11")[0] == (b"date", b"Tue, 14 Nov 2023 22:13:21 GMT")
+    hc.include_server_header = False
+    now[0] += 1
+    assert hc.response_headers("h11") == [(b"date", b"Tue, 14 Nov 2023 22:13:22 GMT")]
+
+
 def _chat_request(body: dict) -> bytes:
     data = json.dumps(body).encode()
     return b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)

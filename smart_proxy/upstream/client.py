@@ -148,6 +148,10 @@ class ConnState(enum.Enum):
     #: The socket is closed.
     CLOSED = "closed"
 
+    # A member is its own only instance and equal only to itself, so its identity hashes it,
+    # without Enum's hash of its name (a Python call for every look-up in TRANSITIONS).
+    __hash__ = object.__hash__
+
 
 #: The moves a connection may make (to CLOSED from anywhere, which :meth:`_Connection.close` does).
 TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {

@@ -190,9 +190,10 @@ class EdgeMiddleware:
                 exchange.response_started(message["status"], content_type.decode("latin-1"))
             elif message["type"] == "http.response.body":  # the last piece
                 exchange.body_sent(message.get("body", b""))
-                # counted and logged before the last write, not after: a client that has
-                # the whole answer finds it in /metrics (and a test can rely on that)
-                finish()
+                # counted before the last write, not after: a client that has the whole
+                # answer finds it in /metrics (and a test can rely on that); its access line
+                # is written after, so that the answer does not wait for it
+                count()
                 if by_quart:
                     # Shielded: inside this send Hypercorn ends the exchange (it tells the app
                     # http.disconnect, which Quart-Trio takes as the client leaving) and restarts
@@ -201,16 +202,20 @@ class EdgeMiddleware:
                     # answer ends its own way: smart_proxy.web.asgi.)
                     with trio.CancelScope(shield=True):
                         await send(message)
-                    return
+                else:
+                    await send(message)
+                write_line()
+                return
             await send(message)
 
-        finished = False
+        observed = False
+        seconds = 0.0
 
-        def finish() -> None:
-            nonlocal finished
-            if finished:
+        def count() -> None:
+            nonlocal observed, seconds
+            if observed:
                 return
-            finished = True
+            observed = True
             if not exchange.status:
                 exchange.status = _CLIENT_GONE
             # the usage report is found by scanning the answer's head and tail: once, for both
@@ -219,6 +224,14 @@ class EdgeMiddleware:
             seconds = trio.current_time() - exchange.started
             if path in ROUTES and self._proxy.bus.subscribers:  # for /events readers; no listener counts it
                 self._proxy.bus.publish("request", **_summary(exchange, tokens, request_id, method, path, seconds))
+
+        written = False
+
+        def write_line() -> None:
+            nonlocal written
+            if written:
+                return
+            written = True
             logs.emit(
                 log,
                 logging.INFO if counted else logging.DEBUG,
@@ -246,7 +259,8 @@ class EdgeMiddleware:
         finally:
             if counted:
                 lifecycle.leave()
-            finish()
+            count()
+            write_line()
             current_exchange.reset(exchange_token)
             logs.request_id.reset(id_token)
 
