@@ -15,7 +15,7 @@ import trio.testing
 from smart_proxy.dialects import ollama as translate
 from smart_proxy.dialects.openai import sse_error
 from smart_proxy.errors import UpstreamError, UpstreamRefused
-from smart_proxy.upstream.client import LlamaClient, ProtocolError
+from smart_proxy.upstream.client import LlamaClient, ProtocolError, ReadFailed
 from smart_proxy.upstream.relay import (
     MAX_ANSWER,
     HttpxAnswer,
@@ -298,6 +298,24 @@ async def test_relay_body_ends_a_broken_sse_stream_with_a_readable_error_event(v
     kind = "ProtocolError" if via == "llama" else "RemoteProtocolError"
     cause = "peer closed connection without sending complete message body"
     assert error["message"] == f"the upstream stream broke off: {kind}: {cause}"
+
+
+async def test_a_stream_that_breaks_off_because_its_relay_was_cut_is_cut_not_ended_with_an_error() -> None:
+    class ClosedUnderIt(Scripted):
+        async def __anext__(self) -> bytes:  # a read of a socket closed under it fails without a yield
+            if self._pieces:
+                return self._pieces.pop(0)
+            raise ReadFailed("[Errno 9] Bad file descriptor")
+
+    answer = ClosedUnderIt(b'data: {"a": 1}\n\n')
+    body = RelayBody(UpstreamAnswer(answer), on_error=sse_error, lines=SSELines(MAX_ANSWER))
+    got = []
+    with trio.CancelScope() as scope:
+        async with body:
+            async for piece in body:
+                got.append(piece)
+                scope.cancel()  # the client left: its route is cancelled and the upstream closed
+    assert scope.cancelled_caught and got == [b'data: {"a": 1}\n\n'] and answer.closed
 
 
 async def test_relay_body_ends_an_sse_stream_without_done_with_an_error_event() -> None:

@@ -650,6 +650,9 @@ class RelayBody:
             except StopAsyncIteration:
                 return await self._last(self._ending())
             except _BROKEN as exc:
+                # broken because this relay was cut (its client left, the proxy stops: the route is
+                # cancelled and its upstream closed): the answer is cut too, not ended with an error
+                await trio.lowlevel.checkpoint_if_cancelled()
                 return await self._last(self._failed(f"the upstream stream broke off: {describe(exc)}"))
             if translation is not None:
                 out = translation.feed(chunk)
