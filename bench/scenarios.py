@@ -53,7 +53,8 @@ FLOOR_NOTE = ("hypercorn-floor = bench/floor.py: a raw ASGI callable on hypercor
               "JSON, pool or logging): the least CPU a proxy spends on the design card's server as Hypercorn "
               "ships it. smart-proxy changes how Hypercorn serves HTTP/1 (smart_proxy.server.adapt_hypercorn: "
               "no task per request for the keep-alive timer, a whole answer in one send, no yield to the scheduler "
-              "for a send, read or app message that need not wait), the floor does not, "
+              "for a send, read or app message that need not wait, and requests of the common kind read and "
+              "answered by smart_proxy.http1 instead of h11), the floor does not, "
               "so smart-proxy can spend less than this row")
 BARE_NOTE = ("trio-bare = bench/floor.py --bare: the same relay behind a hand-written HTTP/1.1 server on "
              "trio.serve_tcp, without Hypercorn or h11 (outside the design card): what Trio itself costs, so the "

@@ -7,10 +7,12 @@ the pool and then Hypercorn in one nursery, marks the proxy ready and reports th
 bound addresses through ``task_status``. A router (:attr:`smart_proxy.config.Config.role`:
 no model it could load itself) looks for no llama-server and starts neither the
 downloads nor the pool; its pool stays empty and only answers what it holds (nothing).
-Hypercorn serves HTTP/1 with five changes (:func:`adapt_hypercorn`): a connection its
+Hypercorn serves HTTP/1 with six changes (:func:`adapt_hypercorn`): a connection its
 client closes is closed at once, not at ``keep_alive_timeout``; a keep-alive connection
-costs no task per request; a whole answer goes out in one send; and neither a send, nor
-a read, nor a message for the app yields to the scheduler when it need not wait.
+costs no task per request; a whole answer goes out in one send; neither a send, nor
+a read, nor a message for the app yields to the scheduler when it need not wait; and a
+plain connection's requests of the common kind are read and answered by
+:mod:`smart_proxy.http1` instead of h11.
 
 Draining: when ``shutdown_trigger`` returns (by default, the first SIGINT or
 SIGTERM) the lifecycle turns DRAINING at once: ``/health/ready`` answers 503 and
@@ -43,6 +45,7 @@ from collections.abc import Awaitable, Callable
 
 import h11
 import hypercorn.config
+import hypercorn.protocol
 import hypercorn.trio
 import trio
 from hypercorn.events import Closed, Event, RawData
@@ -58,6 +61,7 @@ from .download import Downloads
 from .errors import ConfigError
 from .eventbus import EventBus
 from .handlers.state import ProxyState
+from .http1 import Http1Protocol
 from .lifecycle import Lifecycle, Phase
 from .logs import write_blocks
 from .metrics import Metrics
@@ -309,6 +313,16 @@ async def _read_socket(self: TCPServer) -> None:
     await self.protocol.handle(Closed())
 
 
+def _http1_protocol(app, config, context, task_group, state, ssl, client, server, send):  # type: ignore[no-untyped-def]
+    """The HTTP/1 protocol Hypercorn's ``ProtocolWrapper`` makes: :class:`~smart_proxy.http1.Http1Protocol` on a plain connection.
+
+    Hypercorn's own with TLS, and with settings it serves its own way: ``server_names`` (a
+    request for another host gets a 404) and ``h11_pass_raw_headers`` (header names as sent).
+    """
+    kind = H11Protocol if ssl or config.server_names or config.h11_pass_raw_headers else Http1Protocol
+    return kind(app, config, context, task_group, state, ssl, client, server, send)
+
+
 async def _spawn_app(self: TaskGroup, *args: object) -> Callable[[Message], Awaitable[None]]:
     """Hypercorn's ``TaskGroup.spawn_app``, whose request channel takes a message without a yield when it has room."""
     send = await _spawn_app.__wrapped__(self, *args)  # type: ignore[attr-defined]
@@ -323,12 +337,13 @@ async def _put(channel: trio.MemorySendChannel[Message], message: Message) -> No
 
 
 def adapt_hypercorn() -> None:
-    """Five changes to Hypercorn's HTTP/1 serving on Trio (checked against Hypercorn 0.18.0); idempotent.
+    """Six changes to Hypercorn's HTTP/1 serving on Trio (checked against Hypercorn 0.18.0); idempotent.
 
     Hypercorn offers no setting or hook for any of them, so ``TCPServer.__init__``,
-    ``_read_data``, ``protocol_send`` and ``TaskGroup.spawn_app`` are wrapped and
-    ``H11Protocol._send_h11_event`` is replaced; ``tests/test_ops.py`` pins the source of
-    what this relies on.
+    ``_read_data``, ``protocol_send`` and ``TaskGroup.spawn_app`` are wrapped,
+    ``H11Protocol._send_h11_event`` is replaced, and ``hypercorn.protocol.H11Protocol`` (what
+    ``ProtocolWrapper`` makes for HTTP/1) becomes :func:`_http1_protocol`;
+    ``tests/test_ops.py`` and ``tests/test_http1.py`` pin the source of what this relies on.
 
     - **A closed connection is freed at once.** ``TCPServer`` reads until the client's
       EOF, then waits for its connection's task group before it closes the socket.
@@ -365,6 +380,11 @@ def adapt_hypercorn() -> None:
     - **A message for the app is queued without a yield** while its queue has room
       (:func:`_spawn_app`): Hypercorn's memory channel ``send`` yields after queueing,
       and every request ends with one (``http.disconnect``).
+    - **Requests of the common kind are read and answered without h11**
+      (:class:`smart_proxy.http1.Http1Protocol`, plain connections; see
+      :func:`_http1_protocol`): h11's events, state machine and validation, and
+      Hypercorn's ``HTTPStream`` around them, were a third of the instructions of a proxied
+      request. Anything else on the connection goes to a ``H11Protocol`` from that request on.
 
     A kept-alive request then wakes its connection's task once and its own task twice
     (to send the request upstream; to relay the answer).
@@ -378,6 +398,7 @@ def adapt_hypercorn() -> None:
     TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
     _spawn_app.__wrapped__ = TaskGroup.spawn_app  # type: ignore[attr-defined]
     TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
+    hypercorn.protocol.H11Protocol = _http1_protocol  # type: ignore[assignment,misc]
 
     def __init__(self: TCPServer, *args: object, **kwargs: object) -> None:
         init(self, *args, **kwargs)
