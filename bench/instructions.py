@@ -98,7 +98,7 @@ def per_request(work: Path, go: h.GoBinaries, clients: int, args: argparse.Names
         ini = work / f"{tag}.ini"
         ini.write_text(h.fake_model_ini(work, go, {"bench": {"slots": args.slots}}))
         argv = [*valgrind, h.project_python(), "-m", "smart_proxy", "--config", str(ini), "--port", str(port),
-                "--log-level", "info", "--log-format", args.log_format]
+                "--log-level", args.log_level, "--log-format", args.log_format]
     process = h.start(argv, log_path=log_path, cwd=h.PROXY_REPO, env=env)
     try:
         if target == "floor":
@@ -140,6 +140,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,64,256", help="load levels, comma-separated (default 1,64,256)")
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
+                        help="the proxy's log level (info, as users run it; warning: no access line)")
     parser.add_argument("--slots", type=int, default=4, help="total_slots the fake upstream reports")
     parser.add_argument("--warm", type=float, default=40, help="seconds of load before counting")
     parser.add_argument("--window", type=float, default=60, help="seconds counted")
