@@ -105,7 +105,7 @@ def parse_head(data: bytes, limit: int) -> RequestHead | _Fallback | None:
     if line is None:
         return FALLBACK
     method = line[1]
-    if method == b"HEAD" or method == b"CONNECT":
+    if method.upper() in (b"HEAD", b"CONNECT"):  # (Hypercorn's scope has the method upper-cased)
         return FALLBACK
     headers = []
     length = -1

@@ -68,6 +68,7 @@ def test_a_head_split_anywhere_waits_for_its_end() -> None:
         b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",  # absolute form
         b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
         b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"head / HTTP/1.1\r\nHost: a\r\n\r\n",
         b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
         b"GET / HTTP/1.1\r\n\r\n",  # no Host
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
@@ -537,8 +538,8 @@ def _connections(draw: st.DrawFn) -> list[bytes]:
     """Requests on one connection, mostly of the common kind, some not, cut into reads anywhere but in a body's end."""
     requests = []
     for index in range(draw(st.integers(1, 4))):
-        method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"DELETE"]))
-        body = draw(st.binary(max_size=20)) if method in (b"POST", b"PUT") else b""
+        method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"DELETE", b"head", b"post"]))
+        body = draw(st.binary(max_size=20)) if method in (b"POST", b"PUT", b"post") else b""
         fields = [b"Host: h"] if draw(_mostly([True], st.just(False))) else []
         fields += draw(st.lists(_mostly([b"Accept: */*", b"X-A:  b ", b"Connection: keep-alive", b"User-Agent: t/1"],
                                         st.sampled_from([b"Expect: 100-continue", b"Bad Name: x", b"X: \x00",
