@@ -1,10 +1,10 @@
 """HTTP/1.1 for Hypercorn: the common exchange read and framed here, anything else by Hypercorn.
 
 Hypercorn serves HTTP/1 with h11 (``hypercorn.protocol.h11.H11Protocol``, which hands
-each request to an ``HTTPStream``). Between them a request passes through some sixty
-Python calls of events, state machine and validation each way, the largest part of
-what a proxied request costs. :class:`Http1Protocol` stands in for that pair on a plain
-(not TLS) connection. It reads the requests of the common kind itself
+each request to an ``HTTPStream``). Between them a request passes through h11's events,
+state machine and validation each way, and Hypercorn's wrapping of them: the largest
+part of what a proxied request costs. :class:`Http1Protocol` stands in for that pair on
+a plain (not TLS) connection. It reads the requests of the common kind itself
 (:func:`parse_head`): HTTP/1.1, an origin-form target, one Host, no body or a
 Content-Length one, no Transfer-Encoding, Expect or Upgrade, a Connection header of
 ``close`` or ``keep-alive`` only. The first request of any other kind, or any bytes it

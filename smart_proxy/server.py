@@ -383,8 +383,8 @@ def adapt_hypercorn() -> None:
     - **Requests of the common kind are read and answered without h11**
       (:class:`smart_proxy.http1.Http1Protocol`, plain connections; see
       :func:`_http1_protocol`): h11's events, state machine and validation, and
-      Hypercorn's ``HTTPStream`` around them, were a third of the instructions of a proxied
-      request. Anything else on the connection goes to a ``H11Protocol`` from that request on.
+      Hypercorn's ``HTTPStream`` around them, were the largest part of a proxied request's
+      cost. Anything else on the connection goes to a ``H11Protocol`` from that request on.
 
     A kept-alive request then wakes its connection's task once and its own task twice
     (to send the request upstream; to relay the answer).
