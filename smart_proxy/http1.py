@@ -211,7 +211,8 @@ _REQUEST, _RESPONSE, _TRAILERS, _CLOSED = "REQUEST", "RESPONSE", "TRAILERS", "CL
 class Http1Protocol:
     """Hypercorn's ``H11Protocol`` for a plain connection, for requests of the common kind; see the module docstring.
 
-    Made with ``H11Protocol``'s arguments (by :func:`smart_proxy.server.adapt_hypercorn`).
+    Made with ``H11Protocol``'s arguments (by :func:`smart_proxy.server.adapt_hypercorn`);
+    ``ssl`` is False, as for every connection it is made for.
     """
 
     def __init__(
@@ -226,7 +227,6 @@ class Http1Protocol:
         server: tuple[str, int] | None,
         send: Callable[[Event], Awaitable[None]],
     ) -> None:
-        self._args = (app, config, context, task_group, connection_state, ssl, client, server, send)
         self.app = app
         self.config = config
         self.context = context
@@ -289,7 +289,10 @@ class Http1Protocol:
             await self._start(head)
 
     async def _hand_over(self) -> None:
-        self._h11 = protocol = H11Protocol(*self._args)
+        self._h11 = protocol = H11Protocol(
+            self.app, self.config, self.context, self.task_group, self.connection_state, False, self.client,
+            self.server, self.send,
+        )
         data, self._buffer = self._buffer, b""
         await protocol.handle(RawData(data=data))
 

@@ -192,7 +192,7 @@ class EdgeMiddleware:
                 exchange.body_sent(message.get("body", b""))
                 # counted before the last write, not after: a client that has the whole
                 # answer finds it in /metrics (and a test can rely on that); its access line
-                # is written after, so that the answer does not wait for it
+                # is written when the exchange ends, so that the answer does not wait for it
                 count()
                 if by_quart:
                     # Shielded: inside this send Hypercorn ends the exchange (it tells the app
@@ -202,10 +202,7 @@ class EdgeMiddleware:
                     # answer ends its own way: smart_proxy.web.asgi.)
                     with trio.CancelScope(shield=True):
                         await send(message)
-                else:
-                    await send(message)
-                write_line()
-                return
+                    return
             await send(message)
 
         observed = False
@@ -225,25 +222,6 @@ class EdgeMiddleware:
             if path in ROUTES and self._proxy.bus.subscribers:  # for /events readers; no listener counts it
                 self._proxy.bus.publish("request", **_summary(exchange, tokens, request_id, method, path, seconds))
 
-        written = False
-
-        def write_line() -> None:
-            nonlocal written
-            if written:
-                return
-            written = True
-            logs.emit(
-                log,
-                logging.INFO if counted else logging.DEBUG,
-                "%s %s %d %.3fs%s%s",
-                method,
-                path,
-                exchange.status,
-                seconds,
-                f" model={exchange.model}" if exchange.model else "",
-                f" peer={exchange.peer}" if exchange.peer else "",
-            )
-
         id_token = logs.request_id.set(request_id)
         exchange_token = current_exchange.set(exchange)
         if counted:
@@ -260,7 +238,17 @@ class EdgeMiddleware:
             if counted:
                 lifecycle.leave()
             count()
-            write_line()
+            logs.emit(
+                log,
+                logging.INFO if counted else logging.DEBUG,
+                "%s %s %d %.3fs%s%s",
+                method,
+                path,
+                exchange.status,
+                seconds,
+                f" model={exchange.model}" if exchange.model else "",
+                f" peer={exchange.peer}" if exchange.peer else "",
+            )
             current_exchange.reset(exchange_token)
             logs.request_id.reset(id_token)
 
