@@ -14,7 +14,10 @@ User-space instructions only: system calls' kernel time, cache misses and the
 clock are not in them, so read them beside ``bench/run.py``'s CPU time, not
 instead of it. ``--line`` counts the instructions of one access line instead
 (``smart_proxy.logs``'s handler into a line-buffered file, 2,000 lines against none).
-``--keep DIR`` keeps the callgrind files (``callgrind_annotate FILE``).
+``--keep DIR`` keeps the callgrind files (``callgrind_annotate FILE``). ``--cache-sim
+SIZE,WAYS,LINE`` simulates the caches as well (valgrind's model of a first level and a
+last level of the size given) and prints the misses per request: what grows with the
+requests in flight when the instructions do not.
 
 Needs valgrind (with ``callgrind_control``), go and wrk; the proxy runs about fifty times slower.
 """
@@ -67,12 +70,16 @@ def line_cost(fmt: str, work: Path) -> int:
     return (runs[1] - runs[0]) // 2000
 
 
-def _total(path: str) -> int:
+def _totals(path: str) -> dict[str, int]:
+    """A callgrind file's total of each event (``Ir``, and with ``--cache-sim`` the misses: ``D1mr``, ``DLmr``...)."""
+    names: list[str] = []
     with open(path) as file:
         for line in file:
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1])
-    return 0
+            if line.startswith("events:"):
+                names = line.split()[1:]
+            elif line.startswith(("summary:", "totals:")):
+                return dict(zip(names, map(int, line.split()[1:]), strict=False))
+    return {}
 
 
 def _upstream_requests(url: str) -> int:
@@ -90,6 +97,8 @@ def per_request(work: Path, go: h.GoBinaries, clients: int, args: argparse.Names
     port = h.free_port()
     url = f"http://127.0.0.1:{port}"
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    if args.cache_sim:
+        valgrind += ["--cache-sim=yes", f"--LL={args.cache_sim}"]
     env = {**os.environ, "PYTHONPATH": str(h.PROXY_REPO)}
     if target == "floor":
         _, upstream = h.start_fakeupstream(work, go, alias=f"bench-{tag}")
@@ -127,13 +136,16 @@ def per_request(work: Path, go: h.GoBinaries, clients: int, args: argparse.Names
     finally:
         h.stop(process)
     dumps = sorted(work.glob(f"{out.name}.*"), key=lambda p: p.stat().st_mtime)
-    total = _total(str(dumps[-1])) if dumps else 0
+    totals = _totals(str(dumps[-1])) if dumps else {}
+    total = totals.get("Ir", 0)
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
         for dump in dumps:
             shutil.copy(dump, Path(args.keep) / dump.name)
+    misses = {f"{event}_per_request": round(count / max(1, requests))
+              for event, count in totals.items() if event.endswith(("mr", "mw"))}
     return {"target": target, "clients": clients, "requests": requests, "instructions": total,
-            "per_request": round(total / max(1, requests)), "wrk_errors": outcome.get("errors")}
+            "per_request": round(total / max(1, requests)), **misses, "wrk_errors": outcome.get("errors")}
 
 
 def main() -> int:
@@ -149,6 +161,9 @@ def main() -> int:
     parser.add_argument("--floor", action="store_true", help="count bench/floor.py too, and print the ratio")
     parser.add_argument("--line", action="store_true", help="count one access line (text and JSON) instead")
     parser.add_argument("--keep", help="copy the callgrind files here")
+    parser.add_argument("--cache-sim", metavar="SIZE,WAYS,LINE",
+                        help="simulate the caches too, the last level as given (e.g. 524288,8,64: one core's L2), "
+                             "and print misses per request (D1mr: first-level data read misses; DLmr: last-level)")
     parser.add_argument("--proxy-repo", type=Path, default=h.REPO, help="measure another checkout's smart_proxy")
     args = parser.parse_args()
     h.PROXY_REPO = args.proxy_repo.resolve()

@@ -217,21 +217,39 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+#: The milliseconds of a time as a line shows them, by their number (the stdlib's ``%03d``).
+_MILLIS = tuple(f"{ms:03d}" for ms in range(1001))
+
+
 class _SecondCache:
     """The text of a whole second, made again only when the second changes."""
 
-    def __init__(self, convert: Callable[[float], time.struct_time], fmt: str) -> None:
+    def __init__(self, convert: Callable[[float], time.struct_time], fmt: str, separator: str) -> None:
         self._convert = convert
         self._fmt = fmt
+        self._separator = separator
         self._second = -1
         self._text = ""
+        self._head = ""
 
     def text(self, created: float) -> str:
+        """The second of ``created``, in the format given."""
         second = int(created)
         if second != self._second:
-            self._text = time.strftime(self._fmt, self._convert(second))
-            self._second = second
+            self._renew(second)
         return self._text
+
+    def stamp(self, created: float) -> str:
+        """The second of ``created``, the separator and its milliseconds (as a record's ``msecs`` counts them)."""
+        second = int(created)
+        if second != self._second:
+            self._renew(second)
+        return self._head + _MILLIS[int((created - second) * 1000)]
+
+    def _renew(self, second: int) -> None:
+        self._text = time.strftime(self._fmt, self._convert(second))
+        self._head = self._text + self._separator
+        self._second = second
 
 
 class LineFormatter(logging.Formatter, abc.ABC):
@@ -247,7 +265,8 @@ class TextFormatter(LineFormatter):
 
     def __init__(self) -> None:
         super().__init__(_TEXT_FORMAT)
-        self._seconds = _SecondCache(self.converter, self.default_time_format).text
+        seconds = _SecondCache(self.converter, self.default_time_format, ",")
+        self._seconds, self._stamp = seconds.text, seconds.stamp
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         if datefmt:
@@ -262,9 +281,9 @@ class TextFormatter(LineFormatter):
         return f"{record.asctime} {record.levelname} {record.name}{record.request_tag}: {record.message}"
 
     def line(self, created: float, levelname: str, name: str, rid: str | None, message: str) -> str:
-        # the record's msecs, as the stdlib works it out
-        stamp = f"{self._seconds(created)},{int((created - int(created)) * 1000):03d}"
-        return f"{stamp} {levelname} {name} [{rid}]: {message}" if rid else f"{stamp} {levelname} {name}: {message}"
+        if rid:
+            return f"{self._stamp(created)} {levelname} {name} [{rid}]: {message}"
+        return f"{self._stamp(created)} {levelname} {name}: {message}"
 
 
 class JsonFormatter(LineFormatter):
@@ -272,7 +291,7 @@ class JsonFormatter(LineFormatter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._seconds = _SecondCache(time.gmtime, "%Y-%m-%dT%H:%M:%S").text
+        self._stamp = _SecondCache(time.gmtime, "%Y-%m-%dT%H:%M:%S", ".").stamp
 
     def format(self, record: logging.LogRecord) -> str:
         rid = getattr(record, "request_id", None)
@@ -285,7 +304,7 @@ class JsonFormatter(LineFormatter):
         # what json.dumps(dict) writes, with each string encoded on its own: the encoder's
         # fast path for a lone string skips building an encoder for the object each line
         line = (
-            f'{{"time": "{self._seconds(created)}.{int((created - int(created)) * 1000):03d}Z", '
+            f'{{"time": "{self._stamp(created)}Z", '
             f'"level": {_encode_json(levelname.lower())}, "logger": {_encode_json(name)}, '
             f'"message": {_encode_json(message)}'
         )

@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+import unittest.mock
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import TrioSingleTask, WorkerContext
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from smart_proxy import logs
@@ -692,6 +695,17 @@ def test_a_line_written_without_a_record_is_the_line_its_record_gives(logging_se
     direct, by_record = out.getvalue().splitlines()
     assert direct == by_record
     assert (",045 INFO" if fmt == "text" else '.045Z", "level": "info"') in direct and (rid is None) != ("rid-1" in direct)
+
+
+@settings(max_examples=300, deadline=None)
+@given(created=st.floats(min_value=0, max_value=4e9) | st.integers(0, 4_000_000_000).map(lambda s: s + 0.9999999),
+       fmt=st.sampled_from(["text", "json"]))
+def test_the_time_of_a_line_written_without_a_record_is_its_records(created: float, fmt: str) -> None:
+    formatter = logs.JsonFormatter() if fmt == "json" else logs.TextFormatter()
+    with unittest.mock.patch.object(time, "time", lambda: created):  # the record's creation time
+        record = logging.LogRecord("smart_proxy.access", logging.INFO, "", 0, "GET /health 200", (), None)
+    logs.RequestIdFilter().filter(record)
+    assert formatter.line(created, "INFO", "smart_proxy.access", None, "GET /health 200") == formatter.format(record)
 
 
 def test_emit_writes_the_line_itself_only_while_the_set_up_is_setup_loggings(logging_set_up, monkeypatch) -> None:
