@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Hashable
@@ -462,6 +463,42 @@ def wrk(url: str, *, connections: int, duration: float, body: str, timeout: floa
         "p99_ms": raw["lat_us"]["p99"] / 1000,
         "max_ms": raw["lat_us"]["max"] / 1000,
     }
+
+
+#: How long (seconds) :func:`wrk_window` lets the load run before its window opens, and after it closes.
+WINDOW_MARGIN = 0.5
+
+
+def wrk_window(url: str, *, connections: int, seconds: int, body: str, answered: Callable[[], int],
+               pids: dict[str, int] | None = None, auth: str = "") -> dict:
+    """:func:`wrk` for ``seconds`` + 1, and what the target did in the ``seconds`` in the middle of it.
+
+    The steady state of ``connections`` clients: requests answered in the window (by
+    ``answered()``, a running count read where the requests end up, such as the fake
+    upstream's ``/bench/stats``) over its length, and the CPU of ``pids`` in it (a
+    :class:`CpuMeter`). A whole run's own figures would also count each client's
+    connect and, at the end, the requests in flight that wrk leaves unanswered: at 256
+    clients and a run of two seconds, about a tenth of the CPU of the run. The latencies
+    and errors are wrk's, over the whole run, as are the listen queue's overflows.
+    """
+    outcome: dict = {}
+    overflows = listen_overflows()
+    load = threading.Thread(target=lambda: outcome.update(wrk(url, connections=connections, duration=seconds + 1,
+                                                              body=body, auth=auth)))
+    load.start()
+    try:
+        time.sleep(WINDOW_MARGIN)
+        with CpuMeter(pids) as cpu:
+            first, opened = answered(), time.monotonic()
+            time.sleep(seconds)
+            last, closed = answered(), time.monotonic()
+    finally:
+        load.join()
+    if not outcome:
+        raise RuntimeError(f"wrk against {url} gave no result")
+    window = {"requests": last - first, "rps": (last - first) / (closed - opened), "cpu": cpu}
+    cpu.overflows = listen_overflows() - overflows
+    return {**outcome, "whole_run_rps": outcome["rps"], **window}
 
 
 def streamclient(binary: str, url: str, *, streams: int, body: dict, expect: int = 0, sep: str = "sse",

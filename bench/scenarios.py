@@ -133,6 +133,16 @@ def line_share(ctx: Context) -> dict[str, float]:
     return shares
 
 
+WINDOW_NOTE = ("rps and cpu_ms_per_req are the steady state: requests the upstream answered, and the target's CPU, "
+               "in a window that opens half a second into a wrk run and closes half a second before its end "
+               "(bench/harness.py wrk_window); the latencies and errors are over the whole run")
+
+
+def _answered(upstream: str) -> int:
+    """Requests the fake upstream at ``upstream`` has answered so far."""
+    return int(h.get_json(f"{upstream}/bench/stats")["requests"])
+
+
 def overhead(ctx: Context) -> dict:
     """Non-streamed chat through each target, 1 / 64 / 256 keep-alive clients (wrk)."""
     body = json.dumps(CHAT)
@@ -148,7 +158,10 @@ def overhead(ctx: Context) -> dict:
     floor, floor_url = h.start_floor(ctx.work, upstream)
     targets = {"direct": (upstream, None), "go-httputil": (go_url, None), "hypercorn-floor": (floor_url, floor.pid),
                **{name: (p.url, p.pid) for name, p in proxies.items()}}
-    notes = [FLOOR_NOTE, PROXY_ROWS_NOTE, h.rounds_note(OVERHEAD_ROUNDS),
+    # every target's requests end at a fake upstream, which counts them (/bench/stats)
+    upstreams = {name: f"http://127.0.0.1:{p.upstream_port('bench')}" for name, p in proxies.items()}
+    answered = {name: functools.partial(_answered, upstreams.get(name, upstream)) for name in [*targets, "litellm"]}
+    notes = [FLOOR_NOTE, PROXY_ROWS_NOTE, h.rounds_note(OVERHEAD_ROUNDS), WINDOW_NOTE,
              "64 and 256 clients run in the same rounds, each target's two loads back to back, so the ratios "
              "between them (CPU per request, requests/s) pair runs seconds apart"]
     litellm = None
@@ -181,9 +194,9 @@ def overhead(ctx: Context) -> dict:
         elif litellm is not None:  # only the target under test runs on the proxy core
             litellm.pause()
         h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=min(1.0, duration), body=body, auth=key)
-        with h.CpuMeter({"target": pid} if pid else {}) as cpu:
-            result = h.wrk(f"{url}/v1/chat/completions", connections=clients, duration=duration, body=body,
-                           auth=key)
+        result = h.wrk_window(f"{url}/v1/chat/completions", connections=clients, seconds=max(1, round(duration)),
+                              body=body, auth=key, answered=answered[name], pids={"target": pid} if pid else {})
+        cpu = result["cpu"]
         cpu_ms = cpu.cpu_seconds.get("target", 0) * 1000 / max(1, result["requests"]) if pid else None
         h.log(f"  1: {name:12} c={clients:<4} round {turn + 1}: {result['rps']:8.0f} req/s  "
               f"CPU {cpu_ms or 0:.3f} ms/req  p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  "
