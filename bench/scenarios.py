@@ -87,7 +87,7 @@ SENDS_NOTE = ("sends_per_chunk = the target's sendto calls (perf's syscall trace
 
 
 #: Side-by-side runs per (format, pair of processes) in :func:`line_share`, and their length (seconds).
-LINE_RUNS, LINE_SECONDS = 2, 2.0
+LINE_RUNS, LINE_SECONDS = 4, 2.0
 LINE_NOTE = ("access lines' share = the CPU per request of a proxy at info (an access line per request) over one at "
              "warning (none), minus 1, at 1 client, the two run side by side on the proxy core (each with its own "
              "wrk client), so both see the same machine at the same moment: run one after the other, the ratio moves "
