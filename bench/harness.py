@@ -479,10 +479,13 @@ def wrk_window(url: str, *, connections: int, seconds: int, body: str, answered:
     :class:`CpuMeter`). A whole run's own figures would also count each client's
     connect and, at the end, the requests in flight that wrk leaves unanswered: at 256
     clients and a run of two seconds, about a tenth of the CPU of the run. The latencies
-    and errors are wrk's, over the whole run, as are the listen queue's overflows.
+    and errors are wrk's, over the whole run, as are the listen queue's overflows; the
+    whole run's requests, requests/s and CPU seconds of ``pids`` are there too
+    (``whole_run_...``), for a comparison.
     """
     outcome: dict = {}
     overflows = listen_overflows()
+    whole = {name: process_cpu(pid) for name, pid in (pids or {}).items()}
     load = threading.Thread(target=lambda: outcome.update(wrk(url, connections=connections, duration=seconds + 1,
                                                               body=body, auth=auth)))
     load.start()
@@ -496,9 +499,12 @@ def wrk_window(url: str, *, connections: int, seconds: int, body: str, answered:
         load.join()
     if not outcome:
         raise RuntimeError(f"wrk against {url} gave no result")
+    tick = os.sysconf("SC_CLK_TCK")
+    whole_cpu = {name: (process_cpu(pid) - whole[name]) / tick for name, pid in (pids or {}).items()}
     window = {"requests": last - first, "rps": (last - first) / (closed - opened), "cpu": cpu}
     cpu.overflows = listen_overflows() - overflows
-    return {**outcome, "whole_run_rps": outcome["rps"], **window}
+    return {**outcome, "whole_run_requests": outcome["requests"], "whole_run_rps": outcome["rps"],
+            "whole_run_cpu_seconds": whole_cpu, **window}
 
 
 def streamclient(binary: str, url: str, *, streams: int, body: dict, expect: int = 0, sep: str = "sse",
