@@ -477,8 +477,8 @@ def wrk_window(url: str, *, connections: int, seconds: int, body: str, answered:
     ``answered()``, a running count read where the requests end up, such as the fake
     upstream's ``/bench/stats``) over its length, and the CPU of ``pids`` in it (a
     :class:`CpuMeter`). A whole run's own figures would also count each client's
-    connect and, at the end, the requests in flight that wrk leaves unanswered: at 256
-    clients and a run of two seconds, about a tenth of the CPU of the run. The latencies
+    connect and, at the end, the requests in flight that wrk leaves unanswered, a part
+    that grows with the clients and with a shorter run (docs/bench/findings.md). The latencies
     and errors are wrk's, over the whole run, as are the listen queue's overflows; the
     whole run's requests, requests/s and CPU seconds of ``pids`` are there too
     (``whole_run_...``), for a comparison.
