@@ -484,27 +484,24 @@ def wrk_window(url: str, *, connections: int, seconds: int, body: str, answered:
     (``whole_run_...``), for a comparison.
     """
     outcome: dict = {}
-    overflows = listen_overflows()
-    whole = {name: process_cpu(pid) for name, pid in (pids or {}).items()}
     load = threading.Thread(target=lambda: outcome.update(wrk(url, connections=connections, duration=seconds + 1,
                                                               body=body, auth=auth)))
-    load.start()
-    try:
-        time.sleep(WINDOW_MARGIN)
-        with CpuMeter(pids) as cpu:
-            first, opened = answered(), time.monotonic()
-            time.sleep(seconds)
-            last, closed = answered(), time.monotonic()
-    finally:
-        load.join()
+    with CpuMeter(pids) as whole:
+        load.start()
+        try:
+            time.sleep(WINDOW_MARGIN)
+            with CpuMeter(pids) as cpu:
+                first, opened = answered(), time.monotonic()
+                time.sleep(seconds)
+                last, closed = answered(), time.monotonic()
+        finally:
+            load.join()
     if not outcome:
         raise RuntimeError(f"wrk against {url} gave no result")
-    tick = os.sysconf("SC_CLK_TCK")
-    whole_cpu = {name: (process_cpu(pid) - whole[name]) / tick for name, pid in (pids or {}).items()}
+    cpu.overflows = whole.overflows
     window = {"requests": last - first, "rps": (last - first) / (closed - opened), "cpu": cpu}
-    cpu.overflows = listen_overflows() - overflows
     return {**outcome, "whole_run_requests": outcome["requests"], "whole_run_rps": outcome["rps"],
-            "whole_run_cpu_seconds": whole_cpu, **window}
+            "whole_run_cpu_seconds": whole.cpu_seconds, **window}
 
 
 def streamclient(binary: str, url: str, *, streams: int, body: dict, expect: int = 0, sep: str = "sse",
