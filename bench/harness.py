@@ -465,6 +465,11 @@ def wrk(url: str, *, connections: int, duration: float, body: str, timeout: floa
     }
 
 
+def upstream_requests(upstream: str) -> int:
+    """Requests the fake upstream at ``upstream`` has taken so far (its ``/bench/stats``)."""
+    return int(get_json(f"{upstream}/bench/stats")["requests"])
+
+
 #: How long (seconds) :func:`wrk_window` lets the load run before its window opens, and after it closes.
 WINDOW_MARGIN = 0.5
 

@@ -82,10 +82,6 @@ def _totals(path: str) -> dict[str, int]:
     return {}
 
 
-def _upstream_requests(url: str) -> int:
-    return int(h.get_json(f"{url}/bench/stats")["requests"])
-
-
 def per_request(work: Path, go: h.GoBinaries, clients: int, args: argparse.Namespace, target: str = "proxy") -> dict:
     """Instructions per request of ``target`` (``proxy`` or ``floor``) at ``clients`` keep-alive wrk clients.
 
@@ -128,10 +124,10 @@ def per_request(work: Path, go: h.GoBinaries, clients: int, args: argparse.Names
         subprocess.run([*control, "-i", "on", str(process.pid)], check=True, capture_output=True)
         time.sleep(5)  # code is instrumented anew as it runs: count from after that
         subprocess.run([*control, "-z", str(process.pid)], check=True, capture_output=True)
-        first = _upstream_requests(upstream)
+        first = h.upstream_requests(upstream)
         time.sleep(args.window)
         subprocess.run([*control, "-d", str(process.pid)], check=True, capture_output=True)
-        requests = _upstream_requests(upstream) - first
+        requests = h.upstream_requests(upstream) - first
         load.join()
     finally:
         h.stop(process)

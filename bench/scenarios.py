@@ -140,11 +140,6 @@ WINDOW_NOTE = ("rps and cpu_ms_per_req are the steady state: requests the upstre
                "unanswered at the end as well")
 
 
-def _answered(upstream: str) -> int:
-    """Requests the fake upstream at ``upstream`` has answered so far."""
-    return int(h.get_json(f"{upstream}/bench/stats")["requests"])
-
-
 def overhead(ctx: Context) -> dict:
     """Non-streamed chat through each target, 1 / 64 / 256 keep-alive clients (wrk)."""
     body = json.dumps(CHAT)
@@ -162,7 +157,7 @@ def overhead(ctx: Context) -> dict:
                **{name: (p.url, p.pid) for name, p in proxies.items()}}
     # every target's requests end at a fake upstream, which counts them (/bench/stats)
     upstreams = {name: f"http://127.0.0.1:{p.upstream_port('bench')}" for name, p in proxies.items()}
-    answered = {name: functools.partial(_answered, upstreams.get(name, upstream)) for name in [*targets, "litellm"]}
+    answered = {name: functools.partial(h.upstream_requests, upstreams.get(name, upstream)) for name in [*targets, "litellm"]}
     notes = [FLOOR_NOTE, PROXY_ROWS_NOTE, h.rounds_note(OVERHEAD_ROUNDS), WINDOW_NOTE,
              "64 and 256 clients run in the same rounds, each target's two loads back to back, so the ratios "
              "between them (CPU per request, requests/s) pair runs seconds apart"]
